@@ -24,6 +24,7 @@ from typing import Any
 from haltpoint.stopping.decision import StopReason
 
 __all__ = [
+    "DEFAULT_SETTINGS",
     "LOOKAHEAD",
     "MAX_WINDOW",
     "MIN_WAIT",
@@ -34,6 +35,7 @@ __all__ = [
     "WINDOW",
     "Projection",
     "TrendRule",
+    "TrendSettings",
     "check_horizon",
     "describe_default_rule",
     "fit_line",
@@ -56,6 +58,32 @@ SLOPE_Z = 1.0
 NOISE_K = 1.25
 #: Stop when the projection beats the best by no more than this share of |best|.
 TOLERANCE = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class TrendSettings:
+    """The default rule's constants, in one place so that a benchmark can vary them.
+
+    `EarlyStopping` always uses `DEFAULT_SETTINGS` (the module constants above); other values
+    are for `benchmarks/stopping_tuning.py`, which chooses among them by cross-validation.
+
+    Example:
+        >>> TrendSettings().min_wait == MIN_WAIT
+        True
+    """
+
+    min_wait: int = MIN_WAIT
+    window: float = WINDOW
+    min_window: int = MIN_WINDOW
+    max_window: int = MAX_WINDOW
+    lookahead: float = LOOKAHEAD
+    slope_z: float = SLOPE_Z
+    noise_k: float = NOISE_K
+    tolerance: float = TOLERANCE
+
+
+#: The settings `EarlyStopping` uses.
+DEFAULT_SETTINGS = TrendSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +139,15 @@ def fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float, float, 
     return level, slope, noise, 1.0 / math.sqrt(vtt)
 
 
-def window_size(index: int) -> int:
+def window_size(index: int, settings: TrendSettings = DEFAULT_SETTINGS) -> int:
     """How many of the latest evaluations the trend is fitted to at evaluation `index`.
 
     Example:
         >>> window_size(0), window_size(99), window_size(10_000)
         (10, 25, 64)
     """
-    return min(MAX_WINDOW, max(MIN_WINDOW, math.ceil(WINDOW * (index + 1))))
+    s = settings
+    return min(s.max_window, max(s.min_window, math.ceil(s.window * (index + 1))))
 
 
 class TrendRule:
@@ -127,6 +156,7 @@ class TrendRule:
     Args:
         sign: 1.0 for `mode="min"`, -1.0 for `"max"` (values are compared as `sign * x`).
         horizon: the planned number of evaluations, or None.
+        settings: the constants (`DEFAULT_SETTINGS` unless a benchmark varies them).
 
     Example:
         >>> rule = TrendRule(1.0)
@@ -136,9 +166,12 @@ class TrendRule:
         True
     """
 
-    def __init__(self, sign: float, horizon: int | None = None) -> None:
+    def __init__(
+        self, sign: float, horizon: int | None = None, settings: TrendSettings = DEFAULT_SETTINGS
+    ) -> None:
         self._sign = sign
         self._horizon = horizon
+        self._settings = settings
         self._points: deque[tuple[int, float]] = deque()
         self._sums = _Sums()
 
@@ -150,8 +183,8 @@ class TrendRule:
             x = self._sign * value
             points.append((index, x))
             sums.add(index, x, 1.0)
-        first = index - window_size(index)
-        reset = index % MAX_WINDOW == 0  # bounds rounding drift
+        first = index - window_size(index, self._settings)
+        reset = index % self._settings.max_window == 0  # bounds rounding drift
         while points and points[0][0] <= first:
             t, x = points.popleft()
             reset = reset or sums.large(x)  # its square would swamp the sums once removed
@@ -161,7 +194,8 @@ class TrendRule:
 
     def lookahead(self, index: int) -> int:
         """Evaluations the rule projects ahead at evaluation `index`."""
-        ahead = max(MIN_WAIT, math.ceil(LOOKAHEAD * (index + 1)))
+        s = self._settings
+        ahead = max(s.min_wait, math.ceil(s.lookahead * (index + 1)))
         if self._horizon is not None:
             ahead = min(ahead, max(self._horizon - index - 1, 1))
         return ahead
@@ -172,9 +206,10 @@ class TrendRule:
         ahead = self.lookahead(index)
         if len(points) < 3:
             return Projection(len(points), math.nan, math.nan, math.nan, ahead, math.inf)
+        s = self._settings
         level, slope, noise, se = self._sums.fit(len(points), points[-1][0])
-        steepest = min(slope - SLOPE_Z * noise * se, 0.0)
-        lucky = NOISE_K * noise * math.sqrt(2.0 * math.log(max(ahead, 2)))
+        steepest = min(slope - s.slope_z * noise * se, 0.0)
+        lucky = s.noise_k * noise * math.sqrt(2.0 * math.log(max(ahead, 2)))
         target = self._sign * best
         reachable = level + steepest * ahead - lucky
         gain = (target - reachable) / abs(target) if target != 0 else math.inf
@@ -182,10 +217,10 @@ class TrendRule:
 
     def check(self, index: int, best: float | None, wait: int) -> Projection | None:
         """Return the projection when the run should stop at `index`, else None."""
-        if best is None or wait < MIN_WAIT:
+        if best is None or wait < self._settings.min_wait:
             return None
         projection = self.project(index, best, wait)
-        return projection if projection.gain <= TOLERANCE else None
+        return projection if projection.gain <= self._settings.tolerance else None
 
     @staticmethod
     def code(projection: Projection, best: float, sign: float) -> StopReason:
