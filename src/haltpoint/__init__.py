@@ -12,6 +12,7 @@ from haltpoint.errors import (
     StateMismatchError,
     UnsupportedStateError,
 )
+from haltpoint.sharded import ShardedState
 from haltpoint.stopping import (
     ConsecutiveIncreases,
     Decision,
@@ -50,6 +51,7 @@ __all__ = [
     "ProgressQuotient",
     "RelativeDelta",
     "Rule",
+    "ShardedState",
     "StateMismatchError",
     "StatefulRule",
     "Stop",

@@ -24,17 +24,27 @@ from haltpoint.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StateMismatchError,
 )
 from haltpoint.policies.retention import best_record, build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
-from haltpoint.state.load import LoadReport, load_into
+from haltpoint.sharded import (
+    dcp_folder,
+    load_shards,
+    shard_nbytes,
+    sharded_record,
+    split_sharded,
+    verify_shards,
+    write_shards,
+)
+from haltpoint.state.load import LoadReport, load_into, plan_load
 from haltpoint.state.rng import capture_rng, restore_rng
 from haltpoint.state.tree import flatten_state, unflatten_state
 from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.history import append_history
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import MANIFEST_NAME
-from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname
+from haltpoint.store.run_dir import SHARDED_KEY, Entry, RunDirectory, checkpoint_dirname, is_sharded
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.tensor_file import read_tensors
@@ -67,6 +77,14 @@ class CheckpointInfo:
     path: str
     pinned: bool = False
     report: LoadReport | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A checkpoint chosen for restore, with its tensors read and verified."""
+
+    entry: Entry
+    tensors: dict[str, torch.Tensor]
 
 
 class Checkpointer:
@@ -195,19 +213,27 @@ class Checkpointer:
             CheckpointExistsError: a checkpoint for `step` is already committed.
             UnsupportedStateError: a value in `state` cannot be stored without pickling.
         """
+        self._check_writable()
+        check_step(step)
+        coerce_metrics(metrics, self.monitor)
+        shards, rest = self._split(step, state)
+        if shards:
+            return self._save_sharded(step, shards, rest, metrics, pin)
         if self._group is not None:  # rank 0 saves; one broadcast shares its info or error
-            self._check_writable()
-            check_step(step)
-            coerce_metrics(metrics, self.monitor)
             return _dist.on_writer(
                 self._group, lambda: self._save(step, state, metrics, pin), f"save({step})"
             )
         return self._save(step, state, metrics, pin)
 
     def _save(
-        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, pin: bool
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None,
+        pin: bool,
+        extra: Mapping[str, Any] | None = None,
     ) -> CheckpointInfo:
-        self._check_writable()
+        """Write the checkpoint (in the background with `async_save`, unless `extra` is set)."""
         step = check_step(step)
         metrics = coerce_metrics(metrics, self.monitor)
         if not isinstance(state, Mapping):
@@ -216,26 +242,19 @@ class Checkpointer:
             )
         if RNG_ENTRY in state:
             raise ValueError(f"state must not use the reserved name {RNG_ENTRY!r}")
-        if self._writer is not None:
-            self._writer.wait()
-        dirname = checkpoint_dirname(step)
-        if self._storage.exists(f"{dirname}/{MANIFEST_NAME}"):
-            raise CheckpointExistsError(
-                f"a checkpoint for step {step} already exists in {self.directory}; steps are "
-                "never overwritten: save under a new step, or remove it with `haltpoint gc`",
-                path=f"{self.directory}/{dirname}",
-            )
+        self._wait()
+        dirname = self._new_dirname(step)
         full = dict(state)
         if self.capture_rng:
             full[RNG_ENTRY] = capture_rng()
         flat = flatten_state(full)
-        if self._writer is not None:  # private copies in reused buffers; training goes on
+        background = self._writer is not None and extra is None
+        if background:  # private copies in reused buffers; training goes on
             tensors = self._staging.stage(flat.tensors)
         else:  # training waits for the commit: write straight from the live tensors
             tensors = {k: t if t.device.type == "cpu" else t.cpu() for k, t in flat.tensors.items()}
         now = time.time()
         history = _history_record(step, now, metrics, state)
-        lent = self._writer is not None
 
         def job() -> None:
             try:
@@ -247,17 +266,19 @@ class Checkpointer:
                     metrics=metrics,
                     tree=flat.tree,
                     tensors=tensors,
+                    extra=extra,
                     previous=committed[-1].manifest if committed else None,
                 )
             finally:
-                if lent:
+                if background:
                     self._staging.release()
             if pin:
                 self._run.set_pinned(step, True)
             append_history(self._storage, history)
             self._apply_retention()
 
-        if self._writer is not None:
+        if background:
+            assert self._writer is not None
             try:
                 self._writer.submit(job, f"the save of step {step}")
             except BaseException:
@@ -273,6 +294,78 @@ class Checkpointer:
             path=f"{self.directory}/{dirname}",
             pinned=pin,
         )
+
+    def _new_dirname(self, step: int) -> str:
+        dirname = checkpoint_dirname(step)
+        if self._storage.exists(f"{dirname}/{MANIFEST_NAME}"):
+            raise CheckpointExistsError(
+                f"a checkpoint for step {step} already exists in {self.directory}; steps are "
+                "never overwritten: save under a new step, or remove it with `haltpoint gc`",
+                path=f"{self.directory}/{dirname}",
+            )
+        return dirname
+
+    def _split(
+        self, step: int, state: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        """`split_sharded` on every rank, agreed: one rank's failure raises on all."""
+        group = _dist.Replicas.current()
+        if group is None:
+            return split_sharded(state)
+        mine: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
+
+        def split() -> bool:
+            mine.append(split_sharded(state))
+            return bool(mine[0][0])
+
+        if len(set(_dist.all_results(group, split, f"save({step})"))) > 1:
+            raise CheckpointError(
+                f"save({step}): some ranks hold DTensor shards and others do not; every rank "
+                "must pass the same kind of state"
+            )
+        return mine[0]
+
+    def _save_sharded(
+        self,
+        step: int,
+        shards: dict[str, Any],
+        rest: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None,
+        pin: bool,
+    ) -> CheckpointInfo:
+        """Every rank writes its shards with DCP; once all are durable rank 0 commits the rest.
+
+        Synchronous, whatever `async_save` says. A failure on any rank raises on every rank
+        and commits nothing; its leftover folder is removed by the next writer to open the run.
+        """
+        group = _dist.Replicas.current()  # None for one process (world size 1)
+        rank = 0 if group is None else group.rank
+        dirname = checkpoint_dirname(step)
+        folder = self._dcp_path(dirname)
+        self.wait()
+
+        def prepare() -> None:
+            self._new_dirname(step)
+            self._storage.rmtree(dcp_folder(dirname))  # an interrupted save of this step
+            self._storage.makedirs(dcp_folder(dirname))
+
+        _dist.on_writer(group, prepare, f"save({step})")
+        parts = _dist.all_results(
+            group, lambda: write_shards(folder, shards, rank), f"save({step}): writing shards"
+        )
+        files = {name: record for part in parts for name, record in part.items()}
+        extra = {
+            SHARDED_KEY: {
+                "format": "torch.distributed.checkpoint",
+                "world_size": 1 if group is None else group.world_size,
+                "entries": sorted(shards),
+                "files": files,
+            }
+        }
+        info = _dist.on_writer(
+            group, lambda: self._save(step, rest, metrics, pin, extra), f"save({step}): commit"
+        )
+        return replace(info, size=info.size + sum(int(r["size"]) for r in files.values()))
 
     def pin(self, step: int) -> None:
         """Keep the checkpoint of `step` forever, whatever the retention rules say."""
@@ -327,16 +420,19 @@ class Checkpointer:
         back to the next newest (or next best) intact one. Under `torch.distributed`, rank 0
         chooses the checkpoint and every rank loads that same step.
         """
-        if self._group is not None:
-            return _dist.restore_replicated(
-                self._group, lambda w: self._restore(state, w, strict, map_location), which
-            )
-        return self._restore(state, which, strict, map_location)
-
-    def _restore(
-        self, state: MutableMapping[str, Any], which: str | int, strict: bool, map_location: Any
-    ) -> CheckpointInfo | None:
         device = check_device(map_location)
+        load = lambda found: self._load(found, state, strict, device)  # noqa: E731
+        if self._group is not None:
+            return _dist.restore_agreed(self._group, self._read, load, which)
+        found = self._read(which, True)
+        return None if found is None else load(found)
+
+    def _read(self, which: str | int, first: bool) -> _Found | None:
+        """Find the checkpoint `which` names and read its tensors, verified.
+
+        Damaged candidates of "latest" or "best" are warned about and skipped. A sharded
+        checkpoint's DCP files are checked too when `first` (ranks after rank 0 skip that).
+        """
         if self._writer is not None:
             self._writer.wait()
         entries = self._run.committed()
@@ -353,6 +449,8 @@ class Checkpointer:
             assert entry.manifest is not None
             try:
                 tensors = read_tensors(self._storage, entry.manifest.tensors, verify=True)
+                if first and is_sharded(entry.manifest):
+                    verify_shards(self._dcp_path(entry.dirname), self._shards(entry)["files"])
             except CorruptCheckpointError as exc:
                 removed = not self._storage.exists(f"{entry.dirname}/{MANIFEST_NAME}")
                 if index + 1 == len(candidates):
@@ -367,18 +465,52 @@ class Checkpointer:
                     warnings.warn(
                         f"{exc}\nhaltpoint: falling back to the checkpoint of step "
                         f"{candidates[index + 1].step}",
-                        stacklevel=2,
+                        stacklevel=3,
                     )
                 continue
-            if device is not None:
-                tensors = {k: t.to(device) for k, t in tensors.items()}
-            saved = unflatten_state(entry.manifest.tree, tensors)
-            rng = saved.pop(RNG_ENTRY, None)
-            report = load_into(state, saved, strict=strict)
-            if rng is not None and self.capture_rng:
-                restore_rng(rng)
-            return replace(self._info(entry), report=report)
+            return _Found(entry, tensors)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _load(
+        self, found: _Found, state: MutableMapping[str, Any], strict: bool, device: Any
+    ) -> CheckpointInfo:
+        """Load what `_read` found into `state`; sharded entries through DCP, on every rank."""
+        entry, tensors = found.entry, found.tensors
+        assert entry.manifest is not None
+        if device is not None:
+            tensors = {k: t.to(device) for k, t in tensors.items()}
+        saved = unflatten_state(entry.manifest.tree, tensors)
+        rng = saved.pop(RNG_ENTRY, None)
+        if is_sharded(entry.manifest):
+            names = self._shards(entry)["entries"]
+            if strict and (missing := [n for n in names if n not in state]):
+                raise StateMismatchError(
+                    f"state lacks {missing}, saved as sharded state in step {entry.step}; "
+                    "pass them, or restore with strict=False"
+                )
+            rest = {k: v for k, v in state.items() if k not in names}
+            load_rest = plan_load(rest, saved, strict=strict)  # checked before DCP loads
+            load_shards(self._dcp_path(entry.dirname), {n: state[n] for n in names if n in state})
+            report = load_rest()
+            state.update(rest)  # plain values were replaced in `rest`
+        else:
+            report = load_into(state, saved, strict=strict)
+        if rng is not None and self.capture_rng:
+            restore_rng(rng)
+        return replace(self._info(entry), report=report)
+
+    def _shards(self, entry: Entry) -> dict[str, Any]:
+        assert entry.manifest is not None
+        return sharded_record(entry.manifest, f"{self.directory}/{entry.dirname}")
+
+    def _dcp_path(self, dirname: str) -> str:
+        path = self._storage.local_path(dcp_folder(dirname))
+        if path is None:
+            raise ValueError(
+                f"sharded checkpoints need a run directory on a local or shared file system, "
+                f"got {self.directory}"
+            )
+        return path
 
     def _candidates(self, entries: list[Entry], which: str | int) -> list[Entry]:
         if which == "latest":
@@ -426,7 +558,7 @@ class Checkpointer:
             step=manifest.step,
             time=manifest.time,
             metrics=manifest.metrics,
-            size=manifest.nbytes,
+            size=manifest.nbytes + shard_nbytes(manifest),
             path=f"{self.directory}/{entry.dirname}",
             pinned=entry.pinned,
         )

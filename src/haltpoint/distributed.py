@@ -170,40 +170,72 @@ def on_writer(
 
 
 def all_succeed(group: Replicas | None, fn: Callable[[], T], what: str) -> T:
-    """Run `fn` on every rank; if it fails on any, raise the same `CheckpointError` on all."""
+    """Run `fn` on every rank; if it fails on any, raise the same error on all.
+
+    That is a `CheckpointError` naming the first rank that failed or, when every rank
+    failed with the same message (a bad argument), each rank's own error.
+    """
+    return _everywhere(group, fn, what, gather=False)[0]
+
+
+def all_results(group: Replicas | None, fn: Callable[[], T], what: str) -> list[T]:
+    """Like `all_succeed`, and every rank gets every rank's (picklable) result, by rank."""
+    return _everywhere(group, fn, what, gather=True)
+
+
+def _everywhere(group: Replicas | None, fn: Callable[[], T], what: str, gather: bool) -> list[T]:
     if group is None:
-        return fn()
+        return [fn()]
     error: BaseException | None = None
     result: Any = None
     try:
         result = fn()
     except Exception as exc:
         error = exc
-    messages = _all_gather(None if error is None else f"{type(error).__name__}: {error}")
-    failed = [rank for rank, message in enumerate(messages) if message is not None]
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered = _all_gather((message, result if gather else None))
+    failed = [rank for rank, (said, _) in enumerate(gathered) if said is not None]
+    if error is not None and all(said == message for said, _ in gathered):
+        raise error  # the same failure on every rank (a bad argument): keep its type
     if failed:
         raise CheckpointError(
-            f"{what} failed on rank {failed[0]}: {messages[failed[0]]}"
+            f"{what} failed on rank {failed[0]}: {gathered[failed[0]][0]}"
         ) from error
-    return result
+    return [value for _, value in gathered] if gather else [result]
 
 
-def restore_replicated(
-    group: Replicas, restore: Callable[[str | int], Any], which: str | int
-) -> Any:
-    """Rank 0 chooses and loads the checkpoint; the others load the same step.
+def restore_agreed(
+    group: Replicas,
+    read: Callable[[str | int, bool], Any],
+    load: Callable[[Any], T],
+    which: str | int,
+) -> T | None:
+    """Rank 0 chooses the checkpoint; every rank reads that step, then every rank loads it.
 
-    Rank 0 resolves `which` ("latest", "best", a step; with its fall-backs over damaged
-    checkpoints) and broadcasts the step it restored; the other ranks then restore that
-    exact step from the shared directory, so all load the same one even if the directory
-    changed in between. Returns None on every rank when rank 0 found no checkpoint.
+    `read(which, first)` finds and reads (verifying) a checkpoint; rank 0 calls it with
+    `first=True` to resolve `which` ("latest", "best", a step; with its fall-backs over
+    damaged checkpoints) and broadcasts the step; the other ranks then read that exact step
+    from the shared directory, so all load the same one even if the directory changed in
+    between. Reading and loading are two rounds, each ending with an all-gather of failures,
+    so every rank enters the load (which may be collective: DCP) or none does. Returns None
+    on every rank when rank 0 found no checkpoint.
     """
     what = f"restore({which!r})"
-    chosen = on_writer(group, lambda: restore(which), what, lambda i: None if i is None else i.step)
-    if group.is_writer or chosen is None:  # rank 0's info; or no checkpoint at all
-        all_succeed(group, lambda: None, what)
-        return chosen
-    return all_succeed(group, lambda: restore(chosen), f"{what} of step {chosen}")
+    mine: Any = None
+
+    def choose() -> int | None:
+        nonlocal mine
+        mine = read(which, True)
+        return None if mine is None else mine.entry.step
+
+    step = on_writer(group, choose, what)
+    if step is None:
+        return None
+    if not group.is_writer:
+        mine = all_succeed(group, lambda: read(step, False), f"{what} of step {step}")
+    else:
+        all_succeed(group, lambda: None, f"{what} of step {step}")
+    return all_succeed(group, lambda: load(mine), f"{what}: loading step {step}")
 
 
 # -- stopping ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 from haltpoint.errors import StateMismatchError
 from haltpoint.state._common import child_path, is_stateful, type_name, unwrap_module
 
-__all__ = ["LoadReport", "load_into"]
+__all__ = ["LoadReport", "load_into", "plan_load"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 _STRICT_HINT = "pass strict=False to load what matches and get the rest in the returned report"
@@ -66,6 +66,16 @@ def load_into(
     >>> state["epoch"], torch.equal(model.weight, saved["model"]["weight"])
     (7, True)
     """
+    return plan_load(state, saved, strict=strict)()
+
+
+def plan_load(
+    state: MutableMapping[str, Any], saved: Mapping[str, Any], *, strict: bool = True
+) -> Callable[[], LoadReport]:
+    """Every check of `load_into` now; the returned function loads and gives the report.
+
+    For loading something else in between (sharded state) only once this one is known to fit.
+    """
     if not isinstance(state, MutableMapping):
         raise TypeError(f"state must be a mutable mapping of names, got {type_name(state)}")
     if not isinstance(saved, Mapping):
@@ -87,9 +97,13 @@ def load_into(
         for name in list(state)
         if name in saved  # the checks, before anything is loaded
     ]
-    for apply in plans:
-        apply(report)
-    return report
+
+    def apply_all() -> LoadReport:
+        for apply in plans:
+            apply(report)
+        return report
+
+    return apply_all
 
 
 def _listing(missing: list[str], unexpected: list[str]) -> str:

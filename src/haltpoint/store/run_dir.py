@@ -9,6 +9,8 @@ Layout (see docs/format.md)::
         manifest.json              the commit marker: present and valid iff the checkpoint exists
         tensors.safetensors        tensor data (a plain safetensors file)
         pinned                     present when the user pinned the checkpoint
+        dcp/                       sharded state, written by torch.distributed.checkpoint
+                                   (only when the manifest's extra has "sharded")
 
 A manifest may reference tensor files of other checkpoints (unchanged tensors are not written
 twice), so a checkpoint is removed by deleting its manifest first and then only the files that
@@ -27,16 +29,21 @@ from haltpoint.store.manifest import MANIFEST_NAME, Manifest
 from haltpoint.store.storage import Storage
 
 __all__ = [
+    "DCP_NAME",
     "PINNED_NAME",
+    "SHARDED_KEY",
     "TENSORS_NAME",
     "Entry",
     "RunDirectory",
     "checkpoint_dirname",
+    "is_sharded",
     "parse_step",
 ]
 
 TENSORS_NAME = "tensors.safetensors"
 PINNED_NAME = "pinned"
+DCP_NAME = "dcp"
+SHARDED_KEY = "sharded"  # the manifest's `extra` key of a checkpoint with a DCP folder
 _DIR_PATTERN = re.compile(r"^step-(\d{9,})$")
 
 
@@ -57,6 +64,11 @@ def parse_step(name: str) -> int | None:
     """
     match = _DIR_PATTERN.match(name)
     return int(match.group(1)) if match else None
+
+
+def is_sharded(manifest: Manifest) -> bool:
+    """Whether the checkpoint also has a `dcp/` folder of sharded state."""
+    return SHARDED_KEY in manifest.extra
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,7 @@ class RunDirectory:
         kept = list(kept)
         kept_dirs = {checkpoint_dirname(m.step) for m in kept}
         referenced = set().union(*(m.files() for m in kept))
+        referenced |= {f"{checkpoint_dirname(m.step)}/{DCP_NAME}" for m in kept if is_sharded(m)}
         live_dirs = kept_dirs | {name.split("/", 1)[0] for name in referenced}
         removed: list[str] = []
         files: list[str] = []

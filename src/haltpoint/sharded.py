@@ -1,0 +1,236 @@
+"""Sharded state (FSDP2 / DTensor) in a checkpoint, through `torch.distributed.checkpoint`.
+
+`Checkpointer.save` sends here the entries of `state` whose state dict holds `DTensor`
+shards; every rank writes its shards with DCP into `step-N/dcp/`, and the rest of the state
+goes into the checkpoint's own files and manifest as always. The manifest, written by rank 0
+once every rank's files are durable, is the commit marker; it records every DCP file's size
+and xxh3-128 under `extra["sharded"]`. See docs/distributed.md, "Sharded state".
+
+This module holds the pieces: which entries are sharded (`split_sharded`), writing and
+hashing the shards (`write_shards`), checking them against the manifest (`verify_shards`)
+and loading them onto any world size (`load_shards`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from haltpoint.errors import CorruptCheckpointError
+from haltpoint.store.hashing import StreamHasher
+from haltpoint.store.manifest import Manifest
+from haltpoint.store.run_dir import DCP_NAME, SHARDED_KEY
+
+__all__ = [
+    "ShardedState",
+    "dcp_folder",
+    "load_shards",
+    "shard_nbytes",
+    "sharded_record",
+    "split_sharded",
+    "verify_shards",
+    "write_shards",
+]
+
+_CHUNK = 8 << 20
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _stateful(value: Any) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(
+        getattr(value, "load_state_dict", None)
+    )
+
+
+def _holds_dtensor(value: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_dtensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_dtensor(v) for v in value)
+    return False
+
+
+def split_sharded(state: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """(the state dicts of the entries holding DTensor shards, the other entries).
+
+    Without an initialized process group no DTensor can exist and nothing is inspected.
+
+    Raises:
+        TypeError: an optimizer holds DTensor state directly. A fresh optimizer has no state
+            for DCP to load into, so its restore would silently load nothing; save
+            `ShardedState(model, optimizer)` instead.
+    """
+    if not _initialized() or not isinstance(state, Mapping):
+        return {}, state
+    shards: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for name, value in state.items():
+        target = value.state_dict() if _stateful(value) else value
+        if not _holds_dtensor(target):
+            rest[name] = value
+        elif isinstance(value, torch.optim.Optimizer):
+            raise TypeError(
+                f"state[{name!r}] is an optimizer holding DTensor state: a fresh optimizer has "
+                "no state for torch.distributed.checkpoint to load into. Save the model and its "
+                "optimizer as one entry, haltpoint.ShardedState(model, optimizer)"
+            )
+        else:
+            shards[name] = target
+    return shards, rest
+
+
+def _file_record(path: str) -> dict[str, Any]:
+    hasher = StreamHasher()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            hasher.update(chunk)
+    return {"size": hasher.nbytes, "xxh3_128": hasher.hexdigest()}
+
+
+def write_shards(folder: str, shards: dict[str, Any], rank: int) -> dict[str, dict[str, Any]]:
+    """Write this rank's part of `shards` with DCP into `folder`, fsync'ed; hash its files.
+
+    Every rank of the process group calls it (DCP's collectives). Returns the size and
+    xxh3-128 of the files this rank wrote (rank 0 also DCP's `.metadata`).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(shards, storage_writer=dcp.FileSystemWriter(folder, sync_files=True))
+    mine = sorted(
+        name
+        for name in os.listdir(folder)
+        if name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata")
+    )
+    return {name: _file_record(os.path.join(folder, name)) for name in mine}
+
+
+def sharded_record(manifest: Manifest, where: str) -> dict[str, Any]:
+    """The manifest's `extra["sharded"]`, checked: entry names and plain DCP file names."""
+    info = manifest.extra.get(SHARDED_KEY)
+    files = info.get("files") if isinstance(info, dict) else None
+    entries = info.get("entries") if isinstance(info, dict) else None
+    if (
+        not isinstance(info, dict)
+        or not isinstance(files, dict)
+        or not isinstance(entries, list)
+        or not all(isinstance(e, str) for e in entries)
+        or not all(_plain_name(name) and isinstance(r, dict) for name, r in files.items())
+    ):
+        raise CorruptCheckpointError(
+            f"{where}: malformed sharded record in the manifest", path=where
+        )
+    return info
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def verify_shards(folder: str, files: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check every DCP file's size and xxh3-128 against the manifest's records.
+
+    Raises:
+        CorruptCheckpointError: naming the first file missing, of the wrong size or hash.
+    """
+    for name, record in sorted(files.items()):
+        path = os.path.join(folder, name)
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc}", path=path) from exc
+        if size != record.get("size"):
+            raise CorruptCheckpointError(
+                f"{path} has {size} bytes, the manifest says {record.get('size')}: the "
+                "sharded checkpoint is damaged",
+                path=path,
+            )
+        digest = _file_record(path)["xxh3_128"]
+        if digest != record.get("xxh3_128"):
+            raise CorruptCheckpointError(
+                f"{path}: xxh3-128 {digest} differs from the manifest's "
+                f"{record.get('xxh3_128')}: the sharded checkpoint is damaged",
+                path=path,
+            )
+
+
+def load_shards(folder: str, entries: Mapping[str, Any]) -> None:
+    """Load the DCP checkpoint in `folder` into `entries`, resharding to this world size.
+
+    Objects with `load_state_dict` get their own state dict filled by DCP (FSDP2 modules
+    their shards, plain modules the full tensors); tensors are filled in place. Under a
+    process group every rank calls it; without one DCP reads everything in this process.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    targets = {n: v.state_dict() if _stateful(v) else v for n, v in entries.items()}
+    dcp.load(targets, storage_reader=dcp.FileSystemReader(folder), no_dist=not _initialized())
+    for name, value in entries.items():
+        if _stateful(value):
+            value.load_state_dict(targets[name])
+        elif isinstance(value, torch.Tensor) and targets[name] is not value:
+            value.copy_(targets[name])
+
+
+def dcp_folder(dirname: str) -> str:
+    """The DCP folder of a checkpoint folder, relative to the run directory."""
+    return f"{dirname}/{DCP_NAME}"
+
+
+def shard_nbytes(manifest: Manifest) -> int:
+    """The bytes of a sharded checkpoint's DCP files (0 for any other checkpoint)."""
+    info = manifest.extra.get(SHARDED_KEY)
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(files, dict):
+        return 0
+    return sum(
+        r["size"] for r in files.values() if isinstance(r, dict) and type(r.get("size")) is int
+    )
+
+
+class ShardedState:
+    """A model and its optimizers, in the form `torch.distributed.checkpoint` can reshard.
+
+    Save it as one entry of `Checkpointer.save`'s state (`{"train": ShardedState(model,
+    optimizer), "epoch": epoch}`) when the model is sharded (FSDP2 `fully_shard`). Its state
+    dict comes from `torch.distributed.checkpoint.state_dict.get_state_dict`: parameter
+    names instead of optimizer indices, and optimizer state created even before the first
+    step, so a restore onto another world size, or into an unsharded model, fills every
+    value. `load_state_dict` goes through `set_state_dict`.
+    """
+
+    def __init__(self, model: torch.nn.Module, *optimizers: torch.optim.Optimizer) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for optimizer in optimizers:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"optimizers must be torch.optim.Optimizer, got {type(optimizer).__name__}"
+                )
+        self.model = model
+        self.optimizers = optimizers
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.model, self.optimizers)
+        return {"model": model, "optim": optim} if self.optimizers else {"model": model}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(
+            self.model,
+            self.optimizers,
+            model_state_dict=state["model"],
+            optim_state_dict=state.get("optim", {}),
+        )

@@ -1,0 +1,239 @@
+"""Sharded state (FSDP2 / DTensor) through torch.distributed.checkpoint, under haltpoint's commit.
+
+tests/workers/fsdp_worker.py does the distributed work in other processes: one
+`torchrun --nproc_per_node=2` launch (gloo on CPU) trains and saves an FSDP2 model with AdamW,
+restores it on 2 ranks and makes ranks fail; a second launch restores on 4 ranks; a plain
+process restores into an unsharded model. This process only reads what they wrote (it never
+runs DCP itself), and a hang fails a launch after its timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer, CorruptCheckpointError, ShardedState
+from haltpoint.store.run_dir import SHARDED_KEY
+
+WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
+TIMEOUT_S = 180
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run(nproc: int, mode: str, run_dir: Path, out: Path) -> None:
+    """Run the worker: under torchrun with `nproc` ranks, or as one plain process (0)."""
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        launcher += [f"--master_port={_free_port()}"]
+    command = [*launcher, str(WORKER), "--mode", mode, "--run-dir", str(run_dir), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:  # a hang is a failure, never a stuck CI job
+        pytest.fail(f"{mode} did not finish within {TIMEOUT_S} s (a hang?): {exc.stderr!r}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("fsdp")
+    run_dir, out = root / "run", root / "out"
+    out.mkdir()
+    _run(2, "train", run_dir, out)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {"ranks": ranks, "run_dir": run_dir, "out": out}
+
+
+def _manifest(run_dir: Path, step: int) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run_dir / f"step-{step:09d}" / "manifest.json").read_text())
+    return data
+
+
+@pytest.mark.slow
+def test_the_shards_go_to_dcp_and_the_rest_into_the_manifest(fsdp_run: dict[str, Any]) -> None:
+    r0, r1 = fsdp_run["ranks"]
+    assert r0["state_types"] == ["DTensor"]  # really sharded
+    run_dir: Path = fsdp_run["run_dir"]
+    folder = run_dir / "step-000000003"
+    assert sorted(os.listdir(folder / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    manifest = _manifest(run_dir, 3)
+    sharded = manifest["extra"][SHARDED_KEY]
+    assert sharded["world_size"] == 2 and sharded["entries"] == ["train"]
+    assert sharded["format"] == "torch.distributed.checkpoint"
+    assert set(sharded["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    for name, record in sharded["files"].items():
+        assert record["size"] == os.path.getsize(folder / "dcp" / name)
+        assert len(record["xxh3_128"]) == 32
+    # the replicated rest is plain haltpoint state, pickle-free: the stopper, the epoch, RNG
+    assert set(manifest["tree"]) == {"stopper", "epoch", "__rng__"}
+    assert "train" not in manifest["tree"]
+    with Checkpointer(run_dir, read_only=True) as reader:
+        infos = reader.list()
+    assert [i.step for i in infos] == [2, 3] == r0["listed"] == r1["listed"]
+    dcp_bytes = sum(r["size"] for r in sharded["files"].values())
+    assert infos[-1].size > dcp_bytes  # DCP files and the checkpoint's own tensors
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_retention_removes_old_sharded_checkpoints_entirely(fsdp_run: dict[str, Any]) -> None:
+    names = sorted(p.name for p in fsdp_run["run_dir"].iterdir())
+    assert names == [".haltpoint.lock", "history.jsonl", "step-000000002", "step-000000003"]
+
+
+@pytest.mark.slow
+def test_restore_on_the_same_2_ranks_gives_model_optimizer_and_stopper(
+    fsdp_run: dict[str, Any],
+) -> None:
+    for r in fsdp_run["ranks"]:
+        assert r["restored_step"] == 3 and r["restored_epoch"] == 3
+        assert r["restored_stopper_best"] == r["best"]
+    assert fsdp_run["ranks"][0]["restored_equal"] is True  # full weights and AdamW state
+
+
+@pytest.mark.slow
+def test_restore_on_4_ranks_reshards(fsdp_run: dict[str, Any]) -> None:
+    out: Path = fsdp_run["out"]
+    _run(4, "restore", fsdp_run["run_dir"], out)
+    results = [json.loads((out / f"restore4-rank{r}.json").read_text()) for r in range(4)]
+    assert all(r["restored_step"] == 3 and r["epoch"] == 3 for r in results)
+    assert results[0]["equal"] is True
+
+
+@pytest.mark.slow
+def test_restore_in_one_process_into_an_unsharded_model_gives_exact_full_state(
+    fsdp_run: dict[str, Any],
+) -> None:
+    out: Path = fsdp_run["out"]
+    _run(0, "unsharded", fsdp_run["run_dir"], out)
+    result = json.loads((out / "unsharded.json").read_text())
+    assert result["restored_step"] == 3 and result["epoch"] == 3
+    assert result["stopper_best"] == fsdp_run["ranks"][0]["best"]
+    assert result["equal"] is True  # every weight and AdamW value, bit for bit
+
+
+@pytest.mark.slow
+def test_a_rank_failing_raises_on_every_rank_and_commits_nothing(
+    fsdp_run: dict[str, Any],
+) -> None:
+    for r in fsdp_run["ranks"]:
+        assert r["split_error"] == (
+            "save(10) failed on rank 1: RuntimeError: rank 1 broke while taking its state dict"
+        )
+        assert "writing shards failed on rank 1" in r["write_error"]
+        assert "disk gone on rank 1" in r["write_error"]
+        assert r["leftover"] == ["dcp"]  # written, never committed: no manifest
+        assert r["listed_after_crash"] == [2, 3] == r["listed_after_reopen"]
+    assert not (fsdp_run["run_dir"] / "step-000000011").exists()  # removed at the reopen
+
+
+@pytest.mark.slow
+def test_an_optimizer_with_dtensor_state_is_refused_on_every_rank(
+    fsdp_run: dict[str, Any],
+) -> None:
+    for r in fsdp_run["ranks"]:
+        assert "state['optim'] is an optimizer holding DTensor state" in r["optimizer_error"]
+        assert "ShardedState(model, optimizer)" in r["optimizer_error"]
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_damaged_dcp_files_are_found_before_anything_loads(
+    fsdp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(fsdp_run["run_dir"], copy)
+    _flip_byte(copy / "step-000000003" / "dcp" / "__1_0.distcp")
+    (copy / "step-000000002" / "dcp" / "__0_0.distcp").write_bytes(b"short")
+    model = torch.nn.Linear(2, 2)  # never reached: the checks come first
+    with Checkpointer(copy, read_only=True) as reader:
+        with pytest.raises(CorruptCheckpointError, match=r"__1_0\.distcp: xxh3-128 \w+ differs"):
+            reader.restore({"train": model}, 3)
+        with (
+            pytest.warns(UserWarning, match="falling back to the checkpoint of step 2"),
+            pytest.raises(CorruptCheckpointError, match="5 bytes, the manifest says"),
+        ):
+            reader.restore({"train": model})
+
+
+@pytest.mark.slow
+def test_a_sharded_record_naming_a_path_outside_its_folder_is_refused(
+    fsdp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(fsdp_run["run_dir"], copy)
+    from haltpoint.store.run_dir import RunDirectory
+    from haltpoint.store.storage import open_storage
+
+    run = RunDirectory(open_storage(copy))
+    manifest = run.read_manifest("step-000000003")
+    files = manifest.extra[SHARDED_KEY]["files"]
+    files["../../escape"] = files.pop("__1_0.distcp")
+    run.commit(manifest)
+    with (
+        Checkpointer(copy, read_only=True) as reader,
+        pytest.raises(CorruptCheckpointError, match="malformed sharded record"),
+    ):
+        reader.restore({"train": torch.nn.Linear(2, 2)}, 3)
+
+
+def test_retention_keeps_the_dcp_folder_of_kept_checkpoints_only(tmp_path: Path) -> None:
+    """A dropped checkpoint whose tensor file a kept one still references loses its DCP folder."""
+    model = torch.nn.Linear(512, 512)  # 1 MiB: big enough to be deduplicated
+    record = {"format": "torch.distributed.checkpoint", "world_size": 2, "entries": ["x"]}
+    with Checkpointer(tmp_path, keep_last=1, async_save=False, capture_rng=False) as ckpt:
+        for step in (1, 2):
+            (tmp_path / f"step-{step:09d}" / "dcp").mkdir(parents=True)
+            (tmp_path / f"step-{step:09d}" / "dcp" / "__0_0.distcp").write_bytes(b"shard")
+            extra = {SHARDED_KEY: {**record, "files": {}}}
+            ckpt._save(step, {"model": model}, None, False, extra)  # the same tensors: dedup
+    assert (tmp_path / "step-000000001" / "tensors.safetensors").is_file()  # still referenced
+    assert not (tmp_path / "step-000000001" / "dcp").exists()
+    assert not (tmp_path / "step-000000001" / "manifest.json").exists()
+    assert (tmp_path / "step-000000002" / "dcp" / "__0_0.distcp").is_file()
+
+
+def test_without_a_process_group_state_is_never_inspected_for_shards(tmp_path: Path) -> None:
+    class Unreadable:
+        def state_dict(self) -> dict[str, Any]:
+            raise AssertionError("inspected")
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            pass
+
+    from haltpoint.sharded import split_sharded
+
+    state = {"x": Unreadable()}
+    assert split_sharded(state) == ({}, state)
+
+
+def test_sharded_state_checks_its_arguments() -> None:
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got int"):
+        ShardedState(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"optimizers must be torch\.optim\.Optimizer, got Linear"):
+        ShardedState(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))  # type: ignore[arg-type]
