@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from haltpoint import Checkpointer, CorruptCheckpointError, ShardedState
+from haltpoint.cli import main
 from haltpoint.store.run_dir import SHARDED_KEY
 
 WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
@@ -237,3 +238,24 @@ def test_sharded_state_checks_its_arguments() -> None:
         ShardedState(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"optimizers must be torch\.optim\.Optimizer, got Linear"):
         ShardedState(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_the_cli_verifies_shows_and_refuses_to_export_sharded_state(
+    fsdp_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(fsdp_run["run_dir"], copy)
+    assert main(["verify", str(copy)]) == 0
+    assert main(["show", str(copy), "--step", "3"]) == 0
+    shown = capsys.readouterr().out
+    assert "of sharded state (train) in 3 torch.distributed.checkpoint files" in shown
+    assert "saved on 2 ranks" in shown
+    target = str(tmp_path / "w.safetensors")
+    assert main(["export", str(copy), "--which", "3", "--key", "train", "-o", target]) != 0
+    assert "is sharded state, written by torch.distributed.checkpoint" in capsys.readouterr().err
+    _flip_byte(copy / "step-000000003" / "dcp" / "__0_0.distcp")
+    assert main(["verify", str(copy), "--json"]) == 1
+    report = {c["step"]: c for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert report[2]["status"] == "intact" and report[3]["status"] == "damaged"
+    assert "__0_0.distcp: xxh3-128" in report[3]["error"]

@@ -15,6 +15,7 @@ from haltpoint.cli.runinfo import open_run, select_entry
 from haltpoint.state.codec import TENSOR_TAG
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import Manifest
+from haltpoint.store.run_dir import SHARDED_KEY, is_sharded
 from haltpoint.store.tensor_file import read_tensors
 
 __all__ = ["entry_weights", "register", "run"]
@@ -71,10 +72,18 @@ def entry_weights(
         ValueError: the checkpoint has no entry `key`, or it holds no tensors.
         CorruptCheckpointError: a tensor's bytes do not match its hash.
     """
+    sharded = manifest.extra.get(SHARDED_KEY, {}).get("entries", []) if is_sharded(manifest) else []
+    if key in sharded:
+        raise ValueError(
+            f"--key {key!r} of step {manifest.step} is sharded state, written by "
+            "torch.distributed.checkpoint; export reads haltpoint's own files only. Restore "
+            "it with Checkpointer.restore into an unsharded model in one process, then save "
+            "that model's state_dict() with safetensors"
+        )
     if key not in manifest.tree:
         raise ValueError(
             f"--key {key!r} is not an entry of the checkpoint of step {manifest.step}; "
-            f"its entries are {', '.join(sorted(manifest.tree))}"
+            f"its entries are {', '.join(sorted([*manifest.tree, *sharded]))}"
         )
     subtree = {key: manifest.tree[key]}
     wanted = {ref: manifest.tensors[ref] for ref in _refs(subtree) if ref in manifest.tensors}

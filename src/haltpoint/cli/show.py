@@ -10,8 +10,10 @@ from typing import Any
 from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes, format_metrics, format_time
 from haltpoint.cli.runinfo import open_run, select_entry
+from haltpoint.sharded import shard_nbytes
 from haltpoint.state.codec import TENSOR_TAG, decode_value
 from haltpoint.store.manifest import Manifest
+from haltpoint.store.run_dir import SHARDED_KEY
 from haltpoint.store.tensor_file import TensorRecord, torch_dtype
 
 __all__ = ["TensorLeaf", "register", "run", "tree_lines"]
@@ -119,6 +121,19 @@ def _tensor_leaves(value: Any) -> Iterator[TensorLeaf]:
             yield from _tensor_leaves(item)
 
 
+def _size_text(manifest: Manifest) -> str:
+    text = f"{format_bytes(manifest.nbytes)} in {len(manifest.tensors)} tensors"
+    sharded = manifest.extra.get(SHARDED_KEY)
+    if isinstance(sharded, dict):
+        entries = ", ".join(map(str, sharded.get("entries", [])))
+        text += (
+            f" + {format_bytes(shard_nbytes(manifest))} of sharded state ({entries}) in "
+            f"{len(sharded.get('files', {}))} torch.distributed.checkpoint files, "
+            f"saved on {sharded.get('world_size')} ranks"
+        )
+    return text
+
+
 def _as_json(manifest: Manifest, path: str, pinned: bool) -> dict[str, Any]:
     return {
         "step": manifest.step,
@@ -128,7 +143,7 @@ def _as_json(manifest: Manifest, path: str, pinned: bool) -> dict[str, Any]:
         "versions": manifest.versions,
         "format_version": manifest.format_version,
         "pinned": pinned,
-        "size": manifest.nbytes,
+        "size": manifest.nbytes + shard_nbytes(manifest),
         "extra": manifest.extra,
         "tensors": {
             key: {"dtype": r.dtype, "shape": list(r.shape), "nbytes": r.nbytes, "file": r.file}
@@ -155,7 +170,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         ("path", path),
         ("time", format_time(manifest.time)),
         ("metrics", format_metrics(manifest.metrics) or "-"),
-        ("size", f"{format_bytes(manifest.nbytes)} in {len(manifest.tensors)} tensors"),
+        ("size", _size_text(manifest)),
         ("versions", f"{versions}; format {manifest.format_version}"),
     ]
     if manifest.extra:

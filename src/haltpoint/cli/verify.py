@@ -14,7 +14,8 @@ from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import folder_status, open_run, referenced_dirs
 from haltpoint.errors import CorruptCheckpointError
-from haltpoint.store.run_dir import RunDirectory
+from haltpoint.sharded import dcp_folder, shard_nbytes, sharded_record, verify_shards
+from haltpoint.store.run_dir import Entry, RunDirectory, is_sharded
 from haltpoint.store.storage import Storage
 from haltpoint.store.tensor_file import TensorRecord, read_header, verify_file
 
@@ -53,9 +54,7 @@ class CheckpointCheck:
 
     def problems(self) -> list[str]:
         """One line per damaged thing, naming the file."""
-        if self.error is not None:
-            return [self.error]
-        lines = []
+        lines = [] if self.error is None else [self.error]
         for file, keys in sorted(self.damaged.items()):
             names = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
             lines.append(
@@ -109,18 +108,34 @@ def verify_run(
         for key, record in sorted(manifest.tensors.items()):
             if not checked[record]:
                 damaged[record.file].append(key)
+        error = _shard_error(run, entry) if is_sharded(manifest) else None
         check = CheckpointCheck(
             entry.step,
             entry.dirname,
-            "damaged" if damaged else "intact",
+            "damaged" if damaged or error else "intact",
+            error=error,
             tensors=len(manifest.tensors),
-            size=manifest.nbytes,
+            size=manifest.nbytes + shard_nbytes(manifest),
             damaged=dict(damaged),
         )
         results.append(check)
         if on_progress is not None:
             on_progress(sum(r.nbytes for r in todo.values()))
     return results
+
+
+def _shard_error(run: RunDirectory, entry: Entry) -> str | None:
+    """What is wrong with a sharded checkpoint's DCP files (size and xxh3-128), or None."""
+    assert entry.manifest is not None
+    where = f"{run.storage.url.rstrip('/')}/{entry.dirname}"
+    folder = run.storage.local_path(dcp_folder(entry.dirname))
+    try:
+        if folder is None:
+            raise CorruptCheckpointError(f"{where}: sharded checkpoints live on local disks only")
+        verify_shards(folder, sharded_record(entry.manifest, where)["files"])
+    except CorruptCheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def _header_mismatches(
