@@ -31,6 +31,7 @@ import gzip
 import itertools
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -52,6 +53,8 @@ HELD_OUT = ("cifar100_allcnnc", "fmnist_vae", "tolstoi_char_rnn")  # as in stopp
 TARGET_SHARE = 0.75  # of the oracle's saving, at least
 TARGET_REGRET = 0.3  # mean regret in %, at most
 TARGET_HARM = 1.5  # % of runs with regret > 1%, at most
+#: Settings are judged on figures this many standard errors (across problems) worse.
+Z = 1.0
 
 #: The declared grid: every combination of these values, the rest as in DEFAULT_SETTINGS.
 GRID: dict[str, tuple[Any, ...]] = {
@@ -59,7 +62,26 @@ GRID: dict[str, tuple[Any, ...]] = {
     "lookahead": (0.5, 1.0, 2.0),
     "noise_k": (1.0, 1.25, 1.5),
     "tolerance": (0.0025, 0.005, 0.01),
+    "diverged_wait": (0, 30, 60),
 }
+
+#: Restrictions of the grid whose leave-one-problem-out figures show what a knob adds.
+ABLATIONS: list[tuple[str, tuple[tuple[str, Any], ...]]] = [
+    ("full grid", ()),
+    ("without diverged_wait (= 0)", (("diverged_wait", 0),)),
+    (
+        "only diverged_wait (others as first shipped)",
+        tuple(
+            (n, v)
+            for n, v in (
+                ("min_wait", 15),
+                ("lookahead", 1.0),
+                ("noise_k", 1.25),
+                ("tolerance", 0.005),
+            )
+        ),
+    ),
+]
 
 Outcome = tuple[float, float]  # (share of training epochs saved, relative regret)
 
@@ -172,30 +194,62 @@ def oracle_saving(curve: Sequence[float]) -> float:
     return 1 - best / (len(curve) - 1)
 
 
-def choose(results: list[list[Outcome]], runs: list[int], oracle: list[float]) -> int:
-    """The index of the setting with the most headroom on `runs` (ties: the earlier one)."""
-    scores = [
-        summarize((r[i] for i in runs), (oracle[i] for i in runs)).headroom() for r in results
-    ]
+def choose(
+    results: list[list[Outcome]], runs: list[int], oracle: list[float], groups: list[str]
+) -> int:
+    """The index of the setting with the most headroom on `runs` (ties: the earlier one),
+    judged on confidence bounds: each figure moved by `Z` standard errors toward missing its
+    target, the standard error taken across the groups (problems) of `runs`."""
+    scores = [bounded(r, runs, oracle, groups).headroom() for r in results]
     return max(range(len(scores)), key=lambda k: (scores[k], -k))
+
+
+def bounded(
+    outcomes: list[Outcome], runs: list[int], oracle: list[float], groups: list[str]
+) -> Summary:
+    """The pooled summary of `runs`, each figure moved `Z` standard errors (across the
+    groups) toward missing its target."""
+    pooled = summarize((outcomes[i] for i in runs), (oracle[i] for i in runs))
+    if Z == 0:
+        return pooled
+    members: dict[str, list[int]] = {}
+    for i in runs:
+        members.setdefault(groups[i], []).append(i)
+    parts = [summarize((outcomes[i] for i in m), (oracle[i] for i in m)) for m in members.values()]
+    if len(parts) < 2:
+        return pooled
+
+    def se(values: list[float]) -> float:
+        return Z * statistics.stdev(values) / math.sqrt(len(values))
+
+    return dataclasses.replace(
+        pooled,
+        share=pooled.share - se([p.share for p in parts]),
+        regret=pooled.regret + se([p.regret for p in parts]),
+        harmful=pooled.harmful + se([p.harmful for p in parts]),
+    )
 
 
 def cross_validate(
     results: list[list[Outcome]],
     oracle: list[float],
     folds: list[tuple[str, list[int], list[int]]],
+    groups: list[str],
+    scored: list[list[Outcome]] | None = None,
 ) -> tuple[list[tuple[str, int, Summary, Summary]], Summary]:
-    """For each (name, choosing runs, scored runs): the chosen setting, its figures on the
-    choosing runs and on the scored runs; and the scored runs pooled over all folds."""
+    """For each (name, choosing runs, scored runs): the setting chosen on `results`, its
+    figures on the choosing runs and on the scored runs (from `scored`, e.g. replays told the
+    horizon, else from `results`); and the scored runs pooled over all folds."""
+    scored = results if scored is None else scored
     rows = []
     pooled: list[Outcome] = []
     pooled_oracle: list[float] = []
     for name, train, test in folds:
-        k = choose(results, train, oracle)
+        k = choose(results, train, oracle, groups)
         inside = summarize((results[k][i] for i in train), (oracle[i] for i in train))
-        outside = summarize((results[k][i] for i in test), (oracle[i] for i in test))
+        outside = summarize((scored[k][i] for i in test), (oracle[i] for i in test))
         rows.append((name, k, inside, outside))
-        pooled += [results[k][i] for i in test]
+        pooled += [scored[k][i] for i in test]
         pooled_oracle += [oracle[i] for i in test]
     return rows, summarize(pooled, pooled_oracle)
 
@@ -220,9 +274,11 @@ def report(
     settings: list[TrendSettings],
     oracle: list[float],
     folds: list[tuple[str, list[int], list[int]]],
+    groups: list[str],
+    scored: list[list[Outcome]] | None = None,
 ) -> Summary:
     """Print one cross-validation: the choice per fold and the pooled out-of-sample row."""
-    rows, pooled = cross_validate(results, oracle, folds)
+    rows, pooled = cross_validate(results, oracle, folds, groups, scored)
     print(f"\n#### {title}\n")
     print(
         "| left out | chosen on the others | others: saved / share / regret / harm "
@@ -252,6 +308,7 @@ def main(argv: list[str]) -> int:
     curves = [run["test_losses"] for run in runs]
     oracle = [oracle_saving(c) for c in curves]
     settings = grid()
+    groups = [run["testproblem"] for run in runs]
     problems = sorted({run["testproblem"] for run in runs})
     optimizers = sorted({run["optimizer"] for run in runs})
     by: Callable[[str, str], list[int]] = lambda key, value: [  # noqa: E731
@@ -273,14 +330,25 @@ def main(argv: list[str]) -> int:
         + "; ".join(f"{k} in {list(v)}" for k, v in GRID.items())
     )
     print(f"shipped: {describe(DEFAULT_SETTINGS)}")
-    for horizon in (False, True):
-        results = replay_grid(curves, settings, horizon)
-        suffix = ", horizon" if horizon else ""
-        shipped = summarize(results[settings.index(DEFAULT_SETTINGS)], oracle)
-        print(f"\nshipped setting{suffix}, in-sample on all runs: {shipped.row()}")
-        report(f"Leave one problem out{suffix}", results, settings, oracle, lopo)
-        report(f"Fixed split{suffix}", results, settings, oracle, split)
-        report(f"Leave one optimizer out{suffix}", results, settings, oracle, lozo)
+    results = replay_grid(curves, settings)
+    told = replay_grid(curves, settings, horizon=True)
+    final = choose(results, list(everything), oracle, groups)
+    print(f"chosen on all {len(problems)} problems: {describe(settings[final])}")
+    for name, outcomes in (("", results), (", horizon", told)):
+        for label, k in (("shipped", settings.index(DEFAULT_SETTINGS)), ("chosen", final)):
+            whole = summarize(outcomes[k], oracle)
+            print(f"{label} setting{name}, in-sample on all runs: {whole.row()}")
+    for name, scored in (("", results), (", horizon", told)):
+        report(f"Leave one problem out{name}", results, settings, oracle, lopo, groups, scored)
+        report(f"Fixed split{name}", results, settings, oracle, split, groups, scored)
+        report(f"Leave one optimizer out{name}", results, settings, oracle, lozo, groups, scored)
+    print("\n#### What each knob adds: leave one problem out with the grid restricted\n")
+    print("| grid | % epochs saved | share of oracle | mean regret % | regret > 1% | targets |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for title, fixed in ABLATIONS:
+        keep = [k for k, s in enumerate(settings) if all(getattr(s, n) == v for n, v in fixed)]
+        _, pooled = cross_validate([results[k] for k in keep], oracle, lopo, groups)
+        print(f"| {title} ({len(keep)} settings) | {pooled.row()} |")
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0
 

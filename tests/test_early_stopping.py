@@ -24,6 +24,7 @@ from haltpoint import (
     TimeBudget,
 )
 from haltpoint.stopping import STATE_VERSION, default_patience
+from haltpoint.stopping.adaptive import MIN_WAIT
 
 NAN, INF = math.nan, math.inf
 
@@ -134,7 +135,7 @@ def test_reason_sentence_names_metric_delta_wait_and_best() -> None:
         ),
         ({"patience": 1}, [1.0, NAN], "val_loss is nan at evaluation 1: training has diverged"),
         ({"patience": 1, "check_finite": False}, [NAN], "no finite value in 1 evaluations"),
-        ({}, [1.0] * 16, "has levelled off: no new best for 15 evaluations"),
+        ({}, [1.0] * (MIN_WAIT + 1), f"has levelled off: no new best for {MIN_WAIT} evaluations"),
     ],
 )
 def test_reason_sentences(kwargs: dict[str, Any], values: list[float], part: str) -> None:
@@ -218,10 +219,10 @@ def test_previous_default_patience_grows_with_the_step_of_the_best() -> None:
     assert [default_patience(s) for s in (None, 0, 39, 40, 99)] == [20, 20, 20, 21, 50]
 
 
-def test_default_rule_stops_a_flat_series_after_15_evaluations() -> None:
+def test_default_rule_stops_a_flat_series_after_its_least_wait() -> None:
     flat = EarlyStopping()
-    assert stop_index(flat, [1.0] * 30) == 15
-    assert flat.patience is None and flat.current_patience() == 15
+    assert stop_index(flat, [1.0] * 40) == MIN_WAIT
+    assert flat.patience is None and flat.current_patience() == MIN_WAIT
 
 
 @given(

@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haltpoint import EarlyStopping, StopReason
-from haltpoint.stopping.adaptive import MIN_WAIT, fit_line
+from haltpoint.stopping.adaptive import (
+    DIVERGED_WAIT,
+    MIN_WAIT,
+    Projection,
+    TrendRule,
+    TrendSettings,
+    diverged,
+    fit_line,
+)
 
 
 def stop_at(stopper: EarlyStopping, values: list[float]) -> tuple[int | None, Any]:
@@ -39,7 +47,21 @@ SCHEDULE = noisy(
     + [0.428 - 0.2 * (1 - math.exp(-(i - 150) / 10)) for i in range(150, N)],
     0.002,
 )
-DIVERGING = [1.0, 0.8, 0.6] + [0.6 * 1.3**i for i in range(1, 40)]
+DIVERGING = [1.0, 0.8, 0.6] + [0.6 * 1.3**i for i in range(1, 50)]
+# the untrained model is the best for a long time: a slow start, a spike at 18, then recovery
+# (below the start from evaluation 59), as DeepOBS runs with a large learning rate do
+SPIKE = [1.0] + [1.2 + 2.0 * 0.8**i for i in range(17)] + [0.6 + 7.5 * 0.93**i for i in range(100)]
+
+
+def rule_stop(values: list[float], settings: TrendSettings) -> int | None:
+    """Where the default rule with `settings` stops a finite series (EarlyStopping's loop)."""
+    rule, best, wait = TrendRule(1.0, None, settings), math.inf, 0
+    for i, x in enumerate(values):
+        best, wait = (x, 0) if x < best else (best, wait + 1)
+        rule.observe(i, x)
+        if wait and rule.check(i, best, wait) is not None:
+            return i
+    return None
 
 
 @pytest.mark.parametrize(
@@ -51,13 +73,13 @@ DIVERGING = [1.0, 0.8, 0.6] + [0.6 * 1.3**i for i in range(1, 40)]
         (SLOW, {}, None, None, None),
         # a second descent after warmup, decay and a slowly improving plateau is not cut short
         (SCHEDULE, {}, None, None, None),
-        # a rising curve stops as diverging after the least wait
-        (DIVERGING, {}, 2 + MIN_WAIT, 2 + MIN_WAIT, StopReason.DIVERGENCE),
+        # a rising curve stops as diverging, after the longer wait of a diverged run
+        (DIVERGING, {}, 2 + DIVERGED_WAIT, 2 + DIVERGED_WAIT, StopReason.DIVERGENCE),
         ([1.0, 0.5, math.nan], {}, 2, 2, StopReason.NON_FINITE),
         ([1.0, 0.5, math.inf], {}, 2, 2, StopReason.NON_FINITE),
         # in "max" mode the mirror image behaves the same
         ([-v for v in PLATEAU], {"mode": "max"}, MIN_WAIT, 60, StopReason.PATIENCE),
-        ([-v for v in DIVERGING], {"mode": "max"}, 17, 17, StopReason.DIVERGENCE),
+        ([-v for v in DIVERGING], {"mode": "max"}, 32, 32, StopReason.DIVERGENCE),
     ],
     ids=["plateau", "slow", "schedule", "diverging", "nan", "inf", "max-plateau", "max-diverging"],
 )
@@ -78,15 +100,35 @@ def test_schedule_keeps_the_best_of_the_second_descent() -> None:
     assert stopper.best_step is not None and stopper.best_step > 150
 
 
+def test_a_spike_that_recovers_is_waited_for() -> None:
+    """Without the longer wait of a diverged run, the rule gives up on it at the least wait."""
+    stopper = EarlyStopping("val_loss")
+    assert stop_at(stopper, SPIKE) == (None, None)
+    assert stopper.best_step is not None and stopper.best_step > 59
+    assert rule_stop(SPIKE, TrendSettings()) is None
+    assert rule_stop(SPIKE, TrendSettings(diverged_wait=0)) == MIN_WAIT  # gives up at once
+
+
 def test_reason_says_what_the_trend_projects() -> None:
     stopper = EarlyStopping("val_loss")
-    stop_at(stopper, [1.0] * 30)
+    stop_at(stopper, [1.0] * 40)
     assert stopper.reason is not None
     assert stopper.reason.startswith(
-        "val_loss has levelled off: no new best for 15 evaluations, and its trend over the last"
+        f"val_loss has levelled off: no new best for {MIN_WAIT} evaluations, and its trend over "
+        "the last 10 (at 1.0000) projects at most 0.00% more improvement in the next 42 "
+        f"(the default rule: at least {MIN_WAIT} evaluations without a new best "
+        f"({DIVERGED_WAIT} when the run looks diverged)"
     )
-    assert "projects at most 0.00% more improvement in the next 16" in stopper.reason
     assert stopper.current_patience() == MIN_WAIT
+
+
+def test_diverging_reason_names_the_longer_wait() -> None:
+    stopper = EarlyStopping("val_loss")
+    stop_at(stopper, DIVERGING)
+    assert stopper.reason is not None
+    assert stopper.reason.startswith(
+        f"val_loss is diverging: no new best for {DIVERGED_WAIT} evaluations"
+    )
 
 
 def test_horizon_caps_the_look_ahead() -> None:
@@ -184,3 +226,29 @@ def test_resume_mid_run_is_invisible(
     assert json.dumps(second.state_dict()) == json.dumps(state)
     got += [json.dumps(second.step(v).to_dict()) for v in values[split:]]
     assert got == expected
+
+
+LEVELS = st.floats(-100.0, 100.0, allow_nan=False)
+
+
+@given(level=LEVELS, best=LEVELS, higher=st.floats(0.0, 50.0))
+def test_diverged_is_mirrored_and_monotone(level: float, best: float, higher: float) -> None:
+    def proj(x: float) -> Projection:
+        return Projection(10, x, 0.0, 0.0, 20, -1.0)
+
+    assert diverged(proj(level), best, 1.0) == diverged(proj(-level), -best, -1.0)
+    if diverged(proj(level), best, 1.0):  # worse still is still diverged
+        assert diverged(proj(level + higher), best, 1.0)
+    assert not diverged(proj(best), best, 1.0)  # at the best is never diverged
+
+
+@given(values=VALUES, mode=st.sampled_from(["min", "max"]))
+@settings(max_examples=200, deadline=None)
+def test_the_default_rule_never_stops_before_its_waits(values: list[float], mode: str) -> None:
+    stopper = EarlyStopping("val_loss", mode=mode, check_finite=False)
+    for value in values:
+        decision = stopper.step(value)
+        if decision:
+            least = DIVERGED_WAIT if decision.code is StopReason.DIVERGENCE else MIN_WAIT
+            assert decision.wait >= least and not decision.improved
+            break

@@ -78,6 +78,19 @@ def test_cross_validation_chooses_without_the_scored_runs() -> None:
     ]
     oracle = [0.5, 0.5, 0.5]
     folds = [("a", [1, 2], [0]), ("b", [0, 2], [1]), ("c", [0, 1], [2])]
-    rows, pooled = tuning.cross_validate(results, oracle, folds)
+    rows, pooled = tuning.cross_validate(results, oracle, folds, ["p", "p", "p"])
     assert [k for _, k, _, _ in rows] == [0, 0, 1]  # "c" cannot see run 2's harm
     assert pooled.runs == 3 and pooled.harmful == 100 / 3
+
+
+def test_choice_is_judged_across_problems() -> None:
+    """Two settings with the same pooled figures: the one that is harmful on a single problem
+    only (a large spread across problems) has the worse bound."""
+    even = [(0.5, 0.02), (0.5, 0.0)] * 2  # one harmful run on each problem
+    lumpy = [(0.5, 0.02), (0.5, 0.02), (0.5, 0.0), (0.5, 0.0)]  # both on problem "a"
+    groups = ["a", "a", "b", "b"]
+    runs, oracle = [0, 1, 2, 3], [0.5] * 4
+    assert tuning.summarize(even, oracle) == tuning.summarize(lumpy, oracle)
+    assert tuning.bounded(lumpy, runs, oracle, groups).harmful > 50.0
+    assert tuning.bounded(even, runs, oracle, groups).harmful == 50.0
+    assert tuning.choose([lumpy, even], runs, oracle, groups) == 1

@@ -3,14 +3,16 @@
 `EarlyStopping(mode=...)` with no `patience` uses `TrendRule`. After at least `MIN_WAIT`
 evaluations without a new best, it fits a straight line to the recent values (the last
 quarter of the run, between `MIN_WINDOW` and `MAX_WINDOW` values) and projects the best the run
-could still reach over a look-ahead as long as the run so far (or up to `horizon`, when the
-planned number of evaluations is known), optimistically: the slope one standard error
-steeper (never rising) and one lucky draw of the noise (`NOISE_K` residual standard deviations
-times `sqrt(2 ln lookahead)`, the expected best of that many draws). When even that projection
-beats the best by no more than `TOLERANCE` (0.5% of `|best|`), the run stops. A noisy plateau
+could still reach over a look-ahead of `LOOKAHEAD` times the run so far (or up to `horizon`,
+when the planned number of evaluations is known), optimistically: the slope one standard
+error steeper (never rising) and one lucky draw of the noise (`NOISE_K` residual standard
+deviations times `sqrt(2 ln lookahead)`, the expected best of that many draws). When even that
+projection beats the best by no more than `TOLERANCE` (0.25% of `|best|`), the run stops. A
+run that looks diverged (its fitted level worse than the best by more than `|best|`) gets
+`DIVERGED_WAIT` evaluations instead, because runs that spike often recover. A noisy plateau
 stops after `MIN_WAIT`; a slow steady descent does not stop while its slope is significant; a
-rising curve stops as diverging. The constants were tuned on five DeepOBS problems and checked
-on three held-out ones (`benchmarks/stopping_quality.py`).
+rising curve stops as diverging. The constants are chosen by leave-one-problem-out
+cross-validation on the DeepOBS curves (`benchmarks/stopping_tuning.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from haltpoint.stopping.decision import StopReason
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "DIVERGED_WAIT",
     "LOOKAHEAD",
     "MAX_WINDOW",
     "MIN_WAIT",
@@ -38,12 +41,13 @@ __all__ = [
     "TrendSettings",
     "check_horizon",
     "describe_default_rule",
+    "diverged",
     "fit_line",
     "window_size",
 ]
 
 #: Fewest evaluations without a new best before the rule looks at the trend.
-MIN_WAIT = 15
+MIN_WAIT = 20
 #: The trend is fitted over this fraction of the evaluations so far ...
 WINDOW = 0.25
 #: ... but over at least this many ...
@@ -51,13 +55,16 @@ MIN_WINDOW = 10
 #: ... and at most this many values (which bounds the state and the cost of a step).
 MAX_WINDOW = 64
 #: Look ahead this multiple of the evaluations so far (at least MIN_WAIT), up to the horizon.
-LOOKAHEAD = 1.0
+LOOKAHEAD = 2.0
 #: The projected slope is this many standard errors steeper than the fitted one.
 SLOPE_Z = 1.0
 #: The projected lucky draw is this many residual standard deviations times sqrt(2 ln n).
-NOISE_K = 1.25
+NOISE_K = 1.0
 #: Stop when the projection beats the best by no more than this share of |best|.
-TOLERANCE = 0.005
+TOLERANCE = 0.0025
+#: A run that looks diverged (fitted level worse than the best by more than |best|) waits
+#: at least this many evaluations without a new best: runs that spike often recover.
+DIVERGED_WAIT = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,7 @@ class TrendSettings:
     slope_z: float = SLOPE_Z
     noise_k: float = NOISE_K
     tolerance: float = TOLERANCE
+    diverged_wait: int = DIVERGED_WAIT
 
 
 #: The settings `EarlyStopping` uses.
@@ -217,17 +225,21 @@ class TrendRule:
 
     def check(self, index: int, best: float | None, wait: int) -> Projection | None:
         """Return the projection when the run should stop at `index`, else None."""
-        if best is None or wait < self._settings.min_wait:
+        s = self._settings
+        if best is None or wait < s.min_wait:
             return None
         projection = self.project(index, best, wait)
-        return projection if projection.gain <= self._settings.tolerance else None
+        if projection.gain > s.tolerance:
+            return None
+        if wait < s.diverged_wait and diverged(projection, best, self._sign):
+            return None  # far above its best: it may be a spike that recovers
+        return projection
 
     @staticmethod
     def code(projection: Projection, best: float, sign: float) -> StopReason:
-        """`DIVERGENCE` when the fitted level is more than twice as far from 0 as the best
-        and worse, else `PATIENCE`."""
-        worse = sign * (projection.level - best)
-        return StopReason.DIVERGENCE if worse > abs(best) and worse > 0 else StopReason.PATIENCE
+        """`DIVERGENCE` when the fitted level is worse than the best by more than `|best|`,
+        else `PATIENCE`."""
+        return StopReason.DIVERGENCE if diverged(projection, best, sign) else StopReason.PATIENCE
 
     def state_dict(self) -> dict[str, list[Any]]:
         """The remembered `[index, value]` pairs (values as watched) and the running sums."""
@@ -323,6 +335,18 @@ class _Sums:
         return sums
 
 
+def diverged(projection: Projection, best: float, sign: float) -> bool:
+    """Whether the fitted level is worse than the best by more than `|best|` (for a loss,
+    more than twice the best): the run looks diverged.
+
+    Example:
+        >>> diverged(Projection(10, 2.5, 0.0, 0.1, 15, -1.0), best=1.0, sign=1.0)
+        True
+    """
+    worse = sign * (projection.level - best)
+    return worse > abs(best) and worse > 0
+
+
 def _is_pair(p: Any) -> bool:
     return (
         isinstance(p, (list, tuple))
@@ -338,12 +362,13 @@ def describe_default_rule(horizon: int | None = None) -> str:
     """Say the default rule in words, for messages and docs.
 
     Example:
-        >>> describe_default_rule().startswith("the default rule: at least 15 evaluations")
+        >>> describe_default_rule().startswith("the default rule: at least 20 evaluations")
         True
     """
     return (
-        f"the default rule: at least {MIN_WAIT} evaluations without a new best, and the recent "
-        f"trend projects at most {TOLERANCE * 100:g}% more improvement"
+        f"the default rule: at least {MIN_WAIT} evaluations without a new best ({DIVERGED_WAIT} "
+        f"when the run looks diverged), and the recent trend projects at most "
+        f"{TOLERANCE * 100:g}% more improvement"
         + ("" if horizon is None else f" by the horizon of {horizon} evaluations")
     )
 
