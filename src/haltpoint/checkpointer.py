@@ -233,7 +233,7 @@ class Checkpointer:
         pin: bool,
         extra: Mapping[str, Any] | None = None,
     ) -> CheckpointInfo:
-        """Write the checkpoint (in the background with `async_save`, unless `extra` is set)."""
+        """Write the checkpoint: in the background with `async_save`, else now."""
         step = check_step(step)
         metrics = coerce_metrics(metrics, self.monitor)
         if not isinstance(state, Mapping):
@@ -248,7 +248,7 @@ class Checkpointer:
         if self.capture_rng:
             full[RNG_ENTRY] = capture_rng()
         flat = flatten_state(full)
-        background = self._writer is not None and extra is None
+        background = self._writer is not None
         if background:  # private copies in reused buffers; training goes on
             tensors = self._staging.stage(flat.tensors)
         else:  # training waits for the commit: write straight from the live tensors
@@ -335,8 +335,10 @@ class Checkpointer:
     ) -> CheckpointInfo:
         """Every rank writes its shards with DCP; once all are durable rank 0 commits the rest.
 
-        Synchronous, whatever `async_save` says. A failure on any rank raises on every rank
-        and commits nothing; its leftover folder is removed by the next writer to open the run.
+        The shards are written (DCP is synchronous) and hashed before this returns; with
+        `async_save` rank 0 then commits the manifest, history and retention in the background,
+        as for any save. A failure on any rank raises on every rank and commits nothing; its
+        leftover folder is removed by the next writer to open the run.
         """
         group = _dist.Replicas.current()  # None for one process (world size 1)
         rank = 0 if group is None else group.rank
