@@ -254,6 +254,19 @@ def cross_validate(
     return rows, summarize(pooled, pooled_oracle)
 
 
+def leave_one_problem_out(runs: list[dict[str, Any]]) -> dict[str, TrendSettings]:
+    """For each problem, the grid setting chosen on all the other problems."""
+    curves = [run["test_losses"] for run in runs]
+    oracle = [oracle_saving(c) for c in curves]
+    groups = [run["testproblem"] for run in runs]
+    settings = grid()
+    results = replay_grid(curves, settings)
+    return {
+        p: settings[choose(results, [i for i, g in enumerate(groups) if g != p], oracle, groups)]
+        for p in sorted(set(groups))
+    }
+
+
 def describe(settings: TrendSettings) -> str:
     """The settings that differ from nothing: every grid knob, `name=value`."""
     return ", ".join(f"{name}={getattr(settings, name):g}" for name in GRID)
