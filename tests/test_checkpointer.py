@@ -483,7 +483,7 @@ def test_unsupported_values_are_refused_at_save_time_with_their_path(tmp_path: P
 def test_a_checkpoint_removed_while_being_read_is_not_called_damaged(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import haltpoint.checkpointer as module
+    import haltpoint.reader as module
 
     with Checkpointer(tmp_path, keep_last=2, capture_rng=False) as ckpt:
         ckpt.save(0, {"w": torch.zeros(2)})

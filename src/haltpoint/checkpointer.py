@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Iterable, Mapping, MutableMapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -22,69 +21,27 @@ from haltpoint._arguments import check_device, check_step, coerce_metrics
 from haltpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    StateMismatchError,
 )
-from haltpoint.policies.retention import best_record, build_rules, retained_steps
+from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
+from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
 from haltpoint.sharded import (
     dcp_folder,
-    load_shards,
-    shard_nbytes,
-    sharded_record,
     split_sharded,
-    verify_shards,
     write_shards,
 )
-from haltpoint.state.load import LoadReport, load_into, plan_load
-from haltpoint.state.rng import capture_rng, restore_rng
-from haltpoint.state.tree import flatten_state, unflatten_state
+from haltpoint.state.rng import capture_rng
+from haltpoint.state.tree import flatten_state
 from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.history import append_history
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import MANIFEST_NAME
-from haltpoint.store.run_dir import SHARDED_KEY, Entry, RunDirectory, checkpoint_dirname, is_sharded
+from haltpoint.store.run_dir import SHARDED_KEY, RunDirectory, checkpoint_dirname
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
-from haltpoint.store.tensor_file import read_tensors
 from haltpoint.store.writer import write_checkpoint
 
-__all__ = ["RNG_ENTRY", "CheckpointInfo", "Checkpointer"]
-
-RNG_ENTRY = "__rng__"
-"""The name under which random-number state is stored beside the user's entries."""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What is known about one committed checkpoint.
-
-    Attributes:
-        step: the step it was saved at.
-        time: when it was saved (unix seconds).
-        metrics: the metrics passed to `save`.
-        size: bytes of tensor data the checkpoint references.
-        path: where it lives (a folder path or URL).
-        pinned: kept forever, whatever the retention rules say.
-        report: after `restore`, the keys that were missing or unexpected (non-strict loads).
-    """
-
-    step: int
-    time: float
-    metrics: Mapping[str, float]
-    size: int
-    path: str
-    pinned: bool = False
-    report: LoadReport | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class _Found:
-    """A checkpoint chosen for restore, with its tensors read and verified."""
-
-    entry: Entry
-    tensors: dict[str, torch.Tensor]
+__all__ = ["RNG_ENTRY", "CheckpointInfo", "Checkpointer"]  # the first two from haltpoint.reader
 
 
 class Checkpointer:
@@ -153,6 +110,7 @@ class Checkpointer:
         self.read_only = read_only
         self._storage = open_storage(directory, storage_options)
         self._run = RunDirectory(self._storage)
+        self._reader = RunReader(self._run, monitor, mode)
         self._lock: WriterLock | None = None
         self._writer: BackgroundWriter | None = None
         self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
@@ -343,7 +301,7 @@ class Checkpointer:
         group = _dist.Replicas.current()  # None for one process (world size 1)
         rank = 0 if group is None else group.rank
         dirname = checkpoint_dirname(step)
-        folder = self._dcp_path(dirname)
+        folder = self._reader.dcp_path(dirname)
         self.wait()
 
         def prepare() -> None:
@@ -380,12 +338,12 @@ class Checkpointer:
     def _set_pinned(self, step: int, pinned: bool) -> None:
         self._check_writable()
         self.wait()
-        mark = lambda: self._run.set_pinned(self._entry(check_step(step)).step, pinned)  # noqa: E731
+        mark = lambda: self._run.set_pinned(self._reader.entry(check_step(step)).step, pinned)  # noqa: E731
         _dist.on_writer(self._group, mark, f"(un)pinning step {step}")
 
     def _apply_retention(self) -> None:
         entries = self._run.committed()
-        kept_steps = retained_steps([self._info(e) for e in entries], self._rules)
+        kept_steps = retained_steps([self._reader.info(e) for e in entries], self._rules)
         dropped = [e for e in entries if e.step not in kept_steps]
         if dropped:
             kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
@@ -423,125 +381,20 @@ class Checkpointer:
         chooses the checkpoint and every rank loads that same step.
         """
         device = check_device(map_location)
-        load = lambda found: self._load(found, state, strict, device)  # noqa: E731
+
+        def read(which: str | int, first: bool) -> Found | None:
+            self._wait()  # this instance's save in flight commits first
+            return self._reader.read(which, check_shards=first)
+
+        def load(found: Found) -> CheckpointInfo:
+            return self._reader.load(
+                found, state, strict=strict, device=device, rng=self.capture_rng
+            )
+
         if self._group is not None:
-            return _dist.restore_agreed(self._group, self._read, load, which)
-        found = self._read(which, True)
+            return _dist.restore_agreed(self._group, read, load, which)
+        found = read(which, True)
         return None if found is None else load(found)
-
-    def _read(self, which: str | int, first: bool) -> _Found | None:
-        """Find the checkpoint `which` names and read its tensors, verified.
-
-        Damaged candidates of "latest" or "best" are warned about and skipped. A sharded
-        checkpoint's DCP files are checked too when `first` (ranks after rank 0 skip that).
-        """
-        if self._writer is not None:
-            self._writer.wait()
-        entries = self._run.committed()
-        candidates = self._candidates(entries, which)
-        if not candidates:
-            if which == "latest":
-                return None
-            raise CheckpointNotFoundError(
-                f"no checkpoint in {self.directory} has a finite {self.monitor!r} metric to "
-                f"rank by; restore 'latest' or a step ({_steps(entries)})",
-                path=self.directory,
-            )
-        for index, entry in enumerate(candidates):
-            assert entry.manifest is not None
-            try:
-                tensors = read_tensors(self._storage, entry.manifest.tensors, verify=True)
-                if first and is_sharded(entry.manifest):
-                    verify_shards(self._dcp_path(entry.dirname), self._shards(entry)["files"])
-            except CorruptCheckpointError as exc:
-                removed = not self._storage.exists(f"{entry.dirname}/{MANIFEST_NAME}")
-                if index + 1 == len(candidates):
-                    if removed:  # a reader raced the writer's retention: not damage
-                        raise CheckpointNotFoundError(
-                            f"the checkpoint of step {entry.step} was removed by the writer's "
-                            "retention while it was being read; restore again",
-                            path=f"{self.directory}/{entry.dirname}",
-                        ) from exc
-                    raise
-                if not removed:
-                    warnings.warn(
-                        f"{exc}\nhaltpoint: falling back to the checkpoint of step "
-                        f"{candidates[index + 1].step}",
-                        stacklevel=3,
-                    )
-                continue
-            return _Found(entry, tensors)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _load(
-        self, found: _Found, state: MutableMapping[str, Any], strict: bool, device: Any
-    ) -> CheckpointInfo:
-        """Load what `_read` found into `state`; sharded entries through DCP, on every rank."""
-        entry, tensors = found.entry, found.tensors
-        assert entry.manifest is not None
-        if device is not None:
-            tensors = {k: t.to(device) for k, t in tensors.items()}
-        saved = unflatten_state(entry.manifest.tree, tensors)
-        rng = saved.pop(RNG_ENTRY, None)
-        if is_sharded(entry.manifest):
-            names = self._shards(entry)["entries"]
-            if strict and (missing := [n for n in names if n not in state]):
-                raise StateMismatchError(
-                    f"state lacks {missing}, saved as sharded state in step {entry.step}; "
-                    "pass them, or restore with strict=False"
-                )
-            rest = {k: v for k, v in state.items() if k not in names}
-            load_rest = plan_load(rest, saved, strict=strict)  # checked before DCP loads
-            load_shards(self._dcp_path(entry.dirname), {n: state[n] for n in names if n in state})
-            report = load_rest()
-            state.update(rest)  # plain values were replaced in `rest`
-        else:
-            report = load_into(state, saved, strict=strict)
-        if rng is not None and self.capture_rng:
-            restore_rng(rng)
-        return replace(self._info(entry), report=report)
-
-    def _shards(self, entry: Entry) -> dict[str, Any]:
-        assert entry.manifest is not None
-        return sharded_record(entry.manifest, f"{self.directory}/{entry.dirname}")
-
-    def _dcp_path(self, dirname: str) -> str:
-        path = self._storage.local_path(dcp_folder(dirname))
-        if path is None:
-            raise ValueError(
-                f"sharded checkpoints need a run directory on a local or shared file system, "
-                f"got {self.directory}"
-            )
-        return path
-
-    def _candidates(self, entries: list[Entry], which: str | int) -> list[Entry]:
-        if which == "latest":
-            return entries[::-1]
-        if which == "best":
-            if self.monitor is None:
-                raise ValueError(
-                    "which='best' needs the Checkpointer's monitor=... to rank checkpoints"
-                )
-            remaining, ranked = [self._info(e) for e in entries], []
-            while (best := best_record(remaining, self.monitor, self.mode)) is not None:
-                ranked.append(best.step)
-                remaining = [r for r in remaining if r.step != best.step]
-            by_step = {e.step: e for e in entries}
-            return [by_step[s] for s in ranked]
-        if isinstance(which, bool) or not isinstance(which, int):
-            raise ValueError(f"which must be 'latest', 'best' or a step (int), got {which!r}")
-        return [self._entry(which, entries)]
-
-    def _entry(self, step: int, entries: list[Entry] | None = None) -> Entry:
-        entries = self._run.committed() if entries is None else entries
-        for entry in entries:
-            if entry.step == step:
-                return entry
-        raise CheckpointNotFoundError(
-            f"no intact checkpoint for step {step} in {self.directory}; "
-            f"available: {_steps(entries)}",
-            path=f"{self.directory}/{checkpoint_dirname(step)}",
-        )
 
     # -- listing --------------------------------------------------------------------------
 
@@ -551,19 +404,7 @@ class Checkpointer:
         Waits for this instance's save in flight first, so a step just saved is listed.
         """
         self.wait()
-        return [self._info(e) for e in self._run.committed()]
-
-    def _info(self, entry: Entry) -> CheckpointInfo:
-        manifest = entry.manifest
-        assert manifest is not None
-        return CheckpointInfo(
-            step=manifest.step,
-            time=manifest.time,
-            metrics=manifest.metrics,
-            size=manifest.nbytes + shard_nbytes(manifest),
-            path=f"{self.directory}/{entry.dirname}",
-            pinned=entry.pinned,
-        )
+        return self._reader.checkpoints()
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -634,12 +475,3 @@ def _history_record(
             record["stopper"] = {"name": name, **decision.to_dict()}
             break
     return record
-
-
-def _steps(entries: list[Entry]) -> str:
-    steps = [e.step for e in entries]
-    if not steps:
-        return "none"
-    if len(steps) > 10:
-        return ", ".join(map(str, steps[:5])) + ", ..., " + ", ".join(map(str, steps[-3:]))
-    return ", ".join(map(str, steps))

@@ -1,0 +1,230 @@
+"""The read side of a run directory: listing, choosing a checkpoint, reading it, loading it.
+
+`RunReader` answers from the manifests on disk only. `Checkpointer` uses it for `list` and
+`restore`, and for the records retention ranks; reading and loading are two calls so that,
+under `torch.distributed`, every rank has read (and verified) a checkpoint before any rank
+loads it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
+from haltpoint.policies.retention import best_record
+from haltpoint.sharded import dcp_folder, load_shards, shard_nbytes, sharded_record, verify_shards
+from haltpoint.state.load import LoadReport, load_into, plan_load
+from haltpoint.state.rng import restore_rng
+from haltpoint.state.tree import unflatten_state
+from haltpoint.store.manifest import MANIFEST_NAME
+from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname, is_sharded
+from haltpoint.store.tensor_file import read_tensors
+
+__all__ = ["RNG_ENTRY", "CheckpointInfo", "Found", "RunReader"]
+
+RNG_ENTRY = "__rng__"
+"""The name under which random-number state is stored beside the user's entries."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What is known about one committed checkpoint.
+
+    Attributes:
+        step: the step it was saved at.
+        time: when it was saved (unix seconds).
+        metrics: the metrics passed to `save`.
+        size: bytes of tensor data the checkpoint references (DCP files included).
+        path: where it lives (a folder path or URL).
+        pinned: kept forever, whatever the retention rules say.
+        report: after `restore`, the keys that were missing or unexpected (non-strict loads).
+    """
+
+    step: int
+    time: float
+    metrics: Mapping[str, float]
+    size: int
+    path: str
+    pinned: bool = False
+    report: LoadReport | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint chosen for restore, with its tensors read and verified."""
+
+    entry: Entry
+    tensors: dict[str, torch.Tensor]
+
+
+class RunReader:
+    """Lists, chooses, reads and loads the checkpoints of one run directory.
+
+    Args:
+        run: the run directory.
+        monitor: the metric that ranks checkpoints for `"best"`, or None.
+        mode: "min" or "max".
+    """
+
+    def __init__(self, run: RunDirectory, monitor: str | None, mode: str) -> None:
+        self.run = run
+        self.monitor = monitor
+        self.mode = mode
+
+    @property
+    def directory(self) -> str:
+        return self.run.storage.url
+
+    def info(self, entry: Entry) -> CheckpointInfo:
+        manifest = entry.manifest
+        assert manifest is not None
+        return CheckpointInfo(
+            step=manifest.step,
+            time=manifest.time,
+            metrics=manifest.metrics,
+            size=manifest.nbytes + shard_nbytes(manifest),
+            path=f"{self.directory}/{entry.dirname}",
+            pinned=entry.pinned,
+        )
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The committed checkpoints, oldest step first."""
+        return [self.info(e) for e in self.run.committed()]
+
+    def entry(self, step: int, entries: list[Entry] | None = None) -> Entry:
+        """The committed checkpoint of `step`; `CheckpointNotFoundError` naming the others."""
+        entries = self.run.committed() if entries is None else entries
+        for entry in entries:
+            if entry.step == step:
+                return entry
+        raise CheckpointNotFoundError(
+            f"no intact checkpoint for step {step} in {self.directory}; "
+            f"available: {_steps(entries)}",
+            path=f"{self.directory}/{checkpoint_dirname(step)}",
+        )
+
+    def candidates(self, entries: list[Entry], which: str | int) -> list[Entry]:
+        """The checkpoints `which` may mean, in the order to try them."""
+        if which == "latest":
+            return entries[::-1]
+        if which == "best":
+            if self.monitor is None:
+                raise ValueError(
+                    "which='best' needs the Checkpointer's monitor=... to rank checkpoints"
+                )
+            remaining, ranked = [self.info(e) for e in entries], []
+            while (best := best_record(remaining, self.monitor, self.mode)) is not None:
+                ranked.append(best.step)
+                remaining = [r for r in remaining if r.step != best.step]
+            by_step = {e.step: e for e in entries}
+            return [by_step[s] for s in ranked]
+        if isinstance(which, bool) or not isinstance(which, int):
+            raise ValueError(f"which must be 'latest', 'best' or a step (int), got {which!r}")
+        return [self.entry(which, entries)]
+
+    def read(self, which: str | int, check_shards: bool = True) -> Found | None:
+        """Find the checkpoint `which` names and read its tensors, verified.
+
+        Damaged candidates of "latest" or "best" are warned about and skipped. A sharded
+        checkpoint's DCP files are checked too, unless `check_shards` is false (ranks after
+        rank 0, which checked them). None for "latest" in a run without checkpoints.
+        """
+        entries = self.run.committed()
+        candidates = self.candidates(entries, which)
+        if not candidates:
+            if which == "latest":
+                return None
+            raise CheckpointNotFoundError(
+                f"no checkpoint in {self.directory} has a finite {self.monitor!r} metric to "
+                f"rank by; restore 'latest' or a step ({_steps(entries)})",
+                path=self.directory,
+            )
+        storage = self.run.storage
+        for index, entry in enumerate(candidates):
+            assert entry.manifest is not None
+            try:
+                tensors = read_tensors(storage, entry.manifest.tensors, verify=True)
+                if check_shards and is_sharded(entry.manifest):
+                    verify_shards(self.dcp_path(entry.dirname), self._shards(entry)["files"])
+            except CorruptCheckpointError as exc:
+                removed = not storage.exists(f"{entry.dirname}/{MANIFEST_NAME}")
+                if index + 1 == len(candidates):
+                    if removed:  # a reader raced the writer's retention: not damage
+                        raise CheckpointNotFoundError(
+                            f"the checkpoint of step {entry.step} was removed by the writer's "
+                            "retention while it was being read; restore again",
+                            path=f"{self.directory}/{entry.dirname}",
+                        ) from exc
+                    raise
+                if not removed:
+                    warnings.warn(
+                        f"{exc}\nhaltpoint: falling back to the checkpoint of step "
+                        f"{candidates[index + 1].step}",
+                        stacklevel=4,
+                    )
+                continue
+            return Found(entry, tensors)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def load(
+        self,
+        found: Found,
+        state: MutableMapping[str, Any],
+        *,
+        strict: bool,
+        device: torch.device | None,
+        rng: bool,
+    ) -> CheckpointInfo:
+        """Load what `read` found into `state` (sharded entries through DCP, on every rank);
+        with `rng`, restore the saved random state last."""
+        entry, tensors = found.entry, found.tensors
+        assert entry.manifest is not None
+        if device is not None:
+            tensors = {k: t.to(device) for k, t in tensors.items()}
+        saved = unflatten_state(entry.manifest.tree, tensors)
+        random_state = saved.pop(RNG_ENTRY, None)
+        if is_sharded(entry.manifest):
+            names = self._shards(entry)["entries"]
+            if strict and (missing := [n for n in names if n not in state]):
+                raise StateMismatchError(
+                    f"state lacks {missing}, saved as sharded state in step {entry.step}; "
+                    "pass them, or restore with strict=False"
+                )
+            rest = {k: v for k, v in state.items() if k not in names}
+            load_rest = plan_load(rest, saved, strict=strict)  # checked before DCP loads
+            load_shards(self.dcp_path(entry.dirname), {n: state[n] for n in names if n in state})
+            report = load_rest()
+            state.update(rest)  # plain values were replaced in `rest`
+        else:
+            report = load_into(state, saved, strict=strict)
+        if random_state is not None and rng:
+            restore_rng(random_state)
+        return replace(self.info(entry), report=report)
+
+    def dcp_path(self, dirname: str) -> str:
+        """The local path of a checkpoint's DCP folder; ValueError for a URL run directory."""
+        path = self.run.storage.local_path(dcp_folder(dirname))
+        if path is None:
+            raise ValueError(
+                f"sharded checkpoints need a run directory on a local or shared file system, "
+                f"got {self.directory}"
+            )
+        return path
+
+    def _shards(self, entry: Entry) -> dict[str, Any]:
+        assert entry.manifest is not None
+        return sharded_record(entry.manifest, f"{self.directory}/{entry.dirname}")
+
+
+def _steps(entries: list[Entry]) -> str:
+    steps = [e.step for e in entries]
+    if not steps:
+        return "none"
+    if len(steps) > 10:
+        return ", ".join(map(str, steps[:5])) + ", ..., " + ", ".join(map(str, steps[-3:]))
+    return ", ".join(map(str, steps))
