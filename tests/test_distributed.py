@@ -104,6 +104,17 @@ def test_a_background_failure_on_rank0_raises_on_every_rank(ddp_run: dict[str, A
     assert not any((ddp_run["fail_dir"]).glob("*/manifest.json"))
 
 
+@pytest.mark.slow
+def test_a_rank_failing_to_read_the_chosen_step_raises_everywhere_before_any_load(
+    ddp_run: dict[str, Any],
+) -> None:
+    r0, r1 = ddp_run["ranks"]
+    for r in (r0, r1):
+        assert "failed on rank 1" in r["read_failure"]
+        assert "rank 1 cannot see the shared disk" in r["read_failure"]
+        assert r["unchanged_after_read_failure"]  # rank 0 read fine but did not load
+
+
 # -- single process: the no-op paths -------------------------------------------------------
 
 

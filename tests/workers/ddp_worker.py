@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import haltpoint.checkpointer
+import haltpoint.reader
 from haltpoint import Checkpointer, CheckpointError, EarlyStopping, synced
 
 # the "true" validation curve: best at evaluation 2, then patience=2 runs out at evaluation 4
@@ -70,6 +71,27 @@ def main() -> None:
             info = ckpt.restore(state, "best")
             result["restored"] = info.step
             result["weights"] = [p.detach().flatten().tolist() for p in model.parameters()]
+            # rank 1 cannot read the step rank 0 chose: every rank raises, none has loaded
+            real_read = haltpoint.reader.read_tensors
+            if rank == 1:
+
+                def unreadable(*args: object, **kwargs: object) -> object:
+                    raise OSError("rank 1 cannot see the shared disk")
+
+                haltpoint.reader.read_tensors = unreadable  # type: ignore[assignment]
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            spoiled = [p.detach().flatten().tolist() for p in model.parameters()]
+            try:
+                ckpt.restore(state, "best")
+                result["read_failure"] = None
+            except CheckpointError as exc:
+                result["read_failure"] = str(exc)
+            finally:
+                haltpoint.reader.read_tensors = real_read
+            now = [p.detach().flatten().tolist() for p in model.parameters()]
+            result["unchanged_after_read_failure"] = now == spoiled
     result["warnings"] = [str(w.message) for w in caught if "disagree" in str(w.message)]
     result["stop"] = {
         "evaluation": decision.step,
