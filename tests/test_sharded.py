@@ -247,6 +247,13 @@ def test_the_cli_verifies_shows_and_refuses_to_export_sharded_state(
     copy = tmp_path / "run"
     shutil.copytree(fsdp_run["run_dir"], copy)
     assert main(["verify", str(copy)]) == 0
+    capsys.readouterr()
+    assert main(["ls", str(copy), "--json"]) == 0
+    manifest = _manifest(copy, 3)
+    dcp_bytes = sum(r["size"] for r in manifest["extra"][SHARDED_KEY]["files"].values())
+    own_bytes = sum(r["nbytes"] for r in manifest["tensors"].values())
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[-1]["step"] == 3 and listed[-1]["size"] == dcp_bytes + own_bytes
     assert main(["show", str(copy), "--step", "3"]) == 0
     shown = capsys.readouterr().out
     assert "of sharded state (train) in 3 torch.distributed.checkpoint files" in shown

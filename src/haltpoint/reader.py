@@ -17,12 +17,18 @@ import torch
 
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from haltpoint.policies.retention import best_record
-from haltpoint.sharded import dcp_folder, load_shards, shard_nbytes, sharded_record, verify_shards
+from haltpoint.sharded import dcp_folder, load_shards, sharded_record, verify_shards
 from haltpoint.state.load import LoadReport, load_into, plan_load
 from haltpoint.state.rng import restore_rng
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import MANIFEST_NAME
-from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname, is_sharded
+from haltpoint.store.run_dir import (
+    Entry,
+    RunDirectory,
+    checkpoint_dirname,
+    checkpoint_nbytes,
+    is_sharded,
+)
 from haltpoint.store.tensor_file import read_tensors
 
 __all__ = ["RNG_ENTRY", "CheckpointInfo", "Found", "RunReader"]
@@ -87,7 +93,7 @@ class RunReader:
             step=manifest.step,
             time=manifest.time,
             metrics=manifest.metrics,
-            size=manifest.nbytes + shard_nbytes(manifest),
+            size=checkpoint_nbytes(manifest),
             path=f"{self.directory}/{entry.dirname}",
             pinned=entry.pinned,
         )

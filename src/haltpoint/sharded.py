@@ -28,7 +28,6 @@ __all__ = [
     "ShardedState",
     "dcp_folder",
     "load_shards",
-    "shard_nbytes",
     "sharded_record",
     "split_sharded",
     "verify_shards",
@@ -184,17 +183,6 @@ def load_shards(folder: str, entries: Mapping[str, Any]) -> None:
 def dcp_folder(dirname: str) -> str:
     """The DCP folder of a checkpoint folder, relative to the run directory."""
     return f"{dirname}/{DCP_NAME}"
-
-
-def shard_nbytes(manifest: Manifest) -> int:
-    """The bytes of a sharded checkpoint's DCP files (0 for any other checkpoint)."""
-    info = manifest.extra.get(SHARDED_KEY)
-    files = info.get("files") if isinstance(info, dict) else None
-    if not isinstance(files, dict):
-        return 0
-    return sum(
-        r["size"] for r in files.values() if isinstance(r, dict) and type(r.get("size")) is int
-    )
 
 
 class ShardedState:

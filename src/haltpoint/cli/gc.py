@@ -16,7 +16,7 @@ from haltpoint.cli.runinfo import (
 )
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.store.lock import WriterLock
-from haltpoint.store.run_dir import Entry, RunDirectory
+from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes
 
 __all__ = ["plan_gc", "register", "run"]
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 leftovers = run_dir.collect_garbage(e.manifest for e in kept if e.manifest)
     finally:
         lock.release()
-    freed = sum(e.manifest.nbytes for e in dropped if e.manifest is not None)
+    freed = sum(checkpoint_nbytes(e.manifest) for e in dropped if e.manifest is not None)
     steps = ", ".join(str(e.step) for e in kept) or "none"
     if args.dry_run:
         out.line(

@@ -19,7 +19,7 @@ from haltpoint.cli.runinfo import (
     resolve_monitor,
 )
 from haltpoint.policies.retention import best_record
-from haltpoint.store.run_dir import RunDirectory
+from haltpoint.store.run_dir import RunDirectory, checkpoint_nbytes
 
 __all__ = ["CheckpointRow", "list_checkpoints", "register", "run"]
 
@@ -100,7 +100,7 @@ def list_checkpoints(
         if manifest is not None:
             row.time = manifest.time
             row.metrics = dict(manifest.metrics)
-            row.size = manifest.nbytes
+            row.size = checkpoint_nbytes(manifest)
             row.shared = sum(r.nbytes for r in manifest.tensors.values() if uses[r.file] > 1)
             row.tags = [
                 tag

@@ -10,10 +10,9 @@ from typing import Any
 from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes, format_metrics, format_time
 from haltpoint.cli.runinfo import open_run, select_entry
-from haltpoint.sharded import shard_nbytes
 from haltpoint.state.codec import TENSOR_TAG, decode_value
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.run_dir import SHARDED_KEY
+from haltpoint.store.run_dir import SHARDED_KEY, checkpoint_nbytes
 from haltpoint.store.tensor_file import TensorRecord, torch_dtype
 
 __all__ = ["TensorLeaf", "register", "run", "tree_lines"]
@@ -126,8 +125,9 @@ def _size_text(manifest: Manifest) -> str:
     sharded = manifest.extra.get(SHARDED_KEY)
     if isinstance(sharded, dict):
         entries = ", ".join(map(str, sharded.get("entries", [])))
+        dcp = format_bytes(checkpoint_nbytes(manifest) - manifest.nbytes)
         text += (
-            f" + {format_bytes(shard_nbytes(manifest))} of sharded state ({entries}) in "
+            f" + {dcp} of sharded state ({entries}) in "
             f"{len(sharded.get('files', {}))} torch.distributed.checkpoint files, "
             f"saved on {sharded.get('world_size')} ranks"
         )
@@ -143,7 +143,7 @@ def _as_json(manifest: Manifest, path: str, pinned: bool) -> dict[str, Any]:
         "versions": manifest.versions,
         "format_version": manifest.format_version,
         "pinned": pinned,
-        "size": manifest.nbytes + shard_nbytes(manifest),
+        "size": checkpoint_nbytes(manifest),
         "extra": manifest.extra,
         "tensors": {
             key: {"dtype": r.dtype, "shape": list(r.shape), "nbytes": r.nbytes, "file": r.file}

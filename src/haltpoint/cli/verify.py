@@ -14,8 +14,8 @@ from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import folder_status, open_run, referenced_dirs
 from haltpoint.errors import CorruptCheckpointError
-from haltpoint.sharded import dcp_folder, shard_nbytes, sharded_record, verify_shards
-from haltpoint.store.run_dir import Entry, RunDirectory, is_sharded
+from haltpoint.sharded import dcp_folder, sharded_record, verify_shards
+from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes, is_sharded
 from haltpoint.store.storage import Storage
 from haltpoint.store.tensor_file import TensorRecord, read_header, verify_file
 
@@ -115,7 +115,7 @@ def verify_run(
             "damaged" if damaged or error else "intact",
             error=error,
             tensors=len(manifest.tensors),
-            size=manifest.nbytes + shard_nbytes(manifest),
+            size=checkpoint_nbytes(manifest),
             damaged=dict(damaged),
         )
         results.append(check)

@@ -36,6 +36,7 @@ __all__ = [
     "Entry",
     "RunDirectory",
     "checkpoint_dirname",
+    "checkpoint_nbytes",
     "is_sharded",
     "parse_step",
 ]
@@ -69,6 +70,15 @@ def parse_step(name: str) -> int | None:
 def is_sharded(manifest: Manifest) -> bool:
     """Whether the checkpoint also has a `dcp/` folder of sharded state."""
     return SHARDED_KEY in manifest.extra
+
+
+def checkpoint_nbytes(manifest: Manifest) -> int:
+    """The bytes a checkpoint references: its tensors and, when sharded, its DCP files."""
+    sharded = manifest.extra.get(SHARDED_KEY)
+    files = sharded.get("files") if isinstance(sharded, dict) else None
+    records = files.values() if isinstance(files, dict) else ()
+    dcp = sum(r["size"] for r in records if isinstance(r, dict) and type(r.get("size")) is int)
+    return manifest.nbytes + dcp
 
 
 @dataclass(frozen=True)
