@@ -266,3 +266,13 @@ def test_the_cli_verifies_shows_and_refuses_to_export_sharded_state(
     report = {c["step"]: c for c in json.loads(capsys.readouterr().out)["checkpoints"]}
     assert report[2]["status"] == "intact" and report[3]["status"] == "damaged"
     assert "__0_0.distcp: xxh3-128" in report[3]["error"]
+
+
+def test_sharded_checkpoints_need_a_local_or_shared_file_system() -> None:
+    from haltpoint.reader import RunReader
+    from haltpoint.store.run_dir import RunDirectory
+    from haltpoint.store.storage import open_storage
+
+    reader = RunReader(RunDirectory(open_storage("memory://sharded-run")), None, "min")
+    with pytest.raises(ValueError, match="local or shared file system, got memory://sharded-run"):
+        reader.dcp_path("step-000000001")
