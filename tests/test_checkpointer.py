@@ -510,3 +510,24 @@ def test_a_checkpoint_removed_while_being_read_is_not_called_damaged(
         ckpt.save(1, {"w": torch.ones(2)})
     with pytest.raises(CheckpointNotFoundError, match="removed by the writer's retention"):
         reader.restore(state, 1)
+
+
+def test_a_save_reads_the_run_directory_once(tmp_path: Path, monkeypatch) -> None:
+    """Dedup and retention share one scan: on an object store every scan costs requests."""
+    from haltpoint.store.run_dir import RunDirectory
+
+    scans = []
+    real_scan = RunDirectory.scan
+
+    def counted(self: RunDirectory) -> list:
+        scans.append(1)
+        return real_scan(self)
+
+    with Checkpointer(tmp_path, keep_last=2, async_save=False, capture_rng=False) as ckpt:
+        ckpt.save(0, {"w": torch.zeros(2)})
+        monkeypatch.setattr(RunDirectory, "scan", counted)
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": torch.full((2,), float(step))})
+        monkeypatch.undo()
+        assert len(scans) == 3
+        assert [info.step for info in ckpt.list()] == [2, 3]

@@ -36,7 +36,7 @@ from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.history import append_history
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import MANIFEST_NAME
-from haltpoint.store.run_dir import SHARDED_KEY, RunDirectory, checkpoint_dirname
+from haltpoint.store.run_dir import SHARDED_KEY, Entry, RunDirectory, checkpoint_dirname
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -217,7 +217,7 @@ class Checkpointer:
         def job() -> None:
             try:
                 committed = self._run.committed()
-                write_checkpoint(
+                manifest = write_checkpoint(
                     self._run,
                     step=step,
                     time=now,
@@ -233,7 +233,9 @@ class Checkpointer:
             if pin:
                 self._run.set_pinned(step, True)
             append_history(self._storage, history)
-            self._apply_retention()
+            # only this writer changes the run (it holds the lock): no second scan needed
+            saved = Entry(step, dirname, manifest, None, pin)
+            self._apply_retention(sorted([*committed, saved], key=lambda e: e.step))
 
         if background:
             assert self._writer is not None
@@ -341,8 +343,8 @@ class Checkpointer:
         mark = lambda: self._run.set_pinned(self._reader.entry(check_step(step)).step, pinned)  # noqa: E731
         _dist.on_writer(self._group, mark, f"(un)pinning step {step}")
 
-    def _apply_retention(self) -> None:
-        entries = self._run.committed()
+    def _apply_retention(self, entries: list[Entry]) -> None:
+        """Remove the committed checkpoints (`entries`, oldest first) no rule keeps."""
         kept_steps = retained_steps([self._reader.info(e) for e in entries], self._rules)
         dropped = [e for e in entries if e.step not in kept_steps]
         if dropped:
