@@ -67,7 +67,8 @@ class Checkpointer:
     Concurrency: one writer process per directory (a second is refused with `LockedError`
     naming the holder), any number of readers. An instance is not thread-safe. Under an
     initialized `torch.distributed` process group, every rank creates the writer and calls
-    the same methods; rank 0 alone writes (see `haltpoint.distributed`).
+    the same methods; rank 0 alone writes replicated state, every rank its own shards of
+    sharded state (see `haltpoint.distributed`, `haltpoint.sharded`).
 
     >>> import torch, tempfile
     >>> model = torch.nn.Linear(2, 1)
@@ -167,9 +168,16 @@ class Checkpointer:
         the background write are raised by the next `save`, `wait` or `close`), else once the
         checkpoint is committed. Retention runs after the commit, never before.
 
+        Under a process group, entries whose state dict holds `DTensor` shards (FSDP2; save a
+        model with its optimizers as `ShardedState(model, optimizer)`) are written by every
+        rank through `torch.distributed.checkpoint` into the checkpoint's `dcp/` folder, and
+        rank 0 commits once every rank's files are durable (see docs/distributed.md).
+
         Raises:
             CheckpointExistsError: a checkpoint for `step` is already committed.
             UnsupportedStateError: a value in `state` cannot be stored without pickling.
+            TypeError: an optimizer holds DTensor state directly (use `ShardedState`).
+            ValueError: sharded state with a run directory that is a URL.
         """
         self._check_writable()
         check_step(step)
