@@ -388,7 +388,9 @@ class Checkpointer:
 
         A damaged checkpoint is never loaded: for "latest" and "best" haltpoint warns and falls
         back to the next newest (or next best) intact one. Under `torch.distributed`, rank 0
-        chooses the checkpoint and every rank loads that same step.
+        chooses the checkpoint and every rank loads that same step. Sharded entries load
+        through `torch.distributed.checkpoint` onto this world size (or, without a process
+        group, whole into unsharded objects); every rank must call `restore` for them.
         """
         device = check_device(map_location)
 
