@@ -89,7 +89,7 @@ def test_the_shards_go_to_dcp_and_the_rest_into_the_manifest(fsdp_run: dict[str,
     assert "train" not in manifest["tree"]
     with Checkpointer(run_dir, read_only=True) as reader:
         infos = reader.list()
-    assert [i.step for i in infos] == [2, 3] == r0["listed"] == r1["listed"]
+    assert [i.step for i in infos] == [0, 2, 3] == r0["listed"] == r1["listed"]
     dcp_bytes = sum(r["size"] for r in sharded["files"].values())
     assert infos[-1].size > dcp_bytes  # DCP files and the checkpoint's own tensors
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
@@ -98,8 +98,14 @@ def test_the_shards_go_to_dcp_and_the_rest_into_the_manifest(fsdp_run: dict[str,
 
 @pytest.mark.slow
 def test_retention_removes_old_sharded_checkpoints_entirely(fsdp_run: dict[str, Any]) -> None:
-    names = sorted(p.name for p in fsdp_run["run_dir"].iterdir())
-    assert names == [".haltpoint.lock", "history.jsonl", "step-000000002", "step-000000003"]
+    run_dir: Path = fsdp_run["run_dir"]
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == [
+        ".haltpoint.lock", "history.jsonl", "step-000000000", "step-000000002", "step-000000003"
+    ]  # fmt: skip
+    pinned = sorted(os.listdir(run_dir / "step-000000000"))
+    assert pinned == ["dcp", "manifest.json", "pinned", "tensors.safetensors"]
+    assert len(os.listdir(run_dir / "step-000000000" / "dcp")) == 3
 
 
 @pytest.mark.slow
@@ -144,7 +150,7 @@ def test_a_rank_failing_raises_on_every_rank_and_commits_nothing(
         assert "writing shards failed on rank 1" in r["write_error"]
         assert "disk gone on rank 1" in r["write_error"]
         assert r["leftover"] == ["dcp"]  # written, never committed: no manifest
-        assert r["listed_after_crash"] == [2, 3] == r["listed_after_reopen"]
+        assert r["listed_after_crash"] == [0, 2, 3] == r["listed_after_reopen"]
     assert not (fsdp_run["run_dir"] / "step-000000011").exists()  # removed at the reopen
 
 
@@ -171,15 +177,18 @@ def test_damaged_dcp_files_are_found_before_anything_loads(
     shutil.copytree(fsdp_run["run_dir"], copy)
     _flip_byte(copy / "step-000000003" / "dcp" / "__1_0.distcp")
     (copy / "step-000000002" / "dcp" / "__0_0.distcp").write_bytes(b"short")
+    (copy / "step-000000000" / "dcp" / "__1_0.distcp").unlink()
     model = torch.nn.Linear(2, 2)  # never reached: the checks come first
     with Checkpointer(copy, read_only=True) as reader:
         with pytest.raises(CorruptCheckpointError, match=r"__1_0\.distcp: xxh3-128 \w+ differs"):
             reader.restore({"train": model}, 3)
-        with (
-            pytest.warns(UserWarning, match="falling back to the checkpoint of step 2"),
-            pytest.raises(CorruptCheckpointError, match="5 bytes, the manifest says"),
-        ):
-            reader.restore({"train": model})
+        with pytest.warns(UserWarning) as caught, pytest.raises(CorruptCheckpointError) as error:
+            reader.restore({"train": model})  # newest first: 3, then 2, then 0
+    messages = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    assert "falling back to the checkpoint of step 2" in messages[0]
+    assert "5 bytes, the manifest says" in messages[1]
+    assert "falling back to the checkpoint of step 0" in messages[1]
+    assert "__1_0.distcp" in str(error.value) and "No such file" in str(error.value)
 
 
 @pytest.mark.slow

@@ -2,10 +2,10 @@
 
 `--mode train` (torchrun, 2 ranks): trains a `fully_shard`ed model with AdamW for 4 steps and
 saves `{"train": ShardedState(model, optimizer), "stopper": ..., "epoch": ...}` after each
-(keep_last=2); writes the full weights and optimizer state of the last step (gathered) to
-`<out>/full.safetensors`; restores into a fresh FSDP2 model and optimizer (2 -> 2); then a
-rank failing while taking its state dict, and one failing after writing its shards (nothing
-may be committed, nobody may hang), and a reopen that removes the leftover.
+(keep_last=2, the first pinned); writes the full weights and optimizer state of the last
+step (gathered) to `<out>/full.safetensors`; restores into a fresh FSDP2 model and optimizer
+(2 -> 2); then a rank failing while taking its state dict, and one failing after writing its
+shards (nothing may be committed, nobody may hang), and a reopen that removes the leftover.
 `--mode restore` (torchrun, any world size): restores the latest checkpoint into a fresh
 FSDP2 model and optimizer and compares with the full state. `--mode unsharded` (plain
 python, no process group): the same into an unsharded model. Each writes JSON to `<out>`.
@@ -119,7 +119,7 @@ def train(args: argparse.Namespace) -> None:
             loss = train_step(model, optimizer, step)
             stopper.step(loss)
             state = {"train": ShardedState(model, optimizer), "stopper": stopper, "epoch": step}
-            ckpt.save(step, state, {"loss": loss})
+            ckpt.save(step, state, {"loss": loss}, pin=step == 0)  # pinned: kept with its shards
         full = full_state(model, optimizer)
         if rank == 0:
             save_file(full, f"{args.out}/full.safetensors")
