@@ -47,15 +47,25 @@ def _stateful(value: Any) -> bool:
     )
 
 
-def _holds_dtensor(value: Any) -> bool:
-    from torch.distributed.tensor import DTensor
+def _dtensor_class() -> type | None:
+    """`DTensor` (public in torch.distributed.tensor since torch 2.5, before in `_tensor`)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
 
-    if isinstance(value, DTensor):
+
+def _holds_dtensor(value: Any, dtensor: type) -> bool:
+    if isinstance(value, dtensor):
         return True
     if isinstance(value, Mapping):
-        return any(_holds_dtensor(v) for v in value.values())
+        return any(_holds_dtensor(v, dtensor) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_holds_dtensor(v) for v in value)
+        return any(_holds_dtensor(v, dtensor) for v in value)
     return False
 
 
@@ -69,13 +79,14 @@ def split_sharded(state: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str
             for DCP to load into, so its restore would silently load nothing; save
             `ShardedState(model, optimizer)` instead.
     """
-    if not _initialized() or not isinstance(state, Mapping):
+    dtensor = _dtensor_class() if _initialized() else None
+    if dtensor is None or not isinstance(state, Mapping):
         return {}, state
     shards: dict[str, Any] = {}
     rest: dict[str, Any] = {}
     for name, value in state.items():
         target = value.state_dict() if _stateful(value) else value
-        if not _holds_dtensor(target):
+        if not _holds_dtensor(target, dtensor):
             rest[name] = value
         elif isinstance(value, torch.optim.Optimizer):
             raise TypeError(
