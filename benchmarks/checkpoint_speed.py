@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder on the disk")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
