@@ -185,6 +185,23 @@ def test_a_stop_decided_by_another_rank_stops_this_one(monkeypatch: pytest.Monke
     assert len(module.val_losses) == 1
 
 
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_strategies_that_shard_the_model_are_refused_with_a_checkpointer(
+    tmp_path: Path, name: str
+) -> None:
+    from types import SimpleNamespace
+
+    sharding = type(name, (pl.strategies.DDPStrategy,), {})  # the check reads the class names
+    callback = HaltpointCallback(None, Checkpointer(tmp_path, async_save=False))
+    with pytest.raises(ValueError, match=rf"replicate the model .* not {name}: .*rank 0"):
+        callback.on_fit_start(SimpleNamespace(strategy=sharding()), make_module())
+    callback.on_fit_start(SimpleNamespace(strategy=pl.strategies.DDPStrategy()), make_module())
+    real = pl.strategies.FSDPStrategy()  # the real class, as Lightning builds it
+    with pytest.raises(ValueError, match="not FSDPStrategy"):
+        callback.on_fit_start(SimpleNamespace(strategy=real), make_module())
+    callback.checkpointer.close()  # type: ignore[union-attr]
+
+
 def test_a_used_directory_needs_resume(tmp_path: Path) -> None:
     with Checkpointer(tmp_path) as ckpt:
         fit(make_module(), HaltpointCallback(None, ckpt), max_epochs=1)

@@ -118,6 +118,7 @@ class HaltpointCallback(Callback):
         ckpt = self.checkpointer
         if ckpt is None:
             return
+        _check_replicated(trainer.strategy)
         if self.resume:
             if getattr(trainer, "ckpt_path", None):
                 raise ValueError(
@@ -236,3 +237,27 @@ class HaltpointCallback(Callback):
         saved = state_dict.get("stopper")
         if saved is not None and self.stopper is not None:
             self.stopper.load_state_dict(saved)
+
+
+_SHARDED_STRATEGIES = {
+    "FSDPStrategy",
+    "DeepSpeedStrategy",
+    "ModelParallelStrategy",
+    "XLAFSDPStrategy",
+}
+
+
+def _check_replicated(strategy: Any) -> None:
+    """Refuse strategies that shard the model: the callback saves from global rank 0 only.
+
+    Under them rank 0 holds a shard, and its `state_dict()` may wait for the other ranks
+    (FSDP gathers), so saving there alone would lose state or hang.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    if names & _SHARDED_STRATEGIES:
+        raise ValueError(
+            f"HaltpointCallback with a checkpointer supports strategies that replicate the model "
+            f"(single device, DDP), not {type(strategy).__name__}: it saves from global rank 0 "
+            "only. For FSDP2, save with haltpoint's Checkpointer on every rank in your own loop "
+            "(docs/distributed.md, 'Sharded state'), or pass checkpointer=None to only stop early"
+        )
