@@ -199,6 +199,26 @@ def test_a_stopper_without_evaluations_is_refused(tmp_path: Path) -> None:
         train(tmp_path, make_model(), [callback], epochs=1, eval_strategy="no")
 
 
+@pytest.mark.parametrize(("option", "value"), [("fsdp", ["full_shard"]), ("deepspeed", "ds.json")])
+def test_sharded_training_is_refused_with_a_checkpointer(
+    tmp_path: Path, option: str, value: Any
+) -> None:
+    from types import SimpleNamespace
+
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        callback = HaltpointCallback(None, ckpt)
+        args = SimpleNamespace(fsdp=None, deepspeed=None, eval_strategy="epoch")
+        callback.on_train_begin(args, SimpleNamespace(), SimpleNamespace())  # DDP/one device
+        setattr(args, option, value)
+        with pytest.raises(
+            ValueError, match=rf"replicates the model .* not TrainingArguments\({option}"
+        ):
+            callback.on_train_begin(args, SimpleNamespace(), SimpleNamespace())
+        HaltpointCallback(EarlyStopping("eval_loss"), None).on_train_begin(  # stopping only
+            args, SimpleNamespace(), SimpleNamespace()
+        )
+
+
 def test_a_used_directory_needs_resume(stopped: StoppedRun, tmp_path: Path) -> None:
     with (
         Checkpointer(stopped.directory) as ckpt,

@@ -135,6 +135,7 @@ class HaltpointCallback(TrainerCallback):
         ckpt = self.checkpointer
         if ckpt is None:
             return
+        _check_replicated(args)
         if not self.resume:
             if ckpt.list():
                 steps = [info.step for info in ckpt.list()]
@@ -235,3 +236,20 @@ class HaltpointCallback(TrainerCallback):
         elif self._resumed_stopped and model is not None:
             # Undo the one optimizer step the Trainer takes before it sees should_training_stop.
             restore_best_weights(ckpt, model, self.stopper, which="latest")
+
+
+def _check_replicated(args: Any) -> None:
+    """Refuse FSDP and DeepSpeed: the callback saves from the main process only.
+
+    Under them the main process holds a shard, and gathering the full state waits for the
+    other processes, so saving there alone would lose state or hang.
+    """
+    sharding = [name for name in ("fsdp", "deepspeed") if getattr(args, name, None)]
+    if sharding:
+        raise ValueError(
+            f"HaltpointCallback with a checkpointer supports training that replicates the "
+            f"model (one device, DDP), not TrainingArguments({sharding[0]}=...): it saves from "
+            "the main process only. For FSDP2, save with haltpoint's Checkpointer on every rank "
+            "in your own loop (docs/distributed.md, 'Sharded state'), or pass checkpointer=None "
+            "to only stop early"
+        )
