@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors
@@ -86,6 +89,37 @@ def test_fallback_when_o_direct_is_refused_writes_an_identical_file(
         w.write(data)
     assert not w.direct
     assert (tmp_path / "fallback.bin").read_bytes() == (tmp_path / "direct.bin").read_bytes()
+
+
+def test_both_io_threads_refused_at_once_fall_back_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second thread's refusal arrives after the first has switched to buffered writes."""
+    probe = tmp_path / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | O_DIRECT))
+    except OSError:
+        pytest.skip("this file system refuses O_DIRECT")
+    real_pwrite = os.pwrite
+    both = threading.Barrier(2, timeout=10)
+    calls: list[int] = []
+
+    def refuse_both(fd: int, data: Any, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            calls.append(offset)
+            late = len(calls) == 2
+            both.wait()  # both writes are in flight, under O_DIRECT
+            if late:
+                time.sleep(0.2)  # the other thread switches the file to buffered meanwhile
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    data = random_bytes(BOUNCE_BYTES + 100, seed=2)
+    monkeypatch.setattr(direct_io.os, "pwrite", refuse_both)
+    with AlignedFileWriter(str(tmp_path / "f.bin")) as w:
+        w.write(data)
+    assert len(calls) == 2 and not w.direct
+    assert (tmp_path / "f.bin").read_bytes() == data.numpy().tobytes()
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:

@@ -91,6 +91,8 @@ class AlignedFileWriter:
         if fd < 0:
             fd = os.open(path, flags, 0o644)
         self._fd = fd
+        self._opened_direct = self.direct
+        self._fallback = threading.Lock()  # two I/O threads may meet a refusal at once
         self._size = 0  # bytes accepted so far
         self._buffers = [_take_buffer() for _ in range(_DEPTH)]
         self._tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in self._buffers]
@@ -258,15 +260,19 @@ class AlignedFileWriter:
                 self._free.put(index)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
-        done = 0
+        done, retried = 0, False
         while done < len(view):
             try:
                 done += os.pwrite(self._fd, view[done:], offset + done)
             except OSError as exc:
-                if exc.errno != errno.EINVAL or not self.direct:
+                if exc.errno != errno.EINVAL or not self._opened_direct or retried:
                     raise
                 # The file system accepted O_DIRECT on open but refuses these writes: go on
-                # buffered (deliberate, and fsynced at close like every file).
-                fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, fl & ~_O_DIRECT)
-                self.direct = False
+                # buffered (deliberate, and fsynced at close like every file). The other I/O
+                # thread may have switched already; either way this write is retried once.
+                retried = True
+                with self._fallback:
+                    fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                    if fl & _O_DIRECT:
+                        fcntl.fcntl(self._fd, fcntl.F_SETFL, fl & ~_O_DIRECT)
+                    self.direct = False
