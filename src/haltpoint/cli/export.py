@@ -15,7 +15,7 @@ from haltpoint.cli.runinfo import open_run, select_entry
 from haltpoint.state.codec import TENSOR_TAG
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.run_dir import SHARDED_KEY, is_sharded
+from haltpoint.store.run_dir import SHARDED_KEY
 from haltpoint.store.tensor_file import read_tensors
 
 __all__ = ["entry_weights", "register", "run"]
@@ -72,7 +72,8 @@ def entry_weights(
         ValueError: the checkpoint has no entry `key`, or it holds no tensors.
         CorruptCheckpointError: a tensor's bytes do not match its hash.
     """
-    sharded = manifest.extra.get(SHARDED_KEY, {}).get("entries", []) if is_sharded(manifest) else []
+    record = manifest.extra.get(SHARDED_KEY)
+    sharded = [str(e) for e in record.get("entries", [])] if isinstance(record, dict) else []
     if key in sharded:
         raise ValueError(
             f"--key {key!r} of step {manifest.step} is sharded state, written by "
