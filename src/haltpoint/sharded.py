@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from haltpoint.errors import CorruptCheckpointError
+from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.run_dir import DCP_NAME, SHARDED_KEY
@@ -39,12 +40,6 @@ _CHUNK = 8 << 20
 
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _stateful(value: Any) -> bool:
-    return callable(getattr(value, "state_dict", None)) and callable(
-        getattr(value, "load_state_dict", None)
-    )
 
 
 def _dtensor_class() -> type | None:
@@ -85,7 +80,7 @@ def split_sharded(state: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str
     shards: dict[str, Any] = {}
     rest: dict[str, Any] = {}
     for name, value in state.items():
-        target = value.state_dict() if _stateful(value) else value
+        target = value.state_dict() if is_stateful(value) else value
         if not _holds_dtensor(target, dtensor):
             rest[name] = value
         elif isinstance(value, torch.optim.Optimizer):
@@ -182,10 +177,10 @@ def load_shards(folder: str, entries: Mapping[str, Any]) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
-    targets = {n: v.state_dict() if _stateful(v) else v for n, v in entries.items()}
+    targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
     dcp.load(targets, storage_reader=dcp.FileSystemReader(folder), no_dist=not _initialized())
     for name, value in entries.items():
-        if _stateful(value):
+        if is_stateful(value):
             value.load_state_dict(targets[name])
         elif isinstance(value, torch.Tensor) and targets[name] is not value:
             value.copy_(targets[name])
