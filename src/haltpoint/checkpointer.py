@@ -25,18 +25,14 @@ from haltpoint.errors import (
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
-from haltpoint.sharded import (
-    dcp_folder,
-    split_sharded,
-    write_shards,
-)
+from haltpoint.sharded import split_sharded, write_shards
 from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.history import append_history
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import MANIFEST_NAME
-from haltpoint.store.run_dir import SHARDED_KEY, Entry, RunDirectory, checkpoint_dirname
+from haltpoint.store.run_dir import SHARDED_KEY, Entry, RunDirectory, checkpoint_dirname, dcp_folder
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint

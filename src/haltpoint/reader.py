@@ -17,7 +17,7 @@ import torch
 
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from haltpoint.policies.retention import best_record
-from haltpoint.sharded import dcp_folder, load_shards, sharded_record, verify_shards
+from haltpoint.sharded import load_shards, sharded_record, verify_shards
 from haltpoint.state.load import LoadReport, load_into, plan_load
 from haltpoint.state.rng import restore_rng
 from haltpoint.state.tree import unflatten_state
@@ -27,6 +27,7 @@ from haltpoint.store.run_dir import (
     RunDirectory,
     checkpoint_dirname,
     checkpoint_nbytes,
+    dcp_folder,
     is_sharded,
 )
 from haltpoint.store.tensor_file import read_tensors
@@ -156,7 +157,7 @@ class RunReader:
             try:
                 tensors = read_tensors(storage, entry.manifest.tensors, verify=True)
                 if check_shards and is_sharded(entry.manifest):
-                    verify_shards(self.dcp_path(entry.dirname), self._shards(entry)["files"])
+                    self.check_shards(entry)
             except CorruptCheckpointError as exc:
                 removed = not storage.exists(f"{entry.dirname}/{MANIFEST_NAME}")
                 if index + 1 == len(candidates):
@@ -211,6 +212,16 @@ class RunReader:
         if random_state is not None and rng:
             restore_rng(random_state)
         return replace(self.info(entry), report=report)
+
+    def check_shards(self, entry: Entry) -> None:
+        """Check a sharded checkpoint's DCP files against its manifest (size and xxh3-128).
+
+        Raises:
+            CorruptCheckpointError: naming the first file missing, of the wrong size or hash,
+                or a malformed sharded record.
+            ValueError: the run directory is a URL (sharded checkpoints live on file systems).
+        """
+        verify_shards(self.dcp_path(entry.dirname), self._shards(entry)["files"])
 
     def dcp_path(self, dirname: str) -> str:
         """The local path of a checkpoint's DCP folder; ValueError for a URL run directory."""

@@ -23,11 +23,10 @@ from haltpoint.errors import CorruptCheckpointError
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.run_dir import DCP_NAME, SHARDED_KEY
+from haltpoint.store.run_dir import SHARDED_KEY
 
 __all__ = [
     "ShardedState",
-    "dcp_folder",
     "load_shards",
     "sharded_record",
     "split_sharded",
@@ -184,11 +183,6 @@ def load_shards(folder: str, entries: Mapping[str, Any]) -> None:
             value.load_state_dict(targets[name])
         elif isinstance(value, torch.Tensor) and targets[name] is not value:
             value.copy_(targets[name])
-
-
-def dcp_folder(dirname: str) -> str:
-    """The DCP folder of a checkpoint folder, relative to the run directory."""
-    return f"{dirname}/{DCP_NAME}"
 
 
 class ShardedState:

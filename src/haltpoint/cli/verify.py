@@ -14,7 +14,7 @@ from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import folder_status, open_run, referenced_dirs
 from haltpoint.errors import CorruptCheckpointError
-from haltpoint.sharded import dcp_folder, sharded_record, verify_shards
+from haltpoint.reader import RunReader
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes, is_sharded
 from haltpoint.store.storage import Storage
 from haltpoint.store.tensor_file import TensorRecord, read_header, verify_file
@@ -126,14 +126,9 @@ def verify_run(
 
 def _shard_error(run: RunDirectory, entry: Entry) -> str | None:
     """What is wrong with a sharded checkpoint's DCP files (size and xxh3-128), or None."""
-    assert entry.manifest is not None
-    where = f"{run.storage.url.rstrip('/')}/{entry.dirname}"
-    folder = run.storage.local_path(dcp_folder(entry.dirname))
     try:
-        if folder is None:
-            raise CorruptCheckpointError(f"{where}: sharded checkpoints live on local disks only")
-        verify_shards(folder, sharded_record(entry.manifest, where)["files"])
-    except CorruptCheckpointError as exc:
+        RunReader(run, None, "min").check_shards(entry)
+    except (CorruptCheckpointError, ValueError) as exc:
         return str(exc)
     return None
 

@@ -37,6 +37,7 @@ __all__ = [
     "RunDirectory",
     "checkpoint_dirname",
     "checkpoint_nbytes",
+    "dcp_folder",
     "is_sharded",
     "parse_step",
 ]
@@ -65,6 +66,15 @@ def parse_step(name: str) -> int | None:
     """
     match = _DIR_PATTERN.match(name)
     return int(match.group(1)) if match else None
+
+
+def dcp_folder(dirname: str) -> str:
+    """The `torch.distributed.checkpoint` folder of a checkpoint folder, relative to the run.
+
+    >>> dcp_folder("step-000000012")
+    'step-000000012/dcp'
+    """
+    return f"{dirname}/{DCP_NAME}"
 
 
 def is_sharded(manifest: Manifest) -> bool:
@@ -180,7 +190,7 @@ class RunDirectory:
         kept = list(kept)
         kept_dirs = {checkpoint_dirname(m.step) for m in kept}
         referenced = set().union(*(m.files() for m in kept))
-        referenced |= {f"{checkpoint_dirname(m.step)}/{DCP_NAME}" for m in kept if is_sharded(m)}
+        referenced |= {dcp_folder(checkpoint_dirname(m.step)) for m in kept if is_sharded(m)}
         live_dirs = kept_dirs | {name.split("/", 1)[0] for name in referenced}
         removed: list[str] = []
         files: list[str] = []
