@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
-import json
 import math
 import sys
 import time
@@ -52,16 +50,9 @@ from haltpoint.stopping.replay import ReplayResult, best_index, relative_regret,
 from haltpoint.stopping.rules import Observation, Stop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stopping_tuning import describe, leave_one_problem_out, stop_index
+from stopping_tuning import HELD_OUT, describe, leave_one_problem_out, load_runs, stop_index
 
-DATA = (
-    Path(__file__).resolve().parent.parent.parent
-    / "shared"
-    / "data"
-    / "deepobs_baselines_v1.1_epoch_curves.json.gz"
-)
 NO_PATIENCE = sys.maxsize  # Prechelt's criteria alone: patience never ends the run
-HELD_OUT = ("cifar100_allcnnc", "fmnist_vae", "tolstoi_char_rnn")  # the first tuning split
 
 Factory = Callable[[int], EarlyStopping]  # a fresh stopper for a curve of this length
 
@@ -227,12 +218,9 @@ def per_problem(runs: list[dict[str, Any]], problems: list[str]) -> None:
 
 def main(argv: list[str]) -> int:
     """Print the tables; exit 0 (with a message) when the data is absent."""
-    path = Path(argv[1]) if len(argv) > 1 else DATA
-    if not path.exists():
-        print(f"skipped: DeepOBS curves not found at {path} (see shared/data/README.md)")
+    runs = load_runs(argv)
+    if runs is None:
         return 0
-    with gzip.open(path, "rt") as f:
-        runs = json.load(f)
     started = time.perf_counter()
     problems = sorted({run["testproblem"] for run in runs})
     diverged = sum(any(not math.isfinite(v) for v in run["test_losses"]) for run in runs)

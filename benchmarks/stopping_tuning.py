@@ -49,7 +49,7 @@ DATA = (
     / "data"
     / "deepobs_baselines_v1.1_epoch_curves.json.gz"
 )
-HELD_OUT = ("cifar100_allcnnc", "fmnist_vae", "tolstoi_char_rnn")  # as in stopping_quality
+HELD_OUT = ("cifar100_allcnnc", "fmnist_vae", "tolstoi_char_rnn")  # the first tuning split
 TARGET_SHARE = 0.75  # of the oracle's saving, at least
 TARGET_REGRET = 0.3  # mean regret in %, at most
 TARGET_HARM = 1.5  # % of runs with regret > 1%, at most
@@ -308,14 +308,23 @@ def report(
     return pooled
 
 
-def main(argv: list[str]) -> int:
-    """Replay the grid, print the cross-validations; exit 0 when the data is absent."""
+def load_runs(argv: list[str]) -> list[dict[str, Any]] | None:
+    """The runs of the file named in `argv[1]` (default `DATA`); None, with a message, when
+    it is absent."""
     path = Path(argv[1]) if len(argv) > 1 else DATA
     if not path.exists():
         print(f"skipped: DeepOBS curves not found at {path} (see shared/data/README.md)")
-        return 0
+        return None
     with gzip.open(path, "rt") as f:
-        runs = json.load(f)
+        runs: list[dict[str, Any]] = json.load(f)
+    return runs
+
+
+def main(argv: list[str]) -> int:
+    """Replay the grid, print the cross-validations; exit 0 when the data is absent."""
+    runs = load_runs(argv)
+    if runs is None:
+        return 0
     started = time.perf_counter()
     check(runs)
     curves = [run["test_losses"] for run in runs]
