@@ -17,7 +17,7 @@ import torch
 
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from haltpoint.policies.retention import best_record
-from haltpoint.sharded import load_shards, sharded_record, verify_shards
+from haltpoint.sharded import load_shards, verify_shards
 from haltpoint.state.load import LoadReport, load_into, plan_load
 from haltpoint.state.rng import restore_rng
 from haltpoint.state.tree import unflatten_state
@@ -25,6 +25,7 @@ from haltpoint.store.manifest import MANIFEST_NAME
 from haltpoint.store.run_dir import (
     Entry,
     RunDirectory,
+    ShardedRecord,
     checkpoint_dirname,
     checkpoint_nbytes,
     dcp_folder,
@@ -195,8 +196,9 @@ class RunReader:
             tensors = {k: t.to(device) for k, t in tensors.items()}
         saved = unflatten_state(entry.manifest.tree, tensors)
         random_state = saved.pop(RNG_ENTRY, None)
-        if is_sharded(entry.manifest):
-            names = self._shards(entry)["entries"]
+        record = self._shards(entry)
+        if record is not None:
+            names = record.entries
             if strict and (missing := [n for n in names if n not in state]):
                 raise StateMismatchError(
                     f"state lacks {missing}, saved as sharded state in step {entry.step}; "
@@ -214,14 +216,17 @@ class RunReader:
         return replace(self.info(entry), report=report)
 
     def check_shards(self, entry: Entry) -> None:
-        """Check a sharded checkpoint's DCP files against its manifest (size and xxh3-128).
+        """Check a sharded checkpoint's DCP files against its manifest (size and xxh3-128);
+        a checkpoint without sharded state has none to check.
 
         Raises:
             CorruptCheckpointError: naming the first file missing, of the wrong size or hash,
                 or a malformed sharded record.
             ValueError: the run directory is a URL (sharded checkpoints live on file systems).
         """
-        verify_shards(self.dcp_path(entry.dirname), self._shards(entry)["files"])
+        record = self._shards(entry)
+        if record is not None:
+            verify_shards(self.dcp_path(entry.dirname), record.files)
 
     def dcp_path(self, dirname: str) -> str:
         """The local path of a checkpoint's DCP folder; ValueError for a URL run directory."""
@@ -233,9 +238,10 @@ class RunReader:
             )
         return path
 
-    def _shards(self, entry: Entry) -> dict[str, Any]:
+    def _shards(self, entry: Entry) -> ShardedRecord | None:
+        """The checkpoint's sharded record, None when it has no sharded state."""
         assert entry.manifest is not None
-        return sharded_record(entry.manifest, f"{self.directory}/{entry.dirname}")
+        return ShardedRecord.from_manifest(entry.manifest, f"{self.directory}/{entry.dirname}")
 
 
 def _steps(entries: list[Entry]) -> str:

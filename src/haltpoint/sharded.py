@@ -4,7 +4,8 @@
 shards; every rank writes its shards with DCP into `step-N/dcp/`, and the rest of the state
 goes into the checkpoint's own files and manifest as always. The manifest, written by rank 0
 once every rank's files are durable, is the commit marker; it records every DCP file's size
-and xxh3-128 under `extra["sharded"]`. See docs/distributed.md, "Sharded state".
+and xxh3-128 under `extra["sharded"]` (parsed by `store.run_dir.ShardedRecord`). See
+docs/distributed.md, "Sharded state".
 
 This module holds the pieces: which entries are sharded (`split_sharded`), writing and
 hashing the shards (`write_shards`), checking them against the manifest (`verify_shards`)
@@ -22,13 +23,11 @@ import torch
 from haltpoint.errors import CorruptCheckpointError
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
-from haltpoint.store.manifest import Manifest
-from haltpoint.store.run_dir import SHARDED_KEY
+from haltpoint.store.run_dir import ShardFile
 
 __all__ = [
     "ShardedState",
     "load_shards",
-    "sharded_record",
     "split_sharded",
     "verify_shards",
     "write_shards",
@@ -118,29 +117,7 @@ def write_shards(folder: str, shards: dict[str, Any], rank: int) -> dict[str, di
     return {name: _file_record(os.path.join(folder, name)) for name in mine}
 
 
-def sharded_record(manifest: Manifest, where: str) -> dict[str, Any]:
-    """The manifest's `extra["sharded"]`, checked: entry names and plain DCP file names."""
-    info = manifest.extra.get(SHARDED_KEY)
-    files = info.get("files") if isinstance(info, dict) else None
-    entries = info.get("entries") if isinstance(info, dict) else None
-    if (
-        not isinstance(info, dict)
-        or not isinstance(files, dict)
-        or not isinstance(entries, list)
-        or not all(isinstance(e, str) for e in entries)
-        or not all(_plain_name(name) and isinstance(r, dict) for name, r in files.items())
-    ):
-        raise CorruptCheckpointError(
-            f"{where}: malformed sharded record in the manifest", path=where
-        )
-    return info
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
-
-
-def verify_shards(folder: str, files: Mapping[str, Mapping[str, Any]]) -> None:
+def verify_shards(folder: str, files: Mapping[str, ShardFile]) -> None:
     """Check every DCP file's size and xxh3-128 against the manifest's records.
 
     Raises:
@@ -152,17 +129,17 @@ def verify_shards(folder: str, files: Mapping[str, Mapping[str, Any]]) -> None:
             size = os.path.getsize(path)
         except OSError as exc:
             raise CorruptCheckpointError(f"{path}: {exc}", path=path) from exc
-        if size != record.get("size"):
+        if size != record.size:
             raise CorruptCheckpointError(
-                f"{path} has {size} bytes, the manifest says {record.get('size')}: the "
+                f"{path} has {size} bytes, the manifest says {record.size}: the "
                 "sharded checkpoint is damaged",
                 path=path,
             )
         digest = _file_record(path)["xxh3_128"]
-        if digest != record.get("xxh3_128"):
+        if digest != record.xxh3_128:
             raise CorruptCheckpointError(
                 f"{path}: xxh3-128 {digest} differs from the manifest's "
-                f"{record.get('xxh3_128')}: the sharded checkpoint is damaged",
+                f"{record.xxh3_128}: the sharded checkpoint is damaged",
                 path=path,
             )
 

@@ -15,7 +15,7 @@ from haltpoint.cli.runinfo import open_run, select_entry
 from haltpoint.state.codec import TENSOR_TAG
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.run_dir import SHARDED_KEY
+from haltpoint.store.run_dir import ShardedRecord, checkpoint_dirname
 from haltpoint.store.tensor_file import read_tensors
 
 __all__ = ["entry_weights", "register", "run"]
@@ -69,19 +69,21 @@ def entry_weights(
     Only the entry's own tensors are read.
 
     Raises:
-        ValueError: the checkpoint has no entry `key`, or it holds no tensors.
-        CorruptCheckpointError: a tensor's bytes do not match its hash.
+        ValueError: the checkpoint has no entry `key` (or it is sharded state), or it holds
+            no tensors.
+        CorruptCheckpointError: a tensor's bytes do not match its hash, or `key` is not in
+            the state tree and the manifest's sharded record is malformed.
     """
-    record = manifest.extra.get(SHARDED_KEY)
-    sharded = [str(e) for e in record.get("entries", [])] if isinstance(record, dict) else []
-    if key in sharded:
-        raise ValueError(
-            f"--key {key!r} of step {manifest.step} is sharded state, written by "
-            "torch.distributed.checkpoint; export reads haltpoint's own files only. Restore "
-            "it with Checkpointer.restore into an unsharded model in one process, then save "
-            "that model's state_dict() with safetensors"
-        )
     if key not in manifest.tree:
+        record = ShardedRecord.from_manifest(manifest, checkpoint_dirname(manifest.step))
+        sharded = record.entries if record is not None else ()
+        if key in sharded:
+            raise ValueError(
+                f"--key {key!r} of step {manifest.step} is sharded state, written by "
+                "torch.distributed.checkpoint; export reads haltpoint's own files only. Restore "
+                "it with Checkpointer.restore into an unsharded model in one process, then save "
+                "that model's state_dict() with safetensors"
+            )
         raise ValueError(
             f"--key {key!r} is not an entry of the checkpoint of step {manifest.step}; "
             f"its entries are {', '.join(sorted([*manifest.tree, *sharded]))}"

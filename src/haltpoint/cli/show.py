@@ -10,9 +10,10 @@ from typing import Any
 from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes, format_metrics, format_time
 from haltpoint.cli.runinfo import open_run, select_entry
+from haltpoint.errors import CorruptCheckpointError
 from haltpoint.state.codec import TENSOR_TAG, decode_value
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.run_dir import SHARDED_KEY, checkpoint_nbytes
+from haltpoint.store.run_dir import ShardedRecord, checkpoint_nbytes
 from haltpoint.store.tensor_file import TensorRecord, torch_dtype
 
 __all__ = ["TensorLeaf", "register", "run", "tree_lines"]
@@ -120,16 +121,17 @@ def _tensor_leaves(value: Any) -> Iterator[TensorLeaf]:
             yield from _tensor_leaves(item)
 
 
-def _size_text(manifest: Manifest) -> str:
+def _size_text(manifest: Manifest, where: str) -> str:
     text = f"{format_bytes(manifest.nbytes)} in {len(manifest.tensors)} tensors"
-    sharded = manifest.extra.get(SHARDED_KEY)
-    if isinstance(sharded, dict):
-        entries = ", ".join(map(str, sharded.get("entries", [])))
-        dcp = format_bytes(checkpoint_nbytes(manifest) - manifest.nbytes)
+    try:
+        record = ShardedRecord.from_manifest(manifest, where)
+    except CorruptCheckpointError as exc:  # shown, not fatal: the rest can still be inspected
+        return f"{text} + sharded state of unknown size ({exc})"
+    if record is not None:
+        ranks = "an unknown number of" if record.world_size is None else record.world_size
         text += (
-            f" + {dcp} of sharded state ({entries}) in "
-            f"{len(sharded.get('files', {}))} torch.distributed.checkpoint files, "
-            f"saved on {sharded.get('world_size')} ranks"
+            f" + {format_bytes(record.nbytes)} of sharded state ({', '.join(record.entries)}) "
+            f"in {len(record.files)} torch.distributed.checkpoint files, saved on {ranks} ranks"
         )
     return text
 
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         ("path", path),
         ("time", format_time(manifest.time)),
         ("metrics", format_metrics(manifest.metrics) or "-"),
-        ("size", _size_text(manifest)),
+        ("size", _size_text(manifest, path)),
         ("versions", f"{versions}; format {manifest.format_version}"),
     ]
     if manifest.extra:

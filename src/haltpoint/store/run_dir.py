@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from haltpoint.errors import CorruptCheckpointError
 from haltpoint.store.manifest import MANIFEST_NAME, Manifest
@@ -35,6 +36,8 @@ __all__ = [
     "TENSORS_NAME",
     "Entry",
     "RunDirectory",
+    "ShardFile",
+    "ShardedRecord",
     "checkpoint_dirname",
     "checkpoint_nbytes",
     "dcp_folder",
@@ -82,13 +85,101 @@ def is_sharded(manifest: Manifest) -> bool:
     return SHARDED_KEY in manifest.extra
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """One DCP file of a sharded checkpoint, as its manifest records it."""
+
+    size: int
+    xxh3_128: str
+
+
+@dataclass(frozen=True)
+class ShardedRecord:
+    """A manifest's `extra["sharded"]`: the entries of `state` saved with DCP, and its files.
+
+    >>> record = ShardedRecord.parse(
+    ...     {"world_size": 2, "entries": ["train"],
+    ...      "files": {".metadata": {"size": 10, "xxh3_128": "ab"}}}, where="step-000000003")
+    >>> record.entries, record.nbytes, record.world_size
+    (('train',), 10, 2)
+    """
+
+    entries: tuple[str, ...]
+    files: Mapping[str, ShardFile]  # plain file names inside the checkpoint's `dcp/` folder
+    world_size: int | None  # the ranks that saved it; None when the record does not say
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of all DCP files."""
+        return sum(f.size for f in self.files.values())
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, where: str) -> ShardedRecord | None:
+        """The manifest's sharded record, or None when the checkpoint has no sharded state.
+
+        Raises:
+            CorruptCheckpointError: the record is malformed (see `parse`).
+        """
+        if SHARDED_KEY not in manifest.extra:
+            return None
+        return cls.parse(manifest.extra[SHARDED_KEY], where)
+
+    @classmethod
+    def parse(cls, record: Any, where: str) -> ShardedRecord:
+        """Check and parse a sharded record (`where` names its checkpoint in errors).
+
+        Raises:
+            CorruptCheckpointError: "{where}: malformed sharded record in the manifest: "
+                and what is wrong (a missing field, a wrong type, a file name that is not a
+                plain name inside `dcp/`, a size or hash that is missing).
+        """
+
+        def malformed(problem: str) -> CorruptCheckpointError:
+            return CorruptCheckpointError(
+                f"{where}: malformed sharded record in the manifest: {problem}", path=where
+            )
+
+        if not isinstance(record, dict):
+            raise malformed(f"expected a JSON object, got {type(record).__name__}")
+        entries = record.get("entries")
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise malformed(f"'entries' must be a list of names, got {entries!r}")
+        world_size = record.get("world_size")
+        if world_size is not None and (type(world_size) is not int or world_size < 1):
+            raise malformed(f"'world_size' must be a positive int, got {world_size!r}")
+        files = record.get("files")
+        if not isinstance(files, dict):
+            raise malformed(f"'files' must be an object of file records, got {files!r}")
+        parsed: dict[str, ShardFile] = {}
+        for name, file in files.items():
+            if not _plain_name(name):
+                raise malformed(f"file {name!r} is not a plain file name inside dcp/")
+            size = file.get("size") if isinstance(file, dict) else None
+            digest = file.get("xxh3_128") if isinstance(file, dict) else None
+            if type(size) is not int or size < 0 or not isinstance(digest, str):
+                raise malformed(
+                    f"file {name!r} needs a size (an int >= 0) and an xxh3_128 (a str), "
+                    f"got {file!r}"
+                )
+            parsed[name] = ShardFile(size, digest)
+        return cls(tuple(entries), parsed, world_size)
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
 def checkpoint_nbytes(manifest: Manifest) -> int:
-    """The bytes a checkpoint references: its tensors and, when sharded, its DCP files."""
-    sharded = manifest.extra.get(SHARDED_KEY)
-    files = sharded.get("files") if isinstance(sharded, dict) else None
-    records = files.values() if isinstance(files, dict) else ()
-    dcp = sum(r["size"] for r in records if isinstance(r, dict) and type(r.get("size")) is int)
-    return manifest.nbytes + dcp
+    """The bytes a checkpoint references: its tensors and, when sharded, its DCP files.
+
+    A malformed sharded record counts no DCP bytes: sizes are for listing, and `restore` or
+    `haltpoint verify` report the record as damaged.
+    """
+    try:
+        record = ShardedRecord.from_manifest(manifest, checkpoint_dirname(manifest.step))
+    except CorruptCheckpointError:
+        return manifest.nbytes
+    return manifest.nbytes + (record.nbytes if record is not None else 0)
 
 
 @dataclass(frozen=True)
