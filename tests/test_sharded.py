@@ -285,3 +285,37 @@ def test_sharded_checkpoints_need_a_local_or_shared_file_system() -> None:
     reader = RunReader(RunDirectory(open_storage("memory://sharded-run")), None, "min")
     with pytest.raises(ValueError, match="local or shared file system, got memory://sharded-run"):
         reader.dcp_path("step-000000001")
+
+
+def test_save_sharded_in_one_process_prepares_writes_then_commits_the_record(
+    tmp_path: Path,
+) -> None:
+    """The protocol without a process group: a fresh `dcp/`, rank 0's files, one commit."""
+    from haltpoint.errors import CheckpointExistsError
+    from haltpoint.reader import CheckpointInfo
+    from haltpoint.sharded_save import save_sharded
+    from haltpoint.store.run_dir import RunDirectory, ShardedRecord
+    from haltpoint.store.storage import open_storage
+
+    run = RunDirectory(open_storage(tmp_path))
+    folder = tmp_path / "step-000000004" / "dcp"
+    folder.mkdir(parents=True)
+    (folder / "stale").write_bytes(b"an interrupted save")
+    calls: list[str] = []
+
+    def write(rank: int) -> dict[str, dict[str, Any]]:
+        calls.append(f"write {rank}: {sorted(os.listdir(folder))}")
+        return {".metadata": {"size": 7, "xxh3_128": "a" * 32}}
+
+    def commit(extra: dict[str, Any]) -> CheckpointInfo:
+        calls.append("commit")
+        record = ShardedRecord.parse(extra[SHARDED_KEY], "step-000000004")
+        assert record.entries == ("a", "b") and record.world_size == 1 and record.nbytes == 7
+        return CheckpointInfo(step=4, time=0.0, metrics={}, size=100, path="p")
+
+    info = save_sharded(run, 4, ["b", "a"], write, commit)
+    assert calls == ["write 0: []", "commit"]  # the stale file was removed first
+    assert info.size == 107  # the checkpoint's own tensors and its DCP files
+    (folder.parent / "manifest.json").write_text("{}")  # step 4 is taken now
+    with pytest.raises(CheckpointExistsError, match="a checkpoint for step 4 already exists"):
+        save_sharded(run, 4, ["a"], write, commit)

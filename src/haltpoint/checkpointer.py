@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping, MutableMapping
-from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -18,21 +17,18 @@ import torch
 
 from haltpoint import distributed as _dist
 from haltpoint._arguments import check_device, check_step, coerce_metrics
-from haltpoint.errors import (
-    CheckpointError,
-    CheckpointExistsError,
-)
+from haltpoint.errors import CheckpointError
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
-from haltpoint.sharded import split_sharded, write_shards
+from haltpoint.sharded import write_shards
+from haltpoint.sharded_save import save_sharded, split_agreed
 from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.store.background import BackgroundWriter
-from haltpoint.store.history import append_history
+from haltpoint.store.history import append_history, save_record
 from haltpoint.store.lock import WriterLock
-from haltpoint.store.manifest import MANIFEST_NAME
-from haltpoint.store.run_dir import SHARDED_KEY, Entry, RunDirectory, checkpoint_dirname, dcp_folder
+from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -64,7 +60,7 @@ class Checkpointer:
     naming the holder), any number of readers. An instance is not thread-safe. Under an
     initialized `torch.distributed` process group, every rank creates the writer and calls
     the same methods; rank 0 alone writes replicated state, every rank its own shards of
-    sharded state (see `haltpoint.distributed`, `haltpoint.sharded`).
+    sharded state (see `haltpoint.distributed`, `haltpoint.sharded`, `haltpoint.sharded_save`).
 
     >>> import torch, tempfile
     >>> model = torch.nn.Linear(2, 1)
@@ -178,9 +174,13 @@ class Checkpointer:
         self._check_writable()
         check_step(step)
         coerce_metrics(metrics, self.monitor)
-        shards, rest = self._split(step, state)
-        if shards:
-            return self._save_sharded(step, shards, rest, metrics, pin)
+        shards, rest = split_agreed(step, state)
+        if shards:  # every rank writes its shards; rank 0 commits (see haltpoint.sharded_save)
+            folder = self._reader.dcp_path(checkpoint_dirname(step))
+            self.wait()
+            write = lambda rank: write_shards(folder, shards, rank)  # noqa: E731
+            commit = lambda extra: self._save(step, rest, metrics, pin, extra)  # noqa: E731
+            return save_sharded(self._run, step, shards, write, commit)
         if self._group is not None:  # rank 0 saves; one broadcast shares its info or error
             return _dist.on_writer(
                 self._group, lambda: self._save(step, state, metrics, pin), f"save({step})"
@@ -205,7 +205,7 @@ class Checkpointer:
         if RNG_ENTRY in state:
             raise ValueError(f"state must not use the reserved name {RNG_ENTRY!r}")
         self._wait()
-        dirname = self._new_dirname(step)
+        dirname = self._run.new_dirname(step)
         full = dict(state)
         if self.capture_rng:
             full[RNG_ENTRY] = capture_rng()
@@ -216,7 +216,7 @@ class Checkpointer:
         else:  # training waits for the commit: write straight from the live tensors
             tensors = {k: t if t.device.type == "cpu" else t.cpu() for k, t in flat.tensors.items()}
         now = time.time()
-        history = _history_record(step, now, metrics, state)
+        history = save_record(step, now, metrics, state)
 
         def job() -> None:
             try:
@@ -258,80 +258,6 @@ class Checkpointer:
             path=f"{self.directory}/{dirname}",
             pinned=pin,
         )
-
-    def _new_dirname(self, step: int) -> str:
-        dirname = checkpoint_dirname(step)
-        if self._storage.exists(f"{dirname}/{MANIFEST_NAME}"):
-            raise CheckpointExistsError(
-                f"a checkpoint for step {step} already exists in {self.directory}; steps are "
-                "never overwritten: save under a new step, or remove it with `haltpoint gc`",
-                path=f"{self.directory}/{dirname}",
-            )
-        return dirname
-
-    def _split(
-        self, step: int, state: Mapping[str, Any]
-    ) -> tuple[dict[str, Any], Mapping[str, Any]]:
-        """`split_sharded` on every rank, agreed: one rank's failure raises on all."""
-        group = _dist.Replicas.current()
-        if group is None:
-            return split_sharded(state)
-        mine: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
-
-        def split() -> bool:
-            mine.append(split_sharded(state))
-            return bool(mine[0][0])
-
-        if len(set(_dist.all_results(group, split, f"save({step})"))) > 1:
-            raise CheckpointError(
-                f"save({step}): some ranks hold DTensor shards and others do not; every rank "
-                "must pass the same kind of state"
-            )
-        return mine[0]
-
-    def _save_sharded(
-        self,
-        step: int,
-        shards: dict[str, Any],
-        rest: Mapping[str, Any],
-        metrics: Mapping[str, Any] | None,
-        pin: bool,
-    ) -> CheckpointInfo:
-        """Every rank writes its shards with DCP; once all are durable rank 0 commits the rest.
-
-        The shards are written (DCP is synchronous) and hashed before this returns; with
-        `async_save` rank 0 then commits the manifest, history and retention in the background,
-        as for any save. A failure on any rank raises on every rank and commits nothing; its
-        leftover folder is removed by the next writer to open the run.
-        """
-        group = _dist.Replicas.current()  # None for one process (world size 1)
-        rank = 0 if group is None else group.rank
-        dirname = checkpoint_dirname(step)
-        folder = self._reader.dcp_path(dirname)
-        self.wait()
-
-        def prepare() -> None:
-            self._new_dirname(step)
-            self._storage.rmtree(dcp_folder(dirname))  # an interrupted save of this step
-            self._storage.makedirs(dcp_folder(dirname))
-
-        _dist.on_writer(group, prepare, f"save({step})")
-        parts = _dist.all_results(
-            group, lambda: write_shards(folder, shards, rank), f"save({step}): writing shards"
-        )
-        files = {name: record for part in parts for name, record in part.items()}
-        extra = {
-            SHARDED_KEY: {
-                "format": "torch.distributed.checkpoint",
-                "world_size": 1 if group is None else group.world_size,
-                "entries": sorted(shards),
-                "files": files,
-            }
-        }
-        info = _dist.on_writer(
-            group, lambda: self._save(step, rest, metrics, pin, extra), f"save({step}): commit"
-        )
-        return replace(info, size=info.size + sum(int(r["size"]) for r in files.values()))
 
     def pin(self, step: int) -> None:
         """Keep the checkpoint of `step` forever, whatever the retention rules say."""
@@ -471,15 +397,3 @@ class Checkpointer:
                 "open it without read_only to save",
                 path=self.directory,
             )
-
-
-def _history_record(
-    step: int, now: float, metrics: Mapping[str, float], state: Mapping[str, Any]
-) -> dict[str, Any]:
-    record: dict[str, Any] = {"step": step, "time": now, "metrics": dict(metrics)}
-    for name, value in state.items():
-        decision = getattr(value, "last_decision", None)
-        if decision is not None and hasattr(decision, "to_dict"):
-            record["stopper"] = {"name": name, **decision.to_dict()}
-            break
-    return record

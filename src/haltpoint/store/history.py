@@ -25,7 +25,14 @@ from typing import Any
 
 from haltpoint.store.storage import Storage, fsync_dir
 
-__all__ = ["HISTORY_NAME", "append_history", "decode_record", "encode_record", "read_history"]
+__all__ = [
+    "HISTORY_NAME",
+    "append_history",
+    "decode_record",
+    "encode_record",
+    "read_history",
+    "save_record",
+]
 
 HISTORY_NAME = "history.jsonl"
 
@@ -135,6 +142,24 @@ def _append_local(path: str, line: bytes) -> None:
         os.close(fd)
     if created:
         fsync_dir(os.path.dirname(path))
+
+
+def save_record(
+    step: int, time: float, metrics: Mapping[str, float], state: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The history line of a save: its step, time and metrics, and under "stopper" the
+    decision of the first entry of `state` with a `last_decision` that has `to_dict()`.
+
+    >>> save_record(3, 1700000000.0, {"loss": 0.5}, {"model": object()})
+    {'step': 3, 'time': 1700000000.0, 'metrics': {'loss': 0.5}}
+    """
+    record: dict[str, Any] = {"step": step, "time": time, "metrics": dict(metrics)}
+    for name, value in state.items():
+        decision = getattr(value, "last_decision", None)
+        if decision is not None and hasattr(decision, "to_dict"):
+            record["stopper"] = {"name": name, **decision.to_dict()}
+            break
+    return record
 
 
 def append_history(storage: Storage, record: Mapping[str, Any]) -> None:

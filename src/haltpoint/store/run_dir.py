@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from haltpoint.errors import CorruptCheckpointError
+from haltpoint.errors import CheckpointExistsError, CorruptCheckpointError
 from haltpoint.store.manifest import MANIFEST_NAME, Manifest
 from haltpoint.store.storage import Storage
 
@@ -252,6 +252,17 @@ class RunDirectory:
                 f"cannot read {self._where(dirname)}: {exc}", path=self._where(dirname)
             ) from exc
         return Manifest.decode(data, source=self._where(dirname))
+
+    def new_dirname(self, step: int) -> str:
+        """The folder for a new checkpoint of `step`; `CheckpointExistsError` if it is taken."""
+        dirname = checkpoint_dirname(step)
+        if self.storage.exists(f"{dirname}/{MANIFEST_NAME}"):
+            raise CheckpointExistsError(
+                f"a checkpoint for step {step} already exists in {self.storage.url}; steps are "
+                "never overwritten: save under a new step, or remove it with `haltpoint gc`",
+                path=f"{self.storage.url}/{dirname}",
+            )
+        return dirname
 
     def commit(self, manifest: Manifest) -> str:
         """Publish `manifest` atomically: from this moment the checkpoint exists."""
