@@ -42,7 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from haltpoint.stopping import EarlyStopping
-from haltpoint.stopping.adaptive import DEFAULT_SETTINGS, TrendRule, TrendSettings
+from haltpoint.stopping.adaptive import (
+    DEFAULT_SETTINGS,
+    TrendRule,
+    TrendSettings,
+    fit_line,
+    window_size,
+)
 from haltpoint.stopping.replay import best_index, relative_regret, replay
 
 DATA = (
@@ -274,6 +280,50 @@ def describe(settings: TrendSettings) -> str:
     return ", ".join(f"{name}={getattr(settings, name):g}" for name in GRID)
 
 
+def log_slope_t(curve: Sequence[float], first: int, last: int) -> float:
+    """The t-statistic of the least-squares slope of log(value) over `curve[first:last + 1]`
+    (finite, positive values only; nan when fewer than 3)."""
+    points = [(t, math.log(curve[t])) for t in range(first, last + 1) if curve[t] > 0]
+    if len(points) < 3:
+        return math.nan
+    _, slope, noise, se = fit_line(points)
+    if noise == 0:  # an exact line: a flat one (a stuck run) has no trend at all
+        return 0.0 if slope == 0 else math.copysign(math.inf, slope)
+    return slope / (noise * se)
+
+
+def far_above_stops(curves: list[list[float]], ratio: float = 1.3) -> None:
+    """Print whether the slope of log(value) at the stop tells the runs the shipped rule stops
+    far above their best (fitted level > `ratio` x best) that later recover past it by more
+    than 1% from those that do not."""
+    groups: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for curve in curves:
+        stop = stop_index(curve)
+        if stop == len(curve) - 1 or not math.isfinite(curve[stop]):
+            continue
+        kept = best_index(curve, "min", stop + 1)
+        assert kept is not None
+        best = curve[kept]
+        window = max(0, stop - window_size(stop) + 1)
+        level, _, _, _ = fit_line([(t, curve[t]) for t in range(window, stop + 1)])
+        if level <= ratio * best:
+            continue
+        t_window = log_slope_t(curve, window, stop)
+        t_since = log_slope_t(curve, kept + 1, stop)
+        groups[relative_regret(curve, kept, "min") > 0.01].append((t_window, t_since))
+    print(
+        f"\nStopped with the fitted level over {ratio}x the best: t-statistic of the slope of "
+        "log(loss), over the fitted window / over the evaluations since the best"
+    )
+    for recovers, values in groups.items():
+        label = "later recover by > 1%" if recovers else "do not"
+        spans = []
+        for k in (0, 1):
+            finite = [v[k] for v in values if not math.isnan(v[k])]
+            spans.append(f"{min(finite):.1f} to {max(finite):.1f}")
+        print(f"- {len(values)} runs {label}: {spans[0]} / {spans[1]}")
+
+
 def check(runs: list[dict[str, Any]], every: int = 7) -> None:
     """Assert that `stop_index` stops where `EarlyStopping` does, on every `every`-th run."""
     for run in runs[::every]:
@@ -377,6 +427,7 @@ def main(argv: list[str]) -> int:
         f"{describe(settings[top])}\n- on the held-out problems: {on(held)}\n"
         f"- on the tuning problems: {on(tuning_runs)}"
     )
+    far_above_stops(curves)
     print("\n#### What each knob adds: leave one problem out with the grid restricted\n")
     print("| grid | % epochs saved | share of oracle | mean regret % | regret > 1% | targets |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")

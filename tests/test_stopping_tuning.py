@@ -94,3 +94,12 @@ def test_choice_is_judged_across_problems() -> None:
     assert tuning.bounded(lumpy, runs, oracle, groups).harmful > 50.0
     assert tuning.bounded(even, runs, oracle, groups).harmful == 50.0
     assert tuning.choose([lumpy, even], runs, oracle, groups) == 1
+
+
+def test_log_slope_t_reads_the_trend_of_log_values() -> None:
+    decay = [2.0 * 0.9**t for t in range(10)]  # an exact exponential decay
+    assert tuning.log_slope_t(decay, 0, 9) < -1e6  # no noise but rounding
+    assert tuning.log_slope_t([3.0] * 10, 0, 9) == 0.0  # a stuck run has no trend
+    rising = [1.0, 1.3, 1.1, 1.6, 1.4, 2.0]
+    assert tuning.log_slope_t(rising, 0, 5) > 2.0
+    assert math.isnan(tuning.log_slope_t(rising, 0, 1))  # too few values
