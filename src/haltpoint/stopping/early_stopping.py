@@ -9,6 +9,13 @@ from typing import Any
 from haltpoint.stopping._state import STATE_VERSION, load_rule_states, parse_state, rule_states
 from haltpoint.stopping._text import fmt, label
 from haltpoint.stopping.adaptive import MIN_WAIT, TrendRule, check_horizon, describe_default_rule
+from haltpoint.stopping.arguments import (
+    check_baseline,
+    check_count,
+    check_flag,
+    check_monitor,
+    check_rules,
+)
 from haltpoint.stopping.decision import Decision, StopReason
 from haltpoint.stopping.delta import Delta, RelativeDelta, beats, check_delta, describe_delta
 from haltpoint.stopping.inputs import as_float, read_metric
@@ -16,33 +23,6 @@ from haltpoint.stopping.modes import Mode, resolve_mode
 from haltpoint.stopping.rules import Observation, Rule, Stop
 
 __all__ = ["EarlyStopping"]
-
-
-def _count(value: object, name: str, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        extra = " or None" if allow_none else ""
-        raise TypeError(f"{name} must be an int >= 0{extra}; got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be an int >= 0; got {name}={value!r}")
-    return value
-
-
-def _check_rules(rules: object) -> tuple[Rule, ...]:
-    if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Iterable):
-        raise TypeError(
-            "rules must be a list of rule objects (e.g. [Target(0.1), Divergence(10.0)]); "
-            f"got {type(rules).__name__} {rules!r}"
-        )
-    checked = tuple(rules)
-    for i, rule in enumerate(checked):
-        if not callable(getattr(rule, "check", None)):
-            raise TypeError(
-                f"rules[{i}] must have a check(observation) method (the Rule protocol); got "
-                f"{type(rule).__name__} {rule!r}"
-            )
-    return checked
 
 
 class EarlyStopping:
@@ -94,29 +74,14 @@ class EarlyStopping:
         rules: Iterable[Rule] = (),
         horizon: int | None = None,
     ) -> None:
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise TypeError(
-                f"monitor must be a metric name (a non-empty str) or None; got "
-                f"{type(monitor).__name__} {monitor!r}"
-            )
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"check_finite must be a bool; got {check_finite!r}")
-        if baseline is not None:
-            if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
-                raise TypeError(
-                    f"baseline must be a number or None; got {type(baseline).__name__} {baseline!r}"
-                )
-            if not math.isfinite(baseline):
-                raise ValueError(f"baseline must be finite; got baseline={baseline!r}")
-            baseline = float(baseline)
-        self._monitor = monitor
+        self._monitor = check_monitor(monitor)
         self._mode = resolve_mode(mode, monitor)
-        self._patience = _count(patience, "patience", allow_none=True)
+        self._patience = check_count(patience, "patience", allow_none=True)
         self._min_delta: Delta = check_delta(min_delta)
-        self._warmup: int = _count(warmup, "warmup")  # type: ignore[assignment]
-        self._baseline = baseline
-        self._check_finite = check_finite
-        self._rules = _check_rules(rules)
+        self._warmup: int = check_count(warmup, "warmup")  # type: ignore[assignment]
+        self._baseline = check_baseline(baseline)
+        self._check_finite = check_flag(check_finite, "check_finite")
+        self._rules = check_rules(rules)
         self._horizon = check_horizon(horizon)
         if self._horizon is not None and self._patience is not None:
             raise ValueError(

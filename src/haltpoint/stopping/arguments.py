@@ -1,0 +1,82 @@
+"""Checking `EarlyStopping`'s constructor arguments: each error names the argument and what
+is allowed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from haltpoint.stopping.rules import Rule
+
+__all__ = ["check_baseline", "check_count", "check_flag", "check_monitor", "check_rules"]
+
+
+def check_monitor(monitor: object) -> str | None:
+    """A metric name (a non-empty str) or None.
+
+    >>> check_monitor("val_loss")
+    'val_loss'
+    """
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        raise TypeError(
+            f"monitor must be a metric name (a non-empty str) or None; got "
+            f"{type(monitor).__name__} {monitor!r}"
+        )
+    return monitor
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A bool (not a truthy stand-in)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {value!r}")
+    return value
+
+
+def check_baseline(baseline: object) -> float | None:
+    """A finite number as a float, or None.
+
+    >>> check_baseline(1), check_baseline(None)
+    (1.0, None)
+    """
+    if baseline is None:
+        return None
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
+        raise TypeError(
+            f"baseline must be a number or None; got {type(baseline).__name__} {baseline!r}"
+        )
+    if not math.isfinite(baseline):
+        raise ValueError(f"baseline must be finite; got baseline={baseline!r}")
+    return float(baseline)
+
+
+def check_count(value: object, name: str, allow_none: bool = False) -> int | None:
+    """An int >= 0 (not a bool), or None when `allow_none`.
+
+    >>> check_count(3, "patience")
+    3
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        extra = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be an int >= 0{extra}; got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0; got {name}={value!r}")
+    return value
+
+
+def check_rules(rules: object) -> tuple[Rule, ...]:
+    """A list (any iterable but a str or mapping) of objects with a `check` method."""
+    if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Iterable):
+        raise TypeError(
+            "rules must be a list of rule objects (e.g. [Target(0.1), Divergence(10.0)]); "
+            f"got {type(rules).__name__} {rules!r}"
+        )
+    checked = tuple(rules)
+    for i, rule in enumerate(checked):
+        if not callable(getattr(rule, "check", None)):
+            raise TypeError(
+                f"rules[{i}] must have a check(observation) method (the Rule protocol); got "
+                f"{type(rule).__name__} {rule!r}"
+            )
+    return checked
