@@ -1,11 +1,19 @@
 """2-rank save time of haltpoint's `Checkpointer.save` of sharded state against DCP alone.
 
-Both save the same FSDP2 (`fully_shard`) model, gloo on CPU, to fresh folders, alternating,
-`--repeats` times each; rank 0 prints the medians and the ratio. `Checkpointer.save` adds:
-finding the sharded entries (an all-gather), the step check and folder creation on rank 0 (a
-broadcast), hashing every DCP file (xxh3-128, each rank its own) and an all-gather of the
-records, then rank 0's commit of the manifest (with the RNG state), history and retention
-(a broadcast).
+All save the same FSDP2 (`fully_shard`) model, gloo on CPU, to fresh folders, in turn,
+`--repeats` times each; rank 0 prints the medians of two times per save: "blocked", until the
+call returns and training may go on, and "total", until the files are durable (`wait()` or the
+future's result). The four ways:
+
+- `dcp.save`: DCP alone, synchronous.
+- `dcp.async_save`: DCP alone, asynchronous, on a gloo group of its own, with DCP's stager
+  configured for CPU (no pinned or shared memory), as haltpoint's `ShardWriter` uses it.
+- `Checkpointer(async_save=False).save`: adds finding the sharded entries (an all-gather), the
+  step check and folder creation on rank 0 (a broadcast), hashing every DCP file (xxh3-128,
+  each rank its own) and an all-gather of the records, then rank 0's commit of the manifest
+  (with the RNG state), history and retention (a broadcast).
+- `Checkpointer().save` (async, the default): the same, with the shards copied and written in
+  the background, and the commit in rank 0's background writer once they are durable.
 
     python -m torch.distributed.run --nproc_per_node=2 benchmarks/sharded_speed.py --mib 256
 """
@@ -19,10 +27,13 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.fsdp import fully_shard
 
 from haltpoint import Checkpointer
@@ -36,6 +47,17 @@ def build(mib: int) -> torch.nn.Module:
         fully_shard(layer)
     fully_shard(model)
     return model
+
+
+def timed(save: Callable[[int], Any], finish: Callable[[Any], None], i: int) -> tuple[float, float]:
+    """(blocked, total) seconds of one save on every rank, between barriers."""
+    dist.barrier()
+    start = time.perf_counter()
+    handle = save(i)
+    blocked = time.perf_counter() - start
+    finish(handle)
+    dist.barrier()
+    return blocked, time.perf_counter() - start
 
 
 def main() -> None:
@@ -52,33 +74,63 @@ def main() -> None:
     root = [args.dir or tempfile.mkdtemp(prefix="sharded-bench-")] if rank == 0 else [None]
     dist.broadcast_object_list(root, src=0)
     base = str(root[0])
-    plain_times: list[float] = []
-    ours_times: list[float] = []
-    with Checkpointer(os.path.join(base, "run"), keep_last=2) as ckpt:
-        for i in range(args.repeats):
-            folder = os.path.join(base, f"plain-{i}")
-            dist.barrier()
-            start = time.perf_counter()
-            dcp.save(model.state_dict(), storage_writer=dcp.FileSystemWriter(folder))
-            dist.barrier()
-            plain_times.append(time.perf_counter() - start)
-            if rank == 0:
-                shutil.rmtree(folder)
+    group = dist.new_group(backend="gloo")
+    stager = DefaultStager(StagingOptions(False, False, False, False))
 
-            dist.barrier()
-            start = time.perf_counter()
-            ckpt.save(i, {"model": model, "step": i})
-            dist.barrier()
-            ours_times.append(time.perf_counter() - start)
+    def folder(name: str, i: int) -> str:
+        path = os.path.join(base, f"{name}-{i}")
+        if rank == 0 and os.path.isdir(os.path.join(base, f"{name}-{i - 2}")):
+            shutil.rmtree(os.path.join(base, f"{name}-{i - 2}"))  # keep two, as the runs do
+        return path
+
+    def dcp_sync(i: int) -> None:
+        dcp.save(model.state_dict(), storage_writer=dcp.FileSystemWriter(folder("sync", i)))
+
+    def dcp_async(i: int) -> Any:
+        writer = dcp.FileSystemWriter(folder("async", i))
+        return dcp.async_save(
+            model.state_dict(), storage_writer=writer, process_group=group, async_stager=stager
+        )
+
+    times: dict[str, list[tuple[float, float]]] = {}
+    with (
+        Checkpointer(os.path.join(base, "run-sync"), keep_last=2, async_save=False) as sync,
+        Checkpointer(os.path.join(base, "run-async"), keep_last=2) as ours,
+    ):
+        ways: list[tuple[str, Callable[[int], Any], Callable[[Any], None]]] = [
+            ("dcp.save", dcp_sync, lambda _: None),
+            ("dcp.async_save", dcp_async, lambda future: future.result()),
+            (
+                "Checkpointer(async_save=False).save",
+                lambda i: sync.save(i, {"model": model, "step": i}),
+                lambda _: None,
+            ),
+            (
+                "Checkpointer().save (async)",
+                lambda i: ours.save(i, {"model": model, "step": i}),
+                lambda _: ours.wait(),
+            ),
+        ]
+        for i in range(args.repeats):
+            for name, save, finish in ways:
+                times.setdefault(name, []).append(timed(save, finish, i))
+    stager.close()
     if rank == 0:
-        plain, ours = statistics.median(plain_times), statistics.median(ours_times)
+        medians = {
+            name: (statistics.median(b for b, _ in t), statistics.median(w for _, w in t))
+            for name, t in times.items()
+        }
+        base_blocked, base_total = medians["dcp.save"]
         print(f"model {nbytes / 2**20:.0f} MiB (float32), 2 ranks gloo CPU, {args.repeats} repeats")
-        print(f"{'what':<40} {'median s':>9} {'GiB/s':>7} {'ratio':>6}")
-        for name, t in (
-            ("torch.distributed.checkpoint.save", plain),
-            ("haltpoint Checkpointer.save", ours),
-        ):
-            print(f"{name:<40} {t:>9.3f} {nbytes / 2**30 / t:>7.2f} {t / plain:>6.2f}")
+        print(
+            f"{'what':<38} {'blocked s':>9} {'x dcp.save':>10} {'total s':>8} {'GiB/s':>6} "
+            f"{'x dcp.save':>10}"
+        )
+        for name, (blocked, total) in medians.items():
+            print(
+                f"{name:<38} {blocked:>9.3f} {blocked / base_blocked:>10.2f} {total:>8.3f} "
+                f"{nbytes / 2**30 / total:>6.2f} {total / base_total:>10.2f}"
+            )
         if args.dir is None:
             shutil.rmtree(base)
     dist.barrier()

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,8 @@ def test_a_rank_failing_raises_on_every_rank_and_commits_nothing(
         assert "disk gone on rank 1" in r["write_error"]
         assert r["leftover"] == ["dcp"]  # written, never committed: no manifest
         assert r["listed_after_crash"] == [0, 2, 3] == r["listed_after_reopen"]
+        assert r["sync_listed"] == [20]  # async_save=False: written before save returns
+        assert r["sync_files"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (fsdp_run["run_dir"] / "step-000000011").exists()  # removed at the reopen
 
 
@@ -221,7 +224,8 @@ def test_retention_keeps_the_dcp_folder_of_kept_checkpoints_only(tmp_path: Path)
             (tmp_path / f"step-{step:09d}" / "dcp").mkdir(parents=True)
             (tmp_path / f"step-{step:09d}" / "dcp" / "__0_0.distcp").write_bytes(b"shard")
             extra = {SHARDED_KEY: {**record, "files": {}}}
-            ckpt._save(step, {"model": model}, None, False, extra)  # the same tensors: dedup
+            # the same tensors each time: the second save references the first one's file
+            ckpt._save(step, {"model": model}, None, False, lambda e=extra: e)
     assert (tmp_path / "step-000000001" / "tensors.safetensors").is_file()  # still referenced
     assert not (tmp_path / "step-000000001" / "dcp").exists()
     assert not (tmp_path / "step-000000001" / "manifest.json").exists()
@@ -303,19 +307,20 @@ def test_save_sharded_in_one_process_prepares_writes_then_commits_the_record(
     (folder / "stale").write_bytes(b"an interrupted save")
     calls: list[str] = []
 
-    def write(rank: int) -> dict[str, dict[str, Any]]:
-        calls.append(f"write {rank}: {sorted(os.listdir(folder))}")
+    def write(shards: dict[str, Any], rank: int, group: Any) -> dict[str, dict[str, Any]]:
+        assert group is None  # the default process group: the write is synchronous
+        calls.append(f"write {sorted(shards)} {rank}: {sorted(os.listdir(folder))}")
         return {".metadata": {"size": 7, "xxh3_128": "a" * 32}}
 
-    def commit(extra: dict[str, Any]) -> CheckpointInfo:
+    def commit(extra: Callable[[], dict[str, Any]]) -> CheckpointInfo:
         calls.append("commit")
-        record = ShardedRecord.parse(extra[SHARDED_KEY], "step-000000004")
+        record = ShardedRecord.parse(extra()[SHARDED_KEY], "step-000000004")
         assert record.entries == ("a", "b") and record.world_size == 1 and record.nbytes == 7
         return CheckpointInfo(step=4, time=0.0, metrics={}, size=100, path="p")
 
-    info = save_sharded(run, 4, ["b", "a"], write, commit)
-    assert calls == ["write 0: []", "commit"]  # the stale file was removed first
+    info = save_sharded(run, 4, {"b": {}, "a": {}}, write, commit)
+    assert calls == ["write ['a', 'b'] 0: []", "commit"]  # the stale file was removed first
     assert info.size == 107  # the checkpoint's own tensors and its DCP files
     (folder.parent / "manifest.json").write_text("{}")  # step 4 is taken now
     with pytest.raises(CheckpointExistsError, match="a checkpoint for step 4 already exists"):
-        save_sharded(run, 4, ["a"], write, commit)
+        save_sharded(run, 4, {"a": {}}, write, commit)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from types import TracebackType
 from typing import Any
 
@@ -22,7 +22,7 @@ from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
 from haltpoint.sharded import write_shards
-from haltpoint.sharded_save import save_sharded, split_agreed
+from haltpoint.sharded_save import ShardWriter, save_sharded, split_agreed
 from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.store.background import BackgroundWriter
@@ -106,6 +106,8 @@ class Checkpointer:
         self._reader = RunReader(self._run, monitor, mode)
         self._lock: WriterLock | None = None
         self._writer: BackgroundWriter | None = None
+        self._async_save = async_save
+        self._shard_writer: ShardWriter | None = None  # every rank's, at its first sharded save
         self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
         if save_on_signal is not None and read_only:
             raise ValueError("save_on_signal needs a writer: do not combine it with read_only")
@@ -178,9 +180,11 @@ class Checkpointer:
         if shards:  # every rank writes its shards; rank 0 commits (see haltpoint.sharded_save)
             folder = self._reader.dcp_path(checkpoint_dirname(step))
             self.wait()
-            write = lambda rank: write_shards(folder, shards, rank)  # noqa: E731
+            if self._async_save and self._shard_writer is None:
+                self._shard_writer = ShardWriter()  # on every rank, here: it makes a group
+            write = lambda part, rank, group: write_shards(folder, part, rank, group)  # noqa: E731
             commit = lambda extra: self._save(step, rest, metrics, pin, extra)  # noqa: E731
-            return save_sharded(self._run, step, shards, write, commit)
+            return save_sharded(self._run, step, shards, write, commit, self._shard_writer)
         if self._group is not None:  # rank 0 saves; one broadcast shares its info or error
             return _dist.on_writer(
                 self._group, lambda: self._save(step, state, metrics, pin), f"save({step})"
@@ -193,9 +197,11 @@ class Checkpointer:
         state: Mapping[str, Any],
         metrics: Mapping[str, Any] | None,
         pin: bool,
-        extra: Mapping[str, Any] | None = None,
+        extra: Callable[[], Mapping[str, Any]] | None = None,
     ) -> CheckpointInfo:
-        """Write the checkpoint: in the background with `async_save`, else now."""
+        """Write the checkpoint: in the background with `async_save`, else now. `extra()`
+        gives the manifest's `extra` just before it is written (for sharded state, once every
+        rank's shards are durable)."""
         step = check_step(step)
         metrics = coerce_metrics(metrics, self.monitor)
         if not isinstance(state, Mapping):
@@ -228,7 +234,7 @@ class Checkpointer:
                     metrics=metrics,
                     tree=flat.tree,
                     tensors=tensors,
-                    extra=extra,
+                    extra=None if extra is None else extra(),
                     previous=committed[-1].manifest if committed else None,
                 )
             finally:
@@ -348,6 +354,8 @@ class Checkpointer:
         Under `torch.distributed` every rank returns once rank 0 has committed (or raises
         rank 0's error), so every rank can then `restore` what was saved.
         """
+        if self._shard_writer is not None:
+            self._shard_writer.settle()  # its error, if any, comes from rank 0's commit
         if self._group is None:
             self._wait()
         else:
@@ -369,6 +377,8 @@ class Checkpointer:
         try:  # leaving on an exception (maybe on one rank only): no collective
             _dist.on_writer(self._group if sync else None, finish, "the save in flight")
         finally:
+            if self._shard_writer is not None:
+                self._shard_writer.close()
             if self._preemption is not None:
                 self._preemption.uninstall()
             if self._lock is not None:

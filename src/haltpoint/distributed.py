@@ -75,10 +75,15 @@ def is_distributed() -> bool:
 
 @dataclass(frozen=True)
 class Replicas:
-    """The ranks that hold the same (replicated) state; rank 0 writes it."""
+    """The ranks that hold the same (replicated) state; rank 0 writes it.
+
+    `process_group` is the torch process group their collectives use (None: the default
+    one); `ShardWriter` gives its background writes a gloo group of their own.
+    """
 
     rank: int
     world_size: int
+    process_group: Any = None
 
     @staticmethod
     def current() -> Replicas | None:
@@ -100,10 +105,10 @@ def _broadcast(payload: Any) -> Any:
     return box[0]
 
 
-def _all_gather(payload: Any) -> list[Any]:
+def _all_gather(payload: Any, process_group: Any = None) -> list[Any]:
     dist = _dist()
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, payload)
+    out: list[Any] = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(out, payload, group=process_group)
     return out
 
 
@@ -193,7 +198,7 @@ def _everywhere(group: Replicas | None, fn: Callable[[], T], what: str, gather: 
     except Exception as exc:
         error = exc
     message = None if error is None else f"{type(error).__name__}: {error}"
-    gathered = _all_gather((message, result if gather else None))
+    gathered = _all_gather((message, result if gather else None), group.process_group)
     failed = [rank for rank, (said, _) in enumerate(gathered) if said is not None]
     if error is not None and all(said == message for said, _ in gathered):
         raise error  # the same failure on every rank (a bad argument): keep its type

@@ -100,15 +100,22 @@ def _file_record(path: str) -> dict[str, Any]:
     return {"size": hasher.nbytes, "xxh3_128": hasher.hexdigest()}
 
 
-def write_shards(folder: str, shards: dict[str, Any], rank: int) -> dict[str, dict[str, Any]]:
+def write_shards(
+    folder: str, shards: dict[str, Any], rank: int, process_group: Any = None
+) -> dict[str, dict[str, Any]]:
     """Write this rank's part of `shards` with DCP into `folder`, fsync'ed; hash its files.
 
-    Every rank of the process group calls it (DCP's collectives). Returns the size and
-    xxh3-128 of the files this rank wrote (rank 0 also DCP's `.metadata`).
+    Every rank of `process_group` (None: the default group) calls it: DCP's collectives run
+    there. Returns the size and xxh3-128 of the files this rank wrote (rank 0 also DCP's
+    `.metadata`).
     """
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(shards, storage_writer=dcp.FileSystemWriter(folder, sync_files=True))
+    dcp.save(
+        shards,
+        storage_writer=dcp.FileSystemWriter(folder, sync_files=True),
+        process_group=process_group,
+    )
     mine = sorted(
         name
         for name in os.listdir(folder)

@@ -3,18 +3,22 @@
 `Checkpointer.save` calls `split_agreed` on every rank. When entries of the state hold
 `DTensor` shards it hands them to `save_sharded`, which runs the save as a protocol of
 collectives: rank 0 prepares the checkpoint's `dcp/` folder, every rank writes and hashes its
-shards (`sharded.write_shards`; DCP is synchronous), and once every rank's files are durable
-rank 0 commits the rest of the state with the manifest's sharded record
-(`store.run_dir.ShardedRecord` reads it back). A failure on any rank raises on every rank and
-commits nothing; its leftover folder is removed by the next writer to open the run. See
-docs/distributed.md, "Sharded state".
+shards (`sharded.write_shards`), and once every rank's files are durable rank 0 commits the
+rest of the state with the manifest's sharded record (`store.run_dir.ShardedRecord` reads it
+back). With `async_save`, a `ShardWriter` on every rank copies the shards and writes them in
+the background on a gloo process group of its own, and rank 0's background commit waits for
+them. A failure on any rank raises on every rank and commits nothing; its leftover folder is
+removed by the next writer to open the run. See docs/distributed.md, "Sharded state".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
+
+import torch
 
 from haltpoint import distributed as _dist
 from haltpoint.errors import CheckpointError
@@ -22,7 +26,7 @@ from haltpoint.reader import CheckpointInfo
 from haltpoint.sharded import split_sharded
 from haltpoint.store.run_dir import SHARDED_KEY, RunDirectory, checkpoint_dirname, dcp_folder
 
-__all__ = ["save_sharded", "split_agreed"]
+__all__ = ["ShardWriter", "save_sharded", "split_agreed"]
 
 
 def split_agreed(step: int, state: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
@@ -48,31 +52,99 @@ def split_agreed(step: int, state: Mapping[str, Any]) -> tuple[dict[str, Any], M
     return mine[0]
 
 
+Write = Callable[[dict[str, Any], int, Any], Mapping[str, Mapping[str, Any]]]
+
+
+class ShardWriter:
+    """Every rank's background writer of its shards, for `async_save`.
+
+    `stage` copies the shards (DCP's own stager: host memory, pinned when CUDA is there), so
+    training may change its tensors as soon as `save` returns. `submit` hands the write to a
+    thread that runs DCP on a gloo process group of its own, so the write's collectives never
+    meet training's; the thread ends with an all-gather of every rank's outcome, so every rank
+    sees the same result: every rank's file records, or the same error. Create it on every
+    rank at the same point (it creates a process group); at most one write is in flight.
+    """
+
+    def __init__(self) -> None:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        dist = torch.distributed
+        self._group = _dist.Replicas(
+            dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo")
+        )
+        self._stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=torch.cuda.is_available(),
+                use_shared_memory=False,
+                use_async_staging=False,
+                use_non_blocking_copy=False,
+            )
+        )
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="haltpoint-shards")
+        self._pending: Future[list[Mapping[str, Any]]] | None = None
+
+    def stage(self, shards: dict[str, Any]) -> dict[str, Any]:
+        """A private copy of `shards`, after the write in flight (whose buffers it may reuse)."""
+        self.settle()
+        staged: dict[str, Any] = self._stager.stage(shards)  # type: ignore[assignment]
+        return staged
+
+    def submit(self, write: Write, staged: dict[str, Any], what: str) -> None:
+        """Write `staged` in the background: `write(staged, rank, process_group)` on every rank."""
+        group = self._group
+        self._pending = self._thread.submit(
+            _dist.all_results, group, lambda: write(staged, group.rank, group.process_group), what
+        )
+
+    def result(self) -> list[Mapping[str, Any]]:
+        """Every rank's file records of the write in flight, by rank; its agreed error if it
+        failed on any rank."""
+        assert self._pending is not None
+        return self._pending.result()
+
+    def settle(self) -> None:
+        """Wait for the write in flight, if any, leaving its error to rank 0's commit (which
+        raises the same error on every rank)."""
+        if self._pending is not None:
+            self._pending.exception()  # waits; rank 0's commit still reads the result
+
+    def close(self) -> None:
+        """Wait for the write in flight and stop the thread."""
+        self.settle()
+        self._thread.shutdown()
+        self._stager.close()
+
+
 def save_sharded(
     run: RunDirectory,
     step: int,
-    entries: Iterable[str],
-    write: Callable[[int], Mapping[str, Mapping[str, Any]]],
-    commit: Callable[[dict[str, Any]], CheckpointInfo],
+    shards: dict[str, Any],
+    write: Write,
+    commit: Callable[[Callable[[], dict[str, Any]]], CheckpointInfo],
+    writer: ShardWriter | None = None,
 ) -> CheckpointInfo:
-    """Save the sharded `entries` of `step`: every rank writes its shards, rank 0 commits.
+    """Save the sharded entries `shards` of `step`: every rank writes its shards, rank 0 commits.
 
     Args:
         run: the run directory (rank 0 checks that `step` is new and empties its `dcp/`).
         step: the checkpoint's step.
-        entries: the names of the state's sharded entries.
-        write: this rank's part, given its rank: write its shards into the checkpoint's
-            `dcp/` folder, fsync'ed, and return `{file name: {"size", "xxh3_128"}}`.
-        commit: run on rank 0 once every rank's files are durable: commit the rest of the
-            state with the manifest's `extra` it is given.
+        shards: this rank's sharded entries (name -> state dict of DTensors).
+        write: `write(shards, rank, process_group)` writes this rank's part into the
+            checkpoint's `dcp/` folder, fsync'ed, and returns `{file name: {"size",
+            "xxh3_128"}}`; every rank of `process_group` (None: the default group) calls it.
+        commit: run on rank 0: commit the rest of the state; it calls the function it is
+            given for the manifest's `extra` just before writing the manifest.
+        writer: with `async_save`, every rank's `ShardWriter`: the shards are copied, and
+            written in the background while rank 0's background commit waits for them.
 
     Returns:
-        The committed checkpoint's info, its size counting the DCP files. The shards are
-        written and hashed before this returns; with `async_save`, rank 0 then commits the
-        manifest, history and retention in the background, as for any save.
+        The checkpoint's info. Its size counts the DCP files or, for a write still in the
+        background, the bytes of the shards copied.
     """
     group = _dist.Replicas.current()  # None for one process (world size 1)
     rank = 0 if group is None else group.rank
+    what = f"save({step})"
     folder = dcp_folder(checkpoint_dirname(step))
 
     def prepare() -> None:
@@ -80,16 +152,50 @@ def save_sharded(
         run.storage.rmtree(folder)  # an interrupted save of this step
         run.storage.makedirs(folder)
 
-    _dist.on_writer(group, prepare, f"save({step})")
-    parts = _dist.all_results(group, lambda: write(rank), f"save({step}): writing shards")
-    files = {name: record for part in parts for name, record in part.items()}
-    extra = {
+    _dist.on_writer(group, prepare, what)
+    if writer is None:  # write now; the manifest follows once every rank's files are durable
+        parts = _dist.all_results(
+            group, lambda: write(shards, rank, None), f"{what}: writing shards"
+        )
+        info = _dist.on_writer(
+            group, lambda: commit(lambda: _extra(shards, parts)), f"{what}: commit"
+        )
+        return replace(
+            info, size=info.size + sum(int(r["size"]) for p in parts for r in p.values())
+        )
+    staged: list[dict[str, Any]] = []
+
+    def stage() -> int:
+        staged.append(writer.stage(shards))
+        return _nbytes(staged[0])
+
+    copied = _dist.all_results(group, stage, f"{what}: copying shards")
+    writer.submit(write, staged[0], f"{what}: writing shards")
+    info = _dist.on_writer(
+        group, lambda: commit(lambda: _extra(shards, writer.result())), f"{what}: commit"
+    )
+    return replace(info, size=info.size + sum(copied))
+
+
+def _extra(shards: Mapping[str, Any], parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The manifest's `extra` for sharded `shards` written as every rank's `parts`."""
+    return {
         SHARDED_KEY: {
             "format": "torch.distributed.checkpoint",
-            "world_size": 1 if group is None else group.world_size,
-            "entries": sorted(entries),
-            "files": files,
+            "world_size": len(parts),
+            "entries": sorted(shards),
+            "files": {name: record for part in parts for name, record in part.items()},
         }
     }
-    info = _dist.on_writer(group, lambda: commit(extra), f"save({step}): commit")
-    return replace(info, size=info.size + sum(int(r["size"]) for r in files.values()))
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in a state dict (local shards of DTensors)."""
+    if isinstance(value, torch.Tensor):
+        local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor's shard
+        return int(local.numel() * local.element_size())
+    if isinstance(value, Mapping):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0

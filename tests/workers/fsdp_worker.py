@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import time
 from typing import Any
 
 import torch
@@ -114,16 +115,24 @@ def train(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {
         "state_types": sorted({type(v).__name__ for v in model.state_dict().values()})
     }
+    real = haltpoint.checkpointer.write_shards
+
+    def slow(*a: Any) -> Any:  # the background write starts after training changed its tensors
+        time.sleep(0.5)
+        return real(*a)
+
     with Checkpointer(args.run_dir, monitor="loss", keep_last=2) as ckpt:
         for step in range(4):
             loss = train_step(model, optimizer, step)
             stopper.step(loss)
             state = {"train": ShardedState(model, optimizer), "stopper": stopper, "epoch": step}
+            haltpoint.checkpointer.write_shards = slow if step == 3 else real  # type: ignore
             ckpt.save(step, state, {"loss": loss}, pin=step == 0)  # pinned: kept with its shards
-        full = full_state(model, optimizer)
+            haltpoint.checkpointer.write_shards = real
+        full = full_state(model, optimizer)  # as saved: the save copied it
         if rank == 0:
             save_file(full, f"{args.out}/full.safetensors")
-        dist.barrier()
+        train_step(model, optimizer, 4)  # while step 3 is written in the background
         result["listed"] = [info.step for info in ckpt.list()]
         result["best"] = stopper.best
 
@@ -147,8 +156,6 @@ def train(args: argparse.Namespace) -> None:
         except TypeError as exc:
             result["optimizer_error"] = str(exc)
 
-        real = haltpoint.checkpointer.write_shards
-
         def fails_after_writing(*a: Any) -> Any:
             records = real(*a)
             if rank == 1:
@@ -158,6 +165,7 @@ def train(args: argparse.Namespace) -> None:
         haltpoint.checkpointer.write_shards = fails_after_writing  # type: ignore[assignment]
         try:
             ckpt.save(11, {"train": ShardedState(model, optimizer)})
+            ckpt.wait()  # the shards are written in the background: the error comes here
             result["write_error"] = None
         except CheckpointError as exc:
             result["write_error"] = str(exc)
@@ -169,6 +177,11 @@ def train(args: argparse.Namespace) -> None:
     dist.barrier()
     with Checkpointer(args.run_dir, monitor="loss", keep_last=2) as ckpt:  # removes leftovers
         result["listed_after_reopen"] = [info.step for info in ckpt.list()]
+    # a synchronous sharded save: DCP on the default group, done before save returns
+    with Checkpointer(f"{args.run_dir}-sync", async_save=False) as ckpt:
+        info = ckpt.save(20, {"train": ShardedState(model, optimizer), "epoch": 20})
+        result["sync_listed"] = [info.step for info in ckpt.list()]
+        result["sync_files"] = sorted(os.listdir(f"{args.run_dir}-sync/step-000000020/dcp"))
     with open(f"{args.out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
 
