@@ -152,6 +152,7 @@ def test_a_rank_failing_raises_on_every_rank_and_commits_nothing(
         assert "disk gone on rank 1" in r["write_error"]
         assert r["leftover"] == ["dcp"]  # written, never committed: no manifest
         assert r["listed_after_crash"] == [0, 2, 3] == r["listed_after_reopen"]
+        assert r["committed_when_save_returned"] is False  # async: written in the background
         assert r["sync_listed"] == [20]  # async_save=False: written before save returns
         assert r["sync_files"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (fsdp_run["run_dir"] / "step-000000011").exists()  # removed at the reopen

@@ -129,6 +129,8 @@ def train(args: argparse.Namespace) -> None:
             haltpoint.checkpointer.write_shards = slow if step == 3 else real  # type: ignore
             ckpt.save(step, state, {"loss": loss}, pin=step == 0)  # pinned: kept with its shards
             haltpoint.checkpointer.write_shards = real
+        manifest = os.path.join(args.run_dir, "step-000000003", "manifest.json")
+        result["committed_when_save_returned"] = os.path.exists(manifest)  # the write sleeps
         full = full_state(model, optimizer)  # as saved: the save copied it
         if rank == 0:
             save_file(full, f"{args.out}/full.safetensors")
