@@ -159,6 +159,33 @@ def test_a_rank_failing_raises_on_every_rank_and_commits_nothing(
 
 
 @pytest.mark.slow
+def test_the_ranks_check_the_dcp_files_together_and_fall_back_past_damage(
+    fsdp_run: dict[str, Any],
+) -> None:
+    """The writer's restore on 2 ranks: rank 1 alone checks `__0_0.distcp` (flipped); both
+    ranks fall back to step 2, rank 0 says so, and step 3 asked for by number raises on both."""
+    r0, r1 = fsdp_run["ranks"]
+    for r in (r0, r1):
+        assert r["fallback_step"] == 2 and r["fallback_epoch"] == 2
+        assert "__0_0.distcp: xxh3-128" in r["step_error"]
+        assert "the sharded checkpoint is damaged" in r["step_error"]
+    assert any(
+        "__0_0.distcp" in w and "falling back to the checkpoint of step 2" in w
+        for w in r0["fallback_warnings"]
+    )
+    assert not any("falling back" in w for w in r1["fallback_warnings"])
+    # each rank read only its share of each checkpoint's DCP files (step 3, then 2, then 3)
+    assert r0["checked"] == [
+        "step-000000003/.metadata", "step-000000003/__1_0.distcp",
+        "step-000000002/.metadata", "step-000000002/__1_0.distcp",
+        "step-000000003/.metadata", "step-000000003/__1_0.distcp",
+    ]  # fmt: skip
+    assert r1["checked"] == [
+        "step-000000003/__0_0.distcp", "step-000000002/__0_0.distcp", "step-000000003/__0_0.distcp"
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
 def test_an_optimizer_with_dtensor_state_is_refused_on_every_rank(
     fsdp_run: dict[str, Any],
 ) -> None:

@@ -322,9 +322,10 @@ class Checkpointer:
         """
         device = check_device(map_location)
 
-        def read(which: str | int, first: bool) -> Found | None:
+        def read(which: str | int, skip: dict[int, str]) -> Found | None:
             self._wait()  # this instance's save in flight commits first
-            return self._reader.read(which, check_shards=first)
+            # under a process group the ranks check the DCP files together (restore_agreed)
+            return self._reader.read(which, check_shards=self._group is None, skip=skip)
 
         def load(found: Found) -> CheckpointInfo:
             return self._reader.load(
@@ -332,8 +333,11 @@ class Checkpointer:
             )
 
         if self._group is not None:
-            return _dist.restore_agreed(self._group, read, load, which)
-        found = read(which, True)
+            check = self._reader.check_shard_part
+            return _dist.restore_agreed(
+                self._group, read, lambda f, r, w: check(f.entry, r, w), load, which
+            )
+        found = read(which, {})
         return None if found is None else load(found)
 
     # -- listing --------------------------------------------------------------------------

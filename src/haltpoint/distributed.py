@@ -21,6 +21,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from haltpoint import errors
@@ -211,36 +212,66 @@ def _everywhere(group: Replicas | None, fn: Callable[[], T], what: str, gather: 
 
 def restore_agreed(
     group: Replicas,
-    read: Callable[[str | int, bool], Any],
+    read: Callable[[str | int, dict[int, str]], Any],
+    check: Callable[[Any, int, int], str | None],
     load: Callable[[Any], T],
     which: str | int,
 ) -> T | None:
-    """Rank 0 chooses the checkpoint; every rank reads that step, then every rank loads it.
+    """Rank 0 chooses the checkpoint; every rank reads that step, the ranks check its other
+    files together, then every rank loads it.
 
-    `read(which, first)` finds and reads (verifying) a checkpoint; rank 0 calls it with
-    `first=True` to resolve `which` ("latest", "best", a step; with its fall-backs over
-    damaged checkpoints) and broadcasts the step; the other ranks then read that exact step
-    from the shared directory, so all load the same one even if the directory changed in
-    between. Reading and loading are two rounds, each ending with an all-gather of failures,
-    so every rank enters the load (which may be collective: DCP) or none does. Returns None
-    on every rank when rank 0 found no checkpoint.
+    `read(which, skip)` finds and reads (verifying) a checkpoint: rank 0 calls it to resolve
+    `which` ("latest", "best", a step; with its fall-backs over damaged checkpoints, passing
+    over the steps in `skip`, which maps them to their damage) and broadcasts the step; the
+    other ranks then read that exact step from the shared directory, so all load the same one
+    even if the directory changed in between. `check(found, rank, world_size)` checks this
+    rank's share of the checkpoint's other files (a sharded checkpoint's DCP files) and says
+    what is damaged, or None: every rank reads only its share. Damage found by any rank sends
+    rank 0 back to choose past that step (or raises on every rank, for a step or when no
+    checkpoint is left). Every round ends with a collective that carries failures, so every
+    rank enters the load (which may be collective: DCP) or none does. Returns None on every
+    rank when rank 0 found no checkpoint.
     """
     what = f"restore({which!r})"
+    skip: dict[int, str] = {}
+    while True:
+        found = _read_agreed(group, read, which, skip, what)
+        if found is None:
+            return None
+        step = found.entry.step
+        reports = all_results(
+            group,
+            partial(check, found, group.rank, group.world_size),
+            f"{what}: checking step {step}",
+        )
+        damage = next((r for r in reports if r is not None), None)
+        if damage is None:
+            return all_succeed(group, partial(load, found), f"{what}: loading step {step}")
+        skip[step] = damage  # rank 0 chooses again, past it, or raises
+
+
+def _read_agreed(
+    group: Replicas,
+    read: Callable[[str | int, dict[int, str]], Any],
+    which: str | int,
+    skip: dict[int, str],
+    what: str,
+) -> Any:
+    """Rank 0 resolves and reads `which`; then every other rank reads the step it chose."""
     mine: Any = None
 
     def choose() -> int | None:
         nonlocal mine
-        mine = read(which, True)
+        mine = read(which, skip)
         return None if mine is None else mine.entry.step
 
     step = on_writer(group, choose, what)
     if step is None:
         return None
     if not group.is_writer:
-        mine = all_succeed(group, lambda: read(step, False), f"{what} of step {step}")
-    else:
-        all_succeed(group, lambda: None, f"{what} of step {step}")
-    return all_succeed(group, lambda: load(mine), f"{what}: loading step {step}")
+        return all_succeed(group, partial(read, step, {}), f"{what} of step {step}")
+    all_succeed(group, lambda: None, f"{what} of step {step}")
+    return mine
 
 
 # -- stopping ---------------------------------------------------------------------------------

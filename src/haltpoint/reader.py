@@ -135,15 +135,30 @@ class RunReader:
             raise ValueError(f"which must be 'latest', 'best' or a step (int), got {which!r}")
         return [self.entry(which, entries)]
 
-    def read(self, which: str | int, check_shards: bool = True) -> Found | None:
+    def read(
+        self, which: str | int, check_shards: bool = True, skip: Mapping[int, str] | None = None
+    ) -> Found | None:
         """Find the checkpoint `which` names and read its tensors, verified.
 
         Damaged candidates of "latest" or "best" are warned about and skipped. A sharded
-        checkpoint's DCP files are checked too, unless `check_shards` is false (ranks after
-        rank 0, which checked them). None for "latest" in a run without checkpoints.
+        checkpoint's DCP files are checked too, unless `check_shards` is false (under a process
+        group the ranks check them together: `check_shard_part`). `skip` maps the steps found
+        damaged that way to what is wrong with them: they are passed over as damaged. None for
+        "latest" in a run without checkpoints.
         """
         entries = self.run.committed()
         candidates = self.candidates(entries, which)
+        if skip:
+            if isinstance(which, int):
+                raise CorruptCheckpointError(skip[which], path=self.directory)
+            candidates = [e for e in candidates if e.step not in skip]
+            if not candidates:  # every candidate is damaged: the last one's damage
+                raise CorruptCheckpointError(list(skip.values())[-1], path=self.directory)
+            warnings.warn(
+                f"{list(skip.values())[-1]}\nhaltpoint: falling back to the checkpoint of step "
+                f"{candidates[0].step}",
+                stacklevel=4,
+            )
         if not candidates:
             if which == "latest":
                 return None
@@ -227,6 +242,18 @@ class RunReader:
         record = self._shards(entry)
         if record is not None:
             verify_shards(self.dcp_path(entry.dirname), record.files)
+
+    def check_shard_part(self, entry: Entry, rank: int, world_size: int) -> str | None:
+        """Check this rank's share of a sharded checkpoint's DCP files (every `world_size`-th,
+        from the `rank`-th, by name): what is damaged, or None (also without sharded state)."""
+        try:
+            record = self._shards(entry)
+            if record is not None:
+                mine = sorted(record.files.items())[rank::world_size]
+                verify_shards(self.dcp_path(entry.dirname), dict(mine))
+        except CorruptCheckpointError as exc:
+            return str(exc)
+        return None
 
     def dcp_path(self, dirname: str) -> str:
         """The local path of a checkpoint's DCP folder; ValueError for a URL run directory."""

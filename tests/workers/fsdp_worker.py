@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -27,7 +28,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import fully_shard
 
 import haltpoint.checkpointer
-from haltpoint import Checkpointer, CheckpointError, EarlyStopping, ShardedState
+import haltpoint.reader
+from haltpoint import (
+    Checkpointer,
+    CheckpointError,
+    CorruptCheckpointError,
+    EarlyStopping,
+    ShardedState,
+)
 
 
 def build(seed: int) -> torch.nn.Module:
@@ -173,6 +181,7 @@ def train(args: argparse.Namespace) -> None:
             result["write_error"] = str(exc)
         finally:
             haltpoint.checkpointer.write_shards = real
+        damaged_restore(args, ckpt, result)
         leftover = os.path.join(args.run_dir, "step-000000011")
         result["leftover"] = sorted(os.listdir(leftover)) if os.path.isdir(leftover) else None
         result["listed_after_crash"] = [info.step for info in ckpt.list()]
@@ -186,6 +195,48 @@ def train(args: argparse.Namespace) -> None:
         result["sync_files"] = sorted(os.listdir(f"{args.run_dir}-sync/step-000000020/dcp"))
     with open(f"{args.out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
+
+
+def damaged_restore(args: argparse.Namespace, ckpt: Checkpointer, result: dict[str, Any]) -> None:
+    """Flip a byte of step 3's `__0_0.distcp`, which rank 1 alone checks (the ranks share the
+    check of the DCP files), restore, then put the byte back."""
+    path = os.path.join(args.run_dir, "step-000000003", "dcp", "__0_0.distcp")
+
+    def flip() -> None:
+        if dist.get_rank() == 0:
+            with open(path, "r+b") as f:
+                f.seek(os.path.getsize(path) // 2)
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        dist.barrier()
+
+    real = haltpoint.reader.verify_shards
+    checked: list[str] = []
+
+    def recording(folder: str, files: Any) -> None:
+        checked.extend(f"{os.path.basename(os.path.dirname(folder))}/{n}" for n in sorted(files))
+        real(folder, files)
+
+    haltpoint.reader.verify_shards = recording  # type: ignore[assignment]
+    flip()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, _, state = fresh(sharded=True)
+            info = ckpt.restore(state)
+        result["fallback_step"] = None if info is None else info.step
+        result["fallback_epoch"] = state["epoch"]
+        result["fallback_warnings"] = [str(w.message) for w in caught]
+        try:
+            ckpt.restore(fresh(sharded=True)[2], 3)
+            result["step_error"] = None
+        except CorruptCheckpointError as exc:
+            result["step_error"] = str(exc)
+    finally:
+        flip()
+        haltpoint.reader.verify_shards = real
+    result["checked"] = checked
 
 
 def main() -> None:
