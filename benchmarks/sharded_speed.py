@@ -114,12 +114,29 @@ def main() -> None:
         for i in range(args.repeats):
             for name, save, finish in ways:
                 times.setdefault(name, []).append(timed(save, finish, i))
+        last = args.repeats - 1
+        restores: list[tuple[str, Callable[[int], Any]]] = [
+            (
+                "dcp.load (no check)",
+                lambda _: dcp.load(
+                    model.state_dict(), storage_reader=dcp.FileSystemReader(folder("async", last))
+                ),
+            ),
+            ("Checkpointer().restore (ranks share the check)", lambda _: ours.restore(state)),
+            ("read-only restore (each rank checks all)", lambda _: reader.restore(state)),
+        ]
+        state = {"model": model, "step": 0}
+        with Checkpointer(os.path.join(base, "run-async"), read_only=True) as reader:
+            for i in range(args.repeats):
+                for name, restore in restores:
+                    times.setdefault(name, []).append(timed(restore, lambda _: None, i))
     stager.close()
     if rank == 0:
         medians = {
             name: (statistics.median(b for b, _ in t), statistics.median(w for _, w in t))
             for name, t in times.items()
         }
+        restored = {name: medians.pop(name)[1] for name, _ in restores}
         base_blocked, base_total = medians["dcp.save"]
         print(f"model {nbytes / 2**20:.0f} MiB (float32), 2 ranks gloo CPU, {args.repeats} repeats")
         print(
@@ -131,6 +148,10 @@ def main() -> None:
                 f"{name:<38} {blocked:>9.3f} {blocked / base_blocked:>10.2f} {total:>8.3f} "
                 f"{nbytes / 2**30 / total:>6.2f} {total / base_total:>10.2f}"
             )
+        print(f"\n{'restore of the last save':<48} {'s':>6} {'x dcp.load':>10}")
+        for name, seconds in restored.items():
+            ratio = seconds / restored["dcp.load (no check)"]
+            print(f"{name:<48} {seconds:>6.3f} {ratio:>10.2f}")
         if args.dir is None:
             shutil.rmtree(base)
     dist.barrier()
