@@ -26,7 +26,8 @@ from haltpoint import (
     EarlyStopping,
     synced,
 )
-from haltpoint.distributed import Replicas, get_rank, get_world_size, is_distributed, on_writer
+from haltpoint.collectives import on_writer
+from haltpoint.distributed import Replicas, get_rank, get_world_size, is_distributed
 
 WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
 TIMEOUT_S = 120

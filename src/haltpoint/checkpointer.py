@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from haltpoint import distributed as _dist
+from haltpoint import collectives
 from haltpoint._arguments import check_device, check_step, coerce_metrics
+from haltpoint.distributed import Replicas
 from haltpoint.errors import CheckpointError
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
@@ -60,7 +61,7 @@ class Checkpointer:
     naming the holder), any number of readers. An instance is not thread-safe. Under an
     initialized `torch.distributed` process group, every rank creates the writer and calls
     the same methods; rank 0 alone writes replicated state, every rank its own shards of
-    sharded state (see `haltpoint.distributed`, `haltpoint.sharded`, `haltpoint.sharded_save`).
+    sharded state (see `haltpoint.collectives`, `haltpoint.sharded`, `haltpoint.sharded_save`).
 
     >>> import torch, tempfile
     >>> model = torch.nn.Linear(2, 1)
@@ -113,7 +114,7 @@ class Checkpointer:
             raise ValueError("save_on_signal needs a writer: do not combine it with read_only")
         self._preemption: SignalFlag | None = None
         # replicated state under torch.distributed: rank 0 writes, the others do no I/O
-        self._group = None if read_only else _dist.Replicas.current()
+        self._group = None if read_only else Replicas.current()
         self._closed = False
 
         def open_writer() -> None:
@@ -130,7 +131,7 @@ class Checkpointer:
                 self._writer = BackgroundWriter()
 
         if not read_only:
-            _dist.on_writer(self._group, open_writer, f"opening {self.directory}")
+            collectives.on_writer(self._group, open_writer, f"opening {self.directory}")
 
     @property
     def preempted(self) -> str | None:
@@ -186,7 +187,7 @@ class Checkpointer:
             commit = lambda extra: self._save(step, rest, metrics, pin, extra)  # noqa: E731
             return save_sharded(self._run, step, shards, write, commit, self._shard_writer)
         if self._group is not None:  # rank 0 saves; one broadcast shares its info or error
-            return _dist.on_writer(
+            return collectives.on_writer(
                 self._group, lambda: self._save(step, state, metrics, pin), f"save({step})"
             )
         return self._save(step, state, metrics, pin)
@@ -277,7 +278,7 @@ class Checkpointer:
         self._check_writable()
         self.wait()
         mark = lambda: self._run.set_pinned(self._reader.entry(check_step(step)).step, pinned)  # noqa: E731
-        _dist.on_writer(self._group, mark, f"(un)pinning step {step}")
+        collectives.on_writer(self._group, mark, f"(un)pinning step {step}")
 
     def _apply_retention(self, entries: list[Entry]) -> None:
         """Remove the committed checkpoints (`entries`, oldest first) no rule keeps."""
@@ -334,7 +335,7 @@ class Checkpointer:
 
         if self._group is not None:
             check = self._reader.check_shard_part
-            return _dist.restore_agreed(
+            return collectives.restore_agreed(
                 self._group, read, lambda f, r, w: check(f.entry, r, w), load, which
             )
         found = read(which, {})
@@ -363,7 +364,7 @@ class Checkpointer:
         if self._group is None:
             self._wait()
         else:
-            _dist.on_writer(self._group, self._wait, "the save in flight")
+            collectives.on_writer(self._group, self._wait, "the save in flight")
 
     def _wait(self) -> None:
         if self._writer is not None:
@@ -379,7 +380,7 @@ class Checkpointer:
         self._closed = True
         finish = self._writer.close if self._writer is not None else lambda: None
         try:  # leaving on an exception (maybe on one rank only): no collective
-            _dist.on_writer(self._group if sync else None, finish, "the save in flight")
+            collectives.on_writer(self._group if sync else None, finish, "the save in flight")
         finally:
             if self._shard_writer is not None:
                 self._shard_writer.close()

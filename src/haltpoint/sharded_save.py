@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from haltpoint import distributed as _dist
+from haltpoint import collectives
+from haltpoint.distributed import Replicas
 from haltpoint.errors import CheckpointError
 from haltpoint.reader import CheckpointInfo
 from haltpoint.sharded import split_sharded
@@ -35,7 +36,7 @@ def split_agreed(step: int, state: Mapping[str, Any]) -> tuple[dict[str, Any], M
     Raises:
         CheckpointError: some ranks hold DTensor shards and others do not, or a rank failed.
     """
-    group = _dist.Replicas.current()
+    group = Replicas.current()
     if group is None:
         return split_sharded(state)
     mine: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
@@ -44,7 +45,7 @@ def split_agreed(step: int, state: Mapping[str, Any]) -> tuple[dict[str, Any], M
         mine.append(split_sharded(state))
         return bool(mine[0][0])
 
-    if len(set(_dist.all_results(group, split, f"save({step})"))) > 1:
+    if len(set(collectives.all_results(group, split, f"save({step})"))) > 1:
         raise CheckpointError(
             f"save({step}): some ranks hold DTensor shards and others do not; every rank "
             "must pass the same kind of state"
@@ -70,7 +71,7 @@ class ShardWriter:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         dist = torch.distributed
-        self._group = _dist.Replicas(
+        self._group = Replicas(
             dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo")
         )
         self._stager = DefaultStager(
@@ -94,7 +95,10 @@ class ShardWriter:
         """Write `staged` in the background: `write(staged, rank, process_group)` on every rank."""
         group = self._group
         self._pending = self._thread.submit(
-            _dist.all_results, group, lambda: write(staged, group.rank, group.process_group), what
+            collectives.all_results,
+            group,
+            lambda: write(staged, group.rank, group.process_group),
+            what,
         )
 
     def result(self) -> list[Mapping[str, Any]]:
@@ -142,7 +146,7 @@ def save_sharded(
         The checkpoint's info. Its size counts the DCP files or, for a write still in the
         background, the bytes of the shards copied.
     """
-    group = _dist.Replicas.current()  # None for one process (world size 1)
+    group = Replicas.current()  # None for one process (world size 1)
     rank = 0 if group is None else group.rank
     what = f"save({step})"
     folder = dcp_folder(checkpoint_dirname(step))
@@ -152,12 +156,12 @@ def save_sharded(
         run.storage.rmtree(folder)  # an interrupted save of this step
         run.storage.makedirs(folder)
 
-    _dist.on_writer(group, prepare, what)
+    collectives.on_writer(group, prepare, what)
     if writer is None:  # write now; the manifest follows once every rank's files are durable
-        parts = _dist.all_results(
+        parts = collectives.all_results(
             group, lambda: write(shards, rank, None), f"{what}: writing shards"
         )
-        info = _dist.on_writer(
+        info = collectives.on_writer(
             group, lambda: commit(lambda: _extra(shards, parts)), f"{what}: commit"
         )
         return replace(
@@ -169,9 +173,9 @@ def save_sharded(
         staged.append(writer.stage(shards))
         return _nbytes(staged[0])
 
-    copied = _dist.all_results(group, stage, f"{what}: copying shards")
+    copied = collectives.all_results(group, stage, f"{what}: copying shards")
     writer.submit(write, staged[0], f"{what}: writing shards")
-    info = _dist.on_writer(
+    info = collectives.on_writer(
         group, lambda: commit(lambda: _extra(shards, writer.result())), f"{what}: commit"
     )
     return replace(info, size=info.size + sum(copied))

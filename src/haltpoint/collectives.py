@@ -1,0 +1,193 @@
+"""How the ranks agree on each checkpoint call, so an error on one is raised on all.
+
+Rank 0 alone takes the writer lock and does the I/O of replicated state; every `Checkpointer`
+method a rank 0 error can come out of (`Checkpointer(...)`, `save`, `wait`, `close`,
+`restore`, `list`, `pin`, `unpin`) ends with `on_writer`, one broadcast from rank 0 carrying
+either its result or its error. Where every rank acts (finding and writing sharded state,
+reading and loading in `restore`), `all_succeed` and `all_results` end with an all-gather of
+every rank's failure. So an error is raised on every rank at the same call and no rank is left
+waiting in a collective. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+from haltpoint import errors
+from haltpoint.distributed import Replicas, all_gather, initialized
+from haltpoint.errors import CheckpointError
+
+__all__ = ["all_results", "all_succeed", "on_writer", "restore_agreed"]
+
+T = TypeVar("T")
+
+
+def _broadcast(payload: Any) -> Any:
+    """Broadcast one picklable object from rank 0; every rank gets rank 0's object."""
+    dist = initialized()
+    box = [payload]
+    dist.broadcast_object_list(box, src=0, device=_device(dist))
+    return box[0]
+
+
+def _device(dist: Any) -> Any:
+    """Where object collectives stage their bytes: the current CUDA device for NCCL."""
+    if dist.get_backend() == "nccl":
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _failure(what: str, exc: BaseException) -> tuple[bool, str, str, str | None]:
+    """What rank 0 broadcasts when `what` failed: the message, error class and path."""
+    kind = type(exc).__name__
+    if not isinstance(exc, CheckpointError) or getattr(errors, kind, None) is not type(exc):
+        kind = "CheckpointError"
+    return False, f"on rank 0, {what} failed: {type(exc).__name__}: {exc}", kind, _path(exc)
+
+
+def _path(exc: BaseException) -> str | None:
+    path = getattr(exc, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def _raise(failure: tuple[bool, str, str, str | None], cause: BaseException | None) -> None:
+    """Raise the same error on every rank: rank 0's `CheckpointError` class, else the base."""
+    _, message, kind, path = failure
+    raise getattr(errors, kind)(message, path=path) from cause
+
+
+def on_writer(
+    group: Replicas | None,
+    fn: Callable[[], T],
+    what: str,
+    share: Callable[[T], Any] | None = None,
+) -> Any:
+    """Run `fn` on rank 0 only and agree on the outcome with one broadcast.
+
+    Without a group this is `fn()`. With one, rank 0 runs `fn` and broadcasts its result
+    (through `share`, if given); the other ranks return that. If `fn` fails, every rank
+    raises the same error: rank 0's class when it is one of haltpoint's `CheckpointError`s
+    (e.g. `CheckpointExistsError`), else `CheckpointError`, with the same message naming the
+    original error (on rank 0 chained to it).
+    """
+    if group is None:
+        return fn()
+    if not group.is_writer:
+        payload = _broadcast(None)
+        if not payload[0]:
+            _raise(payload, None)
+        return payload[1]
+    try:
+        result = fn()
+    except Exception as exc:
+        failure = _failure(what, exc)
+        _broadcast(failure)
+        _raise(failure, exc)
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit: release the others, re-raise
+        _broadcast(_failure(what, exc))
+        raise
+    _broadcast((True, result if share is None else share(result)))
+    return result
+
+
+def all_succeed(group: Replicas | None, fn: Callable[[], T], what: str) -> T:
+    """Run `fn` on every rank; if it fails on any, raise the same error on all.
+
+    That is a `CheckpointError` naming the first rank that failed or, when every rank
+    failed with the same message (a bad argument), each rank's own error.
+    """
+    return _everywhere(group, fn, what, gather=False)[0]
+
+
+def all_results(group: Replicas | None, fn: Callable[[], T], what: str) -> list[T]:
+    """Like `all_succeed`, and every rank gets every rank's (picklable) result, by rank."""
+    return _everywhere(group, fn, what, gather=True)
+
+
+def _everywhere(group: Replicas | None, fn: Callable[[], T], what: str, gather: bool) -> list[T]:
+    if group is None:
+        return [fn()]
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:
+        error = exc
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered = all_gather((message, result if gather else None), group.process_group)
+    failed = [rank for rank, (said, _) in enumerate(gathered) if said is not None]
+    if error is not None and all(said == message for said, _ in gathered):
+        raise error  # the same failure on every rank (a bad argument): keep its type
+    if failed:
+        raise CheckpointError(
+            f"{what} failed on rank {failed[0]}: {gathered[failed[0]][0]}"
+        ) from error
+    return [value for _, value in gathered] if gather else [result]
+
+
+def restore_agreed(
+    group: Replicas,
+    read: Callable[[str | int, dict[int, str]], Any],
+    check: Callable[[Any, int, int], str | None],
+    load: Callable[[Any], T],
+    which: str | int,
+) -> T | None:
+    """Rank 0 chooses the checkpoint; every rank reads that step, the ranks check its other
+    files together, then every rank loads it.
+
+    `read(which, skip)` finds and reads (verifying) a checkpoint: rank 0 calls it to resolve
+    `which` ("latest", "best", a step; with its fall-backs over damaged checkpoints, passing
+    over the steps in `skip`, which maps them to their damage) and broadcasts the step; the
+    other ranks then read that exact step from the shared directory, so all load the same one
+    even if the directory changed in between. `check(found, rank, world_size)` checks this
+    rank's share of the checkpoint's other files (a sharded checkpoint's DCP files) and says
+    what is damaged, or None: every rank reads only its share. Damage found by any rank sends
+    rank 0 back to choose past that step (or raises on every rank, for a step or when no
+    checkpoint is left). Every round ends with a collective that carries failures, so every
+    rank enters the load (which may be collective: DCP) or none does. Returns None on every
+    rank when rank 0 found no checkpoint.
+    """
+    what = f"restore({which!r})"
+    skip: dict[int, str] = {}
+    while True:
+        found = _read_agreed(group, read, which, skip, what)
+        if found is None:
+            return None
+        step = found.entry.step
+        reports = all_results(
+            group,
+            partial(check, found, group.rank, group.world_size),
+            f"{what}: checking step {step}",
+        )
+        damage = next((r for r in reports if r is not None), None)
+        if damage is None:
+            return all_succeed(group, partial(load, found), f"{what}: loading step {step}")
+        skip[step] = damage  # rank 0 chooses again, past it, or raises
+
+
+def _read_agreed(
+    group: Replicas,
+    read: Callable[[str | int, dict[int, str]], Any],
+    which: str | int,
+    skip: dict[int, str],
+    what: str,
+) -> Any:
+    """Rank 0 resolves and reads `which`; then every other rank reads the step it chose."""
+    mine: Any = None
+
+    def choose() -> int | None:
+        nonlocal mine
+        mine = read(which, skip)
+        return None if mine is None else mine.entry.step
+
+    step = on_writer(group, choose, what)
+    if step is None:
+        return None
+    if not group.is_writer:
+        return all_succeed(group, partial(read, step, {}), f"{what} of step {step}")
+    all_succeed(group, lambda: None, f"{what} of step {step}")
+    return mine
