@@ -194,6 +194,14 @@ def test_an_optimizer_with_dtensor_state_is_refused_on_every_rank(
         assert "ShardedState(model, optimizer)" in r["optimizer_error"]
 
 
+@pytest.fixture
+def run_copy(fsdp_run: dict[str, Any], tmp_path: Path) -> Path:
+    """A copy of the trained run directory, for tests that damage it."""
+    copy = tmp_path / "run"
+    shutil.copytree(fsdp_run["run_dir"], copy)
+    return copy
+
+
 def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -201,11 +209,8 @@ def _flip_byte(path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_damaged_dcp_files_are_found_before_anything_loads(
-    fsdp_run: dict[str, Any], tmp_path: Path
-) -> None:
-    copy = tmp_path / "run"
-    shutil.copytree(fsdp_run["run_dir"], copy)
+def test_damaged_dcp_files_are_found_before_anything_loads(run_copy: Path) -> None:
+    copy = run_copy
     _flip_byte(copy / "step-000000003" / "dcp" / "__1_0.distcp")
     (copy / "step-000000002" / "dcp" / "__0_0.distcp").write_bytes(b"short")
     (copy / "step-000000000" / "dcp" / "__1_0.distcp").unlink()
@@ -223,11 +228,8 @@ def test_damaged_dcp_files_are_found_before_anything_loads(
 
 
 @pytest.mark.slow
-def test_a_sharded_record_naming_a_path_outside_its_folder_is_refused(
-    fsdp_run: dict[str, Any], tmp_path: Path
-) -> None:
-    copy = tmp_path / "run"
-    shutil.copytree(fsdp_run["run_dir"], copy)
+def test_a_sharded_record_naming_a_path_outside_its_folder_is_refused(run_copy: Path) -> None:
+    copy = run_copy
     from haltpoint.store.run_dir import RunDirectory
     from haltpoint.store.storage import open_storage
 

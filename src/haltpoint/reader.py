@@ -152,13 +152,10 @@ class RunReader:
             if isinstance(which, int):
                 raise CorruptCheckpointError(skip[which], path=self.directory)
             candidates = [e for e in candidates if e.step not in skip]
+            damage = list(skip.values())[-1]
             if not candidates:  # every candidate is damaged: the last one's damage
-                raise CorruptCheckpointError(list(skip.values())[-1], path=self.directory)
-            warnings.warn(
-                f"{list(skip.values())[-1]}\nhaltpoint: falling back to the checkpoint of step "
-                f"{candidates[0].step}",
-                stacklevel=4,
-            )
+                raise CorruptCheckpointError(damage, path=self.directory)
+            _warn_falling_back(damage, candidates[0].step)
         if not candidates:
             if which == "latest":
                 return None
@@ -185,11 +182,7 @@ class RunReader:
                         ) from exc
                     raise
                 if not removed:
-                    warnings.warn(
-                        f"{exc}\nhaltpoint: falling back to the checkpoint of step "
-                        f"{candidates[index + 1].step}",
-                        stacklevel=4,
-                    )
+                    _warn_falling_back(str(exc), candidates[index + 1].step)
                 continue
             return Found(entry, tensors)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -269,6 +262,13 @@ class RunReader:
         """The checkpoint's sharded record, None when it has no sharded state."""
         assert entry.manifest is not None
         return ShardedRecord.from_manifest(entry.manifest, f"{self.directory}/{entry.dirname}")
+
+
+def _warn_falling_back(damage: str, step: int) -> None:
+    """Say what is damaged and which checkpoint is tried instead (from `restore`'s caller)."""
+    warnings.warn(
+        f"{damage}\nhaltpoint: falling back to the checkpoint of step {step}", stacklevel=5
+    )
 
 
 def _steps(entries: list[Entry]) -> str:
