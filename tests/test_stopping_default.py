@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from haltpoint import EarlyStopping, StopReason
+from haltpoint import Divergence, EarlyStopping, StopReason
 from haltpoint.stopping.adaptive import (
     DIVERGED_WAIT,
     MIN_WAIT,
@@ -107,6 +107,17 @@ def test_a_spike_that_recovers_is_waited_for() -> None:
     assert stopper.best_step is not None and stopper.best_step > 59
     assert rule_stop(SPIKE, TrendSettings()) is None
     assert rule_stop(SPIKE, TrendSettings(diverged_wait=0)) == MIN_WAIT  # gives up at once
+
+
+def test_a_blow_up_with_wild_noise_needs_a_divergence_threshold() -> None:
+    """The documented blind spot: noise of 10^17 lets a lucky draw reach the best, so the
+    default rule alone runs on; a `Divergence` rule stops at the first value above it."""
+    rng = random.Random(3)
+    blown_up = [2.77] + [10 ** rng.uniform(15, 22) for _ in range(160)]
+    assert stop_at(EarlyStopping("val_loss"), blown_up) == (None, None)
+    stopper = EarlyStopping("val_loss", rules=[Divergence(100.0)])
+    assert stop_at(stopper, blown_up)[0] == 1
+    assert stopper.code is StopReason.DIVERGENCE
 
 
 def test_reason_says_what_the_trend_projects() -> None:
