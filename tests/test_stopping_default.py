@@ -110,7 +110,7 @@ def test_a_spike_that_recovers_is_waited_for() -> None:
 
 
 def test_a_blow_up_with_wild_noise_needs_a_divergence_threshold() -> None:
-    """The documented blind spot: noise of 10^17 lets a lucky draw reach the best, so the
+    """The documented blind spot: values of 10^15-10^22 let a lucky draw reach the best, so the
     default rule alone runs on; a `Divergence` rule stops at the first value above it."""
     rng = random.Random(3)
     blown_up = [2.77] + [10 ** rng.uniform(15, 22) for _ in range(160)]
