@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from haltpoint.distributed import initialized
 from haltpoint.errors import CorruptCheckpointError
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
@@ -34,10 +35,6 @@ __all__ = [
 ]
 
 _CHUNK = 8 << 20
-
-
-def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _dtensor_class() -> type | None:
@@ -72,7 +69,7 @@ def split_sharded(state: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str
             for DCP to load into, so its restore would silently load nothing; save
             `ShardedState(model, optimizer)` instead.
     """
-    dtensor = _dtensor_class() if _initialized() else None
+    dtensor = _dtensor_class() if initialized() is not None else None
     if dtensor is None or not isinstance(state, Mapping):
         return {}, state
     shards: dict[str, Any] = {}
@@ -161,7 +158,7 @@ def load_shards(folder: str, entries: Mapping[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
-    dcp.load(targets, storage_reader=dcp.FileSystemReader(folder), no_dist=not _initialized())
+    dcp.load(targets, storage_reader=dcp.FileSystemReader(folder), no_dist=initialized() is None)
     for name, value in entries.items():
         if is_stateful(value):
             value.load_state_dict(targets[name])

@@ -9,9 +9,8 @@ import logging
 import warnings
 from typing import Any
 
-import torch
-
 from haltpoint import Checkpointer, CheckpointExistsError, EarlyStopping
+from haltpoint.distributed import initialized
 from haltpoint.integrations._common import (
     check_arguments,
     missing_metric_error,
@@ -228,8 +227,8 @@ class HaltpointCallback(TrainerCallback):
             return
         if state.is_world_process_zero:
             ckpt.wait()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # the other ranks read what the main process wrote
+        if (dist := initialized()) is not None:
+            dist.barrier()  # the other ranks read what the main process wrote
         if self.restore_best and model is not None and ckpt.list():
             self.best_step = restore_best_weights(ckpt, model, self.stopper)
             log.info("haltpoint: restored the best weights, from step %d", self.best_step)
