@@ -26,8 +26,8 @@ from haltpoint import (
     EarlyStopping,
     synced,
 )
-from haltpoint.collectives import on_writer
 from haltpoint.distributed import Replicas, get_rank, get_world_size, is_distributed
+from haltpoint.distributed.collectives import on_writer
 
 WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
 TIMEOUT_S = 120

@@ -270,7 +270,7 @@ def test_without_a_process_group_state_is_never_inspected_for_shards(tmp_path: P
         def load_state_dict(self, state: dict[str, Any]) -> None:
             pass
 
-    from haltpoint.sharded import split_sharded
+    from haltpoint.distributed.sharded import split_sharded
 
     state = {"x": Unreadable()}
     assert split_sharded(state) == ({}, state)
@@ -325,9 +325,9 @@ def test_save_sharded_in_one_process_prepares_writes_then_commits_the_record(
     tmp_path: Path,
 ) -> None:
     """The protocol without a process group: a fresh `dcp/`, rank 0's files, one commit."""
+    from haltpoint.distributed.sharded_save import save_sharded
     from haltpoint.errors import CheckpointExistsError
     from haltpoint.reader import CheckpointInfo
-    from haltpoint.sharded_save import save_sharded
     from haltpoint.store.run_dir import RunDirectory, ShardedRecord
     from haltpoint.store.storage import open_storage
 

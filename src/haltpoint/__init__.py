@@ -2,6 +2,7 @@
 
 from haltpoint.checkpointer import Checkpointer, CheckpointInfo
 from haltpoint.distributed import DistributedEarlyStopping, synced
+from haltpoint.distributed.sharded import ShardedState
 from haltpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -12,7 +13,6 @@ from haltpoint.errors import (
     StateMismatchError,
     UnsupportedStateError,
 )
-from haltpoint.sharded import ShardedState
 from haltpoint.stopping import (
     ConsecutiveIncreases,
     Decision,

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from haltpoint import collectives
 from haltpoint._arguments import check_device, check_step, coerce_metrics
-from haltpoint.distributed import Replicas
+from haltpoint.distributed import collectives
+from haltpoint.distributed.ranks import Replicas
+from haltpoint.distributed.sharded import write_shards
+from haltpoint.distributed.sharded_save import ShardWriter, save_sharded, split_agreed
 from haltpoint.errors import CheckpointError
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
-from haltpoint.sharded import write_shards
-from haltpoint.sharded_save import ShardWriter, save_sharded, split_agreed
 from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.store.background import BackgroundWriter
@@ -61,7 +61,7 @@ class Checkpointer:
     naming the holder), any number of readers. An instance is not thread-safe. Under an
     initialized `torch.distributed` process group, every rank creates the writer and calls
     the same methods; rank 0 alone writes replicated state, every rank its own shards of
-    sharded state (see `haltpoint.collectives`, `haltpoint.sharded`, `haltpoint.sharded_save`).
+    sharded state (see `haltpoint.distributed`).
 
     >>> import torch, tempfile
     >>> model = torch.nn.Linear(2, 1)
@@ -178,7 +178,7 @@ class Checkpointer:
         check_step(step)
         coerce_metrics(metrics, self.monitor)
         shards, rest = split_agreed(step, state)
-        if shards:  # every rank writes its shards; rank 0 commits (see haltpoint.sharded_save)
+        if shards:  # every rank writes its shards; rank 0 commits (see distributed.sharded_save)
             folder = self._reader.dcp_path(checkpoint_dirname(step))
             self.wait()
             if self._async_save and self._shard_writer is None:

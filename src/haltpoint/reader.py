@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from haltpoint.distributed.sharded import load_shards, verify_shards
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from haltpoint.policies.retention import best_record
-from haltpoint.sharded import load_shards, verify_shards
 from haltpoint.state.load import LoadReport, load_into, plan_load
 from haltpoint.state.rng import restore_rng
 from haltpoint.state.tree import unflatten_state

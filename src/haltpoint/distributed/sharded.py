@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from haltpoint.distributed import initialized
+from haltpoint.distributed.ranks import initialized
 from haltpoint.errors import CorruptCheckpointError
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher

@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from haltpoint import errors
-from haltpoint.distributed import Replicas, all_gather, initialized
+from haltpoint.distributed.ranks import Replicas, all_gather, initialized
 from haltpoint.errors import CheckpointError
 
 __all__ = ["all_results", "all_succeed", "on_writer", "restore_agreed"]

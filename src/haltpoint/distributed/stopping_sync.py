@@ -1,13 +1,12 @@
-"""Glue for `torch.distributed`: the ranks, and identical stopping decisions on every rank.
+"""Identical stopping decisions on every rank of `torch.distributed`.
 
-Everything here is a no-op without an initialized process group of two or more ranks, so
-single-process code pays nothing and behaves exactly as before.
+Without an initialized process group of two or more ranks `synced(stopper)` changes nothing.
 
 `synced(stopper)` all-gathers the evaluation on every rank, warns on rank 0 when the ranks
 saw different monitored values, and feeds every rank's stopper the same value (the mean over
 ranks by default, or rank 0's), so each rank's state machine reaches the same decision with no
 further communication (see docs/distributed.md, "Distributed training (DDP)"). How the ranks
-agree on checkpoint calls is `haltpoint.collectives`.
+agree on checkpoint calls is `haltpoint.distributed.collectives`.
 """
 
 from __future__ import annotations
@@ -15,90 +14,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from haltpoint.distributed.ranks import all_gather, get_rank, is_distributed
 from haltpoint.stopping.inputs import as_float, read_metric
 
-__all__ = [
-    "DistributedEarlyStopping",
-    "Replicas",
-    "all_gather",
-    "get_rank",
-    "get_world_size",
-    "initialized",
-    "is_distributed",
-    "synced",
-]
+__all__ = ["DistributedEarlyStopping", "synced"]
 
 _REDUCTIONS = ("mean", "rank0")
-
-
-def initialized() -> Any:
-    """`torch.distributed` when it is available and initialized, else None."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch built without distributed support
-        return None
-    if not dist.is_available() or not dist.is_initialized():
-        return None
-    return dist
-
-
-def get_rank() -> int:
-    """This process's rank, or 0 without an initialized process group."""
-    dist = initialized()
-    return 0 if dist is None else int(dist.get_rank())
-
-
-def get_world_size() -> int:
-    """The number of ranks, or 1 without an initialized process group."""
-    dist = initialized()
-    return 1 if dist is None else int(dist.get_world_size())
-
-
-def is_distributed() -> bool:
-    """Whether a process group of two or more ranks is initialized.
-
-    >>> is_distributed()
-    False
-    """
-    return get_world_size() > 1
-
-
-@dataclass(frozen=True)
-class Replicas:
-    """The ranks that hold the same (replicated) state; rank 0 writes it.
-
-    `process_group` is the torch process group their collectives use (None: the default
-    one); `ShardWriter` gives its background writes a gloo group of their own.
-    """
-
-    rank: int
-    world_size: int
-    process_group: Any = None
-
-    @staticmethod
-    def current() -> Replicas | None:
-        """The default process group's ranks, or None when there is nothing to coordinate."""
-        if not is_distributed():
-            return None
-        return Replicas(get_rank(), get_world_size())
-
-    @property
-    def is_writer(self) -> bool:
-        return self.rank == 0
-
-
-def all_gather(payload: Any, process_group: Any = None) -> list[Any]:
-    """Every rank's picklable `payload`, by rank (on `process_group`, else the default one)."""
-    dist = initialized()
-    out: list[Any] = [None] * dist.get_world_size(process_group)
-    dist.all_gather_object(out, payload, group=process_group)
-    return out
-
-
-# -- stopping ---------------------------------------------------------------------------------
 
 
 class DistributedEarlyStopping:
