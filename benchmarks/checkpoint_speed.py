@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 
 from haltpoint import Checkpointer
 from haltpoint.store.storage import LocalStorage
-from haltpoint.store.tensor_file import read_tensors
+from haltpoint.store.tensor_reader import read_tensors
 
 LAYERS = 16
 GiB = 1 << 30

@@ -15,7 +15,7 @@ from haltpoint.errors import CorruptCheckpointError
 from haltpoint.store.direct_io import BOUNCE_BYTES
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.storage import LocalStorage
-from haltpoint.store.tensor_file import read_tensors
+from haltpoint.store.tensor_reader import read_tensors
 
 
 def state() -> dict[str, torch.Tensor]:

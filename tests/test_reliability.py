@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from haltpoint import Checkpointer, CorruptCheckpointError
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.storage import FsspecStorage
-from haltpoint.store.tensor_file import TensorRecord, read_header, read_tensors
+from haltpoint.store.tensor_file import TensorRecord, read_header
+from haltpoint.store.tensor_reader import read_tensors
 
 _spec = importlib.util.spec_from_file_location(
     "reliability", Path(__file__).parent.parent / "benchmarks" / "reliability.py"

@@ -26,7 +26,7 @@ from haltpoint import Checkpointer
 from haltpoint.errors import LockedError
 from haltpoint.store.history import read_history
 from haltpoint.store.storage import FsspecStorage
-from haltpoint.store.tensor_file import read_tensors
+from haltpoint.store.tensor_reader import read_tensors
 from haltpoint.store.tensor_writer import write_tensor_file
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -24,12 +24,10 @@ from haltpoint.store.tensor_file import (
     CHUNK,
     TensorRecord,
     dtype_code,
-    index_tensor_file,
     read_header,
-    read_tensors,
     torch_dtype,
-    verify_file,
 )
+from haltpoint.store.tensor_reader import index_tensor_file, read_tensors, verify_file
 from haltpoint.store.tensor_writer import write_tensor_file
 
 CODES = {

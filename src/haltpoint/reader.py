@@ -31,7 +31,7 @@ from haltpoint.store.run_dir import (
     dcp_folder,
     is_sharded,
 )
-from haltpoint.store.tensor_file import read_tensors
+from haltpoint.store.tensor_reader import read_tensors
 
 __all__ = ["RNG_ENTRY", "CheckpointInfo", "Found", "RunReader"]
 

@@ -16,7 +16,7 @@ from haltpoint.state.codec import TENSOR_TAG
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.run_dir import ShardedRecord, checkpoint_dirname
-from haltpoint.store.tensor_file import read_tensors
+from haltpoint.store.tensor_reader import read_tensors
 
 __all__ = ["entry_weights", "register", "run"]
 

@@ -17,7 +17,8 @@ from haltpoint.errors import CorruptCheckpointError
 from haltpoint.reader import RunReader
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes, is_sharded
 from haltpoint.store.storage import Storage
-from haltpoint.store.tensor_file import TensorRecord, read_header, verify_file
+from haltpoint.store.tensor_file import TensorRecord, read_header
+from haltpoint.store.tensor_reader import verify_file
 
 __all__ = ["CheckpointCheck", "register", "run", "verify_run"]
 

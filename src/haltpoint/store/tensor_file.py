@@ -5,6 +5,9 @@ A file is an 8-byte little-endian header length, a JSON header (tensor name -> d
 spaces to a multiple of 8), then the raw bytes of each tensor back to back. Any safetensors
 reader opens our files and we read theirs. Nothing read from disk is trusted: every length,
 offset, shape and hash is checked, and damage raises `CorruptCheckpointError`.
+
+This module is the format both sides share (dtypes, `TensorRecord`, the header and its
+parser); `tensor_writer` writes files and `tensor_reader` reads and verifies them.
 """
 
 from __future__ import annotations
@@ -26,12 +29,9 @@ __all__ = [
     "REMEDY",
     "TensorRecord",
     "dtype_code",
-    "index_tensor_file",
     "read_header",
-    "read_tensors",
     "strict_loads",
     "torch_dtype",
-    "verify_file",
 ]
 
 MAX_HEADER_BYTES = 100_000_000  # the limit of the reference safetensors reader
@@ -295,11 +295,3 @@ def read_header(storage: Storage, rel: str) -> dict[str, Any]:
             return _parse_header(f, size)
     except (OSError, _Damage) as e:
         raise _corrupt(storage, rel, e) from None
-
-
-# The read path lives in `tensor_reader`; its public names stay importable from here.
-from haltpoint.store.tensor_reader import (  # noqa: E402
-    index_tensor_file,
-    read_tensors,
-    verify_file,
-)
