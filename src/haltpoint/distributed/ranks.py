@@ -9,14 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "Replicas",
-    "all_gather",
-    "get_rank",
-    "get_world_size",
-    "initialized",
-    "is_distributed",
-]
+__all__ = ["Replicas", "all_gather", "get_rank", "get_world_size", "initialized", "is_distributed"]
 
 
 def initialized() -> Any:
