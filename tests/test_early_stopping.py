@@ -24,7 +24,7 @@ from haltpoint import (
     TimeBudget,
 )
 from haltpoint.stopping import STATE_VERSION, default_patience
-from haltpoint.stopping.adaptive import MIN_WAIT
+from haltpoint.stopping.adaptive import MIN_POINTS
 
 NAN, INF = math.nan, math.inf
 
@@ -135,7 +135,11 @@ def test_reason_sentence_names_metric_delta_wait_and_best() -> None:
         ),
         ({"patience": 1}, [1.0, NAN], "val_loss is nan at evaluation 1: training has diverged"),
         ({"patience": 1, "check_finite": False}, [NAN], "no finite value in 1 evaluations"),
-        ({}, [1.0] * (MIN_WAIT + 1), f"has levelled off: no new best for {MIN_WAIT} evaluations"),
+        (
+            {},
+            [1.0] * (MIN_POINTS + 1),
+            f"has levelled off: no new best for {MIN_POINTS} evaluations",
+        ),
     ],
 )
 def test_reason_sentences(kwargs: dict[str, Any], values: list[float], part: str) -> None:
@@ -221,8 +225,8 @@ def test_previous_default_patience_grows_with_the_step_of_the_best() -> None:
 
 def test_default_rule_stops_a_flat_series_after_its_least_wait() -> None:
     flat = EarlyStopping()
-    assert stop_index(flat, [1.0] * 40) == MIN_WAIT
-    assert flat.patience is None and flat.current_patience() == MIN_WAIT
+    assert stop_index(flat, [1.0] * 40) == MIN_POINTS
+    assert flat.patience is None and flat.current_patience() == MIN_POINTS
 
 
 @given(

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from haltpoint import Divergence, EarlyStopping, StopReason
 from haltpoint.stopping.adaptive import (
-    DIVERGED_WAIT,
-    MIN_WAIT,
+    DEFAULT_SETTINGS,
+    MIN_POINTS,
+    PLANNED_SETTINGS,
     Projection,
     TrendRule,
     TrendSettings,
@@ -64,24 +65,64 @@ def rule_stop(values: list[float], settings: TrendSettings) -> int | None:
     return None
 
 
+#: Where a series that never beats its first value stops without a horizon: the floor.
+FLAT_STOP = MIN_POINTS
+#: ... and a rise after a best at evaluation 2, told the horizon: the planned diverged wait.
+DIVERGED_STOP = 2 + math.ceil(
+    PLANNED_SETTINGS.diverged_factor * PLANNED_SETTINGS.least_wait(len(DIVERGING))
+)
+
+
 @pytest.mark.parametrize(
     ("values", "kwargs", "low", "high", "code"),
     [
-        # a noisy plateau stops soon after the least wait
-        (PLATEAU, {}, MIN_WAIT, 60, StopReason.PATIENCE),
+        # a noisy plateau stops, told the horizon or not
+        (PLATEAU, {}, MIN_POINTS, N - 1, StopReason.PATIENCE),
+        (PLATEAU, {"horizon": N}, MIN_POINTS, N - 1, StopReason.PATIENCE),
         # a slow, steady improvement is not stopped early (it has a new best within the noise)
         (SLOW, {}, None, None, None),
+        (SLOW, {"horizon": N}, None, None, None),
         # a second descent after warmup, decay and a slowly improving plateau is not cut short
-        (SCHEDULE, {}, None, None, None),
-        # a rising curve stops as diverging, after the longer wait of a diverged run
-        (DIVERGING, {}, 2 + DIVERGED_WAIT, 2 + DIVERGED_WAIT, StopReason.DIVERGENCE),
+        # when the rule knows the plan or the warmup (without either, a warmup whose loss rises
+        # for MIN_POINTS evaluations looks like a run that never improves; docs/stopping.md)
+        (SCHEDULE, {"horizon": N}, None, None, None),
+        (SCHEDULE, {"warmup": 10}, None, None, None),
+        # a rising curve stops as diverging when told the plan; without it the diverged wait
+        # (twice half the run so far) is never reached: add a Divergence threshold
+        (
+            DIVERGING,
+            {"horizon": len(DIVERGING)},
+            DIVERGED_STOP,
+            DIVERGED_STOP,
+            StopReason.DIVERGENCE,
+        ),
+        (DIVERGING, {}, None, None, None),
         ([1.0, 0.5, math.nan], {}, 2, 2, StopReason.NON_FINITE),
         ([1.0, 0.5, math.inf], {}, 2, 2, StopReason.NON_FINITE),
         # in "max" mode the mirror image behaves the same
-        ([-v for v in PLATEAU], {"mode": "max"}, MIN_WAIT, 60, StopReason.PATIENCE),
-        ([-v for v in DIVERGING], {"mode": "max"}, 32, 32, StopReason.DIVERGENCE),
+        ([-v for v in PLATEAU], {"mode": "max"}, MIN_POINTS, N - 1, StopReason.PATIENCE),
+        (
+            [-v for v in DIVERGING],
+            {"mode": "max", "horizon": len(DIVERGING)},
+            DIVERGED_STOP,
+            DIVERGED_STOP,
+            StopReason.DIVERGENCE,
+        ),
     ],
-    ids=["plateau", "slow", "schedule", "diverging", "nan", "inf", "max-plateau", "max-diverging"],
+    ids=[
+        "plateau",
+        "plateau-horizon",
+        "slow",
+        "slow-horizon",
+        "schedule-horizon",
+        "schedule-warmup",
+        "diverging-horizon",
+        "diverging",
+        "nan",
+        "inf",
+        "max-plateau",
+        "max-diverging",
+    ],
 )
 def test_default_rule_behaviour(
     values: list[float], kwargs: dict[str, Any], low: int | None, high: int | None, code: Any
@@ -95,7 +136,7 @@ def test_default_rule_behaviour(
 
 
 def test_schedule_keeps_the_best_of_the_second_descent() -> None:
-    stopper = EarlyStopping("val_loss")
+    stopper = EarlyStopping("val_loss", horizon=N)
     stop_at(stopper, SCHEDULE)
     assert stopper.best_step is not None and stopper.best_step > 150
 
@@ -105,8 +146,9 @@ def test_a_spike_that_recovers_is_waited_for() -> None:
     stopper = EarlyStopping("val_loss")
     assert stop_at(stopper, SPIKE) == (None, None)
     assert stopper.best_step is not None and stopper.best_step > 59
-    assert rule_stop(SPIKE, TrendSettings()) is None
-    assert rule_stop(SPIKE, TrendSettings(diverged_wait=0)) == MIN_WAIT  # gives up at once
+    assert rule_stop(SPIKE, DEFAULT_SETTINGS) is None
+    given_up = rule_stop(SPIKE, TrendSettings(diverged_factor=1.0))
+    assert given_up is not None and given_up < 59  # before it recovers
 
 
 def test_a_blow_up_with_wild_noise_needs_a_divergence_threshold() -> None:
@@ -124,37 +166,59 @@ def test_reason_says_what_the_trend_projects() -> None:
     stopper = EarlyStopping("val_loss")
     stop_at(stopper, [1.0] * 40)
     assert stopper.reason is not None
+    share = f"{DEFAULT_SETTINGS.wait_share * 100:g}%"
     assert stopper.reason.startswith(
-        f"val_loss has levelled off: no new best for {MIN_WAIT} evaluations, and its trend over "
-        "the last 10 (at 1.0000) projects at most 0.00% more improvement in the next 42 "
-        f"(the default rule: at least {MIN_WAIT} evaluations without a new best "
-        f"({DIVERGED_WAIT} when the run looks diverged)"
+        f"val_loss has levelled off: no new best for {FLAT_STOP} evaluations, and its trend over "
+        f"the last 5 (at 1.0000) projects at most 0.00% more improvement in the next "
+        f"{2 * (FLAT_STOP + 1)} (the default rule: no new best for {share} of the evaluations "
+        f"so far (at least {MIN_POINTS}; "
     )
-    assert stopper.current_patience() == MIN_WAIT
+    assert stopper.current_patience() == MIN_POINTS
 
 
 def test_diverging_reason_names_the_longer_wait() -> None:
-    stopper = EarlyStopping("val_loss")
+    stopper = EarlyStopping("val_loss", horizon=len(DIVERGING))
     stop_at(stopper, DIVERGING)
     assert stopper.reason is not None
     assert stopper.reason.startswith(
-        f"val_loss is diverging: no new best for {DIVERGED_WAIT} evaluations"
+        f"val_loss is diverging: no new best for {DIVERGED_STOP - 2} evaluations"
     )
 
 
+def test_waits_scale_with_the_horizon() -> None:
+    """Told the plan, a run that never improves waits a share of it, not a fixed count."""
+    short, long = EarlyStopping(horizon=30), EarlyStopping(horizon=300)
+    assert stop_at(short, [1.0] * 300)[0] == PLANNED_SETTINGS.least_wait(30)
+    assert stop_at(long, [1.0] * 300)[0] == PLANNED_SETTINGS.least_wait(300)
+    assert long.current_patience() == 10 * short.current_patience()
+
+
+def test_waits_scale_with_the_evaluations_so_far() -> None:
+    """Without a plan, the least wait is a share of the evaluations so far: a plateau after a
+    best at evaluation 200 waits several times longer than after a best at evaluation 20."""
+    waits = []
+    for best in (20, 200):
+        values = [1.0 - 0.001 * i for i in range(best + 1)] + [1.0] * 400
+        stopper = EarlyStopping()
+        at, _ = stop_at(stopper, values)
+        assert at is not None
+        wait = at - best
+        assert wait >= DEFAULT_SETTINGS.wait_share * (at + 1)
+        waits.append(wait)
+    assert waits[1] > 5 * waits[0]
+
+
 def test_horizon_caps_the_look_ahead() -> None:
-    """A slow trend is worth following while much of the run is left, not past its plan."""
-    values = noisy([0.5 - 0.0001 * i for i in range(400)], 0.001)
-    assert stop_at(EarlyStopping(), values) == (None, None)
-    assert stop_at(EarlyStopping(horizon=400), values) == (None, None)
-    planned, code = stop_at(EarlyStopping(horizon=100), values)
-    assert planned is not None and planned > 100 and code is StopReason.PATIENCE
+    """A trend is followed as far ahead as twice the run so far, never past the plan."""
+    assert TrendRule(1.0).lookahead(150) == 302
+    assert TrendRule(1.0, horizon=400).lookahead(150) == 249
+    assert TrendRule(1.0, horizon=100).lookahead(150) == 1
 
 
 def test_horizon_is_in_the_reason_and_repr() -> None:
     stopper = EarlyStopping(horizon=50)
     stop_at(stopper, [1.0] * 30)
-    assert stopper.reason is not None and "by the horizon of 50 evaluations" in stopper.reason
+    assert stopper.reason is not None and "of the horizon of 50 (at least" in stopper.reason
     assert stopper.horizon == 50 and "horizon=50" in repr(stopper)
 
 
@@ -260,6 +324,56 @@ def test_the_default_rule_never_stops_before_its_waits(values: list[float], mode
     for value in values:
         decision = stopper.step(value)
         if decision:
-            least = DIVERGED_WAIT if decision.code is StopReason.DIVERGENCE else MIN_WAIT
+            least = stopper.current_patience()
+            if decision.code is StopReason.DIVERGENCE:
+                least = math.ceil(DEFAULT_SETTINGS.diverged_factor * least)
             assert decision.wait >= least and not decision.improved
             break
+
+
+#: A state saved by haltpoint 0.x before the rule scaled with the run (10-value window).
+OLD_STATE = {
+    "version": 1,
+    "evaluations": 12,
+    "best": 0.79,
+    "best_step": 9,
+    "wait": 2,
+    "last_decision": {
+        "stop": False,
+        "improved": False,
+        "step": 11,
+        "value": 0.81,
+        "best": 0.79,
+        "best_step": 9,
+        "wait": 2,
+        "code": None,
+        "reason": None,
+    },
+    "rules": [],
+    "trend": {
+        "points": [
+            [2, 0.8],
+            [3, 0.85],
+            [4, 0.82],
+            [5, 0.81],
+            [6, 0.83],
+            [7, 0.84],
+            [8, 0.8],
+            [9, 0.79],
+            [10, 0.8],
+            [11, 0.81],
+        ],
+        "sums": [0.0, 1.0, 10.0, 65.0, -1.8499999999999996, 505.0, -12.24, 0.3456999999999999],
+    },
+}
+
+
+def test_a_state_saved_before_the_rule_scaled_loads_and_decides_as_now() -> None:
+    head = [1.0, 0.9, 0.8, 0.85, 0.82, 0.81, 0.83, 0.84, 0.8, 0.79, 0.8, 0.81]
+    tail = noisy([0.8] * 60, 0.01, seed=4)
+    resumed = EarlyStopping("val_loss")
+    resumed.load_state_dict(OLD_STATE)
+    straight = EarlyStopping("val_loss")
+    for v in head:
+        straight.step(v)
+    assert stop_at(resumed, tail) == stop_at(straight, tail)

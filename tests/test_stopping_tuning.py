@@ -1,19 +1,21 @@
-"""benchmarks/stopping_tuning.py: its lean replay stops where EarlyStopping does, and the
-cross-validation chooses on one set of runs and scores on another."""
+"""benchmarks/stopping_tuning.py and its helpers: the lean and the vectorised replays stop where
+EarlyStopping does, the variants are honest, and the choice is judged per band and problem."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haltpoint import EarlyStopping
-from haltpoint.stopping.adaptive import DEFAULT_SETTINGS
+from haltpoint.stopping.adaptive import DEFAULT_SETTINGS, PLANNED_SETTINGS
 from haltpoint.stopping.replay import replay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +30,10 @@ def load(name: str) -> ModuleType:
     return module
 
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
 tuning = load("stopping_tuning")
+curves_module = load("stopping_curves")
+fast = load("stopping_fast")
 
 CURVES = st.lists(
     st.one_of(
@@ -53,53 +58,102 @@ def test_stop_index_is_early_stopping(
     drifting = [1.0 + sum(walk[: i + 1]) for i in range(len(walk))]  # long, quiet stretches
     for values in (curve, drifting):
         expected = replay(lambda: EarlyStopping("loss", horizon=horizon), values).last_index
-        assert tuning.stop_index(values, DEFAULT_SETTINGS, horizon) == expected
+        shipped = DEFAULT_SETTINGS if horizon is None else PLANNED_SETTINGS
+        assert tuning.stop_index(values, shipped, horizon) == expected
 
 
-def test_grid_holds_the_shipped_setting() -> None:
-    assert DEFAULT_SETTINGS in tuning.grid()
+def test_grid_holds_the_shipped_settings() -> None:
+    assert DEFAULT_SETTINGS in tuning.grid() and PLANNED_SETTINGS in tuning.grid()
+
+
+def synthetic_runs(count: int = 12, seed: int = 0) -> list[dict[str, object]]:
+    """Runs shaped like DeepOBS's: descents, plateaus, rises, a NaN, two problems."""
+    rng = random.Random(seed)
+    runs = []
+    for k in range(count):
+        n = rng.choice([51, 101, 161])
+        floor = rng.uniform(0.2, 1.0)
+        turn = rng.randrange(5, n)
+        loss = [
+            floor + 2.0 * 0.9**i + max(0, i - turn) * rng.uniform(0, 0.01) + rng.gauss(0, 0.01)
+            for i in range(n)
+        ]
+        if k % 5 == 4:
+            loss[rng.randrange(10, n)] = math.nan
+        run: dict[str, object] = {
+            "testproblem": f"p{k % 2}",
+            "optimizer": "sgd",
+            "test_losses": loss,
+        }
+        if k % 2:
+            run["test_accuracies"] = [1 - v / 4 for v in loss]
+        runs.append(run)
+    return runs
+
+
+def test_variants_are_cut_and_subsampled_runs() -> None:
+    assert curves_module.variants(51) == [(1, 1.0, 51), (1, 0.5, 26), (2, 1.0, 26)]
+    runs = synthetic_runs()
+    curves = curves_module.build(runs)
+    assert all(20 <= n <= 351 for n in curves.length)
+    for c in range(len(curves)):
+        source = runs[int(curves.run[c])]["test_losses"]
+        stride = int(curves.stride[c])
+        expected = source[::stride][: int(curves.length[c])]  # type: ignore[index]
+        assert np.array_equal(curves.series(c), expected, equal_nan=True)
+    assert set(curves.band()) <= {0, 1, 2}
+
+
+def test_vectorised_replay_stops_where_early_stopping_does() -> None:
+    curves = curves_module.build(synthetic_runs())
+    prepared = fast.Prepared(curves)
+    for shipped, horizon in ((DEFAULT_SETTINGS, False), (PLANNED_SETTINGS, True)):
+        stops = fast.trend_stops(prepared, shipped, horizon)
+        for c in range(len(curves)):
+            values = curves.series(c)
+            h = len(values) if horizon else None
+            expected = replay(lambda h=h: EarlyStopping("loss", horizon=h), values).last_index
+            assert stops[c] == expected
+    stops = fast.patience_stops(prepared, 5)
+    for c in range(len(curves)):
+        expected = replay(lambda: EarlyStopping("loss", patience=5), curves.series(c))
+        assert stops[c] == expected.last_index
+
+
+def test_outcomes_are_the_replay_regret_and_accuracy_is_judged() -> None:
+    curves = curves_module.build(synthetic_runs())
+    prepared = fast.Prepared(curves)
+    stops = fast.patience_stops(prepared, 3)
+    out = prepared.outcomes(stops)
+    for c in range(len(curves)):
+        values = curves.series(c)
+        result = replay(lambda: EarlyStopping("loss", patience=3), values)
+        assert out.loss[c] == result.regret
+        assert out.saved[c] == 1 - result.last_index / (len(values) - 1)
+        if not curves.has_acc()[c]:
+            assert out.judged[c] == out.loss[c]
 
 
 def test_summary_headroom_and_targets() -> None:
     # two runs: one saves half with no regret, one saves nothing and loses 2%
-    summary = tuning.summarize([(0.5, 0.0), (0.0, 0.02)], [0.5, 0.5])
+    out = fast.Outcomes(np.array([0.5, 0.0]), np.array([0.0, 0.02]), np.array([0.0, 0.02]))
+    summary = tuning.summarize(out, np.array([0.5, 0.5]), np.array([0, 1]))
     assert summary.saved == 25.0 and summary.share == 0.5
     assert summary.regret == 1.0 and summary.harmful == 50.0
     assert summary.headroom() == min(0.5 / 0.75, 0.3 / 1.0, 1.5 / 50.0)
     assert summary.meets() == "misses saving, regret, harm"
-    assert tuning.summarize([(0.5, 0.0)], [0.5]).meets() == "meets all"
+    assert tuning.summarize(out, np.array([0.5, 0.5]), np.array([0])).meets() == "meets all"
 
 
-def test_cross_validation_chooses_without_the_scored_runs() -> None:
-    # setting 0 is safe everywhere; setting 1 saves more but is harmful on run 2 only
-    results = [
-        [(0.4, 0.0), (0.4, 0.0), (0.4, 0.0)],
-        [(0.5, 0.0), (0.5, 0.0), (0.9, 0.5)],
-    ]
-    oracle = [0.5, 0.5, 0.5]
-    folds = [("a", [1, 2], [0]), ("b", [0, 2], [1]), ("c", [0, 1], [2])]
-    rows, pooled = tuning.cross_validate(results, oracle, folds, ["p", "p", "p"])
-    assert [k for _, k, _, _ in rows] == [0, 0, 1]  # "c" cannot see run 2's harm
-    assert pooled.runs == 3 and pooled.harmful == 100 / 3
-
-
-def test_choice_is_judged_across_problems() -> None:
-    """Two settings with the same pooled figures: the one that is harmful on a single problem
-    only (a large spread across problems) has the worse bound."""
-    even = [(0.5, 0.02), (0.5, 0.0)] * 2  # one harmful run on each problem
-    lumpy = [(0.5, 0.02), (0.5, 0.02), (0.5, 0.0), (0.5, 0.0)]  # both on problem "a"
-    groups = ["a", "a", "b", "b"]
-    runs, oracle = [0, 1, 2, 3], [0.5] * 4
-    assert tuning.summarize(even, oracle) == tuning.summarize(lumpy, oracle)
-    assert tuning.bounded(lumpy, runs, oracle, groups).harmful > 50.0
-    assert tuning.bounded(even, runs, oracle, groups).harmful == 50.0
-    assert tuning.choose([lumpy, even], runs, oracle, groups) == 1
-
-
-def test_log_slope_t_reads_the_trend_of_log_values() -> None:
-    decay = [2.0 * 0.9**t for t in range(10)]  # an exact exponential decay
-    assert tuning.log_slope_t(decay, 0, 9) < -1e6  # no noise but rounding
-    assert tuning.log_slope_t([3.0] * 10, 0, 9) == 0.0  # a stuck run has no trend
-    rising = [1.0, 1.3, 1.1, 1.6, 1.4, 2.0]
-    assert tuning.log_slope_t(rising, 0, 5) > 2.0
-    assert math.isnan(tuning.log_slope_t(rising, 0, 1))  # too few values
+def test_leave_one_problem_out_chooses_without_the_scored_problem() -> None:
+    """Setting 1 saves more but is harmful on problem p1 only: the fold that leaves p1 out
+    cannot see that and chooses it; the fold that leaves p0 out does not."""
+    curves = curves_module.build(synthetic_runs())
+    oracle = np.full(len(curves), 0.5)
+    safe = fast.Outcomes(np.full(len(curves), 0.4), np.zeros(len(curves)), np.zeros(len(curves)))
+    harm = np.where(curves.problem == 1, 0.5, 0.0)
+    greedy = fast.Outcomes(np.full(len(curves), 0.5), harm, harm)
+    table = tuning.Table([safe, greedy], oracle, curves)
+    chosen = tuning.leave_one_problem_out(table, curves)
+    assert set(chosen[curves.problem == 1]) == {1}  # chosen on p0 alone
+    assert set(chosen[curves.problem == 0]) == {0}

@@ -1,18 +1,20 @@
 """The default stopping rule: stop when the trend says waiting longer will not pay.
 
-`EarlyStopping(mode=...)` with no `patience` uses `TrendRule`. After at least `MIN_WAIT`
-evaluations without a new best, it fits a straight line to the recent values (the last
-quarter of the run, between `MIN_WINDOW` and `MAX_WINDOW` values) and projects the best the run
-could still reach over a look-ahead of `LOOKAHEAD` times the run so far (or up to `horizon`,
-when the planned number of evaluations is known), optimistically: the slope one standard
-error steeper (never rising) and one lucky draw of the noise (`NOISE_K` residual standard
-deviations times `sqrt(2 ln lookahead)`, the expected best of that many draws). When even that
-projection beats the best by no more than `TOLERANCE` (0.25% of `|best|`), the run stops. A
-run that looks diverged (its fitted level worse than the best by more than `|best|`) gets
-`DIVERGED_WAIT` evaluations instead, because runs that spike often recover. A noisy plateau
-stops after `MIN_WAIT`; a slow steady descent does not stop while its slope is significant; a
-rising curve stops as diverging. The constants are chosen by leave-one-problem-out
-cross-validation on the DeepOBS curves (`benchmarks/stopping_tuning.py`).
+`EarlyStopping(mode=...)` with no `patience` uses `TrendRule`. Every wait in it is a share of
+the run: of `horizon` (the planned number of evaluations) when it is given, else of the
+evaluations so far. Once the evaluations without a new best reach `WAIT_SHARE` of that
+(and at least `MIN_POINTS`, the fewest values whose fit says anything about the noise), it
+fits a straight line to the recent values (the last `WINDOW` of the run, at least
+`MIN_WINDOW` and at most `MAX_WINDOW` values) and projects the best the run could still reach
+over a look-ahead of `LOOKAHEAD` times the evaluations so far (never past the horizon),
+optimistically: the slope one standard error steeper (never rising) and one lucky draw of the
+noise measured in that window (`NOISE_K` residual standard deviations times
+`sqrt(2 ln lookahead)`, the expected best of that many draws). When even that projection beats
+the best by no more than `TOLERANCE` of `|best|`, the run stops. A run that looks diverged
+(its fitted level worse than the best by more than `|best|`) waits `DIVERGED_FACTOR` times
+as long, because runs that spike often recover. Told the horizon, the rule plans with its own
+constants (`PLANNED_SETTINGS`). Both sets are chosen by leave-one-problem-out
+cross-validation on DeepOBS curves of 20 to 351 evaluations (`benchmarks/stopping_tuning.py`).
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from haltpoint.stopping.decision import StopReason
 
 __all__ = [
     "DEFAULT_SETTINGS",
-    "DIVERGED_WAIT",
+    "DIVERGED_FACTOR",
     "LOOKAHEAD",
     "MAX_WINDOW",
-    "MIN_WAIT",
+    "MIN_POINTS",
     "MIN_WINDOW",
     "NOISE_K",
+    "PLANNED_SETTINGS",
     "SLOPE_Z",
     "TOLERANCE",
+    "WAIT_SHARE",
     "WINDOW",
     "Projection",
     "TrendRule",
@@ -46,15 +50,17 @@ __all__ = [
     "window_size",
 ]
 
-#: Fewest evaluations without a new best before the rule looks at the trend.
-MIN_WAIT = 20
+#: Least wait without a new best, as a share of the run (the horizon, else evaluations so far).
+WAIT_SHARE = 0.5
+#: ... but never fewer than this many: the fewest values whose fit measures the noise.
+MIN_POINTS = 5
 #: The trend is fitted over this fraction of the evaluations so far ...
 WINDOW = 0.25
 #: ... but over at least this many ...
-MIN_WINDOW = 10
+MIN_WINDOW = 5
 #: ... and at most this many values (which bounds the state and the cost of a step).
 MAX_WINDOW = 64
-#: Look ahead this multiple of the evaluations so far (at least MIN_WAIT), up to the horizon.
+#: Look ahead this multiple of the evaluations so far, never past the horizon.
 LOOKAHEAD = 2.0
 #: The projected slope is this many standard errors steeper than the fitted one.
 SLOPE_Z = 1.0
@@ -63,23 +69,25 @@ NOISE_K = 1.0
 #: Stop when the projection beats the best by no more than this share of |best|.
 TOLERANCE = 0.0025
 #: A run that looks diverged (fitted level worse than the best by more than |best|) waits
-#: at least this many evaluations without a new best: runs that spike often recover.
-DIVERGED_WAIT = 30
+#: this many times the least wait: runs that spike often recover.
+DIVERGED_FACTOR = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class TrendSettings:
     """The default rule's constants, in one place so that a benchmark can vary them.
 
-    `EarlyStopping` always uses `DEFAULT_SETTINGS` (the module constants above); other values
-    are for `benchmarks/stopping_tuning.py`, which chooses among them by cross-validation.
+    `EarlyStopping` uses `DEFAULT_SETTINGS` (the module constants above) without a horizon and
+    `PLANNED_SETTINGS` with one; other values are for `benchmarks/stopping_tuning.py`, which
+    chooses among them by cross-validation.
 
     Example:
-        >>> TrendSettings().min_wait == MIN_WAIT
+        >>> TrendSettings().wait_share == WAIT_SHARE
         True
     """
 
-    min_wait: int = MIN_WAIT
+    wait_share: float = WAIT_SHARE
+    min_points: int = MIN_POINTS
     window: float = WINDOW
     min_window: int = MIN_WINDOW
     max_window: int = MAX_WINDOW
@@ -87,11 +95,24 @@ class TrendSettings:
     slope_z: float = SLOPE_Z
     noise_k: float = NOISE_K
     tolerance: float = TOLERANCE
-    diverged_wait: int = DIVERGED_WAIT
+    diverged_factor: float = DIVERGED_FACTOR
+
+    def least_wait(self, scale: int) -> int:
+        """Evaluations without a new best before the rule looks at the trend, in a run of
+        `scale` evaluations (the horizon, or the evaluations so far).
+
+        Example:
+            >>> TrendSettings(wait_share=0.2, min_points=8).least_wait(100)
+            20
+        """
+        return max(math.ceil(self.wait_share * scale), self.min_points)
 
 
-#: The settings `EarlyStopping` uses.
+#: The settings `EarlyStopping` uses without a horizon.
 DEFAULT_SETTINGS = TrendSettings()
+#: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits 30% of
+#: the plan (at least 3 evaluations), with a smaller lucky draw and no longer diverged wait.
+PLANNED_SETTINGS = TrendSettings(wait_share=0.3, min_points=3, noise_k=0.75, diverged_factor=1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +173,7 @@ def window_size(index: int, settings: TrendSettings = DEFAULT_SETTINGS) -> int:
 
     Example:
         >>> window_size(0), window_size(99), window_size(10_000)
-        (10, 25, 64)
+        (5, 25, 64)
     """
     s = settings
     return min(s.max_window, max(s.min_window, math.ceil(s.window * (index + 1))))
@@ -164,7 +185,8 @@ class TrendRule:
     Args:
         sign: 1.0 for `mode="min"`, -1.0 for `"max"` (values are compared as `sign * x`).
         horizon: the planned number of evaluations, or None.
-        settings: the constants (`DEFAULT_SETTINGS` unless a benchmark varies them).
+        settings: the constants; None takes `PLANNED_SETTINGS` with a horizon, else
+            `DEFAULT_SETTINGS` (a benchmark passes others).
 
     Example:
         >>> rule = TrendRule(1.0)
@@ -175,13 +197,20 @@ class TrendRule:
     """
 
     def __init__(
-        self, sign: float, horizon: int | None = None, settings: TrendSettings = DEFAULT_SETTINGS
+        self, sign: float, horizon: int | None = None, settings: TrendSettings | None = None
     ) -> None:
         self._sign = sign
         self._horizon = horizon
+        if settings is None:
+            settings = DEFAULT_SETTINGS if horizon is None else PLANNED_SETTINGS
         self._settings = settings
         self._points: deque[tuple[int, float]] = deque()
         self._sums = _Sums()
+
+    @property
+    def settings(self) -> TrendSettings:
+        """The constants in force."""
+        return self._settings
 
     def observe(self, index: int, value: float) -> None:
         """Remember a finite value (non-finite ones are left out of the fit), and forget the
@@ -200,10 +229,15 @@ class TrendRule:
         if reset or not sums.sound():
             sums.reset(points)
 
+    def least_wait(self, index: int) -> int:
+        """Evaluations without a new best the rule needs at evaluation `index` before it looks
+        at the trend: a share of the horizon, or of the evaluations so far."""
+        scale = self._horizon if self._horizon is not None else index + 1
+        return self._settings.least_wait(scale)
+
     def lookahead(self, index: int) -> int:
         """Evaluations the rule projects ahead at evaluation `index`."""
-        s = self._settings
-        ahead = max(s.min_wait, math.ceil(s.lookahead * (index + 1)))
+        ahead = max(math.ceil(self._settings.lookahead * (index + 1)), 1)
         if self._horizon is not None:
             ahead = min(ahead, max(self._horizon - index - 1, 1))
         return ahead
@@ -225,13 +259,14 @@ class TrendRule:
 
     def check(self, index: int, best: float | None, wait: int) -> Projection | None:
         """Return the projection when the run should stop at `index`, else None."""
-        s = self._settings
-        if best is None or wait < s.min_wait:
+        least = self.least_wait(index)
+        if best is None or wait < least:
             return None
         projection = self.project(index, best, wait)
-        if projection.gain > s.tolerance:
+        if projection.gain > self._settings.tolerance:
             return None
-        if wait < s.diverged_wait and diverged(projection, best, self._sign):
+        longer = math.ceil(self._settings.diverged_factor * least)
+        if wait < longer and diverged(projection, best, self._sign):
             return None  # far above its best: it may be a spike that recovers
         return projection
 
@@ -362,14 +397,15 @@ def describe_default_rule(horizon: int | None = None) -> str:
     """Say the default rule in words, for messages and docs.
 
     Example:
-        >>> describe_default_rule().startswith("the default rule: at least 20 evaluations")
+        >>> describe_default_rule().startswith("the default rule: no new best for 50% of")
         True
     """
+    s = DEFAULT_SETTINGS if horizon is None else PLANNED_SETTINGS
+    scale = "the evaluations so far" if horizon is None else f"the horizon of {horizon}"
     return (
-        f"the default rule: at least {MIN_WAIT} evaluations without a new best ({DIVERGED_WAIT} "
-        f"when the run looks diverged), and the recent trend projects at most "
-        f"{TOLERANCE * 100:g}% more improvement"
-        + ("" if horizon is None else f" by the horizon of {horizon} evaluations")
+        f"the default rule: no new best for {s.wait_share * 100:g}% of {scale} (at least "
+        f"{s.min_points}; {s.diverged_factor:g}x as long when the run looks diverged), and the "
+        f"recent trend projects at most {s.tolerance * 100:g}% more improvement"
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from haltpoint.stopping._state import STATE_VERSION, load_rule_states, parse_state, rule_states
 from haltpoint.stopping._text import fmt, label
-from haltpoint.stopping.adaptive import MIN_WAIT, TrendRule, check_horizon, describe_default_rule
+from haltpoint.stopping.adaptive import TrendRule, check_horizon, describe_default_rule
 from haltpoint.stopping.arguments import (
     check_baseline,
     check_count,
@@ -186,13 +186,16 @@ class EarlyStopping:
         return self._last.code if self.stopped else None  # type: ignore[union-attr]
 
     def current_patience(self) -> int:
-        """The patience in force now: the one given, or the default rule's least wait.
+        """The patience in force now: the one given, or the default rule's least wait at the
+        latest evaluation (a share of the horizon or of the evaluations so far).
 
         Example:
             >>> EarlyStopping(patience=3).current_patience(), EarlyStopping().current_patience()
-            (3, 20)
+            (3, 5)
         """
-        return self._patience if self._patience is not None else MIN_WAIT
+        if self._trend is None:
+            return self._patience  # type: ignore[return-value]
+        return self._trend.least_wait(max(self._evaluations - 1, 0))
 
     # the decision ------------------------------------------------------------------------
 
