@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from haltpoint.stopping.bands import BANDS
+
 DATA = (
     Path(__file__).resolve().parent.parent.parent
     / "shared"
@@ -35,8 +37,6 @@ CACHE = Path("/tmp/haltpoint-stopping-curves-v2")
 STRIDES = (1, 2, 4)  # keep every k-th epoch
 CUTS = (1.0, 0.5, 0.25)  # keep the first share of the (subsampled) run
 MIN_LENGTH, MAX_LENGTH = 20, 351
-#: Run-length bands the figures are reported in: (name, fewest, most evaluations).
-BANDS = (("<= 30", 0, 30), ("31-100", 31, 100), ("> 100", 101, 10**9))
 
 
 @dataclass(frozen=True)

@@ -170,3 +170,39 @@ def test_replay_shows_the_default_rule_beside_fixed_patiences(run_dir: Path, cap
 def test_replay_refuses_a_bad_horizon(run_dir: Path, capsys):
     code, _, err = run_cli(capsys, "replay", str(run_dir), "--horizon", "0")
     assert code == 1 and "--horizon must be an int >= 1" in err
+
+
+def test_replay_of_several_runs_pools_the_figures_per_band(tmp_path: Path, capsys):
+    make_run(tmp_path / "a")
+    make_run(tmp_path / "b")
+    argv = ["replay", str(tmp_path / "a"), str(tmp_path / "b"), "--patience", "1,3"]
+    code, out, err = run_cli(capsys, *argv, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert [r["band"] for r in result["runs"]] == ["<= 30", "<= 30"]
+    one, three = result["bands"]
+    assert one["patience"] == 1 and one["band"] == "<= 30" and one["runs"] == 2
+    # patience 1 stops at step 2 with the best at 1 (0.3 against 0.25): 20% regret, harmful
+    assert one["saved"] == pytest.approx(0.625) and one["regret"] == pytest.approx(0.2)
+    assert one["harmful"] == 1.0 and one["share"] == pytest.approx(0.625 / 0.375)
+    assert three["saved"] == 0.0 and three["regret"] == 0.0 and three["harmful"] == 0.0
+    code, out, err = run_cli(capsys, *argv)
+    assert (
+        code == 0 and out.splitlines()[0] == "2 runs replayed; figures pooled per run-length band"
+    )
+    assert out.splitlines()[2].split() == [
+        "1",
+        "<=",
+        "30",
+        "2",
+        "62.5%",
+        "166.7%",
+        "20.0%",
+        "100.0%",
+    ]
+    assert "of oracle: that over what stopping right after each run's best saves" in err
+
+
+def test_replay_json_names_the_band_of_one_run(run_dir: Path, capsys):
+    code, out, _ = run_cli(capsys, "replay", str(run_dir), "--patience", "1", "--json")
+    assert code == 0 and json.loads(out)["band"] == "<= 30"

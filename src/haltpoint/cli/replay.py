@@ -14,17 +14,27 @@ from haltpoint.cli.output import Output
 from haltpoint.cli.runinfo import guess_monitor, mode_of, open_run
 from haltpoint.plotting import curves
 from haltpoint.stopping import EarlyStopping
+from haltpoint.stopping.bands import band_of, summarize_bands
 from haltpoint.stopping.modes import Mode
 from haltpoint.stopping.replay import ReplayResult, best_index, replay
 from haltpoint.store.history import HISTORY_NAME, decode_record, read_history
 
-__all__ = ["ReplayRow", "load_records", "register", "replay_patiences", "run"]
+__all__ = [
+    "ReplayRow",
+    "ReplayedRun",
+    "load_records",
+    "register",
+    "replay_patiences",
+    "replay_source",
+    "run",
+]
 
 _EPILOG = """\
   haltpoint replay runs/demo
   haltpoint replay runs/demo/history.jsonl --metric val_acc --mode max --patience 2,4,8
   haltpoint replay runs/demo --patience default,10,20 --horizon 100
   haltpoint replay runs/demo --min-delta 0.001 --json
+  haltpoint replay runs/*/ --patience default,10,20     # several runs: figures per band
 
 A run that was itself stopped early is recorded only up to its stop: a setting that would
 have gone on longer shows "end of record" (its true stop is later and unknown)."""
@@ -148,12 +158,41 @@ def _percent(x: float) -> str:
     return "n/a" if math.isnan(x) else ("inf" if math.isinf(x) else f"{100 * x:.1f}%")
 
 
-def run(args: argparse.Namespace, out: Output) -> int:
-    """Replay stopping settings over the history of `args.source`."""
-    patiences = _patiences(args.patience)
-    if args.min_delta < 0 or not math.isfinite(args.min_delta):
-        raise ValueError(f"--min-delta must be a finite number >= 0, got {args.min_delta}")
-    records = load_records(args.source)
+@dataclass(frozen=True)
+class ReplayedRun:
+    """One source replayed: its curve and a row per setting."""
+
+    source: str
+    monitor: str
+    mode: str
+    steps: list[int]
+    values: list[float]
+    rows: list[ReplayRow]
+
+    def oracle(self) -> float:
+        """The share of evaluations the zero-regret oracle (stop right after the best) saves."""
+        best = best_index(self.values, "max" if self.mode == "max" else "min")
+        return 0.0 if best is None else 1.0 - (best + 1) / len(self.values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The object `replay --json` prints for this run."""
+        best = best_index(self.values, "max" if self.mode == "max" else "min")
+        return {
+            "metric": self.monitor,
+            "mode": self.mode,
+            "evaluations": len(self.values),
+            "band": band_of(len(self.values)),
+            "best_step": None if best is None else self.steps[best],
+            "best_value": None if best is None else self.values[best],
+            "settings": [r.to_json() for r in self.rows],
+        }
+
+
+def replay_source(
+    source: str, args: argparse.Namespace, patiences: list[int | None]
+) -> ReplayedRun:
+    """Replay every setting over the history of `source` (a run directory or history file)."""
+    records = load_records(source)
     monitor, mode = args.metric, args.mode
     guessed = guess_monitor(records)
     if monitor is None:
@@ -173,52 +212,104 @@ def run(args: argparse.Namespace, out: Output) -> int:
     if mode is None:
         mode = guessed[1] if guessed is not None and guessed[0] == monitor else mode_of(monitor)
     direction: Mode = "max" if mode == "max" else "min"
-    if args.horizon is not None and args.horizon < 1:
-        raise ValueError(f"--horizon must be an int >= 1 (planned evaluations), got {args.horizon}")
     rows = replay_patiences(
         steps, values, monitor, direction, patiences, args.min_delta, args.horizon
     )
-    run_best = best_index(values, direction)
+    return ReplayedRun(source, monitor, mode, steps, values, rows)
+
+
+def run(args: argparse.Namespace, out: Output) -> int:
+    """Replay stopping settings over the history of each of `args.source`."""
+    patiences = _patiences(args.patience)
+    if args.min_delta < 0 or not math.isfinite(args.min_delta):
+        raise ValueError(f"--min-delta must be a finite number >= 0, got {args.min_delta}")
+    if args.horizon is not None and args.horizon < 1:
+        raise ValueError(f"--horizon must be an int >= 1 (planned evaluations), got {args.horizon}")
+    runs = [replay_source(source, args, patiences) for source in args.source]
+    if len(runs) > 1:
+        return _summary(runs, patiences, args, out)
+    (one,) = runs
     if args.json:
-        out.json(
-            {
-                "metric": monitor,
-                "mode": mode,
-                "evaluations": len(values),
-                "best_step": None if run_best is None else steps[run_best],
-                "best_value": None if run_best is None else values[run_best],
-                "settings": [r.to_json() for r in rows],
-            }
-        )
+        out.json(one.to_json())
         return 0
+    steps, values, monitor = one.steps, one.values, one.monitor
+    run_best = best_index(values, "max" if one.mode == "max" else "min")
     best_text = (
         "no finite value"
         if run_best is None
         else (f"best {values[run_best]:.4g} at step {steps[run_best]}")
     )
     out.line(
-        f"{monitor} ({mode}) over {len(values)} evaluations, steps {steps[0]}-{steps[-1]}; "
+        f"{monitor} ({one.mode}) over {len(values)} evaluations, steps {steps[0]}-{steps[-1]}; "
         f"{best_text}"
     )
     out.table(
         ["patience", "stops at", "best step", f"best {monitor}", "saved", "regret"],
         [
             [
-                "default" if r.patience is None else str(r.patience),
+                _setting(r.patience),
                 "end of record" if r.stop_step is None else str(r.stop_step),
                 "-" if r.best_step is None else str(r.best_step),
                 "-" if r.best_value is None else f"{r.best_value:.4g}",
                 _percent(r.saving),
                 _percent(r.regret),
             ]
-            for r in rows
+            for r in one.rows
         ],
-        title=f"replay of {args.source} (min_delta {args.min_delta:g})",
+        title=f"replay of {args.source[0]} (min_delta {args.min_delta:g})",
         numeric=["patience", "best step", f"best {monitor}", "saved", "regret"],
     )
     out.note(
         "saved: share of the recorded evaluations not run; regret: how much worse the best "
         "checkpoint at that stop is than the run's best (relative)"
+    )
+    return 0
+
+
+def _setting(patience: int | None) -> str:
+    return "default" if patience is None else str(patience)
+
+
+def _summary(
+    runs: list[ReplayedRun], patiences: list[int | None], args: argparse.Namespace, out: Output
+) -> int:
+    """Every setting's figures per run-length band, pooled over `runs`."""
+    table = []
+    for k, patience in enumerate(patiences):
+        pooled = [(len(r.values), r.rows[k].saving, r.rows[k].regret, r.oracle()) for r in runs]
+        table += [(patience, band) for band in summarize_bands(pooled)]
+    if args.json:
+        out.json(
+            {
+                "runs": [r.to_json() | {"source": r.source} for r in runs],
+                "bands": [
+                    {"patience": p, **{f: getattr(b, f) for f in b.__slots__}} for p, b in table
+                ],
+            }
+        )
+        return 0
+    out.line(f"{len(runs)} runs replayed; figures pooled per run-length band")
+    out.table(
+        ["patience", "band", "runs", "saved", "of oracle", "mean regret", "regret > 1%"],
+        [
+            [
+                _setting(p),
+                b.band,
+                str(b.runs),
+                _percent(b.saved),
+                _percent(b.share),
+                _percent(b.regret),
+                _percent(b.harmful),
+            ]
+            for p, b in table
+        ],
+        title=f"replay of {len(runs)} runs (min_delta {args.min_delta:g})",
+        numeric=["runs", "saved", "of oracle", "mean regret", "regret > 1%"],
+    )
+    out.note(
+        "band: evaluations in the run; saved: mean share of evaluations not run; of oracle: "
+        "that over what stopping right after each run's best saves; regret: how much worse "
+        "the best checkpoint at the stop is than the run's best (relative)"
     )
     return 0
 
@@ -233,7 +324,10 @@ def register(commands: Any) -> None:
         epilog=_EPILOG,
     )
     parser.add_argument(
-        "source", metavar="DIR|history.jsonl", help="a run directory or its history file"
+        "source",
+        nargs="+",
+        metavar="DIR|history.jsonl",
+        help="a run directory or its history file; several: figures per run-length band",
     )
     parser.add_argument(
         "--metric", metavar="M", help="the metric to watch (default: the run's stopper's)"
