@@ -63,6 +63,9 @@ def test_save_then_restore_into_fresh_objects_is_exact(tmp_path: Path) -> None:
     assert fresh["scheduler"].state_dict() == state["scheduler"].state_dict()
     saved_opt, new_opt = state["optimizer"].state_dict(), fresh["optimizer"].state_dict()
     assert saved_opt["param_groups"] == new_opt["param_groups"]
+    # the order too: code that zips state_dict().values() depends on it, as torch.save keeps it
+    assert list(new_opt["param_groups"][0]) == list(saved_opt["param_groups"][0])
+    assert list(new_opt["state"][0]) == ["step", "exp_avg", "exp_avg_sq"]
     for key, value in saved_opt["state"].items():
         for name, tensor in value.items():
             assert torch.equal(tensor, new_opt["state"][key][name])

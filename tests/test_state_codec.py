@@ -146,8 +146,21 @@ def test_round_trip_preserves_value_and_type(value: Any) -> None:
 
 
 def test_plain_json_stays_plain() -> None:
-    value = {"lr": 0.1, "steps": [1, 2], "name": "adam", "on": True, "none": None}
+    value = {"lr": 0.1, "name": "adam", "none": None, "on": True, "steps": [1, 2]}  # sorted
     assert encode_value(value, "state") == value
+
+
+def test_key_order_survives_a_writer_that_sorts_keys() -> None:
+    value = {"step": 3, "exp_avg": [0.5], "nested": {"lr": 0.1, "betas": (0.9, 0.99)}}
+    text = json.dumps(encode_value(value, "state"), sort_keys=True)  # as the manifest does
+    decoded = decode_value(json.loads(text))
+    assert list(decoded) == ["step", "exp_avg", "nested"]
+    assert list(decoded["nested"]) == ["lr", "betas"]
+    assert_same(decoded, value)
+
+
+def test_plain_objects_written_sorted_still_decode() -> None:
+    assert list(decode_value({"a": 1, "b": 2})) == ["a", "b"]  # manifests before the order
 
 
 def test_tags_read_as_documented() -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from haltpoint.errors import CorruptCheckpointError, UnsupportedStateError
+from haltpoint.state.codec import TAG, decode_value
 from haltpoint.state.tree import TENSOR_TAG, FlatState, flatten_state, unflatten_state
 from test_state_codec import assert_same
 
@@ -42,6 +43,12 @@ def round_trip(flat: FlatState) -> dict[str, Any]:
     return unflatten_state(tree, flat.tensors)
 
 
+def content_keys(entry: dict[str, Any]) -> list[str]:
+    """The keys of a tree entry's content, in their saved order (plain or as pairs)."""
+    content = entry["content"]
+    return [k for k, _ in content["items"]] if TAG in content else list(content)
+
+
 def test_tree_layout_for_each_kind() -> None:
     model = nn.Linear(2, 1)
     flat = flatten_state({"model": model, "w": torch.zeros(2), "epoch": 7, "a": np.ones(2)})
@@ -50,9 +57,12 @@ def test_tree_layout_for_each_kind() -> None:
         "type": "torch.nn.modules.linear.Linear",
         "container": "OrderedDict",
         "metadata": {"": {"version": 1}},
-        "content": {
-            "weight": {TENSOR_TAG: "model.weight"},
-            "bias": {TENSOR_TAG: "model.bias"},
+        "content": {  # out of sorted order: pairs, so that the order survives the manifest
+            TAG: "dict",
+            "items": [
+                ["weight", {TENSOR_TAG: "model.weight"}],
+                ["bias", {TENSOR_TAG: "model.bias"}],
+            ],
         },
     }
     assert flat.tree["w"] == {
@@ -211,8 +221,11 @@ def test_plain_dict_state_dicts_stay_plain() -> None:
     opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
     flat = flatten_state({"optimizer": opt})
     assert "container" not in flat.tree["optimizer"]
-    assert flat.tree["optimizer"]["content"]["param_groups"][0]["lr"] == 0.1
-    assert_same(round_trip(flat)["optimizer"], opt.state_dict())
+    assert flat.tree["optimizer"]["content"][TAG] == "dict"  # "state" before "param_groups"
+    saved = round_trip(flat)["optimizer"]
+    assert_same(saved, opt.state_dict())
+    assert list(saved) == ["state", "param_groups"]
+    assert list(saved["param_groups"][0]) == list(opt.state_dict()["param_groups"][0])
 
 
 def test_duck_typed_stateful_objects() -> None:
@@ -237,7 +250,7 @@ def test_data_parallel_wrapper_is_unwrapped() -> None:
     flat = flatten_state({"model": nn.DataParallel(model)})
     assert flat.tree["model"]["type"] == "test_state_tree.Net"
     assert all(k.startswith("model.") and "module" not in k for k in flat.tensors)
-    assert list(flat.tree["model"]["content"]) == list(model.state_dict())
+    assert content_keys(flat.tree["model"]) == list(model.state_dict())
 
 
 def test_torch_compile_wrapper_is_unwrapped() -> None:
@@ -245,9 +258,9 @@ def test_torch_compile_wrapper_is_unwrapped() -> None:
     compiled = torch.compile(model)  # building the wrapper compiles nothing
     assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
     flat = flatten_state({"model": compiled})
-    assert list(flat.tree["model"]["content"]) == list(model.state_dict())
+    assert content_keys(flat.tree["model"]) == list(model.state_dict())
     assert "model.fc.weight" in flat.tensors
-    assert flat.tree["model"]["metadata"] == {
+    assert decode_value(flat.tree["model"]["metadata"]) == {
         k: dict(v) for k, v in model.state_dict()._metadata.items()
     }
 
@@ -263,7 +276,7 @@ def test_distributed_data_parallel_wrapper_is_unwrapped(tmp_path: Path) -> None:
         flat = flatten_state({"model": ddp})
     finally:
         dist.destroy_process_group()
-    assert list(flat.tree["model"]["content"]) == list(model.state_dict())
+    assert content_keys(flat.tree["model"]) == list(model.state_dict())
 
 
 # -- argument errors and refusals ------------------------------------------------------------

@@ -13,11 +13,17 @@ int beyond 64 bits         ``{"__hp__": "int", "v": "0x..."}``
 complex                    ``{"__hp__": "complex", "v": [re, im]}``
 tuple, set, frozenset      ``{"__hp__": "tuple", "items": [...]}`` (sets sorted)
 dict, non-str or reserved  ``{"__hp__": "dict", "items": [[key, value], ...]}``
-keys; OrderedDict          ``{"__hp__": "OrderedDict", "items": [...]}``
+keys, or keys out of       (in the dict's own order)
+sorted order; OrderedDict  ``{"__hp__": "OrderedDict", "items": [...]}``
 bytes, bytearray           ``{"__hp__": "bytes", "b64": "..."}``
 torch.dtype/device/Size    ``{"__hp__": "torch.dtype", "v": "float32"}``
 numpy scalar               ``{"__hp__": "numpy", "dtype": "float32", "v": 1.5}``
 =========================  ====================================================
+
+A dict whose keys are not in sorted order is tagged so that it comes back in its own order
+(the manifest sorts the keys of plain JSON objects; `Adam`'s ``step, exp_avg, exp_avg_sq``
+must not become ``exp_avg, exp_avg_sq, step``). Manifests written before that decode as ever,
+in sorted order.
 
 Tensors and numpy arrays are not encoded here: `haltpoint.state.tree.flatten_state` passes an
 ``on_tensor`` hook that swaps them for ``{"__tensor__": key}`` references. Anything else
@@ -188,7 +194,11 @@ class _Encoder:
             elements = [encoder.encode(item, f"an element of {path}", ()) for item in value]
             elements.sort(key=lambda e: json.dumps(e, sort_keys=True))
             return {TAG: cls.__name__, "items": elements}
-        plain = cls is dict and all(type(k) is str and k not in _RESERVED for k in value)
+        plain = (
+            cls is dict
+            and all(type(k) is str and k not in _RESERVED for k in value)
+            and list(value) == sorted(value)  # the manifest sorts plain keys: keep the order
+        )
         if plain:
             return {k: self.encode(v, child_path(path, k), (*parts, k)) for k, v in value.items()}
         keys = _Encoder(None)

@@ -4,8 +4,9 @@ The tree has one entry per top-level name of the state::
 
     {"model": {"kind": "stateful", "type": "torch.nn.modules.linear.Linear",
                "container": "OrderedDict", "metadata": {"": {"version": 1}},
-               "content": {"weight": {"__tensor__": "model.weight"},
-                           "bias": {"__tensor__": "model.bias"}}},
+               "content": {"__hp__": "dict",  # keys out of sorted order: kept as pairs
+                           "items": [["weight", {"__tensor__": "model.weight"}],
+                                     ["bias", {"__tensor__": "model.bias"}]]}},
      "epoch": {"kind": "value", "type": "int", "content": 7}}
 
 ``kind`` is ``"stateful"`` (an object with ``state_dict()``; ``content`` is its encoded state
