@@ -88,8 +88,8 @@ def encode_value(value: Any, path: str, *, on_tensor: TensorHook | None = None) 
         UnsupportedStateError: a part of ``value`` cannot be stored without pickling; the
             message names its path, its type and what to do.
 
-    >>> encode_value({"betas": (0.9, 0.999), "best": float("inf")}, 'state["opt"]')
-    {'betas': {'__hp__': 'tuple', 'items': [0.9, 0.999]}, 'best': {'__hp__': 'float', 'v': 'inf'}}
+    >>> encode_value({"best": float("inf"), "betas": (0.9, 0.999)}, 'state["opt"]')
+    {'best': {'__hp__': 'float', 'v': 'inf'}, 'betas': {'__hp__': 'tuple', 'items': [0.9, 0.999]}}
     """
     return _Encoder(on_tensor).encode(value, path, ())
 
