@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -534,3 +535,59 @@ def test_a_save_reads_the_run_directory_once(tmp_path: Path, monkeypatch) -> Non
         monkeypatch.undo()
         assert len(scans) == 3
         assert [info.step for info in ckpt.list()] == [2, 3]
+
+
+def test_restoring_some_entries_is_strict_inside_them_and_reports_the_rest(
+    tmp_path: Path,
+) -> None:
+    state = make_state()
+    train_step(state)
+    with Checkpointer(tmp_path, monitor="loss", keep_best=1) as ckpt:
+        ckpt.save(0, state, {"loss": 0.5})
+        model = make_state(seed=3)["model"]
+        info = ckpt.restore({"model": model}, "best")
+        assert info is not None and info.report is not None
+        assert info.report.unexpected == ["epoch", "optimizer", "scheduler"]
+        assert info.report.missing == []
+        with pytest.raises(StateMismatchError, match="missing from the checkpoint: 'ema'"):
+            ckpt.restore({"model": model, "ema": torch.zeros(1)})
+    for a, b in zip(model.parameters(), state["model"].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_load_best_needs_no_lock_and_loads_only_the_model(tmp_path: Path) -> None:
+    from haltpoint import load_best
+
+    state = make_state()
+    with Checkpointer(tmp_path, monitor="loss", keep_best=1, keep_last=1) as ckpt:
+        ckpt.save(0, state, {"loss": 0.2})
+        best = [p.detach().clone() for p in state["model"].parameters()]
+        train_step(state)
+        ckpt.save(1, state, {"loss": 0.9})
+        ckpt.wait()
+        model = make_state(seed=4)["model"]
+        before = torch.get_rng_state()
+        info = load_best(tmp_path, model, monitor="loss")  # the writer still holds its lock
+    assert info.step == 0 and info.report is not None and "optimizer" in info.report.unexpected
+    assert torch.equal(torch.get_rng_state(), before)
+    for a, b in zip(model.parameters(), best, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_damaged_random_state_is_found_before_anything_is_loaded(tmp_path: Path) -> None:
+    from haltpoint.state.tree import flatten_state
+
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"model": model})
+    path = next(tmp_path.glob("step-*")) / "manifest.json"
+    manifest = Manifest.decode(path.read_bytes(), source=str(path))
+    rng = flatten_state({"__rng__": {"python": (3, (1, 2), None)}}).tree["__rng__"]
+    tree = {**manifest.tree, "__rng__": rng}
+    path.write_bytes(dataclasses.replace(manifest, tree=tree).encode())
+    target = torch.nn.Linear(3, 2)
+    before = target.weight.detach().clone()
+    ckpt = Checkpointer(tmp_path, read_only=True)
+    with pytest.raises(CorruptCheckpointError, match=r"random state saved in step 0"):
+        ckpt.restore({"model": target}, 0)
+    assert torch.equal(target.weight, before)  # the model was not touched

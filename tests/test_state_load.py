@@ -229,11 +229,27 @@ def test_strict_name_mismatch_raises_before_loading() -> None:
     state: dict[str, Any] = {"epoch": 0, "scheduler": 1}
     with pytest.raises(
         StateMismatchError,
-        match=r"missing from the checkpoint: 'scheduler'; in the checkpoint but not the state: "
-        r"'extra'; pass strict=False",
+        match=r"missing from the checkpoint: 'scheduler'; restore only the entries it holds, "
+        r"or pass strict=False",
     ):
         load_into(state, {"epoch": 5, "extra": 1})
     assert state == {"epoch": 0, "scheduler": 1}
+
+
+def test_entries_not_asked_for_are_reported_not_refused() -> None:
+    model, saved_model = Net(), Net()
+    saved = save_and_reload(
+        {
+            "model": saved_model,
+            "optimizer": torch.optim.SGD(saved_model.parameters(), lr=0.1),
+            "epoch": 3,
+        }
+    )
+    report = load_into({"model": model}, saved)  # strict: inside the entry asked for
+    assert report == LoadReport(missing=[], unexpected=["optimizer", "epoch"])
+    assert torch.equal(model.fc.weight, saved_model.fc.weight)
+    with pytest.raises(StateMismatchError, match="does not match state"):
+        load_into({"model": Small()}, saved)
 
 
 def test_non_strict_name_mismatch_goes_to_the_report() -> None:
@@ -246,14 +262,31 @@ def test_non_strict_name_mismatch_goes_to_the_report() -> None:
 # -- modules: keys, shapes, prefixes ---------------------------------------------------------
 
 
-def test_strict_module_key_mismatch_names_the_keys() -> None:
+def test_strict_module_key_mismatch_names_the_keys_and_loads_nothing() -> None:
     saved = save_and_reload({"model": Small()})
+    target = Net()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(
         StateMismatchError,
         match=r"does not match state\[\"model\"\]: missing from the checkpoint: "
         r"'model.norm.weight'.*pass strict=False",
     ):
-        load_into({"model": Net()}, saved)
+        load_into({"model": target}, saved)
+    for key, value in target.state_dict().items():  # fc matched, yet is back as it was
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_model_of_another_dtype_is_refused_not_converted() -> None:
+    saved = save_and_reload({"model": Net()})
+    target = Net().half()
+    before = target.fc.weight.clone()
+    with pytest.raises(
+        StateMismatchError,
+        match=r"model.fc.weight: the model holds torch.float16, the checkpoint torch.float32 "
+        r"\(.* more differ.*\); haltpoint does not convert: .*model.to\(torch.float32\)",
+    ):
+        load_into({"model": target}, saved, strict=False)
+    assert torch.equal(target.fc.weight, before)
 
 
 def test_non_strict_module_reports_missing_and_unexpected_keys() -> None:
@@ -283,7 +316,7 @@ def test_shape_mismatch_raises_even_when_not_strict(strict: bool) -> None:
     with pytest.raises(
         StateMismatchError,
         match=r"cannot load model.fc.weight: the model has shape \(5, 3\), the checkpoint "
-        r"\(4, 3\) \(6 more differ in shape: model.fc.bias, model.norm.weight, .*, \.\.\.\); "
+        r"\(4, 3\) \(6 more differ: model.fc.bias, model.norm.weight, .*, \.\.\.\); "
         "build the model with the checkpoint's configuration",
     ):
         load_into(state, saved, strict=strict)

@@ -1,5 +1,6 @@
 """haltpoint: stop PyTorch training at the right moment and never lose a good model."""
 
+from haltpoint.best import load_best
 from haltpoint.checkpointer import Checkpointer, CheckpointInfo
 from haltpoint.distributed import DistributedEarlyStopping, synced
 from haltpoint.distributed.sharded import ShardedState
@@ -60,5 +61,6 @@ __all__ = [
     "TimeBudget",
     "UnsupportedStateError",
     "__version__",
+    "load_best",
     "synced",
 ]

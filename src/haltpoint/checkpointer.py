@@ -301,11 +301,16 @@ class Checkpointer:
         """Load a checkpoint into the objects of `state`, verifying every tensor it reads.
 
         Args:
-            state: the same names as at save time; objects are loaded in place, plain values
-                are replaced in the mapping.
+            state: the names to restore (all of those saved for a resume, or only some:
+                `{"model": model}` to evaluate); objects are loaded in place, plain values
+                are replaced in the mapping. What the checkpoint holds beyond them is left
+                unread and named in the returned info's `report.unexpected`.
             which: "latest", "best" (by `monitor`) or a step.
-            strict: refuse missing or unexpected entries and keys; with False they are
-                reported in the returned info's `report`.
+            strict: refuse a name of `state` the checkpoint lacks, and module keys on one
+                side only; with False they are reported in the returned info's `report`.
+                Shapes and dtypes must match either way (nothing is converted), and every
+                check, the random state's included, passes before anything is loaded
+                (docs/format.md, "Restore checks").
             map_location: the device tensors are read onto before loading (default: CPU).
 
         Returns:

@@ -9,17 +9,17 @@ loads it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from haltpoint.distributed.sharded import load_shards, verify_shards
-from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
+from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.policies.retention import best_record
 from haltpoint.state.load import LoadReport, load_into, plan_load
-from haltpoint.state.rng import restore_rng
+from haltpoint.state.rng import plan_rng
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import MANIFEST_NAME
 from haltpoint.store.run_dir import (
@@ -50,7 +50,9 @@ class CheckpointInfo:
         size: bytes of tensor data the checkpoint references (DCP files included).
         path: where it lives (a folder path or URL).
         pinned: kept forever, whatever the retention rules say.
-        report: after `restore`, the keys that were missing or unexpected (non-strict loads).
+        report: after `restore`, what did not match: entries of the checkpoint not asked
+            for (`unexpected`), and in non-strict loads the names and keys missing or
+            unexpected.
     """
 
     step: int
@@ -204,23 +206,21 @@ class RunReader:
             tensors = {k: t.to(device) for k, t in tensors.items()}
         saved = unflatten_state(entry.manifest.tree, tensors)
         random_state = saved.pop(RNG_ENTRY, None)
+        put_rng = _plan_rng(random_state, entry) if random_state is not None and rng else None
         record = self._shards(entry)
         if record is not None:
-            names = record.entries
-            if strict and (missing := [n for n in names if n not in state]):
-                raise StateMismatchError(
-                    f"state lacks {missing}, saved as sharded state in step {entry.step}; "
-                    "pass them, or restore with strict=False"
-                )
+            names = [n for n in record.entries if n in state]  # the others are not asked for
             rest = {k: v for k, v in state.items() if k not in names}
-            load_rest = plan_load(rest, saved, strict=strict)  # checked before DCP loads
-            load_shards(self.dcp_path(entry.dirname), {n: state[n] for n in names if n in state})
+            saved_rest = {k: v for k, v in saved.items() if k not in record.entries}
+            load_rest = plan_load(rest, saved_rest, strict=strict)  # checked before DCP loads
+            load_shards(self.dcp_path(entry.dirname), {n: state[n] for n in names})
             report = load_rest()
+            report.unexpected.extend(n for n in record.entries if n not in state)
             state.update(rest)  # plain values were replaced in `rest`
         else:
             report = load_into(state, saved, strict=strict)
-        if random_state is not None and rng:
-            restore_rng(random_state)
+        if put_rng is not None:
+            put_rng()
         return replace(self.info(entry), report=report)
 
     def check_shards(self, entry: Entry) -> None:
@@ -262,6 +262,17 @@ class RunReader:
         """The checkpoint's sharded record, None when it has no sharded state."""
         assert entry.manifest is not None
         return ShardedRecord.from_manifest(entry.manifest, f"{self.directory}/{entry.dirname}")
+
+
+def _plan_rng(random_state: Any, entry: Entry) -> Callable[[], None]:
+    """Check the saved random state before anything is loaded; the result restores it."""
+    try:
+        return plan_rng(random_state)
+    except (TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"the random state saved in step {entry.step} ({RNG_ENTRY}) is damaged: {exc}",
+            path=entry.dirname,
+        ) from None
 
 
 def _warn_falling_back(damage: str, step: int) -> None:

@@ -27,7 +27,9 @@ class LoadReport:
     """What a non-strict `load_into` could not match, as dotted names.
 
     ``missing`` is in the target but not in the checkpoint (``"model.fc.bias"``, or a whole
-    entry such as ``"scheduler"``); ``unexpected`` is in the checkpoint but not the target.
+    entry such as ``"scheduler"``: non-strict loads only); ``unexpected`` is in the checkpoint
+    but not the target (a module key, non-strict; or a whole entry that was not asked for,
+    such as ``"optimizer"`` when only the model is restored).
 
     >>> LoadReport(missing=["scheduler"], unexpected=[])
     LoadReport(missing=['scheduler'], unexpected=[])
@@ -45,15 +47,19 @@ def load_into(
     Stateful objects get ``load_state_dict``; modules are unwrapped (DDP, ``torch.compile``)
     and accept checkpoints whose keys carry ``module.`` / ``_orig_mod.`` prefixes. Tensors and
     numpy arrays are updated in place; plain values are replaced in ``state``. Names, module
-    shapes, optimizer parameter groups, tensor shapes and dtypes are all checked before
-    anything loads; which module keys match is torch's call (load hooks may rename keys), so
-    a strict key mismatch is raised after the entries before it, as with torch's strict load.
+    keys, shapes and dtypes (never converted), optimizer parameter groups, tensor shapes and
+    dtypes are all checked before anything loads. Where a module's keys differ, which of them
+    match is torch's call (load hooks may rename keys): a strict mismatch torch then reports
+    puts that module's values back before it is raised (docs/format.md, "Restore checks").
+
+    Only the names in ``state`` are loaded: what ``saved`` holds beyond them (an optimizer
+    when only the model is asked for) is listed in the report's ``unexpected``.
 
     Args:
         state: the live objects, by name.
         saved: saved values by name, as returned by `unflatten_state`.
-        strict: if true, any name or module key on one side only is an error; if false it
-            goes to the report.
+        strict: if true, a name of ``state`` the checkpoint lacks, or a module key on one
+            side only, is an error; if false it goes to the report.
 
     Raises:
         StateMismatchError: the two sides do not match (always for shapes and dtypes).
@@ -86,11 +92,11 @@ def plan_load(
         missing=[name for name in state if name not in saved],
         unexpected=[name for name in saved if name not in state],
     )
-    if strict and (report.missing or report.unexpected):
+    if strict and report.missing:
         raise StateMismatchError(
             "the checkpoint does not match the state: "
-            + _listing(report.missing, report.unexpected)
-            + f"; {_STRICT_HINT}"
+            + _listing(report.missing, [])
+            + "; restore only the entries it holds, or pass strict=False to skip them"
         )
     plans = [
         _plan(state, name, saved[name], strict)
@@ -201,12 +207,16 @@ def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Appl
         )
     expected = module.state_dict()
     state_dict = _strip_prefixes(value, list(expected))
-    _check_shapes(name, expected, state_dict)
+    _check_tensors(name, expected, state_dict)
+    keys_differ = list(expected) != [k for k in state_dict if k in expected] or any(
+        k not in expected for k in state_dict
+    )
 
     def load(report: LoadReport) -> None:
-        # Which keys match is torch's call: load hooks and modules such as BatchNorm may
-        # rename or fill in keys. Like torch's own strict loading, this loads what matches
-        # before a key mismatch is raised.
+        # When the keys differ, which of them match is torch's call (load hooks and modules
+        # such as BatchNorm rename or fill in keys): a strict mismatch torch reports puts the
+        # module's own values back before it is raised, so nothing is left half loaded.
+        before = _copy(expected) if strict and keys_differ else None
         try:
             result = module.load_state_dict(state_dict, strict=False)
         except RuntimeError as exc:
@@ -214,6 +224,8 @@ def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Appl
         missing = [f"{name}.{k}" for k in result.missing_keys]
         unexpected = [f"{name}.{k}" for k in result.unexpected_keys]
         if strict and (missing or unexpected):
+            if before is not None:
+                module.load_state_dict(before)
             raise StateMismatchError(
                 f"the checkpoint does not match {path}: {_listing(missing, unexpected)}; "
                 f"{_STRICT_HINT}"
@@ -224,24 +236,40 @@ def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Appl
     return load
 
 
-def _check_shapes(name: str, expected: Mapping[str, Any], state_dict: Mapping[str, Any]) -> None:
+def _copy(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
+    copied = OrderedDict(
+        (k, v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items()
+    )
+    copied._metadata = getattr(state_dict, "_metadata", None)  # type: ignore[attr-defined]
+    return copied
+
+
+def _check_tensors(name: str, expected: Mapping[str, Any], state_dict: Mapping[str, Any]) -> None:
+    """Shapes and dtypes, before anything is copied: torch would convert dtypes silently."""
     wrong = [
-        (key, tuple(ours.shape), tuple(state_dict[key].shape))
+        (key, ours, state_dict[key])
         for key, ours in expected.items()
         if isinstance(ours, torch.Tensor)
         and isinstance(state_dict.get(key), torch.Tensor)
-        and ours.shape != state_dict[key].shape
+        and (ours.shape != state_dict[key].shape or ours.dtype != state_dict[key].dtype)
     ]
-    if wrong:
-        key, ours, theirs = wrong[0]
-        more = ""
-        if len(wrong) > 1:
-            others = ", ".join(f"{name}.{k}" for k, _, _ in wrong[1:6])
-            more = f" ({len(wrong) - 1} more differ in shape: {others}{', ...' * (len(wrong) > 6)})"
+    if not wrong:
+        return
+    key, ours, theirs = wrong[0]
+    more = ""
+    if len(wrong) > 1:
+        others = ", ".join(f"{name}.{k}" for k, _, _ in wrong[1:6])
+        more = f" ({len(wrong) - 1} more differ: {others}{', ...' * (len(wrong) > 6)})"
+    if ours.shape != theirs.shape:
         raise StateMismatchError(
-            f"cannot load {name}.{key}: the model has shape {ours}, the checkpoint {theirs}"
-            f"{more}; build the model with the checkpoint's configuration"
+            f"cannot load {name}.{key}: the model has shape {tuple(ours.shape)}, the checkpoint "
+            f"{tuple(theirs.shape)}{more}; build the model with the checkpoint's configuration"
         )
+    raise StateMismatchError(
+        f"cannot load {name}.{key}: the model holds {ours.dtype}, the checkpoint {theirs.dtype}"
+        f"{more}; haltpoint does not convert: restore into a model of the checkpoint's dtype "
+        f"(model.to({theirs.dtype})) and convert it after"
+    )
 
 
 def _strip_prefixes(state_dict: Mapping[str, Any], target_keys: list[str]) -> OrderedDict[str, Any]:

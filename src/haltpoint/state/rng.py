@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 from haltpoint.state._common import type_name
 
-__all__ = ["RNG_KEY", "capture_rng", "restore_rng"]
+__all__ = ["RNG_KEY", "capture_rng", "plan_rng", "restore_rng"]
 
 RNG_KEY = "rng"
 """The conventional state name of the captured random state (informational)."""
@@ -64,6 +64,14 @@ def restore_rng(saved: Mapping[str, Any]) -> None:
     >>> first == (random.random(), np.random.rand(), torch.rand(1).item())
     True
     """
+    plan_rng(saved)()
+
+
+def plan_rng(saved: Mapping[str, Any]) -> Callable[[], None]:
+    """Every check (and warning) of `restore_rng` now; the result restores the states.
+
+    For a restore that must know a random state is good before it loads anything else.
+    """
     if not isinstance(saved, Mapping):
         raise TypeError(
             f"saved must be a mapping as returned by capture_rng, got {type_name(saved)}"
@@ -72,27 +80,31 @@ def restore_rng(saved: Mapping[str, Any]) -> None:
     if unknown:
         warnings.warn(
             f"haltpoint: ignoring unknown random states {unknown} (saved by a newer version?)",
-            stacklevel=2,
+            stacklevel=3,
         )
     absent = [name for name in _GENERATORS if name not in saved]
     if absent:
         warnings.warn(
             f"haltpoint: the checkpoint has no {', '.join(absent)} random state; "
             "that generator continues from its current state",
-            stacklevel=2,
+            stacklevel=3,
         )
     python = _python_state(saved["python"]) if "python" in saved else None
     numpy = _numpy_state(saved["numpy"]) if "numpy" in saved else None
     cpu = _byte_tensor(saved["torch"], "torch") if "torch" in saved else None
     cuda = _cuda_states(saved["cuda"]) if "cuda" in saved else None
-    if python is not None:
-        random.setstate(python)
-    if numpy is not None:
-        np.random.set_state(numpy)
-    if cpu is not None:
-        torch.set_rng_state(cpu)
-    if cuda is not None:
-        _restore_cuda(cuda)
+
+    def apply() -> None:
+        if python is not None:
+            random.setstate(python)
+        if numpy is not None:
+            np.random.set_state(numpy)
+        if cpu is not None:
+            torch.set_rng_state(cpu)
+        if cuda is not None:
+            _restore_cuda(cuda)
+
+    return apply
 
 
 def _python_state(value: Any) -> tuple[Any, ...]:
