@@ -26,7 +26,7 @@ from haltpoint import (
     EarlyStopping,
     synced,
 )
-from haltpoint.distributed import Replicas, get_rank, get_world_size, is_distributed
+from haltpoint.distributed import Replicas, get_rank, get_world_size, is_distributed, strategy
 from haltpoint.distributed.collectives import on_writer
 
 WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
@@ -149,10 +149,18 @@ def test_synced_rejects_bad_arguments() -> None:
         synced(EarlyStopping(), tolerance="small")  # type: ignore[arg-type]
 
 
-def test_checkpointer_is_unchanged_without_a_process_group(tmp_path: Path) -> None:
+def test_checkpointer_is_unchanged_without_a_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process: save goes straight to the store, never through the sharded modules."""
+
+    def no_detour(*args: object) -> None:
+        raise AssertionError("a one-process save looked for sharded state")
+
+    monkeypatch.setattr(strategy, "split_agreed", no_detour)
     model = torch.nn.Linear(2, 1)
     with Checkpointer(tmp_path, monitor="loss") as ckpt:
-        assert ckpt._group is None
+        assert isinstance(ckpt._ranks, strategy.OneProcess)
         ckpt.save(0, {"model": model}, {"loss": 1.0})
         ckpt.wait()
         assert ckpt.restore({"model": model}, "best").step == 0  # type: ignore[union-attr]
@@ -184,3 +192,17 @@ def test_on_writer_shares_rank0s_result_or_error_class(one_rank_group: Replicas)
         on_writer(one_rank_group, taken, "save(3)")
     with pytest.raises(CheckpointError, match="the save in flight failed: OSError: disk on fire"):
         on_writer(one_rank_group, broken, "the save in flight")
+
+
+def test_the_rank_strategy_is_chosen_at_construction(
+    tmp_path: Path, one_rank_group: Replicas
+) -> None:
+    """Under a process group the writer gets `Ranks` (a one-rank group: nothing to agree on),
+    a read-only instance `OneProcess`."""
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(tmp_path / "run") as ckpt:
+        assert isinstance(ckpt._ranks, strategy.Ranks) and ckpt._ranks.group is None
+        ckpt.save(0, {"model": model})
+    reader = Checkpointer(tmp_path / "run", read_only=True)
+    assert isinstance(reader._ranks, strategy.OneProcess)
+    assert reader.restore({"model": model}).step == 0  # type: ignore[union-attr]

@@ -16,10 +16,7 @@ from typing import Any
 import torch
 
 from haltpoint._arguments import check_device, check_step, coerce_metrics
-from haltpoint.distributed import collectives
-from haltpoint.distributed.ranks import Replicas
-from haltpoint.distributed.sharded import write_shards
-from haltpoint.distributed.sharded_save import ShardWriter, save_sharded, split_agreed
+from haltpoint.distributed.strategy import strategy_for
 from haltpoint.errors import CheckpointError
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
@@ -29,7 +26,7 @@ from haltpoint.state.tree import flatten_state
 from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.history import append_history, save_record
 from haltpoint.store.lock import WriterLock
-from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname
+from haltpoint.store.run_dir import Entry, RunDirectory
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -61,7 +58,7 @@ class Checkpointer:
     naming the holder), any number of readers. An instance is not thread-safe. Under an
     initialized `torch.distributed` process group, every rank creates the writer and calls
     the same methods; rank 0 alone writes replicated state, every rank its own shards of
-    sharded state (see `haltpoint.distributed`).
+    sharded state (the strategy chosen at construction: `haltpoint.distributed.strategy`).
 
     >>> import torch, tempfile
     >>> model = torch.nn.Linear(2, 1)
@@ -107,14 +104,14 @@ class Checkpointer:
         self._reader = RunReader(self._run, monitor, mode)
         self._lock: WriterLock | None = None
         self._writer: BackgroundWriter | None = None
-        self._async_save = async_save
-        self._shard_writer: ShardWriter | None = None  # every rank's, at its first sharded save
         self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
         if save_on_signal is not None and read_only:
             raise ValueError("save_on_signal needs a writer: do not combine it with read_only")
         self._preemption: SignalFlag | None = None
-        # replicated state under torch.distributed: rank 0 writes, the others do no I/O
-        self._group = None if read_only else Replicas.current()
+        # chosen once: one process, or ranks where rank 0 writes replicated state
+        self._ranks = strategy_for(
+            self._run, self._reader, self._wait, read_only=read_only, async_save=async_save
+        )
         self._closed = False
 
         def open_writer() -> None:
@@ -131,7 +128,7 @@ class Checkpointer:
                 self._writer = BackgroundWriter()
 
         if not read_only:
-            collectives.on_writer(self._group, open_writer, f"opening {self.directory}")
+            self._ranks.agree(open_writer, f"opening {self.directory}")
 
     @property
     def preempted(self) -> str | None:
@@ -177,20 +174,8 @@ class Checkpointer:
         self._check_writable()
         check_step(step)
         coerce_metrics(metrics, self.monitor)
-        shards, rest = split_agreed(step, state)
-        if shards:  # every rank writes its shards; rank 0 commits (see distributed.sharded_save)
-            folder = self._reader.dcp_path(checkpoint_dirname(step))
-            self.wait()
-            if self._async_save and self._shard_writer is None:
-                self._shard_writer = ShardWriter()  # on every rank, here: it makes a group
-            write = lambda part, rank, group: write_shards(folder, part, rank, group)  # noqa: E731
-            commit = lambda extra: self._save(step, rest, metrics, pin, extra)  # noqa: E731
-            return save_sharded(self._run, step, shards, write, commit, self._shard_writer)
-        if self._group is not None:  # rank 0 saves; one broadcast shares its info or error
-            return collectives.on_writer(
-                self._group, lambda: self._save(step, state, metrics, pin), f"save({step})"
-            )
-        return self._save(step, state, metrics, pin)
+        commit = lambda part, extra: self._save(step, part, metrics, pin, extra)  # noqa: E731
+        return self._ranks.save(step, state, commit)
 
     def _save(
         self,
@@ -278,7 +263,7 @@ class Checkpointer:
         self._check_writable()
         self.wait()
         mark = lambda: self._run.set_pinned(self._reader.entry(check_step(step)).step, pinned)  # noqa: E731
-        collectives.on_writer(self._group, mark, f"(un)pinning step {step}")
+        self._ranks.agree(mark, f"(un)pinning step {step}")
 
     def _apply_retention(self, entries: list[Entry]) -> None:
         """Remove the committed checkpoints (`entries`, oldest first) no rule keeps."""
@@ -328,23 +313,16 @@ class Checkpointer:
         """
         device = check_device(map_location)
 
-        def read(which: str | int, skip: dict[int, str]) -> Found | None:
+        def read(which: str | int, skip: dict[int, str], check_shards: bool) -> Found | None:
             self._wait()  # this instance's save in flight commits first
-            # under a process group the ranks check the DCP files together (restore_agreed)
-            return self._reader.read(which, check_shards=self._group is None, skip=skip)
+            return self._reader.read(which, check_shards=check_shards, skip=skip)
 
         def load(found: Found) -> CheckpointInfo:
             return self._reader.load(
                 found, state, strict=strict, device=device, rng=self.capture_rng
             )
 
-        if self._group is not None:
-            check = self._reader.check_shard_part
-            return collectives.restore_agreed(
-                self._group, read, lambda f, r, w: check(f.entry, r, w), load, which
-            )
-        found = read(which, {})
-        return None if found is None else load(found)
+        return self._ranks.restore(which, read, load)
 
     # -- listing --------------------------------------------------------------------------
 
@@ -364,12 +342,7 @@ class Checkpointer:
         Under `torch.distributed` every rank returns once rank 0 has committed (or raises
         rank 0's error), so every rank can then `restore` what was saved.
         """
-        if self._shard_writer is not None:
-            self._shard_writer.settle()  # its error, if any, comes from rank 0's commit
-        if self._group is None:
-            self._wait()
-        else:
-            collectives.on_writer(self._group, self._wait, "the save in flight")
+        self._ranks.wait()
 
     def _wait(self) -> None:
         if self._writer is not None:
@@ -385,10 +358,9 @@ class Checkpointer:
         self._closed = True
         finish = self._writer.close if self._writer is not None else lambda: None
         try:  # leaving on an exception (maybe on one rank only): no collective
-            collectives.on_writer(self._group if sync else None, finish, "the save in flight")
+            self._ranks.agree(finish, "the save in flight") if sync else finish()
         finally:
-            if self._shard_writer is not None:
-                self._shard_writer.close()
+            self._ranks.close()
             if self._preemption is not None:
                 self._preemption.uninstall()
             if self._lock is not None:

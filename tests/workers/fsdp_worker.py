@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.fsdp import fully_shard
 
-import haltpoint.checkpointer
+import haltpoint.distributed.strategy
 import haltpoint.reader
 from haltpoint import (
     Checkpointer,
@@ -123,7 +123,7 @@ def train(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {
         "state_types": sorted({type(v).__name__ for v in model.state_dict().values()})
     }
-    real = haltpoint.checkpointer.write_shards
+    real = haltpoint.distributed.strategy.write_shards
 
     def slow(*a: Any) -> Any:  # the background write starts after training changed its tensors
         time.sleep(0.5)
@@ -134,9 +134,9 @@ def train(args: argparse.Namespace) -> None:
             loss = train_step(model, optimizer, step)
             stopper.step(loss)
             state = {"train": ShardedState(model, optimizer), "stopper": stopper, "epoch": step}
-            haltpoint.checkpointer.write_shards = slow if step == 3 else real  # type: ignore
+            haltpoint.distributed.strategy.write_shards = slow if step == 3 else real  # type: ignore
             ckpt.save(step, state, {"loss": loss}, pin=step == 0)  # pinned: kept with its shards
-            haltpoint.checkpointer.write_shards = real
+            haltpoint.distributed.strategy.write_shards = real
         manifest = os.path.join(args.run_dir, "step-000000003", "manifest.json")
         result["committed_when_save_returned"] = os.path.exists(manifest)  # the write sleeps
         full = full_state(model, optimizer)  # as saved: the save copied it
@@ -172,7 +172,7 @@ def train(args: argparse.Namespace) -> None:
                 raise OSError("disk gone on rank 1 after writing")
             return records
 
-        haltpoint.checkpointer.write_shards = fails_after_writing  # type: ignore[assignment]
+        haltpoint.distributed.strategy.write_shards = fails_after_writing  # type: ignore[assignment]
         try:
             ckpt.save(11, {"train": ShardedState(model, optimizer)})
             ckpt.wait()  # the shards are written in the background: the error comes here
@@ -180,7 +180,7 @@ def train(args: argparse.Namespace) -> None:
         except CheckpointError as exc:
             result["write_error"] = str(exc)
         finally:
-            haltpoint.checkpointer.write_shards = real
+            haltpoint.distributed.strategy.write_shards = real
         damaged_restore(args, ckpt, result)
         leftover = os.path.join(args.run_dir, "step-000000011")
         result["leftover"] = sorted(os.listdir(leftover)) if os.path.isdir(leftover) else None

@@ -1,0 +1,147 @@
+"""How a `Checkpointer`'s ranks cooperate, chosen once when it is made.
+
+`strategy_for(...)` gives `OneProcess` without an initialized process group (and for a
+read-only instance): `save` goes straight to the manager's commit and `restore` reads, checks
+and loads in this process, with no collective and no search for sharded state. Under a
+process group it gives `Ranks`: rank 0 writes replicated state and every call ends with one
+agreement (`collectives`), and entries holding `DTensor` shards are written by every rank
+through `sharded_save`. The bytes are the store's either way (Lightning's split of `Strategy`
+from `CheckpointIO`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from haltpoint.distributed import collectives
+from haltpoint.distributed.ranks import Replicas, initialized
+from haltpoint.distributed.sharded import write_shards
+from haltpoint.distributed.sharded_save import ShardWriter, save_sharded, split_agreed
+from haltpoint.reader import CheckpointInfo, Found, RunReader
+from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
+
+__all__ = ["Commit", "OneProcess", "Ranks", "Read", "strategy_for"]
+
+T = TypeVar("T")
+
+Commit = Callable[[Mapping[str, Any], Callable[[], Mapping[str, Any]] | None], CheckpointInfo]
+"""`commit(state, extra)`: the manager writes `state` (and the manifest's `extra()`)."""
+
+Read = Callable[[str | int, dict[int, str], bool], Found | None]
+"""`read(which, skip, check_shards)`: the reader finds and verifies a checkpoint."""
+
+
+class OneProcess:
+    """No process group: every call is this process's own.
+
+    `wait()` is the manager's wait for its own background writer.
+    """
+
+    group: Replicas | None = None
+
+    def __init__(self, wait: Callable[[], None]) -> None:
+        self._wait = wait
+
+    def agree(self, fn: Callable[[], T], what: str) -> T:
+        """Run `fn` where the writer is (here) and return its result."""
+        return fn()
+
+    def save(self, step: int, state: Mapping[str, Any], commit: Commit) -> CheckpointInfo:
+        """Save `state` as `step`: the manager's `commit`, straight."""
+        return commit(state, None)
+
+    def restore(
+        self, which: str | int, read: Read, load: Callable[[Found], CheckpointInfo]
+    ) -> CheckpointInfo | None:
+        """Read `which` (checking every file), then `load` it; None when there is none."""
+        found = read(which, {}, True)
+        return None if found is None else load(found)
+
+    def wait(self) -> None:
+        """Wait for the save in flight; raise its error."""
+        self._wait()
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class Ranks:
+    """An initialized process group: rank 0 writes replicated state, every rank its shards.
+
+    `group` is None for a group of one rank (nothing to agree on, but DTensor state may still
+    be sharded). A failure on any rank raises on every rank (see `collectives`).
+    """
+
+    def __init__(
+        self, run: RunDirectory, reader: RunReader, async_save: bool, wait: Callable[[], None]
+    ) -> None:
+        self.group = Replicas.current()
+        self._run = run
+        self._reader = reader
+        self._async_save = async_save
+        self._wait = wait
+        self._shard_writer: ShardWriter | None = None  # every rank's, at its first sharded save
+
+    def agree(self, fn: Callable[[], T], what: str) -> T:
+        """Run `fn` on rank 0; every rank returns its result or raises its error."""
+        result: T = collectives.on_writer(self.group, fn, what)
+        return result
+
+    def save(self, step: int, state: Mapping[str, Any], commit: Commit) -> CheckpointInfo:
+        """Save `state` as `step`: sharded entries by every rank, the rest by rank 0."""
+        shards, rest = split_agreed(step, state)
+        if not shards:  # rank 0 saves; one broadcast shares its info or error
+            return self.agree(lambda: commit(state, None), f"save({step})")
+        # every rank writes its shards; rank 0 commits (see sharded_save)
+        folder = self._reader.dcp_path(checkpoint_dirname(step))
+        self.wait()
+        if self._async_save and self._shard_writer is None:
+            self._shard_writer = ShardWriter()  # on every rank, here: it makes a group
+        write = lambda part, rank, group: write_shards(folder, part, rank, group)  # noqa: E731
+        finish = lambda extra: commit(rest, extra)  # noqa: E731
+        return save_sharded(self._run, step, shards, write, finish, self._shard_writer)
+
+    def restore(
+        self, which: str | int, read: Read, load: Callable[[Found], CheckpointInfo]
+    ) -> CheckpointInfo | None:
+        """Rank 0 chooses, every rank reads that step, the ranks check the DCP files together
+        (each its share), then every rank loads it."""
+        if self.group is None:
+            return OneProcess(self._wait).restore(which, read, load)
+        check = self._reader.check_shard_part
+        return collectives.restore_agreed(
+            self.group,
+            lambda which, skip: read(which, skip, False),
+            lambda found, rank, world_size: check(found.entry, rank, world_size),
+            load,
+            which,
+        )
+
+    def wait(self) -> None:
+        """Every rank returns once rank 0 has committed the save in flight (or raises its error)."""
+        if self._shard_writer is not None:
+            self._shard_writer.settle()  # its error, if any, comes from rank 0's commit
+        self.agree(self._wait, "the save in flight")
+
+    def close(self) -> None:
+        """Stop the shards' background writer, if one was started."""
+        if self._shard_writer is not None:
+            self._shard_writer.close()
+
+
+def strategy_for(
+    run: RunDirectory,
+    reader: RunReader,
+    wait: Callable[[], None],
+    *,
+    read_only: bool,
+    async_save: bool,
+) -> OneProcess | Ranks:
+    """`Ranks` under an initialized process group (unless `read_only`), else `OneProcess`.
+
+    `wait()` waits for the manager's own background writer.
+    """
+    if read_only or initialized() is None:
+        return OneProcess(wait)
+    return Ranks(run, reader, async_save, wait)
