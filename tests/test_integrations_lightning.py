@@ -159,6 +159,23 @@ def test_a_resumed_run_that_had_stopped_trains_no_further(tmp_path: Path) -> Non
     assert trainer.global_step == stopped_at
 
 
+def test_a_rerun_of_a_stopped_run_restores_the_best_weights(tmp_path: Path) -> None:
+    first = make_module()
+    with Checkpointer(tmp_path, monitor="val_loss", keep_best=1) as ckpt:
+        callback = HaltpointCallback(EarlyStopping("val_loss", patience=1), ckpt, restore_best=True)
+        fit(first, callback, 20)
+        steps = [info.step for info in ckpt.list()]
+    module, stopper = make_module(), EarlyStopping("val_loss", patience=1)
+    with Checkpointer(tmp_path, monitor="val_loss", keep_best=1) as ckpt:
+        rerun = HaltpointCallback(stopper, ckpt, resume=True, restore_best=True)
+        fit(module, rerun, max_epochs=20)
+        assert [info.step for info in ckpt.list()] == steps  # nothing trained, nothing saved
+    assert module.train_epochs == [] and rerun.best_step == callback.best_step
+    assert stopper.reason == callback.stopper.reason  # type: ignore[union-attr]
+    for got, want in zip(module.parameters(), first.parameters(), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_a_metric_that_was_never_logged_is_named_with_the_keys_that_were(tmp_path: Path) -> None:
     callback = HaltpointCallback(EarlyStopping("val_acc", mode="max", patience=2))
     with pytest.raises(ValueError, match=r"'val_acc' was not logged.*\['val_loss'\].*#374"):

@@ -187,6 +187,19 @@ def test_a_resumed_run_that_had_stopped_keeps_its_weights(
     assert torch.equal(model.classifier.weight, latest.classifier.weight)
 
 
+def test_a_rerun_of_a_stopped_run_restores_the_best_weights(
+    stopped: StoppedRun, tmp_path: Path
+) -> None:
+    model, stopper = make_model(), EarlyStopping("loss", patience=2)
+    with Checkpointer(stopped.directory, monitor="eval_loss", keep_best=1, keep_last=20) as ckpt:
+        callback = HaltpointCallback(stopper, ckpt, resume=True, restore_best=True)
+        train(tmp_path, model, [callback], epochs=20)
+        assert [i.step for i in ckpt.list()] == stopped.steps  # nothing new saved
+    assert callback.best_step == stopped.callback.best_step
+    assert stopper.reason == stopped.stopper.reason
+    assert torch.equal(model.classifier.weight, stopped.model.classifier.weight)
+
+
 def test_a_metric_that_was_never_logged_is_named_with_the_keys_that_were(tmp_path: Path) -> None:
     callback = HaltpointCallback(EarlyStopping("accuracy", mode="max", patience=2))
     with pytest.raises(ValueError, match=r"'accuracy' was not logged.*'eval_loss'.*#28530"):

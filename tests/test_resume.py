@@ -79,3 +79,43 @@ def test_sigkill_mid_save_loses_nothing_committed(tmp_path: Path, seed: int) -> 
             assert info is not None and info.step == max(steps)
             assert state["step"] == info.step
             assert torch.equal(state["w"], torch.full((size,), float(info.step)))
+
+
+def readme_loop(run: Path, losses: list[float]) -> tuple[list[int], str | None, torch.nn.Module]:
+    """The README's loop, as written there: the epochs it trained, what it printed, the model."""
+    from haltpoint import EarlyStopping
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stopper = EarlyStopping("val_loss", mode="min", patience=2)
+    ckpt = Checkpointer(run, monitor="val_loss", mode="min", keep_best=3, keep_last=2)
+    state = {"model": model, "optimizer": optimizer, "stopper": stopper}
+    trained, printed = [], None
+    info = ckpt.restore(state)
+    for epoch in range(info.step + 1 if info else 0, len(losses)):
+        if stopper.stopped:
+            break
+        trained.append(epoch)
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        metrics = {"val_loss": losses[epoch]}
+        stopper.step(metrics)
+        ckpt.save(epoch, state, metrics)
+    if stopper.stopped:
+        printed = stopper.reason
+    ckpt.restore({"model": model}, "best")
+    ckpt.close()
+    return trained, printed, model
+
+
+def test_a_rerun_of_the_readme_loop_on_a_stopped_run_trains_nothing(tmp_path: Path) -> None:
+    losses = [1.0, 0.5, 0.7, 0.8, 0.9, 0.2, 0.1]
+    trained, reason, model = readme_loop(tmp_path, losses)
+    assert trained == [0, 1, 2, 3] and reason is not None
+    steps = [info.step for info in Checkpointer(tmp_path, read_only=True).list()]
+    for _ in range(2):  # a scheduler reruns the finished job, twice
+        again, reason_again, rerun_model = readme_loop(tmp_path, losses)
+        assert again == [] and reason_again == reason
+        assert [info.step for info in Checkpointer(tmp_path, read_only=True).list()] == steps
+        assert torch.equal(rerun_model.weight, model.weight)  # the best, epoch 1's, weights

@@ -134,7 +134,9 @@ class HaltpointCallback(Callback):
             log.info("haltpoint: resumed from step %d in %s", info.step, ckpt.directory)
             if self.stopper is not None and self.stopper.stopped:
                 log.info("haltpoint: the resumed run had stopped: %s", self.stopper.reason)
-                trainer.should_stop = True
+                trainer.should_stop = True  # Lightning then trains nothing, nor calls on_train_end
+                if self.restore_best:
+                    self._restore_best(pl_module)
         elif ckpt.list():
             steps = [info.step for info in ckpt.list()]
             raise CheckpointExistsError(
@@ -214,8 +216,13 @@ class HaltpointCallback(Callback):
         if trainer.is_global_zero:
             ckpt.wait()
         trainer.strategy.barrier("haltpoint_train_end")
-        if self.restore_best and ckpt.list():
-            self.best_step = restore_best_weights(ckpt, pl_module, self.stopper)
+        if self.restore_best:
+            self._restore_best(pl_module)
+
+    def _restore_best(self, pl_module: Any) -> None:
+        assert self.checkpointer is not None
+        if self.checkpointer.list():
+            self.best_step = restore_best_weights(self.checkpointer, pl_module, self.stopper)
             log.info("haltpoint: restored the best weights, from step %d", self.best_step)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
