@@ -60,6 +60,33 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("first", [0, 1])
+def test_ranks_whose_plain_stoppers_disagree_raise_instead_of_hanging(
+    tmp_path: Path, first: int
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={_free_port()}", str(WORKER.parent / "diverge_worker.py"),
+        "--run-dir", str(tmp_path / "run"), "--first", str(first), "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the ranks hung for {TIMEOUT_S} s: {exc.stderr!r}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    other = 1 - first
+    for rank in (0, 1):
+        result = json.loads((out / f"rank{rank}.json").read_text())
+        assert result["error"] is not None, f"rank {rank} raised nothing"
+        assert f"rank {first} at close()" in result["error"]
+        assert f"rank {other} at save(2)" in result["error"]
+        assert "synced(EarlyStopping(...))" in result["error"]
+
+
+@pytest.mark.slow
 def test_ranks_take_the_same_decision_and_rank0_warns(ddp_run: dict[str, Any]) -> None:
     r0, r1 = ddp_run["ranks"]
     assert r0["stop"] == r1["stop"]

@@ -358,7 +358,7 @@ class Checkpointer:
         self._closed = True
         finish = self._writer.close if self._writer is not None else lambda: None
         try:  # leaving on an exception (maybe on one rank only): no collective
-            self._ranks.agree(finish, "the save in flight") if sync else finish()
+            self._ranks.agree(finish, "close()") if sync else finish()
         finally:
             self._ranks.close()
             if self._preemption is not None:

@@ -2,11 +2,13 @@
 
 Rank 0 alone takes the writer lock and does the I/O of replicated state; every `Checkpointer`
 method a rank 0 error can come out of (`Checkpointer(...)`, `save`, `wait`, `close`,
-`restore`, `list`, `pin`, `unpin`) ends with `on_writer`, one broadcast from rank 0 carrying
-either its result or its error. Where every rank acts (finding and writing sharded state,
-reading and loading in `restore`), `all_succeed` and `all_results` end with an all-gather of
-every rank's failure. So an error is raised on every rank at the same call and no rank is left
-waiting in a collective. See docs/distributed.md.
+`restore`, `list`, `pin`, `unpin`) ends with `on_writer`, one `exchange` carrying rank 0's
+result or its error. Where every rank acts (finding and writing sharded state, reading and
+loading in `restore`), `all_succeed` and `all_results` end with an `exchange` of every rank's
+failure. So an error is raised on every rank at the same call and no rank is left waiting in a
+collective. Every `exchange` also carries the name of the call each rank is in: ranks at
+different calls (their stoppers decided differently) raise on every rank at once instead of
+hanging. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -16,29 +18,33 @@ from functools import partial
 from typing import Any, TypeVar
 
 from haltpoint import errors
-from haltpoint.distributed.ranks import Replicas, all_gather, initialized
+from haltpoint.distributed.ranks import Replicas, all_gather
 from haltpoint.errors import CheckpointError
 
-__all__ = ["all_results", "all_succeed", "on_writer", "restore_agreed"]
+__all__ = ["all_results", "all_succeed", "exchange", "on_writer", "restore_agreed"]
 
 T = TypeVar("T")
 
 
-def _broadcast(payload: Any) -> Any:
-    """Broadcast one picklable object from rank 0; every rank gets rank 0's object."""
-    dist = initialized()
-    box = [payload]
-    dist.broadcast_object_list(box, src=0, device=_device(dist))
-    return box[0]
+def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
+    """Every rank's picklable `payload`, by rank, once every rank is at the same call `what`.
 
-
-def _device(dist: Any) -> Any:
-    """Where object collectives stage their bytes: the current CUDA device for NCCL."""
-    if dist.get_backend() == "nccl":
-        import torch
-
-        return torch.device("cuda", torch.cuda.current_device())
-    return None
+    Each rank sends the name of the call it is in with its payload. Ranks at different calls
+    (one closing while another saves, because their stoppers decided differently) would pair
+    collectives that do not belong together and hang, or mix up their payloads: instead every
+    rank raises the same `CheckpointError`, naming each rank's call and the remedy.
+    """
+    gathered = all_gather((what, payload), group.process_group)
+    calls = [call for call, _ in gathered]
+    if any(call != what for call in calls):
+        at = ", ".join(f"rank {rank} at {call}" for rank, call in enumerate(calls))
+        raise CheckpointError(
+            f"the ranks are at different haltpoint calls ({at}): every rank must call the same "
+            "methods in the same order. A stopper stepped with each rank's own metric stops "
+            "the ranks at different epochs: wrap it as synced(EarlyStopping(...)) so that "
+            "every rank takes the same decision (docs/distributed.md)"
+        )
+    return [item for _, item in gathered]
 
 
 def _failure(what: str, exc: BaseException) -> tuple[bool, str, str, str | None]:
@@ -66,9 +72,9 @@ def on_writer(
     what: str,
     share: Callable[[T], Any] | None = None,
 ) -> Any:
-    """Run `fn` on rank 0 only and agree on the outcome with one broadcast.
+    """Run `fn` on rank 0 only and agree on the outcome with one `exchange`.
 
-    Without a group this is `fn()`. With one, rank 0 runs `fn` and broadcasts its result
+    Without a group this is `fn()`. With one, rank 0 runs `fn` and sends its result
     (through `share`, if given); the other ranks return that. If `fn` fails, every rank
     raises the same error: rank 0's class when it is one of haltpoint's `CheckpointError`s
     (e.g. `CheckpointExistsError`), else `CheckpointError`, with the same message naming the
@@ -77,7 +83,7 @@ def on_writer(
     if group is None:
         return fn()
     if not group.is_writer:
-        payload = _broadcast(None)
+        payload = exchange(group, what, None)[0]
         if not payload[0]:
             _raise(payload, None)
         return payload[1]
@@ -85,12 +91,12 @@ def on_writer(
         result = fn()
     except Exception as exc:
         failure = _failure(what, exc)
-        _broadcast(failure)
+        exchange(group, what, failure)
         _raise(failure, exc)
     except BaseException as exc:  # KeyboardInterrupt, SystemExit: release the others, re-raise
-        _broadcast(_failure(what, exc))
+        exchange(group, what, _failure(what, exc))
         raise
-    _broadcast((True, result if share is None else share(result)))
+    exchange(group, what, (True, result if share is None else share(result)))
     return result
 
 
@@ -118,7 +124,7 @@ def _everywhere(group: Replicas | None, fn: Callable[[], T], what: str, gather: 
     except Exception as exc:
         error = exc
     message = None if error is None else f"{type(error).__name__}: {error}"
-    gathered = all_gather((message, result if gather else None), group.process_group)
+    gathered = exchange(group, what, (message, result if gather else None))
     failed = [rank for rank, (said, _) in enumerate(gathered) if said is not None]
     if error is not None and all(said == message for said, _ in gathered):
         raise error  # the same failure on every rank (a bad argument): keep its type

@@ -16,7 +16,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from haltpoint.distributed.ranks import all_gather, get_rank, is_distributed
+from haltpoint.distributed.collectives import exchange
+from haltpoint.distributed.ranks import Replicas, get_rank, get_world_size, is_distributed
 from haltpoint.stopping.inputs import as_float, read_metric
 
 __all__ = ["DistributedEarlyStopping", "synced"]
@@ -82,8 +83,10 @@ class DistributedEarlyStopping:
                 payload = as_float(value)
         except Exception as exc:
             payload = exc
-        gathered = all_gather(
-            ("error", repr(payload)) if isinstance(payload, Exception) else payload
+        gathered = exchange(
+            Replicas(get_rank(), get_world_size()),
+            "a synced stopper's step()",
+            ("error", repr(payload)) if isinstance(payload, Exception) else payload,
         )
         if isinstance(payload, Exception):
             raise payload

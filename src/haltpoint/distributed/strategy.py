@@ -122,7 +122,7 @@ class Ranks:
         """Every rank returns once rank 0 has committed the save in flight (or raises its error)."""
         if self._shard_writer is not None:
             self._shard_writer.settle()  # its error, if any, comes from rank 0's commit
-        self.agree(self._wait, "the save in flight")
+        self.agree(self._wait, "wait()")
 
     def close(self) -> None:
         """Stop the shards' background writer, if one was started."""
