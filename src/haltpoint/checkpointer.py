@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -18,9 +19,11 @@ import torch
 from haltpoint._arguments import check_device, check_step, coerce_metrics
 from haltpoint.distributed.strategy import strategy_for
 from haltpoint.errors import CheckpointError
+from haltpoint.policies.interval import parse_every
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.preemption import SignalFlag
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
+from haltpoint.schedule import SaveSchedule
 from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.store.background import BackgroundWriter
@@ -30,6 +33,8 @@ from haltpoint.store.run_dir import Entry, RunDirectory
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
+
+Extra = Callable[[], Mapping[str, Any]]
 
 __all__ = ["RNG_ENTRY", "CheckpointInfo", "Checkpointer"]  # the first two from haltpoint.reader
 
@@ -53,6 +58,11 @@ class Checkpointer:
         save_on_signal: signals (e.g. `[signal.SIGTERM, signal.SIGUSR1]`) that set
             `preempted` instead of killing the process, so the loop can save and exit
             cleanly; a second one of the same signal acts as if none were installed.
+        every: when `maybe_save` saves: a number of steps (`100`), a wall time (`"10min"`,
+            `"30s"`, `"2h"`, a `timedelta`), or `"auto"`: the Young/Daly interval for the
+            measured save cost, kept under `overhead` (default 0.02) of training time, for
+            `mtbf` (a duration; default one day). An improvement of `monitor` and a
+            preemption signal always save. None: `maybe_save` is refused.
 
     Concurrency: one writer process per directory (a second is refused with `LockedError`
     naming the holder), any number of readers. An instance is not thread-safe. Under an
@@ -83,6 +93,9 @@ class Checkpointer:
         storage_options: dict[str, Any] | None = None,
         max_staging_bytes: int | None = None,
         save_on_signal: int | Iterable[int] | None = None,
+        every: int | str | timedelta | None = None,
+        overhead: float | None = None,
+        mtbf: float | str | timedelta | None = None,
     ) -> None:
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise TypeError(
@@ -113,6 +126,13 @@ class Checkpointer:
             self._run, self._reader, self._wait, read_only=read_only, async_save=async_save
         )
         self._closed = False
+        self._schedule = (
+            None
+            if every is None and overhead is None and mtbf is None
+            else SaveSchedule(
+                parse_every(every, overhead=overhead, mtbf=mtbf), monitor=monitor, mode=mode
+            )
+        )
 
         def open_writer() -> None:
             self._lock = WriterLock(self._storage)
@@ -171,10 +191,55 @@ class Checkpointer:
             TypeError: an optimizer holds DTensor state directly (use `ShardedState`).
             ValueError: sharded state with a run directory that is a URL.
         """
+        return self._submit(step, state, metrics, pin, None)
+
+    def maybe_save(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
+    ) -> CheckpointInfo | None:
+        """Save `state` as the checkpoint of `step` when the `every` policy says so.
+
+        Call it after every optimizer step (or evaluation). Returns the saved checkpoint's
+        info, or None when no save was due. The policy and its reason are recorded in the
+        manifest (`haltpoint show` prints them).
+
+        Raises:
+            ValueError: the Checkpointer was made without `every`.
+        """
+        if self._schedule is None:
+            raise ValueError(
+                "maybe_save needs a save interval: create the Checkpointer with every=100 "
+                '(steps), every="10min" (wall time) or every="auto"'
+            )
+        self._check_writable()
+        saved_by = self._schedule.decide(
+            check_step(step), coerce_metrics(metrics, self.monitor), self.preempted
+        )
+        if saved_by is None:
+            return None
+        start = time.perf_counter()
+        info = self._submit(step, state, metrics, False, saved_by)
+        write = None if self._writer is None else self._writer.last_seconds
+        self._schedule.saved(step, time.perf_counter() - start, write)
+        return info
+
+    def _submit(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None,
+        pin: bool,
+        saved_by: Mapping[str, str] | None,
+    ) -> CheckpointInfo:
         self._check_writable()
         check_step(step)
         coerce_metrics(metrics, self.monitor)
-        commit = lambda part, extra: self._save(step, part, metrics, pin, extra)  # noqa: E731
+
+        def commit(part: Mapping[str, Any], extra: Extra | None) -> CheckpointInfo:
+            if saved_by is not None:  # the manifest says which policy chose this save
+                given, reason = extra, dict(saved_by)
+                extra = lambda: {**(given() if given else {}), "saved_by": reason}  # noqa: E731
+            return self._save(step, part, metrics, pin, extra)
+
         return self._ranks.save(step, state, commit)
 
     def _save(

@@ -155,6 +155,17 @@ def _as_json(manifest: Manifest, path: str, pinned: bool) -> dict[str, Any]:
     }
 
 
+def _saved_by_text(saved_by: Any) -> str:
+    """`policy: reason` from the manifest's `extra["saved_by"]`.
+
+    >>> _saved_by_text({"policy": "every 100 steps", "reason": "100 steps since the last save"})
+    'every 100 steps: 100 steps since the last save'
+    """
+    if not isinstance(saved_by, Mapping):
+        return _leaf_text(saved_by)
+    return f"{saved_by.get('policy', '?')}: {saved_by.get('reason', '?')}"
+
+
 def run(args: argparse.Namespace, out: Output) -> int:
     """Show one checkpoint of `args.directory`."""
     run_dir = open_run(args.directory)
@@ -175,8 +186,12 @@ def run(args: argparse.Namespace, out: Output) -> int:
         ("size", _size_text(manifest, path)),
         ("versions", f"{versions}; format {manifest.format_version}"),
     ]
-    if manifest.extra:
-        header.append(("extra", _leaf_text(manifest.extra)))
+    extra = dict(manifest.extra)
+    saved_by = extra.pop("saved_by", None)
+    if saved_by is not None:  # written by Checkpointer.maybe_save; older manifests lack it
+        header.append(("saved by", _saved_by_text(saved_by)))
+    if extra:
+        header.append(("extra", _leaf_text(extra)))
     for key, value in header:
         out.line(f"{key + ':':<10}{value}", style="bold" if key == "step" else None)
     out.line()

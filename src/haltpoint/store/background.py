@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import sys
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,8 @@ class BackgroundWriter:
         self._pending: Future[Any] | None = None
         self._pending_what = ""
         self._closed = False
+        self.last_seconds: float | None = None
+        """How long the last job that finished ran (None before one has)."""
         atexit.register(_finish_at_exit, weakref.ref(self))
 
     @property
@@ -40,7 +43,15 @@ class BackgroundWriter:
         if self._closed:
             raise RuntimeError("the background writer is closed; create a new Checkpointer")
         self.wait()
-        self._pending = self._executor.submit(job)
+
+        def timed() -> Any:
+            start = time.perf_counter()
+            try:
+                return job()
+            finally:
+                self.last_seconds = time.perf_counter() - start
+
+        self._pending = self._executor.submit(timed)
         self._pending_what = what
 
     def wait(self) -> None:
