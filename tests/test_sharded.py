@@ -311,16 +311,6 @@ def test_the_cli_verifies_shows_and_refuses_to_export_sharded_state(
     assert "__0_0.distcp: xxh3-128" in report[3]["error"]
 
 
-def test_sharded_checkpoints_need_a_local_or_shared_file_system() -> None:
-    from haltpoint.reader import RunReader
-    from haltpoint.store.run_dir import RunDirectory
-    from haltpoint.store.storage import open_storage
-
-    reader = RunReader(RunDirectory(open_storage("memory://sharded-run")), None, "min")
-    with pytest.raises(ValueError, match="local or shared file system, got memory://sharded-run"):
-        reader.dcp_path("step-000000001")
-
-
 def test_save_sharded_in_one_process_prepares_writes_then_commits_the_record(
     tmp_path: Path,
 ) -> None:

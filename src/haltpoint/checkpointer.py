@@ -189,7 +189,6 @@ class Checkpointer:
             CheckpointExistsError: a checkpoint for `step` is already committed.
             UnsupportedStateError: a value in `state` cannot be stored without pickling.
             TypeError: an optimizer holds DTensor state directly (use `ShardedState`).
-            ValueError: sharded state with a run directory that is a URL.
         """
         return self._submit(step, state, metrics, pin, None)
 

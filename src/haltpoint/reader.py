@@ -213,7 +213,7 @@ class RunReader:
             rest = {k: v for k, v in state.items() if k not in names}
             saved_rest = {k: v for k, v in saved.items() if k not in record.entries}
             load_rest = plan_load(rest, saved_rest, strict=strict)  # checked before DCP loads
-            load_shards(self.dcp_path(entry.dirname), {n: state[n] for n in names})
+            load_shards(self.run.storage, dcp_folder(entry.dirname), {n: state[n] for n in names})
             report = load_rest()
             report.unexpected.extend(n for n in record.entries if n not in state)
             state.update(rest)  # plain values were replaced in `rest`
@@ -230,11 +230,10 @@ class RunReader:
         Raises:
             CorruptCheckpointError: naming the first file missing, of the wrong size or hash,
                 or a malformed sharded record.
-            ValueError: the run directory is a URL (sharded checkpoints live on file systems).
         """
         record = self._shards(entry)
         if record is not None:
-            verify_shards(self.dcp_path(entry.dirname), record.files)
+            verify_shards(self.run.storage, dcp_folder(entry.dirname), record.files)
 
     def check_shard_part(self, entry: Entry, rank: int, world_size: int) -> str | None:
         """Check this rank's share of a sharded checkpoint's DCP files (every `world_size`-th,
@@ -243,20 +242,10 @@ class RunReader:
             record = self._shards(entry)
             if record is not None:
                 mine = sorted(record.files.items())[rank::world_size]
-                verify_shards(self.dcp_path(entry.dirname), dict(mine))
+                verify_shards(self.run.storage, dcp_folder(entry.dirname), dict(mine))
         except CorruptCheckpointError as exc:
             return str(exc)
         return None
-
-    def dcp_path(self, dirname: str) -> str:
-        """The local path of a checkpoint's DCP folder; ValueError for a URL run directory."""
-        path = self.run.storage.local_path(dcp_folder(dirname))
-        if path is None:
-            raise ValueError(
-                f"sharded checkpoints need a run directory on a local or shared file system, "
-                f"got {self.directory}"
-            )
-        return path
 
     def _shards(self, entry: Entry) -> ShardedRecord | None:
         """The checkpoint's sharded record, None when it has no sharded state."""

@@ -14,7 +14,6 @@ and loading them onto any world size (`load_shards`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +24,7 @@ from haltpoint.errors import CorruptCheckpointError
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
 from haltpoint.store.run_dir import ShardFile
+from haltpoint.store.storage import FsspecStorage, Storage
 
 __all__ = [
     "ShardedState",
@@ -89,48 +89,69 @@ def split_sharded(state: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str
     return shards, rest
 
 
-def _file_record(path: str) -> dict[str, Any]:
+def _file_record(storage: Storage, rel: str) -> dict[str, Any]:
     hasher = StreamHasher()
-    with open(path, "rb") as f:
+    with storage.open_read(rel) as f:
         while chunk := f.read(_CHUNK):
             hasher.update(chunk)
     return {"size": hasher.nbytes, "xxh3_128": hasher.hexdigest()}
 
 
-def write_shards(
-    folder: str, shards: dict[str, Any], rank: int, process_group: Any = None
-) -> dict[str, dict[str, Any]]:
-    """Write this rank's part of `shards` with DCP into `folder`, fsync'ed; hash its files.
+def _where(storage: Storage, rel: str) -> str:
+    """`rel`'s local path, or its URL on an object store."""
+    return storage.local_path(rel) or f"{storage.url}/{rel}"
 
-    Every rank of `process_group` (None: the default group) calls it: DCP's collectives run
-    there. Returns the size and xxh3-128 of the files this rank wrote (rank 0 also DCP's
+
+def _dcp_io(storage: Storage, folder: str, write: bool) -> Any:
+    """DCP's writer (or reader) for `folder` of `storage`: its file system one on a local
+    disk, its fsspec one (with the run's storage options) behind a URL."""
+    import torch.distributed.checkpoint as dcp
+
+    local = storage.local_path(folder)
+    if local is not None:
+        return (
+            dcp.FileSystemWriter(local, sync_files=True) if write else dcp.FileSystemReader(local)
+        )
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    assert isinstance(storage, FsspecStorage)
+    url, options = storage.fsspec_url(folder), storage.storage_options
+    return FsspecWriter(url, sync_files=True, **options) if write else FsspecReader(url, **options)
+
+
+def write_shards(
+    storage: Storage, folder: str, shards: dict[str, Any], rank: int, process_group: Any = None
+) -> dict[str, dict[str, Any]]:
+    """Write this rank's part of `shards` with DCP into `folder` of `storage`; hash its files.
+
+    On a local disk the files are fsync'ed; behind a URL each is an object once its upload
+    completes. The hashes are of the bytes read back from where they are stored. Every rank
+    of `process_group` (None: the default group) calls it: DCP's collectives run there.
+    Returns the size and xxh3-128 of the files this rank wrote (rank 0 also DCP's
     `.metadata`).
     """
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(
-        shards,
-        storage_writer=dcp.FileSystemWriter(folder, sync_files=True),
-        process_group=process_group,
-    )
+    dcp.save(shards, storage_writer=_dcp_io(storage, folder, True), process_group=process_group)
     mine = sorted(
         name
-        for name in os.listdir(folder)
+        for name in storage.listdir(folder)
         if name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata")
     )
-    return {name: _file_record(os.path.join(folder, name)) for name in mine}
+    return {name: _file_record(storage, f"{folder}/{name}") for name in mine}
 
 
-def verify_shards(folder: str, files: Mapping[str, ShardFile]) -> None:
+def verify_shards(storage: Storage, folder: str, files: Mapping[str, ShardFile]) -> None:
     """Check every DCP file's size and xxh3-128 against the manifest's records.
 
     Raises:
         CorruptCheckpointError: naming the first file missing, of the wrong size or hash.
     """
     for name, record in sorted(files.items()):
-        path = os.path.join(folder, name)
+        rel = f"{folder}/{name}"
+        path = _where(storage, rel)
         try:
-            size = os.path.getsize(path)
+            size = storage.size(rel)
         except OSError as exc:
             raise CorruptCheckpointError(f"{path}: {exc}", path=path) from exc
         if size != record.size:
@@ -139,7 +160,7 @@ def verify_shards(folder: str, files: Mapping[str, ShardFile]) -> None:
                 "sharded checkpoint is damaged",
                 path=path,
             )
-        digest = _file_record(path)["xxh3_128"]
+        digest = _file_record(storage, rel)["xxh3_128"]
         if digest != record.xxh3_128:
             raise CorruptCheckpointError(
                 f"{path}: xxh3-128 {digest} differs from the manifest's "
@@ -148,8 +169,9 @@ def verify_shards(folder: str, files: Mapping[str, ShardFile]) -> None:
             )
 
 
-def load_shards(folder: str, entries: Mapping[str, Any]) -> None:
-    """Load the DCP checkpoint in `folder` into `entries`, resharding to this world size.
+def load_shards(storage: Storage, folder: str, entries: Mapping[str, Any]) -> None:
+    """Load the DCP checkpoint in `folder` of `storage` into `entries`, resharding to this
+    world size.
 
     Objects with `load_state_dict` get their own state dict filled by DCP (FSDP2 modules
     their shards, plain modules the full tensors); tensors are filled in place. Under a
@@ -158,7 +180,8 @@ def load_shards(folder: str, entries: Mapping[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
-    dcp.load(targets, storage_reader=dcp.FileSystemReader(folder), no_dist=initialized() is None)
+    reader = _dcp_io(storage, folder, False)
+    dcp.load(targets, storage_reader=reader, no_dist=initialized() is None)
     for name, value in entries.items():
         if is_stateful(value):
             value.load_state_dict(targets[name])

@@ -19,7 +19,7 @@ from haltpoint.distributed.ranks import Replicas, initialized
 from haltpoint.distributed.sharded import write_shards
 from haltpoint.distributed.sharded_save import ShardWriter, save_sharded, split_agreed
 from haltpoint.reader import CheckpointInfo, Found, RunReader
-from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
+from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname, dcp_folder
 
 __all__ = ["Commit", "OneProcess", "Ranks", "Read", "strategy_for"]
 
@@ -94,11 +94,11 @@ class Ranks:
         if not shards:  # rank 0 saves; one broadcast shares its info or error
             return self.agree(lambda: commit(state, None), f"save({step})")
         # every rank writes its shards; rank 0 commits (see sharded_save)
-        folder = self._reader.dcp_path(checkpoint_dirname(step))
+        folder, storage = dcp_folder(checkpoint_dirname(step)), self._run.storage
         self.wait()
         if self._async_save and self._shard_writer is None:
             self._shard_writer = ShardWriter()  # on every rank, here: it makes a group
-        write = lambda part, rank, group: write_shards(folder, part, rank, group)  # noqa: E731
+        write = lambda part, rank, group: write_shards(storage, folder, part, rank, group)  # noqa: E731
         finish = lambda extra: commit(rest, extra)  # noqa: E731
         return save_sharded(self._run, step, shards, write, finish, self._shard_writer)
 

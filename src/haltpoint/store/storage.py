@@ -258,7 +258,8 @@ class FsspecStorage:
     ) -> None:
         import fsspec
 
-        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.root = root.rstrip("/")
         self.url = url
         self.part_bytes = part_bytes
@@ -280,6 +281,10 @@ class FsspecStorage:
 
     def local_path(self, rel: str) -> str | None:
         return None
+
+    def fsspec_url(self, rel: str) -> str:
+        """The full URL of `rel`, for another fsspec client (DCP's) with `storage_options`."""
+        return str(self.fs.unstrip_protocol(self._path(rel)))
 
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(self._fresh(rel)))
