@@ -214,9 +214,9 @@ def damaged_restore(args: argparse.Namespace, ckpt: Checkpointer, result: dict[s
     real = haltpoint.reader.verify_shards
     checked: list[str] = []
 
-    def recording(folder: str, files: Any) -> None:
-        checked.extend(f"{os.path.basename(os.path.dirname(folder))}/{n}" for n in sorted(files))
-        real(folder, files)
+    def recording(storage: Any, folder: str, files: Any) -> None:
+        checked.extend(f"{os.path.dirname(folder)}/{n}" for n in sorted(files))
+        real(storage, folder, files)
 
     haltpoint.reader.verify_shards = recording  # type: ignore[assignment]
     flip()
