@@ -131,8 +131,9 @@ def test_reason_sentence_names_metric_delta_wait_and_best() -> None:
         (
             {"patience": 1, "baseline": 0.5},
             [1.0],
-            "did not beat the baseline 0.5000 by more than 0",
+            "did not beat the baseline 0.5000 within 1 evaluations",
         ),
+        ({"patience": 1}, [1.0, 1.0], "val_loss did not improve for 1 evaluations; best"),
         ({"patience": 1}, [1.0, NAN], "val_loss is nan at evaluation 1: training has diverged"),
         ({"patience": 1, "check_finite": False}, [NAN], "no finite value in 1 evaluations"),
         (
@@ -294,11 +295,31 @@ def test_invariants(
 
 @pytest.mark.parametrize(
     "value",
-    [0.5, 1, np.float32(0.5), np.float64(0.5), np.array(0.5), Decimal("0.5"), Fraction(1, 2)],
-    ids=["float", "int", "np.float32", "np.float64", "np 0-d", "Decimal", "Fraction"],
+    [
+        0.5,
+        1,
+        np.float32(0.5),
+        np.float64(0.5),
+        np.array(0.5),
+        np.array([0.5], dtype=np.float32),  # Keras logs F1Score so
+        np.array([[0.5]]),
+        Decimal("0.5"),
+        Fraction(1, 2),
+    ],
+    ids=[
+        "float",
+        "int",
+        "np.float32",
+        "np.float64",
+        "np 0-d",
+        "np 1-d",
+        "np 2-d",
+        "Decimal",
+        "Fraction",
+    ],
 )
 def test_number_like_values(value: Any) -> None:
-    assert EarlyStopping(patience=1).step(value).value == float(value)
+    assert EarlyStopping(patience=1).step(value).value == np.asarray(value, dtype=float).item()
 
 
 def test_tensor_values() -> None:
@@ -554,3 +575,30 @@ def test_resume_mid_run_is_invisible(
         clock.now = float(i)
         got.append(json.dumps(second.step({"val_loss": v}).to_dict()))
     assert got == expected
+
+
+def test_reset_forgets_every_evaluation_and_the_rules_state() -> None:
+    now = [0.0]
+    budget = TimeBudget(50.0, clock=lambda: now[0])
+    stopper = EarlyStopping("val_loss", patience=5, rules=[budget])
+    stopper.step(1.0)
+    now[0] = 100.0
+    assert stopper.step(1.0).code is StopReason.TIME_BUDGET
+    stopper.reset()
+    assert (stopper.stopped, stopper.best, stopper.wait, stopper.evaluations) == (
+        False,
+        None,
+        0,
+        0,
+    )
+    assert budget.elapsed == 0.0  # counting again from the reset
+    first = stopper.step(2.0)
+    assert (first.stop, first.best, first.step) == (False, 2.0, 0)
+
+
+def test_reset_restarts_the_default_rule() -> None:
+    stopper = EarlyStopping("val_loss")
+    for i in range(60):
+        stopper.step(1.0 / (i + 1))
+    stopper.reset()
+    assert stopper.state_dict() == EarlyStopping("val_loss").state_dict()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from haltpoint.stopping.modes import Mode
 
-__all__ = ["Delta", "RelativeDelta", "beats", "check_delta", "describe_delta"]
+__all__ = ["Delta", "RelativeDelta", "beats", "by_more_than", "check_delta", "describe_delta"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +97,15 @@ def describe_delta(min_delta: Delta) -> str:
     if isinstance(min_delta, RelativeDelta):
         return f"{min_delta.fraction * 100:g}% of |best|"
     return f"{min_delta:g}"
+
+
+def by_more_than(min_delta: Delta) -> str:
+    """The clause for messages: ``" by more than 0.001"``, or nothing when `min_delta` is 0.
+
+    Example:
+        >>> by_more_than(0.001), by_more_than(0.0), by_more_than(RelativeDelta(0.01))
+        (' by more than 0.001', '', ' by more than 1% of |best|')
+    """
+    if describe_delta(min_delta) in ("0", "0% of |best|"):
+        return ""
+    return f" by more than {describe_delta(min_delta)}"

@@ -17,7 +17,7 @@ from haltpoint.stopping.arguments import (
     check_rules,
 )
 from haltpoint.stopping.decision import Decision, StopReason
-from haltpoint.stopping.delta import Delta, RelativeDelta, beats, check_delta, describe_delta
+from haltpoint.stopping.delta import Delta, RelativeDelta, beats, by_more_than, check_delta
 from haltpoint.stopping.inputs import as_float, read_metric
 from haltpoint.stopping.modes import Mode, resolve_mode
 from haltpoint.stopping.rules import Observation, Rule, Stop
@@ -58,8 +58,15 @@ class EarlyStopping:
         >>> [bool(stopper.step({"val_loss": v})) for v in (0.5, 0.4, 0.45, 0.41)]
         [False, False, False, True]
         >>> stopper.reason
-        'val_loss did not improve by more than 0 for 2 evaluations; best 0.4000 at evaluation 1'
+        'val_loss did not improve for 2 evaluations; best 0.4000 at evaluation 1'
     """
+
+    _trend: TrendRule | None
+    _evaluations: int
+    _best: float | None
+    _best_step: int | None
+    _wait: int
+    _last: Decision | None
 
     def __init__(
         self,
@@ -88,13 +95,8 @@ class EarlyStopping:
                 f"horizon={horizon!r} is for the default rule, but patience={patience!r} was "
                 "given; pass one or the other"
             )
-        sign = 1.0 if self._mode == "min" else -1.0
-        self._trend = TrendRule(sign, self._horizon) if self._patience is None else None
-        self._evaluations = 0
-        self._best: float | None = None
-        self._best_step: int | None = None
-        self._wait = 0
-        self._last: Decision | None = None
+        self._fresh_rules = rule_states(self._rules)
+        self.reset()
 
     # configuration -----------------------------------------------------------------------
 
@@ -305,8 +307,8 @@ class EarlyStopping:
             )
         ):
             return Stop(
-                f"{label(self._monitor)} did not beat the baseline {fmt(self._baseline)} by more "
-                f"than {describe_delta(self._min_delta)} within {patience} evaluations after "
+                f"{label(self._monitor)} did not beat the baseline {fmt(self._baseline)}"
+                f"{by_more_than(self._min_delta)} within {patience} evaluations after "
                 f"warmup; best {fmt(self._best)} at evaluation {self._best_step}. Check the "
                 "setup, or lower the baseline",
                 StopReason.BASELINE,
@@ -320,8 +322,8 @@ class EarlyStopping:
         else:
             found = f"best {fmt(self._best)} at evaluation {self._best_step}"
         return Stop(
-            f"{label(self._monitor)} did not improve by more than "
-            f"{describe_delta(self._min_delta)} for {self._wait} evaluations; {found}",
+            f"{label(self._monitor)} did not improve{by_more_than(self._min_delta)} for "
+            f"{self._wait} evaluations; {found}",
             StopReason.PATIENCE,
         )
 
@@ -354,7 +356,30 @@ class EarlyStopping:
             StopReason.NON_FINITE,
         )
 
-    # resume ------------------------------------------------------------------------------
+    # reuse and resume --------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every evaluation, as if just constructed, to reuse the stopper for a new fit.
+
+        Stateful rules go back to the state they had at construction (a `TimeBudget` starts
+        counting again).
+
+        Example:
+            >>> stopper = EarlyStopping(patience=0)
+            >>> bool(stopper.step(1.0)), bool(stopper.step(2.0))
+            (False, True)
+            >>> stopper.reset()
+            >>> stopper.stopped, stopper.best, stopper.evaluations
+            (False, None, 0)
+        """
+        sign = 1.0 if self._mode == "min" else -1.0
+        self._trend = TrendRule(sign, self._horizon) if self._patience is None else None
+        load_rule_states(self._rules, self._fresh_rules)
+        self._evaluations = 0
+        self._best = None
+        self._best_step = None
+        self._wait = 0
+        self._last = None
 
     def state_dict(self) -> dict[str, Any]:
         """Return the state (never the configuration) as JSON-able values.

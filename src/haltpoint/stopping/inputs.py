@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 __all__ = ["as_float", "read_metric"]
 
-_ALLOWED = "a float, an int, a NumPy scalar or a one-element tensor"
+_ALLOWED = "a float, an int, a NumPy scalar, or a one-element array or tensor"
 
 
 def _is_bool(value: object) -> bool:
@@ -28,8 +28,9 @@ def as_float(value: object, name: str = "value") -> float:
     """Convert a number-like value to a Python float without importing torch or NumPy.
 
     Args:
-        value: a float, int, NumPy scalar, 0-d (or one-element) tensor, or anything with
-            `__float__` or `.item()`. Booleans are refused: a bool is never a metric.
+        value: a float, int, NumPy scalar, one-element NumPy array or tensor (any number of
+            dimensions), or anything with `.item()` or `__float__`. Booleans are refused: a
+            bool is never a metric.
         name: how to call the value in error messages.
 
     Returns:
@@ -39,8 +40,9 @@ def as_float(value: object, name: str = "value") -> float:
         TypeError: for booleans and values that are not numbers.
 
     Example:
-        >>> as_float(3), as_float(0.5)
-        (3.0, 0.5)
+        >>> import numpy as np
+        >>> as_float(3), as_float(0.5), as_float(np.array([0.25], dtype=np.float32))
+        (3.0, 0.5, 0.25)
     """
     if type(value) is float:
         return value
@@ -52,11 +54,11 @@ def as_float(value: object, name: str = "value") -> float:
     if isinstance(value, (int, float)):
         return float(value)
     try:
+        item = getattr(value, "item", None)
+        if callable(item):  # NumPy and torch: also a one-element 1-D array, as Keras logs F1
+            return as_float(item(), name)
         if hasattr(value, "__float__"):
             return float(value)
-        item = getattr(value, "item", None)
-        if callable(item):
-            return as_float(item(), name)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(
             f"{name} must be a number ({_ALLOWED}); got {type(value).__name__} "
