@@ -135,6 +135,9 @@ def test_plot_options_and_errors(run_dir: Path, tmp_path: Path, capsys, monkeypa
     assert code == 0 and out == f"wrote {target}: val_acc\n"  # val_loss not drawn: no best
     code, _, err = run_cli(capsys, "plot", str(run_dir), "--metric", "nope")
     assert code == 1 and "metric 'nope' is not in the history; it holds 'val_loss'" in err
+    code, _, err = run_cli(capsys, "plot", str(run_dir), "-o", str(tmp_path / "x.txt"))
+    assert code == 1 and "from its suffix; end the file name with one of .avif" in err
+    assert not (tmp_path / "x.txt").exists()
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "plot", str(tmp_path / "empty"))
     assert code == 1 and "has no history.jsonl (or it is empty): nothing to plot" in err

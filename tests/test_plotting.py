@@ -67,6 +67,15 @@ def test_plot_history_errors(tmp_path: Path):
     with pytest.raises(ValueError, match=r"monitor 'acc' is not among the plotted metrics"):
         plot_history(history([1.0]), tmp_path / "p.png", monitor="acc")
     assert not (tmp_path / "p.png").exists()
+    with pytest.raises(ValueError, match=r"'.*x\.txt' from its suffix; .*\.pdf, .*\.png, .*\.svg"):
+        plot_history(history([1.0]), tmp_path / "x.txt")
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_plot_history_writes_the_format_of_the_suffix(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    plot_history(history([1.0, 0.5]), tmp_path / "p.svg")
+    assert b"<svg" in (tmp_path / "p.svg").read_bytes()[:500]
 
 
 def test_missing_matplotlib_names_the_install_command(monkeypatch, tmp_path: Path):

@@ -123,7 +123,7 @@ def plot_history(
     mode: str | None = None,
     title: str | None = None,
 ) -> PlotSummary:
-    """Draw the metric curves of `records` into a PNG at `path`.
+    """Draw the metric curves of `records` into an image at `path` (its suffix picks the format).
 
     Metrics where lower is better (losses) and the others (accuracies) go in two panels side
     by side. The best value of `monitor` (by `mode`, inferred from its name when None) and the
@@ -131,12 +131,21 @@ def plot_history(
 
     Raises:
         MissingDependencyError: matplotlib is not installed.
-        ValueError: no record holds a metric, or a requested one is missing.
+        ValueError: no record holds a metric, a requested one is missing, or the suffix of
+            `path` is not an image format matplotlib writes (`.png`, `.svg`, `.pdf`, ...).
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    out = os.fspath(path)
+    suffix = os.path.splitext(out)[1].lstrip(".").lower()
+    formats = sorted(FigureCanvasAgg.get_supported_filetypes())
+    if suffix not in formats:
+        raise ValueError(
+            f"cannot tell the image format of {out!r} from its suffix; end the file name with "
+            f"one of {', '.join('.' + f for f in formats)} (e.g. curves.png)"
+        )
     series = curves(records, metrics)
     series = {name: s for name, s in series.items() if s[0]}
     if not series:
@@ -192,6 +201,5 @@ def plot_history(
         ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    out = os.fspath(path)
-    fig.savefig(out, format="png")
+    fig.savefig(out, format=suffix)
     return PlotSummary(out, tuple(series), monitor, best_step, best_value, stop_step)

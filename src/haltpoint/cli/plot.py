@@ -73,7 +73,11 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
     parser.add_argument(
-        "-o", "--output", metavar="FILE.png", help="where to write (default: DIR/curves.png)"
+        "-o",
+        "--output",
+        metavar="FILE.png",
+        help="where to write; the suffix picks the format: .png, .svg, .pdf, ... "
+        "(default: DIR/curves.png)",
     )
     parser.add_argument(
         "--metric", action="append", metavar="M", help="a metric to plot (repeat; default: all)"
