@@ -142,11 +142,15 @@ def write_shards(
 
 
 def verify_shards(storage: Storage, folder: str, files: Mapping[str, ShardFile]) -> None:
-    """Check every DCP file's size and xxh3-128 against the manifest's records.
+    """Check every DCP file's size and xxh3-128 against the manifest's records, and DCP's
+    `.metadata` (when among `files`) with the restricted unpickler (`check_metadata`).
 
     Raises:
-        CorruptCheckpointError: naming the first file missing, of the wrong size or hash.
+        CorruptCheckpointError: naming the first file missing, of the wrong size or hash,
+            or metadata that is refused.
     """
+    from haltpoint.distributed.safe_metadata import METADATA_NAME
+
     for name, record in sorted(files.items()):
         rel = f"{folder}/{name}"
         path = _where(storage, rel)
@@ -167,6 +171,21 @@ def verify_shards(storage: Storage, folder: str, files: Mapping[str, ShardFile])
                 f"{record.xxh3_128}: the sharded checkpoint is damaged",
                 path=path,
             )
+    if METADATA_NAME in files:
+        _check_metadata(storage, folder)
+
+
+def _check_metadata(storage: Storage, folder: str) -> None:
+    """DCP's `.metadata` in `folder`, unpickled by `check_metadata` before DCP reads it."""
+    from haltpoint.distributed.safe_metadata import METADATA_NAME, check_metadata
+
+    rel = f"{folder}/{METADATA_NAME}"
+    path = _where(storage, rel)
+    try:
+        with storage.open_read(rel) as f:
+            check_metadata(f, path)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{path}: {exc}", path=path) from exc
 
 
 def load_shards(storage: Storage, folder: str, entries: Mapping[str, Any]) -> None:
@@ -176,17 +195,51 @@ def load_shards(storage: Storage, folder: str, entries: Mapping[str, Any]) -> No
     Objects with `load_state_dict` get their own state dict filled by DCP (FSDP2 modules
     their shards, plain modules the full tensors); tensors are filled in place. Under a
     process group every rank calls it; without one DCP reads everything in this process.
+    DCP reads no pickle unchecked: `.metadata` passes `check_metadata` first, and non-tensor
+    values are read through `SafeLoadPlanner`.
+
+    Raises:
+        CorruptCheckpointError: the metadata or a value is refused, or DCP fails to load
+            (its `CheckpointException`, translated).
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    from haltpoint.distributed.safe_metadata import SafeLoadPlanner
+
+    _check_metadata(storage, folder)
     targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
     reader = _dcp_io(storage, folder, False)
-    dcp.load(targets, storage_reader=reader, no_dist=initialized() is None)
+    try:
+        dcp.load(
+            targets,
+            storage_reader=reader,
+            planner=SafeLoadPlanner(),
+            no_dist=initialized() is None,
+        )
+    except CheckpointException as exc:
+        raise _load_error(_where(storage, folder), exc) from exc
     for name, value in entries.items():
         if is_stateful(value):
             value.load_state_dict(targets[name])
         elif isinstance(value, torch.Tensor) and targets[name] is not value:
             value.copy_(targets[name])
+
+
+def _load_error(folder: str, exc: Any) -> CorruptCheckpointError:
+    """DCP's `CheckpointException` (a BaseException holding every failed rank's exception)
+    as one line; a refusal of ours raised inside DCP keeps its own message."""
+    failures = sorted(exc.failures.items())
+    if not failures:
+        return CorruptCheckpointError(f"{folder}: DCP failed to load: {exc}", path=folder)
+    rank, (cause, _trace) = failures[0]
+    if isinstance(cause, CorruptCheckpointError):
+        return CorruptCheckpointError(f"{folder}: {cause}", path=folder)
+    first_line = (str(cause).splitlines() or [""])[0]
+    return CorruptCheckpointError(
+        f"{folder}: DCP failed to load on rank {rank}: {type(cause).__name__}: {first_line}",
+        path=folder,
+    )
 
 
 class ShardedState:
