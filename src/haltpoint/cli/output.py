@@ -2,7 +2,9 @@
 
 Every subcommand writes through an `Output`, so tests (and pipes) get plain text without
 escape codes, and `--json` gets strict JSON (non-finite floats as the strings `"NaN"`,
-`"Infinity"` and `"-Infinity"`, as in `history.jsonl`).
+`"Infinity"` and `"-Infinity"`, as in `history.jsonl`). Names, values, paths and reasons
+come from run directories that may be crafted: `Output` shows every text it is given through
+`printable`, and never as rich markup.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
@@ -18,7 +21,28 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["Output", "format_bytes", "format_metrics", "format_time", "to_strict_json"]
+__all__ = [
+    "Output",
+    "format_bytes",
+    "format_metrics",
+    "format_time",
+    "printable",
+    "to_strict_json",
+]
+
+# C0 controls (ESC, BEL ending an OSC ...), DEL, C1 controls (CSI, OSC as one character) and
+# the bidirectional overrides that reorder what a terminal shows
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    r"""`text` with every control character written as its visible escape, so that nothing
+    shown can move the cursor, clear the screen, set a title or hide what follows.
+
+    >>> print(printable("loss\x1b[2J \x1b]0;owned\x07 \u202eok"))
+    loss\x1b[2J \x1b]0;owned\x07 \u202eok
+    """
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], str(text))
 
 
 def format_bytes(n: int | float) -> str:
@@ -107,15 +131,15 @@ class Output:
 
     def line(self, text: str = "", style: str | None = None) -> None:
         """Print one line of results (no markup is interpreted in `text`)."""
-        self.console.print(Text(text, style=style or ""))
+        self.console.print(Text(printable(text), style=style or ""))
 
     def note(self, text: str, style: str | None = None) -> None:
         """Print a line for people on stderr (progress, hints), never mixed into results."""
-        self.err_console.print(Text(text, style=style or ""))
+        self.err_console.print(Text(printable(text), style=style or ""))
 
     def error(self, text: str) -> None:
         """Print `haltpoint: error: TEXT` on one line of stderr."""
-        one_line = " ".join(str(text).split())
+        one_line = printable(" ".join(str(text).split()))
         self.err_console.print(Text(f"haltpoint: error: {one_line}", style="bold red"))
 
     def json(self, value: Any) -> None:
@@ -143,15 +167,21 @@ class Output:
             numeric: columns aligned right (default: those whose cells all look numeric).
             header: print the column names (off for key-value tables).
         """
+        columns = [printable(c) for c in columns]
+        rows = [[printable(cell) for cell in row] for row in rows]
         right = set(numeric) or {c for i, c in enumerate(columns) if _numeric(rows, i)}
         if self.is_terminal:
             table = Table(
-                title=title, title_justify="left", header_style="bold", show_header=header
+                title=Text(printable(title)) if title is not None else None,
+                title_justify="left",
+                header_style="bold",
+                show_header=header,
             )
             for col in columns:
-                table.add_column(col, justify="right" if col in right else "left")
+                table.add_column(Text(col), justify="right" if col in right else "left")
             for index, row in enumerate(rows):
-                table.add_row(*row, style=(styles[index] if styles else None) or None)
+                texts = [Text(cell) for cell in row]  # Text: never read as markup
+                table.add_row(*texts, style=(styles[index] if styles else None) or None)
             self.console.print(table)
             return
         widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
