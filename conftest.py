@@ -10,3 +10,5 @@ if (
     and importlib.util.find_spec("pytorch_lightning") is None
 ):
     collect_ignore.append("src/haltpoint/integrations/lightning.py")
+if importlib.util.find_spec("optuna") is None:
+    collect_ignore.append("src/haltpoint/integrations/optuna.py")

@@ -1,0 +1,80 @@
+"""Optuna pruner backed by `haltpoint.tuning`: a trial is pruned when it cannot catch the leader.
+
+>>> import optuna
+>>> optuna.logging.set_verbosity(optuna.logging.WARNING)
+>>> study = optuna.create_study(pruner=HaltpointPruner())
+>>> def objective(trial):
+...     rate = trial.suggest_float("rate", 0.1, 1.0)
+...     for epoch in range(20):
+...         trial.report(1.0 / (1 + rate * epoch), epoch)
+...         if trial.should_prune():
+...             raise optuna.TrialPruned(prune_reason(trial))
+...     return 1.0 / (1 + rate * 19)
+>>> study.optimize(objective, n_trials=8)
+>>> len(study.trials)
+8
+"""
+
+from __future__ import annotations
+
+from optuna.pruners import BasePruner
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from haltpoint.tuning import judge
+
+REASON_ATTR = "haltpoint_prune_reason"
+
+_COMPARED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+class HaltpointPruner(BasePruner):
+    """Prune a trial whose best value so far trails the leading trial's by more than any trial
+    of the study recovered later (see `haltpoint.tuning.judge`).
+
+    The reason of each decision to prune is stored on the trial as the user attribute
+    ``haltpoint_prune_reason`` (it survives in RDB storage); read it with `prune_reason`.
+    """
+
+    def __init__(self, *, min_trials: int = 4, min_step: int = 2) -> None:
+        if min_trials < 1:
+            raise ValueError(f"min_trials must be >= 1, got {min_trials}")
+        if min_step < 0:
+            raise ValueError(f"min_step must be >= 0, got {min_step}")
+        self._min_trials = min_trials
+        self._min_step = min_step
+
+    def prune(self, study: Study, trial: FrozenTrial) -> bool:
+        """Optuna's hook: True when ``trial`` should stop now."""
+        if len(study.directions) != 1:
+            raise ValueError("HaltpointPruner supports single-objective studies only")
+        if not trial.intermediate_values:
+            return False
+        mode = "max" if study.direction == StudyDirection.MAXIMIZE else "min"
+        others = {
+            t.number: t.intermediate_values
+            for t in study.get_trials(deepcopy=False, states=_COMPARED)
+            if t.number != trial.number and t.intermediate_values
+        }
+        verdict = judge(
+            others,
+            trial.intermediate_values,
+            mode=mode,
+            min_trials=self._min_trials,
+            min_step=self._min_step,
+        )
+        if verdict.prune:
+            study._storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, verdict.reason)
+        return verdict.prune
+
+
+def prune_reason(trial: Trial | FrozenTrial) -> str:
+    """The sentence `HaltpointPruner` stored when it pruned ``trial`` ('' if it did not)."""
+    if isinstance(trial, Trial):
+        attrs = trial.study._storage.get_trial(trial._trial_id).user_attrs
+    else:
+        attrs = trial.user_attrs
+    return str(attrs.get(REASON_ATTR, ""))
+
+
+__all__ = ["REASON_ATTR", "HaltpointPruner", "prune_reason"]

@@ -1,0 +1,105 @@
+"""Stopping across trials: decide whether a trial of a search can still beat the best one so far.
+
+This module knows nothing of Optuna; `haltpoint.integrations.optuna` adapts it. A curve is a
+mapping from step (epoch) to the watched value. At the current trial's last step ``t`` it is
+pruned when its best value so far is worse than the leading trial's best at ``t`` by more than
+both the leader's noise and the most any other trial went on to gain after ``t``: no trial seen
+so far has ever recovered a gap that large.
+
+>>> leader = {step: 1.0 / (step + 1) for step in range(10)}
+>>> others = {0: leader, 1: {s: v + 0.01 for s, v in leader.items()}}
+>>> judge(others, {0: 3.0, 1: 2.9, 2: 2.8}, min_trials=2).prune
+True
+>>> judge(others, {0: 1.0, 1: 0.5, 2: 0.34}, min_trials=2).prune
+False
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+Curve = Mapping[int, float]
+
+MODES = ("min", "max")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether to prune the current trial, and the sentence that says why."""
+
+    prune: bool
+    reason: str
+
+
+def _best_up_to(curve: Curve, step: int, sign: float) -> float:
+    """The best finite value of ``curve`` at steps <= ``step`` (signed so lower is better)."""
+    values = [sign * v for s, v in curve.items() if s <= step and math.isfinite(v)]
+    return min(values) if values else math.inf
+
+
+def _noise(curve: Curve, step: int, sign: float) -> float:
+    """Noise of ``curve`` up to ``step``: half the median absolute second difference."""
+    values = [sign * curve[s] for s in sorted(curve) if s <= step and math.isfinite(curve[s])]
+    bends = [abs(a - 2 * b + c) for a, b, c in zip(values, values[1:], values[2:], strict=False)]
+    return statistics.median(bends) / 2 if bends else 0.0
+
+
+def judge(
+    others: Mapping[int, Curve],
+    current: Curve,
+    *,
+    mode: str = "min",
+    min_trials: int = 4,
+    min_step: int = 2,
+    metric: str = "value",
+) -> Verdict:
+    """Prune ``current`` or not, given the other trials' curves (finished or running) by number.
+
+    ``min_trials`` other trials must have reached the current step and the current trial must be
+    at ``min_step`` or later before anything is pruned; a trial whose latest value is NaN or
+    infinite is pruned at once.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if min_trials < 1:
+        raise ValueError(f"min_trials must be >= 1, got {min_trials}")
+    if min_step < 0:
+        raise ValueError(f"min_step must be >= 0, got {min_step}")
+    if not current:
+        return Verdict(False, "no value reported yet")
+    sign = 1.0 if mode == "min" else -1.0
+    step = max(current)
+    if not math.isfinite(current[step]):
+        return Verdict(True, f"at step {step} {metric} is {current[step]}: the trial diverged")
+    if step < min_step:
+        return Verdict(False, f"step {step} is before min_step {min_step}")
+    names = [
+        n
+        for n, c in others.items()
+        if max(c, default=-1) >= step and math.isfinite(_best_up_to(c, step, sign))
+    ]
+    peers = [others[n] for n in names]
+    if len(peers) < min_trials:
+        return Verdict(False, f"only {len(peers)} other trials reached step {step}")
+    mine = _best_up_to(current, step, sign)
+    at_step = [_best_up_to(c, step, sign) for c in peers]
+    lead = min(range(len(peers)), key=at_step.__getitem__)
+    gain = max(b - _best_up_to(c, max(c), sign) for b, c in zip(at_step, peers, strict=True))
+    noise = _noise(peers[lead], step, sign)
+    gap = mine - at_step[lead]
+    best = sign * at_step[lead]
+    if gap > max(gain, noise):
+        return Verdict(
+            True,
+            f"at step {step} {metric} {sign * mine:.4g} is worse than leading trial "
+            f"{names[lead]}'s {best:.4g} at the same step by {gap:.3g}, more than its noise "
+            f"({noise:.2g}) and more than any trial gained after step {step} ({gain:.3g})",
+        )
+    return Verdict(
+        False,
+        f"at step {step} {metric} {sign * mine:.4g} is within {max(gain, noise):.3g} "
+        f"of the leading trial {names[lead]}'s {best:.4g}",
+    )

@@ -1,0 +1,116 @@
+"""HaltpointPruner in real Optuna studies: optimize, ask/tell, SQLite storage, a resumed study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from haltpoint import EarlyStopping  # noqa: E402
+from haltpoint.integrations.optuna import HaltpointPruner, prune_reason  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+RATES = [1.0, 0.9, 0.8, 0.7, 0.05, 0.95, 0.01, 0.85]
+
+
+def curve(rate: float, epoch: int) -> float:
+    return 1.0 / (1.0 + rate * epoch)
+
+
+def replayed(study: optuna.Study, rates: list[float] = RATES) -> optuna.Study:
+    """Queue the rates in this order, as a replayed search."""
+    for rate in rates:
+        study.enqueue_trial({"rate": rate})
+    return study
+
+
+def objective(trial: optuna.Trial) -> float:
+    rate = trial.suggest_categorical("rate", RATES)
+    for epoch in range(30):
+        trial.report(curve(rate, epoch), epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(prune_reason(trial))
+    return curve(rate, 29)
+
+
+def pruned(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+
+
+def test_optimize_prunes_the_slow_rates_and_keeps_the_best() -> None:
+    study = replayed(optuna.create_study(pruner=HaltpointPruner()))
+    study.optimize(objective, n_trials=len(RATES))
+    early = {t.params["rate"] for t in pruned(study) if t.last_step == 2}
+    assert early == {0.05, 0.01}
+    assert study.best_params == {"rate": 1.0}
+    assert all("leading trial 0" in prune_reason(t) for t in pruned(study))
+
+
+def test_ask_tell_and_a_maximised_metric() -> None:
+    study = optuna.create_study(direction="maximize", pruner=HaltpointPruner())
+    stopped = []
+    for rate in RATES:
+        trial = study.ask()
+        for epoch in range(30):
+            trial.report(-curve(rate, epoch), epoch)
+            if trial.should_prune():
+                stopped.append(rate)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, -curve(rate, 29))
+    assert stopped[:1] == [0.05] and 0.01 in stopped and 1.0 not in stopped
+
+
+def test_sqlite_storage_keeps_reasons_and_a_killed_study_resumes(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, pruner=HaltpointPruner())
+    replayed(study, RATES[:5])
+    study.optimize(objective, n_trials=5)
+    killed = study.ask({"rate": optuna.distributions.CategoricalDistribution(RATES)})
+    for epoch in range(3):
+        killed.report(curve(0.5, epoch), epoch)  # the process dies here: the trial stays RUNNING
+    resumed = optuna.load_study(study_name="s", storage=storage, pruner=HaltpointPruner())
+    replayed(resumed, RATES[5:])
+    resumed.optimize(objective, n_trials=3)
+    assert {0.05, 0.01} <= {t.params["rate"] for t in pruned(resumed)}
+    assert resumed.best_params == {"rate": 1.0}
+    assert "worse than leading trial 0" in prune_reason(pruned(resumed)[-1])
+
+
+def test_early_stopping_inside_a_trial_keeps_working() -> None:
+    def stopped_early(trial: optuna.Trial) -> float:
+        rate = trial.suggest_categorical("rate", RATES)
+        stopper = EarlyStopping("loss", patience=2, min_delta=0.01)
+        for epoch in range(30):
+            value = curve(rate, epoch)
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(prune_reason(trial))
+            if stopper.step(value):
+                break
+        trial.set_user_attr("epochs", epoch + 1)
+        return value
+
+    study = replayed(optuna.create_study(pruner=HaltpointPruner()))
+    study.optimize(stopped_early, n_trials=len(RATES))
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert any(t.user_attrs["epochs"] < 30 for t in finished)
+    assert {0.05, 0.01} <= {t.params["rate"] for t in pruned(study)}
+
+
+def test_multi_objective_studies_are_refused() -> None:
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask()
+    with pytest.raises(ValueError, match="single-objective"):
+        HaltpointPruner().prune(study, study._storage.get_trial(trial._trial_id))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"min_trials": 0}, "min_trials"), ({"min_step": -1}, "min_step")]
+)
+def test_bad_arguments_are_named(kwargs: dict[str, int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        HaltpointPruner(**kwargs)

@@ -1,0 +1,84 @@
+"""haltpoint.tuning.judge: prunes a trial only when no trial so far recovered a gap that large."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from haltpoint.tuning import judge
+
+LEADER = {step: 1.0 / (step + 1) for step in range(10)}
+OTHERS = {n: {s: v + 0.01 * n for s, v in LEADER.items()} for n in range(4)}
+
+
+def test_a_hopeless_trial_is_pruned_with_a_reason_naming_the_leader() -> None:
+    verdict = judge(OTHERS, {0: 3.0, 1: 2.9, 2: 2.8})
+    assert verdict.prune
+    assert "leading trial 0's 0.3333 at the same step" in verdict.reason
+
+
+def test_a_trial_level_with_the_leader_survives() -> None:
+    assert not judge(OTHERS, {0: 1.0, 1: 0.5, 2: 0.34}).prune
+
+
+def test_a_gap_some_trial_recovered_later_is_not_pruned() -> None:
+    late_bloomer = {0: 5.0, 1: 5.0, 2: 5.0, 3: 0.0}
+    others = {**OTHERS, 9: late_bloomer}
+    assert not judge(others, {0: 3.0, 1: 2.9, 2: 2.8}).prune
+
+
+def test_maximised_metrics_prune_the_low_trial() -> None:
+    others = {n: {s: -v for s, v in c.items()} for n, c in OTHERS.items()}
+    assert judge(others, {0: -3.0, 1: -2.9, 2: -2.8}, mode="max").prune
+    assert not judge(others, {0: -3.0, 1: -2.9, 2: -2.8}).prune
+
+
+def test_a_diverged_trial_is_pruned_at_once() -> None:
+    verdict = judge({}, {0: 1.0, 1: math.nan})
+    assert verdict.prune and "diverged" in verdict.reason
+
+
+def test_nothing_is_pruned_before_enough_trials_or_steps() -> None:
+    assert "only 2 other trials" in judge(dict(list(OTHERS.items())[:2]), {0: 9, 1: 9, 2: 9}).reason
+    assert not judge(OTHERS, {0: 9.0, 1: 9.0}).prune
+    assert not judge(OTHERS, {}).prune
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "up"}, "mode must be one of"),
+        ({"min_trials": 0}, "min_trials"),
+        ({"min_step": -1}, "min_step"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        judge(OTHERS, {0: 1.0}, **kwargs)  # type: ignore[arg-type]
+
+
+curves = st.dictionaries(st.integers(0, 12), st.floats(-10, 10), min_size=1, max_size=12)
+
+
+@given(st.dictionaries(st.integers(0, 20), curves, max_size=6), curves)
+def test_the_trial_leading_at_its_step_is_never_pruned(others: dict, current: dict) -> None:
+    step = max(current)
+    mine = min(v for s, v in current.items() if s <= step)
+    rivals = [
+        min((v for s, v in c.items() if s <= step), default=math.inf)
+        for c in others.values()
+        if max(c) >= step
+    ]
+    if all(mine <= r for r in rivals):
+        assert not judge(others, current, min_trials=1, min_step=0).prune
+
+
+@given(st.dictionaries(st.integers(0, 20), curves, max_size=6), curves)
+def test_flipping_sign_and_mode_gives_the_same_verdict(others: dict, current: dict) -> None:
+    flipped = {n: {s: -v for s, v in c.items()} for n, c in others.items()}
+    low = judge(others, current, min_trials=1, min_step=0)
+    high = judge(flipped, {s: -v for s, v in current.items()}, mode="max", min_trials=1, min_step=0)
+    assert low.prune == high.prune
