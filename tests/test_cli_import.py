@@ -97,7 +97,7 @@ def test_import_a_hugging_face_bin_with_a_step(tmp_path: Path, capsys):
     got = exported(capsys, run, tmp_path)
     assert all(torch.equal(got[k], v) for k, v in weights.items())
     code, _, err = run_cli(capsys, *argv)  # the same step again: never overwritten
-    assert code == 1 and "a checkpoint for step 7 already exists" in err
+    assert code == 1 and "--step 7 is not newer than the newest checkpoint" in err
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
@@ -142,3 +142,31 @@ def test_import_into_a_run_with_a_live_writer_is_refused(tmp_path: Path, capsys)
         argv = ["import", str(tmp_path / "w.pt"), "-o", str(tmp_path / "run")]
         code, _, err = run_cli(capsys, *argv)
     assert code == 1 and "is locked by process" in err
+
+
+def test_import_into_an_existing_run_deletes_nothing(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    with Checkpointer(run, monitor="loss", keep_best=1, keep_last=2, async_save=False) as ckpt:
+        for step, loss in [(1, 0.1), (2, 0.5), (3, 0.6)]:
+            ckpt.save(step, {"w": torch.full((3,), float(step))}, {"loss": loss})
+    torch.save({"fc.weight": torch.ones(2, 2)}, tmp_path / "plain.pt")
+    code, out, _ = run_cli(
+        capsys, "import", str(tmp_path / "plain.pt"), "-o", str(run), "--step", "999"
+    )
+    assert code == 0 and "3 earlier checkpoint folder(s) are untouched" in out
+    steps = [info.step for info in Checkpointer(run, read_only=True).list()]
+    assert steps == [1, 2, 3, 999]
+
+
+@pytest.mark.parametrize("step", ["3", "2"])
+def test_import_refuses_a_step_that_is_not_newer(tmp_path: Path, capsys, step: str):
+    run = tmp_path / "run"
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for s in (1, 2, 3):
+            ckpt.save(s, {"w": torch.zeros(2)})
+    torch.save({"fc.weight": torch.ones(2, 2)}, tmp_path / "plain.pt")
+    code, _, err = run_cli(
+        capsys, "import", str(tmp_path / "plain.pt"), "-o", str(run), "--step", step
+    )
+    assert code != 0 and f"--step {step} is not newer than the newest checkpoint" in err
+    assert [info.step for info in Checkpointer(run, read_only=True).list()] == [1, 2, 3]

@@ -7,6 +7,7 @@ import argparse
 import os
 import pickle
 import re
+import time
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -14,9 +15,15 @@ from typing import Any
 
 import torch
 
-from haltpoint.checkpointer import Checkpointer
 from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes
+from haltpoint.state.tree import flatten_state
+from haltpoint.store.history import append_history, save_record
+from haltpoint.store.lock import WriterLock
+from haltpoint.store.run_dir import RunDirectory
+from haltpoint.store.staging import staged_nbytes
+from haltpoint.store.storage import open_storage
+from haltpoint.store.writer import write_checkpoint
 
 __all__ = ["UnsafeFileError", "convert", "load_weights_only", "register", "run"]
 
@@ -161,15 +168,46 @@ def run(args: argparse.Namespace, out: Output) -> int:
     obj = load_weights_only(args.file)
     state, step, skipped, kind = convert(obj)
     step = args.step if args.step is not None else (step if step is not None else 0)
-    with Checkpointer(args.output, capture_rng=False, async_save=False) as ckpt:
-        info = ckpt.save(step, state)
+    size, kept = _write_import(args.output, step, state)
     out.line(
         f"imported {args.file} ({kind}) as step {step} of {args.output}: entries "
-        f"{', '.join(state)}; {format_bytes(info.size)} of tensors"
+        f"{', '.join(state)}; {format_bytes(size)} of tensors"
+        + (f"; the run's {kept} earlier checkpoint folder(s) are untouched" if kept else "")
     )
     if skipped:
         out.note(f"not imported: {', '.join(skipped)}")
     return 0
+
+
+def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int, int]:
+    """Commit `state` as the checkpoint of `step` under the writer lock; return its tensor
+    bytes and how many checkpoint folders the run already held.
+
+    Import writes its own checkpoint and nothing else: no retention, no clean-up of other
+    folders, so it never deletes anything it did not write.
+
+    Raises:
+        ValueError: the run already holds a checkpoint (intact, damaged or unreadable) at
+            `step` or later; import never replaces one and never adds one behind the newest.
+    """
+    run_dir = RunDirectory(open_storage(directory))
+    with WriterLock(run_dir.storage):
+        existing = [e for e in run_dir.scan() if e.manifest is not None or e.error is not None]
+        newest = max((e.step for e in existing), default=None)
+        if newest is not None and step <= newest:
+            raise ValueError(
+                f"--step {step} is not newer than the newest checkpoint of {directory} "
+                f"(step {newest}); import never replaces or prunes checkpoints: pass "
+                f"--step {newest + 1} or more, or import into a new run directory"
+            )
+        flat = flatten_state(state)
+        run_dir.new_dirname(step)
+        now = time.time()
+        write_checkpoint(
+            run_dir, step=step, time=now, metrics={}, tree=flat.tree, tensors=flat.tensors
+        )
+        append_history(run_dir.storage, save_record(step, now, {}, state))
+    return staged_nbytes(flat.tensors), len(existing)
 
 
 def register(commands: Any) -> None:
