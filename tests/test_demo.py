@@ -160,3 +160,15 @@ def test_resuming_with_another_seed_is_refused(tmp_path: Path, capsys):
     assert code == 1
     assert f"haltpoint: error: {run} was trained with seed 0 (not 3); resume it with" in err
     assert err.endswith("or start again with --fresh\n")
+
+
+def test_fresh_refuses_a_folder_whose_only_haltpoint_file_is_a_stray_lock(tmp_path: Path, capsys):
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.tex").write_text("precious")
+    assert main(["gc", str(other), "--keep-last", "1"]) == 1  # gc on a wrong folder
+    assert not (other / ".haltpoint.lock").exists()
+    (other / ".haltpoint.lock").write_text("")  # as an older gc, or a Checkpointer, left it
+    code, _, err = run_cli(capsys, "demo", "--run-dir", str(other), "--fresh")
+    assert code == 1 and "does not look like a haltpoint run" in err
+    assert (other / "chapter1.tex").read_text() == "precious"

@@ -21,7 +21,8 @@ from haltpoint.errors import LockedError
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import HISTORY_NAME, read_history
-from haltpoint.store.lock import LOCK_NAME, read_holder
+from haltpoint.store.lock import read_holder
+from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.storage import LocalStorage
 
 __all__ = ["DEFAULT_RUN_DIR", "PLOT_NAME", "register", "run"]
@@ -40,8 +41,14 @@ Then try: haltpoint ls runs/demo; haltpoint verify runs/demo; haltpoint replay r
 
 
 def _looks_like_run(path: str) -> bool:
-    names = os.listdir(path)
-    return not names or any(n in (HISTORY_NAME, LOCK_NAME) or n.startswith("step-") for n in names)
+    """Whether `path` is empty or a run: it holds a history or a committed manifest.
+
+    A stray `.haltpoint.lock` (left by `gc` or a writer opened on a wrong folder) is not
+    evidence of a run, and neither is a `step-*` folder without a valid manifest.
+    """
+    if not os.listdir(path) or os.path.isfile(os.path.join(path, HISTORY_NAME)):
+        return True
+    return any(e.manifest is not None for e in RunDirectory(LocalStorage(path)).scan())
 
 
 def _delete_run(path: str) -> None:
@@ -50,7 +57,8 @@ def _delete_run(path: str) -> None:
     if not os.path.isdir(path) or not _looks_like_run(path):
         raise ValueError(
             f"--fresh deletes {path}, but it does not look like a haltpoint run (no "
-            f"{HISTORY_NAME} or step-* folders); delete it yourself or pick another --run-dir"
+            f"{HISTORY_NAME} and no committed checkpoint); delete it yourself or pick "
+            "another --run-dir"
         )
     holder = read_holder(LocalStorage(path))
     if holder is not None:

@@ -69,6 +69,11 @@ def run(args: argparse.Namespace, out: Output) -> int:
             "gc never guesses, since it deletes"
         )
     run_dir = open_run(args.directory)
+    if not any(e.manifest is not None or e.error is not None for e in run_dir.scan()):
+        raise ValueError(
+            f"{args.directory} holds no checkpoint: it is not a haltpoint run, or an empty "
+            "one; gc changes nothing in it (and creates no lock file there)"
+        )
     lock = WriterLock(run_dir.storage)
     lock.acquire()  # LockedError names the live writer
     try:
