@@ -24,7 +24,7 @@ from haltpoint.store.run_dir import (
     ShardFile,
     checkpoint_nbytes,
 )
-from haltpoint.store.storage import open_storage
+from haltpoint.store.storage import LocalStorage, open_storage
 
 HASH = "0123456789abcdef" * 2
 GOOD: dict[str, Any] = {
@@ -171,3 +171,41 @@ def test_the_cli_shows_a_well_formed_record_and_refuses_to_export_its_entries(
     assert "is sharded state, written by torch.distributed.checkpoint" in capsys.readouterr().err
     assert main(["export", run, "--which", "1", "--key", "nope", "-o", target]) == 1
     assert "its entries are model, train" in capsys.readouterr().err
+
+
+def _deduplicated_run(tmp_path: Path) -> tuple[Path, Path]:
+    """Steps 0 and 1, where step 1 references step 0's 1 MiB tensor file; step 0 is gone."""
+    run = tmp_path / "run"
+    big = {"w": torch.ones(1 << 18)}
+    with Checkpointer(run, keep_last=1, async_save=False, capture_rng=False) as ckpt:
+        ckpt.save(0, big)
+        ckpt.save(1, big)
+    shared = run / "step-000000000" / "tensors.safetensors"
+    assert shared.exists() and not (run / "step-000000000" / "manifest.json").exists()
+    return run, shared
+
+
+def test_clean_up_at_open_keeps_files_a_newer_format_manifest_may_reference(tmp_path: Path):
+    run, shared = _deduplicated_run(tmp_path)
+    path = run / "step-000000001" / "manifest.json"
+    path.write_bytes(path.read_bytes().replace(b'"format_version":1', b'"format_version":9'))
+    with pytest.warns(UserWarning, match="deleted no leftover files"):
+        Checkpointer(run, async_save=False).close()
+    assert shared.exists()
+
+
+def test_clean_up_at_open_keeps_files_an_unreadable_manifest_may_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    run, shared = _deduplicated_run(tmp_path)
+    real = LocalStorage.read_bytes
+
+    def denied(self: LocalStorage, rel: str) -> bytes:
+        if rel == "step-000000001/manifest.json":  # as chmod 000 does for a non-root user
+            raise PermissionError(13, "Permission denied", rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(LocalStorage, "read_bytes", denied)
+    with pytest.warns(UserWarning, match="deleted no leftover files"):
+        Checkpointer(run, async_save=False).close()
+    assert shared.exists()

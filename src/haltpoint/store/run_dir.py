@@ -286,11 +286,30 @@ class RunDirectory:
         """Delete files no kept manifest references, and folders left empty; return them.
 
         Only the writer may call this: it also removes the leftovers of an interrupted save.
+        While any checkpoint folder holds a manifest that is not among `kept` (one that
+        could not be read or decoded: unreadable, damaged, or of a newer format), nothing is
+        deleted, with a warning: that manifest may reference any file.
         The files go in one `Storage.remove_many` (one request per 1,000 files on S3); the
         folders left empty are then removed one by one.
         """
         kept = list(kept)
         kept_dirs = {checkpoint_dirname(m.step) for m in kept}
+        unknown = [
+            name
+            for name in self.storage.listdir()
+            if parse_step(name) is not None
+            and name not in kept_dirs
+            and self.storage.exists(f"{name}/{MANIFEST_NAME}")
+        ]
+        if unknown:
+            warnings.warn(
+                f"{self.storage.url}: deleted no leftover files, since the manifest of "
+                f"{', '.join(unknown)} could not be read (unreadable, damaged or of a newer "
+                "format) and may reference them; fix or remove it, and the next writer "
+                "cleans up",
+                stacklevel=3,
+            )
+            return []
         referenced = set().union(*(m.files() for m in kept))
         referenced |= {dcp_folder(checkpoint_dirname(m.step)) for m in kept if is_sharded(m)}
         live_dirs = kept_dirs | {name.split("/", 1)[0] for name in referenced}
@@ -310,8 +329,6 @@ class RunDirectory:
                 self.storage.rmtree(name)
                 removed.append(name)
                 continue
-            if MANIFEST_NAME in children and name not in kept_dirs:
-                continue  # a damaged manifest is reported, never silently deleted
             if name not in live_dirs:
                 files.extend(f"{name}/{child}" for child in children)
                 folders.append(name)
