@@ -65,7 +65,7 @@ def test_ls_table_has_steps_metrics_and_tags(run_dir: Path, capsys: pytest.Captu
     rows = {int(line.split()[0]): line for line in lines[1:]}
     assert sorted(rows) == [0, 1, 2, 3]
     assert "val_loss=0.3" in rows[1] and " best " in rows[1]  # lowest val_loss, found via stopper
-    assert "latest" in rows[3] and all("intact" in row for row in rows.values())
+    assert "latest" in rows[3] and all("committed" in row for row in rows.values())
 
 
 def test_ls_json_parses_with_step_and_metrics(run_dir: Path, capsys):
@@ -75,7 +75,7 @@ def test_ls_json_parses_with_step_and_metrics(run_dir: Path, capsys):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[2]["metrics"] == {"val_acc": pytest.approx(0.6), "val_loss": 0.4}
     assert rows[1]["tags"] == ["best"] and rows[3]["tags"] == ["latest"]
-    assert all(r["status"] == "intact" and r["size"] == 4 * (6 + 2) for r in rows)
+    assert all(r["status"] == "committed" and r["size"] == 4 * (6 + 2) for r in rows)
     assert all(r["shared"] == 0 for r in rows)  # one tensor file per checkpoint
 
 
@@ -236,11 +236,11 @@ def test_a_removed_checkpoint_kept_for_its_data_is_data_only(tmp_path: Path, cap
     used = {file.split("/")[0] for file in latest.files()}
     _, out, _ = run_cli(capsys, "ls", str(tmp_path), "--json")
     statuses = {r["step"]: r["status"] for r in json.loads(out)}
-    assert statuses[2] == "intact"
+    assert statuses[2] == "committed"
     for step, status in statuses.items():
         if step != 2:  # removed by retention: a folder remains only for referenced data
             assert status == "data-only" and f"step-{step:09d}" in used
     code, out, _ = run_cli(capsys, "ls", str(tmp_path))
-    assert code == 0 and out.splitlines()[-1].split()[-2:] == ["latest", "intact"]
+    assert code == 0 and out.splitlines()[-1].split()[-2:] == ["latest", "committed"]
     code, out, _ = run_cli(capsys, "verify", str(tmp_path))
     assert code == 0 and "the checkpoint is intact (2.0 MiB" in out

@@ -14,6 +14,7 @@ from haltpoint.cli.runinfo import (
     open_run,
     resolve_monitor,
 )
+from haltpoint.cli.verify import damage_of
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes
@@ -37,13 +38,43 @@ def plan_gc(
     keep_every: int | None,
     monitor: str | None,
     mode: str | None,
-) -> tuple[list[Entry], list[Entry]]:
+) -> tuple[list[Entry], list[Entry], list[tuple[Entry, str]]]:
     """The committed checkpoints to keep and to remove under the given rules.
+
+    Only verified checkpoints count: every checkpoint the rules would keep has its data
+    checked first, and a damaged one is set aside (neither counted nor removed) before the
+    rules run again, so a damaged newest checkpoint never costs the newest intact one.
 
     Raises:
         ValueError, TypeError: the settings are invalid, or best cannot be ranked.
     """
-    entries = [e for e in run.scan() if e.manifest is not None]
+    entries = all_entries = [e for e in run.scan() if e.manifest is not None]
+    damaged: dict[int, str] = {}
+    intact: set[int] = set()
+    while True:
+        kept, dropped = _plan(run, entries, keep_last, keep_best, keep_every, monitor, mode)
+        unchecked = [e for e in kept if e.step not in intact]
+        if not unchecked:
+            found = [(e, damaged[e.step]) for e in all_entries if e.step in damaged]
+            return kept, [e for e in dropped if e.step not in damaged], found
+        for entry in unchecked:
+            damage = damage_of(run, entry)
+            if damage is None:
+                intact.add(entry.step)
+            else:
+                damaged[entry.step] = damage
+        entries = [e for e in entries if e.step not in damaged]
+
+
+def _plan(
+    run: RunDirectory,
+    entries: list[Entry],
+    keep_last: int,
+    keep_best: int,
+    keep_every: int | None,
+    monitor: str | None,
+    mode: str | None,
+) -> tuple[list[Entry], list[Entry]]:
     if keep_best > 0:
         manifests = [e.manifest for e in entries if e.manifest is not None]
         monitor, mode = resolve_monitor(metric_names(manifests), history_of(run), monitor, mode)
@@ -77,7 +108,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     lock = WriterLock(run_dir.storage)
     lock.acquire()  # LockedError names the live writer
     try:
-        kept, dropped = plan_gc(
+        kept, dropped, damaged = plan_gc(
             run_dir,
             keep_last=1 if args.keep_last is None else args.keep_last,
             keep_best=args.keep_best,
@@ -85,17 +116,23 @@ def run(args: argparse.Namespace, out: Output) -> int:
             monitor=args.monitor,
             mode=args.mode,
         )
+        for entry, damage in damaged:
+            out.note(
+                f"step {entry.step} is damaged ({damage}): not counted as kept and not removed; "
+                "`haltpoint verify` says more"
+            )
         verb = "would remove" if args.dry_run else "removing"
         for entry in dropped:
             assert entry.manifest is not None
             metrics = format_metrics(entry.manifest.metrics)
             out.line(f"{verb} step {entry.step}  {metrics}".rstrip())
         leftovers: list[str] = []
-        if not args.dry_run:
+        if not args.dry_run:  # a damaged checkpoint's files stay, as the checkpoint does
+            protected = [e.manifest for e in [*kept, *(d for d, _ in damaged)] if e.manifest]
             if dropped:
-                run_dir.remove(dropped, [e.manifest for e in kept if e.manifest is not None])
+                run_dir.remove(dropped, protected)
             else:
-                leftovers = run_dir.collect_garbage(e.manifest for e in kept if e.manifest)
+                leftovers = run_dir.collect_garbage(protected)
     finally:
         lock.release()
     freed = sum(checkpoint_nbytes(e.manifest) for e in dropped if e.manifest is not None)

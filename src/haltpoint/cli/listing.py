@@ -33,10 +33,11 @@ _EPILOG = """\
 class CheckpointRow:
     """One checkpoint folder as `ls` shows it.
 
-    `status` is "intact" (a valid manifest), "damaged" (a manifest that does not decode or
-    whose checksum fails), "data-only" (no manifest, but its tensor files are used by later
-    checkpoints: a removed checkpoint's data kept by dedup) or "uncommitted" (no manifest: a
-    save in flight or an interrupted one). Only "intact" and "damaged" rows are checkpoints.
+    `status` is "committed" (a valid manifest; its data is not read: `verify` checks it),
+    "damaged" (a manifest that does not decode or whose checksum fails), "data-only" (no
+    manifest, but its tensor files are used by later checkpoints: a removed checkpoint's data
+    kept by dedup) or "uncommitted" (no manifest: a save in flight or an interrupted one).
+    Only "committed" and "damaged" rows are checkpoints.
     """
 
     step: int
@@ -131,8 +132,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
             str(r.step),
             format_time(r.time) if r.time is not None else "-",
             format_metrics(r.metrics) or "-",
-            format_bytes(r.size) if r.status == "intact" else "-",
-            format_bytes(r.shared) if r.status == "intact" else "-",
+            format_bytes(r.size) if r.status == "committed" else "-",
+            format_bytes(r.shared) if r.status == "committed" else "-",
             ",".join(r.tags) or "-",
             r.status,
         ]

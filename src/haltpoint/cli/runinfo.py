@@ -78,9 +78,13 @@ def referenced_dirs(manifests: Iterable[Manifest]) -> set[str]:
 
 
 def folder_status(entry: Entry, referenced: set[str]) -> str:
-    """ "intact", "damaged", "data-only" (no manifest; files used by others) or "uncommitted"."""
+    """ "committed", "damaged", "data-only" (no manifest; files used by others) or "uncommitted".
+
+    "committed" says the manifest is valid, not that the data was checked: `verify` says
+    "intact" once it has read every byte.
+    """
     if entry.manifest is not None:
-        return "intact"
+        return "committed"
     if entry.error is not None:
         return "damaged"
     return "data-only" if entry.dirname in referenced else "uncommitted"

@@ -1,0 +1,49 @@
+"""gc counts only checkpoints it has verified: a damaged newest one never costs an intact one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer
+from haltpoint.cli import main
+from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
+from haltpoint.store.storage import LocalStorage
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def steps_on_disk(run: Path) -> list[int]:
+    return [e.step for e in RunDirectory(LocalStorage(run)).committed()]
+
+
+def three_step_run(run: Path) -> None:
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(run, monitor="loss", keep_last=3, keep_best=1, async_save=False) as ckpt:
+        for step, loss in [(1, 0.1), (2, 0.5), (3, 0.9)]:
+            ckpt.save(step, {"model": model}, {"loss": loss})
+
+
+# -- gc counts only checkpoints it has verified -----------------------------------------------
+
+
+def test_gc_never_removes_the_newest_intact_checkpoint_for_a_damaged_one(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    three_step_run(run)
+    tensors = run / checkpoint_dirname(3) / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF  # bit rot in the newest checkpoint's data; its manifest is intact
+    tensors.write_bytes(bytes(data))
+    code, out, err = run_cli(capsys, "gc", str(run), "--keep-last", "1")
+    assert code == 0, err
+    assert "step 3 is damaged (1 tensor(s) missing or not matching their hash" in err
+    assert "kept steps 2" in out
+    assert steps_on_disk(run) == [2, 3]  # the newest intact one stays; the damaged is not gc's
+    code, out, _ = run_cli(capsys, "ls", str(run))
+    assert "committed" in out and "intact" not in out  # ls has not read the data
