@@ -3,6 +3,7 @@ some kept manifest references them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,11 @@ import safetensors
 import torch
 
 from haltpoint import Checkpointer
-from haltpoint.store.dedup import MIN_DEDUP_BYTES, hash_tensor, plan_dedup
+from haltpoint.store.dedup import MIN_DEDUP_BYTES, ReferenceCheck, hash_tensor, plan_dedup
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.storage import LocalStorage
 from haltpoint.store.tensor_file import TensorRecord, dtype_code
+from haltpoint.store.tensor_writer import write_tensor_file
 
 BIG = MIN_DEDUP_BYTES // 4  # float32 elements in a tensor large enough to be deduplicated
 
@@ -53,10 +55,61 @@ def test_no_previous_manifest_writes_everything_and_hashes_nothing_up_front() ->
 
 def test_a_missing_or_short_file_is_not_referenced(tmp_path: Path) -> None:
     previous = manifest_of({"w": torch.ones(BIG)}, file="gone.safetensors")
-    plan = plan_dedup({"w": torch.ones(BIG)}, previous, LocalStorage(tmp_path))
+    with pytest.warns(UserWarning, match="gone.safetensors: the bytes of 'w' are missing"):
+        plan = plan_dedup({"w": torch.ones(BIG)}, previous, ReferenceCheck(LocalStorage(tmp_path)))
     assert plan.changed == ["w"]
     (tmp_path / "gone.safetensors").write_bytes(b"short")
-    assert plan_dedup({"w": torch.ones(BIG)}, previous, LocalStorage(tmp_path)).changed == ["w"]
+    with pytest.warns(UserWarning, match="do not match the hash"):
+        check = ReferenceCheck(LocalStorage(tmp_path))
+        assert plan_dedup({"w": torch.ones(BIG)}, previous, check).changed == ["w"]
+
+
+def test_the_check_reads_each_range_once_until_the_file_changes(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    w = torch.randn(BIG)
+    records = write_tensor_file(storage, "a.safetensors", {"w": w})
+    previous = Manifest(step=0, time=0.0, metrics={}, tree={}, tensors=records, versions={})
+    check = ReferenceCheck(storage)
+    for _ in range(3):
+        assert plan_dedup({"w": w}, previous, check).reused == records
+    assert check.bytes_read == w.nbytes  # read back once, not once per save
+    path = tmp_path / "a.safetensors"
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))  # touched: read again
+    assert plan_dedup({"w": w}, previous, check).reused == records
+    assert check.bytes_read == 2 * w.nbytes
+
+
+def test_rotten_bytes_are_written_afresh_and_the_rotten_file_is_kept(tmp_path: Path) -> None:
+    backbone, head = torch.randn(BIG), torch.randn(BIG)
+    rotten = tmp_path / "step-000000000" / "tensors.safetensors"
+    with Checkpointer(tmp_path, keep_last=10, capture_rng=False, async_save=False) as ckpt:
+        ckpt.save(0, {"backbone": backbone, "head": head})
+    flip_byte(rotten, read_manifest(tmp_path, 0).tensors["backbone"].offset + 8)
+    damaged = rotten.read_bytes()
+    with Checkpointer(tmp_path, keep_last=10, capture_rng=False, async_save=False) as ckpt:
+        with pytest.warns(UserWarning, match="'backbone' are missing or do not match") as seen:
+            for step in (1, 2, 3):
+                head.add_(1.0)
+                ckpt.save(step, {"backbone": backbone, "head": head})
+        assert sum("do not match" in str(w.message) for w in seen) == 1  # warned once
+        for step in (1, 2, 3):
+            state = {"backbone": torch.zeros(BIG), "head": torch.zeros(BIG)}
+            ckpt.restore(state, step)
+            assert torch.equal(state["backbone"], backbone)
+    step1 = read_manifest(tmp_path, 1)
+    assert step1.tensors["backbone"].file == "step-000000001/tensors.safetensors"
+    assert read_manifest(tmp_path, 3).tensors["backbone"].file == step1.tensors["backbone"].file
+    assert rotten.read_bytes() == damaged  # never overwritten: evidence, and step 0 uses it
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def read_manifest(run: Path, step: int) -> Manifest:
+    return Manifest.decode((run / f"step-{step:09d}" / "manifest.json").read_bytes(), source="t")
 
 
 def files_in(folder: Path) -> dict[str, list[str]]:

@@ -27,6 +27,7 @@ from haltpoint.schedule import SaveSchedule
 from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.store.background import BackgroundWriter
+from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, save_record
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.run_dir import Entry, RunDirectory
@@ -114,6 +115,7 @@ class Checkpointer:
         self.read_only = read_only
         self._storage = open_storage(directory, storage_options)
         self._run = RunDirectory(self._storage)
+        self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
         self._reader = RunReader(self._run, monitor, mode)
         self._lock: WriterLock | None = None
         self._writer: BackgroundWriter | None = None
@@ -286,6 +288,7 @@ class Checkpointer:
                     tensors=tensors,
                     extra=None if extra is None else extra(),
                     previous=committed[-1].manifest if committed else None,
+                    check=self._references,
                 )
             finally:
                 if background:

@@ -80,6 +80,9 @@ class Storage(Protocol):
 
     def size(self, rel: str) -> int: ...
 
+    def stamp(self, rel: str) -> tuple[object, ...]:
+        """What changes when the file is rewritten: its size and modification mark."""
+
     def open_write(self, rel: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """A binary file for writing `rel`; durable (flushed and fsynced) when the block exits
         cleanly, removed when it raises."""
@@ -166,6 +169,10 @@ class LocalStorage:
 
     def size(self, rel: str) -> int:
         return os.path.getsize(self._followed(rel))
+
+    def stamp(self, rel: str) -> tuple[object, ...]:
+        st = os.stat(self._followed(rel))
+        return (st.st_size, st.st_mtime_ns, st.st_ino)
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[IO[bytes]]:
@@ -307,6 +314,11 @@ class FsspecStorage:
 
     def size(self, rel: str) -> int:
         return int(self.fs.size(self._fresh(rel)))
+
+    def stamp(self, rel: str) -> tuple[object, ...]:
+        info = self.fs.info(self._fresh(rel))
+        marks = ("ETag", "mtime", "LastModified", "created")
+        return (info.get("size"), *(str(info.get(m)) for m in marks if m in info))
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[IO[bytes]]:

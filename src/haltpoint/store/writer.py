@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from haltpoint.store.dedup import plan_dedup
+from haltpoint.store.dedup import ReferenceCheck, plan_dedup
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.run_dir import TENSORS_NAME, RunDirectory, checkpoint_dirname
 from haltpoint.store.space import check_free_space, translate_full_disk
@@ -52,11 +52,13 @@ def write_checkpoint(
     tensors: Mapping[str, torch.Tensor],
     extra: Mapping[str, Any] | None = None,
     previous: Manifest | None = None,
+    check: ReferenceCheck | None = None,
 ) -> Manifest:
     """Write `tensors` (CPU tensors nobody changes meanwhile) durably, then commit the manifest.
 
     With `previous` (the newest kept manifest), tensors whose bytes, dtype and shape equal its
-    records are not written again: the new manifest references the same bytes. The checkpoint
+    records are not written again: the new manifest references the same bytes, provided
+    `check` (the writer session's; a new one when None) finds them intact on disk. The checkpoint
     exists from the moment `RunDirectory.commit` publishes its manifest; a crash before that
     leaves only files that the next writer to open the run removes.
 
@@ -66,7 +68,7 @@ def write_checkpoint(
             the partial file is removed.
     """
     dirname = checkpoint_dirname(step)
-    plan = plan_dedup(tensors, previous, run.storage)
+    plan = plan_dedup(tensors, previous, check or ReferenceCheck(run.storage))
     changed = {key: tensors[key] for key in plan.changed}
     needed = staged_nbytes(changed)
     check_free_space(run.storage, step, needed)
