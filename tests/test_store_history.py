@@ -1,4 +1,4 @@
-"""history.jsonl: strict JSON lines, non-finite floats, torn lines, local and fsspec."""
+"""history.jsonl: strict JSON lines, checksums, non-finite floats, torn lines, local, fsspec."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from haltpoint.store.hashing import hash_bytes
 from haltpoint.store.history import (
     HISTORY_NAME,
     append_history,
@@ -133,7 +134,7 @@ def test_append_after_torn_line_drops_the_fragment(storage: Storage) -> None:
     append_history(storage, {"step": 1})
     write_raw(storage, raw(storage) + b'{"step": 2, "los')  # crash mid-append
     append_history(storage, {"step": 3})
-    assert raw(storage) == b'{"step":1}\n{"step":3}\n'
+    assert raw(storage) == encode_record({"step": 1}) + encode_record({"step": 3})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_history(storage) == [{"step": 1}, {"step": 3}]
@@ -142,7 +143,7 @@ def test_append_after_torn_line_drops_the_fragment(storage: Storage) -> None:
 def test_append_after_a_torn_first_line(storage: Storage) -> None:
     write_raw(storage, b'{"step": 0, "lo')
     append_history(storage, {"step": 1})
-    assert raw(storage) == b'{"step":1}\n'
+    assert raw(storage) == encode_record({"step": 1})
 
 
 def test_invalid_middle_lines_warn_with_their_numbers(storage: Storage) -> None:
@@ -165,4 +166,64 @@ def test_lenient_reader_accepts_bare_nan_tokens(storage: Storage) -> None:
 def test_local_file_is_where_expected(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     append_history(storage, {"step": 0})
-    assert (tmp_path / "history.jsonl").read_bytes() == b'{"step":0}\n'
+    assert (tmp_path / "history.jsonl").read_bytes() == encode_record({"step": 0})
+
+
+# -- every line carries its checksum ------------------------------------------------------
+
+
+def test_each_line_ends_with_the_checksum_of_the_rest() -> None:
+    line = encode_record({"step": 3, "metrics": {"val_loss": 0.25}})
+    body = json.loads(line)
+    recorded = body.pop("checksum")
+    assert line.startswith(b'{"step":3,"metrics":{"val_loss":0.25},"checksum":"')
+    assert recorded == hash_bytes(json.dumps(body, separators=(",", ":")).encode())
+
+
+def test_the_checksum_key_is_reserved() -> None:
+    with pytest.raises(ValueError, match=r"must not use the reserved key 'checksum'"):
+        encode_record({"step": 1, "checksum": "x"})
+
+
+def test_a_flipped_bit_skips_that_line_only_with_one_warning(storage: Storage) -> None:
+    for step, loss in enumerate([0.5, 0.25, 0.125]):
+        append_history(storage, {"step": step, "metrics": {"val_loss": loss}})
+    lines = raw(storage).split(b"\n")
+    at = lines[1].index(b"0.25") + 3
+    lines[1] = lines[1][:at] + bytes([lines[1][at] ^ 0x01]) + lines[1][at + 1 :]  # 0.25 -> 0.24
+    json.loads(lines[1])  # still valid JSON: only the checksum tells
+    write_raw(storage, b"\n".join(lines))
+    with pytest.warns(UserWarning) as caught:
+        records = read_history(storage)
+    assert [r["step"] for r in records] == [0, 2]
+    (message,) = [str(w.message) for w in caught]
+    assert "line 2 is skipped: its checksum does not match its content (damaged)" in message
+
+
+def test_a_damaged_last_line_is_not_taken_for_a_torn_one(storage: Storage) -> None:
+    append_history(storage, {"step": 1, "metrics": {"val_loss": 0.5}})
+    append_history(storage, {"step": 2, "metrics": {"val_loss": 0.4}})
+    write_raw(storage, raw(storage).replace(b'"val_loss":0.4', b'"val_loss":0.5'))
+    with pytest.warns(UserWarning, match=r"line 2 is skipped: its checksum does not match"):
+        assert [r["step"] for r in read_history(storage)] == [1]
+
+
+def test_a_flip_in_the_checksum_key_of_a_later_line_is_damage(storage: Storage) -> None:
+    for step in range(3):
+        append_history(storage, {"step": step})
+    data = raw(storage)
+    third = data.rindex(b'"checksum"')
+    write_raw(storage, data[:third] + b'"checksuo"' + data[third + 10 :])
+    with pytest.warns(UserWarning, match=r"line 3 is skipped: it has no checksum, although"):
+        assert [r["step"] for r in read_history(storage)] == [0, 1]
+
+
+def test_old_lines_without_checksums_still_read(storage: Storage) -> None:
+    write_raw(storage, b'{"step":1,"metrics":{"loss":"NaN"}}\n{"step":2}\n')
+    append_history(storage, {"step": 3})  # an old run resumed by this haltpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = read_history(storage)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert math.isnan(records[0]["metrics"]["loss"])
+    assert "checksum" not in records[2]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.bands import band_of, summarize_bands
 from haltpoint.stopping.modes import Mode
 from haltpoint.stopping.replay import ReplayResult, best_index, replay
-from haltpoint.store.history import HISTORY_NAME, decode_record, read_history
+from haltpoint.store.history import HISTORY_NAME, parse_history, read_history
 
 __all__ = [
     "ReplayRow",
@@ -77,18 +76,8 @@ def load_records(source: str) -> list[dict[str, Any]]:
         FileNotFoundError: `source` is neither.
     """
     if os.path.isfile(source):
-        records = []
         with open(source, "rb") as f:
-            lines = f.read().split(b"\n")
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(decode_record(line))
-            except ValueError:
-                if number < len(lines) - 1:
-                    warnings.warn(f"{source}: skipped invalid line {number}", stacklevel=2)
-        return records
+            return parse_history(f.read(), source)
     run = open_run(source)
     records = read_history(run.storage)
     if not records:

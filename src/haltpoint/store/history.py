@@ -6,6 +6,12 @@ JSON has no NaN or infinity, so a non-finite float is written as one of the stri
 wherever they appear as a value. They are therefore reserved: a record whose string value is
 exactly one of them reads back as a float.
 
+Every line ends with a `"checksum"` key: the xxh3-128 of the line's JSON without it (as
+`encode_record` writes it), so a flipped bit anywhere in a record is detected. `read_history`
+skips a line whose checksum fails with a warning naming its line number, and reads on. Lines
+without a checksum (written by an older haltpoint) are read as they are, but only before the
+first checksummed line: after it, a line without one is damage and skipped with a warning.
+
 A crash can tear the last line. `read_history` ignores a torn or invalid last line silently
 (the record was never completely written) and skips an invalid line elsewhere with a warning
 naming its line number; `append_history` starts on a fresh line after a torn one, so a new
@@ -23,6 +29,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from haltpoint.store.hashing import hash_bytes
 from haltpoint.store.storage import Storage, fsync_dir
 
 __all__ = [
@@ -30,11 +37,13 @@ __all__ = [
     "append_history",
     "decode_record",
     "encode_record",
+    "parse_history",
     "read_history",
     "save_record",
 ]
 
 HISTORY_NAME = "history.jsonl"
+CHECKSUM_KEY = "checksum"
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -86,32 +95,95 @@ def _from_json(value: Any) -> Any:
     return value
 
 
-def encode_record(record: Mapping[str, Any]) -> bytes:
-    """One history line (with its newline) for `record`; non-finite floats become strings.
+class _ChecksumError(ValueError):
+    """A history line that parses but whose checksum is missing or does not match."""
 
-    >>> encode_record({"step": 3, "metrics": {"loss": float("nan"), "acc": 0.5}})
-    b'{"step":3,"metrics":{"loss":"NaN","acc":0.5}}\\n'
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """One history line (with its newline) for `record`; non-finite floats become strings, and
+    the line ends with the checksum of everything before it.
+
+    >>> encode_record({"step": 3, "metrics": {"loss": float("nan"), "acc": 0.5}})[:44]
+    b'{"step":3,"metrics":{"loss":"NaN","acc":0.5}'
 
     Raises:
         TypeError: a value is not JSON-representable; the message names where it is.
+        ValueError: `record` uses the reserved top-level key "checksum".
     """
     if not isinstance(record, Mapping):
         raise TypeError(f"record must be a mapping, got {type(record).__name__}")
-    text = json.dumps(_to_json(record, "record"), allow_nan=False, separators=(",", ":"))
-    return text.encode("utf-8") + b"\n"
+    if CHECKSUM_KEY in record:
+        raise ValueError(f"a history record must not use the reserved key {CHECKSUM_KEY!r}")
+    body = _to_json(record, "record")
+    body[CHECKSUM_KEY] = hash_bytes(_dumps(body))  # _to_json returns a fresh dict
+    return _dumps(body) + b"\n"
 
 
 def decode_record(line: bytes | str) -> dict[str, Any]:
-    """The record stored in one history line; raises `ValueError` when it is not a JSON object.
+    """The record stored in one history line, its checksum verified and removed.
 
-    >>> decode_record(b'{"step":3,"metrics":{"loss":"-Infinity"}}')
+    A line without a checksum (an older haltpoint's) is read as it is.
+
+    >>> decode_record(encode_record({"step": 3, "metrics": {"loss": float("-inf")}}))
     {'step': 3, 'metrics': {'loss': -inf}}
+
+    Raises:
+        ValueError: the line is not a JSON object, or its checksum does not match.
     """
+    return _decode(line, checked=False)[0]
+
+
+def _decode(line: bytes | str, *, checked: bool) -> tuple[dict[str, Any], bool]:
+    """The record of `line` and whether it had a checksum; `checked`: it must have one."""
     value = json.loads(line)
     if not isinstance(value, dict):
         raise ValueError(f"a history line must hold a JSON object, got {type(value).__name__}")
+    has_checksum = CHECKSUM_KEY in value
+    if has_checksum:
+        recorded = value.pop(CHECKSUM_KEY)
+        if recorded != hash_bytes(_dumps(value)):
+            raise _ChecksumError("its checksum does not match its content (damaged)")
+    elif checked:
+        raise _ChecksumError("it has no checksum, although earlier lines have one (damaged)")
     decoded: dict[str, Any] = _from_json(value)
-    return decoded
+    return decoded, has_checksum
+
+
+def parse_history(data: bytes, source: str) -> list[dict[str, Any]]:
+    """The records of the bytes of a history file named `source` in warnings, in order.
+
+    A torn or invalid last line is ignored silently; a line before it that is not a record,
+    and any line whose checksum fails, is skipped with a warning naming its line number.
+    """
+    lines = data.split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records: list[dict[str, Any]] = []
+    checked = False  # from the first checksummed line on, every line must have one
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record, has_checksum = _decode(line, checked=checked)
+            records.append(record)
+            checked = checked or has_checksum
+        except _ChecksumError as err:
+            checked = True
+            _warn(f"{source}: line {index + 1} is skipped: {err}")
+        except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError included
+            if index != last:
+                _warn(
+                    f"{source}: line {index + 1} is not a valid record ({err}); skipped it "
+                    "(a write torn by a crash, or an edit by hand)"
+                )
+    return records
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _end_of_last_line(fd: int, size: int) -> int:
@@ -189,7 +261,8 @@ def read_history(storage: Storage) -> list[dict[str, Any]]:
     """Every record of `history.jsonl` in order; `[]` when the file does not exist.
 
     A torn or invalid last line (a crash mid-append) is ignored silently; an invalid line
-    before it is skipped with a warning that names its line number.
+    before it, and a line whose checksum fails, is skipped with a warning that names its line
+    number (`parse_history`).
 
     >>> from haltpoint.store.storage import FsspecStorage
     >>> storage = FsspecStorage("memory://doctest-history")
@@ -202,19 +275,4 @@ def read_history(storage: Storage) -> list[dict[str, Any]]:
         data = storage.read_bytes(HISTORY_NAME)
     except FileNotFoundError:
         return []
-    lines = data.split(b"\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records = []
-    for index, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(decode_record(line))
-        except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError included
-            if index != last:
-                warnings.warn(
-                    f"{storage.url}/{HISTORY_NAME}: line {index + 1} is not a valid record "
-                    f"({err}); skipped it (a write torn by a crash, or an edit by hand)",
-                    stacklevel=2,
-                )
-    return records
+    return parse_history(data, f"{storage.url}/{HISTORY_NAME}")
