@@ -385,13 +385,13 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path: Path, how
         ckpt.save(1, {"w": torch.ones(64)})
     _damage(tmp_path / "step-000000001" / "tensors.safetensors", how)
     state = {"w": torch.full((64,), 7.0)}
-    with Checkpointer(tmp_path, keep_last=2) as ckpt:
-        with pytest.warns(UserWarning, match="falling back to the checkpoint of step 0"):
-            info = ckpt.restore(state)
-        assert info is not None and info.step == 0
-        assert torch.equal(state["w"], torch.zeros(64))
-        with pytest.raises(CorruptCheckpointError, match="step-000000001"):
-            ckpt.restore(state, 1)
+    ckpt = Checkpointer(tmp_path, keep_last=2, read_only=True)  # a writer would quarantine it
+    with pytest.warns(UserWarning, match="falling back to the checkpoint of step 0"):
+        info = ckpt.restore(state)
+    assert info is not None and info.step == 0
+    assert torch.equal(state["w"], torch.zeros(64))
+    with pytest.raises(CorruptCheckpointError, match="step-000000001"):
+        ckpt.restore(state, 1)
     assert torch.equal(state["w"], torch.zeros(64))  # nothing half-loaded
 
 

@@ -163,10 +163,12 @@ def test_the_ranks_check_the_dcp_files_together_and_fall_back_past_damage(
     fsdp_run: dict[str, Any],
 ) -> None:
     """The writer's restore on 2 ranks: rank 1 alone checks `__0_0.distcp` (flipped); both
-    ranks fall back to step 2, rank 0 says so, and step 3 asked for by number raises on both."""
+    ranks fall back to step 2, rank 0 says so and quarantines step 3, and step 3 asked for by
+    number (its manifest moved back) raises on both."""
     r0, r1 = fsdp_run["ranks"]
     for r in (r0, r1):
         assert r["fallback_step"] == 2 and r["fallback_epoch"] == 2
+        assert r["quarantined"] == ["step-000000003-1.json"]
         assert "__0_0.distcp: xxh3-128" in r["step_error"]
         assert "the sharded checkpoint is damaged" in r["step_error"]
     assert any(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from datetime import timedelta
 from types import TracebackType
@@ -20,7 +21,7 @@ from haltpoint._arguments import check_device, check_step, coerce_metrics
 from haltpoint.distributed.strategy import strategy_for
 from haltpoint.errors import CheckpointError
 from haltpoint.policies.interval import parse_every
-from haltpoint.policies.retention import build_rules, retained_steps
+from haltpoint.policies.retention import build_rules, contested_steps, retained_steps
 from haltpoint.preemption import SignalFlag
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
 from haltpoint.schedule import SaveSchedule
@@ -118,6 +119,7 @@ class Checkpointer:
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
         self._reader = RunReader(self._run, monitor, mode)
         self._lock: WriterLock | None = None
+        self._intact: set[int] = set()  # steps this writer saved, restored or verified
         self._writer: BackgroundWriter | None = None
         self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
         if save_on_signal is not None and read_only:
@@ -295,6 +297,7 @@ class Checkpointer:
                     self._staging.release()
             if pin:
                 self._run.set_pinned(step, True)
+            self._intact.add(step)
             append_history(self._storage, history)
             # only this writer changes the run (it holds the lock): no second scan needed
             saved = Entry(step, dirname, manifest, None, pin)
@@ -333,12 +336,43 @@ class Checkpointer:
         self._ranks.agree(mark, f"(un)pinning step {step}")
 
     def _apply_retention(self, entries: list[Entry]) -> None:
-        """Remove the committed checkpoints (`entries`, oldest first) no rule keeps."""
-        kept_steps = retained_steps([self._reader.info(e) for e in entries], self._rules)
-        dropped = [e for e in entries if e.step not in kept_steps]
-        if dropped:
-            kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
-            self._run.remove(dropped, kept)
+        """Remove the committed checkpoints (`entries`, oldest first) no rule keeps.
+
+        Before anything is removed, every checkpoint that keep_last or keep_best keeps in its
+        place is verified (once per writer): a damaged one is quarantined and the rules run
+        again, so a damaged checkpoint never costs an intact one.
+        """
+        while True:
+            records = [self._reader.info(e) for e in entries]
+            kept_steps = retained_steps(records, self._rules)
+            dropped = [e for e in entries if e.step not in kept_steps]
+            if not dropped:
+                return
+            contested = contested_steps(records, self._rules)
+            unchecked = [e for e in entries if e.step in contested - self._intact]
+            if not unchecked:
+                break
+            for entry in unchecked:
+                damage = self._reader.damage(entry)
+                if damage is None:
+                    self._intact.add(entry.step)
+                else:
+                    self._quarantine(entry, damage)
+                    entries = [e for e in entries if e.step != entry.step]
+        kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
+        self._run.remove(dropped, kept)
+        self._intact -= {e.step for e in dropped}
+
+    def _quarantine(self, entry: Entry, damage: str) -> None:
+        """Move a damaged checkpoint aside (the writer only), so its step can be saved again."""
+        where = self._run.quarantine(entry)
+        self._intact.discard(entry.step)
+        warnings.warn(
+            f"{damage}\nhaltpoint: set the damaged checkpoint of step {entry.step} aside as "
+            f"{self.directory.rstrip('/')}/{where} (its data stays; delete it when you no "
+            f"longer need it); step {entry.step} can be saved again",
+            stacklevel=5,
+        )
 
     # -- restoring ------------------------------------------------------------------------
 
@@ -373,7 +407,9 @@ class Checkpointer:
             CorruptCheckpointError: the checkpoint asked for by step is damaged.
 
         A damaged checkpoint is never loaded: for "latest" and "best" haltpoint warns and falls
-        back to the next newest (or next best) intact one. Under `torch.distributed`, rank 0
+        back to the next newest (or next best) intact one. A writer (not `read_only`) also
+        quarantines each damaged checkpoint it passed over (docs/format.md, "Quarantine"),
+        so training goes on and that step can be saved again. Under `torch.distributed`, rank 0
         chooses the checkpoint and every rank loads that same step. Sharded entries load
         through `torch.distributed.checkpoint` onto this world size (or, without a process
         group, whole into unsharded objects); every rank must call `restore` for them.
@@ -382,9 +418,14 @@ class Checkpointer:
 
         def read(which: str | int, skip: dict[int, str], check_shards: bool) -> Found | None:
             self._wait()  # this instance's save in flight commits first
-            return self._reader.read(which, check_shards=check_shards, skip=skip)
+            found = self._reader.read(which, check_shards=check_shards, skip=skip)
+            if found is not None and not self.read_only:  # the writer moves damage aside
+                for entry, damage in found.passed:
+                    self._quarantine(entry, damage)
+            return found
 
         def load(found: Found) -> CheckpointInfo:
+            self._intact.add(found.entry.step)
             return self._reader.load(
                 found, state, strict=strict, device=device, rng=self.capture_rng
             )

@@ -31,7 +31,7 @@ from haltpoint.store.run_dir import (
     dcp_folder,
     is_sharded,
 )
-from haltpoint.store.tensor_reader import read_tensors
+from haltpoint.store.tensor_reader import read_tensors, verify_file
 
 __all__ = ["RNG_ENTRY", "CheckpointInfo", "Found", "RunReader"]
 
@@ -66,10 +66,12 @@ class CheckpointInfo:
 
 @dataclass(frozen=True)
 class Found:
-    """A checkpoint chosen for restore, with its tensors read and verified."""
+    """A checkpoint chosen for restore, with its tensors read and verified, and the damaged
+    checkpoints passed over to reach it (each with what is wrong with it)."""
 
     entry: Entry
     tensors: dict[str, torch.Tensor]
+    passed: tuple[tuple[Entry, str], ...] = ()
 
 
 class RunReader:
@@ -150,6 +152,7 @@ class RunReader:
         """
         entries = self.run.committed()
         candidates = self.candidates(entries, which)
+        passed = [(e, skip[e.step]) for e in candidates if skip and e.step in skip]
         if skip:
             if isinstance(which, int):
                 raise CorruptCheckpointError(skip[which], path=self.directory)
@@ -185,8 +188,9 @@ class RunReader:
                     raise
                 if not removed:
                     _warn_falling_back(str(exc), candidates[index + 1].step)
+                    passed.append((entry, str(exc)))
                 continue
-            return Found(entry, tensors)
+            return Found(entry, tensors, tuple(passed))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def load(
@@ -222,6 +226,19 @@ class RunReader:
         if put_rng is not None:
             put_rng()
         return replace(self.info(entry), report=report)
+
+    def damage(self, entry: Entry) -> str | None:
+        """What is wrong with a committed checkpoint's data (every hash checked), or None."""
+        assert entry.manifest is not None
+        bad = verify_file(self.run.storage, entry.manifest.tensors)
+        if bad:
+            names = ", ".join(bad[:5])
+            return f"{len(bad)} tensor(s) missing or not matching their hash ({names})"
+        try:
+            self.check_shards(entry)
+        except (CorruptCheckpointError, ValueError) as exc:
+            return str(exc)
+        return None
 
     def check_shards(self, entry: Entry) -> None:
         """Check a sharded checkpoint's DCP files against its manifest (size and xxh3-128);

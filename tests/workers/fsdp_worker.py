@@ -199,7 +199,8 @@ def train(args: argparse.Namespace) -> None:
 
 def damaged_restore(args: argparse.Namespace, ckpt: Checkpointer, result: dict[str, Any]) -> None:
     """Flip a byte of step 3's `__0_0.distcp`, which rank 1 alone checks (the ranks share the
-    check of the DCP files), restore, then put the byte back."""
+    check of the DCP files), restore (rank 0 quarantines step 3: moved back here), restore
+    step 3 by number, then put the byte back."""
     path = os.path.join(args.run_dir, "step-000000003", "dcp", "__0_0.distcp")
 
     def flip() -> None:
@@ -228,6 +229,15 @@ def damaged_restore(args: argparse.Namespace, ckpt: Checkpointer, result: dict[s
         result["fallback_step"] = None if info is None else info.step
         result["fallback_epoch"] = state["epoch"]
         result["fallback_warnings"] = [str(w.message) for w in caught]
+        dist.barrier()  # rank 0, the writer, has set step 3 aside: a rename, undone here
+        quarantine = os.path.join(args.run_dir, "quarantine")
+        result["quarantined"] = sorted(os.listdir(quarantine))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            manifest = os.path.join(os.path.dirname(os.path.dirname(path)), "manifest.json")
+            os.rename(os.path.join(quarantine, "step-000000003-1.json"), manifest)
+            os.rmdir(quarantine)
+        dist.barrier()
         try:
             ckpt.restore(fresh(sharded=True)[2], 3)
             result["step_error"] = None

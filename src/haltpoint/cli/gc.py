@@ -14,8 +14,8 @@ from haltpoint.cli.runinfo import (
     open_run,
     resolve_monitor,
 )
-from haltpoint.cli.verify import damage_of
 from haltpoint.policies.retention import build_rules, retained_steps
+from haltpoint.reader import RunReader
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes
 
@@ -49,6 +49,7 @@ def plan_gc(
         ValueError, TypeError: the settings are invalid, or best cannot be ranked.
     """
     entries = all_entries = [e for e in run.scan() if e.manifest is not None]
+    reader = RunReader(run, None, "min")
     damaged: dict[int, str] = {}
     intact: set[int] = set()
     while True:
@@ -58,7 +59,7 @@ def plan_gc(
             found = [(e, damaged[e.step]) for e in all_entries if e.step in damaged]
             return kept, [e for e in dropped if e.step not in damaged], found
         for entry in unchecked:
-            damage = damage_of(run, entry)
+            damage = reader.damage(entry)
             if damage is None:
                 intact.add(entry.step)
             else:

@@ -36,7 +36,9 @@ class CheckpointRow:
     `status` is "committed" (a valid manifest; its data is not read: `verify` checks it),
     "damaged" (a manifest that does not decode or whose checksum fails), "data-only" (no
     manifest, but its tensor files are used by later checkpoints: a removed checkpoint's data
-    kept by dedup) or "uncommitted" (no manifest: a save in flight or an interrupted one).
+    kept by dedup, or a quarantined one's), "uncommitted" (no manifest: a save in flight or an
+    interrupted one) or "quarantined" (a damaged checkpoint's manifest that a writer set
+    aside in `quarantine/`: no longer a checkpoint, its step free to be saved again).
     Only "committed" and "damaged" rows are checkpoints.
     """
 
@@ -89,7 +91,8 @@ def list_checkpoints(
                 raise
             note = f"no checkpoint tagged best: {exc}"
     latest = manifests[-1].step if manifests else None
-    referenced = referenced_dirs(manifests)
+    held = run.quarantined()
+    referenced = referenced_dirs([*manifests, *(q.manifest for q in held if q.manifest)])
     rows = []
     base = run.storage.url.rstrip("/")
     for entry in entries:
@@ -115,7 +118,12 @@ def list_checkpoints(
         elif entry.pinned:
             row.tags = ["pinned"]
         rows.append(row)
-    return rows, note
+    for q in held:
+        row = CheckpointRow(q.step, f"{base}/{q.path}", "quarantined")
+        if q.manifest is not None:
+            row.time, row.metrics = q.manifest.time, dict(q.manifest.metrics)
+        rows.append(row)
+    return sorted(rows, key=lambda r: r.step), note
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
@@ -139,7 +147,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         ]
         for r in rows
     ]
-    colours = {"damaged": "red", "uncommitted": "yellow", "data-only": "dim"}
+    colours = {"damaged": "red", "uncommitted": "yellow", "data-only": "dim", "quarantined": "red"}
     styles = [colours.get(r.status) for r in rows]
     out.table(
         ["step", "time", "metrics", "size", "shared", "tags", "status"],

@@ -125,15 +125,6 @@ def verify_run(
     return results
 
 
-def damage_of(run: RunDirectory, entry: Entry) -> str | None:
-    """What is wrong with a committed checkpoint's data (every hash checked), or None."""
-    assert entry.manifest is not None
-    bad = verify_file(run.storage, entry.manifest.tensors)
-    if bad:
-        return f"{len(bad)} tensor(s) missing or not matching their hash ({', '.join(bad[:5])})"
-    return _shard_error(run, entry) if is_sharded(entry.manifest) else None
-
-
 def _shard_error(run: RunDirectory, entry: Entry) -> str | None:
     """What is wrong with a sharded checkpoint's DCP files (size and xxh3-128), or None."""
     try:

@@ -153,7 +153,7 @@ def save_sharded(
 
     def prepare() -> None:
         run.new_dirname(step)
-        run.storage.rmtree(folder)  # an interrupted save of this step
+        run.clear_dcp_folder(step)  # an interrupted save of this step
         run.storage.makedirs(folder)
 
     collectives.on_writer(group, prepare, what)

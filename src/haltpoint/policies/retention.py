@@ -24,6 +24,7 @@ __all__ = [
     "RetentionRule",
     "best_record",
     "build_rules",
+    "contested_steps",
     "retained_steps",
 ]
 
@@ -183,6 +184,24 @@ def retained_steps(records: Sequence[CheckpointRecord], rules: Sequence[Retentio
     kept: set[int] = set()
     for rule in rules:
         kept |= rule.select(records)
+    return kept
+
+
+def contested_steps(
+    records: Sequence[CheckpointRecord], rules: Sequence[RetentionRule]
+) -> set[int]:
+    """The steps kept by the rules that choose among checkpoints (`KeepLatest`, `KeepBest`):
+    were one of them damaged, another checkpoint would take its place.
+
+    >>> from types import SimpleNamespace as R
+    >>> records = [R(step=s, metrics={}, pinned=s == 1) for s in (1, 2, 3)]
+    >>> sorted(contested_steps(records, [KeepLatest(1), KeepPinned()]))
+    [3]
+    """
+    kept: set[int] = set()
+    for rule in rules:
+        if isinstance(rule, (KeepLatest, KeepBest)):
+            kept |= rule.select(records)
     return kept
 
 

@@ -11,10 +11,12 @@ Layout (see docs/format.md)::
         pinned                     present when the user pinned the checkpoint
         dcp/                       sharded state, written by torch.distributed.checkpoint
                                    (only when the manifest's extra has "sharded")
+      quarantine/
+        step-000000015-1.json      a damaged checkpoint's manifest, set aside by the writer
 
 A manifest may reference tensor files of other checkpoints (unchanged tensors are not written
 twice), so a checkpoint is removed by deleting its manifest first and then only the files that
-no kept manifest references.
+no kept (or quarantined) manifest references.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from typing import Any
 
 from haltpoint.errors import CheckpointExistsError, CorruptCheckpointError
 from haltpoint.store.manifest import MANIFEST_NAME, Manifest
+from haltpoint.store.quarantine import (
+    QUARANTINE_DIR,
+    Quarantined,
+    list_quarantined,
+    move_to_quarantine,
+)
 from haltpoint.store.storage import Storage
 
 __all__ = [
@@ -270,6 +278,37 @@ class RunDirectory:
         self.storage.publish(f"{dirname}/{MANIFEST_NAME}", manifest.encode())
         return dirname
 
+    def quarantine(self, entry: Entry) -> str:
+        """Set a damaged checkpoint aside: its manifest moves to `quarantine/` (see
+        `store.quarantine`), its pin marker goes, its data stays; return the new name.
+
+        From then on the step is free to be saved again. Only the writer may call this.
+        """
+        rel = move_to_quarantine(self.storage, entry.dirname)
+        if entry.pinned:
+            self.storage.remove(f"{entry.dirname}/{PINNED_NAME}")
+        return rel
+
+    def quarantined(self) -> list[Quarantined]:
+        """The quarantined manifests, by step."""
+        return list_quarantined(self.storage)
+
+    def clear_dcp_folder(self, step: int) -> None:
+        """Remove what an interrupted sharded save of `step` left in its `dcp/` folder.
+
+        Raises:
+            CheckpointExistsError: a quarantined manifest of `step` has its shards there.
+        """
+        held = [q.path for q in self.quarantined() if q.step == step]
+        if held and self.storage.listdir(dcp_folder(checkpoint_dirname(step))):
+            raise CheckpointExistsError(
+                f"the dcp/ folder of step {step} in {self.storage.url} holds the shards of the "
+                f"quarantined checkpoint {held[-1]}; move or delete them to save step {step} "
+                "again, or save under a new step",
+                path=f"{self.storage.url}/{checkpoint_dirname(step)}",
+            )
+        self.storage.rmtree(dcp_folder(checkpoint_dirname(step)))
+
     def set_pinned(self, step: int, pinned: bool) -> None:
         rel = f"{checkpoint_dirname(step)}/{PINNED_NAME}"
         if pinned:
@@ -288,15 +327,20 @@ class RunDirectory:
         Only the writer may call this: it also removes the leftovers of an interrupted save.
         While any checkpoint folder holds a manifest that is not among `kept` (one that
         could not be read or decoded: unreadable, damaged, or of a newer format), nothing is
-        deleted, with a warning: that manifest may reference any file.
+        deleted, with a warning: that manifest may reference any file. Quarantined manifests
+        count as kept; one that does not decode keeps its own step's folder whole.
         The files go in one `Storage.remove_many` (one request per 1,000 files on S3); the
         folders left empty are then removed one by one.
         """
+        top = self.storage.listdir()
+        held = self.quarantined() if QUARANTINE_DIR in top else []
         kept = list(kept)
         kept_dirs = {checkpoint_dirname(m.step) for m in kept}
+        kept += [q.manifest for q in held if q.manifest is not None]
+        whole = {checkpoint_dirname(q.step) for q in held if q.manifest is None}
         unknown = [
             name
-            for name in self.storage.listdir()
+            for name in top
             if parse_step(name) is not None
             and name not in kept_dirs
             and self.storage.exists(f"{name}/{MANIFEST_NAME}")
@@ -316,12 +360,12 @@ class RunDirectory:
         removed: list[str] = []
         files: list[str] = []
         folders: list[str] = []
-        for name in self.storage.listdir():
+        for name in top:
             if name.endswith(".tmp"):
                 files.append(name)
                 removed.append(name)
                 continue
-            if parse_step(name) is None or not self.storage.isdir(name):
+            if parse_step(name) is None or name in whole or not self.storage.isdir(name):
                 continue
             try:
                 children = self.storage.listdir(name)

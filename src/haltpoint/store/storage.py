@@ -94,6 +94,13 @@ class Storage(Protocol):
     def publish(self, rel: str, data: bytes) -> None:
         """Write a small file atomically and durably: readers see all of it or nothing."""
 
+    def rename(self, rel: str, new: str) -> None:
+        """Move the small file `rel` to the name `new` (in an existing folder), durably.
+
+        Raises:
+            FileExistsError: `new` exists (nothing is overwritten).
+        """
+
     def remove(self, rel: str) -> None:
         """Delete a file; a missing file is not an error."""
 
@@ -210,6 +217,15 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        fsync_dir(os.path.dirname(path))
+
+    def rename(self, rel: str, new: str) -> None:
+        """One atomic `os.rename` (the writer holds the lock: nobody creates `new` meanwhile)."""
+        path, target = self._path(rel), self._followed(new)
+        if os.path.lexists(target):
+            raise FileExistsError(f"{target} exists; haltpoint never renames over a file")
+        os.rename(path, target)
+        fsync_dir(os.path.dirname(target))
         fsync_dir(os.path.dirname(path))
 
     def remove(self, rel: str) -> None:
@@ -358,6 +374,23 @@ class FsspecStorage:
     def publish(self, rel: str, data: bytes) -> None:
         """One object write (`PutObject` on S3): readers see all of it or nothing."""
         self.fs.pipe_file(self._path(rel), data)
+
+    def rename(self, rel: str, new: str) -> None:
+        """Copy, read the copy back and compare, and only then delete the original.
+
+        Object stores have no rename. A crash between the copy and the delete leaves both.
+
+        Raises:
+            OSError: the copy did not read back equal (it is removed; the original stays).
+        """
+        if self.exists(new):
+            raise FileExistsError(f"{self.url}/{new} exists; haltpoint never renames over a file")
+        data = self.read_bytes(rel)
+        self.publish(new, data)
+        if self.read_bytes(new) != data:
+            self.remove(new)
+            raise OSError(f"the copy of {self.url}/{rel} as {new} did not read back equal")
+        self.remove(rel)
 
     def remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
