@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from haltpoint import Checkpointer, CorruptCheckpointError
+from haltpoint import Checkpointer, CorruptCheckpointError, LinkedFileError
 from haltpoint.store.storage import (
     FsspecStorage,
     LocalStorage,
@@ -81,10 +81,14 @@ def test_symlinks_out_of_the_run_are_never_followed(tmp_path: Path) -> None:
         lambda: storage.open_read("step-000000001/secret"),
         lambda: storage.size("leak"),
         lambda: storage.listdir("step-000000001"),
+    ):
+        with pytest.raises(CorruptCheckpointError, match="outside the run directory"):
+            call()
+    for call in (
         lambda: storage.publish("step-000000001/manifest.json", b"{}"),
         lambda: storage.makedirs("step-000000001/x"),
     ):
-        with pytest.raises(CorruptCheckpointError, match="outside the run directory"):
+        with pytest.raises(LinkedFileError, match="step-000000001 is a symbolic link"):
             call()
     storage.rmtree("step-000000001")  # removes the link, not what it points to
     assert (outside / "secret").read_bytes() == b"secret"
@@ -104,7 +108,7 @@ def test_a_checkpointer_never_writes_through_a_planted_symlink(tmp_path: Path) -
         ckpt.save(3, {"w": torch.zeros(2)})
         os.symlink(outside, run / "step-000000004")  # planted while the run is open
         with (
-            pytest.raises(CorruptCheckpointError, match="outside the run directory"),
+            pytest.raises(LinkedFileError, match="step-000000004 is a symbolic link"),
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore")  # the scan for unchanged tensors reports it too
@@ -122,6 +126,10 @@ def test_a_symlinked_run_directory_itself_is_fine(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "link")
     storage.publish("a", b"1")
     assert storage.read_bytes("a") == b"1"
+    with Checkpointer(tmp_path / "link", async_save=False) as ckpt:  # lock, history, tensors
+        ckpt.save(1, {"w": torch.ones(2)}, {"loss": 1.0}, pin=True)
+    assert (tmp_path / "real" / "step-000000001" / "pinned").exists()
+    assert (tmp_path / "real" / "history.jsonl").read_bytes().count(b"\n") == 1
 
 
 def test_open_storage_chooses_by_url(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "InsufficientSpaceError",
+    "LinkedFileError",
     "LockedError",
     "StateMismatchError",
     "UnsupportedStateError",
@@ -41,6 +42,11 @@ class CheckpointExistsError(CheckpointError):
 
 class LockedError(CheckpointError):
     """Another live process holds the writer lock of the run directory."""
+
+
+class LinkedFileError(CheckpointError):
+    """A file haltpoint would write inside the run directory (or a folder on its way) is a
+    symbolic link; nothing was written through it."""
 
 
 class InsufficientSpaceError(CheckpointError):

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         monitor = None  # the stopper's metric is not plotted: no best to mark
     target = args.output
     if target is None:
-        local = run_dir.storage.local_path("curves.png")
+        local = run_dir.storage.write_path("curves.png")
         if local is None:
             raise ValueError("the run is not on a local disk: pass -o FILE.png")
         target = local

@@ -107,7 +107,7 @@ def _dcp_io(storage: Storage, folder: str, write: bool) -> Any:
     disk, its fsspec one (with the run's storage options) behind a URL."""
     import torch.distributed.checkpoint as dcp
 
-    local = storage.local_path(folder)
+    local = storage.write_path(folder) if write else storage.local_path(folder)
     if local is not None:
         return (
             dcp.FileSystemWriter(local, sync_files=True) if write else dcp.FileSystemReader(local)

@@ -29,7 +29,7 @@ from types import TracebackType
 
 import torch
 
-from haltpoint.store.storage import fsync_dir
+from haltpoint.store.storage import fsync_dir, open_unlinked
 
 __all__ = ["ALIGN", "BOUNCE_BYTES", "AlignedFileWriter"]
 
@@ -64,7 +64,8 @@ class AlignedFileWriter:
     """Writes a new local file from byte ranges, in large aligned writes on a second thread.
 
     Args:
-        path: the file to create (truncated if it exists).
+        path: the file to create (truncated if it exists; `LinkedFileError` if it is a
+            symbolic link).
         direct: try O_DIRECT; with False, or where the file system refuses it, the file is
             written with buffered writes. Either way it is fsynced by `close`.
 
@@ -79,17 +80,17 @@ class AlignedFileWriter:
     def __init__(self, path: str, *, direct: bool = True) -> None:
         self.path = path
         self.direct = False
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         fd = -1
         if direct and _O_DIRECT:
             try:
-                fd = os.open(path, flags | _O_DIRECT, 0o644)
+                fd = open_unlinked(path, flags | _O_DIRECT)
                 self.direct = True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
         if fd < 0:
-            fd = os.open(path, flags, 0o644)
+            fd = open_unlinked(path, flags)
         self._fd = fd
         self._opened_direct = self.direct
         self._fallback = threading.Lock()  # two I/O threads may meet a refusal at once

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from haltpoint.store.hashing import hash_bytes
-from haltpoint.store.storage import Storage, fsync_dir
+from haltpoint.store.storage import Storage, fsync_dir, open_unlinked
 
 __all__ = [
     "HISTORY_NAME",
@@ -201,7 +201,7 @@ def _end_of_last_line(fd: int, size: int) -> int:
 
 def _append_local(path: str, line: bytes) -> None:
     created = not os.path.exists(path)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_unlinked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -246,7 +246,7 @@ def append_history(storage: Storage, record: Mapping[str, Any]) -> None:
         TypeError: `record` holds a value that JSON cannot represent.
     """
     line = encode_record(record)
-    path = storage.local_path(HISTORY_NAME)
+    path = storage.write_path(HISTORY_NAME)
     if path is not None:
         _append_local(path, line)
         return

@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from haltpoint.errors import LockedError
-from haltpoint.store.storage import Storage
+from haltpoint.store.storage import Storage, open_unlinked
 
 try:
     import fcntl
@@ -220,7 +220,7 @@ class WriterLock:
             raise RuntimeError(
                 f"this WriterLock already holds {_lock_path(self.storage)}; release() it first"
             )
-        path = self.storage.local_path(LOCK_NAME)
+        path = self.storage.write_path(LOCK_NAME)
         if path is not None and fcntl is not None:
             fd = self._acquire_local(path)
             self._finalizer = weakref.finalize(self, _release_local, fd)
@@ -232,7 +232,7 @@ class WriterLock:
     def _acquire_local(self, path: str) -> int:
         deadline = time.monotonic() + _BUSY_GRACE_S
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_unlinked(path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

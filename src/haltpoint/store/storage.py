@@ -5,11 +5,18 @@ absolute paths and `..` are refused, so nothing read from a manifest can point o
 `LocalStorage` takes the fast direct path (os calls, fsync, atomic rename); `FsspecStorage`
 serves `memory://`, `s3://`, `gs://` and every other fsspec protocol, where a single object
 write is atomic and the manifest is simply written last.
+
+Nothing is written through a symbolic link inside a local run directory: a file haltpoint
+creates, truncates or appends to (tensor files, manifests and their temporary files, pin
+markers, the lock, the history), and every folder between the run directory and it, must not
+be a link (`LocalStorage.write_path` checks, and `open_unlinked` opens with O_NOFOLLOW), or
+`LinkedFileError` is raised. The run directory itself may be a link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import shutil
@@ -17,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, Any, Protocol
 
-from haltpoint.errors import CorruptCheckpointError
+from haltpoint.errors import CorruptCheckpointError, LinkedFileError
 from haltpoint.store.object_store import MAX_CONCURRENCY, PART_BYTES, MultipartWriter, is_s3
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "check_relpath",
     "fsync_dir",
     "open_storage",
+    "open_unlinked",
 ]
 
 READ_BLOCK_BYTES = 64 << 20
@@ -68,6 +76,14 @@ class Storage(Protocol):
 
     def local_path(self, rel: str) -> str | None:
         """The OS path of `rel` when the storage is a local disk, else None."""
+
+    def write_path(self, rel: str) -> str | None:
+        """The OS path for writing `rel` when the storage is a local disk, else None.
+
+        Raises:
+            LinkedFileError: `rel`, or a folder between the run directory and it, is a
+                symbolic link.
+        """
 
     def exists(self, rel: str) -> bool: ...
 
@@ -115,6 +131,29 @@ class Storage(Protocol):
         """Bytes free for new data, or None where the storage cannot tell."""
 
 
+def _linked(path: str) -> LinkedFileError:
+    return LinkedFileError(
+        f"{path} is a symbolic link; haltpoint does not write through links (remove the link)",
+        path=path,
+    )
+
+
+def open_unlinked(path: str, flags: int, mode: int = 0o644) -> int:
+    """`os.open(path, flags, mode)` with O_NOFOLLOW and O_CLOEXEC: a file descriptor for
+    writing that never reaches through a symbolic link at `path`.
+
+    Raises:
+        LinkedFileError: `path` is a symbolic link.
+    """
+    extra = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags | extra, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EEXIST, errno.EMLINK) and os.path.islink(path):
+            raise _linked(path) from None
+        raise
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory's entries (new, renamed, removed files) durable."""
     try:
@@ -156,6 +195,23 @@ class LocalStorage:
     def local_path(self, rel: str) -> str | None:
         return self._followed(rel)
 
+    def write_path(self, rel: str) -> str:
+        path = self.root
+        for part in check_relpath(rel).split("/") if rel else []:
+            path = os.path.join(path, part)
+            if os.path.islink(path):
+                raise _linked(path)
+        return path
+
+    def _through_link(self, rel: str) -> bool:
+        """Whether a folder between the run directory and `rel` is a symbolic link."""
+        head = check_relpath(rel).rpartition("/")[0]
+        try:
+            self.write_path(head)
+        except LinkedFileError:
+            return True
+        return False
+
     def exists(self, rel: str) -> bool:
         return os.path.lexists(self._path(rel))
 
@@ -169,7 +225,7 @@ class LocalStorage:
             return []
 
     def makedirs(self, rel: str) -> None:
-        path = self._followed(rel)
+        path = self.write_path(rel)
         if not os.path.isdir(path):
             os.makedirs(path, exist_ok=True)
             fsync_dir(os.path.dirname(path))
@@ -183,8 +239,9 @@ class LocalStorage:
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[IO[bytes]]:
-        path = self._followed(rel)
-        f = open(path, "wb")  # noqa: SIM115 - closed below on every path
+        path = self.write_path(rel)
+        fd = open_unlinked(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        f = os.fdopen(fd, "wb")
         try:
             yield f
             f.flush()
@@ -205,10 +262,11 @@ class LocalStorage:
             return f.read()
 
     def publish(self, rel: str, data: bytes) -> None:
-        path = self._followed(rel)
+        path = self.write_path(rel)
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        fd = open_unlinked(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -229,11 +287,18 @@ class LocalStorage:
         fsync_dir(os.path.dirname(path))
 
     def remove(self, rel: str) -> None:
+        """Delete a file (or a link, never its target); a missing file is not an error, and a
+        file reached through a linked folder is not deleted (`rmtree` of the folder removes
+        the link)."""
+        if self._through_link(rel):
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(rel))
 
     def remove_many(self, rels: list[str]) -> None:
         for rel in rels:
+            if self._through_link(rel):
+                continue
             path = self._path(rel)
             if os.path.isdir(path) and not os.path.islink(path):
                 self.rmtree(rel)  # a folder where a file was expected: remove it whole
@@ -242,6 +307,8 @@ class LocalStorage:
 
     def rmtree(self, rel: str) -> None:
         path = self._path(rel)
+        if rel and self._through_link(rel):
+            return
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=False)
         else:
@@ -303,6 +370,9 @@ class FsspecStorage:
         return path
 
     def local_path(self, rel: str) -> str | None:
+        return None
+
+    def write_path(self, rel: str) -> str | None:
         return None
 
     def fsspec_url(self, rel: str) -> str:

@@ -148,7 +148,7 @@ def write_tensor_file(
         raise ValueError(f"{rel!r}: {e}") from None
     known = dict(hashes or {})
     digests: dict[str, str] = {}
-    local = storage.local_path(rel)
+    local = storage.write_path(rel)
     if local is not None:
         with AlignedFileWriter(local, direct=direct) as out:
             out.write(torch.frombuffer(bytearray(plan.header), dtype=torch.uint8))

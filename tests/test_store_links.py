@@ -1,0 +1,129 @@
+"""No file haltpoint writes in a local run directory is written through a symbolic link: a
+link at the name of the lock, the history, a manifest, its temporary file, a pin marker, a
+tensor file or a checkpoint folder is refused with `LinkedFileError`, and its target keeps its
+bytes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer, CheckpointError, LinkedFileError
+from haltpoint.store.direct_io import AlignedFileWriter
+from haltpoint.store.manifest import Manifest
+from haltpoint.store.run_dir import RunDirectory
+from haltpoint.store.storage import LocalStorage
+from haltpoint.store.tensor_writer import write_tensor_file
+
+MANIFEST = "step-000000001/manifest.json"
+TENSORS = "step-000000001/tensors.safetensors"
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A run with two committed checkpoints (steps 1 and 2) and no writer."""
+    run = tmp_path / "run"
+    with Checkpointer(run, keep_last=5, async_save=False, capture_rng=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"w": torch.full((1000,), float(step))}, {"loss": 1.0 / step})
+    return run
+
+
+def planted(run: Path, name: str, target: str) -> dict[Path, bytes]:
+    """Make `name` a link to `target` in `run`; return the bytes of every checkpoint file (all
+    but the lock, which every writer rewrites)."""
+    (run / name).parent.mkdir(parents=True, exist_ok=True)
+    (run / name).unlink(missing_ok=True)
+    os.symlink(run / target, run / name)
+    files = [p for p in run.rglob("*") if p.is_file() and not p.is_symlink()]
+    return {p: p.read_bytes() for p in files if p.name != ".haltpoint.lock"}
+
+
+def unchanged(before: dict[Path, bytes]) -> bool:
+    return all(path.read_bytes() == data for path, data in before.items())
+
+
+def writer(run: Path) -> Checkpointer:
+    return Checkpointer(run, keep_last=5, async_save=False, capture_rng=False)
+
+
+def test_a_linked_lock_file_is_refused_at_open(run: Path) -> None:
+    before = planted(run, ".haltpoint.lock", MANIFEST)
+    with pytest.raises(LinkedFileError, match=r"\.haltpoint\.lock is a symbolic link; haltpoint"):
+        writer(run)
+    assert unchanged(before)
+
+
+@pytest.mark.parametrize("target", [MANIFEST, TENSORS])
+def test_a_linked_history_is_refused_and_its_target_kept(run: Path, target: str) -> None:
+    before = planted(run, "history.jsonl", target)
+    with writer(run) as ckpt, pytest.raises(LinkedFileError, match=r"history\.jsonl is a symbolic"):
+        ckpt.save(3, {"w": torch.zeros(1000)}, {"loss": 0.1})
+    assert unchanged(before)
+
+
+def test_a_linked_manifest_is_refused_at_commit(run: Path) -> None:
+    before = planted(run, "step-000000003/manifest.json", MANIFEST)
+    manifest = Manifest(step=3, time=0.0, metrics={}, tree={}, tensors={}, versions={})
+    with pytest.raises(LinkedFileError, match=r"manifest\.json is a symbolic link"):
+        RunDirectory(LocalStorage(run)).commit(manifest)
+    assert unchanged(before)
+
+
+def test_a_linked_pin_marker_is_refused(run: Path) -> None:
+    before = planted(run, "step-000000002/pinned", MANIFEST)
+    with writer(run) as ckpt, pytest.raises(LinkedFileError, match="pinned is a symbolic link"):
+        ckpt.pin(2)
+    assert unchanged(before)
+
+
+def test_a_linked_temporary_file_is_refused(run: Path, monkeypatch) -> None:
+    fixed = uuid.UUID(int=0xABCDEF12 << 96)
+    monkeypatch.setattr(uuid, "uuid4", lambda: fixed)
+    before = planted(run, f"step-000000001/pinned.{fixed.hex[:8]}.tmp", MANIFEST)
+    with pytest.raises(LinkedFileError, match=r"pinned\.abcdef12\.tmp is a symbolic link"):
+        LocalStorage(run).publish("step-000000001/pinned", b"")
+    assert unchanged(before)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda s, rel: write_tensor_file(s, rel, {"w": torch.zeros(10)}),
+        lambda s, rel: write_tensor_file(s, rel, {"w": torch.zeros(10)}, direct=False),
+        lambda s, rel: AlignedFileWriter(s.write_path(rel) or "").close(),
+        lambda s, rel: s.open_write(rel).__enter__(),
+    ],
+    ids=["direct", "buffered", "aligned-writer", "open_write"],
+)
+def test_a_linked_tensor_file_is_refused(
+    run: Path, write: Callable[[LocalStorage, str], object]
+) -> None:
+    before = planted(run, "step-000000003/tensors.safetensors", TENSORS)
+    with pytest.raises(LinkedFileError, match=r"tensors\.safetensors is a symbolic link"):
+        write(LocalStorage(run), "step-000000003/tensors.safetensors")
+    assert unchanged(before)
+
+
+def test_a_linked_checkpoint_folder_is_refused_and_only_the_link_removed(run: Path) -> None:
+    (run / "spare").mkdir()
+    (run / "spare" / "tensors.safetensors").write_bytes(b"not ours to touch")
+    with writer(run) as ckpt:
+        before = planted(run, "step-000000003", "spare")  # planted while the writer is open
+        with pytest.raises(LinkedFileError, match="step-000000003 is a symbolic link"):
+            ckpt.save(3, {"w": torch.zeros(1000)})
+    assert unchanged(before)
+    writer(run).close()  # clean-up at open removes the link, not the files it leads to
+    assert not (run / "step-000000003").exists() and unchanged(before)
+
+
+def test_the_error_is_one_line_and_a_checkpoint_error(run: Path) -> None:
+    planted(run, ".haltpoint.lock", TENSORS)
+    with pytest.raises(CheckpointError) as info:
+        writer(run)
+    assert "\n" not in str(info.value) and info.value.path == str(run / ".haltpoint.lock")
