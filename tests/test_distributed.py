@@ -221,6 +221,25 @@ def test_on_writer_shares_rank0s_result_or_error_class(one_rank_group: Replicas)
         on_writer(one_rank_group, broken, "the save in flight")
 
 
+def test_a_collective_that_loses_a_rank_is_one_checkpoint_error_naming_the_call(
+    one_rank_group: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gloo's RuntimeError when a peer died (tests/test_multinode.py kills a real node)."""
+    import haltpoint.distributed.collectives as collectives
+
+    def peer_died(*args: object) -> None:
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:4242.\nGLHF")
+
+    monkeypatch.setattr(collectives, "all_gather", peer_died)
+    with pytest.raises(
+        CheckpointError,
+        match=r"^save\(7\) failed: the ranks lost contact \(RuntimeError: \[pair.cc:553\] "
+        r"Connection closed by peer \[127.0.0.1\]:4242\.\); a rank or node died",
+    ) as info:
+        on_writer(one_rank_group, lambda: 5, "save(7)")
+    assert "\n" not in str(info.value)
+
+
 def test_the_rank_strategy_is_chosen_at_construction(
     tmp_path: Path, one_rank_group: Replicas
 ) -> None:

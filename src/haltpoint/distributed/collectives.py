@@ -32,9 +32,18 @@ def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
     Each rank sends the name of the call it is in with its payload. Ranks at different calls
     (one closing while another saves, because their stoppers decided differently) would pair
     collectives that do not belong together and hang, or mix up their payloads: instead every
-    rank raises the same `CheckpointError`, naming each rank's call and the remedy.
+    rank raises the same `CheckpointError`, naming each rank's call and the remedy. A rank
+    that died (its process or node killed) fails the collective on the others, within the
+    process group's timeout at worst: that too is a `CheckpointError`, naming the call.
     """
-    gathered = all_gather((what, payload), group.process_group)
+    try:
+        gathered = all_gather((what, payload), group.process_group)
+    except RuntimeError as exc:  # gloo / NCCL: a peer closed the connection or timed out
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{what} failed: the ranks lost contact ({type(exc).__name__}: {first_line}); "
+            "a rank or node died, or the network broke"
+        ) from exc
     calls = [call for call, _ in gathered]
     if any(call != what for call in calls):
         at = ", ".join(f"rank {rank} at {call}" for rank, call in enumerate(calls))

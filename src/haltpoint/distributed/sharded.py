@@ -15,16 +15,18 @@ and loading them onto any world size (`load_shards`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from haltpoint.distributed.ranks import initialized
-from haltpoint.errors import CorruptCheckpointError
+from haltpoint.errors import CheckpointError, CorruptCheckpointError
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
 from haltpoint.store.run_dir import ShardFile
 from haltpoint.store.storage import FsspecStorage, Storage
+
+E = TypeVar("E", bound=CheckpointError)
 
 __all__ = [
     "ShardedState",
@@ -131,8 +133,13 @@ def write_shards(
     `.metadata`).
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.save(shards, storage_writer=_dcp_io(storage, folder, True), process_group=process_group)
+    writer = _dcp_io(storage, folder, True)
+    try:
+        dcp.save(shards, storage_writer=writer, process_group=process_group)
+    except CheckpointException as exc:  # a BaseException: it would pass `except Exception`
+        raise _dcp_error(CheckpointError, "save", _where(storage, folder), exc) from exc
     mine = sorted(
         name
         for name in storage.listdir(folder)
@@ -218,7 +225,7 @@ def load_shards(storage: Storage, folder: str, entries: Mapping[str, Any]) -> No
             no_dist=initialized() is None,
         )
     except CheckpointException as exc:
-        raise _load_error(_where(storage, folder), exc) from exc
+        raise _dcp_error(CorruptCheckpointError, "load", _where(storage, folder), exc) from exc
     for name, value in entries.items():
         if is_stateful(value):
             value.load_state_dict(targets[name])
@@ -226,18 +233,18 @@ def load_shards(storage: Storage, folder: str, entries: Mapping[str, Any]) -> No
             value.copy_(targets[name])
 
 
-def _load_error(folder: str, exc: Any) -> CorruptCheckpointError:
+def _dcp_error(kind: type[E], doing: str, folder: str, exc: Any) -> E:
     """DCP's `CheckpointException` (a BaseException holding every failed rank's exception)
-    as one line; a refusal of ours raised inside DCP keeps its own message."""
+    as one line of `kind`; a refusal of ours raised inside DCP keeps its own message."""
     failures = sorted(exc.failures.items())
     if not failures:
-        return CorruptCheckpointError(f"{folder}: DCP failed to load: {exc}", path=folder)
+        return kind(f"{folder}: DCP failed to {doing}: {exc}", path=folder)
     rank, (cause, _trace) = failures[0]
-    if isinstance(cause, CorruptCheckpointError):
-        return CorruptCheckpointError(f"{folder}: {cause}", path=folder)
+    if isinstance(cause, CheckpointError):
+        return kind(f"{folder}: {cause}", path=folder)
     first_line = (str(cause).splitlines() or [""])[0]
-    return CorruptCheckpointError(
-        f"{folder}: DCP failed to load on rank {rank}: {type(cause).__name__}: {first_line}",
+    return kind(
+        f"{folder}: DCP failed to {doing} on rank {rank}: {type(cause).__name__}: {first_line}",
         path=folder,
     )
 
