@@ -6,6 +6,7 @@ bytes."""
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from haltpoint import Checkpointer, CheckpointError, LinkedFileError
 from haltpoint.store.direct_io import AlignedFileWriter
 from haltpoint.store.manifest import Manifest
+from haltpoint.store.quarantine import move_to_quarantine
 from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.storage import LocalStorage
 from haltpoint.store.tensor_writer import write_tensor_file
@@ -120,6 +122,18 @@ def test_a_linked_checkpoint_folder_is_refused_and_only_the_link_removed(run: Pa
     assert unchanged(before)
     writer(run).close()  # clean-up at open removes the link, not the files it leads to
     assert not (run / "step-000000003").exists() and unchanged(before)
+
+
+@pytest.mark.parametrize("link", ["quarantine", "step-000000002"])
+def test_quarantine_never_moves_through_a_linked_folder(run: Path, link: str) -> None:
+    (run / "spare").mkdir()
+    (run / "spare" / "manifest.json").write_bytes(b"not ours to move")
+    if link == "step-000000002":
+        shutil.rmtree(run / link)
+    before = planted(run, link, "spare")
+    with pytest.raises(LinkedFileError, match=f"{link} is a symbolic link"):
+        move_to_quarantine(LocalStorage(run), "step-000000002")
+    assert unchanged(before) and (run / "spare" / "manifest.json").exists()
 
 
 def test_the_error_is_one_line_and_a_checkpoint_error(run: Path) -> None:

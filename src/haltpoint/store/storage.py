@@ -279,7 +279,7 @@ class LocalStorage:
 
     def rename(self, rel: str, new: str) -> None:
         """One atomic `os.rename` (the writer holds the lock: nobody creates `new` meanwhile)."""
-        path, target = self._path(rel), self._followed(new)
+        path, target = self.write_path(rel), self.write_path(new)
         if os.path.lexists(target):
             raise FileExistsError(f"{target} exists; haltpoint never renames over a file")
         os.rename(path, target)
