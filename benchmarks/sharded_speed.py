@@ -16,27 +16,38 @@ future's result). The four ways:
   the background, and the commit in rank 0's background writer once they are durable.
 
     python -m torch.distributed.run --nproc_per_node=2 benchmarks/sharded_speed.py --mib 256
+
+`--store s3` writes the same four ways to S3 instead of a local folder: moto's server on
+127.0.0.1 in a child process started by rank 0 (tests/s3_server.py), DCP through its own
+fsspec writer and reader (`FsspecWriter`, `FsspecReader`), haltpoint through an `s3://` run
+directory with `storage_options`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.fsdp import fully_shard
 
 from haltpoint import Checkpointer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from s3_server import moto_s3
 
 
 def build(mib: int) -> torch.nn.Module:
@@ -47,6 +58,36 @@ def build(mib: int) -> torch.nn.Module:
         fully_shard(layer)
     fully_shard(model)
     return model
+
+
+class Target:
+    """Where the saves go: a local folder, or an S3 prefix (with its storage options)."""
+
+    def __init__(self, base: str, options: dict[str, Any] | None) -> None:
+        self.base, self.options = base, options
+        if options is not None:
+            import fsspec
+
+            self.fs = fsspec.filesystem("s3", **options)
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def remove(self, name: str) -> None:
+        if self.options is None:
+            shutil.rmtree(self.url(name), ignore_errors=True)
+        elif self.fs.exists(self.url(name)):
+            self.fs.rm(self.url(name), recursive=True)
+
+    def writer(self, name: str) -> Any:
+        if self.options is None:
+            return dcp.FileSystemWriter(self.url(name))
+        return FsspecWriter(self.url(name), sync_files=True, **self.options)
+
+    def reader(self, name: str) -> Any:
+        if self.options is None:
+            return dcp.FileSystemReader(self.url(name))
+        return FsspecReader(self.url(name), **self.options)
 
 
 def timed(save: Callable[[int], Any], finish: Callable[[Any], None], i: int) -> tuple[float, float]:
@@ -65,37 +106,56 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256, help="model size in MiB (float32)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--store", choices=("local", "s3"), default="local")
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    rank = dist.get_rank()
+    with contextlib.ExitStack() as stack:
+        where: list[Any] = [None]
+        if rank == 0 and args.store == "s3":
+            endpoint = stack.enter_context(moto_s3(process=True))
+            where = [(endpoint.url("bench"), endpoint.storage_options)]
+        elif rank == 0:
+            where = [(args.dir or tempfile.mkdtemp(prefix="sharded-bench-"), None)]
+        dist.broadcast_object_list(where, src=0)
+        target = Target(*where[0])
+        run(args, target)
+        if rank == 0 and args.dir is None and target.options is None:
+            shutil.rmtree(target.base)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, target: Target) -> None:
+    """Time the four ways of saving and the three of restoring; rank 0 prints the table."""
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = build(args.mib)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # global sizes
-    root = [args.dir or tempfile.mkdtemp(prefix="sharded-bench-")] if rank == 0 else [None]
-    dist.broadcast_object_list(root, src=0)
-    base = str(root[0])
     group = dist.new_group(backend="gloo")
     stager = DefaultStager(StagingOptions(False, False, False, False))
 
     def folder(name: str, i: int) -> str:
-        path = os.path.join(base, f"{name}-{i}")
-        if rank == 0 and os.path.isdir(os.path.join(base, f"{name}-{i - 2}")):
-            shutil.rmtree(os.path.join(base, f"{name}-{i - 2}"))  # keep two, as the runs do
-        return path
+        if rank == 0:
+            target.remove(f"{name}-{i - 2}")  # keep two, as the runs do
+        return f"{name}-{i}"
 
     def dcp_sync(i: int) -> None:
-        dcp.save(model.state_dict(), storage_writer=dcp.FileSystemWriter(folder("sync", i)))
+        dcp.save(model.state_dict(), storage_writer=target.writer(folder("sync", i)))
 
     def dcp_async(i: int) -> Any:
-        writer = dcp.FileSystemWriter(folder("async", i))
+        writer = target.writer(folder("async", i))
         return dcp.async_save(
             model.state_dict(), storage_writer=writer, process_group=group, async_stager=stager
         )
 
     times: dict[str, list[tuple[float, float]]] = {}
+    options = target.options
     with (
-        Checkpointer(os.path.join(base, "run-sync"), keep_last=2, async_save=False) as sync,
-        Checkpointer(os.path.join(base, "run-async"), keep_last=2) as ours,
+        Checkpointer(
+            target.url("run-sync"), keep_last=2, async_save=False, storage_options=options
+        ) as sync,
+        Checkpointer(target.url("run-async"), keep_last=2, storage_options=options) as ours,
     ):
         ways: list[tuple[str, Callable[[int], Any], Callable[[Any], None]]] = [
             ("dcp.save", dcp_sync, lambda _: None),
@@ -119,14 +179,16 @@ def main() -> None:
             (
                 "dcp.load (no check)",
                 lambda _: dcp.load(
-                    model.state_dict(), storage_reader=dcp.FileSystemReader(folder("async", last))
+                    model.state_dict(), storage_reader=target.reader(f"async-{last}")
                 ),
             ),
             ("Checkpointer().restore (ranks share the check)", lambda _: ours.restore(state)),
             ("read-only restore (each rank checks all)", lambda _: reader.restore(state)),
         ]
         state = {"model": model, "step": 0}
-        with Checkpointer(os.path.join(base, "run-async"), read_only=True) as reader:
+        with Checkpointer(
+            target.url("run-async"), read_only=True, storage_options=options
+        ) as reader:
             for i in range(args.repeats):
                 for name, restore in restores:
                     times.setdefault(name, []).append(timed(restore, lambda _: None, i))
@@ -138,7 +200,10 @@ def main() -> None:
         }
         restored = {name: medians.pop(name)[1] for name, _ in restores}
         base_blocked, base_total = medians["dcp.save"]
-        print(f"model {nbytes / 2**20:.0f} MiB (float32), 2 ranks gloo CPU, {args.repeats} repeats")
+        print(
+            f"model {nbytes / 2**20:.0f} MiB (float32), {dist.get_world_size()} ranks gloo CPU, "
+            f"{args.store}, {args.repeats} repeats"
+        )
         print(
             f"{'what':<38} {'blocked s':>9} {'x dcp.save':>10} {'total s':>8} {'GiB/s':>6} "
             f"{'x dcp.save':>10}"
@@ -152,10 +217,6 @@ def main() -> None:
         for name, seconds in restored.items():
             ratio = seconds / restored["dcp.load (no check)"]
             print(f"{name:<48} {seconds:>6.3f} {ratio:>10.2f}")
-        if args.dir is None:
-            shutil.rmtree(base)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
