@@ -591,3 +591,46 @@ def test_a_damaged_random_state_is_found_before_anything_is_loaded(tmp_path: Pat
     with pytest.raises(CorruptCheckpointError, match=r"random state saved in step 0"):
         ckpt.restore({"model": target}, 0)
     assert torch.equal(target.weight, before)  # the model was not touched
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode", "stopper", "recorded"),
+    [
+        ("val_loss", "min", None, ("val_loss", "min")),
+        ("val_acc", "max", ("val_loss", "min"), ("val_acc", "max")),  # the Checkpointer's
+        (None, "min", ("val_acc", "max"), ("val_acc", "max")),  # else the saved stopper's
+        (None, "min", None, (None, "min")),
+    ],
+)
+def test_every_manifest_records_what_ranks_it(
+    tmp_path: Path, monitor, mode, stopper, recorded
+) -> None:
+    from haltpoint import EarlyStopping
+    from haltpoint.store.manifest import Ranking
+
+    state: dict = {"x": 1}
+    if stopper is not None:
+        state["stopper"] = EarlyStopping(stopper[0], mode=stopper[1])
+    with Checkpointer(tmp_path, monitor=monitor, mode=mode, keep_last=9, every=1) as ckpt:
+        ckpt.save(0, state, {"val_loss": 0.5, "val_acc": 0.5})
+        for step in (1, 2, 3):
+            ckpt.maybe_save(step, state, {"val_loss": 0.4, "val_acc": 0.6})
+    manifests = [Manifest.decode(p.read_bytes(), source=str(p)) for p in tmp_path.glob("*/m*")]
+    assert len(manifests) > 1
+    assert all(m.ranking == Ranking(*recorded) for m in manifests)
+    assert any("saved_by" in m.extra for m in manifests)  # maybe_save's record stays beside it
+
+
+def test_a_damaged_history_never_reaches_the_restored_stopper(tmp_path: Path) -> None:
+    from haltpoint import EarlyStopping
+
+    stopper = EarlyStopping("val_loss", patience=3)
+    with Checkpointer(tmp_path, monitor="val_loss") as ckpt:
+        for step, loss in enumerate([1.0, 0.5, 0.6]):
+            stopper.step({"val_loss": loss})
+            ckpt.save(step, {"stopper": stopper}, {"val_loss": loss})
+    (tmp_path / "history.jsonl").write_bytes(os.urandom(4096))
+    fresh = EarlyStopping("val_loss", patience=3)
+    with Checkpointer(tmp_path, monitor="val_loss") as ckpt:
+        ckpt.restore({"stopper": fresh})  # its state is in the checksummed manifest
+    assert (fresh.best, fresh.best_step, fresh.wait) == (0.5, 1, 1)

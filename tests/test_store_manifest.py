@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import haltpoint.store.manifest as manifest_module
 from haltpoint.errors import CorruptCheckpointError
-from haltpoint.store.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from haltpoint.store.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Ranking
 from haltpoint.store.tensor_file import TensorRecord
 
 FILE = "step-000000007/tensors.safetensors"
@@ -331,3 +331,31 @@ def test_hypothesis_round_trip(m: Manifest) -> None:
     for key, value in m.metrics.items():
         assert back.metrics[key] == value or (math.isnan(value) and math.isnan(back.metrics[key]))
     assert back.nbytes == m.nbytes and back.files() == m.files()
+
+
+# -- the writer's ranking ---------------------------------------------------------------------
+
+
+def test_the_ranking_is_read_from_extra_and_absent_in_older_manifests() -> None:
+    assert Manifest.decode(GOOD, source="m").ranking is None  # an older haltpoint's manifest
+    recorded = make(extra={"ranking": {"monitor": "val_acc", "mode": "max"}}).encode()
+    assert Manifest.decode(recorded, source="m").ranking == Ranking("val_acc", "max")
+    unranked = make(extra={"ranking": {"monitor": None, "mode": "min"}}).encode()
+    assert Manifest.decode(unranked, source="m").ranking == Ranking(None, "min")
+
+
+@pytest.mark.parametrize(
+    "ranking",
+    [
+        {"monitor": "val_loss"},
+        {"monitor": "val_loss", "mode": "auto"},
+        {"monitor": "", "mode": "min"},
+        {"monitor": 3, "mode": "min"},
+        {"monitor": "val_loss", "mode": "min", "other": 1},
+        ["val_loss", "min"],
+    ],
+)
+def test_a_malformed_ranking_is_a_damaged_manifest(ranking: object) -> None:
+    data = mutated(extra={"ranking": ranking})
+    with pytest.raises(CorruptCheckpointError, match=r"extra\['ranking'\] needs a monitor"):
+        Manifest.decode(data, source="m")

@@ -27,10 +27,12 @@ from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
 from haltpoint.schedule import SaveSchedule
 from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
+from haltpoint.stopping import EarlyStopping
 from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, save_record
 from haltpoint.store.lock import WriterLock
+from haltpoint.store.manifest import RANKING_KEY, Ranking
 from haltpoint.store.run_dir import Entry, RunDirectory
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
@@ -237,13 +239,26 @@ class Checkpointer:
         check_step(step)
         coerce_metrics(metrics, self.monitor)
 
+        # every manifest says what ranks it, so readers never guess from the history
+        recorded = {RANKING_KEY: self._ranking(state).to_json()}
+        if saved_by is not None:  # and which policy chose this save
+            recorded["saved_by"] = dict(saved_by)
+
         def commit(part: Mapping[str, Any], extra: Extra | None) -> CheckpointInfo:
-            if saved_by is not None:  # the manifest says which policy chose this save
-                given, reason = extra, dict(saved_by)
-                extra = lambda: {**(given() if given else {}), "saved_by": reason}  # noqa: E731
-            return self._save(step, part, metrics, pin, extra)
+            given = extra
+            return self._save(
+                step, part, metrics, pin, lambda: {**(given() if given else {}), **recorded}
+            )
 
         return self._ranks.save(step, state, commit)
+
+    def _ranking(self, state: Mapping[str, Any]) -> Ranking:
+        """What ranks the checkpoint of `state`: the monitor, else the saved stopper's."""
+        if self.monitor is None and isinstance(state, Mapping):
+            for value in state.values():
+                if isinstance(value, EarlyStopping) and value.monitor is not None:
+                    return Ranking(value.monitor, value.mode)
+        return Ranking(self.monitor, self.mode)
 
     def _save(
         self,

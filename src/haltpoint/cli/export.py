@@ -161,7 +161,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--monitor",
         metavar="NAME",
-        help="the metric that ranks checkpoints for best (default: the one the run's stopper "
-        "watched, or the only metric)",
+        help="the metric that ranks checkpoints for best (default: the monitor the run "
+        "recorded in its manifests, or the only metric)",
     )
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher is better")

@@ -10,7 +10,6 @@ from haltpoint.cli.output import Output, format_bytes, format_metrics
 from haltpoint.cli.runinfo import (
     Record,
     history_of,
-    metric_names,
     open_run,
     resolve_monitor,
 )
@@ -23,7 +22,7 @@ __all__ = ["plan_gc", "register", "run"]
 
 _EPILOG = """\
   haltpoint gc runs/demo --keep-last 2 --dry-run         show what would go
-  haltpoint gc runs/demo --keep-last 1 --keep-best 1     monitor: the run's stopper's metric
+  haltpoint gc runs/demo --keep-last 1 --keep-best 1     monitor: the run's, from its manifests
   haltpoint gc runs/demo --keep-best 3 --monitor val_acc --mode max --keep-every 10
 
 The kept set is the union of the rules; the newest checkpoint and pinned ones always stay.
@@ -50,10 +49,13 @@ def plan_gc(
     """
     entries = all_entries = [e for e in run.scan() if e.manifest is not None]
     reader = RunReader(run, None, "min")
+    if keep_best > 0:  # ranked once, by what the manifests record (see resolve_monitor)
+        manifests = [e.manifest for e in entries if e.manifest is not None]
+        monitor, mode = resolve_monitor(manifests, monitor, mode, history=lambda: history_of(run))
     damaged: dict[int, str] = {}
     intact: set[int] = set()
     while True:
-        kept, dropped = _plan(run, entries, keep_last, keep_best, keep_every, monitor, mode)
+        kept, dropped = _plan(entries, keep_last, keep_best, keep_every, monitor, mode)
         unchecked = [e for e in kept if e.step not in intact]
         if not unchecked:
             found = [(e, damaged[e.step]) for e in all_entries if e.step in damaged]
@@ -68,7 +70,6 @@ def plan_gc(
 
 
 def _plan(
-    run: RunDirectory,
     entries: list[Entry],
     keep_last: int,
     keep_best: int,
@@ -76,9 +77,6 @@ def _plan(
     monitor: str | None,
     mode: str | None,
 ) -> tuple[list[Entry], list[Entry]]:
-    if keep_best > 0:
-        manifests = [e.manifest for e in entries if e.manifest is not None]
-        monitor, mode = resolve_monitor(metric_names(manifests), history_of(run), monitor, mode)
     rules = build_rules(
         keep_last=keep_last,
         keep_best=keep_best,
@@ -171,7 +169,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--monitor",
         metavar="NAME",
-        help="the metric ranking --keep-best (default: the run's stopper's, or the only one)",
+        help="the metric ranking --keep-best (default: the run's recorded monitor, or the only one)",
     )
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher is better")
     parser.add_argument("--dry-run", action="store_true", help="only print what would be removed")

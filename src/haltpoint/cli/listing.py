@@ -13,7 +13,6 @@ from haltpoint.cli.runinfo import (
     Record,
     folder_status,
     history_of,
-    metric_names,
     open_run,
     referenced_dirs,
     resolve_monitor,
@@ -81,7 +80,7 @@ def list_checkpoints(
     if manifests:
         try:
             name, direction = resolve_monitor(
-                metric_names(manifests), history_of(run), monitor, mode
+                manifests, monitor, mode, history=lambda: history_of(run)
             )
             records = [Record(m.step, m.metrics) for m in manifests]
             best = best_record(records, name, direction)

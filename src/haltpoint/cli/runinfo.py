@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from haltpoint.errors import CheckpointNotFoundError
 from haltpoint.policies.retention import best_record
 from haltpoint.stopping.modes import infer_mode
 from haltpoint.store.history import read_history
-from haltpoint.store.manifest import Manifest
+from haltpoint.store.manifest import Manifest, Ranking
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname
 from haltpoint.store.storage import open_storage
 
@@ -26,6 +27,8 @@ __all__ = [
     "metric_names",
     "mode_of",
     "open_run",
+    "ranking_text",
+    "recorded_ranking",
     "referenced_dirs",
     "resolve_monitor",
     "select_entry",
@@ -136,30 +139,82 @@ def guess_monitor(history: Sequence[Mapping[str, Any]]) -> tuple[str, str] | Non
         return None
 
 
+def recorded_ranking(manifests: Sequence[Manifest]) -> Ranking | None:
+    """The monitor and mode recorded by the newest of `manifests` that records them.
+
+    None when none does (checkpoints of an older haltpoint).
+    """
+    recorded = [m.ranking for m in manifests if m.ranking is not None]
+    return recorded[-1] if recorded else None
+
+
+def _warn_if_changed(manifests: Sequence[Manifest], newest: Ranking) -> None:
+    """Say so when older checkpoints record another monitor than `newest` (changed mid-run)."""
+    older: dict[Ranking, list[str]] = {}
+    for m in manifests:
+        if m.ranking is not None and m.ranking != newest:
+            older.setdefault(m.ranking, []).append(str(m.step))
+    if older:
+        before = "; ".join(f"step(s) {', '.join(s)} by {ranking_text(r)}" for r, s in older.items())
+        warnings.warn(
+            f"the run's monitor changed: {before}, the newer ones by {ranking_text(newest)}; "
+            "ranking by the newest, as the writer's retention does (pass --monitor and --mode "
+            "to choose)",
+            stacklevel=3,
+        )
+
+
+def ranking_text(ranking: Ranking) -> str:
+    """ "val_loss (min)", or "no monitor".
+
+    >>> ranking_text(Ranking("val_acc", "max"))
+    'val_acc (max)'
+    """
+    return "no monitor" if ranking.monitor is None else f"{ranking.monitor} ({ranking.mode})"
+
+
 def resolve_monitor(
-    names: Sequence[str],
-    history: Sequence[Mapping[str, Any]],
+    manifests: Sequence[Manifest],
     monitor: str | None,
     mode: str | None,
+    *,
+    history: Callable[[], Sequence[Mapping[str, Any]]],
 ) -> tuple[str, str]:
-    """The metric and mode that rank checkpoints: given, else the run's stopper's, else the
-    only metric there is.
+    """The metric and mode that rank checkpoints: given, else the ones the run's writer
+    recorded in its manifests, else the only metric there is.
+
+    Checkpoints of an older haltpoint do not record them: then, and only then, the metric
+    the run's stopper watched is read back from `history()`, with a warning saying so.
 
     Raises:
         ValueError: none can be chosen; the message lists the metrics and the options.
     """
-    if monitor is None:
-        guessed = guess_monitor(history)
+    names = metric_names(manifests)
+    recorded = recorded_ranking(manifests)
+    if monitor is None and recorded is not None and recorded.monitor is not None:
+        _warn_if_changed(manifests, recorded)
+        return recorded.monitor, mode or recorded.mode
+    if monitor is None and recorded is None:
+        guessed = guess_monitor(history())
         if guessed is not None and guessed[0] in names:
+            warnings.warn(
+                "these checkpoints do not record what ranks them (written by an older "
+                f"haltpoint): ranking by {guessed[0]} ({mode or guessed[1]}), read back from "
+                "the history; pass --monitor and --mode to be sure",
+                stacklevel=2,
+            )
             return guessed[0], mode or guessed[1]
+    if monitor is None:
+        unrecorded = "" if recorded is None else " (and their writer recorded no monitor)"
         if not names:
             raise ValueError(
-                "the checkpoints hold no metrics, so none is best; choose latest or a step"
+                f"the checkpoints hold no metrics{unrecorded}, so none is best; "
+                "choose latest or a step"
             )
         if len(names) > 1:
             raise ValueError(
-                f"cannot tell which metric ranks the checkpoints: they hold {', '.join(names)}; "
-                "pick one with --monitor NAME (and --mode min|max)"
+                f"cannot tell which metric ranks the checkpoints: they hold {', '.join(names)}"
+                f"{unrecorded}; pick one with --monitor NAME (and --mode min|max)"
             )
         monitor = names[0]
     elif monitor not in names:
@@ -167,6 +222,8 @@ def resolve_monitor(
             f"--monitor {monitor!r} is not a metric of these checkpoints; they hold "
             f"{', '.join(names) or 'no metrics'}"
         )
+    if mode is None and recorded is not None and recorded.monitor == monitor:
+        mode = recorded.mode
     return monitor, mode if mode is not None else mode_of(monitor)
 
 
@@ -214,7 +271,7 @@ def select_entry(
         return entries[-1]
     if which == "best":
         manifests = [e.manifest for e in entries if e.manifest is not None]
-        name, direction = resolve_monitor(metric_names(manifests), history_of(run), monitor, mode)
+        name, direction = resolve_monitor(manifests, monitor, mode, history=lambda: history_of(run))
         records = [Record(e.step, e.manifest.metrics) for e in entries if e.manifest]
         best = best_record(records, name, direction)
         if best is None:

@@ -9,10 +9,10 @@ from typing import Any
 
 from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes, format_metrics, format_time
-from haltpoint.cli.runinfo import open_run, select_entry
+from haltpoint.cli.runinfo import open_run, ranking_text, select_entry
 from haltpoint.errors import CorruptCheckpointError
 from haltpoint.state.codec import TENSOR_TAG, decode_value
-from haltpoint.store.manifest import Manifest
+from haltpoint.store.manifest import RANKING_KEY, Manifest
 from haltpoint.store.run_dir import ShardedRecord, checkpoint_nbytes
 from haltpoint.store.tensor_file import TensorRecord, torch_dtype
 
@@ -187,6 +187,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
         ("versions", f"{versions}; format {manifest.format_version}"),
     ]
     extra = dict(manifest.extra)
+    extra.pop(RANKING_KEY, None)
+    if manifest.ranking is not None:  # recorded by the writer; older manifests lack it
+        header.append(("ranked by", ranking_text(manifest.ranking)))
     saved_by = extra.pop("saved_by", None)
     if saved_by is not None:  # written by Checkpointer.maybe_save; older manifests lack it
         header.append(("saved by", _saved_by_text(saved_by)))

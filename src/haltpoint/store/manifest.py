@@ -19,13 +19,22 @@ from haltpoint.errors import CorruptCheckpointError
 from haltpoint.store.hashing import HASH_HEX_LENGTH, hash_bytes
 from haltpoint.store.tensor_file import REMEDY, TensorRecord, strict_loads
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "Manifest"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "RANKING_KEY",
+    "Manifest",
+    "Ranking",
+]
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 << 20
 _FIELDS = ("extra", "format_version", "metrics", "step", "tensors", "time", "tree", "versions")
 _TAG = "$float"
+RANKING_KEY = "ranking"  # the manifest's `extra` key of the writer's monitor and mode
+_MODES = ("min", "max")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -84,6 +93,45 @@ def _decode_metric(value: Any) -> float:
     raise ValueError(f"{value!r} is not a number")
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """The writer's `monitor` (None: it had none) and `mode`, recorded in every manifest.
+
+    Stored under `extra["ranking"]`, inside the checksum, so what ranks a run's checkpoints
+    is read from the checkpoints themselves. Manifests of older haltpoint versions lack it.
+
+    >>> Ranking.parse({"monitor": "val_loss", "mode": "min"}, "manifest")
+    Ranking(monitor='val_loss', mode='min')
+    >>> Ranking.parse({"monitor": "val_loss"}, "manifest")
+    Traceback (most recent call last):
+    ...
+    ValueError: manifest: extra['ranking'] needs a monitor (a name or null) and a mode ...
+    """
+
+    monitor: str | None
+    mode: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as it is stored."""
+        return {"monitor": self.monitor, "mode": self.mode}
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> Ranking:
+        """The record stored as `value`; ValueError naming `where` if it is malformed."""
+        monitor = value.get("monitor", 0) if isinstance(value, dict) else 0
+        if (
+            not isinstance(value, dict)
+            or sorted(value) != ["mode", "monitor"]
+            or not (monitor is None or (isinstance(monitor, str) and monitor))
+            or value["mode"] not in _MODES
+        ):
+            raise ValueError(
+                f"{where}: extra[{RANKING_KEY!r}] needs a monitor (a name or null) and a mode "
+                f"(min or max), and nothing else; got {value!r}"
+            )
+        return cls(monitor, value["mode"])
+
+
 @dataclass
 class Manifest:
     """Everything about one checkpoint except its tensor bytes; `encode`/`decode` to disk.
@@ -116,6 +164,13 @@ class Manifest:
     def files(self) -> set[str]:
         """The tensor files (relative to the run directory) this manifest references."""
         return {record.file for record in self.tensors.values()}
+
+    @property
+    def ranking(self) -> Ranking | None:
+        """The writer's monitor and mode, or None for a manifest that does not record them."""
+        if RANKING_KEY not in self.extra:
+            return None
+        return Ranking.parse(self.extra[RANKING_KEY], "manifest")
 
     def _body(self) -> dict[str, Any]:
         """The JSON form of every field but the checksum; TypeError/ValueError if unencodable."""
@@ -224,6 +279,8 @@ class Manifest:
         for name in ("metrics", "tree", "tensors", "versions", "extra"):
             if not isinstance(obj[name], dict):
                 raise ValueError(f"{name} is not a JSON object")
+        if RANKING_KEY in obj["extra"]:
+            Ranking.parse(obj["extra"][RANKING_KEY], "the record")
         if not all(isinstance(v, str) for v in obj["versions"].values()):
             raise ValueError("versions holds a value that is not a string")
         metrics = {}
