@@ -169,7 +169,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--monitor",
         metavar="NAME",
-        help="the metric ranking --keep-best (default: the run's recorded monitor, or the only one)",
+        help="the metric ranking --keep-best (default: the run's recorded one, or the only one)",
     )
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher is better")
     parser.add_argument("--dry-run", action="store_true", help="only print what would be removed")
