@@ -61,7 +61,7 @@ def test_ask_tell_and_a_maximised_metric() -> None:
                 break
         else:
             study.tell(trial, -curve(rate, 29))
-    assert stopped[:1] == [0.05] and 0.01 in stopped and 1.0 not in stopped
+    assert {0.05, 0.01} <= set(stopped) and 1.0 not in stopped
 
 
 def test_sqlite_storage_keeps_reasons_and_a_killed_study_resumes(tmp_path: Path) -> None:
@@ -108,9 +108,6 @@ def test_multi_objective_studies_are_refused() -> None:
         HaltpointPruner().prune(study, study._storage.get_trial(trial._trial_id))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"), [({"min_trials": 0}, "min_trials"), ({"min_step": -1}, "min_step")]
-)
-def test_bad_arguments_are_named(kwargs: dict[str, int], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        HaltpointPruner(**kwargs)
+def test_settings_must_be_prune_settings() -> None:
+    with pytest.raises(TypeError, match="settings must be a PruneSettings"):
+        HaltpointPruner({"min_trials": 2})  # type: ignore[arg-type]

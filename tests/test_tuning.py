@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from haltpoint.tuning import judge
+from haltpoint.tuning import PruneSettings, judge
+
+ANY = PruneSettings(min_trials=1, min_step=0)
 
 LEADER = {step: 1.0 / (step + 1) for step in range(10)}
 OTHERS = {n: {s: v + 0.01 * n for s, v in LEADER.items()} for n in range(4)}
@@ -47,17 +49,38 @@ def test_nothing_is_pruned_before_enough_trials_or_steps() -> None:
     assert not judge(OTHERS, {}).prune
 
 
+def test_a_bad_mode_is_named() -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        judge(OTHERS, {0: 1.0}, mode="up")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"mode": "up"}, "mode must be one of"),
-        ({"min_trials": 0}, "min_trials"),
-        ({"min_step": -1}, "min_step"),
+        ({"min_trials": 0}, "min_trials must be >= 1"),
+        ({"min_step": -1}, "min_step must be >= 0"),
+        ({"margin": 0.0}, "margin must be > 0"),
+        ({"tolerance": -0.1}, "tolerance must be >= 0"),
+        ({"tolerance": math.nan}, "tolerance must be >= 0"),
     ],
 )
-def test_bad_arguments_are_named(kwargs: dict[str, object], match: str) -> None:
+def test_bad_settings_are_named(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        judge(OTHERS, {0: 1.0}, **kwargs)  # type: ignore[arg-type]
+        PruneSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_smaller_margin_prunes_a_gap_some_trial_recovered() -> None:
+    late_bloomer = {0: 5.0, 1: 5.0, 2: 5.0, 3: 0.0}
+    others = {**OTHERS, 9: late_bloomer}
+    verdict = judge(others, {0: 3.0, 1: 2.9, 2: 2.8}, settings=PruneSettings(margin=0.4))
+    assert verdict.prune and "0.4 x the most any trial gained" in verdict.reason
+
+
+def test_a_near_tie_within_the_tolerance_is_not_pruned() -> None:
+    flat = {n: {s: 1.0 + 0.001 * n for s in range(10)} for n in range(4)}
+    current = {s: 1.004 for s in range(6)}
+    assert judge(flat, current).prune
+    assert not judge(flat, current, settings=PruneSettings(tolerance=0.005)).prune
 
 
 curves = st.dictionaries(st.integers(0, 12), st.floats(-10, 10), min_size=1, max_size=12)
@@ -73,12 +96,12 @@ def test_the_trial_leading_at_its_step_is_never_pruned(others: dict, current: di
         if max(c) >= step
     ]
     if all(mine <= r for r in rivals):
-        assert not judge(others, current, min_trials=1, min_step=0).prune
+        assert not judge(others, current, settings=ANY).prune
 
 
 @given(st.dictionaries(st.integers(0, 20), curves, max_size=6), curves)
 def test_flipping_sign_and_mode_gives_the_same_verdict(others: dict, current: dict) -> None:
     flipped = {n: {s: -v for s, v in c.items()} for n, c in others.items()}
-    low = judge(others, current, min_trials=1, min_step=0)
-    high = judge(flipped, {s: -v for s, v in current.items()}, mode="max", min_trials=1, min_step=0)
+    low = judge(others, current, settings=ANY)
+    high = judge(flipped, {s: -v for s, v in current.items()}, mode="max", settings=ANY)
     assert low.prune == high.prune

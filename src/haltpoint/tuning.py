@@ -3,14 +3,16 @@
 This module knows nothing of Optuna; `haltpoint.integrations.optuna` adapts it. A curve is a
 mapping from step (epoch) to the watched value. At the current trial's last step ``t`` it is
 pruned when its best value so far is worse than the leading trial's best at ``t`` by more than
-both the leader's noise and the most any other trial went on to gain after ``t``: no trial seen
-so far has ever recovered a gap that large.
+the leader's noise, by more than a share (``margin``) of the most any other trial went on to
+gain after ``t``, and by more than ``tolerance`` of the leader's value. The constants were
+chosen by leave-one-problem-out on 24 DeepOBS sweeps (`benchmarks/tuning.py`, docs/tuning.md).
 
 >>> leader = {step: 1.0 / (step + 1) for step in range(10)}
 >>> others = {0: leader, 1: {s: v + 0.01 for s, v in leader.items()}}
->>> judge(others, {0: 3.0, 1: 2.9, 2: 2.8}, min_trials=2).prune
+>>> two = PruneSettings(min_trials=2)
+>>> judge(others, {0: 3.0, 1: 2.9, 2: 2.8}, settings=two).prune
 True
->>> judge(others, {0: 1.0, 1: 0.5, 2: 0.34}, min_trials=2).prune
+>>> judge(others, {0: 1.0, 1: 0.5, 2: 0.34}, settings=two).prune
 False
 """
 
@@ -24,6 +26,44 @@ from dataclasses import dataclass
 Curve = Mapping[int, float]
 
 MODES = ("min", "max")
+
+
+#: Other trials that must have reached the current step before anything is pruned.
+MIN_TRIALS = 3
+#: The first step at which a trial may be pruned (step 0 is often the untrained model).
+MIN_STEP = 2
+#: The share of the largest later gain of any trial that the gap to the leader must exceed.
+MARGIN = 0.5
+#: The gap must also exceed this share of the leader's value (near-ties are never pruned).
+TOLERANCE = 0.0
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """The pruning rule's constants, in one place so that `benchmarks/tuning.py` can vary them.
+
+    >>> PruneSettings().min_trials == MIN_TRIALS
+    True
+    """
+
+    min_trials: int = MIN_TRIALS
+    min_step: int = MIN_STEP
+    margin: float = MARGIN
+    tolerance: float = TOLERANCE
+
+    def __post_init__(self) -> None:
+        if self.min_trials < 1:
+            raise ValueError(f"min_trials must be >= 1, got {self.min_trials}")
+        if self.min_step < 0:
+            raise ValueError(f"min_step must be >= 0, got {self.min_step}")
+        if not self.margin > 0:
+            raise ValueError(f"margin must be > 0, got {self.margin}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+
+
+#: The settings `HaltpointPruner()` uses.
+DEFAULT_SETTINGS = PruneSettings()
 
 
 @dataclass(frozen=True)
@@ -52,22 +92,18 @@ def judge(
     current: Curve,
     *,
     mode: str = "min",
-    min_trials: int = 4,
-    min_step: int = 2,
+    settings: PruneSettings = DEFAULT_SETTINGS,
     metric: str = "value",
 ) -> Verdict:
     """Prune ``current`` or not, given the other trials' curves (finished or running) by number.
 
-    ``min_trials`` other trials must have reached the current step and the current trial must be
-    at ``min_step`` or later before anything is pruned; a trial whose latest value is NaN or
-    infinite is pruned at once.
+    ``settings.min_trials`` other trials must have reached the current step and the current
+    trial must be at ``settings.min_step`` or later before anything is pruned; a trial whose
+    latest value is NaN or infinite is pruned at once.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if min_trials < 1:
-        raise ValueError(f"min_trials must be >= 1, got {min_trials}")
-    if min_step < 0:
-        raise ValueError(f"min_step must be >= 0, got {min_step}")
+    min_trials, min_step = settings.min_trials, settings.min_step
     if not current:
         return Verdict(False, "no value reported yet")
     sign = 1.0 if mode == "min" else -1.0
@@ -91,15 +127,18 @@ def judge(
     noise = _noise(peers[lead], step, sign)
     gap = mine - at_step[lead]
     best = sign * at_step[lead]
-    if gap > max(gain, noise):
+    share = "" if settings.margin == 1 else f"{settings.margin:g} x "
+    bound = max(settings.margin * gain, noise, settings.tolerance * abs(best))
+    if gap > bound:
         return Verdict(
             True,
             f"at step {step} {metric} {sign * mine:.4g} is worse than leading trial "
             f"{names[lead]}'s {best:.4g} at the same step by {gap:.3g}, more than its noise "
-            f"({noise:.2g}) and more than any trial gained after step {step} ({gain:.3g})",
+            f"({noise:.2g}) and more than {share}the most any trial gained after step {step} "
+            f"({gain:.3g})",
         )
     return Verdict(
         False,
-        f"at step {step} {metric} {sign * mine:.4g} is within {max(gain, noise):.3g} "
+        f"at step {step} {metric} {sign * mine:.4g} is within {bound:.3g} "
         f"of the leading trial {names[lead]}'s {best:.4g}",
     )

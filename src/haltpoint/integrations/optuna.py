@@ -21,7 +21,7 @@ from optuna.pruners import BasePruner
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from haltpoint.tuning import judge
+from haltpoint.tuning import DEFAULT_SETTINGS, PruneSettings, judge
 
 REASON_ATTR = "haltpoint_prune_reason"
 
@@ -34,15 +34,14 @@ class HaltpointPruner(BasePruner):
 
     The reason of each decision to prune is stored on the trial as the user attribute
     ``haltpoint_prune_reason`` (it survives in RDB storage); read it with `prune_reason`.
+    ``settings`` (`haltpoint.tuning.PruneSettings`) holds the rule's constants; the defaults
+    are the ones judged in docs/tuning.md.
     """
 
-    def __init__(self, *, min_trials: int = 4, min_step: int = 2) -> None:
-        if min_trials < 1:
-            raise ValueError(f"min_trials must be >= 1, got {min_trials}")
-        if min_step < 0:
-            raise ValueError(f"min_step must be >= 0, got {min_step}")
-        self._min_trials = min_trials
-        self._min_step = min_step
+    def __init__(self, settings: PruneSettings = DEFAULT_SETTINGS) -> None:
+        if not isinstance(settings, PruneSettings):
+            raise TypeError(f"settings must be a PruneSettings, got {type(settings).__name__}")
+        self._settings = settings
 
     def prune(self, study: Study, trial: FrozenTrial) -> bool:
         """Optuna's hook: True when ``trial`` should stop now."""
@@ -60,8 +59,7 @@ class HaltpointPruner(BasePruner):
             others,
             trial.intermediate_values,
             mode=mode,
-            min_trials=self._min_trials,
-            min_step=self._min_step,
+            settings=self._settings,
         )
         if verdict.prune:
             study._storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, verdict.reason)

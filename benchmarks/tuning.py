@@ -1,0 +1,264 @@
+"""Pruning a search: Optuna's pruners and `HaltpointPruner` side by side on 24 real sweeps.
+
+Run from anywhere: `python benchmarks/tuning.py [path/to/curves.json.gz]` (a few minutes on 2
+cores). The data (DeepOBS baselines v1.1, per-epoch curves; see ../shared/data/README.md) is
+read from `../shared/data/` next to the repository root and never copied into the repository;
+without it the benchmark says so and exits 0.
+
+Each sweep (one problem, one optimizer: 45 runs, 37 learning rates, one with 9 seeds) is run as
+a real in-memory Optuna study whose sampler replays the trials in a fixed random order
+(`tuning_sweeps.py`): no pruner, `MedianPruner(5, 5)`, `PercentilePruner(25)`,
+`SuccessiveHalvingPruner()`, `HyperbandPruner()` and `HaltpointPruner()`. Each trial reports
+its test loss every epoch (DeepOBS has no validation split). Figures: the training epochs spent
+as a share of the full sweep's, and the regret (%) of the best completed trial's test quality
+(accuracy at its best-loss epoch where the problem has one, else that loss) against the full
+sweep's best trial.
+
+HaltpointPruner's constants are chosen by leave-one-problem-out from `GRID`: for each of the 8
+problems, the setting is chosen on the other 7 problems' 21 sweeps and scored on its own 3. The
+chooser (declared before any held-out figure was looked at): the fewest epochs among settings
+whose worst-sweep regret on the choosing sweeps is at most `CHOOSE_REGRET`, half the goal's
+0.5%. The grid is replayed by a NumPy copy of the rule (`fast_stops`), checked here against the
+real pruner; the LOPO column itself runs the real pruner with each problem's chosen settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stopping_curves
+from haltpoint.integrations.optuna import HaltpointPruner
+from haltpoint.tuning import DEFAULT_SETTINGS, PruneSettings
+from tuning_sweeps import Outcome, Sweep, replay, sweeps
+
+GOAL_REGRET = 0.5  # % on every sweep
+CHOOSE_REGRET = 0.25  # worst-sweep regret (%) a setting may have on the choosing sweeps
+
+#: The declared grid: every combination of these values.
+GRID: dict[str, tuple[float, ...]] = {
+    "margin": (0.25, 0.4, 0.5, 0.75, 1.0),
+    "tolerance": (0.0, 0.005, 0.01),
+    "min_trials": (3, 4, 6),
+    "min_step": (2, 5),
+}
+
+OPTUNA: list[tuple[str, Callable[[], optuna.pruners.BasePruner]]] = [
+    ("none", optuna.pruners.NopPruner),
+    ("Median(5, 5)", lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)),
+    ("Percentile(25)", lambda: optuna.pruners.PercentilePruner(25.0)),
+    ("SuccessiveHalving", optuna.pruners.SuccessiveHalvingPruner),
+    ("Hyperband", optuna.pruners.HyperbandPruner),
+]
+
+
+def grid() -> list[PruneSettings]:
+    """Every setting of the declared grid."""
+    names = list(GRID)
+    return [
+        PruneSettings(**dict(zip(names, values, strict=True)))  # type: ignore[arg-type]
+        for values in itertools.product(*(GRID[n] for n in names))
+    ]
+
+
+class Prepared:
+    """One sweep's curves as the NumPy replay needs them: running best and the noise so far."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        self.values = sweep.loss
+        self.best = [np.fmin.accumulate(np.where(np.isfinite(v), v, np.inf)) for v in sweep.loss]
+        self.noise = [_noise_so_far(v) for v in sweep.loss]
+
+
+def _noise_so_far(values: np.ndarray) -> np.ndarray:
+    """`haltpoint.tuning._noise` at every step: half the median |second difference| so far."""
+    finite = values[np.isfinite(values)]
+    bends = np.abs(finite[:-2] - 2 * finite[1:-1] + finite[2:])
+    out = np.zeros(len(values))
+    for t in range(len(values)):
+        n = min(t + 1, len(finite)) - 2
+        out[t] = np.median(bends[:n]) / 2 if n > 0 else 0.0
+    return out
+
+
+def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]:
+    """The step at which each trial of the sweep stops under ``HaltpointPruner(s)``, replayed
+    in order (every earlier trial finished), and whether it was pruned there, as the real
+    pruner decides (checked in `main`)."""
+    stops: list[int] = []
+    pruned: list[bool] = []
+    finals: list[float] = []
+    for i, values in enumerate(prep.values):
+        last = len(values) - 1
+        stop, hits = last, np.zeros(0, dtype=np.int64)
+        if i >= s.min_trials:
+            steps = np.arange(last + 1)
+            best = np.full((i, last + 1), np.inf)
+            noise = np.zeros((i, last + 1))
+            for j in range(i):
+                m = min(stops[j], last) + 1
+                best[j, :m] = prep.best[j][:m]
+                noise[j, :m] = prep.noise[j][:m]
+            reached = np.isfinite(best)
+            lead = np.argmin(best, axis=0)
+            at_lead = best[lead, steps]
+            gain = np.where(reached, best - np.array(finals)[:, None], -np.inf).max(axis=0)
+            bound = np.maximum(s.margin * gain, noise[lead, steps])
+            enough = reached.sum(axis=0) >= s.min_trials
+            bound = np.maximum(bound, s.tolerance * np.abs(np.where(enough, at_lead, 0.0)))
+            prune = (prep.best[i] - at_lead > bound) & (steps >= s.min_step) & enough
+            hits = np.flatnonzero(prune)
+            stop = int(hits[0]) if len(hits) else last
+        stops.append(stop)
+        pruned.append(len(hits) > 0 or not np.isfinite(values[stop]))
+        finals.append(float(prep.best[i][stop]))
+    return stops, pruned
+
+
+def outcome(stops_pruned: tuple[list[int], list[bool]]) -> Outcome:
+    """Epochs spent and completed (never pruned, not diverged) trials, from `fast_stops`."""
+    stops, pruned = stops_pruned
+    return Outcome(int(sum(stops)), tuple(k for k, p in enumerate(pruned) if not p))
+
+
+def choose(
+    table: list[list[Outcome]], sweeps_: list[Sweep], rows: Sequence[int]
+) -> tuple[int, float]:
+    """The chosen setting's index on the sweeps ``rows`` (see the module docstring), and its
+    worst regret there."""
+    full = sum(sweeps_[r].epochs() for r in rows)
+    scored = []
+    for k, outs in enumerate(table):
+        worst = max(sweeps_[r].regret(list(outs[r].complete)) for r in rows)
+        share = sum(outs[r].epochs for r in rows) / full
+        scored.append((worst > CHOOSE_REGRET, share if worst <= CHOOSE_REGRET else worst, k))
+    _, _, k = min(scored)
+    return k, max(sweeps_[r].regret(list(table[k][r].complete)) for r in rows)
+
+
+def describe(s: PruneSettings) -> str:
+    return ", ".join(f"{f.name}={getattr(s, f.name):g}" for f in dataclasses.fields(s))
+
+
+def late_near_ties(
+    prep: Prepared, stops: Sequence[int], pruned: Sequence[bool], sweep_best: float
+) -> tuple[int, int]:
+    """Trials pruned after half their run within 1% of the best value so far, and how many of
+    those would have ended better than the sweep's best completed value (wrongly pruned)."""
+    late = wrong = 0
+    for i, (values, stop) in enumerate(zip(prep.values, stops, strict=True)):
+        if not pruned[i] or not np.isfinite(values[stop]) or stop < (len(values) - 1) / 2:
+            continue
+        rivals = [prep.best[j][min(stop, stops[j])] for j in range(i)]
+        if prep.best[i][stop] - min(rivals) <= 0.01 * abs(min(rivals)):
+            late += 1
+            wrong += bool(np.nanmin(values) < sweep_best)
+    return late, wrong
+
+
+def main(argv: list[str]) -> int:
+    """Print the tables; exit 0 (with a message) when the data is absent."""
+    curves = stopping_curves.load(Path(argv[1]) if len(argv) > 1 else stopping_curves.DATA)
+    if curves is None:
+        return 0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    all_sweeps = sweeps(curves)
+    preps = [Prepared(sw) for sw in all_sweeps]
+    settings = grid()
+    table = [[outcome(fast_stops(p, s)) for p in preps] for s in settings]
+    problems = sorted({sw.problem for sw in all_sweeps})
+    rows_of = {p: [r for r, sw in enumerate(all_sweeps) if sw.problem == p] for p in problems}
+    lopo: dict[str, PruneSettings] = {}
+    print("#### Leave-one-problem-out choice of HaltpointPruner's settings\n")
+    print("| held-out problem | chosen on the other 7 | worst regret there (%) |")
+    print("| --- | --- | ---: |")
+    for p in problems:
+        choosing = [r for r in range(len(all_sweeps)) if r not in rows_of[p]]
+        k, worst = choose(table, all_sweeps, choosing)
+        lopo[p] = settings[k]
+        print(f"| {p} | {describe(settings[k])} | {worst:.3f} |")
+    k, worst = choose(table, all_sweeps, list(range(len(all_sweeps))))
+    print(f"\nchosen on all 8 problems: {describe(settings[k])} (worst regret {worst:.3f}%)")
+    print(f"shipped default: {describe(DEFAULT_SETTINGS)}")
+    if settings[k] != DEFAULT_SETTINGS:
+        print("WARNING: the shipped default is not what the procedure chooses")
+
+    columns: list[tuple[str, Callable[[Sweep], optuna.pruners.BasePruner]]] = [
+        (name, lambda sw, make=make: make()) for name, make in OPTUNA
+    ]
+    columns.append(("haltpoint (LOPO)", lambda sw: HaltpointPruner(lopo[sw.problem])))
+    columns.append(("haltpoint default", lambda sw: HaltpointPruner()))
+    results: dict[str, list[Outcome]] = {}
+    for name, make in columns:
+        t = time.perf_counter()
+        results[name] = [replay(sw, make(sw)) for sw in all_sweeps]
+        print(f"replayed {name} through Optuna ({time.perf_counter() - t:.0f} s)")
+    fast_lopo = [
+        outcome(fast_stops(p, lopo[sw.problem])) for p, sw in zip(preps, all_sweeps, strict=True)
+    ]
+    fast_default = [outcome(fast_stops(p, DEFAULT_SETTINGS)) for p in preps]
+    agree = fast_lopo == results["haltpoint (LOPO)"]
+    agree &= fast_default == results["haltpoint default"]
+    print(f"NumPy replay agrees with the real pruner on every sweep: {'yes' if agree else 'NO'}")
+
+    names = [name for name, _ in columns]
+    print("\n#### Per sweep: epochs spent (share of the full sweep) / regret (%)\n")
+    print("| sweep | " + " | ".join(names) + " |")
+    print("| --- |" + " ---: |" * len(names))
+    for r, sw in enumerate(all_sweeps):
+        cells = []
+        for name in names:
+            out = results[name][r]
+            cells.append(f"{out.epochs / sw.epochs():.3f} / {sw.regret(list(out.complete)):.2f}")
+        print(f"| {sw.name} | " + " | ".join(cells) + " |")
+
+    full = sum(sw.epochs() for sw in all_sweeps)
+    print("\n#### Overall (24 sweeps, 1,080 trials)\n")
+    print("| pruner | epochs spent | worst-sweep regret (%) | mean regret (%) | sweeps > 0.5% |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    summary = {}
+    for name in names:
+        outs = results[name]
+        regrets = [sw.regret(list(o.complete)) for sw, o in zip(all_sweeps, outs, strict=True)]
+        share = sum(o.epochs for o in outs) / full
+        summary[name] = (share, max(regrets))
+        print(
+            f"| {name} | {share:.1%} | {max(regrets):.3f} | {statistics.mean(regrets):.3f} | "
+            f"{sum(x > GOAL_REGRET for x in regrets)} |"
+        )
+    for name in ("haltpoint (LOPO)", "haltpoint default"):
+        share, worst = summary[name]
+        safe = [n for n, _ in OPTUNA[1:] if summary[n][1] <= worst]
+        beaten = all(summary[n][0] > share for n in safe)
+        print(
+            f"\ngoal, {name}: worst regret {worst:.3f}% "
+            f"({'<=' if worst <= GOAL_REGRET else '>'} {GOAL_REGRET}%); Optuna pruners at least "
+            f"as safe: {', '.join(safe) or 'none'}; fewer epochs than all of them: "
+            f"{'yes' if beaten else 'no'}"
+        )
+    late = wrong = 0
+    for p, sw, sw_out in zip(preps, all_sweeps, results["haltpoint default"], strict=True):
+        stops, pruned = fast_stops(p, DEFAULT_SETTINGS)
+        best = min(float(np.nanmin(sw.loss[k])) for k in sw_out.complete)
+        a, b = late_near_ties(p, stops, pruned, best)
+        late, wrong = late + a, wrong + b
+    print(
+        f"\nnear-ties pruned late (default; after half the run, within 1% of the best so far): "
+        f"{late}, of which would have ended best in their sweep: {wrong}"
+    )
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,151 @@
+"""A trial pruned by HaltpointPruner stops with a reason and leaves a consistent run directory:
+in a plain loop, and in Lightning beside an optuna-integration-style pruning callback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+optuna = pytest.importorskip("optuna")
+
+from haltpoint import Checkpointer, EarlyStopping  # noqa: E402
+from haltpoint.cli import main  # noqa: E402
+from haltpoint.integrations.optuna import HaltpointPruner, prune_reason  # noqa: E402
+from haltpoint.tuning import PruneSettings  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+EPOCHS = 8
+#: Validation losses by trial: two good trials, then a hopeless one.
+CURVES = {
+    "good": [1.0 / (1 + e) for e in range(EPOCHS)],
+    "close": [1.05 / (1 + e) for e in range(EPOCHS)],
+    "bad": [3.0 - 0.01 * e for e in range(EPOCHS)],
+}
+SMALL = HaltpointPruner(PruneSettings(min_trials=2, min_step=2))
+
+
+def enqueue(study: optuna.Study) -> optuna.Study:
+    for name in CURVES:
+        study.enqueue_trial({"curve": name})
+    return study
+
+
+def pruned_trial(study: optuna.Study) -> Any:
+    (trial,) = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    return trial
+
+
+def intact_latest(run: Path) -> int:
+    """The step of the latest checkpoint, after `haltpoint verify` passes and it restores."""
+    assert main(["verify", str(run)]) == 0
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(run, read_only=True) as reader:
+        info = reader.restore({"model": model}, strict=False)
+    assert info is not None
+    return info.step
+
+
+def test_a_pruned_trial_of_a_plain_loop_ends_at_an_intact_checkpoint(tmp_path: Path) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        name = trial.suggest_categorical("curve", list(CURVES))
+        model = torch.nn.Linear(2, 1)
+        stopper = EarlyStopping("val_loss", patience=3)
+        with Checkpointer(tmp_path / name, monitor="val_loss", keep_last=2) as ckpt:
+            for epoch, value in enumerate(CURVES[name]):
+                with torch.no_grad():
+                    model.weight.add_(1.0)
+                stopper.step({"val_loss": value})
+                ckpt.save(epoch, {"model": model, "stopper": stopper}, {"val_loss": value})
+                trial.report(value, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(prune_reason(trial))
+        return min(CURVES[name])
+
+    study = enqueue(optuna.create_study(pruner=SMALL))
+    study.optimize(objective, n_trials=len(CURVES))
+    trial = pruned_trial(study)
+    assert trial.params == {"curve": "bad"} and trial.last_step == 2
+    assert "worse than leading trial 0" in prune_reason(trial)
+    assert intact_latest(tmp_path / "bad") == 2
+    assert intact_latest(tmp_path / "good") == EPOCHS - 1
+
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from haltpoint.integrations.lightning import HaltpointCallback  # noqa: E402
+
+
+class PruningCallback(pl.Callback):  # type: ignore[misc]
+    """What optuna-integration's PyTorchLightningPruningCallback does: report the monitored
+    value after each validation and stop the trainer when the trial should be pruned."""
+
+    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
+        self.trial, self.monitor, self.pruned = trial, monitor, False
+
+    def on_validation_end(self, trainer: Any, module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        self.trial.report(float(trainer.callback_metrics[self.monitor]), trainer.current_epoch)
+        if self.trial.should_prune():
+            self.pruned = trainer.should_stop = True
+
+
+class Scripted(pl.LightningModule):  # type: ignore[misc]
+    """A tiny model that trains for real but logs a scripted validation loss per epoch."""
+
+    def __init__(self, curve: list[float]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(2, 1)
+        self.curve = curve
+
+    def training_step(self, batch: Any, _: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch: Any, _: int) -> None:
+        self.log("val_loss", torch.tensor(self.curve[self.current_epoch]))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def loader() -> torch.utils.data.DataLoader:
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=4)
+
+
+def test_a_lightning_trial_pruned_beside_haltpoints_callback_stops_with_a_reason(
+    tmp_path: Path,
+) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        name = trial.suggest_categorical("curve", list(CURVES))
+        pruning = PruningCallback(trial, "val_loss")
+        with Checkpointer(tmp_path / name, monitor="val_loss", keep_last=2) as ckpt:
+            saving = HaltpointCallback(EarlyStopping("val_loss", patience=3), ckpt)
+            trainer = pl.Trainer(
+                max_epochs=EPOCHS,
+                callbacks=[saving, pruning],
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                accelerator="cpu",
+            )
+            trainer.fit(Scripted(CURVES[name]), loader(), loader())
+        if pruning.pruned:
+            raise optuna.TrialPruned(prune_reason(trial))
+        return min(CURVES[name])
+
+    study = enqueue(optuna.create_study(pruner=SMALL))
+    study.optimize(objective, n_trials=len(CURVES))
+    trial = pruned_trial(study)
+    assert trial.params == {"curve": "bad"} and trial.last_step == 2
+    assert "worse than leading trial 0" in prune_reason(trial)
+    # Saved under the global step: 2 batches an epoch, epochs 0..2 trained, nothing after.
+    assert intact_latest(tmp_path / "bad") == 3 * 2
+    assert intact_latest(tmp_path / "good") == EPOCHS * 2
