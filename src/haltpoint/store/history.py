@@ -12,10 +12,11 @@ skips a line whose checksum fails with a warning naming its line number, and rea
 without a checksum (written by an older haltpoint) are read as they are, but only before the
 first checksummed line: after it, a line without one is damage and skipped with a warning.
 
-A crash can tear the last line. `read_history` ignores a torn or invalid last line silently
-(the record was never completely written) and skips an invalid line elsewhere with a warning
-naming its line number; `append_history` starts on a fresh line after a torn one, so a new
-record is never glued to the garbage.
+A crash can tear the last line: an append writes its line and newline at once, so a torn one
+is a fragment after the last newline. `read_history` ignores such a fragment silently (the
+record was never completely written) and skips any other invalid line, the last complete one
+included, with a warning naming its line number; `append_history` starts on a fresh line
+after a torn one, so a new record is never glued to the garbage.
 """
 
 from __future__ import annotations
@@ -156,11 +157,12 @@ def _decode(line: bytes | str, *, checked: bool) -> tuple[dict[str, Any], bool]:
 def parse_history(data: bytes, source: str) -> list[dict[str, Any]]:
     """The records of the bytes of a history file named `source` in warnings, in order.
 
-    A torn or invalid last line is ignored silently; a line before it that is not a record,
-    and any line whose checksum fails, is skipped with a warning naming its line number.
+    A torn last line (text after the last newline that is not a record) is ignored silently;
+    any other line that is not a record, or whose checksum fails, is skipped with a warning
+    naming its line number.
     """
     lines = data.split(b"\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    torn = len(lines) - 1  # the text after the last newline, if any
     records: list[dict[str, Any]] = []
     checked = False  # from the first checksummed line on, every line must have one
     for index, line in enumerate(lines):
@@ -174,7 +176,7 @@ def parse_history(data: bytes, source: str) -> list[dict[str, Any]]:
             checked = True
             _warn(f"{source}: line {index + 1} is skipped: {err}")
         except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError included
-            if index != last:
+            if index != torn:
                 _warn(
                     f"{source}: line {index + 1} is not a valid record ({err}); skipped it "
                     "(a write torn by a crash, or an edit by hand)"
@@ -260,9 +262,9 @@ def append_history(storage: Storage, record: Mapping[str, Any]) -> None:
 def read_history(storage: Storage) -> list[dict[str, Any]]:
     """Every record of `history.jsonl` in order; `[]` when the file does not exist.
 
-    A torn or invalid last line (a crash mid-append) is ignored silently; an invalid line
-    before it, and a line whose checksum fails, is skipped with a warning that names its line
-    number (`parse_history`).
+    A torn last line (a crash mid-append: no newline at its end) is ignored silently; any
+    other invalid line, or one whose checksum fails, is skipped with a warning that names its
+    line number (`parse_history`).
 
     >>> from haltpoint.store.storage import FsspecStorage
     >>> storage = FsspecStorage("memory://doctest-history")
