@@ -405,7 +405,7 @@ def test_damaged_manifest_is_reported_and_skipped(tmp_path: Path) -> None:
         with Checkpointer(tmp_path, keep_last=2) as ckpt:
             assert ckpt.restore({"w": torch.zeros(2)}).step == 0
     assert any("step-000000001" in str(w.message) for w in caught)
-    assert (tmp_path / "step-000000001" / "manifest.json").exists()  # evidence is kept
+    assert (tmp_path / "quarantine" / "step-000000001-1.json").exists()  # evidence is kept
 
 
 def test_manifest_pointing_outside_the_run_is_refused(tmp_path: Path) -> None:

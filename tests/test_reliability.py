@@ -59,6 +59,14 @@ def test_single_bit_flips_in_the_history_never_cost_gc_the_true_best(tmp_path: P
     assert report.seen.get("warned", 0) > 20
 
 
+def test_a_writer_resuming_a_damaged_run_goes_on_and_loses_nothing_intact(tmp_path: Path) -> None:
+    report = reliability.quarantine_trials(60, seed=3, workdir=tmp_path)
+    assert report.trials == 60
+    assert report.stuck == [] and report.wrong_restores == []
+    assert report.intact_lost == [] and report.damaged_bytes_lost == []
+    assert report.quarantined_by_restore > 0 and report.quarantined_by_retention > 0
+
+
 _fuzz = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

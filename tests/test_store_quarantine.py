@@ -209,3 +209,47 @@ def test_a_sharded_save_never_clears_the_shards_of_a_quarantined_checkpoint(tmp_
     with pytest.raises(CheckpointExistsError, match=r"quarantine/step-000000015-1\.json"):
         run.clear_dcp_folder(15)
     assert run.storage.read_bytes("step-000000015/dcp/__0_0.distcp") == b"shards"
+
+
+def test_a_bit_rotten_newest_manifest_is_quarantined_and_its_folder_kept_whole(url: str) -> None:
+    save_10_14_15(url)
+    storage = open_storage(url)
+    flip_a_bit(storage, f"{checkpoint_dirname(15)}/manifest.json")
+    aside = pytest.warns(UserWarning, match="set the damaged checkpoint of step 15 aside")
+    with aside, writer(url) as ckpt:
+        assert ckpt.restore({"w": torch.zeros(64)}).step == 14
+        ckpt.save(15, {"w": weights(15)}, {"loss": 0.45})
+    (held,) = list_quarantined(storage)
+    assert held.manifest is None and held.path == "quarantine/step-000000015-1.json"
+    with writer(url):  # clean-up at open: the damaged manifest's references are unknown
+        pass
+    assert storage.exists(TENSORS_15)
+    assert [e.step for e in RunDirectory(storage).committed()] == [10, 14, 15]
+
+
+def test_a_manifest_of_a_newer_format_or_one_unreadable_now_is_never_moved(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import dataclasses
+
+    run = tmp_path / "run"
+    save_10_14_15(str(run))
+    manifest = run / checkpoint_dirname(15) / "manifest.json"
+    original = manifest.read_bytes()
+    newer = RunDirectory(LocalStorage(run)).read_manifest(checkpoint_dirname(15))
+    manifest.write_bytes(dataclasses.replace(newer, format_version=2).encode())
+    with pytest.warns(UserWarning, match="newer haltpoint"), writer(str(run)) as ckpt:
+        assert ckpt.restore({"w": torch.zeros(64)}).step == 14
+    manifest.write_bytes(original)
+    real = LocalStorage.read_bytes
+
+    def denied(self: LocalStorage, rel: str) -> bytes:
+        if rel == f"{checkpoint_dirname(15)}/manifest.json":
+            raise PermissionError(13, "Permission denied")
+        return real(self, rel)
+
+    monkeypatch.setattr(LocalStorage, "read_bytes", denied)
+    with pytest.warns(UserWarning, match="Permission denied"), writer(str(run)) as ckpt:
+        assert ckpt.restore({"w": torch.zeros(64)}).step == 14
+    monkeypatch.undo()
+    assert manifest.read_bytes() == original and not (run / "quarantine").exists()

@@ -255,3 +255,24 @@ def test_the_command_line_reads_a_run_on_s3_with_endpoint_from_the_environment(
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[1].split()[:1] == ["7"]
         assert status in done.stdout  # ls reads manifests only; verify reads the data
+
+
+def test_a_writer_quarantines_a_damaged_newest_checkpoint_on_s3(s3: S3Endpoint, url: str) -> None:
+    """The manifest is copied, read back, then deleted: the step is saved again, the data stays."""
+    opts = s3.storage_options
+    settings: dict[str, Any] = {"keep_last": 2, "capture_rng": False, "storage_options": opts}
+    with Checkpointer(url, **settings) as ckpt:
+        for step in (14, 15):
+            ckpt.save(step, {"model": _model(step)})
+    storage = FsspecStorage(url, opts)
+    tensors = "step-000000015/tensors.safetensors"
+    data = bytearray(storage.read_bytes(tensors))
+    data[-3] ^= 0x10
+    storage.publish(tensors, bytes(data))
+    with pytest.warns(UserWarning, match="step 15 aside"), Checkpointer(url, **settings) as ckpt:
+        target = _model(99)
+        assert ckpt.restore({"model": target}).step == 14 and _same(target, _model(14))
+        ckpt.save(15, {"model": _model(15)})
+    assert storage.listdir("quarantine") == ["step-000000015-1.json"]
+    assert storage.read_bytes(tensors) == bytes(data)
+    assert "tensors-1.safetensors" in storage.listdir("step-000000015")

@@ -32,7 +32,7 @@ from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, save_record
 from haltpoint.store.lock import WriterLock
-from haltpoint.store.manifest import RANKING_KEY, Ranking
+from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
 from haltpoint.store.run_dir import Entry, RunDirectory
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
@@ -378,6 +378,20 @@ class Checkpointer:
         self._run.remove(dropped, kept)
         self._intact -= {e.step for e in dropped}
 
+    def _passed(self, which: str | int, found: Found | None) -> list[tuple[Entry, str]]:
+        """The damaged checkpoints a restore of `which` passed over to reach `found`: those
+        whose data failed verification and, for "latest", every newer one whose manifest's
+        bytes are damaged (not one that could not be read, or of a newer format)."""
+        passed = list(found.passed) if found is not None else []
+        if which == "latest":
+            newest = -1 if found is None else found.entry.step
+            passed += [
+                (e, str(e.error))
+                for e in self._run.scan()
+                if isinstance(e.error, DamagedManifestError) and e.step > newest
+            ]
+        return passed
+
     def _quarantine(self, entry: Entry, damage: str) -> None:
         """Move a damaged checkpoint aside (the writer only), so its step can be saved again."""
         where = self._run.quarantine(entry)
@@ -434,8 +448,8 @@ class Checkpointer:
         def read(which: str | int, skip: dict[int, str], check_shards: bool) -> Found | None:
             self._wait()  # this instance's save in flight commits first
             found = self._reader.read(which, check_shards=check_shards, skip=skip)
-            if found is not None and not self.read_only:  # the writer moves damage aside
-                for entry, damage in found.passed:
+            if not self.read_only:  # the writer moves the damage it fell back past aside
+                for entry, damage in self._passed(which, found):
                     self._quarantine(entry, damage)
             return found
 

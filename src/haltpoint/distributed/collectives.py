@@ -57,10 +57,10 @@ def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
 
 
 def _failure(what: str, exc: BaseException) -> tuple[bool, str, str, str | None]:
-    """What rank 0 broadcasts when `what` failed: the message, error class and path."""
-    kind = type(exc).__name__
-    if not isinstance(exc, CheckpointError) or getattr(errors, kind, None) is not type(exc):
-        kind = "CheckpointError"
+    """What rank 0 broadcasts when `what` failed: the message, error class (the nearest one
+    of `haltpoint.errors`) and path."""
+    public = [c for c in type(exc).__mro__ if getattr(errors, c.__name__, None) is c]
+    kind = public[0].__name__ if isinstance(exc, CheckpointError) else "CheckpointError"
     return False, f"on rank 0, {what} failed: {type(exc).__name__}: {exc}", kind, _path(exc)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
     "RANKING_KEY",
+    "DamagedManifestError",
     "Manifest",
     "Ranking",
 ]
@@ -91,6 +92,12 @@ def _decode_metric(value: Any) -> float:
     if isinstance(value, dict) and list(value) == [_TAG] and value[_TAG] in _NONFINITE:
         return _NONFINITE[value[_TAG]]
     raise ValueError(f"{value!r} is not a number")
+
+
+class DamagedManifestError(CorruptCheckpointError):
+    """The manifest's bytes are damaged (too large, not strict JSON, a checksum mismatch, not
+    canonical, a malformed field): proven damage, unlike a file that could not be read or a
+    manifest of a newer format."""
 
 
 @dataclass(frozen=True)
@@ -227,7 +234,7 @@ class Manifest:
         """
 
         def corrupt(problem: str) -> CorruptCheckpointError:
-            return CorruptCheckpointError(f"manifest {source}: {problem}; {REMEDY}", path=source)
+            return DamagedManifestError(f"manifest {source}: {problem}; {REMEDY}", path=source)
 
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
