@@ -193,3 +193,13 @@ def test_old_history_lines_still_read_and_new_ones_are_checked(tmp_path: Path, c
         assert select_entry(open_run(str(run)), "best").step == 1
     code, out, err = run_cli(capsys, "replay", str(run), "--patience", "2")
     assert code == 0 and "over 5 evaluations" in out, err
+
+
+def test_a_later_writer_without_monitor_does_not_hide_the_runs_monitor(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    make_run(run, values=(0.9, 0.3, 0.5))
+    with Checkpointer(run, keep_last=10, async_save=False) as ckpt:  # no monitor, no stopper
+        ckpt.save(3, {"x": 1}, {"val_loss": 0.1, "val_acc": 0.2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing changed: "no monitor" is no ranking
+        assert select_entry(open_run(str(run)), "best").step == 3  # val_loss, min

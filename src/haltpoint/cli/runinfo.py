@@ -140,19 +140,22 @@ def guess_monitor(history: Sequence[Mapping[str, Any]]) -> tuple[str, str] | Non
 
 
 def recorded_ranking(manifests: Sequence[Manifest]) -> Ranking | None:
-    """The monitor and mode recorded by the newest of `manifests` that records them.
+    """The monitor and mode recorded by the newest of `manifests` that names a monitor.
 
-    None when none does (checkpoints of an older haltpoint).
+    A record without one (a writer that had none) gives way to an older one that has one;
+    `Ranking(None, ...)` when none names one; None when none records any (checkpoints of an
+    older haltpoint).
     """
     recorded = [m.ranking for m in manifests if m.ranking is not None]
-    return recorded[-1] if recorded else None
+    named = [r for r in recorded if r.monitor is not None]
+    return (named or recorded)[-1] if recorded else None
 
 
 def _warn_if_changed(manifests: Sequence[Manifest], newest: Ranking) -> None:
     """Say so when older checkpoints record another monitor than `newest` (changed mid-run)."""
     older: dict[Ranking, list[str]] = {}
     for m in manifests:
-        if m.ranking is not None and m.ranking != newest:
+        if m.ranking is not None and m.ranking.monitor is not None and m.ranking != newest:
             older.setdefault(m.ranking, []).append(str(m.step))
     if older:
         before = "; ".join(f"step(s) {', '.join(s)} by {ranking_text(r)}" for r, s in older.items())
