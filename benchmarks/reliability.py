@@ -4,6 +4,8 @@
     python benchmarks/reliability.py damage --trials 5000
     python benchmarks/reliability.py history --trials 2000
     python benchmarks/reliability.py quarantine --trials 1000
+    python benchmarks/reliability.py rot --trials 300
+    python benchmarks/reliability.py links --trials 500
 
 `kill`: a child process trains a small model and saves every step (async saves, keep_last=2),
 and is SIGKILLed at a random moment; then it is started again and resumes. After every kill the
@@ -31,6 +33,17 @@ be lost, no byte of the damaged one deleted or changed, and neither `restore("be
 `restore("latest")` nor `haltpoint gc --keep-last 1` may pick or keep a damaged one over an
 intact one.
 
+`rot`: bits of a deduplicated tensor file (a frozen backbone) are flipped, or the file is
+truncated, between two writer sessions; the second session saves four more checkpoints. Every
+one of them must restore exactly (none may reference the rotten bytes), the writer must warn
+once, and the damaged file must keep its bytes (older checkpoints reference it).
+
+`links`: a symbolic link to a manifest, a tensor file or a checkpoint folder of the run is
+planted, before the writer opens or while it is open, at the name of a file the writer then
+writes (the lock, the history, the next checkpoint's folder, manifest or tensor file, a pin
+marker); the writer opens, saves and pins. Every write through the link must be refused (or go
+around it), no file of the run may change, and every checkpoint must still verify intact.
+
 Each prints a summary line; the tests in tests/test_reliability.py run a few of each.
 """
 
@@ -49,13 +62,14 @@ import tempfile
 import textwrap
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from haltpoint import Checkpointer, CheckpointError
+from haltpoint import Checkpointer, CheckpointError, LinkedFileError
 from haltpoint.cli import main as cli_main
 from haltpoint.cli.verify import verify_run
 from haltpoint.policies.retention import build_rules, retained_steps
@@ -486,9 +500,172 @@ def quarantine_trials(trials: int, *, seed: int = 0, workdir: Path) -> Quarantin
     return report
 
 
+FROZEN = 1 << 18  # float32 elements of each frozen tensor: 1 MiB, large enough for dedup
+
+
+def _frozen(step: int) -> dict[str, object]:
+    """The state saved at `step`: two frozen tensors and a head that changes every step."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(FROZEN, generator=g), torch.randn(FROZEN, generator=g)
+    return {"a": a, "b": b, "head": torch.full((64,), float(step)), "step": step}
+
+
+@dataclass
+class RotReport:
+    trials: int = 0
+    warned_once: int = 0
+    referenced_rot: list[str] = field(default_factory=list)
+    evidence_changed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.referenced_rot and not self.evidence_changed
+
+
+def rot_trials(trials: int, *, seed: int = 0, workdir: Path) -> RotReport:
+    """Rot a deduplicated file between two sessions; later saves must never reference it."""
+    rng = random.Random(seed)
+    pristine, run = workdir / "rot-pristine", workdir / "rot"
+    options: dict[str, object] = {"keep_last": 10, "capture_rng": False}
+    with Checkpointer(pristine, async_save=False, **options) as ckpt:  # type: ignore[arg-type]
+        for step in range(3):
+            ckpt.save(step, _frozen(step))
+    report = RotReport()
+    for _ in range(trials):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(pristine, run)
+        record = RunDirectory(LocalStorage(run)).read_manifest("step-000000002").tensors
+        key = rng.choice(["a", "b"])
+        path = run / record[key].file
+        data = bytearray(path.read_bytes())
+        if rng.random() < 0.25:
+            cut = rng.randrange(record[key].offset, record[key].offset + record[key].nbytes)
+            what = f"truncated {record[key].file} to {cut} bytes (in {key!r})"
+            data = data[:cut]
+        else:
+            flips = rng.randint(1, 4)
+            for _ in range(flips):
+                index = rng.randrange(record[key].offset, record[key].offset + record[key].nbytes)
+                data[index] ^= 1 << rng.randrange(8)
+            what = f"flipped {flips} bits of {key!r} in {record[key].file}"
+        path.write_bytes(bytes(data))
+        report.trials += 1
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            async_save = rng.random() < 0.5
+            with Checkpointer(run, async_save=async_save, **options) as ckpt:  # type: ignore[arg-type]
+                for step in range(3, 7):
+                    ckpt.save(step, _frozen(step))
+        report.warned_once += sum("do not match" in str(w.message) for w in seen) == 1
+        for step in range(3, 7):
+            state = {
+                k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1
+                for k, v in _frozen(step).items()
+            }
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    Checkpointer(run, read_only=True, capture_rng=False).restore(state, step)
+            except CheckpointError as exc:
+                report.referenced_rot.append(f"{what}: step {step}: {exc}")
+                continue
+            expected = _frozen(step)
+            if any(not torch.equal(state[k], expected[k]) for k in ("a", "b", "head")):
+                report.referenced_rot.append(f"{what}: step {step} restored wrong data")
+        if path.read_bytes() != bytes(data):
+            report.evidence_changed.append(what)
+    return report
+
+
+@dataclass
+class LinkReport:
+    trials: int = 0
+    refused: int = 0
+    refused_other: int = 0
+    went_around: int = 0
+    changed: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.changed and not self.damaged
+
+
+_LINK_NAMES = (
+    ".haltpoint.lock",
+    "history.jsonl",
+    "step-000000003",
+    "step-000000003/manifest.json",
+    "step-000000003/tensors.safetensors",
+    "step-000000001/pinned",
+)
+
+
+def _writer_session(run: Path, plant: Callable[[], None], before_open: bool, sync: bool) -> None:
+    if before_open:
+        plant()
+    with Checkpointer(run, keep_last=10, capture_rng=False, async_save=not sync) as ckpt:
+        if not before_open:
+            plant()
+        ckpt.save(3, _frozen(3))
+        ckpt.wait()
+        ckpt.pin(1)
+
+
+def link_trials(trials: int, *, seed: int = 0, workdir: Path) -> LinkReport:
+    """Plant links where the writer writes; nothing may be written through them."""
+    rng = random.Random(seed)
+    pristine, run = workdir / "links-pristine", workdir / "links"
+    with Checkpointer(pristine, keep_last=10, capture_rng=False, async_save=False) as ckpt:
+        for step in range(3):
+            ckpt.save(step, _frozen(step))
+    report = LinkReport()
+    for _ in range(trials):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(pristine, run)
+        name = rng.choice(_LINK_NAMES)
+        step = rng.randrange(3)
+        if name == "step-000000003":
+            target = f"step-{step:09d}"
+        else:
+            target = f"step-{step:09d}/" + rng.choice(["manifest.json", "tensors.safetensors"])
+        before_open, sync = rng.random() < 0.5, rng.random() < 0.5
+        what = f"{name} -> {target}, planted {'before' if before_open else 'after'} opening"
+        files = sorted(run.glob("step-*/*"))
+        snapshot = {p: p.read_bytes() for p in files}
+
+        def plant(name: str = name, target: str = target) -> None:
+            link = run / name
+            link.parent.mkdir(exist_ok=True)
+            if link.exists() and not link.is_dir():
+                link.unlink()
+            os.symlink(run / target, link)
+
+        report.trials += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # planted links are reported by warnings too
+            try:
+                _writer_session(run, plant, before_open, sync)
+                report.went_around += 1
+            except LinkedFileError:
+                report.refused += 1
+            except CheckpointError:
+                report.refused_other += 1
+        report.changed += [
+            f"{what}: {p.name} changed" for p, b in snapshot.items() if p.read_bytes() != b
+        ]
+        checks = verify_run(RunDirectory(LocalStorage(run)))
+        report.damaged += [
+            f"{what}: step {c.step} {c.status}"
+            for c in checks
+            if c.step < 3 and c.status != "intact"
+        ]
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("kill", "damage", "history", "quarantine"))
+    parser.add_argument("kind", choices=("kill", "damage", "history", "quarantine", "rot", "links"))
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", default=None, help="where to put the runs (default: a temp dir)")
@@ -531,6 +708,24 @@ def main() -> None:
                 f"({time.perf_counter() - start:.0f} s)"
             )
             sys.exit(0 if flips.ok else 1)
+        if args.kind == "rot":
+            rot = rot_trials(args.trials or 300, seed=args.seed, workdir=workdir)
+            print(
+                f"rot: {rot.trials} trials, {4 * rot.trials} later saves; restores that met the "
+                f"rotten bytes: {len(rot.referenced_rot)}; warned exactly once: "
+                f"{rot.warned_once}; damaged files changed: {len(rot.evidence_changed)} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
+            sys.exit(0 if rot.ok else 1)
+        if args.kind == "links":
+            links = link_trials(args.trials or 500, seed=args.seed, workdir=workdir)
+            print(
+                f"links: {links.trials} trials; refused with LinkedFileError {links.refused}, "
+                f"with another CheckpointError {links.refused_other}, went around the link "
+                f"{links.went_around}; files changed through a link: {len(links.changed)}; "
+                f"checkpoints damaged: {len(links.damaged)} ({time.perf_counter() - start:.0f} s)"
+            )
+            sys.exit(0 if links.ok else 1)
         damage = damage_trials(args.trials or 5000, seed=args.seed, workdir=workdir)
         print(
             f"damage: {damage.trials} trials; missed by verify: {len(damage.verify_missed)}; "

@@ -127,6 +127,17 @@ def test_plot_writes_a_real_png_with_best_and_stop(tmp_path: Path, capsys):
     assert width > height > 300
 
 
+def test_plot_never_writes_through_a_linked_curves_png(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    make_run(tmp_path / "run")
+    manifest = tmp_path / "run" / "step-000000007" / "manifest.json"
+    before = manifest.read_bytes()
+    (tmp_path / "run" / "curves.png").symlink_to(manifest)
+    code, _, err = run_cli(capsys, "plot", str(tmp_path / "run"))
+    assert code == 1 and "curves.png is a symbolic link; haltpoint does not write" in err
+    assert manifest.read_bytes() == before
+
+
 def test_plot_options_and_errors(run_dir: Path, tmp_path: Path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     target = tmp_path / "acc.png"

@@ -67,6 +67,18 @@ def test_a_writer_resuming_a_damaged_run_goes_on_and_loses_nothing_intact(tmp_pa
     assert report.quarantined_by_restore > 0 and report.quarantined_by_retention > 0
 
 
+def test_rot_in_a_deduplicated_file_never_reaches_a_later_checkpoint(tmp_path: Path) -> None:
+    report = reliability.rot_trials(8, seed=3, workdir=tmp_path)
+    assert report.trials == 8 and report.warned_once == 8
+    assert report.referenced_rot == [] and report.evidence_changed == []
+
+
+def test_planted_links_are_never_written_through(tmp_path: Path) -> None:
+    report = reliability.link_trials(40, seed=4, workdir=tmp_path)
+    assert report.trials == 40 and report.refused > 0
+    assert report.changed == [] and report.damaged == []
+
+
 _fuzz = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

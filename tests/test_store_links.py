@@ -77,6 +77,16 @@ def test_a_linked_manifest_is_refused_at_commit(run: Path) -> None:
     assert unchanged(before)
 
 
+@pytest.mark.parametrize("name", ["step-000000003", "step-000000003/manifest.json"])
+def test_saving_into_a_linked_folder_or_manifest_is_refused(run: Path, name: str) -> None:
+    target = "step-000000001" if "/" not in name else MANIFEST
+    with writer(run) as ckpt:
+        before = planted(run, name, target)  # planted while the writer is open
+        with pytest.raises(LinkedFileError, match=r"step-000000003.* is a symbolic link"):
+            ckpt.save(3, {"w": torch.zeros(1000)})
+    assert unchanged(before)
+
+
 def test_a_linked_pin_marker_is_refused(run: Path) -> None:
     before = planted(run, "step-000000002/pinned", MANIFEST)
     with writer(run) as ckpt, pytest.raises(LinkedFileError, match="pinned is a symbolic link"):

@@ -262,8 +262,10 @@ class RunDirectory:
         return Manifest.decode(data, source=self._where(dirname))
 
     def new_dirname(self, step: int) -> str:
-        """The folder for a new checkpoint of `step`; `CheckpointExistsError` if it is taken."""
+        """The folder for a new checkpoint of `step`; `CheckpointExistsError` if it is taken,
+        `LinkedFileError` if the folder or its manifest is a symbolic link."""
         dirname = checkpoint_dirname(step)
+        self.storage.write_path(f"{dirname}/{MANIFEST_NAME}")
         if self.storage.exists(f"{dirname}/{MANIFEST_NAME}"):
             raise CheckpointExistsError(
                 f"a checkpoint for step {step} already exists in {self.storage.url}; steps are "
