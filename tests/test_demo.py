@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from rich.text import Text
 
 from haltpoint.cli import main
 from haltpoint.cli.demo import _Display
+from haltpoint.cli.output import Output
 from haltpoint.demo import DigitsNet, load_digits, split_digits
-from haltpoint.demo.train import DemoConfig, train_demo
+from haltpoint.demo.train import DemoConfig, EpochResult, train_demo
+from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import read_history
 from haltpoint.store.storage import LocalStorage
 
@@ -172,3 +177,24 @@ def test_fresh_refuses_a_folder_whose_only_haltpoint_file_is_a_stray_lock(tmp_pa
     code, _, err = run_cli(capsys, "demo", "--run-dir", str(other), "--fresh")
     assert code == 1 and "does not look like a haltpoint run" in err
     assert (other / "chapter1.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_the_progress_bar_fits_the_terminal_keeping_bar_epoch_and_time(width, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(width))
+    out = Output(io.StringIO(), io.StringIO(), terminal=True)
+    display = _Display(out, "runs/x", DemoConfig(max_epochs=60))
+    stopper = EarlyStopping("val_loss", patience=5)
+    for loss in (0.3, 0.2, 0.25):
+        decision = stopper.step({"val_loss": loss})
+    with display.live():
+        display.epoch(EpochResult(11, 0.123456, 0.25, 0.9832, decision))
+    assert display.progress is not None
+    with out.console.capture() as captured:
+        out.console.print(display.progress.make_tasks_table(display.progress.tasks))
+    (line,) = Text.from_ansi(captured.get()).plain.splitlines()
+    assert len(line) <= width
+    assert line.startswith("epoch  12/60 ━") and re.search(r" \d:\d\d:\d\d$", line)
+    assert "val_loss 0.2500" in line  # the monitor is dropped last
+    assert ("best 0.2000@1" in line) == (width >= 80)
+    assert ("train_loss 0.1235" in line) == (width >= 120)

@@ -10,11 +10,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, TaskID
 
 from haltpoint.checkpointer import CheckpointInfo
 from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes
+from haltpoint.cli.progress import Field, epoch_progress
 from haltpoint.cli.runinfo import open_run
 from haltpoint.demo.train import MONITOR, DemoConfig, DemoOutcome, EpochResult, train_demo
 from haltpoint.errors import LockedError
@@ -93,15 +94,9 @@ class _Display:
         if not self.out.is_terminal:
             yield
             return
-        self.progress = Progress(
-            TextColumn("[bold]epoch {task.completed:>3.0f}/{task.total:.0f}"),
-            BarColumn(),
-            TextColumn("{task.fields[metrics]}"),
-            TimeElapsedColumn(),
-            console=self.out.console,
-        )
+        self.progress = epoch_progress(self.out.console)
         with self.progress:
-            self.task = self.progress.add_task("train", total=self.config.max_epochs, metrics="")
+            self.task = self.progress.add_task("train", total=self.config.max_epochs, fields=[])
             yield
 
     def start(self, info: CheckpointInfo | None, stopper: EarlyStopping) -> None:
@@ -123,15 +118,17 @@ class _Display:
 
     def epoch(self, result: EpochResult) -> None:
         d = result.decision
-        text = (
-            f"train_loss {result.train_loss:.4f}  val_loss {result.val_loss:.4f}  "
-            f"val_acc {100 * result.val_acc:.1f}%  best {d.best:.4f}@{d.best_step}  "
-            f"wait {d.wait}"
-        )
+        fields: list[Field] = [  # ranked: the bar drops the highest rank first
+            (f"train_loss {result.train_loss:.4f}", 4),
+            (f"{MONITOR} {result.val_loss:.4f}", 0),
+            (f"val_acc {100 * result.val_acc:.1f}%", 3),
+            (f"best {d.best:.4f}@{d.best_step}", 1),
+            (f"wait {d.wait}", 2),
+        ]
         if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, completed=result.epoch + 1, metrics=text)
+            self.progress.update(self.task, completed=result.epoch + 1, fields=fields)
         else:
-            self.out.line(f"step {result.epoch:>3}  {text}")
+            self.out.line(f"step {result.epoch:>3}  " + "  ".join(text for text, _ in fields))
 
 
 def _summary(out: Output, run_dir: str, outcome: DemoOutcome, seconds: float, plot: str) -> None:
