@@ -4,6 +4,7 @@ some kept manifest references them."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from haltpoint import Checkpointer
 from haltpoint.store.dedup import MIN_DEDUP_BYTES, ReferenceCheck, hash_tensor, plan_dedup
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.storage import LocalStorage
+from haltpoint.store.storage import FsspecStorage, LocalStorage
 from haltpoint.store.tensor_file import TensorRecord, dtype_code
 from haltpoint.store.tensor_writer import write_tensor_file
 
@@ -100,6 +101,25 @@ def test_rotten_bytes_are_written_afresh_and_the_rotten_file_is_kept(tmp_path: P
     assert step1.tensors["backbone"].file == "step-000000001/tensors.safetensors"
     assert read_manifest(tmp_path, 3).tensors["backbone"].file == step1.tensors["backbone"].file
     assert rotten.read_bytes() == damaged  # never overwritten: evidence, and step 0 uses it
+
+
+def test_rotten_bytes_on_object_storage_are_written_afresh() -> None:
+    url = f"memory://dedup-rot-{uuid.uuid4().hex}/run"
+    backbone = torch.randn(BIG)
+    options = {"keep_last": 10, "capture_rng": False, "async_save": False}
+    with Checkpointer(url, **options) as ckpt:
+        ckpt.save(0, {"backbone": backbone})
+    storage = FsspecStorage(url)
+    rel = "step-000000000/tensors.safetensors"
+    data = bytearray(storage.read_bytes(rel))
+    data[-1] ^= 1
+    storage.publish(rel, bytes(data))
+    with Checkpointer(url, **options) as ckpt, pytest.warns(UserWarning, match="do not match"):
+        ckpt.save(1, {"backbone": backbone})
+    manifest = Manifest.decode(storage.read_bytes("step-000000001/manifest.json"), source="t")
+    assert manifest.tensors["backbone"].file == "step-000000001/tensors.safetensors"
+    assert storage.read_bytes(rel) == bytes(data)
+    storage.rmtree("")
 
 
 def flip_byte(path: Path, offset: int) -> None:
