@@ -33,6 +33,7 @@ from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, save_record
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
+from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
 from haltpoint.store.run_dir import Entry, RunDirectory
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
@@ -54,6 +55,11 @@ class Checkpointer:
         keep_last: keep the N newest checkpoints (at least 1: a resume needs it).
         keep_every: keep every checkpoint whose step is a multiple of this, forever.
         async_save: return from `save` once the state is copied; write in the background.
+        overlap: with `async_save`, copy the tensors that only `optimizer.step()` changes
+            (the parameters and state of the optimizers among `state`'s entries) in the
+            background too, while the next forward and backward run: their `step()` waits
+            for the copy. A change in place by anything else during the copy fails the save
+            instead of committing a torn checkpoint (docs/guide.md, "Overlapped saves").
         max_staging_bytes: the most host memory async staging may hold (default: one copy
             of the state); a larger state is refused with a `ValueError` naming it.
         capture_rng: save and restore the Python, NumPy, torch and CUDA random states.
@@ -92,6 +98,7 @@ class Checkpointer:
         keep_last: int = 1,
         keep_every: int | None = None,
         async_save: bool = True,
+        overlap: bool = False,
         capture_rng: bool = True,
         read_only: bool = False,
         storage_options: dict[str, Any] | None = None,
@@ -124,6 +131,14 @@ class Checkpointer:
         self._intact: set[int] = set()  # steps this writer saved, restored or verified
         self._writer: BackgroundWriter | None = None
         self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be True or False, got {overlap!r}")
+        if overlap and (not async_save or read_only):
+            raise ValueError(
+                "overlap=True overlaps the background copy of a save with training: it needs "
+                "async_save=True and a writer (not read_only)"
+            )
+        self._gate = OptimizerGate() if overlap else None
         if save_on_signal is not None and read_only:
             raise ValueError("save_on_signal needs a writer: do not combine it with read_only")
         self._preemption: SignalFlag | None = None
@@ -286,8 +301,18 @@ class Checkpointer:
             full[RNG_ENTRY] = capture_rng()
         flat = flatten_state(full)
         background = self._writer is not None
+        copy_later: Callable[[], None] | None = None
         if background:  # private copies in reused buffers; training goes on
-            tensors = self._staging.stage(flat.tensors)
+            optimizers, later = (
+                optimizer_owned(state, flat.tensors) if self._gate is not None else ([], set())
+            )
+            tensors = self._staging.stage(flat.tensors, later=later)
+            if later:  # copied in the background; the optimizers' step() waits for it
+                assert self._gate is not None
+                live = {k: (tensors[k], flat.tensors[k]) for k in later}
+                copy_later = deferred_copy(live, step)
+                self._gate.watch(optimizers)
+                self._gate.hold()
         else:  # training waits for the commit: write straight from the live tensors
             tensors = {k: t if t.device.type == "cpu" else t.cpu() for k, t in flat.tensors.items()}
         now = time.time()
@@ -295,6 +320,12 @@ class Checkpointer:
 
         def job() -> None:
             try:
+                if copy_later is not None:
+                    assert self._gate is not None
+                    try:
+                        copy_later()
+                    finally:
+                        self._gate.open()
                 committed = self._run.committed()
                 manifest = write_checkpoint(
                     self._run,
@@ -324,6 +355,8 @@ class Checkpointer:
                 self._writer.submit(job, f"the save of step {step}")
             except BaseException:
                 self._staging.release()
+                if self._gate is not None:
+                    self._gate.open()
                 raise
         else:
             job()
@@ -497,6 +530,8 @@ class Checkpointer:
         try:  # leaving on an exception (maybe on one rank only): no collective
             self._ranks.agree(finish, "close()") if sync else finish()
         finally:
+            if self._gate is not None:
+                self._gate.close()
             self._ranks.close()
             if self._preemption is not None:
                 self._preemption.uninstall()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -167,11 +167,15 @@ class StagingPool:
         """Host memory held by the pool's buffers."""
         return staged_nbytes(self._buffers)
 
-    def stage(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def stage(
+        self, tensors: Mapping[str, torch.Tensor], *, later: Collection[str] = ()
+    ) -> dict[str, torch.Tensor]:
         """Copy `tensors` into the pool's buffers and lend them until `release`.
 
         Waits while the buffers are lent to an earlier save. Buffers of keys whose shape,
         dtype or pinning changed, or that are gone, are dropped before new ones are made.
+        The keys in `later` get their buffers but are not copied: the caller copies them
+        (an overlapped copy, `haltpoint.store.overlap`).
 
         Raises:
             ValueError: the tensors take more than `max_staging_bytes`.
@@ -189,7 +193,7 @@ class StagingPool:
             self._lent = True
         try:
             self._allocate(tensors)
-            _copy_all([(self._buffers[key], t) for key, t in tensors.items()])
+            _copy_all([(self._buffers[k], t) for k, t in tensors.items() if k not in later])
         except BaseException:
             self._buffers, self._layout, self._image = {}, None, False
             self.release()
