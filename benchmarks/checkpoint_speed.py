@@ -6,8 +6,10 @@ One run measures, on the same state (16 Linear layers, `--size-gib` of float32 w
 weight changed before each save): raw `dd oflag=direct` bandwidth; the time to a durable
 commit, the time the training loop is blocked and the peak extra memory (RSS sampled in a
 thread) of each way to save; restore time from cold files against `torch.load`; bytes written
-per save with 15 of 16 layers frozen; and training-loop throughput with a save every 10 steps
-against no saving. Results are medians over `--repeat` saves after one warm-up save each.
+per save with 15 of 16 layers frozen. Results are medians over `--repeat` saves after one
+warm-up save each. Then the training-loop part (`benchmarks/training_loop.py`, with its
+defaults): throughput loss with a save every 10 steps and every step, for torch.save, DCP's
+async_save, haltpoint's async save and its overlapped save, with the spread over rounds.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 
+import training_loop  # benchmarks/ is the script's folder, first on sys.path
 from haltpoint import Checkpointer
 from haltpoint.store.storage import LocalStorage
 from haltpoint.store.tensor_reader import read_tensors
@@ -241,39 +244,11 @@ def time_haltpoint_restore(model: torch.nn.Module, folder: Path) -> tuple[float,
     return full, in_place
 
 
-# -- training-loop throughput ------------------------------------------------------------------
-
-
-def train_loop(
-    model: torch.nn.Module, steps: int, batch: int, on_step: Callable[[int], None]
-) -> float:
-    """Seconds for `steps` SGD steps; `on_step(step)` runs after each one."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
-    d = model[0].in_features  # type: ignore[index]
-    x = torch.randn(batch, d)
-
-    def one_step() -> None:
-        loss = model(x).square().mean()
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(2):  # warm-up: gradients allocated, caches warm
-        one_step()
-    start = time.perf_counter()
-    for step in range(steps):
-        one_step()
-        on_step(step)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder on the disk")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     repo = Path(__file__).resolve().parent.parent
@@ -429,43 +404,16 @@ def run(root: Path, args: argparse.Namespace) -> None:
             )
         )
 
-    # -- training-loop throughput ------------------------------------------------------------
-    every = 10
-    base_before = train_loop(model, args.steps, args.batch, lambda s: None)
-    with scratch(root, "loop") as folder, Checkpointer(folder / "run") as ckpt:
-        ckpt.save(10**6, {"model": model})  # warm-up: the staging pool exists from now on
-        ckpt.wait()
-
-        def save_every(step: int) -> None:
-            if step % every == every // 2:
-                ckpt.save(step, {"model": model})
-
-        with_saves = train_loop(model, args.steps, args.batch, save_every)
-    with scratch(root, "loop-torch") as folder:
-
-        def torch_every(step: int) -> None:
-            if step % every == every // 2:
-                torch_save(model, folder / f"{step}.pt")
-
-        with_torch = train_loop(model, args.steps, args.batch, torch_every)
-    base = (base_before + train_loop(model, args.steps, args.batch, lambda s: None)) / 2
-    loss = with_saves / base - 1
-    rows.append(
-        (
-            f"training loop, {args.steps} steps, save every {every}",
-            f"{base / args.steps:.3f} s/step without saving; haltpoint "
-            f"{with_saves / args.steps:.3f}; torch.save {with_torch / args.steps:.3f}",
-            f"throughput loss {loss * 100:.1f}% (torch.save {(with_torch / base - 1) * 100:.1f}%)",
-            "<= 5%",
-        )
-    )
-
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     header = ("measurement", "value", "ratio", "target")
     print(" | ".join(h.ljust(w) for h, w in zip(header, width, strict=True)))
     print("-+-".join("-" * w for w in width))
     for r in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)))
+
+    # training-loop throughput: torch.save, DCP async_save, haltpoint, haltpoint overlapped
+    print()
+    training_loop.report(root, argparse.Namespace(mib=128, batch=64, steps=40, rounds=3))
 
 
 if __name__ == "__main__":
