@@ -18,6 +18,8 @@ pytest.importorskip("accelerate")
 from haltpoint import Checkpointer, CheckpointExistsError, EarlyStopping  # noqa: E402
 from haltpoint.integrations.transformers import HaltpointCallback  # noqa: E402
 from haltpoint.stopping.replay import replay  # noqa: E402
+from haltpoint.store.history import read_history  # noqa: E402
+from haltpoint.store.storage import LocalStorage  # noqa: E402
 
 STEPS_PER_EPOCH = 4  # 32 examples, batches of 8
 
@@ -119,6 +121,9 @@ def test_checkpoints_are_in_haltpoint_format_whatever_save_strategy_says(
     for folder, step in zip(folders, stopped.steps, strict=True):
         assert json.loads((folder / "manifest.json").read_text())["step"] == step
         assert (folder / "tensors.safetensors").is_file()
+    records = read_history(LocalStorage(stopped.directory))
+    # the Trainer's bookkeeping (eval_runtime, eval_*_per_second, epoch) is no metric
+    assert {name for r in records for name in r["metrics"]} == {"eval_loss", "loss"}
     hf_out = stopped.directory.parent / "hf_out"  # save_strategy="no": the Trainer wrote nothing
     assert not hf_out.exists() or not any(hf_out.iterdir())
 

@@ -31,6 +31,8 @@ __all__ = ["HaltpointCallback"]
 log = logging.getLogger(__name__)
 
 _PREFIX = "eval_"
+_BOOKKEEPING_NAMES = ("epoch", "step", "total_flos")
+_BOOKKEEPING_ENDS = ("_runtime", "_per_second", "_preparation_time", "_compilation_time")
 _HINT = (
     "The Trainer prefixes evaluation metrics with 'eval_' (metric_key_prefix); monitor "
     "'eval_<name>' or '<name>', and return it from compute_metrics if it is not the loss "
@@ -182,11 +184,12 @@ class HaltpointCallback(TrainerCallback):
             # The weights already judged (e.g. eval_on_start right after a resume).
             log.debug("haltpoint: skipped a second evaluation at step %d", state.global_step)
             return
-        values = scalar_metrics(metrics or {})
-        for name in (
+        monitors = [
             self.stopper.monitor if self.stopper else None,
             self.checkpointer.monitor if self.checkpointer else None,
-        ):
+        ]
+        values = _measurements(scalar_metrics(metrics or {}), keep=monitors)
+        for name in monitors:
             if name is None or name in values:
                 continue
             if _PREFIX + name in values:
@@ -235,6 +238,20 @@ class HaltpointCallback(TrainerCallback):
         elif self._resumed_stopped and model is not None:
             # Undo the one optimizer step the Trainer takes before it sees should_training_stop.
             restore_best_weights(ckpt, model, self.stopper, which="latest")
+
+
+def _measurements(values: dict[str, float], keep: list[str | None]) -> dict[str, float]:
+    """`values` without the Trainer's bookkeeping (`epoch`, `eval_runtime`, `*_per_second`...),
+    which are no measurements of the model; a monitored name is kept whatever it is.
+
+    >>> _measurements({"eval_loss": 0.5, "eval_runtime": 0.1, "epoch": 2.0}, keep=[None])
+    {'eval_loss': 0.5}
+    """
+    return {
+        name: value
+        for name, value in values.items()
+        if name in keep or not (name in _BOOKKEEPING_NAMES or name.endswith(_BOOKKEEPING_ENDS))
+    }
 
 
 def _check_replicated(args: Any) -> None:
