@@ -67,6 +67,23 @@ def test_export_loads_with_safetensors_and_into_the_model(
         assert f.metadata() == {"format": "pt"}
 
 
+def test_export_never_writes_through_a_link_at_its_temporary_name(
+    run_dir: Path, tmp_path: Path, capsys
+):
+    manifest = run_dir / "step-000000003" / "manifest.json"
+    before = manifest.read_bytes()
+    out_file = tmp_path / "model.safetensors"
+    (tmp_path / "model.safetensors.tmp").symlink_to(manifest)  # the name export used to write
+    code, _, _ = run_cli(capsys, "export", str(run_dir), "-o", str(out_file))
+    assert code == 0 and manifest.read_bytes() == before
+    assert sorted(safetensors.torch.load_file(str(out_file))) == ["bias", "weight"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.safetensors",
+        "model.safetensors.tmp",
+        "run",
+    ]
+
+
 def test_export_best_without_a_stopper_needs_a_monitor(tmp_path: Path, capsys):
     make_run(tmp_path / "run", with_stopper=False)
     target = str(tmp_path / "m.safetensors")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -16,6 +18,7 @@ from haltpoint.state.codec import TENSOR_TAG
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.run_dir import ShardedRecord, checkpoint_dirname
+from haltpoint.store.storage import open_unlinked
 from haltpoint.store.tensor_reader import read_tensors
 
 __all__ = ["entry_weights", "register", "run"]
@@ -112,9 +115,15 @@ def _save(weights: Mapping[str, torch.Tensor], path: str) -> None:
         ident = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
         plain[name] = tensor.contiguous().clone() if ident in seen else tensor.contiguous()
         seen.add(ident)
-    tmp = f"{path}.tmp"
-    safetensors.torch.save_file(plain, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(open_unlinked(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))  # new, never a link
+    try:
+        safetensors.torch.save_file(plain, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
