@@ -63,8 +63,9 @@ def test_a_writer_quarantines_a_damaged_newest_checkpoint_and_saves_its_step_aga
     rotten = flip_a_bit(storage, TENSORS_15)
     state = {"w": torch.zeros(64)}
     with writer(url) as ckpt:
-        with pytest.warns(UserWarning, match="set the damaged checkpoint of step 15 aside"):
+        with pytest.warns(UserWarning, match="set the damaged checkpoint of step 15 aside") as said:
             info = ckpt.restore(state)
+        assert sum("do not match the tensor's hash" in str(w.message) for w in said) == 1
         assert info is not None and info.step == 14 and torch.equal(state["w"], weights(14))
         ckpt.save(15, {"w": weights(15) + 1}, {"loss": 0.45})  # before: CheckpointExistsError
         ckpt.wait()

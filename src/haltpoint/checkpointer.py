@@ -411,26 +411,28 @@ class Checkpointer:
         self._run.remove(dropped, kept)
         self._intact -= {e.step for e in dropped}
 
-    def _passed(self, which: str | int, found: Found | None) -> list[tuple[Entry, str]]:
-        """The damaged checkpoints a restore of `which` passed over to reach `found`: those
-        whose data failed verification and, for "latest", every newer one whose manifest's
-        bytes are damaged (not one that could not be read, or of a newer format)."""
-        passed = list(found.passed) if found is not None else []
+    def _passed(self, which: str | int, found: Found | None) -> list[Entry]:
+        """The damaged checkpoints a restore of `which` passed over to reach `found` (and
+        warned about): those whose data failed verification and, for "latest", every newer
+        one whose manifest's bytes are damaged (not one unreadable now, or of a newer format)."""
+        passed = [entry for entry, _ in found.passed] if found is not None else []
         if which == "latest":
             newest = -1 if found is None else found.entry.step
             passed += [
-                (e, str(e.error))
+                e
                 for e in self._run.scan()
                 if isinstance(e.error, DamagedManifestError) and e.step > newest
             ]
         return passed
 
-    def _quarantine(self, entry: Entry, damage: str) -> None:
-        """Move a damaged checkpoint aside (the writer only), so its step can be saved again."""
+    def _quarantine(self, entry: Entry, damage: str | None) -> None:
+        """Move a damaged checkpoint aside (the writer only), so its step can be saved again;
+        `damage` says what is wrong, None when that was already warned about."""
         where = self._run.quarantine(entry)
         self._intact.discard(entry.step)
+        said = "" if damage is None else f"{damage}\n"
         warnings.warn(
-            f"{damage}\nhaltpoint: set the damaged checkpoint of step {entry.step} aside as "
+            f"{said}haltpoint: set the damaged checkpoint of step {entry.step} aside as "
             f"{self.directory.rstrip('/')}/{where} (its data stays; delete it when you no "
             f"longer need it); step {entry.step} can be saved again",
             stacklevel=5,
@@ -482,8 +484,8 @@ class Checkpointer:
             self._wait()  # this instance's save in flight commits first
             found = self._reader.read(which, check_shards=check_shards, skip=skip)
             if not self.read_only:  # the writer moves the damage it fell back past aside
-                for entry, damage in self._passed(which, found):
-                    self._quarantine(entry, damage)
+                for entry in self._passed(which, found):
+                    self._quarantine(entry, None)
             return found
 
         def load(found: Found) -> CheckpointInfo:
