@@ -88,7 +88,7 @@ def test_export_best_without_a_stopper_needs_a_monitor(tmp_path: Path, capsys):
     make_run(tmp_path / "run", with_stopper=False)
     target = str(tmp_path / "m.safetensors")
     code, _, err = run_cli(capsys, "export", str(tmp_path / "run"), "-o", target)
-    assert code == 1
+    assert code == 2
     assert "cannot tell which metric ranks the checkpoints: they hold val_acc, val_loss" in err
     assert "--monitor NAME" in err
     code, out, _ = run_cli(
@@ -100,15 +100,15 @@ def test_export_best_without_a_stopper_needs_a_monitor(tmp_path: Path, capsys):
 def test_export_errors(run_dir: Path, tmp_path: Path, capsys):
     target = str(tmp_path / "m.safetensors")
     code, _, err = run_cli(capsys, "export", str(run_dir), "--key", "opt", "-o", target)
-    assert code == 1
+    assert code == 2
     assert "--key 'opt' is not an entry of the checkpoint of step 1" in err
     assert "epoch, model, stopper" in err
     code, _, err = run_cli(capsys, "export", str(run_dir), "--key", "epoch", "-o", target)
-    assert code == 1 and "entry 'epoch' of step 1 holds no tensors" in err
+    assert code == 2 and "entry 'epoch' of step 1 holds no tensors" in err
     code, _, err = run_cli(capsys, "export", str(run_dir), "-o", str(tmp_path / "m.pt"))
-    assert code == 1 and "-o must name a .safetensors file" in err
+    assert code == 2 and "-o must name a file ending with .safetensors" in err
     code, _, err = run_cli(capsys, "export", str(run_dir), "--which", "soon", "-o", target)
-    assert code == 1 and "--which must be 'best', 'latest' or a step number" in err
+    assert code == 2 and "argument --which: must be best, latest or a step" in err
     code, _, err = run_cli(capsys, "export", str(run_dir), "--which", "9", "-o", target)
     assert code == 1 and "no intact checkpoint for step 9" in err
 
@@ -165,7 +165,7 @@ def test_gc_refuses_while_a_writer_holds_the_lock(run_dir: Path, capsys):
 
 def test_gc_needs_something_to_keep(run_dir: Path, capsys):
     code, _, err = run_cli(capsys, "gc", str(run_dir))
-    assert code == 1 and "say what to keep: --keep-last N" in err
+    assert code == 2 and "say what to keep: --keep-last N" in err
     code, _, err = run_cli(capsys, "gc", str(run_dir), "--keep-last", "0")
-    assert code == 1 and "keep_last must be an int >= 1" in err
+    assert code == 2 and "argument --keep-last: must be an int >= 1" in err
     assert steps_on_disk(run_dir) == [0, 1, 2, 3]

@@ -83,7 +83,7 @@ def test_ls_monitor_option_changes_best(run_dir: Path, capsys):
     _, out, _ = run_cli(capsys, "ls", str(run_dir), "--json", "--monitor", "val_acc")
     assert [r["tags"] for r in json.loads(out)][1] == ["best"]  # val_acc infers max: 0.7
     code, _, err = run_cli(capsys, "ls", str(run_dir), "--monitor", "nope")
-    assert code == 1
+    assert code == 2
     assert err.startswith("haltpoint: error: --monitor 'nope' is not a metric")
     assert "val_acc, val_loss" in err or "val_loss, val_acc" in err
 

@@ -88,14 +88,15 @@ def test_replay_another_metric_and_min_delta(run_dir: Path, capsys):
 
 def test_replay_errors(tmp_path: Path, run_dir: Path, capsys):
     code, _, err = run_cli(capsys, "replay", str(run_dir), "--patience", "1,x")
-    assert code == 1 and "--patience must be integers >= 0 or 'default' separated by commas" in err
+    assert code == 2
+    assert "--patience: must be integers >= 0 or 'default' separated by commas" in err
     code, _, err = run_cli(capsys, "replay", str(run_dir), "--min-delta", "-1")
-    assert code == 1 and "--min-delta must be a finite number >= 0" in err
+    assert code == 2 and "--min-delta: must be a finite number >= 0" in err
     code, _, err = run_cli(capsys, "replay", str(run_dir), "--metric", "f1x")
-    assert code == 1 and "metric 'f1x' is not in the history" in err
+    assert code == 2 and "--metric 'f1x' is not in the history" in err
     make_run(tmp_path / "plain", stopper=False)
     code, _, err = run_cli(capsys, "replay", str(tmp_path / "plain"))
-    assert code == 1
+    assert code == 2
     assert "cannot tell which metric to replay: the history holds val_loss, val_acc" in err
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "replay", str(tmp_path / "empty"))
@@ -145,9 +146,9 @@ def test_plot_options_and_errors(run_dir: Path, tmp_path: Path, capsys, monkeypa
     code, out, _ = run_cli(capsys, *argv)
     assert code == 0 and out == f"wrote {target}: val_acc\n"  # val_loss not drawn: no best
     code, _, err = run_cli(capsys, "plot", str(run_dir), "--metric", "nope")
-    assert code == 1 and "metric 'nope' is not in the history; it holds 'val_loss'" in err
+    assert code == 2 and "--metric 'nope' is not in the history; it holds 'val_loss'" in err
     code, _, err = run_cli(capsys, "plot", str(run_dir), "-o", str(tmp_path / "x.txt"))
-    assert code == 1 and "from its suffix; end the file name with one of .avif" in err
+    assert code == 2 and "-o must name a file ending with .avif" in err
     assert not (tmp_path / "x.txt").exists()
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "plot", str(tmp_path / "empty"))
@@ -183,7 +184,7 @@ def test_replay_shows_the_default_rule_beside_fixed_patiences(run_dir: Path, cap
 
 def test_replay_refuses_a_bad_horizon(run_dir: Path, capsys):
     code, _, err = run_cli(capsys, "replay", str(run_dir), "--horizon", "0")
-    assert code == 1 and "--horizon must be an int >= 1" in err
+    assert code == 2 and "--horizon: must be an int >= 1" in err
 
 
 def test_replay_of_several_runs_pools_the_figures_per_band(tmp_path: Path, capsys):

@@ -15,7 +15,14 @@ from typing import Any
 
 from haltpoint.stopping.modes import infer_mode
 
-__all__ = ["MissingDependencyError", "PlotSummary", "curves", "plot_history", "require_matplotlib"]
+__all__ = [
+    "MissingDependencyError",
+    "PlotSummary",
+    "curves",
+    "image_formats",
+    "plot_history",
+    "require_matplotlib",
+]
 
 _INSTALL = "pip install 'haltpoint[plot]'"
 
@@ -33,6 +40,18 @@ def require_matplotlib() -> ModuleType:
             f"plotting needs matplotlib, which is not installed; install it with: {_INSTALL}"
         ) from exc
     return matplotlib
+
+
+def image_formats() -> list[str]:
+    """The file suffixes (without the dot) that `plot_history` can write: png, svg, pdf, ...
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
 
 
 @dataclass(frozen=True)
@@ -140,7 +159,7 @@ def plot_history(
 
     out = os.fspath(path)
     suffix = os.path.splitext(out)[1].lstrip(".").lower()
-    formats = sorted(FigureCanvasAgg.get_supported_filetypes())
+    formats = image_formats()
     if suffix not in formats:
         raise ValueError(
             f"cannot tell the image format of {out!r} from its suffix; end the file name with "

@@ -1,8 +1,9 @@
 """The `haltpoint` command: a demo, and tools for the checkpoints haltpoint writes.
 
 One module per subcommand (`demo`, `listing` for ls, `show`, `verify`, `export`, `gc`, `plot`,
-`replay`, `importer` for import); `app` holds the parser and the error boundary, `output`
-the terminal and JSON output, `runinfo` the read-only access to run directories.
+`replay`, `importer` for import); `app` holds the parser and the error boundary, `flags` the
+checks of values and output paths (each naming its flag), `output` the terminal and JSON
+output, `runinfo` the read-only access to run directories.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `haltpoint` with `argv` (default: the process's arguments); return the exit status.
 
+    Nothing heavy is imported before this runs (importing `haltpoint` does not import torch),
+    so a Ctrl-C during the imports is one line and exit status 130, like any other.
+
     >>> main(["--version"])
     haltpoint 0.1.0
     0
     """
-    from haltpoint.cli.app import run
-
+    try:
+        from haltpoint.cli.app import run
+    except KeyboardInterrupt:
+        sys.stderr.write("haltpoint: interrupted; nothing was done\n")
+        return 130
     return run(sys.argv[1:] if argv is None else list(argv))

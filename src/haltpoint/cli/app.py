@@ -6,14 +6,34 @@ import argparse
 import importlib
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from haltpoint import __version__
 from haltpoint.cli.command import Handler
+from haltpoint.cli.flags import UsageError
 from haltpoint.cli.output import Output
 from haltpoint.errors import CheckpointError
 
-__all__ = ["build_parser", "run"]
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Parser",
+    "build_parser",
+    "os_error_text",
+    "run",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+"""The command could not do its job on its inputs: damage found (verify), no checkpoint, a
+damaged or locked run, an input that is missing or not what it should be, a write that failed."""
+EXIT_USAGE = 2
+"""The command line cannot work: an unknown flag, a value out of range, a flag this run needs,
+an output path that cannot be written (found before any work)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C, at any moment (imports included); one line says what was kept."""
 
 _DESCRIPTION = """\
 haltpoint: early stopping and atomic, verified, pickle-free PyTorch checkpoints.
@@ -35,9 +55,17 @@ _MODULES = ("demo", "listing", "show", "verify", "export", "gc", "plot", "replay
 """The modules of the subcommands, in the order `--help` lists them."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors raise `UsageError` (one line, exit status 2)
+    instead of printing the usage and exiting; subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `haltpoint` and all its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="haltpoint",
         description=_DESCRIPTION,
         epilog=_EPILOG,
@@ -51,31 +79,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str] | None = None, out: Output | None = None) -> int:
-    """Parse `argv`, run the subcommand, and turn every expected failure into one line.
+    """Parse `argv`, run the subcommand, and turn every expected failure into one line on
+    stderr, never a traceback.
 
-    Returns the exit status: 0 on success, 1 on an error (the message says what happened and
-    what to do), 2 on a usage error, 130 when interrupted.
+    Returns the exit status: `EXIT_OK`, `EXIT_FAILURE`, `EXIT_USAGE` or `EXIT_INTERRUPTED`.
     """
     out = out or Output()
-    parser = build_parser()
+    args: argparse.Namespace | None = None
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version and usage errors
-        return exc.code if isinstance(exc.code, int) else 2
-    handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help(out.stdout)
-        return 2
-    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help(out.stdout)
+            return EXIT_USAGE
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning(out)
             return handler(args, out)
     except KeyboardInterrupt:
-        out.error("interrupted")
-        return 130
-    except (CheckpointError, ValueError, TypeError, OSError, ImportError) as exc:
+        out.note(f"haltpoint: {_interrupted(args)}", style="yellow")
+        return EXIT_INTERRUPTED
+    except UsageError as exc:
+        out.error(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        out.error(os_error_text(exc))
+        return EXIT_FAILURE
+    except (CheckpointError, ValueError, TypeError, ImportError) as exc:
         out.error(str(exc) or type(exc).__name__)
-        return 1
+        return EXIT_FAILURE
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """What a Ctrl-C kept, as the subcommand says (before one was chosen: nothing done)."""
+    said = getattr(args, "interrupted", None)
+    if said is None:
+        return "interrupted; nothing was done"
+    try:
+        return str(said(args))
+    except Exception as exc:  # the line must come out whatever the run directory holds
+        return f"interrupted (what was kept is unknown: {exc})"
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for an OS error: the path and the reason, without `[Errno N]`.
+
+    >>> os_error_text(FileNotFoundError(2, "No such file or directory", "/nope/x.png"))
+    '/nope/x.png: No such file or directory'
+    """
+    if exc.strerror and exc.filename is not None:
+        names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{names}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
 
 
 def _show_warning(out: Output) -> Callable[..., None]:

@@ -14,6 +14,7 @@ from rich.progress import Progress, TaskID
 
 from haltpoint.checkpointer import CheckpointInfo
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import check_output_dir, count, seed
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.progress import Field, epoch_progress
 from haltpoint.cli.runinfo import open_run
@@ -153,8 +154,9 @@ def _summary(out: Output, run_dir: str, outcome: DemoOutcome, seconds: float, pl
 
 def run(args: argparse.Namespace, out: Output) -> int:
     """Train, resume or summarise the demo run in `args.run_dir`."""
-    config = DemoConfig(max_epochs=args.epochs, seed=args.seed)
     run_dir = args.run_dir
+    check_output_dir(run_dir, "--run-dir")
+    config = DemoConfig(max_epochs=args.epochs, seed=args.seed)
     if args.fresh:
         _delete_run(run_dir)
     display = _Display(out, run_dir, config)
@@ -163,11 +165,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
         "(UCI, CC BY 4.0), early stopping on val_loss, checkpoints every epoch"
     )
     started = time.perf_counter()
-    try:
-        with display.live():
-            outcome = train_demo(run_dir, config, on_start=display.start, on_epoch=display.epoch)
-    except KeyboardInterrupt:
-        return _interrupted(out, run_dir)
+    with display.live():  # Ctrl-C: the save in flight is committed, then `_interrupted` says so
+        outcome = train_demo(run_dir, config, on_start=display.start, on_epoch=display.epoch)
     plot_path = os.path.join(run_dir, PLOT_NAME)
     try:
         drawn = plot_history(
@@ -185,28 +184,20 @@ def run(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _interrupted(out: Output, run_dir: str) -> int:
-    entries = [e for e in open_run(run_dir).scan() if e.manifest is not None]
-    if entries:
-        out.note(
-            f"interrupted: the last committed checkpoint is step {entries[-1].step}; resume "
-            f"with: haltpoint demo --run-dir {run_dir}",
-            style="yellow",
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C kept of the demo run: its last committed checkpoint, or nothing."""
+    run_dir = args.run_dir
+    scanned = open_run(run_dir).scan() if os.path.isdir(run_dir) else []
+    steps = [e.step for e in scanned if e.manifest is not None]
+    if not steps:
+        return (
+            "interrupted before the first checkpoint; nothing saved; start again with: "
+            f"haltpoint demo --run-dir {run_dir}"
         )
-    else:
-        out.note(
-            f"interrupted before the first checkpoint; start again with: haltpoint demo "
-            f"--run-dir {run_dir}",
-            style="yellow",
-        )
-    return 130
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return (
+        f"interrupted: the last committed checkpoint is step {steps[-1]}; resume with: "
+        f"haltpoint demo --run-dir {run_dir}"
+    )
 
 
 def register(commands: Any) -> None:
@@ -217,6 +208,7 @@ def register(commands: Any) -> None:
         run,
         help="train a small conv net on handwritten digits with early stopping and checkpoints",
         epilog=_EPILOG,
+        interrupted=_interrupted,
     )
     parser.add_argument(
         "--run-dir",
@@ -226,13 +218,17 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "--epochs",
-        type=_positive,
+        type=count(1),
         default=DemoConfig.max_epochs,
         metavar="N",
         help=f"maximum epochs (default: {DemoConfig.max_epochs}; early stopping ends it sooner)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="fixes the split, the init and the shuffles"
+        "--seed",
+        type=seed,
+        default=0,
+        metavar="S",
+        help="from 0 to 2**32 - 1; fixes the split, the init and the shuffles (default: 0)",
     )
     parser.add_argument(
         "--fresh", action="store_true", help="delete the run directory first and start over"

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import UsageError, check_output_file, count, write_failed
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import open_run, select_entry
 from haltpoint.state.codec import TENSOR_TAG
@@ -72,22 +73,23 @@ def entry_weights(
     Only the entry's own tensors are read.
 
     Raises:
-        ValueError: the checkpoint has no entry `key` (or it is sharded state), or it holds
-            no tensors.
+        UsageError: the checkpoint has no entry `key`, or it holds no tensors (each names
+            --key).
+        ValueError: entry `key` is sharded state.
         CorruptCheckpointError: a tensor's bytes do not match its hash, or `key` is not in
             the state tree and the manifest's sharded record is malformed.
     """
     if key not in manifest.tree:
         record = ShardedRecord.from_manifest(manifest, checkpoint_dirname(manifest.step))
         sharded = record.entries if record is not None else ()
-        if key in sharded:
+        if key in sharded:  # the entry is there, but not in files export reads: exit status 1
             raise ValueError(
                 f"--key {key!r} of step {manifest.step} is sharded state, written by "
                 "torch.distributed.checkpoint; export reads haltpoint's own files only. Restore "
                 "it with Checkpointer.restore into an unsharded model in one process, then save "
                 "that model's state_dict() with safetensors"
             )
-        raise ValueError(
+        raise UsageError(
             f"--key {key!r} is not an entry of the checkpoint of step {manifest.step}; "
             f"its entries are {', '.join(sorted([*manifest.tree, *sharded]))}"
         )
@@ -98,7 +100,7 @@ def entry_weights(
     weights: dict[str, torch.Tensor] = {}
     skipped = _flat_tensors(value, "", weights)
     if not weights:
-        raise ValueError(
+        raise UsageError(
             f"entry {key!r} of step {manifest.step} holds no tensors; pick an entry with "
             f"weights with --key (entries: {', '.join(sorted(manifest.tree))})"
         )
@@ -116,20 +118,24 @@ def _save(weights: Mapping[str, torch.Tensor], path: str) -> None:
         plain[name] = tensor.contiguous().clone() if ident in seen else tensor.contiguous()
         seen.add(ident)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    os.close(open_unlinked(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))  # new, never a link
+    try:
+        os.close(open_unlinked(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))  # new, never a link
+    except OSError as exc:
+        raise write_failed("-o", path, exc) from None
     try:
         safetensors.torch.save_file(plain, tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:  # Ctrl-C too: no half-written file is left
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, Exception):  # OSError, or safetensors' own error for one
+            raise write_failed("-o", path, exc) from None
         raise
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
     """Export one entry's weights of one checkpoint of `args.directory`."""
-    if not args.output.endswith(".safetensors"):
-        raise ValueError(f"-o must name a .safetensors file, got {args.output!r}")
+    check_output_file(args.output, "-o", (".safetensors",))
     run_dir = open_run(args.directory)
     entry = select_entry(run_dir, args.which, monitor=args.monitor, mode=args.mode)
     manifest = entry.manifest
@@ -147,6 +153,18 @@ def run(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _which(text: str) -> str:
+    """The argparse type of --which: best, latest or a step (an int >= 0)."""
+    if text in ("best", "latest"):
+        return text
+    try:
+        return str(count(0)(text))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be best, latest or a step (an int >= 0), got {text!r}"
+        ) from None
+
+
 def register(commands: Any) -> None:
     """Add `export` to the subcommands."""
     parser = add_command(
@@ -155,10 +173,14 @@ def register(commands: Any) -> None:
         run,
         help="write the weights of one checkpoint's entry as one safetensors file",
         epilog=_EPILOG,
+        interrupted=lambda args: (
+            f"interrupted; {args.output} is the whole export or untouched, never half-written"
+        ),
     )
     parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
     parser.add_argument(
         "--which",
+        type=_which,
         default="best",
         metavar="best|latest|STEP",
         help="the checkpoint (default: best)",

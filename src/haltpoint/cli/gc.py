@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import UsageError, count
 from haltpoint.cli.output import Output, format_bytes, format_metrics
 from haltpoint.cli.runinfo import (
     Record,
@@ -94,7 +95,7 @@ def _plan(
 def run(args: argparse.Namespace, out: Output) -> int:
     """Remove (or with --dry-run list) the checkpoints the rules do not keep."""
     if args.keep_last is None and args.keep_best == 0 and args.keep_every is None:
-        raise ValueError(
+        raise UsageError(
             "say what to keep: --keep-last N, --keep-best K (with --monitor) or --keep-every N; "
             "gc never guesses, since it deletes"
         )
@@ -159,13 +160,17 @@ def register(commands: Any) -> None:
         run,
         help="remove the checkpoints that retention rules do not keep",
         epilog=_EPILOG,
+        interrupted="interrupted; the checkpoints gc had not yet removed are intact (a removed "
+        "one loses its manifest first); run gc again to finish",
     )
     parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
-    parser.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest (>= 1)")
+    parser.add_argument("--keep-last", type=count(1), metavar="N", help="keep the N newest (>= 1)")
     parser.add_argument(
-        "--keep-best", type=int, default=0, metavar="K", help="keep the K best by --monitor"
+        "--keep-best", type=count(0), default=0, metavar="K", help="keep the K best by --monitor"
     )
-    parser.add_argument("--keep-every", type=int, metavar="N", help="keep steps divisible by N")
+    parser.add_argument(
+        "--keep-every", type=count(1), metavar="N", help="keep steps divisible by N"
+    )
     parser.add_argument(
         "--monitor",
         metavar="NAME",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import check_output_dir, count
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.state.tree import flatten_state
 from haltpoint.store.history import append_history, save_record
@@ -163,8 +164,7 @@ def convert(obj: Any) -> tuple[dict[str, Any], int | None, list[str], str]:
 
 def run(args: argparse.Namespace, out: Output) -> int:
     """Import `args.file` into the run directory `args.output`."""
-    if args.step is not None and args.step < 0:
-        raise ValueError(f"--step must be >= 0, got {args.step}")
+    check_output_dir(args.output, "-o")
     obj = load_weights_only(args.file)
     state, step, skipped, kind = convert(obj)
     step = args.step if args.step is not None else (step if step is not None else 0)
@@ -218,11 +218,15 @@ def register(commands: Any) -> None:
         run,
         help="convert a torch.save, Lightning .ckpt or pytorch_model.bin file into a checkpoint",
         epilog=_EPILOG,
+        interrupted=lambda args: (
+            f"interrupted; the import is committed whole or not at all: `haltpoint ls "
+            f"{args.output}` shows whether it was"
+        ),
     )
     parser.add_argument("file", metavar="FILE", help="the file to convert")
     parser.add_argument(
         "-o", "--output", required=True, metavar="DIR", help="the run directory to write"
     )
     parser.add_argument(
-        "--step", type=int, metavar="S", help="the step (default: from the file, else 0)"
+        "--step", type=count(0), metavar="S", help="the step (default: from the file, else 0)"
     )

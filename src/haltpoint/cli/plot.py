@@ -7,9 +7,10 @@ import os
 from typing import Any
 
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import UsageError, check_output_file, write_failed
 from haltpoint.cli.output import Output
-from haltpoint.cli.runinfo import guess_monitor, open_run
-from haltpoint.plotting import plot_history
+from haltpoint.cli.runinfo import guess_monitor, mode_of, open_run
+from haltpoint.plotting import curves, image_formats, plot_history
 from haltpoint.store.history import HISTORY_NAME, read_history
 
 __all__ = ["register", "run"]
@@ -24,6 +25,9 @@ Needs matplotlib: pip install 'haltpoint[plot]'."""
 
 def run(args: argparse.Namespace, out: Output) -> int:
     """Plot the curves of `args.directory`."""
+    suffixes = ["." + f for f in image_formats()]
+    if args.output is not None:
+        check_output_file(args.output, "-o", suffixes)
     run_dir = open_run(args.directory)
     records = read_history(run_dir.storage)
     if not records:
@@ -31,27 +35,46 @@ def run(args: argparse.Namespace, out: Output) -> int:
             f"{args.directory} has no {HISTORY_NAME} (or it is empty): nothing to plot; "
             "a Checkpointer writes one line per save"
         )
+    names = list(curves(records))
+    missing = [m for m in args.metric or [] if m not in names]
+    if missing:
+        raise UsageError(
+            f"--metric {', '.join(map(repr, missing))} is not in the history; it holds "
+            f"{', '.join(map(repr, names)) or 'no metrics'}"
+        )
+    plotted = [n for n, (steps, _) in curves(records, args.metric).items() if steps]
+    if args.monitor is not None and args.monitor not in plotted:
+        raise UsageError(
+            f"--monitor {args.monitor!r} is not among the plotted metrics "
+            f"({', '.join(plotted) or 'none'}); pass one of them"
+        )
     monitor, mode = args.monitor, args.mode
     if monitor is None:
         guessed = guess_monitor(records)
         if guessed is not None:
             monitor, mode = guessed[0], mode or guessed[1]
-    if args.monitor is None and args.metric and monitor not in args.metric:
+    if args.monitor is None and monitor not in plotted:
         monitor = None  # the stopper's metric is not plotted: no best to mark
+    if monitor is not None and mode is None:
+        mode = mode_of(monitor)
     target = args.output
     if target is None:
         local = run_dir.storage.write_path("curves.png")
         if local is None:
-            raise ValueError("the run is not on a local disk: pass -o FILE.png")
+            raise UsageError("the run is not on a local disk: pass -o FILE.png")
+        check_output_file(local, "-o (default)")
         target = local
-    summary = plot_history(
-        records,
-        target,
-        metrics=args.metric,
-        monitor=monitor,
-        mode=mode,
-        title=os.path.basename(os.path.normpath(args.directory)),
-    )
+    try:
+        summary = plot_history(
+            records,
+            target,
+            metrics=args.metric,
+            monitor=monitor,
+            mode=mode,
+            title=os.path.basename(os.path.normpath(args.directory)),
+        )
+    except OSError as exc:
+        raise write_failed("-o", target, exc) from None
     marks = []
     if summary.best_step is not None and summary.best_value is not None:
         marks.append(f"best {summary.monitor} {summary.best_value:.4g} at step {summary.best_step}")
@@ -70,6 +93,8 @@ def register(commands: Any) -> None:
         run,
         help="plot a run's metric curves from history.jsonl, best and stop marked",
         epilog=_EPILOG,
+        interrupted="interrupted; the plot file may be incomplete (run plot again); nothing "
+        "else was changed",
     )
     parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
     parser.add_argument(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import UsageError, count, finite_at_least
 from haltpoint.cli.output import Output
 from haltpoint.cli.runinfo import guess_monitor, mode_of, open_run
 from haltpoint.plotting import curves
@@ -74,10 +76,22 @@ def load_records(source: str) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: `source` is neither.
+        ValueError: `source` is a file of which no line is a history record.
     """
     if os.path.isfile(source):
         with open(source, "rb") as f:
-            return parse_history(f.read(), source)
+            data = f.read()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            records = parse_history(data, source)
+        if not records:  # one line saying so, not a warning per line of some other file
+            raise ValueError(
+                f"{source} is not a haltpoint history: no line of it is a history record; pass "
+                f"a run directory or the {HISTORY_NAME} a Checkpointer wrote"
+            )
+        for warning in caught:  # a history with some bad lines: each is still told
+            warnings.warn(warning.message, stacklevel=2)
+        return records
     run = open_run(source)
     records = read_history(run.storage)
     if not records:
@@ -131,14 +145,15 @@ def replay_patiences(
 
 
 def _patiences(text: str) -> list[int | None]:
+    """The argparse type of --patience: ints >= 0 or 'default', separated by commas."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
     try:
         values = [None if part == "default" else int(part) for part in parts]
     except ValueError:
         values = []
     if not values or any(v is not None and v < 0 for v in values):
-        raise ValueError(
-            f"--patience must be integers >= 0 or 'default' separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(
+            f"must be integers >= 0 or 'default' separated by commas, got {text!r}"
         )
     return values
 
@@ -188,13 +203,18 @@ def replay_source(
         if guessed is None:
             names = list(curves(records))
             if len(names) != 1:
-                raise ValueError(
+                raise UsageError(
                     f"cannot tell which metric to replay: the history holds {', '.join(names)}; "
                     "pick one with --metric NAME (and --mode min|max)"
                 )
             monitor = names[0]
         else:
             monitor = guessed[0]
+    if monitor not in curves(records):
+        raise UsageError(
+            f"--metric {monitor!r} is not in the history of {source}; it holds "
+            f"{', '.join(curves(records)) or 'no metrics'}"
+        )
     steps, values = curves(records, [monitor])[monitor]
     if not values:
         raise ValueError(f"the history holds no values of {monitor!r}")
@@ -209,11 +229,7 @@ def replay_source(
 
 def run(args: argparse.Namespace, out: Output) -> int:
     """Replay stopping settings over the history of each of `args.source`."""
-    patiences = _patiences(args.patience)
-    if args.min_delta < 0 or not math.isfinite(args.min_delta):
-        raise ValueError(f"--min-delta must be a finite number >= 0, got {args.min_delta}")
-    if args.horizon is not None and args.horizon < 1:
-        raise ValueError(f"--horizon must be an int >= 1 (planned evaluations), got {args.horizon}")
+    patiences = args.patience
     runs = [replay_source(source, args, patiences) for source in args.source]
     if len(runs) > 1:
         return _summary(runs, patiences, args, out)
@@ -324,6 +340,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher is better")
     parser.add_argument(
         "--patience",
+        type=_patiences,
         default="default,1,3,5,10,20",
         metavar="P1,P2,...",
         help="patiences to try; 'default' is haltpoint's default rule "
@@ -331,11 +348,15 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "--horizon",
-        type=int,
+        type=count(1),
         metavar="N",
         help="planned number of evaluations, told to the default rule (e.g. max epochs)",
     )
     parser.add_argument(
-        "--min-delta", type=float, default=0.0, metavar="X", help="improvement to beat (default 0)"
+        "--min-delta",
+        type=finite_at_least(0.0),
+        default=0.0,
+        metavar="X",
+        help="improvement to beat (default 0)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from haltpoint.cli.flags import UsageError
 from haltpoint.errors import CheckpointNotFoundError
 from haltpoint.policies.retention import best_record
 from haltpoint.stopping.modes import infer_mode
@@ -190,7 +191,9 @@ def resolve_monitor(
     the run's stopper watched is read back from `history()`, with a warning saying so.
 
     Raises:
-        ValueError: none can be chosen; the message lists the metrics and the options.
+        UsageError: `monitor` is not a metric there, or several are and none was given (the
+            message lists the metrics and names --monitor).
+        ValueError: the checkpoints hold no metrics.
     """
     names = metric_names(manifests)
     recorded = recorded_ranking(manifests)
@@ -215,13 +218,13 @@ def resolve_monitor(
                 "choose latest or a step"
             )
         if len(names) > 1:
-            raise ValueError(
+            raise UsageError(
                 f"cannot tell which metric ranks the checkpoints: they hold {', '.join(names)}"
                 f"{unrecorded}; pick one with --monitor NAME (and --mode min|max)"
             )
         monitor = names[0]
     elif monitor not in names:
-        raise ValueError(
+        raise UsageError(
             f"--monitor {monitor!r} is not a metric of these checkpoints; they hold "
             f"{', '.join(names) or 'no metrics'}"
         )
@@ -239,7 +242,7 @@ def mode_of(monitor: str) -> str:
     try:
         return infer_mode(monitor)
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"cannot tell whether a lower or a higher {monitor!r} is better; "
             "pass --mode min or --mode max"
         ) from None
@@ -262,7 +265,8 @@ def select_entry(
 
     Raises:
         CheckpointNotFoundError: no such intact checkpoint (the message lists the steps).
-        ValueError: `which` is malformed, or "best" cannot be ranked (see `resolve_monitor`).
+        UsageError: `which` is malformed (it names --which).
+        ValueError: "best" cannot be ranked (see `resolve_monitor`).
     """
     entries = committed(run.scan())
     if not entries:
@@ -287,7 +291,7 @@ def select_entry(
     try:
         step = int(which)
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"--which must be 'best', 'latest' or a step number, got {which!r}"
         ) from None
     for entry in entries:

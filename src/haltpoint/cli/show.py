@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import count
 from haltpoint.cli.output import Output, format_bytes, format_metrics, format_time
 from haltpoint.cli.runinfo import open_run, ranking_text, select_entry
 from haltpoint.errors import CorruptCheckpointError
@@ -214,5 +215,5 @@ def register(commands: Any) -> None:
         epilog=_EPILOG,
     )
     parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
-    parser.add_argument("--step", type=int, metavar="S", help="the checkpoint's step")
+    parser.add_argument("--step", type=count(0), metavar="S", help="the checkpoint's step")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")

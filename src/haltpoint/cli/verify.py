@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import folder_status, open_run, referenced_dirs
-from haltpoint.errors import CorruptCheckpointError
+from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.reader import RunReader
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes, is_sharded
 from haltpoint.store.storage import Storage
@@ -24,6 +24,7 @@ __all__ = ["CheckpointCheck", "register", "run", "verify_run"]
 
 _EPILOG = """\
   haltpoint verify runs/demo            exit status 0 when everything is intact, 1 if not
+                                        (or if the folder holds no checkpoint)
   haltpoint verify runs/demo --json"""
 
 _PROGRESS_BYTES = 64 << 20  # show a progress bar (on a terminal) from this much data
@@ -179,12 +180,15 @@ def run(args: argparse.Namespace, out: Output) -> int:
     else:
         results = verify_run(run_dir)
     damaged = [r for r in results if r.status == "damaged"]
+    if not any(r.status in ("intact", "damaged") for r in results):
+        raise CheckpointNotFoundError(
+            f"no checkpoint in {args.directory}, so nothing was verified; pass the folder a "
+            "Checkpointer wrote (it holds step-* folders with a manifest)",
+            path=args.directory,
+        )
     if args.json:
         out.json({"ok": not damaged, "checkpoints": [r.to_json() for r in results]})
         return 1 if damaged else 0
-    if not results:
-        out.note(f"no checkpoints in {args.directory}; nothing to verify")
-        return 0
     out.table(
         ["step", "status", "tensors", "size"],
         [[str(r.step), r.status, str(r.tensors), format_bytes(r.size)] for r in results],

@@ -1,0 +1,151 @@
+"""Checks of command-line values, each naming its flag: numbers (as argparse types) and the
+paths a command will write (checked before any work).
+
+Library code names Python parameters (`keep_last must be ...`); a command's user typed
+`--keep-last`. So every value is checked here, with the flag's name, before it reaches the
+library: argparse reports a bad type value as `argument --keep-last: ...`, and the path checks
+raise `UsageError` naming the flag. Both exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+
+__all__ = [
+    "UsageError",
+    "check_output_dir",
+    "check_output_file",
+    "count",
+    "finite_at_least",
+    "seed",
+    "write_failed",
+]
+
+_SEED_MAX = 2**32 - 1  # NumPy's seeds: 0 ... 2**32 - 1
+
+
+class UsageError(ValueError):
+    """The command line cannot work as given; the message names the flag (exit status 2)."""
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= `minimum`.
+
+    >>> count(1)("3")
+    3
+    >>> count(1)("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be an int >= 1, got '0'
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def finite_at_least(minimum: float) -> Callable[[str], float]:
+    """An argparse type: a finite float >= `minimum`.
+
+    >>> finite_at_least(0.0)("nan")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be a finite number >= 0, got 'nan'
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number >= {minimum:g}, got {text!r}"
+            )
+        return value
+
+    parse.__name__ = f"number >= {minimum:g}"
+    return parse
+
+
+def seed(text: str) -> int:
+    """An argparse type: a random seed, an int from 0 to 2**32 - 1.
+
+    >>> seed("7")
+    7
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= _SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an int from 0 to 2**32 - 1, got {text!r}")
+    return value
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def check_output_file(path: str, flag: str, suffixes: Sequence[str] = ()) -> None:
+    """Refuse, before any work, a file `path` that cannot be written.
+
+    Raises:
+        UsageError: `path` does not end with one of `suffixes`, is a folder, its folder does
+            not exist or is not a folder, or it or its folder is not writable.
+    """
+    if suffixes and not path.lower().endswith(tuple(suffixes)):
+        raise UsageError(f"{flag} must name a file ending with {', '.join(suffixes)}; got {path!r}")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; name a file in it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path}: {folder} {what}; name a file in an existing folder")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path} is not writable; pick a path you can write")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Refuse, before any work, a local folder `path` that cannot be created or written.
+
+    Missing folders on the way are fine (they are created); URLs are checked by their store.
+
+    Raises:
+        UsageError: `path` (or a folder on its way) is a file, or the nearest existing folder
+            is not writable.
+    """
+    if _is_url(path):
+        return
+    local = path.removeprefix("file://")
+    existing = os.path.abspath(local)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(local) else f"is inside file {existing}"
+        raise UsageError(f"{flag} {path} {where}, not a folder; pick a folder")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"{flag} {path} is not writable (in {existing}); pick another folder")
+
+
+def write_failed(flag: str, path: str, exc: BaseException) -> OSError:
+    """The one-line error of a write to `path` (given as `flag`) that failed midway.
+
+    >>> print(write_failed("-o", "m.safetensors", OSError(28, "No space left on device")))
+    cannot write -o m.safetensors: No space left on device
+    >>> print(write_failed("-o", "/proc/m", RuntimeError("I/O error: Denied (os error 13) at")))
+    cannot write -o /proc/m: Denied
+    """
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    io = re.search(r"I/O error: (.+?) \(os error \d+\)", reason)  # safetensors' own wording
+    return OSError(f"cannot write {flag} {path}: {' '.join((io[1] if io else reason).split())}")

@@ -1,0 +1,272 @@
+"""Every bad input the command can get: one line on stderr naming the flag, the documented exit
+status (docs/cli.md), never a traceback; and Ctrl-C at any moment, imports included."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import haltpoint
+from haltpoint import Checkpointer
+from haltpoint.cli import main
+from haltpoint.cli.app import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, build_parser
+
+USAGE, FAILURE = EXIT_USAGE, EXIT_FAILURE
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A run with a history, and the other things a user may point a command at."""
+    root = tmp_path_factory.mktemp("bad")
+    with Checkpointer(root / "run", async_save=False, capture_rng=False) as ckpt:
+        ckpt.save(5, {"model": {"w": torch.ones(3)}}, {"loss": 0.25})
+    (root / "empty").mkdir()
+    (root / "dir.safetensors").mkdir()
+    (root / "dir.png").mkdir()
+    (root / "file").write_text("not a folder")
+    (root / "notes.txt").write_text("dear diary\nnot json either\n")
+    (root / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    torch.save({"w": torch.ones(2)}, root / "weights.pt")
+    return {
+        "run": str(root / "run"),
+        "empty": str(root / "empty"),
+        "file": str(root / "file"),
+        "notes": str(root / "notes.txt"),
+        "binary": str(root / "binary.bin"),
+        "weights": str(root / "weights.pt"),
+        "dir_st": str(root / "dir.safetensors"),
+        "dir_png": str(root / "dir.png"),
+        "missing": str(root / "missing"),
+        "tmp": str(root),
+    }
+
+
+# (command line, exit status, a text the one line must hold: the flag, or what is wrong)
+CASES = [
+    # export: the output path, checked before any work
+    ("export {run} -o {tmp}/no/such/m.safetensors", USAGE, "-o"),
+    ("export {run} -o {file}/m.safetensors", USAGE, "-o"),
+    ("export {run} -o {dir_st}", USAGE, "-o"),
+    ("export {run} -o {tmp}/m.pt", USAGE, "-o"),
+    ("export {run} --which soon -o {tmp}/m.safetensors", USAGE, "--which"),
+    ("export {run} --which -3 -o {tmp}/m.safetensors", USAGE, "--which"),
+    ("export {run} --key nope -o {tmp}/m.safetensors", USAGE, "--key"),
+    ("export {run} --monitor nope -o {tmp}/m.safetensors", USAGE, "--monitor"),
+    ("export {run}", USAGE, "-o"),
+    ("export {missing} -o {tmp}/m.safetensors", FAILURE, "does not exist"),
+    ("export {run} --which 99 -o {tmp}/m.safetensors", FAILURE, "step 99"),
+    # plot
+    ("plot {run} -o {tmp}/no/such/curves.png", USAGE, "-o"),
+    ("plot {run} -o {file}/curves.png", USAGE, "-o"),
+    ("plot {run} -o {dir_png}", USAGE, "-o"),
+    ("plot {run} -o {tmp}/curves.txt", USAGE, "-o"),
+    ("plot {run} --metric nope", USAGE, "--metric"),
+    ("plot {run} --monitor nope", USAGE, "--monitor"),
+    ("plot {run} --mode sideways", USAGE, "--mode"),
+    ("plot {empty}", FAILURE, "history.jsonl"),
+    ("plot {file}", FAILURE, "is not a folder"),
+    # demo: refused before anything is printed or trained
+    ("demo --run-dir {file}", USAGE, "--run-dir"),
+    ("demo --run-dir {file}/sub", USAGE, "--run-dir"),
+    ("demo --seed -5", USAGE, "--seed"),
+    ("demo --seed 4294967296", USAGE, "--seed"),
+    ("demo --seed x", USAGE, "--seed"),
+    ("demo --epochs 0", USAGE, "--epochs"),
+    # gc: values are the CLI's flags, never the library's parameters
+    ("gc {run} --keep-last 0", USAGE, "--keep-last"),
+    ("gc {run} --keep-last -1", USAGE, "--keep-last"),
+    ("gc {run} --keep-last 1.5", USAGE, "--keep-last"),
+    ("gc {run} --keep-best -1", USAGE, "--keep-best"),
+    ("gc {run} --keep-every 0", USAGE, "--keep-every"),
+    ("gc {run}", USAGE, "--keep-last"),
+    ("gc {run} --keep-best 1 --monitor nope", USAGE, "--monitor"),
+    ("gc {empty} --keep-last 1", FAILURE, "holds no checkpoint"),
+    ("gc {missing} --keep-last 1", FAILURE, "does not exist"),
+    # show, ls, verify
+    ("show {run} --step -1", USAGE, "--step"),
+    ("show {run} --step x", USAGE, "--step"),
+    ("show {run} --step 99", FAILURE, "step 99"),
+    ("show {empty}", FAILURE, "no intact checkpoint"),
+    ("ls {run} --monitor nope", USAGE, "--monitor"),
+    ("ls {file}", FAILURE, "is not a folder"),
+    ("verify {empty}", FAILURE, "no checkpoint"),
+    ("verify {empty} --json", FAILURE, "no checkpoint"),
+    ("verify {tmp}", FAILURE, "no checkpoint"),
+    ("verify {file}", FAILURE, "is not a folder"),
+    # replay
+    ("replay {notes}", FAILURE, "is not a haltpoint history"),
+    ("replay {binary}", FAILURE, "is not a haltpoint history"),
+    ("replay {file}", FAILURE, "is not a haltpoint history"),
+    ("replay {empty}", FAILURE, "history.jsonl"),
+    ("replay {run} --metric nope", USAGE, "--metric"),
+    ("replay {run} --patience x", USAGE, "--patience"),
+    ("replay {run} --patience 3,-1", USAGE, "--patience"),
+    ("replay {run} --min-delta nan", USAGE, "--min-delta"),
+    ("replay {run} --min-delta -1", USAGE, "--min-delta"),
+    ("replay {run} --horizon 0", USAGE, "--horizon"),
+    # import
+    ("import {weights} -o {file}", USAGE, "-o"),
+    ("import {weights} -o {file}/run", USAGE, "-o"),
+    ("import {weights} -o {tmp}/imported --step -1", USAGE, "--step"),
+    ("import {notes} -o {tmp}/imported", FAILURE, "cannot read"),
+    ("import {missing} -o {tmp}/imported", FAILURE, "does not exist"),
+    # the parser itself
+    ("frobnicate", USAGE, "frobnicate"),
+    ("ls {run} --bogus", USAGE, "--bogus"),
+    ("ls", USAGE, "DIR"),
+]
+
+
+@pytest.mark.parametrize(("line", "code", "named"), CASES, ids=[c[0] for c in CASES])
+def test_a_bad_input_is_one_line_and_the_documented_status(
+    line: str, code: int, named: str, places: dict[str, str], capsys, monkeypatch
+):
+    monkeypatch.chdir(places["tmp"])  # demo's default run directory lands there, if at all
+    argv = [part.format(**places) for part in line.split()]
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("haltpoint: error: ")
+    assert named in captured.err
+    assert captured.out == ""
+    assert not os.path.exists(os.path.join(places["tmp"], "runs"))  # the demo trained nothing
+    assert not os.path.exists(os.path.join(places["tmp"], "imported"))
+
+
+def test_every_numeric_flag_is_checked_by_the_cli_naming_the_flag():
+    """A bare `type=int` would pass -5 on to the library, whose error names a parameter."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    bare = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.type in (int, float)
+    ]
+    assert bare == []
+
+
+def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(
+    places: dict[str, str], tmp_path: Path, capsys, monkeypatch
+):
+    import safetensors
+    import safetensors.torch
+
+    def full_disk(tensors, path, metadata=None):  # type: ignore[no-untyped-def]
+        Path(path).write_bytes(b"half")
+        raise safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    target = tmp_path / "m.safetensors"
+    assert main(["export", places["run"], "-o", str(target)]) == FAILURE
+    assert capsys.readouterr().err == (
+        f"haltpoint: error: cannot write -o {target}: No space left on device\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_folder_is_refused_before_any_work(
+    places: dict[str, str], tmp_path: Path, capsys
+):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        for argv in (
+            ["export", places["run"], "-o", str(locked / "m.safetensors")],
+            ["plot", places["run"], "-o", str(locked / "c.png")],
+            ["demo", "--run-dir", str(locked / "run")],
+        ):
+            assert main(argv) == USAGE
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is not writable" in err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(
+    tmp_path: Path, capsys, monkeypatch
+):
+    import haltpoint.cli.demo
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(haltpoint.cli.demo, "train_demo", interrupted)
+    run = tmp_path / "never"
+    assert main(["demo", "--run-dir", str(run)]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        "haltpoint: interrupted before the first checkpoint; nothing saved; start again with: "
+        f"haltpoint demo --run-dir {run}"
+    )
+
+
+def test_ctrl_c_in_a_read_only_command_says_nothing_changed(
+    places: dict[str, str], capsys, monkeypatch
+):
+    import haltpoint.cli.verify
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(haltpoint.cli.verify, "verify_run", interrupted)
+    assert main(["verify", places["run"]]) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "haltpoint: interrupted; nothing was changed\n"
+
+
+def test_ctrl_c_during_an_export_leaves_no_half_written_file(
+    places: dict[str, str], tmp_path: Path, capsys, monkeypatch
+):
+    import safetensors.torch
+
+    def interrupted(tensors, path, metadata=None):  # type: ignore[no-untyped-def]
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    target = tmp_path / "m.safetensors"
+    assert main(["export", places["run"], "-o", str(target)]) == EXIT_INTERRUPTED
+    assert "never half-written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_haltpoint_imports_no_torch_and_every_name_resolves():
+    code = "import sys, haltpoint; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "False\n"
+    for name in haltpoint.__all__:
+        assert getattr(haltpoint, name) is not None
+    assert set(haltpoint.__all__) <= set(dir(haltpoint))
+
+
+def test_ctrl_c_during_the_imports_is_one_line_and_130(places: dict[str, str]):
+    """SIGINT while torch is being imported (told by -X importtime's lines as they come)."""
+    child = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "haltpoint", "ls", places["run"]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert child.stderr is not None
+    for line in child.stderr:
+        if " torch." in line:  # a submodule of torch done: torch itself is still importing
+            child.send_signal(signal.SIGINT)
+            break
+    out, err = child.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert child.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert lines == ["haltpoint: interrupted; nothing was done"]
+    assert out == ""
