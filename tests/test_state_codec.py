@@ -337,7 +337,7 @@ MALFORMED = [
     ({TAG: "int", "v": "zz"}, "cannot decode"),
     ({TAG: "bytes", "b64": "***"}, "cannot decode"),
     ({TAG: "torch.dtype", "v": "nn"}, "cannot decode"),
-    ({TAG: "torch.dtype", "v": "ones"}, "is not a dtype"),
+    ({TAG: "torch.dtype", "v": "ones"}, "is not the name of a torch dtype"),
     ({TAG: "numpy", "dtype": "object", "v": 1}, "unsupported numpy scalar"),
     ({TAG: "dict", "items": [[1]]}, r"\[key, value\] pair"),
     ({TAG: "dict", "items": [[[1], 2]]}, "cannot decode"),

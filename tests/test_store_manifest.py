@@ -183,11 +183,11 @@ DAMAGED: list[tuple[str, bytes, str]] = [
     ("crlf", GOOD[:-1] + b"\r\n", r"not in canonical form"),
     ("missing-field", without("versions"), r"missing \['versions'\]"),
     ("extra-field", mutated(owner="x"), r"unexpected \['owner'\]"),
-    ("step-negative", mutated(step=-1), r"step -1 is not a non-negative int"),
+    ("step-negative", mutated(step=-1), r"step -1 is not an int in \[0, 2\*\*63\)"),
     ("step-bool", mutated(step=True), r"step True is not"),
     ("step-float", mutated(step=7.0), r"step 7.0 is not"),
     ("step-string", mutated(step="7"), r"step '7' is not"),
-    ("time-string", mutated(time="noon"), r"time 'noon' is not a number"),
+    ("time-string", mutated(time="noon"), r"time 'noon' is not a unix time"),
     ("version-string", mutated(format_version="1"), r"format_version '1' is not"),
     ("version-zero", mutated(format_version=0), r"format_version 0 is not"),
     ("metrics-list", mutated(metrics=[1]), r"metrics is not a JSON object"),
@@ -232,7 +232,7 @@ def test_newer_format_says_to_upgrade() -> None:
 
 
 def test_oversized_manifests_are_refused_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert manifest_module.MAX_MANIFEST_BYTES == 256 << 20
+    assert manifest_module.MAX_MANIFEST_BYTES == 64 << 20
     monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", len(GOOD) - 1)
     with pytest.raises(CorruptCheckpointError, match=rf"{len(GOOD)} bytes is over the"):
         Manifest.decode(GOOD, source="s")
@@ -359,3 +359,33 @@ def test_a_malformed_ranking_is_a_damaged_manifest(ranking: object) -> None:
     data = mutated(extra={"ranking": ranking})
     with pytest.raises(CorruptCheckpointError, match=r"extra\['ranking'\] needs a monitor"):
         Manifest.decode(data, source="m")
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ("MAX_MANIFEST_CONTAINERS", "JSON containers is over the limit of 5"),
+        ("MAX_MANIFEST_VALUES", "JSON values is over the limit of 5"),
+    ],
+)
+def test_element_counts_are_refused_before_parsing(
+    monkeypatch: pytest.MonkeyPatch, limit: str, message: str
+) -> None:
+    monkeypatch.setattr(manifest_module, limit, 5)
+
+    def never(text: Any) -> Any:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(manifest_module, "strict_loads", never)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        Manifest.decode(GOOD, source="s")
+
+
+def test_the_limits_hold_a_checkpoint_of_200_000_tensors() -> None:
+    per_tensor = (310, 6.3, 11.7)  # bytes, containers, commas: measured, docs/format.md
+    limits = (
+        manifest_module.MAX_MANIFEST_BYTES,
+        manifest_module.MAX_MANIFEST_CONTAINERS,
+        manifest_module.MAX_MANIFEST_VALUES,
+    )
+    assert all(limit >= 200_000 * need for limit, need in zip(limits, per_tensor, strict=True))

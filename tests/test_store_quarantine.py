@@ -244,10 +244,10 @@ def test_a_manifest_of_a_newer_format_or_one_unreadable_now_is_never_moved(
     manifest.write_bytes(original)
     real = LocalStorage.read_bytes
 
-    def denied(self: LocalStorage, rel: str) -> bytes:
+    def denied(self: LocalStorage, rel: str, limit: int | None = None) -> bytes:
         if rel == f"{checkpoint_dirname(15)}/manifest.json":
             raise PermissionError(13, "Permission denied")
-        return real(self, rel)
+        return real(self, rel, limit)
 
     monkeypatch.setattr(LocalStorage, "read_bytes", denied)
     with pytest.warns(UserWarning, match="Permission denied"), writer(str(run)) as ckpt:

@@ -200,10 +200,10 @@ def test_clean_up_at_open_keeps_files_an_unreadable_manifest_may_reference(
     run, shared = _deduplicated_run(tmp_path)
     real = LocalStorage.read_bytes
 
-    def denied(self: LocalStorage, rel: str) -> bytes:
+    def denied(self: LocalStorage, rel: str, limit: int | None = None) -> bytes:
         if rel == "step-000000001/manifest.json":  # as chmod 000 does for a non-root user
             raise PermissionError(13, "Permission denied", rel)
-        return real(self, rel)
+        return real(self, rel, limit)
 
     monkeypatch.setattr(LocalStorage, "read_bytes", denied)
     with pytest.warns(UserWarning, match="deleted no leftover files"):

@@ -109,11 +109,15 @@ class RunReader:
         return [self.info(e) for e in self.run.committed()]
 
     def entry(self, step: int, entries: list[Entry] | None = None) -> Entry:
-        """The committed checkpoint of `step`; `CheckpointNotFoundError` naming the others."""
+        """The committed checkpoint of `step`; `CheckpointNotFoundError` naming the others,
+        or the `CorruptCheckpointError` of its damaged manifest."""
         entries = self.run.committed() if entries is None else entries
         for entry in entries:
             if entry.step == step:
                 return entry
+        for entry in self.run.scan():
+            if entry.step == step and entry.error is not None:
+                raise entry.error
         raise CheckpointNotFoundError(
             f"no intact checkpoint for step {step} in {self.directory}; "
             f"available: {_steps(entries)}",

@@ -265,11 +265,13 @@ def select_entry(
 
     Raises:
         CheckpointNotFoundError: no such intact checkpoint (the message lists the steps).
+        CorruptCheckpointError: the step's manifest is damaged (the message says how).
         UsageError: `which` is malformed (it names --which).
         ValueError: "best" cannot be ranked (see `resolve_monitor`).
     """
-    entries = committed(run.scan())
-    if not entries:
+    scanned = run.scan()
+    entries = committed(scanned)
+    if not entries and which in ("latest", "best"):
         raise CheckpointNotFoundError(
             f"no intact checkpoint in {run.storage.url}; run `haltpoint ls` to see what is there",
             path=run.storage.url,
@@ -294,8 +296,10 @@ def select_entry(
         raise UsageError(
             f"--which must be 'best', 'latest' or a step number, got {which!r}"
         ) from None
-    for entry in entries:
-        if entry.step == step:
+    for entry in scanned:
+        if entry.step == step and entry.error is not None:
+            raise entry.error  # what is wrong with it, naming the field
+        if entry.step == step and entry.committed:
             return entry
     raise CheckpointNotFoundError(
         f"no intact checkpoint for step {step} in {run.storage.url}; "

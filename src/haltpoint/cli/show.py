@@ -49,7 +49,10 @@ class TensorLeaf:
 
 
 def _leaf_text(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4,300 digits, inside `value`
+        text = f"<a {type(value).__name__} holding an int too long to print>"
     return text if len(text) <= _MAX_VALUE else text[: _MAX_VALUE - 3] + "..."
 
 

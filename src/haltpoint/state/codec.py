@@ -37,6 +37,7 @@ import binascii
 import enum
 import json
 import math
+import re
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -57,6 +58,10 @@ TENSOR_TAG = "__tensor__"
 
 _RESERVED = frozenset({TAG, TENSOR_TAG})
 _INT_LIMIT = 2**63
+MAX_DEPTH = 64
+"""The deepest nesting of containers `decode_value` accepts (real states nest under 10)."""
+_DEVICE = re.compile(r"[a-z][a-z0-9_]{0,31}(:[0-9]{1,4})?")
+_DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if type(v) is torch.dtype}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _NUMPY_SCALARS = frozenset(
     {
@@ -221,11 +226,21 @@ def _encode_float(value: float) -> Any:
 class _Decoder:
     def __init__(self, on_tensor: RefHook | None) -> None:
         self.on_tensor = on_tensor
+        self.depth = 0
 
     def decode(self, obj: Any, where: str) -> Any:
-        cls = type(obj)
-        if obj is None or cls in (bool, int, float, str):
+        if obj is None or type(obj) in (bool, int, float, str):
             return obj
+        if self.depth >= MAX_DEPTH:
+            _corrupt(where, f"containers nest deeper than {MAX_DEPTH} levels")
+        self.depth += 1
+        try:
+            return self._container(obj, where)
+        finally:
+            self.depth -= 1
+
+    def _container(self, obj: Any, where: str) -> Any:
+        cls = type(obj)
         if cls is list:
             return [self.decode(item, child_path(where, i)) for i, item in enumerate(obj)]
         if cls is not dict:
@@ -260,7 +275,7 @@ class _Decoder:
         if tag == "tuple":
             return tuple(self.decode(item, child_path(where, i)) for i, item in enumerate(items))
         if tag == "torch.Size":
-            return torch.Size([_strict_int(item) for item in items])
+            return torch.Size([_int64(item) for item in items])
         if tag in ("set", "frozenset"):
             decoded = [self.decode(item, where) for item in items]
             return set(decoded) if tag == "set" else frozenset(decoded)
@@ -273,9 +288,11 @@ class _Decoder:
         return dict(pairs) if tag == "dict" else OrderedDict(pairs)
 
 
-def _strict_int(value: Any) -> int:
+def _int64(value: Any) -> int:
     if type(value) is not int:
         raise TypeError(f"expected an int, got {type_name(value)}")
+    if not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise ValueError(f"{value} does not fit in 64 bits")
     return value
 
 
@@ -284,7 +301,10 @@ def _decode_float(_: _Decoder, obj: dict[str, Any], where: str) -> float:
 
 
 def _decode_int(_: _Decoder, obj: dict[str, Any], where: str) -> int:
-    return int(obj["v"], 16)
+    text = obj["v"]
+    if type(text) is not str:
+        raise TypeError(f"expected a hex string, got {type_name(text)}")
+    return int(text, 16)
 
 
 def _decode_complex(decoder: _Decoder, obj: dict[str, Any], where: str) -> complex:
@@ -300,21 +320,47 @@ def _decode_bytes(_: _Decoder, obj: dict[str, Any], where: str) -> bytes | bytea
 
 
 def _decode_dtype(_: _Decoder, obj: dict[str, Any], where: str) -> torch.dtype:
-    dtype = getattr(torch, obj["v"])
-    if type(dtype) is not torch.dtype:
-        raise ValueError(f"torch.{obj['v']} is not a dtype")
-    return dtype
+    name = obj["v"]
+    if type(name) is not str or name not in _DTYPES:
+        raise ValueError(f"{_short(name)} is not the name of a torch dtype")
+    return _DTYPES[name]
 
 
 def _decode_device(_: _Decoder, obj: dict[str, Any], where: str) -> torch.device:
-    return torch.device(obj["v"])
+    text = obj["v"]
+    if type(text) is not str or not _DEVICE.fullmatch(text):
+        raise ValueError(f"{_short(text)} is not a device string such as 'cpu' or 'cuda:0'")
+    try:
+        return torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
 
 
 def _decode_numpy(decoder: _Decoder, obj: dict[str, Any], where: str) -> np.generic:
-    if obj["dtype"] not in _NUMPY_SCALARS:
-        raise ValueError(f"unsupported numpy scalar type {obj['dtype']!r}")
-    result: np.generic = np.dtype(obj["dtype"]).type(decoder.decode(obj["v"], where))
+    name = obj["dtype"]
+    if type(name) is not str or name not in _NUMPY_SCALARS:
+        raise ValueError(f"unsupported numpy scalar type {_short(name)}")
+    dtype = np.dtype(name)
+    value = decoder.decode(obj["v"], child_path(where, "v"))
+    _check_numpy(dtype, value)
+    result: np.generic = dtype.type(value)
     return result
+
+
+def _check_numpy(dtype: np.dtype[Any], value: Any) -> None:
+    """ValueError/TypeError unless `value` is what `encode_value` writes for `dtype`."""
+    want = {"b": bool, "i": int, "u": int, "f": float, "c": complex}[dtype.kind]
+    if type(value) is not want:
+        raise TypeError(f"a numpy {dtype.name} holds a {want.__name__}, not a {type_name(value)}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise ValueError(f"{value} is outside the range of {dtype.name}"[:200])
+    elif isinstance(value, (float, complex)):
+        limit = float(np.finfo(dtype).max)
+        parts = (value.real, value.imag)
+        if any(math.isfinite(p) and abs(p) > limit for p in parts):
+            raise ValueError(f"{value} is outside the range of {dtype.name}")
 
 
 _ITEM_TAGS = frozenset(["tuple", "set", "frozenset", "dict", "OrderedDict", "torch.Size"])

@@ -32,7 +32,14 @@ from haltpoint.errors import CorruptCheckpointError, UnsupportedStateError
 from haltpoint.state._common import child_path, is_stateful, type_name, unwrap_module
 from haltpoint.state.codec import TENSOR_TAG, decode_value, encode_value
 
-__all__ = ["KINDS", "TENSOR_TAG", "FlatState", "flatten_state", "unflatten_state"]
+__all__ = [
+    "KINDS",
+    "TENSOR_TAG",
+    "FlatState",
+    "check_tree",
+    "flatten_state",
+    "unflatten_state",
+]
 
 KINDS = ("stateful", "tensor", "value")
 """The kinds of tree entries."""
@@ -109,32 +116,100 @@ def unflatten_state(tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     if not isinstance(tree, Mapping):
         raise CorruptCheckpointError(f"the state tree must be a JSON object, got {type_name(tree)}")
     resolver = _Resolver(tensors)
-    saved: dict[str, Any] = {}
+    return {name: _entry_value(name, entry, resolver) for name, entry in tree.items()}
+
+
+def check_tree(tree: Mapping[str, Any], dtypes: Mapping[str, torch.dtype]) -> None:
+    """Check that `unflatten_state` can rebuild ``tree`` from tensors of these ``dtypes``
+    (by key), without reading them: every field decodes, every reference names a tensor.
+
+    Raises:
+        CorruptCheckpointError: naming the field that is malformed.
+
+    >>> flat = flatten_state({"model": torch.nn.Linear(2, 1), "epoch": 7})
+    >>> check_tree(flat.tree, {"model.weight": torch.float32, "model.bias": torch.float32})
+    >>> check_tree(flat.tree, {})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    haltpoint.errors.CorruptCheckpointError: the state tree references tensor 'model.weight' ...
+    """
+    if not isinstance(tree, Mapping):
+        raise CorruptCheckpointError(f"the state tree must be a JSON object, got {type_name(tree)}")
+    refs = _RefCheck(dtypes)
     for name, entry in tree.items():
-        where = child_path("tree", name)
-        if (
-            not isinstance(entry, Mapping)
-            or entry.get("kind") not in KINDS
-            or "content" not in entry
-        ):
+        _entry_value(name, entry, refs)
+
+
+_ENTRY_FIELDS = frozenset({"kind", "type", "content", "container", "metadata"})
+
+
+def _entry_value(name: str, entry: Any, resolver: Any) -> Any:
+    """The saved value of one top-level entry of the tree, every field checked."""
+    where = child_path("tree", name)
+    if (
+        not isinstance(entry, Mapping)
+        or entry.get("kind") not in KINDS
+        or "content" not in entry
+        or not set(entry) <= _ENTRY_FIELDS
+        or type(entry.get("type", "")) is not str
+    ):
+        raise CorruptCheckpointError(
+            f"the state tree is malformed at {where}: expected an object with 'kind' (one "
+            f"of {', '.join(KINDS)}) and 'content', and at most 'type' (a string), "
+            "'container' and 'metadata' besides"
+        )
+    content_at = child_path(where, "content")
+    value = decode_value(entry["content"], where=content_at, on_tensor=resolver)
+    container = entry.get("container")
+    if entry["kind"] == "tensor" and not isinstance(value, (torch.Tensor, np.ndarray, _Ref)):
+        raise CorruptCheckpointError(
+            f"the state tree is malformed at {content_at}: a tensor entry holds a "
+            f"{type_name(value)}, not a tensor reference"
+        )
+    if container is None:
+        if "metadata" in entry:
             raise CorruptCheckpointError(
-                f"the state tree is malformed at {where}: expected an object with 'kind' (one "
-                f"of {', '.join(KINDS)}) and 'content'"
+                f"the state tree is malformed at {where}: 'metadata' without a container"
             )
-        content_at = child_path(where, "content")
-        value = decode_value(entry["content"], where=content_at, on_tensor=resolver)
-        if entry["kind"] == "stateful" and entry.get("container") == "OrderedDict":
-            if not isinstance(value, dict):
-                raise CorruptCheckpointError(
-                    f"the state tree is malformed at {content_at}: an OrderedDict container "
-                    f"holds a {type_name(value)}"
-                )
-            value = OrderedDict(value)
-            if "metadata" in entry:
-                metadata = decode_value(entry["metadata"], where=child_path(where, "metadata"))
-                value._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
-        saved[name] = value
-    return saved
+        return value
+    if container != "OrderedDict" or entry["kind"] != "stateful":
+        raise CorruptCheckpointError(
+            f"the state tree is malformed at {child_path(where, 'container')}: only a "
+            f"stateful entry has a container, and only 'OrderedDict', got {container!r}"
+        )
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(
+            f"the state tree is malformed at {content_at}: an OrderedDict container "
+            f"holds a {type_name(value)}"
+        )
+    value = OrderedDict(value)
+    if "metadata" in entry:
+        at = child_path(where, "metadata")
+        value._metadata = _module_metadata(decode_value(entry["metadata"], where=at), at)  # type: ignore[attr-defined]
+    return value
+
+
+def _module_metadata(metadata: Any, where: str) -> OrderedDict[str, Any]:
+    """A module state dict's `_metadata`: submodule prefix -> {"version": int or None}."""
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpointError(
+            f"the state tree is malformed at {where}: module metadata must be an object of "
+            f"objects, got a {type_name(metadata)}"
+        )
+    for prefix, local in metadata.items():
+        at = child_path(where, prefix)
+        if type(prefix) is not str or not isinstance(local, dict):
+            raise CorruptCheckpointError(
+                f"the state tree is malformed at {at}: module metadata maps module names to "
+                f"objects, got {type_name(prefix)} -> {type_name(local)}"
+            )
+        version = local.get("version")
+        if not all(type(k) is str for k in local) or not (version is None or type(version) is int):
+            raise CorruptCheckpointError(
+                f"the state tree is malformed at {at}: module metadata holds string keys and "
+                f"an int 'version', got {local!r}"[:300]
+            )
+    return OrderedDict(metadata)
 
 
 def _check_name(name: Any) -> None:
@@ -266,32 +341,64 @@ class _Resolver:
         self.arrays: dict[tuple[str, str], np.ndarray] = {}
 
     def __call__(self, ref: Mapping[str, Any], where: str) -> Any:
-        key = ref.get(TENSOR_TAG)
-        if type(key) is not str or not set(ref) <= {TENSOR_TAG, _NUMPY_KEY}:
-            raise CorruptCheckpointError(
-                f"the state tree is malformed at {where}: bad tensor reference {dict(ref)!r}"
-            )
-        if key not in self.tensors:
-            raise CorruptCheckpointError(
-                f"the state tree references tensor {key!r} at {where}, but the checkpoint has "
-                "no tensor of that name"
-            )
+        key = _ref_key(ref, where, self.tensors)
         tensor = self.tensors[key]
         if _NUMPY_KEY not in ref:
             return tensor
         dtype = ref[_NUMPY_KEY]
         if (key, dtype) not in self.arrays:
-            try:
-                array = tensor.detach().cpu().numpy()
-                want = np.dtype(dtype)
-                if want.newbyteorder("=") != array.dtype:
-                    raise ValueError(f"the tensor holds {array.dtype}")
-            except (TypeError, ValueError) as exc:
-                raise CorruptCheckpointError(
-                    f"the state tree is malformed at {where}: cannot make a numpy array of "
-                    f"dtype {dtype!r} from tensor {key!r} ({exc})"
-                ) from None
+            want = _numpy_dtype(dtype, tensor.dtype, key, where)
+            array = tensor.detach().cpu().numpy()
             if want != array.dtype:
                 array = array.astype(want)
             self.arrays[key, dtype] = array
         return self.arrays[key, dtype]
+
+
+class _Ref:
+    """What `check_tree` decodes a tensor reference to."""
+
+
+class _RefCheck:
+    """Checks tensor references against the dtypes of the tensors, without their bytes."""
+
+    def __init__(self, dtypes: Mapping[str, torch.dtype]) -> None:
+        self.dtypes = dtypes
+        self.ref = _Ref()
+
+    def __call__(self, ref: Mapping[str, Any], where: str) -> _Ref:
+        key = _ref_key(ref, where, self.dtypes)
+        if _NUMPY_KEY in ref:
+            _numpy_dtype(ref[_NUMPY_KEY], self.dtypes[key], key, where)
+        return self.ref
+
+
+def _ref_key(ref: Mapping[str, Any], where: str, tensors: Mapping[str, Any]) -> str:
+    key = ref.get(TENSOR_TAG)
+    if type(key) is not str or not set(ref) <= {TENSOR_TAG, _NUMPY_KEY}:
+        raise CorruptCheckpointError(
+            f"the state tree is malformed at {where}: bad tensor reference {dict(ref)!r}"[:300]
+        )
+    if key not in tensors:
+        raise CorruptCheckpointError(
+            f"the state tree references tensor {key!r} at {where}, but the checkpoint has "
+            "no tensor of that name"
+        )
+    return key
+
+
+def _numpy_dtype(name: Any, dtype: torch.dtype, key: str, where: str) -> np.dtype[Any]:
+    """The numpy dtype a reference asks for, if a tensor of `dtype` can give it."""
+    try:
+        if type(name) is not str or len(name) > 8:
+            raise ValueError("not a numpy dtype string")
+        want = np.dtype(name)
+        have = torch.empty(0, dtype=dtype).numpy().dtype
+        if want.kind not in "biufc" or want.newbyteorder("=") != have:
+            raise ValueError(f"the tensor holds {have}")
+    except (TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"the state tree is malformed at {where}: cannot make a numpy array of "
+            f"dtype {name!r} from tensor {key!r} ({exc})"[:300]
+        ) from None
+    return want

@@ -23,6 +23,9 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_CONTAINERS",
+    "MAX_MANIFEST_DEPTH",
+    "MAX_MANIFEST_VALUES",
     "RANKING_KEY",
     "DamagedManifestError",
     "Manifest",
@@ -31,7 +34,18 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-MAX_MANIFEST_BYTES = 256 << 20
+# A manifest takes ~310 bytes, 6.3 JSON containers and 11.7 values per tensor (measured on a
+# model of 10,000 tensors with Adam's two states each): the limits hold ~200,000 tensors, and
+# keep the memory a crafted manifest costs to parse near that of a real one (docs/reliability.md).
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_MANIFEST_CONTAINERS = 2_000_000
+"""The most `{` and `[` a manifest's bytes may hold (counted before parsing)."""
+MAX_MANIFEST_VALUES = 4_000_000
+"""The most `,` a manifest's bytes may hold (counted before parsing)."""
+MAX_MANIFEST_DEPTH = 100
+"""The deepest nesting of JSON containers in a manifest's `tree` and `extra`."""
+_MAX_TIME = 32503680000.0  # 3000-01-01: a manifest's time is a unix time before then
+_INT64 = 2**63
 _FIELDS = ("extra", "format_version", "metrics", "step", "tensors", "time", "tree", "versions")
 _TAG = "$float"
 RANKING_KEY = "ranking"  # the manifest's `extra` key of the writer's monitor and mode
@@ -87,7 +101,7 @@ def _encode_metric(name: str, value: object) -> int | float | dict[str, str]:
 
 
 def _decode_metric(value: Any) -> float:
-    if _is_int(value) or isinstance(value, float):
+    if (_is_int(value) and -_INT64 <= value < _INT64) or isinstance(value, float):
         return value
     if isinstance(value, dict) and list(value) == [_TAG] and value[_TAG] in _NONFINITE:
         return _NONFINITE[value[_TAG]]
@@ -137,6 +151,37 @@ class Ranking:
                 f"(min or max), and nothing else; got {value!r}"
             )
         return cls(monitor, value["mode"])
+
+
+def _over_limits(data: bytes) -> str | None:
+    """What makes `data` too large to parse, counted without parsing (an over-count: the
+    characters inside strings count too), or None."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        return f"{len(data)} bytes is over the limit of {MAX_MANIFEST_BYTES} bytes (64 MiB)"
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > MAX_MANIFEST_CONTAINERS:
+        return f"{containers} JSON containers is over the limit of {MAX_MANIFEST_CONTAINERS}"
+    values = data.count(b",")
+    if values > MAX_MANIFEST_VALUES:
+        return f"{values} JSON values is over the limit of {MAX_MANIFEST_VALUES}"
+    return None
+
+
+def _check_depth(value: Any, where: str, limit: int) -> None:
+    """ValueError naming `where` if containers nest more than `limit` levels under it (one
+    iterator per level: no memory for wide containers)."""
+    stack = [iter([value])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, (dict, list)) and item:
+                if len(stack) > limit:
+                    raise ValueError(
+                        f"{where} nests containers deeper than {MAX_MANIFEST_DEPTH} levels"
+                    )
+                stack.append(iter(item.values() if isinstance(item, dict) else item))
+                break
+        else:
+            stack.pop()
 
 
 @dataclass
@@ -239,8 +284,9 @@ class Manifest:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
         data = bytes(data)
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise corrupt(f"{len(data)} bytes is over the {MAX_MANIFEST_BYTES}-byte limit")
+        problem = _over_limits(data)
+        if problem is not None:
+            raise corrupt(problem)
         try:
             obj = strict_loads(data.decode("utf-8"))
             if not isinstance(obj, dict):
@@ -279,15 +325,18 @@ class Manifest:
         step, time, version = obj["step"], obj["time"], obj["format_version"]
         if not _is_int(version) or version < 1:
             raise ValueError(f"format_version {version!r} is not a positive int")
-        if not _is_int(step) or step < 0:
-            raise ValueError(f"step {step!r} is not a non-negative int")
-        if not (_is_int(time) or isinstance(time, float)):
-            raise ValueError(f"time {time!r} is not a number")
+        if not _is_int(step) or not 0 <= step < _INT64:
+            raise ValueError(f"step {step!r} is not an int in [0, 2**63)")
+        if not (_is_int(time) or isinstance(time, float)) or not 0 <= time <= _MAX_TIME:
+            raise ValueError(f"time {time!r} is not a unix time in seconds before the year 3000")
         for name in ("metrics", "tree", "tensors", "versions", "extra"):
             if not isinstance(obj[name], dict):
                 raise ValueError(f"{name} is not a JSON object")
         if RANKING_KEY in obj["extra"]:
             Ranking.parse(obj["extra"][RANKING_KEY], "the record")
+        for name in ("tree", "extra"):
+            for key, value in obj[name].items():
+                _check_depth(value, f"{name}[{key!r}]", MAX_MANIFEST_DEPTH - 2)
         if not all(isinstance(v, str) for v in obj["versions"].values()):
             raise ValueError("versions holds a value that is not a string")
         metrics = {}

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from haltpoint.errors import CorruptCheckpointError
-from haltpoint.store.manifest import MANIFEST_NAME, Manifest
+from haltpoint.store.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from haltpoint.store.storage import Storage
 
 __all__ = ["QUARANTINE_DIR", "Quarantined", "list_quarantined", "move_to_quarantine"]
@@ -46,7 +46,8 @@ def list_quarantined(storage: Storage) -> list[Quarantined]:
         rel = f"{QUARANTINE_DIR}/{name}"
         manifest, error = None, None
         try:
-            manifest = Manifest.decode(storage.read_bytes(rel), source=f"{storage.url}/{rel}")
+            data = storage.read_bytes(rel, MAX_MANIFEST_BYTES + 1)
+            manifest = Manifest.decode(data, source=f"{storage.url}/{rel}")
         except OSError as exc:
             error = CorruptCheckpointError(f"cannot read {storage.url}/{rel}: {exc}", path=rel)
         except CorruptCheckpointError as exc:

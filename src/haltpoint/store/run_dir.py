@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.errors import CheckpointExistsError, CorruptCheckpointError
-from haltpoint.store.manifest import MANIFEST_NAME, Manifest
+from haltpoint.state.tree import check_tree
+from haltpoint.store.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    DamagedManifestError,
+    Manifest,
+)
 from haltpoint.store.quarantine import (
     QUARANTINE_DIR,
     Quarantined,
@@ -36,6 +42,7 @@ from haltpoint.store.quarantine import (
     move_to_quarantine,
 )
 from haltpoint.store.storage import Storage
+from haltpoint.store.tensor_file import torch_dtype
 
 __all__ = [
     "DCP_NAME",
@@ -252,14 +259,24 @@ class RunDirectory:
         return result
 
     def read_manifest(self, dirname: str) -> Manifest:
-        rel = f"{dirname}/{MANIFEST_NAME}"
+        """The manifest of a checkpoint folder, decoded and with its state tree checked.
+
+        Raises:
+            CorruptCheckpointError: unreadable, over the limits, damaged, or malformed
+                (naming the field).
+        """
+        rel, where = f"{dirname}/{MANIFEST_NAME}", self._where(dirname)
         try:
-            data = self.storage.read_bytes(rel)
+            data = self.storage.read_bytes(rel, MAX_MANIFEST_BYTES + 1)  # larger: refused unread
         except OSError as exc:
-            raise CorruptCheckpointError(
-                f"cannot read {self._where(dirname)}: {exc}", path=self._where(dirname)
-            ) from exc
-        return Manifest.decode(data, source=self._where(dirname))
+            raise CorruptCheckpointError(f"cannot read {where}: {exc}", path=where) from exc
+        manifest = Manifest.decode(data, source=where)
+        try:
+            dtypes = {key: torch_dtype(r.dtype) for key, r in manifest.tensors.items()}
+            check_tree(manifest.tree, dtypes)
+        except CorruptCheckpointError as exc:
+            raise DamagedManifestError(f"manifest {where}: {exc}", path=where) from None
+        return manifest
 
     def new_dirname(self, step: int) -> str:
         """The folder for a new checkpoint of `step`; `CheckpointExistsError` if it is taken,

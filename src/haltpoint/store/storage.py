@@ -105,7 +105,8 @@ class Storage(Protocol):
 
     def open_read(self, rel: str) -> IO[bytes]: ...
 
-    def read_bytes(self, rel: str) -> bytes: ...
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
+        """The file's bytes; with `limit`, at most that many (the rest is never read)."""
 
     def publish(self, rel: str, data: bytes) -> None:
         """Write a small file atomically and durably: readers see all of it or nothing."""
@@ -257,9 +258,9 @@ class LocalStorage:
     def open_read(self, rel: str) -> IO[bytes]:
         return open(self._followed(rel), "rb")
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
         with open(self._followed(rel), "rb") as f:
-            return f.read()
+            return f.read(-1 if limit is None else limit)
 
     def publish(self, rel: str, data: bytes) -> None:
         path = self.write_path(rel)
@@ -438,8 +439,8 @@ class FsspecStorage:
             )
         return self.fs.open(path, "rb")
 
-    def read_bytes(self, rel: str) -> bytes:
-        return bytes(self.fs.cat_file(self._path(rel)))
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
+        return bytes(self.fs.cat_file(self._path(rel), end=limit))
 
     def publish(self, rel: str, data: bytes) -> None:
         """One object write (`PutObject` on S3): readers see all of it or nothing."""

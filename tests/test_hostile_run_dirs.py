@@ -1,0 +1,210 @@
+"""Crafted run directories (manifests with valid checksums: xxh3 is no signature): every
+read (`restore`, `ls`, `show`, `show --json`, `verify`) gives a `CheckpointError` naming the
+field, or falls back to the next intact checkpoint; never another exception."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from haltpoint import Checkpointer
+from haltpoint.cli import main
+from haltpoint.errors import CorruptCheckpointError
+from haltpoint.store.hashing import hash_bytes
+
+
+def canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def seal(body: dict[str, Any]) -> bytes:
+    """The manifest an attacker who knows the format writes for `body`."""
+    body = {k: v for k, v in body.items() if k != "checksum"}
+    return canonical({**body, "checksum": hash_bytes(canonical(body))}) + b"\n"
+
+
+def make_run(path: Path) -> None:
+    """Two checkpoints of a model, its optimizer and a few tagged values."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    values = {"betas": (0.9, 0.99), "device": torch.device("cpu"), "scale": np.int8(3)}
+    with Checkpointer(path, keep_last=5, async_save=False) as ckpt:
+        for step in (1, 2):
+            state = {"model": model, "optimizer": optimizer, "values": values}
+            ckpt.save(step, state, {"val_loss": 1.0 / step})
+
+
+def manifest_path(run: Path, step: int) -> Path:
+    return run / f"step-{step:09d}" / "manifest.json"
+
+
+def craft(run: Path, step: int, change: Callable[[dict[str, Any]], None]) -> None:
+    path = manifest_path(run, step)
+    body = json.loads(path.read_bytes())
+    change(body)
+    path.write_bytes(seal(body))
+
+
+def values_entry(body: dict[str, Any]) -> dict[str, Any]:
+    return body["tree"]["values"]["content"]  # type: ignore[no-any-return]
+
+
+def nest(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _set(where: Callable[[dict[str, Any]], dict[str, Any]], key: str, value: Any) -> Any:
+    def change(body: dict[str, Any]) -> None:
+        where(body)[key] = value
+
+    return change
+
+
+def _model(body: dict[str, Any]) -> dict[str, Any]:
+    return body["tree"]["model"]  # type: ignore[no-any-return]
+
+
+CRAFTED = [
+    pytest.param(
+        _set(values_entry, "device", {"__hp__": "torch.device", "v": "bogus:99999999999"}),
+        r'tree\["values"\]\["content"\]\["device"\].*not a device string',
+        id="bad-device",
+    ),
+    pytest.param(
+        _set(values_entry, "device", {"__hp__": "torch.device", "v": "quantum"}),
+        r'\["device"\].*Expected one of cpu',
+        id="unknown-device-type",
+    ),
+    pytest.param(
+        _set(values_entry, "scale", {"__hp__": "numpy", "dtype": "int8", "v": 1000}),
+        r'\["scale"\].*1000 is outside the range of int8',
+        id="int8-of-1000",
+    ),
+    pytest.param(
+        _set(values_entry, "scale", {"__hp__": "numpy", "dtype": "float16", "v": 1e300}),
+        r'\["scale"\].*outside the range of float16',
+        id="float16-of-1e300",
+    ),
+    pytest.param(
+        _set(values_entry, "scale", {"__hp__": "numpy", "dtype": "uint8", "v": "7"}),
+        r'\["scale"\].*holds a int, not a str',
+        id="numpy-of-a-string",
+    ),
+    pytest.param(
+        _set(values_entry, "deep", nest(900)),
+        r"tree\['values'\] nests containers deeper than 100 levels",
+        id="tree-900-deep",
+    ),
+    pytest.param(
+        _set(lambda body: body, "extra", {"deep": nest(900)}),
+        r"extra\['deep'\] nests containers deeper than 100 levels",
+        id="extra-900-deep",
+    ),
+    pytest.param(
+        _set(values_entry, "deep", nest(80)),
+        r"containers nest deeper than 64 levels",
+        id="tree-80-deep",
+    ),
+    pytest.param(
+        _set(_model, "metadata", [1, 2]),
+        r'tree\["model"\]\["metadata"\].*module metadata must be an object',
+        id="metadata-a-list",
+    ),
+    pytest.param(
+        _set(_model, "metadata", {"": {"version": "one"}}),
+        r'tree\["model"\]\["metadata"\]\[""\].*an int .version.',
+        id="metadata-version-a-string",
+    ),
+    pytest.param(
+        _set(_model, "metadata", {"": 3}),
+        r'tree\["model"\]\["metadata"\]\[""\].*maps module names to objects',
+        id="metadata-not-an-object",
+    ),
+    pytest.param(
+        _set(_model, "container", "list"),
+        r'tree\["model"\]\["container"\].*only .OrderedDict.',
+        id="unknown-container",
+    ),
+    pytest.param(
+        _set(_model, "kind", 7),
+        r'tree\["model"\].*expected an object with .kind.',
+        id="kind-an-int",
+    ),
+    pytest.param(
+        _set(lambda body: body["tree"], "model", "weights"),
+        r'tree\["model"\].*expected an object',
+        id="entry-a-string",
+    ),
+    pytest.param(
+        _set(values_entry, "size", {"__hp__": "torch.Size", "items": [2**64]}),
+        r'\["size"\].*does not fit in 64 bits',
+        id="size-beyond-int64",
+    ),
+    pytest.param(
+        _set(values_entry, "dtype", {"__hp__": "torch.dtype", "v": "_C"}),
+        r'\["dtype"\].*not the name of a torch dtype',
+        id="dtype-a-module",
+    ),
+    pytest.param(
+        _set(lambda body: body, "time", 1e300),
+        r"time 1e\+300 is not a unix time",
+        id="time-1e300",
+    ),
+    pytest.param(
+        _set(lambda body: body, "metrics", {"val_loss": 10**400}),
+        r"metric 'val_loss'.* is not a number",
+        id="metric-int-of-400-digits",
+    ),
+]
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    make_run(tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize(("change", "message"), CRAFTED)
+def test_restore_names_the_field_and_falls_back(run: Path, change: Any, message: str) -> None:
+    craft(run, 2, change)
+    model = torch.nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match=message):
+        info = Checkpointer(run, read_only=True).restore({"model": model}, strict=False)
+    assert info is not None and info.step == 1
+    with pytest.raises(CorruptCheckpointError, match=message):
+        Checkpointer(run, read_only=True).restore({"model": model}, 2)
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
+@pytest.mark.parametrize(("change", "message"), CRAFTED)
+def test_show_names_the_field_in_one_line(
+    run: Path, change: Any, message: str, json_flag: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    craft(run, 2, change)
+    code = main(["show", str(run), "--step", "2", *json_flag])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3, err
+    assert __import__("re").search(message, err), err
+
+
+@pytest.mark.parametrize(("change", "message"), CRAFTED)
+def test_ls_and_verify_report_the_crafted_step(
+    run: Path, change: Any, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    craft(run, 2, change)
+    assert main(["ls", str(run)]) == 0
+    assert main(["verify", str(run)]) != 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
