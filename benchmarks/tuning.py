@@ -1,9 +1,9 @@
 """Pruning a search: Optuna's pruners and `HaltpointPruner` side by side on 24 real sweeps.
 
-Run from anywhere: `python benchmarks/tuning.py [path/to/curves.json.gz]` (a few minutes on 2
-cores). The data (DeepOBS baselines v1.1, per-epoch curves; see ../shared/data/README.md) is
-read from `../shared/data/` next to the repository root and never copied into the repository;
-without it the benchmark says so and exits 0.
+Run from anywhere: `python benchmarks/tuning.py [path/to/curves.json.gz] [--orders 5]` (about
+five minutes on 2 cores). The data (DeepOBS baselines v1.1, per-epoch curves; see
+../shared/data/README.md) is read from `../shared/data/` next to the repository root and never
+copied into the repository; without it the benchmark says so and exits 0.
 
 Each sweep (one problem, one optimizer: 45 runs, 37 learning rates, one with 9 seeds) is run as
 a real in-memory Optuna study whose sampler replays the trials in a fixed random order
@@ -20,10 +20,12 @@ chooser (declared before any held-out figure was looked at): the fewest epochs a
 whose worst-sweep regret on the choosing sweeps is at most `CHOOSE_REGRET`, half the goal's
 0.5%. The grid is replayed by a NumPy copy of the rule (`fast_stops`), checked here against the
 real pruner; the LOPO column itself runs the real pruner with each problem's chosen settings.
+Last, the overall figures on further trial orders (`--orders`) show how much rests on one order.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import statistics
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stopping_curves
 from haltpoint.integrations.optuna import HaltpointPruner
 from haltpoint.tuning import DEFAULT_SETTINGS, PruneSettings
-from tuning_sweeps import Outcome, Sweep, replay, sweeps
+from tuning_sweeps import ORDER_SEED, Outcome, Sweep, replay, sweeps
 
 GOAL_REGRET = 0.5  # % on every sweep
 CHOOSE_REGRET = 0.25  # worst-sweep regret (%) a setting may have on the choosing sweeps
@@ -97,17 +99,15 @@ def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]
     stops: list[int] = []
     pruned: list[bool] = []
     finals: list[float] = []
+    longest = max(len(v) for v in prep.values)
+    seen_best = np.full((len(prep.values), longest), np.inf)  # what the study holds so far
+    seen_noise = np.zeros((len(prep.values), longest))
     for i, values in enumerate(prep.values):
         last = len(values) - 1
         stop, hits = last, np.zeros(0, dtype=np.int64)
         if i >= s.min_trials:
             steps = np.arange(last + 1)
-            best = np.full((i, last + 1), np.inf)
-            noise = np.zeros((i, last + 1))
-            for j in range(i):
-                m = min(stops[j], last) + 1
-                best[j, :m] = prep.best[j][:m]
-                noise[j, :m] = prep.noise[j][:m]
+            best, noise = seen_best[:i, : last + 1], seen_noise[:i, : last + 1]
             reached = np.isfinite(best)
             lead = np.argmin(best, axis=0)
             at_lead = best[lead, steps]
@@ -121,6 +121,8 @@ def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]
         stops.append(stop)
         pruned.append(len(hits) > 0 or not np.isfinite(values[stop]))
         finals.append(float(prep.best[i][stop]))
+        seen_best[i, : stop + 1] = prep.best[i][: stop + 1]
+        seen_noise[i, : stop + 1] = prep.noise[i][: stop + 1]
     return stops, pruned
 
 
@@ -165,9 +167,45 @@ def late_near_ties(
     return late, wrong
 
 
+def other_orders(curves: stopping_curves.Curves, orders: int) -> None:
+    """The overall figures on ``orders - 1`` further trial orders (seeds 1, 2, ...), with the
+    shipped constants: Optuna's pruners through real studies, haltpoint's by the NumPy replay
+    (checked against the real pruner on the first order)."""
+    if orders < 2:
+        return
+    names = [name for name, _ in OPTUNA[1:]] + ["haltpoint default (NumPy replay)"]
+    print("\n#### Other trial orders: epochs spent / worst-sweep regret (%) / sweeps > 0.5%\n")
+    print("| order seed | " + " | ".join(names) + " |")
+    print("| --- |" + " ---: |" * len(names))
+    for seed in range(ORDER_SEED + 1, ORDER_SEED + orders):
+        all_sweeps = sweeps(curves, seed)
+        full = sum(sw.epochs() for sw in all_sweeps)
+        cells = []
+        for _, make in OPTUNA[1:]:
+            outs = [replay(sw, make()) for sw in all_sweeps]
+            cells.append(_cell(all_sweeps, outs, full))
+        outs = [outcome(fast_stops(Prepared(sw), DEFAULT_SETTINGS)) for sw in all_sweeps]
+        cells.append(_cell(all_sweeps, outs, full))
+        print(f"| {seed} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _cell(all_sweeps: list[Sweep], outs: list[Outcome], full: int) -> str:
+    regrets = [sw.regret(list(o.complete)) for sw, o in zip(all_sweeps, outs, strict=True)]
+    share = sum(o.epochs for o in outs) / full
+    return f"{share:.1%} / {max(regrets):.2f} / {sum(r > GOAL_REGRET for r in regrets)}"
+
+
 def main(argv: list[str]) -> int:
     """Print the tables; exit 0 (with a message) when the data is absent."""
-    curves = stopping_curves.load(Path(argv[1]) if len(argv) > 1 else stopping_curves.DATA)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("data", nargs="?", type=Path, default=stopping_curves.DATA)
+    parser.add_argument(
+        "--orders", type=int, default=5, help="trial orders to replay, the first in full"
+    )
+    args = parser.parse_args(argv[1:])
+    if args.orders < 1:
+        parser.error(f"--orders must be >= 1, got {args.orders}")
+    curves = stopping_curves.load(args.data)
     if curves is None:
         return 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -256,6 +294,7 @@ def main(argv: list[str]) -> int:
         f"\nnear-ties pruned late (default; after half the run, within 1% of the best so far): "
         f"{late}, of which would have ended best in their sweep: {wrong}"
     )
+    other_orders(curves, args.orders)
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0
 
