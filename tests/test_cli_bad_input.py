@@ -45,6 +45,7 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "dir_png": str(root / "dir.png"),
         "missing": str(root / "missing"),
         "tmp": str(root),
+        "nothing": "",
     }
 
 
@@ -55,6 +56,7 @@ CASES = [
     ("export {run} -o {file}/m.safetensors", USAGE, "-o"),
     ("export {run} -o {dir_st}", USAGE, "-o"),
     ("export {run} -o {tmp}/m.pt", USAGE, "-o"),
+    ("export {run} -o {nothing}", USAGE, "-o"),
     ("export {run} --which soon -o {tmp}/m.safetensors", USAGE, "--which"),
     ("export {run} --which -3 -o {tmp}/m.safetensors", USAGE, "--which"),
     ("export {run} --key nope -o {tmp}/m.safetensors", USAGE, "--key"),
@@ -67,6 +69,7 @@ CASES = [
     ("plot {run} -o {file}/curves.png", USAGE, "-o"),
     ("plot {run} -o {dir_png}", USAGE, "-o"),
     ("plot {run} -o {tmp}/curves.txt", USAGE, "-o"),
+    ("plot {run} -o {nothing}", USAGE, "-o"),
     ("plot {run} --metric nope", USAGE, "--metric"),
     ("plot {run} --monitor nope", USAGE, "--monitor"),
     ("plot {run} --mode sideways", USAGE, "--mode"),
@@ -75,6 +78,7 @@ CASES = [
     # demo: refused before anything is printed or trained
     ("demo --run-dir {file}", USAGE, "--run-dir"),
     ("demo --run-dir {file}/sub", USAGE, "--run-dir"),
+    ("demo --run-dir {nothing}", USAGE, "--run-dir"),
     ("demo --seed -5", USAGE, "--seed"),
     ("demo --seed 4294967296", USAGE, "--seed"),
     ("demo --seed x", USAGE, "--seed"),
@@ -114,6 +118,7 @@ CASES = [
     # import
     ("import {weights} -o {file}", USAGE, "-o"),
     ("import {weights} -o {file}/run", USAGE, "-o"),
+    ("import {weights} -o {nothing}", USAGE, "-o"),
     ("import {weights} -o {tmp}/imported --step -1", USAGE, "--step"),
     ("import {notes} -o {tmp}/imported", FAILURE, "cannot read"),
     ("import {missing} -o {tmp}/imported", FAILURE, "does not exist"),

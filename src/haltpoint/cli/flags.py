@@ -101,9 +101,11 @@ def check_output_file(path: str, flag: str, suffixes: Sequence[str] = ()) -> Non
     """Refuse, before any work, a file `path` that cannot be written.
 
     Raises:
-        UsageError: `path` does not end with one of `suffixes`, is a folder, its folder does
-            not exist or is not a folder, or it or its folder is not writable.
+        UsageError: `path` is empty, does not end with one of `suffixes`, is a folder, its
+            folder does not exist or is not a folder, or it or its folder is not writable.
     """
+    if not path:
+        raise UsageError(f"{flag} must name a file, got ''")
     if suffixes and not path.lower().endswith(tuple(suffixes)):
         raise UsageError(f"{flag} must name a file ending with {', '.join(suffixes)}; got {path!r}")
     if os.path.isdir(path):
@@ -122,9 +124,11 @@ def check_output_dir(path: str, flag: str) -> None:
     Missing folders on the way are fine (they are created); URLs are checked by their store.
 
     Raises:
-        UsageError: `path` (or a folder on its way) is a file, or the nearest existing folder
-            is not writable.
+        UsageError: `path` is empty, it (or a folder on its way) is a file, or the nearest
+            existing folder is not writable.
     """
+    if not path:
+        raise UsageError(f"{flag} must name a folder, got ''")
     if _is_url(path):
         return
     local = path.removeprefix("file://")
