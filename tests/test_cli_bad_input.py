@@ -100,6 +100,8 @@ CASES = [
     ("show {empty}", FAILURE, "no intact checkpoint"),
     ("ls {run} --monitor nope", USAGE, "--monitor"),
     ("ls {file}", FAILURE, "is not a folder"),
+    ("ls {nothing}", USAGE, "DIR"),
+    ("ls nosuchprotocol://run", FAILURE, "cannot open run directory nosuchprotocol://run"),
     ("verify {empty}", FAILURE, "no checkpoint"),
     ("verify {empty} --json", FAILURE, "no checkpoint"),
     ("verify {tmp}", FAILURE, "no checkpoint"),

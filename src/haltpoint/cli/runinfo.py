@@ -50,8 +50,12 @@ def open_run(directory: str, *, must_exist: bool = True) -> RunDirectory:
     """The run at `directory` (a path or fsspec URL), opened without the writer lock.
 
     Raises:
+        UsageError: `directory` is empty.
         FileNotFoundError: a local `directory` does not exist (it is never created here).
+        ValueError: a URL that no installed fsspec file system opens (the message says why).
     """
+    if not directory:
+        raise UsageError("DIR must name a run directory, got ''")
     local = directory[len("file://") :] if directory.startswith("file://") else directory
     if must_exist and "://" not in local and not os.path.isdir(local):
         what = "is not a folder" if os.path.exists(local) else "does not exist"
@@ -59,7 +63,10 @@ def open_run(directory: str, *, must_exist: bool = True) -> RunDirectory:
             f"run directory {directory} {what}; pass the folder a Checkpointer wrote "
             "(it holds step-* folders and history.jsonl)"
         )
-    return RunDirectory(open_storage(directory))
+    try:
+        return RunDirectory(open_storage(directory))
+    except (ValueError, ImportError) as exc:  # fsspec: an unknown protocol, a missing package
+        raise ValueError(f"cannot open run directory {directory}: {exc}") from None
 
 
 def history_of(run: RunDirectory) -> list[dict[str, Any]]:
