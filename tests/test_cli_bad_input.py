@@ -46,6 +46,7 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "missing": str(root / "missing"),
         "tmp": str(root),
         "nothing": "",
+        "long": "x" * 300,
     }
 
 
@@ -57,6 +58,7 @@ CASES = [
     ("export {run} -o {dir_st}", USAGE, "-o"),
     ("export {run} -o {tmp}/m.pt", USAGE, "-o"),
     ("export {run} -o {nothing}", USAGE, "-o"),
+    ("export {run} -o {tmp}/{long}.safetensors", USAGE, "-o"),
     ("export {run} --which soon -o {tmp}/m.safetensors", USAGE, "--which"),
     ("export {run} --which -3 -o {tmp}/m.safetensors", USAGE, "--which"),
     ("export {run} --key nope -o {tmp}/m.safetensors", USAGE, "--key"),
@@ -79,6 +81,7 @@ CASES = [
     ("demo --run-dir {file}", USAGE, "--run-dir"),
     ("demo --run-dir {file}/sub", USAGE, "--run-dir"),
     ("demo --run-dir {nothing}", USAGE, "--run-dir"),
+    ("demo --run-dir {tmp}/{long}/run", USAGE, "--run-dir"),
     ("demo --seed -5", USAGE, "--seed"),
     ("demo --seed 4294967296", USAGE, "--seed"),
     ("demo --seed x", USAGE, "--seed"),

@@ -97,12 +97,27 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def _check_names(path: str, flag: str, folder: str) -> None:
+    """Refuse a name in `path` longer than the file system at `folder` allows."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - no pathconf (Windows)
+        limit = 255
+    for name in path.split(os.sep):
+        if len(os.fsencode(name)) > limit:
+            raise UsageError(
+                f"{flag}: the name {name[:20]}... is {len(os.fsencode(name))} bytes long, more "
+                f"than the {limit} the file system allows"
+            )
+
+
 def check_output_file(path: str, flag: str, suffixes: Sequence[str] = ()) -> None:
     """Refuse, before any work, a file `path` that cannot be written.
 
     Raises:
         UsageError: `path` is empty, does not end with one of `suffixes`, is a folder, its
-            folder does not exist or is not a folder, or it or its folder is not writable.
+            folder does not exist or is not a folder, its name is too long, or it or its
+            folder is not writable.
     """
     if not path:
         raise UsageError(f"{flag} must name a file, got ''")
@@ -114,6 +129,7 @@ def check_output_file(path: str, flag: str, suffixes: Sequence[str] = ()) -> Non
     if not os.path.isdir(folder):
         what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise UsageError(f"{flag} {path}: {folder} {what}; name a file in an existing folder")
+    _check_names(os.path.basename(path), flag, folder)
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UsageError(f"{flag} {path} is not writable; pick a path you can write")
 
@@ -124,8 +140,8 @@ def check_output_dir(path: str, flag: str) -> None:
     Missing folders on the way are fine (they are created); URLs are checked by their store.
 
     Raises:
-        UsageError: `path` is empty, it (or a folder on its way) is a file, or the nearest
-            existing folder is not writable.
+        UsageError: `path` is empty, it (or a folder on its way) is a file, a name in it is
+            too long, or the nearest existing folder is not writable.
     """
     if not path:
         raise UsageError(f"{flag} must name a folder, got ''")
@@ -138,6 +154,7 @@ def check_output_dir(path: str, flag: str) -> None:
     if not os.path.isdir(existing):
         where = "is a file" if existing == os.path.abspath(local) else f"is inside file {existing}"
         raise UsageError(f"{flag} {path} {where}, not a folder; pick a folder")
+    _check_names(local, flag, existing)
     if not os.access(existing, os.W_OK):
         raise UsageError(f"{flag} {path} is not writable (in {existing}); pick another folder")
 
