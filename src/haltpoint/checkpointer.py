@@ -7,6 +7,7 @@ run, another process or a copied directory sees the same answers.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -19,7 +20,7 @@ import torch
 
 from haltpoint._arguments import check_device, check_step, coerce_metrics
 from haltpoint.distributed.strategy import strategy_for
-from haltpoint.errors import CheckpointError
+from haltpoint.errors import CheckpointError, CorruptCheckpointError, HistoryNotWrittenError
 from haltpoint.policies.interval import parse_every
 from haltpoint.policies.retention import build_rules, contested_steps, retained_steps
 from haltpoint.preemption import SignalFlag
@@ -34,7 +35,8 @@ from haltpoint.store.history import append_history, save_record
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
-from haltpoint.store.run_dir import Entry, RunDirectory
+from haltpoint.store.run_dir import PINNED_NAME, Entry, RunDirectory, checkpoint_dirname
+from haltpoint.store.space import full_disk_on_open
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -123,12 +125,14 @@ class Checkpointer:
         self.mode = mode
         self.capture_rng = capture_rng
         self.read_only = read_only
-        self._storage = open_storage(directory, storage_options)
+        with full_disk_on_open(os.fspath(directory)):
+            self._storage = open_storage(directory, storage_options)
         self._run = RunDirectory(self._storage)
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
         self._reader = RunReader(self._run, monitor, mode)
         self._lock: WriterLock | None = None
         self._intact: set[int] = set()  # steps this writer saved, restored or verified
+        self._owed: dict[int, dict[str, Any]] = {}  # history lines of committed saves, unwritten
         self._writer: BackgroundWriter | None = None
         self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
         if not isinstance(overlap, bool):
@@ -169,7 +173,8 @@ class Checkpointer:
                 self._writer = BackgroundWriter()
 
         if not read_only:
-            self._ranks.agree(open_writer, f"opening {self.directory}")
+            with full_disk_on_open(self.directory):
+                self._ranks.agree(open_writer, f"opening {self.directory}")
 
     @property
     def preempted(self) -> str | None:
@@ -207,7 +212,12 @@ class Checkpointer:
         rank 0 commits once every rank's files are durable (see docs/distributed.md).
 
         Raises:
-            CheckpointExistsError: a checkpoint for `step` is already committed.
+            CheckpointExistsError: a checkpoint for `step` is already committed (except by
+                this writer's own save of `step`, with the same metrics, whose history line
+                failed: calling it again writes that line and returns the committed one).
+            HistoryNotWrittenError: the checkpoint is committed (and pinned), but its history
+                line could not be written (a full disk): call the same `save` again.
+            InsufficientSpaceError: the disk is full; nothing was committed.
             UnsupportedStateError: a value in `state` cannot be stored without pickling.
             TypeError: an optimizer holds DTensor state directly (use `ShardedState`).
         """
@@ -295,6 +305,10 @@ class Checkpointer:
         if RNG_ENTRY in state:
             raise ValueError(f"state must not use the reserved name {RNG_ENTRY!r}")
         self._wait()
+        if step in self._owed:  # this writer's own save of `step`, committed: called again?
+            done = self._saved_again(step, metrics, pin)
+            if done is not None:
+                return done
         dirname = self._run.new_dirname(step)
         full = dict(state)
         if self.capture_rng:
@@ -337,17 +351,18 @@ class Checkpointer:
                     extra=None if extra is None else extra(),
                     previous=committed[-1].manifest if committed else None,
                     check=self._references,
+                    pinned=pin,  # the marker is written before the manifest
                 )
             finally:
                 if background:
                     self._staging.release()
-            if pin:
-                self._run.set_pinned(step, True)
             self._intact.add(step)
-            append_history(self._storage, history)
             # only this writer changes the run (it holds the lock): no second scan needed
             saved = Entry(step, dirname, manifest, None, pin)
-            self._apply_retention(sorted([*committed, saved], key=lambda e: e.step))
+            try:  # committed: an error from here on must say so
+                self._write_history(step, history)
+            finally:  # retention runs anyway: it may free the space the history needs
+                self._apply_retention(sorted([*committed, saved], key=lambda e: e.step))
 
         if background:
             assert self._writer is not None
@@ -368,6 +383,43 @@ class Checkpointer:
             path=f"{self.directory}/{dirname}",
             pinned=pin,
         )
+
+    def _write_history(self, step: int, record: dict[str, Any]) -> None:
+        """Append the history lines owed by earlier saves, then `record` (of `step`, just
+        committed), in step order; one that fails stays owed for the next save."""
+        self._owed[step] = record
+        for owed in sorted(self._owed):
+            try:
+                append_history(self._storage, self._owed[owed])
+            except OSError as exc:
+                missing = ", ".join(map(str, sorted(self._owed)))
+                raise HistoryNotWrittenError(
+                    f"the checkpoint of step {step} is committed in {self.directory}, but the "
+                    f"history.jsonl line of step(s) {missing} was not written ({exc}); free some "
+                    f"space and call save({step}, ...) again to write it (or save on: the next "
+                    "save writes it first)",
+                    path=self.directory,
+                ) from exc
+            del self._owed[owed]
+
+    def _saved_again(
+        self, step: int, metrics: Mapping[str, float], pin: bool
+    ) -> CheckpointInfo | None:
+        """The save of `step` called again after its history line failed: write that line
+        and return the committed checkpoint, when its manifest is still there, intact, and
+        holds these `metrics`; None when this is not that call (it then saves as usual)."""
+        dirname = checkpoint_dirname(step)
+        try:
+            manifest = self._run.read_manifest(dirname)
+        except CorruptCheckpointError:  # removed or damaged since: not the same checkpoint
+            return None
+        if manifest.step != step or not _same_metrics(manifest.metrics, metrics):
+            return None
+        if pin:
+            self._run.set_pinned(step, True)
+        self._write_history(step, self._owed[step])
+        pinned = pin or self._storage.exists(f"{dirname}/{PINNED_NAME}")
+        return self._reader.info(Entry(step, dirname, manifest, None, pinned))
 
     def pin(self, step: int) -> None:
         """Keep the checkpoint of `step` forever, whatever the retention rules say."""
@@ -563,3 +615,10 @@ class Checkpointer:
                 "open it without read_only to save",
                 path=self.directory,
             )
+
+
+def _same_metrics(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """Whether two metric mappings hold the same names and values (NaN equals NaN)."""
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a
+    )

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "HistoryNotWrittenError",
     "InsufficientSpaceError",
     "LinkedFileError",
     "LockedError",
@@ -38,6 +39,11 @@ class CorruptCheckpointError(CheckpointError):
 
 class CheckpointExistsError(CheckpointError):
     """A checkpoint for this step is already committed; steps are never overwritten."""
+
+
+class HistoryNotWrittenError(CheckpointError):
+    """The checkpoint is committed (and pinned, if asked), but its line in `history.jsonl`
+    could not be written (a full disk, say); the same `save` again writes the line."""
 
 
 class LockedError(CheckpointError):

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from haltpoint.errors import InsufficientSpaceError
 from haltpoint.store.storage import Storage
 
-__all__ = ["SLACK_BYTES", "check_free_space", "translate_full_disk"]
+__all__ = ["SLACK_BYTES", "check_free_space", "full_disk_on_open", "translate_full_disk"]
 
 SLACK_BYTES = 1 << 20
 """Room kept for the manifest, headers, history and block rounding on top of tensor data."""
@@ -48,3 +48,19 @@ def translate_full_disk(storage: Storage, step: int, needed: int) -> Iterator[No
             raise
         message = _remedy(step, needed + SLACK_BYTES, storage.free_space(), storage.url)
         raise InsufficientSpaceError(message, path=storage.url) from exc
+
+
+@contextmanager
+def full_disk_on_open(url: str) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised while opening a writer (its folder, its lock) into
+    `InsufficientSpaceError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise InsufficientSpaceError(
+            f"cannot open {url} for writing: the disk is full ({exc.strerror}); free some "
+            "space and open it again: every checkpoint in it is intact",
+            path=url,
+        ) from exc

@@ -53,14 +53,17 @@ def write_checkpoint(
     extra: Mapping[str, Any] | None = None,
     previous: Manifest | None = None,
     check: ReferenceCheck | None = None,
+    pinned: bool = False,
 ) -> Manifest:
     """Write `tensors` (CPU tensors nobody changes meanwhile) durably, then commit the manifest.
 
     With `previous` (the newest kept manifest), tensors whose bytes, dtype and shape equal its
     records are not written again: the new manifest references the same bytes, provided
-    `check` (the writer session's; a new one when None) finds them intact on disk. The checkpoint
-    exists from the moment `RunDirectory.commit` publishes its manifest; a crash before that
-    leaves only files that the next writer to open the run removes.
+    `check` (the writer session's; a new one when None) finds them intact on disk. With
+    `pinned`, the pin marker is written before the manifest, so a committed checkpoint is
+    never left unpinned. The checkpoint exists from the moment `RunDirectory.commit`
+    publishes its manifest; a crash before that leaves only files that the next writer to
+    open the run removes.
 
     Raises:
         InsufficientSpaceError: the storage reports less free space than the new data needs
@@ -87,5 +90,7 @@ def write_checkpoint(
             versions=library_versions(),
             extra=dict(extra or {}),
         )
+        if pinned:
+            run.set_pinned(step, True)
         run.commit(manifest)
     return manifest
