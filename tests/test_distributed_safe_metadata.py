@@ -16,7 +16,7 @@ import torch
 
 from haltpoint import Checkpointer, CorruptCheckpointError, ShardedState
 from haltpoint.cli import main
-from haltpoint.store.run_dir import SHARDED_KEY
+from haltpoint.store.run_dir import SHARDED_KEY, ShardFile
 from haltpoint.store.storage import open_storage
 
 pytestmark = pytest.mark.skipif(
@@ -74,6 +74,10 @@ def _replace(run_dir: Path, step: int, name: str, data: bytes) -> None:
     record = {"size": len(data), "xxh3_128": hasher.hexdigest()}
     manifest.extra[SHARDED_KEY]["files"][name] = record
     run.commit(manifest)
+
+
+def _records(files: dict[str, dict[str, Any]]) -> dict[str, ShardFile]:
+    return {name: ShardFile(r["size"], r["xxh3_128"]) for name, r in files.items()}
 
 
 def _fresh() -> dict[str, Any]:
@@ -136,9 +140,9 @@ def test_a_hostile_non_tensor_value_runs_nothing(tmp_path: Path) -> None:
     state = train.state_dict()
     state["optim"]["param_groups"][0]["lr"] = Payload(marker)
     storage = open_storage(tmp_path)
-    write_shards(storage, "dcp", {"train": state}, rank=0)
+    files = _records(write_shards(storage, "dcp", {"train": state}, rank=0))
     with pytest.raises(CorruptCheckpointError, match=r"'train\.optim\.param_groups\.0\.lr' is not"):
-        load_shards(storage, "dcp", _fresh())
+        load_shards(storage, "dcp", _fresh(), files)
     assert not marker.exists()
 
 
@@ -146,9 +150,136 @@ def test_dcp_failures_are_one_corrupt_checkpoint_error(tmp_path: Path) -> None:
     from haltpoint.distributed.sharded import load_shards, write_shards
 
     storage = open_storage(tmp_path)
-    write_shards(storage, "dcp", {"x": torch.zeros(3)}, rank=0)
+    files = _records(write_shards(storage, "dcp", {"x": torch.zeros(3)}, rank=0))
     for name in (tmp_path / "dcp").glob("__0_*"):
         name.write_bytes(b"short")
     with pytest.raises(CorruptCheckpointError, match="DCP failed to load on rank 0: ") as error:
-        load_shards(storage, "dcp", {"x": torch.zeros(3)})
+        load_shards(storage, "dcp", {"x": torch.zeros(3)}, files)
     assert "\n" not in str(error.value)
+
+
+# -- the unpickler sets only the fields of DCP's own objects ------------------------------------
+
+
+# BUILD on the class itself: with slot state, the C unpickler setattr()s it
+POISON_CLASS = b"ctorch.distributed.checkpoint.metadata\nMetadata\n(N}S'poisoned'\nI1\nstb."
+POISON_FUNCTION = b"ctorch.serialization\n_get_layout\n(N}S'poisoned'\nI1\nstb."
+# an instance, but a field Metadata does not have
+UNKNOWN_FIELD = b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n)\x81}S'evil'\nI1\nsb."
+PROPERTIES = b"\x80\x02ctorch.distributed.checkpoint.metadata\nTensorProperties\n)\x81I1\nb."
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (POISON_CLASS, "refused to set attributes on a type"),
+        (POISON_FUNCTION, "refused to set attributes on a function"),
+        (UNKNOWN_FIELD, r"refused state \{'evil': 1\} for Metadata"),
+        (PROPERTIES, "refused state 1 for TensorProperties"),
+    ],
+)
+def test_build_sets_only_the_fields_of_dcp_objects(data: bytes, message: str) -> None:
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.serialization import _get_layout
+
+    from haltpoint.distributed.safe_metadata import check_metadata
+
+    with pytest.raises(CorruptCheckpointError, match=message):
+        check_metadata(io.BytesIO(data), "m")
+    assert not hasattr(Metadata, "poisoned") and not hasattr(_get_layout, "poisoned")
+
+
+def test_the_c_unpickler_would_have_poisoned_the_class() -> None:
+    """Why the unpickler is pure Python: the C one lets a pickle setattr on a class."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    class Allowing(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            assert (module, name) == ("torch.distributed.checkpoint.metadata", "Metadata")
+            return super().find_class(module, name)
+
+    try:
+        assert Allowing(io.BytesIO(POISON_CLASS)).load() is Metadata
+        assert Metadata.poisoned == 1  # type: ignore[attr-defined]
+    finally:
+        if hasattr(Metadata, "poisoned"):
+            delattr(Metadata, "poisoned")
+
+
+# -- storage records point only into files the manifest hashed ---------------------------------
+
+
+def _redirect(run_dir: Path, step: int, change: Any) -> None:
+    """Rewrite `step`'s `.metadata` with `change` applied to its storage records, with a
+    manifest whose records match the new file."""
+    from haltpoint.distributed.safe_metadata import check_metadata
+
+    path = run_dir / f"step-{step:09d}" / "dcp" / ".metadata"
+    with open(path, "rb") as f:
+        metadata = check_metadata(f, "m")
+    for info in metadata.storage_data.values():
+        change(info)
+    _replace(run_dir, step, ".metadata", pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize(
+    ("change", "target"),
+    [
+        (lambda info: setattr(info, "relative_path", "../manifest.json"), "'../manifest.json'"),
+        (lambda info: setattr(info, "relative_path", ".metadata"), "'.metadata'"),
+        (lambda info: setattr(info, "relative_path", "__7_0.distcp"), "'__7_0.distcp'"),
+        (lambda info: setattr(info, "offset", info.offset + 10**9), r".* bytes \d+\+\d+"),
+        (lambda info: setattr(info, "length", -5), r".* bytes \d+\+-5"),
+    ],
+    ids=["outside-dcp", "the-metadata", "unhashed-file", "past-the-end", "negative-length"],
+)
+def test_storage_records_outside_the_hashed_files_are_refused(
+    tmp_path: Path, change: Any, target: str
+) -> None:
+    run_dir = tmp_path / "run"
+    _sharded_run(run_dir, (1, 2))
+    _redirect(run_dir, 2, change)
+    with Checkpointer(run_dir, read_only=True) as reader:
+        with pytest.raises(CorruptCheckpointError, match=f"points at {target}.*manifest hashed"):
+            reader.restore(_fresh(), 2)
+        with pytest.warns(UserWarning, match="falling back to the checkpoint of step 1"):
+            info = reader.restore(_fresh())
+    assert info is not None and info.step == 1
+
+
+# -- DCP reads only the metadata haltpoint checked ----------------------------------------------
+
+
+def test_dcp_never_unpickles_the_metadata_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP's reader gets the metadata `check_metadata` read: a file swapped after the check
+    is never unpickled by DCP's `pickle.load`."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    saved = _sharded_run(tmp_path, (1,))
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("DCP unpickled .metadata itself")
+
+    monkeypatch.setattr(dcp_filesystem.pickle, "load", refuse)
+    state = _fresh()
+    with Checkpointer(tmp_path, read_only=True) as reader:
+        assert reader.restore(state) is not None
+    weight = saved.model.state_dict()["0.weight"]
+    assert torch.equal(state["train"].model.state_dict()["0.weight"], weight)
+
+
+def test_rank_local_metadata_is_refused(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from haltpoint.distributed.safe_metadata import safe_reader
+
+    def never() -> Any:
+        raise AssertionError("read")
+
+    reader = safe_reader(FileSystemReader(str(tmp_path)), never)
+    (tmp_path / "__0.metadata").write_bytes(pickle.dumps(Payload(tmp_path / "MARKER")))
+    with pytest.raises(CorruptCheckpointError, match=r"refused to read rank-local .*__0\.metadata"):
+        reader.read_metadata(rank=0)
+    assert not (tmp_path / "MARKER").exists()

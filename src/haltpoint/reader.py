@@ -221,7 +221,8 @@ class RunReader:
             rest = {k: v for k, v in state.items() if k not in names}
             saved_rest = {k: v for k, v in saved.items() if k not in record.entries}
             load_rest = plan_load(rest, saved_rest, strict=strict)  # checked before DCP loads
-            load_shards(self.run.storage, dcp_folder(entry.dirname), {n: state[n] for n in names})
+            targets = {n: state[n] for n in names}
+            load_shards(self.run.storage, dcp_folder(entry.dirname), targets, record.files)
             report = load_rest()
             report.unexpected.extend(n for n in record.entries if n not in state)
             state.update(rest)  # plain values were replaced in `rest`
@@ -263,7 +264,8 @@ class RunReader:
             record = self._shards(entry)
             if record is not None:
                 mine = sorted(record.files.items())[rank::world_size]
-                verify_shards(self.run.storage, dcp_folder(entry.dirname), dict(mine))
+                folder = dcp_folder(entry.dirname)
+                verify_shards(self.run.storage, folder, dict(mine), record.files)
         except CorruptCheckpointError as exc:
             return str(exc)
         return None

@@ -215,9 +215,9 @@ def damaged_restore(args: argparse.Namespace, ckpt: Checkpointer, result: dict[s
     real = haltpoint.reader.verify_shards
     checked: list[str] = []
 
-    def recording(storage: Any, folder: str, files: Any) -> None:
+    def recording(storage: Any, folder: str, files: Any, hashed: Any = None) -> None:
         checked.extend(f"{os.path.dirname(folder)}/{n}" for n in sorted(files))
-        real(storage, folder, files)
+        real(storage, folder, files, hashed)
 
     haltpoint.reader.verify_shards = recording  # type: ignore[assignment]
     flip()

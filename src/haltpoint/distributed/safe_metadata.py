@@ -3,25 +3,32 @@
 `torch.distributed.checkpoint` reads a checkpoint's `.metadata` with a plain `pickle.load`
 and the non-tensor values of its `.distcp` files with `torch.load(weights_only=False)`: a
 manifest's xxh3 records are no signature, so a crafted sharded checkpoint would run its
-payload there. `check_metadata` unpickles `.metadata` first with an unpickler that admits only
-the classes DCP metadata is made of (and torch's sizes, dtypes and layouts); `SafeLoadPlanner`
-reads every non-tensor value with `weights_only=True` before DCP does.
+payload there. `check_metadata` unpickles `.metadata` with a pure-Python unpickler that admits
+only the classes DCP metadata is made of (and torch's sizes, dtypes and layouts), sets on them
+only the fields they have (BUILD), and checks that every storage record points into a file the
+manifest hashed; `SafeReader` hands DCP that metadata instead of letting it read the file again,
+and refuses rank-local `__N.metadata`; `SafeLoadPlanner` reads every non-tensor value with
+`weights_only=True` before DCP does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
-from typing import IO, Any
+from collections.abc import Callable, Mapping
+from typing import IO, Any, ClassVar
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorProperties
 from torch.distributed.checkpoint.planner import ReadItem
 
 from haltpoint.errors import CorruptCheckpointError
 
-__all__ = ["METADATA_NAME", "SafeLoadPlanner", "check_metadata"]
+__all__ = ["METADATA_NAME", "SafeLoadPlanner", "check_metadata", "safe_reader"]
 
 METADATA_NAME = ".metadata"
 
@@ -44,8 +51,27 @@ _ALLOWED = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only the globals in `_ALLOWED` (and torch dtypes); anything else is refused."""
+# The classes whose instances a metadata pickle may fill in (BUILD), and with what.
+_BUILDABLE = {
+    cls: frozenset(f.name for f in dataclasses.fields(cls))
+    for cls in (
+        dcp_metadata.BytesStorageMetadata,
+        dcp_metadata.ChunkStorageMetadata,
+        Metadata,
+        dcp_metadata.MetadataIndex,
+        StorageMeta,
+        dcp_metadata.TensorStorageMetadata,
+        _StorageInfo,
+    )
+}
+_PROPERTIES_STATE = (torch.dtype, torch.layout, bool, dcp_metadata._MEM_FORMAT_ENCODING, bool)
+
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """Pure Python, so that BUILD can be checked too: resolves only the globals in
+    `_ALLOWED` (and torch dtypes), and sets on an object only the fields its class has."""
+
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()):
@@ -54,27 +80,111 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
+    def load_build(self) -> None:
+        stack = self.stack  # type: ignore[attr-defined]
+        _check_build(stack[-2], stack[-1])
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
-def check_metadata(file: IO[bytes], path: str) -> Metadata:
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _check_build(inst: Any, state: Any) -> None:
+    """UnpicklingError unless BUILD would set only the fields of an instance of a DCP class
+    (never an attribute of a class, function or anything shared)."""
+    cls = type(inst)
+    if cls is TensorProperties:
+        if not (
+            type(state) is tuple
+            and len(state) == len(_PROPERTIES_STATE)
+            and all(isinstance(v, t) for v, t in zip(state, _PROPERTIES_STATE, strict=True))
+        ):
+            raise pickle.UnpicklingError(f"refused state {_short(state)} for TensorProperties")
+        return
+    fields = _BUILDABLE.get(cls)
+    if fields is None:
+        raise pickle.UnpicklingError(f"refused to set attributes on a {cls.__qualname__}")
+    if type(state) is not dict or not all(type(k) is str and k in fields for k in state):
+        raise pickle.UnpicklingError(f"refused state {_short(state)} for {cls.__qualname__}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_metadata(file: IO[bytes], path: str, files: Mapping[str, Any] | None = None) -> Metadata:
     """Unpickle DCP `.metadata` from `file` (named `path` in errors) with the restricted
     unpickler, before DCP reads it.
 
+    Args:
+        files: the DCP files the manifest hashed, by name, each with a `size`: every storage
+            record of the metadata must lie inside one of them (None: not checked).
+
     Raises:
-        CorruptCheckpointError: naming the file and what is wrong (a refused global, a file
-            that is truncated or not DCP metadata).
+        CorruptCheckpointError: naming the file and what is wrong (a refused global or
+            state, a file that is truncated or not DCP metadata, a storage record pointing
+            outside the files the manifest hashed).
     """
     try:
         metadata = _MetadataUnpickler(file).load()
     except Exception as exc:  # anything a crafted pickle raises is damage
         raise CorruptCheckpointError(
-            f"{path} is not DCP metadata haltpoint can read safely: {type(exc).__name__}: {exc}",
+            f"{path} is not DCP metadata haltpoint can read safely: {type(exc).__name__}: "
+            f"{exc}".splitlines()[0],
             path=path,
         ) from exc
     if not isinstance(metadata, Metadata):
         raise CorruptCheckpointError(
             f"{path} holds a {type(metadata).__name__}, not DCP metadata", path=path
         )
+    if files is not None:
+        _check_storage(metadata, path, files)
     return metadata
+
+
+def _check_storage(metadata: Metadata, path: str, files: Mapping[str, Any]) -> None:
+    """Every storage record names a data file the manifest hashed, and a range inside it."""
+    records = metadata.storage_data
+    if not isinstance(records, dict):
+        raise CorruptCheckpointError(f"{path}: its storage records are not a dict", path=path)
+    for index, info in records.items():
+        name = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        record = files.get(name) if type(name) is str and name != METADATA_NAME else None
+        if (
+            type(info) is not _StorageInfo
+            or record is None
+            or type(offset) is not int
+            or type(length) is not int
+            or not 0 <= offset <= offset + length <= record.size
+        ):
+            raise CorruptCheckpointError(
+                f"{path}: the storage record of {getattr(index, 'fqn', index)!r} points at "
+                f"{_short(name)} bytes {offset!r}+{length!r}, not inside a DCP file the "
+                "manifest hashed",
+                path=path,
+            )
+
+
+def safe_reader(reader: Any, read: Callable[[], Metadata]) -> Any:
+    """`reader` (DCP's file system or fsspec reader) made to return the metadata `read`
+    gives (checked by `check_metadata`) instead of unpickling `.metadata` itself, and to
+    refuse rank-local `__N.metadata`."""
+
+    def read_metadata(*args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            raise CorruptCheckpointError(
+                f"refused to read rank-local DCP metadata (__{kwargs['rank']}{METADATA_NAME}): "
+                f"haltpoint reads only the global {METADATA_NAME} its manifest hashed"
+            )
+        metadata = read()
+        if metadata.storage_meta is None:  # as DCP's own reader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = reader.load_id
+        return metadata
+
+    reader.read_metadata = read_metadata
+    return reader
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

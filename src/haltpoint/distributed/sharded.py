@@ -148,9 +148,15 @@ def write_shards(
     return {name: _file_record(storage, f"{folder}/{name}") for name in mine}
 
 
-def verify_shards(storage: Storage, folder: str, files: Mapping[str, ShardFile]) -> None:
+def verify_shards(
+    storage: Storage,
+    folder: str,
+    files: Mapping[str, ShardFile],
+    hashed: Mapping[str, ShardFile] | None = None,
+) -> None:
     """Check every DCP file's size and xxh3-128 against the manifest's records, and DCP's
-    `.metadata` (when among `files`) with the restricted unpickler (`check_metadata`).
+    `.metadata` (when among `files`) with the restricted unpickler (`check_metadata`): its
+    storage records must lie inside `hashed` (every DCP file of the manifest; default `files`).
 
     Raises:
         CorruptCheckpointError: naming the first file missing, of the wrong size or hash,
@@ -179,31 +185,35 @@ def verify_shards(storage: Storage, folder: str, files: Mapping[str, ShardFile])
                 path=path,
             )
     if METADATA_NAME in files:
-        _check_metadata(storage, folder)
+        _check_metadata(storage, folder, files if hashed is None else hashed)
 
 
-def _check_metadata(storage: Storage, folder: str) -> None:
-    """DCP's `.metadata` in `folder`, unpickled by `check_metadata` before DCP reads it."""
+def _check_metadata(storage: Storage, folder: str, files: Mapping[str, ShardFile]) -> Any:
+    """DCP's `.metadata` in `folder`, unpickled by `check_metadata`, its storage records
+    inside `files` (the DCP files the manifest hashed)."""
     from haltpoint.distributed.safe_metadata import METADATA_NAME, check_metadata
 
     rel = f"{folder}/{METADATA_NAME}"
     path = _where(storage, rel)
     try:
         with storage.open_read(rel) as f:
-            check_metadata(f, path)
+            return check_metadata(f, path, files)
     except OSError as exc:
         raise CorruptCheckpointError(f"{path}: {exc}", path=path) from exc
 
 
-def load_shards(storage: Storage, folder: str, entries: Mapping[str, Any]) -> None:
+def load_shards(
+    storage: Storage, folder: str, entries: Mapping[str, Any], files: Mapping[str, ShardFile]
+) -> None:
     """Load the DCP checkpoint in `folder` of `storage` into `entries`, resharding to this
     world size.
 
     Objects with `load_state_dict` get their own state dict filled by DCP (FSDP2 modules
     their shards, plain modules the full tensors); tensors are filled in place. Under a
     process group every rank calls it; without one DCP reads everything in this process.
-    DCP reads no pickle unchecked: `.metadata` passes `check_metadata` first, and non-tensor
-    values are read through `SafeLoadPlanner`.
+    DCP reads no pickle unchecked: it gets the `.metadata` that `check_metadata` unpickled
+    (its storage records inside `files`, the DCP files the manifest hashed) and no
+    rank-local one (`safe_reader`), and reads non-tensor values through `SafeLoadPlanner`.
 
     Raises:
         CorruptCheckpointError: the metadata or a value is refused, or DCP fails to load
@@ -212,11 +222,13 @@ def load_shards(storage: Storage, folder: str, entries: Mapping[str, Any]) -> No
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from haltpoint.distributed.safe_metadata import SafeLoadPlanner
+    from haltpoint.distributed.safe_metadata import SafeLoadPlanner, safe_reader
 
-    _check_metadata(storage, folder)
+    _check_metadata(storage, folder, files)  # a clear error before DCP starts
     targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
-    reader = _dcp_io(storage, folder, False)
+    reader = safe_reader(
+        _dcp_io(storage, folder, False), lambda: _check_metadata(storage, folder, files)
+    )
     try:
         dcp.load(
             targets,
