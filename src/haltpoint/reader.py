@@ -21,7 +21,6 @@ from haltpoint.policies.retention import best_record
 from haltpoint.state.load import LoadReport, load_into, plan_load
 from haltpoint.state.rng import plan_rng
 from haltpoint.state.tree import unflatten_state
-from haltpoint.store.manifest import MANIFEST_NAME
 from haltpoint.store.run_dir import (
     Entry,
     RunDirectory,
@@ -181,7 +180,7 @@ class RunReader:
                 if check_shards and is_sharded(entry.manifest):
                     self.check_shards(entry)
             except CorruptCheckpointError as exc:
-                removed = not storage.exists(f"{entry.dirname}/{MANIFEST_NAME}")
+                removed = self.run.removed(entry.dirname)
                 if index + 1 == len(candidates):
                     if removed:  # a reader raced the writer's retention: not damage
                         raise CheckpointNotFoundError(

@@ -15,14 +15,17 @@ from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import UsageError, check_output_file, count, write_failed
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import open_run, select_entry
+from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.state.codec import TENSOR_TAG
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.run_dir import ShardedRecord, checkpoint_dirname
+from haltpoint.store.run_dir import RunDirectory, ShardedRecord, checkpoint_dirname
 from haltpoint.store.storage import open_unlinked
 from haltpoint.store.tensor_reader import read_tensors
 
 __all__ = ["entry_weights", "register", "run"]
+
+_ATTEMPTS = 10  # checkpoints removed under export, one after the other, before it gives up
 
 _EPILOG = """\
   haltpoint export runs/demo -o model.safetensors                 best by the run's monitor
@@ -133,14 +136,47 @@ def _save(weights: Mapping[str, torch.Tensor], path: str) -> None:
         raise
 
 
+def _read_chosen(
+    run_dir: RunDirectory, args: argparse.Namespace, out: Output
+) -> tuple[Manifest, dict[str, torch.Tensor], int]:
+    """The checkpoint `args.which` names and its entry's weights (`entry_weights`).
+
+    A checkpoint that a writer's retention removed while it was being read is not damaged:
+    for "best" and "latest" the choice is made again among those left (with a note).
+
+    Raises:
+        CheckpointNotFoundError: the step asked for was removed while being read, or the
+            writer removed one choice after the other, `_ATTEMPTS` times.
+    """
+    for _ in range(_ATTEMPTS):
+        entry = select_entry(run_dir, args.which, monitor=args.monitor, mode=args.mode)
+        manifest = entry.manifest
+        assert manifest is not None
+        try:
+            weights, skipped = entry_weights(run_dir.storage, manifest, args.key)
+        except CorruptCheckpointError as exc:
+            if not run_dir.removed(entry.dirname):
+                raise
+            gone = f"the checkpoint of step {manifest.step} was removed by the writer's retention"
+            if args.which not in ("best", "latest"):
+                raise CheckpointNotFoundError(
+                    f"{gone} while it was being read; export another step (haltpoint ls)",
+                    path=f"{run_dir.storage.url}/{entry.dirname}",
+                ) from exc
+            out.note(f"{gone} while it was being read; choosing the {args.which} again")
+            continue
+        return manifest, weights, skipped
+    raise CheckpointNotFoundError(
+        f"the writer of {run_dir.storage.url} removed {_ATTEMPTS} checkpoints in turn while "
+        f"export read them; export when it saves less often, or a pinned step",
+        path=run_dir.storage.url,
+    )
+
+
 def run(args: argparse.Namespace, out: Output) -> int:
     """Export one entry's weights of one checkpoint of `args.directory`."""
     check_output_file(args.output, "-o", (".safetensors",))
-    run_dir = open_run(args.directory)
-    entry = select_entry(run_dir, args.which, monitor=args.monitor, mode=args.mode)
-    manifest = entry.manifest
-    assert manifest is not None
-    weights, skipped = entry_weights(run_dir.storage, manifest, args.key)
+    manifest, weights, skipped = _read_chosen(open_run(args.directory), args, out)
     _save(weights, args.output)
     size = sum(t.numel() * t.element_size() for t in weights.values())
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in manifest.metrics.items())

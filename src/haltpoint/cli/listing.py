@@ -37,7 +37,8 @@ class CheckpointRow:
     manifest, but its tensor files are used by later checkpoints: a removed checkpoint's data
     kept by dedup, or a quarantined one's), "uncommitted" (no manifest: a save in flight or an
     interrupted one) or "quarantined" (a damaged checkpoint's manifest that a writer set
-    aside in `quarantine/`: no longer a checkpoint, its step free to be saved again).
+    aside in `quarantine/`: no longer a checkpoint, its step free to be saved again) or
+    "removed" (a checkpoint whose manifest a writer's retention removed while `ls` read it).
     Only "committed" and "damaged" rows are checkpoints.
     """
 
@@ -146,7 +147,13 @@ def run(args: argparse.Namespace, out: Output) -> int:
         ]
         for r in rows
     ]
-    colours = {"damaged": "red", "uncommitted": "yellow", "data-only": "dim", "quarantined": "red"}
+    colours = {
+        "damaged": "red",
+        "uncommitted": "yellow",
+        "data-only": "dim",
+        "quarantined": "red",
+        "removed": "dim",
+    }
     styles = [colours.get(r.status) for r in rows]
     out.table(
         ["step", "time", "metrics", "size", "shared", "tags", "status"],

@@ -89,7 +89,8 @@ def referenced_dirs(manifests: Iterable[Manifest]) -> set[str]:
 
 
 def folder_status(entry: Entry, referenced: set[str]) -> str:
-    """ "committed", "damaged", "data-only" (no manifest; files used by others) or "uncommitted".
+    """ "committed", "damaged", "removed" (by a writer while this reader read it), "data-only"
+    (no manifest; files used by others) or "uncommitted".
 
     "committed" says the manifest is valid, not that the data was checked: `verify` says
     "intact" once it has read every byte.
@@ -98,6 +99,8 @@ def folder_status(entry: Entry, referenced: set[str]) -> str:
         return "committed"
     if entry.error is not None:
         return "damaged"
+    if entry.removed:
+        return "removed"
     return "data-only" if entry.dirname in referenced else "uncommitted"
 
 

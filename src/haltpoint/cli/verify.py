@@ -35,9 +35,10 @@ _PROGRESS_CHECKPOINTS = 20  # ... or this many checkpoints
 class CheckpointCheck:
     """The outcome of checking one checkpoint folder.
 
-    `status` is "intact", "damaged" (the manifest or some tensor bytes), or for a folder
-    without a manifest (not a checkpoint) "data-only" (its files are checked through the
-    manifests that use them) or "uncommitted". `damaged` maps each damaged tensor file to
+    `status` is "intact", "damaged" (the manifest or some tensor bytes), "removed" (a writer's
+    retention removed it while it was being checked: not damage, and not a failure), or for
+    a folder without a manifest (not a checkpoint) "data-only" (its files are checked through
+    the manifests that use them) or "uncommitted". `damaged` maps each damaged tensor file to
     the names of its tensors whose bytes are missing or do not match their hash.
 
     >>> check = CheckpointCheck(3, "step-000000003", "damaged",
@@ -83,7 +84,9 @@ def verify_run(
     """Check every manifest and every tensor hash of the run, oldest step first.
 
     A tensor record shared by several manifests is read once. `on_progress` gets the bytes
-    checked after each checkpoint.
+    checked after each checkpoint. A checkpoint whose manifest is gone once a check of it
+    failed was removed meanwhile by a writer: it is "removed", and its failed checks count
+    for nothing.
     """
     checked: dict[TensorRecord, bool] = {}
     headers: dict[str, dict[str, Any] | None] = {}
@@ -95,6 +98,9 @@ def verify_run(
             results.append(
                 CheckpointCheck(entry.step, entry.dirname, "damaged", error=str(entry.error))
             )
+            continue
+        if entry.removed:
+            results.append(CheckpointCheck(entry.step, entry.dirname, "removed"))
             continue
         manifest = entry.manifest
         if manifest is None:  # its files, if used, are checked with the manifests using them
@@ -111,6 +117,13 @@ def verify_run(
             if not checked[record]:
                 damaged[record.file].append(key)
         error = _shard_error(run, entry) if is_sharded(manifest) else None
+        if (damaged or error) and run.removed(entry.dirname):  # retention raced this check
+            for key in bad:
+                checked.pop(todo[key], None)
+            for file in {r.file for r in todo.values()}:
+                headers.pop(file, None)
+            results.append(CheckpointCheck(entry.step, entry.dirname, "removed"))
+            continue
         check = CheckpointCheck(
             entry.step,
             entry.dirname,
@@ -180,7 +193,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     else:
         results = verify_run(run_dir)
     damaged = [r for r in results if r.status == "damaged"]
-    if not any(r.status in ("intact", "damaged") for r in results):
+    if not any(r.status in ("intact", "damaged", "removed") for r in results):
         raise CheckpointNotFoundError(
             f"no checkpoint in {args.directory}, so nothing was verified; pass the folder a "
             "Checkpointer wrote (it holds step-* folders with a manifest)",
@@ -193,10 +206,22 @@ def run(args: argparse.Namespace, out: Output) -> int:
         ["step", "status", "tensors", "size"],
         [[str(r.step), r.status, str(r.tensors), format_bytes(r.size)] for r in results],
         title=f"verify {args.directory}",
-        styles=[{"intact": "green", "damaged": "bold red"}.get(r.status) for r in results],
+        styles=[
+            {"intact": "green", "damaged": "bold red", "removed": "dim"}.get(r.status)
+            for r in results
+        ],
         numeric=["step", "tensors", "size"],
     )
     intact = [r for r in results if r.status == "intact"]
+    removed = [r for r in results if r.status == "removed"]
+    if removed:
+        steps = ", ".join(str(r.step) for r in removed)
+        out.note(
+            f"step(s) {steps} removed by the writer's retention while being verified (not damage)"
+        )
+    if not damaged and not intact:
+        out.line("every checkpoint was removed while being verified; run verify again")
+        return 0
     if not damaged:
         size = format_bytes(sum(r.size for r in intact))
         what = "the checkpoint is" if len(intact) == 1 else f"all {len(intact)} checkpoints are"

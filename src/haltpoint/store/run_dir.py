@@ -199,13 +199,16 @@ def checkpoint_nbytes(manifest: Manifest) -> int:
 
 @dataclass(frozen=True)
 class Entry:
-    """One checkpoint folder as found on disk: committed when `manifest` is set."""
+    """One checkpoint folder as found on disk: committed when `manifest` is set; `removed`
+    when its manifest was listed but gone by the time it was read (retention or `gc` of a
+    writer removed it meanwhile: not damage)."""
 
     step: int
     dirname: str
     manifest: Manifest | None
     error: CorruptCheckpointError | None
     pinned: bool
+    removed: bool = False
 
     @property
     def committed(self) -> bool:
@@ -222,7 +225,11 @@ class RunDirectory:
         self.storage = storage
 
     def scan(self) -> list[Entry]:
-        """Every checkpoint folder, oldest step first; damaged manifests carry their error."""
+        """Every checkpoint folder, oldest step first; damaged manifests carry their error.
+
+        A folder gone by the time it is listed is left out; a manifest gone by the time it is
+        read is `removed` (a writer's retention raced this reader), not damaged.
+        """
         entries = []
         for name in self.storage.listdir():
             step = parse_step(name)
@@ -234,6 +241,8 @@ class RunDirectory:
             except CorruptCheckpointError as exc:  # a symlink out of the run
                 entries.append(Entry(step, name, None, exc, False))
                 continue
+            if not children and not self.storage.isdir(name):
+                continue  # removed while listing
             if MANIFEST_NAME in children:
                 try:
                     manifest = self.read_manifest(name)
@@ -244,7 +253,11 @@ class RunDirectory:
                             path=self._where(name),
                         )
                 except CorruptCheckpointError as exc:
-                    manifest, error = None, exc
+                    if not self.removed(name):
+                        manifest, error = None, exc
+                    else:
+                        entries.append(Entry(step, name, None, None, False, removed=True))
+                        continue
             entries.append(Entry(step, name, manifest, error, PINNED_NAME in children))
         return sorted(entries, key=lambda e: e.step)
 
@@ -257,6 +270,11 @@ class RunDirectory:
             elif entry.committed:
                 result.append(entry)
         return result
+
+    def removed(self, dirname: str) -> bool:
+        """Whether the checkpoint folder `dirname` has no manifest now: one a reader had
+        found, then failed to read, was removed meanwhile (by a writer's retention or `gc`)."""
+        return not self.storage.exists(f"{dirname}/{MANIFEST_NAME}")
 
     def read_manifest(self, dirname: str) -> Manifest:
         """The manifest of a checkpoint folder, decoded and with its state tree checked.
