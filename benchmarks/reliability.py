@@ -6,6 +6,8 @@
     python benchmarks/reliability.py quarantine --trials 1000
     python benchmarks/reliability.py rot --trials 300
     python benchmarks/reliability.py links --trials 500
+    python benchmarks/reliability.py fulldisk --trials 700
+    python benchmarks/reliability.py readers --trials 400
 
 `kill`: a child process trains a small model and saves every step (async saves, keep_last=2),
 and is SIGKILLed at a random moment; then it is started again and resumes. After every kill the
@@ -44,6 +46,17 @@ writes (the lock, the history, the next checkpoint's folder, manifest or tensor 
 marker); the writer opens, saves and pins. Every write through the link must be refused (or go
 around it), no file of the run may change, and every checkpoint must still verify intact.
 
+`fulldisk`: a run of six saves (keep_last=2, keep_best=1, step 2 saved pinned) hits ENOSPC
+once, at one write point (the run folder or the lock when a writer opens; a checkpoint's
+folder, tensor file, pin marker, manifest or history line during a save), sync or async; each
+call that fails is made again, as the errors say. No bare `OSError` may escape, the retry
+must work (never `CheckpointExistsError`), and at the end the history must hold one line per
+step, step 2 must be pinned, the rules' checkpoints kept, and the newest restore exactly.
+
+`readers`: a writer process saves as fast as it can with keep_last=1 (sync, then async) while
+this process runs `verify`, `ls` and `export --which latest|best` on the run in turn: none may
+call a checkpoint damaged (one removed under it is "removed"), and every export must succeed.
+
 Each prints a summary line; the tests in tests/test_reliability.py run a few of each.
 """
 
@@ -51,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import os
 import random
@@ -66,14 +80,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
-from haltpoint import Checkpointer, CheckpointError, LinkedFileError
+from haltpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointExistsError,
+    HistoryNotWrittenError,
+    InsufficientSpaceError,
+    LinkedFileError,
+)
 from haltpoint.cli import main as cli_main
+from haltpoint.cli.listing import list_checkpoints
 from haltpoint.cli.verify import verify_run
 from haltpoint.policies.retention import build_rules, retained_steps
 from haltpoint.reader import RunReader
+from haltpoint.store import history as history_module
+from haltpoint.store import lock as lock_module
+from haltpoint.store.direct_io import AlignedFileWriter
+from haltpoint.store.history import read_history
 from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.storage import LocalStorage
 
@@ -663,9 +690,308 @@ def link_trials(trials: int, *, seed: int = 0, workdir: Path) -> LinkReport:
     return report
 
 
+_LOSSES = (0.5, 0.4, 0.45, 0.3, 0.35, 0.38)  # step 3 is the best; step 2 is saved pinned
+_FULL_KEPT = [2, 3, 4, 5]  # pinned, best, and the last two
+FULL_POINTS = (
+    "open: run folder",
+    "open: lock",
+    "save: folder",
+    "save: tensors",
+    "save: pin",
+    "save: manifest",
+    "save: history",
+)
+
+
+def _no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _FullOnce:
+    """Patches one write point so that its first call, once armed, raises ENOSPC."""
+
+    def __init__(self, point: str) -> None:
+        self.point, self.armed, self.fired = point, False, False
+
+    def _hit(self, matches: bool) -> None:
+        if self.armed and not self.fired and matches:
+            self.fired = True
+            raise _no_space()
+
+    def patches(self) -> list[contextlib.AbstractContextManager[object]]:
+        point, hit = self.point, self._hit
+        if point == "open: run folder":
+            real_makedirs = os.makedirs
+
+            def makedirs(path: str, *args: object, **kwargs: object) -> None:
+                hit(not os.path.isdir(path))
+                real_makedirs(path, *args, **kwargs)  # type: ignore[arg-type]
+
+            return [mock.patch.object(os, "makedirs", makedirs)]
+        if point == "open: lock":
+            real_open = lock_module.open_unlinked
+
+            def open_lock(path: str, *args: int) -> int:
+                hit(True)
+                return real_open(path, *args)
+
+            return [mock.patch.object(lock_module, "open_unlinked", open_lock)]
+        if point == "save: folder":
+            real_dir = LocalStorage.makedirs
+
+            def folder(self: LocalStorage, rel: str) -> None:
+                hit(rel.startswith("step-"))
+                real_dir(self, rel)
+
+            return [mock.patch.object(LocalStorage, "makedirs", folder)]
+        if point == "save: tensors":
+            real_write = AlignedFileWriter._pwrite
+
+            def pwrite(self: AlignedFileWriter, view: memoryview, offset: int) -> None:
+                hit(True)
+                real_write(self, view, offset)
+
+            return [mock.patch.object(AlignedFileWriter, "_pwrite", pwrite)]
+        if point in ("save: pin", "save: manifest"):
+            real_publish = LocalStorage.publish
+            name = "/pinned" if point == "save: pin" else "/manifest.json"
+
+            def publish(self: LocalStorage, rel: str, data: bytes) -> None:
+                hit(rel.endswith(name))
+                real_publish(self, rel, data)
+
+            return [mock.patch.object(LocalStorage, "publish", publish)]
+        real_append = history_module._append_local
+
+        def append(path: str, line: bytes) -> None:
+            hit(True)
+            real_append(path, line)
+
+        return [mock.patch.object(history_module, "_append_local", append)]
+
+
+@dataclass
+class FullDiskReport:
+    trials: int = 0
+    raised: dict[str, int] = field(default_factory=dict)  # "point: error class" -> count
+    bare_oserror: list[str] = field(default_factory=list)
+    retry_refused: list[str] = field(default_factory=list)
+    retry_failed: list[str] = field(default_factory=list)
+    pins_lost: list[str] = field(default_factory=list)
+    history_wrong: list[str] = field(default_factory=list)
+    kept_wrong: list[str] = field(default_factory=list)
+    wrong_restores: list[str] = field(default_factory=list)
+    not_hit: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.not_hit
+            or self.bare_oserror
+            or self.retry_refused
+            or self.retry_failed
+            or self.pins_lost
+            or self.history_wrong
+            or self.kept_wrong
+            or self.wrong_restores
+        )
+
+
+def _full_state(step: int) -> dict[str, object]:
+    return {"w": torch.full((1 << 16,), float(step)), "step": step}
+
+
+def _twice(what: str, call: Callable[[], object], report: FullDiskReport, point: str) -> None:
+    """`call`, and when it fails on the full disk, the same call once more (space freed)."""
+    for attempt in range(2):
+        try:
+            call()
+            return
+        except (HistoryNotWrittenError, InsufficientSpaceError) as exc:
+            key = f"{point}: {type(exc).__name__}"
+            report.raised[key] = report.raised.get(key, 0) + 1
+            if attempt:
+                report.retry_failed.append(f"{what}: {exc}")
+        except CheckpointExistsError as exc:
+            report.retry_refused.append(f"{what}: {exc}")
+            return
+        except OSError as exc:
+            report.bare_oserror.append(f"{what}: {exc!r}")
+            if attempt == 0:
+                continue
+            return
+
+
+def _full_disk_trial(run: Path, point: str, at: int, sync: bool, report: FullDiskReport) -> None:
+    """Six saves (a writer opened at step 0 and again at `at`); ENOSPC once at `point`
+    during the open or the save of step `at`."""
+    full = _FullOnce(point)
+    options = {"monitor": "val_loss", "keep_best": 1, "keep_last": 2, "capture_rng": False}
+    writers: list[Checkpointer] = []
+    what = f"{point} at step {at} ({'sync' if sync else 'async'})"
+
+    def open_writer() -> None:
+        writers.append(Checkpointer(run, async_save=not sync, **options))  # type: ignore[arg-type]
+
+    def save(step: int) -> None:
+        writers[-1].save(step, _full_state(step), {"val_loss": _LOSSES[step]}, pin=step == 2)
+        writers[-1].wait()
+
+    def armed(on: bool, call: Callable[[], None]) -> Callable[[], None]:
+        def run_it() -> None:
+            full.armed = on
+            try:
+                call()
+            finally:
+                full.armed = False
+
+        return run_it
+
+    with contextlib.ExitStack() as stack:
+        for patch in full.patches():
+            stack.enter_context(patch)
+        for step in range(len(_LOSSES)):
+            if step in (0, at):
+                if writers:
+                    writers[-1].close()
+                count = len(writers)
+                on = point.startswith("open") and step == at
+                _twice(f"{what}: open", armed(on, open_writer), report, point)
+                if len(writers) == count:
+                    return
+            on = point.startswith("save") and step == at
+            _twice(f"{what}: save({step})", armed(on, lambda step=step: save(step)), report, point)
+        writers[-1].close()
+    if not full.fired:
+        report.not_hit.append(what)
+    steps = [r["step"] for r in read_history(LocalStorage(run))]
+    if steps != list(range(len(_LOSSES))):
+        report.history_wrong.append(f"{what}: history steps {steps}")
+    with Checkpointer(run, read_only=True, capture_rng=False) as reader:
+        infos = reader.list()
+        if [i.step for i in infos] != _FULL_KEPT:
+            report.kept_wrong.append(f"{what}: kept {[i.step for i in infos]}")
+        if not any(i.step == 2 and i.pinned for i in infos):
+            report.pins_lost.append(what)
+        state = {"w": torch.zeros(1 << 16), "step": -1}
+        info = reader.restore(state)
+        last = len(_LOSSES) - 1
+        if info is None or info.step != last or not torch.equal(state["w"], _full_state(last)["w"]):
+            report.wrong_restores.append(f"{what}: restored {info and info.step}")
+
+
+def full_disk_trials(trials: int, *, seed: int = 0, workdir: Path) -> FullDiskReport:
+    """ENOSPC at one write point of a run of six saves; each failed call is made again."""
+    rng = random.Random(seed)
+    report = FullDiskReport()
+    for index in range(trials):
+        point = FULL_POINTS[index % len(FULL_POINTS)]
+        at = {"save: pin": 2, "open: run folder": 0}.get(point, rng.randrange(len(_LOSSES)))
+        run = workdir / "full" / str(index)
+        report.trials += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _full_disk_trial(run, point, at, rng.random() < 0.5, report)
+        shutil.rmtree(run, ignore_errors=True)
+    return report
+
+
+READERS_WRITER = textwrap.dedent(
+    """
+    import os, sys, torch
+    from haltpoint import Checkpointer
+
+    run_dir, stop, sync = sys.argv[1], sys.argv[2], sys.argv[3] == "sync"
+    with Checkpointer(run_dir, monitor="val_loss", keep_last=1, async_save=not sync,
+                      capture_rng=False) as ckpt:
+        step = 0
+        while not os.path.exists(stop):
+            model = {f"layer{i}": torch.full((1 << 18,), float(step + i)) for i in range(4)}
+            ckpt.save(step, {"model": model, "step": step}, {"val_loss": 1.0 / (step + 1)})
+            if step == 0:
+                ckpt.wait()
+                print("saving", flush=True)
+            step += 1
+    """
+)
+
+
+@dataclass
+class ReadersReport:
+    rounds: int = 0
+    verify_runs: int = 0
+    checked: int = 0
+    removed: int = 0
+    false_damage: list[str] = field(default_factory=list)
+    ls_runs: int = 0
+    ls_removed: int = 0
+    exports: int = 0
+    export_chose_again: int = 0
+    export_failed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.false_damage and not self.export_failed
+
+
+def _export_latest(run: Path, out: Path, which: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = cli_main(["export", str(run), "--which", which, "--key", "model", "-o", str(out)])
+    return code, " ".join(err.getvalue().split())
+
+
+def readers_trials(rounds: int, *, seed: int = 0, workdir: Path) -> ReadersReport:
+    """verify, ls and export of a run whose writer saves with keep_last=1 all the while."""
+    rng = random.Random(seed)
+    report = ReadersReport()
+    run = workdir / "readers"
+    for sync in ("sync", "async"):
+        stop = workdir / f"stop-{sync}"
+        writer = subprocess.Popen(
+            [sys.executable, "-c", READERS_WRITER, str(run), str(stop), sync],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert writer.stdout is not None
+        writer.stdout.readline()  # the first checkpoint is committed
+        try:
+            for _ in range(rounds // 2):
+                report.rounds += 1
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    checks = verify_run(RunDirectory(LocalStorage(run)))
+                    rows, _ = list_checkpoints(RunDirectory(LocalStorage(run)))
+                report.verify_runs += 1
+                report.checked += sum(c.status == "intact" for c in checks)
+                report.removed += sum(c.status == "removed" for c in checks)
+                report.false_damage += [
+                    f"verify: step {c.step}: {'; '.join(c.problems())}"
+                    for c in checks
+                    if c.status == "damaged"
+                ]
+                report.ls_runs += 1
+                report.ls_removed += sum(r.status == "removed" for r in rows)
+                report.false_damage += [
+                    f"ls: step {r.step}: {r.error}" for r in rows if r.status == "damaged"
+                ]
+                which = rng.choice(["latest", "best"])
+                code, err = _export_latest(run, workdir / "exported.safetensors", which)
+                report.exports += 1
+                report.export_chose_again += err.count("choosing the")
+                if code != 0:
+                    report.export_failed.append(f"export --which {which}: {err}")
+        finally:
+            stop.touch()
+            writer.communicate(timeout=120)
+        shutil.rmtree(run, ignore_errors=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("kill", "damage", "history", "quarantine", "rot", "links"))
+    kinds = ("kill", "damage", "history", "quarantine", "rot", "links", "fulldisk", "readers")
+    parser.add_argument("kind", choices=kinds)
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", default=None, help="where to put the runs (default: a temp dir)")
@@ -726,6 +1052,29 @@ def main() -> None:
                 f"checkpoints damaged: {len(links.damaged)} ({time.perf_counter() - start:.0f} s)"
             )
             sys.exit(0 if links.ok else 1)
+        if args.kind == "fulldisk":
+            fd = full_disk_trials(args.trials or 700, seed=args.seed, workdir=workdir)
+            raised = ", ".join(f"{k} {v}" for k, v in sorted(fd.raised.items()))
+            print(
+                f"fulldisk: {fd.trials} trials; raised: {raised}; bare OSError "
+                f"{len(fd.bare_oserror)}, retry refused {len(fd.retry_refused)}, retry failed "
+                f"{len(fd.retry_failed)}; history wrong {len(fd.history_wrong)}, pins lost "
+                f"{len(fd.pins_lost)}, kept wrong {len(fd.kept_wrong)}, wrong restores "
+                f"{len(fd.wrong_restores)}, injection not hit {len(fd.not_hit)} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
+            sys.exit(0 if fd.ok else 1)
+        if args.kind == "readers":
+            rd = readers_trials(args.trials or 400, seed=args.seed, workdir=workdir)
+            print(
+                f"readers: {rd.rounds} rounds against a writer (keep_last=1); verify "
+                f"{rd.verify_runs} runs, {rd.checked} checkpoints intact, {rd.removed} removed "
+                f"mid-check; ls {rd.ls_runs} runs, {rd.ls_removed} removed mid-read; export "
+                f"{rd.exports} runs, chose again {rd.export_chose_again} times, failed "
+                f"{len(rd.export_failed)}; false damage reports {len(rd.false_damage)} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
+            sys.exit(0 if rd.ok else 1)
         damage = damage_trials(args.trials or 5000, seed=args.seed, workdir=workdir)
         print(
             f"damage: {damage.trials} trials; missed by verify: {len(damage.verify_missed)}; "

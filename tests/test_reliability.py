@@ -143,6 +143,24 @@ READER = textwrap.dedent(
 )
 
 
+def test_a_full_disk_at_any_write_point_is_said_and_the_retry_completes_the_save(
+    tmp_path: Path,
+) -> None:
+    report = reliability.full_disk_trials(14, seed=5, workdir=tmp_path)
+    assert report.trials == 14 and report.not_hit == []
+    assert sum(report.raised.values()) == 14  # each injection raised one haltpoint error
+    assert report.bare_oserror == [] and report.retry_refused == [] and report.retry_failed == []
+    assert report.history_wrong == [] and report.pins_lost == [] and report.kept_wrong == []
+    assert report.wrong_restores == []
+
+
+@pytest.mark.slow
+def test_verify_ls_and_export_beside_a_writer_never_report_false_damage(tmp_path: Path) -> None:
+    report = reliability.readers_trials(12, seed=6, workdir=tmp_path)
+    assert report.rounds == 12
+    assert report.false_damage == [] and report.export_failed == []
+
+
 @pytest.mark.slow
 def test_readers_during_writes_only_ever_see_committed_checkpoints(tmp_path: Path) -> None:
     run = tmp_path / "run"
