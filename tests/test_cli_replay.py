@@ -221,3 +221,23 @@ def test_replay_of_several_runs_pools_the_figures_per_band(tmp_path: Path, capsy
 def test_replay_json_names_the_band_of_one_run(run_dir: Path, capsys):
     code, out, _ = run_cli(capsys, "replay", str(run_dir), "--patience", "1", "--json")
     assert code == 0 and json.loads(out)["band"] == "<= 30"
+
+
+def test_plot_and_replay_default_to_the_metric_the_manifests_rank_by(tmp_path: Path, capsys):
+    """The checksummed record in the manifests (the Checkpointer's monitor) wins over the
+    metric the history's stopper watched; a bare history file has only the latter."""
+    pytest.importorskip("matplotlib")
+    model = torch.nn.Linear(2, 1)
+    early = EarlyStopping("val_loss", patience=10)
+    run = tmp_path / "run"
+    with Checkpointer(run, monitor="val_acc", mode="max", async_save=False) as ckpt:
+        for step, value in enumerate(CURVE):
+            metrics = {"val_loss": value, "val_acc": 1 - value}
+            early.step(metrics)
+            ckpt.save(step, {"model": model, "stopper": early}, metrics)
+    code, out, _ = run_cli(capsys, "plot", str(run))
+    assert code == 0 and "(best val_acc 0.75 at step 4)" in out
+    code, out, _ = run_cli(capsys, "replay", str(run), "--json")
+    assert code == 0 and json.loads(out)["metric"] == "val_acc"
+    code, out, _ = run_cli(capsys, "replay", str(run / "history.jsonl"), "--json")
+    assert code == 0 and json.loads(out)["metric"] == "val_loss"  # no manifests to ask

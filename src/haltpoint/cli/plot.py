@@ -9,7 +9,7 @@ from typing import Any
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import UsageError, check_output_file, write_failed
 from haltpoint.cli.output import Output
-from haltpoint.cli.runinfo import guess_monitor, mode_of, open_run
+from haltpoint.cli.runinfo import mode_of, open_run, watched_metric
 from haltpoint.plotting import curves, image_formats, plot_history
 from haltpoint.store.history import HISTORY_NAME, read_history
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         )
     monitor, mode = args.monitor, args.mode
     if monitor is None:
-        guessed = guess_monitor(records)
+        guessed = watched_metric(run_dir, records)
         if guessed is not None:
             monitor, mode = guessed[0], mode or guessed[1]
     if args.monitor is None and monitor not in plotted:
@@ -110,6 +110,6 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--monitor",
         metavar="NAME",
-        help="the metric whose best is marked (default: the one the run's stopper watched)",
+        help="the metric whose best is marked (default: the one ranking the checkpoints)",
     )
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher is better")

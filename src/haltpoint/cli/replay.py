@@ -12,7 +12,7 @@ from typing import Any
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import UsageError, count, finite_at_least
 from haltpoint.cli.output import Output
-from haltpoint.cli.runinfo import guess_monitor, mode_of, open_run
+from haltpoint.cli.runinfo import mode_of, open_run, watched_metric
 from haltpoint.plotting import curves
 from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.bands import band_of, summarize_bands
@@ -198,7 +198,7 @@ def replay_source(
     """Replay every setting over the history of `source` (a run directory or history file)."""
     records = load_records(source)
     monitor, mode = args.metric, args.mode
-    guessed = guess_monitor(records)
+    guessed = watched_metric(None if os.path.isfile(source) else open_run(source), records)
     if monitor is None:
         if guessed is None:
             names = list(curves(records))
@@ -335,7 +335,9 @@ def register(commands: Any) -> None:
         help="a run directory or its history file; several: figures per run-length band",
     )
     parser.add_argument(
-        "--metric", metavar="M", help="the metric to watch (default: the run's stopper's)"
+        "--metric",
+        metavar="M",
+        help="the metric to watch (default: the one ranking the checkpoints)",
     )
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher is better")
     parser.add_argument(

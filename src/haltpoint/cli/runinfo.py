@@ -34,6 +34,7 @@ __all__ = [
     "resolve_monitor",
     "select_entry",
     "steps_text",
+    "watched_metric",
 ]
 
 
@@ -185,6 +186,20 @@ def ranking_text(ranking: Ranking) -> str:
     'val_acc (max)'
     """
     return "no monitor" if ranking.monitor is None else f"{ranking.monitor} ({ranking.mode})"
+
+
+def watched_metric(
+    run: RunDirectory | None, history: Sequence[Mapping[str, Any]]
+) -> tuple[str, str] | None:
+    """The metric and mode that rank the checkpoints of `run`, as its manifests record them
+    (checksummed); else, for checkpoints of an older haltpoint or a bare history file (`run`
+    None), the ones the run's stopper watched, read back from `history` (`guess_monitor`)."""
+    if run is not None:
+        manifests = [e.manifest for e in committed(run.scan()) if e.manifest is not None]
+        recorded = recorded_ranking(manifests)
+        if recorded is not None and recorded.monitor is not None:
+            return recorded.monitor, recorded.mode
+    return guess_monitor(history)
 
 
 def resolve_monitor(
