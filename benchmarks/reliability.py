@@ -2,6 +2,7 @@
 
     python benchmarks/reliability.py kill --trials 200
     python benchmarks/reliability.py damage --trials 5000
+    python benchmarks/reliability.py hostile --trials 200   (benchmarks/hostile.py)
     python benchmarks/reliability.py history --trials 2000
     python benchmarks/reliability.py quarantine --trials 1000
     python benchmarks/reliability.py rot --trials 300
@@ -991,6 +992,7 @@ def readers_trials(rounds: int, *, seed: int = 0, workdir: Path) -> ReadersRepor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     kinds = ("kill", "damage", "history", "quarantine", "rot", "links", "fulldisk", "readers")
+    kinds += ("hostile",)
     parser.add_argument("kind", choices=kinds)
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -1008,6 +1010,20 @@ def main() -> None:
                 f"{kill.final_equal} ({time.perf_counter() - start:.0f} s)"
             )
             sys.exit(0 if kill.ok else 1)
+        if args.kind == "hostile":
+            from hostile import hostile_trials  # benchmarks/hostile.py, beside this script
+
+            crafted = hostile_trials(args.trials or 200, seed=args.seed, workdir=workdir)
+            for mutation, counts in crafted.outcomes.items():
+                print(f"{mutation}: {crafted.trials[mutation]} manifests: {dict(counts)}")
+            print(
+                f"hostile: {sum(crafted.trials.values())} crafted manifests, "
+                f"{len(crafted.bugs)} reads raised something other than a CheckpointError "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
+            for bug in crafted.bugs[:20]:
+                print(f"  {bug}")
+            sys.exit(0 if crafted.ok else 1)
         if args.kind == "quarantine":
             q = quarantine_trials(args.trials or 1000, seed=args.seed, workdir=workdir)
             print(

@@ -4,7 +4,12 @@ field, or falls back to the next intact checkpoint; never another exception."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from haltpoint import Checkpointer
 from haltpoint.cli import main
@@ -72,6 +79,18 @@ def _set(where: Callable[[dict[str, Any]], dict[str, Any]], key: str, value: Any
 
 def _model(body: dict[str, Any]) -> dict[str, Any]:
     return body["tree"]["model"]  # type: ignore[no-any-return]
+
+
+def _python_rng(body: dict[str, Any]) -> dict[str, Any]:
+    pairs = body["tree"]["__rng__"]["content"]["items"]
+    return next(value for key, value in pairs if key == "python")  # type: ignore[no-any-return]
+
+
+def _rng_int(value: int) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        _python_rng(body)["items"][1]["items"][0] = value
+
+    return change
 
 
 CRAFTED = [
@@ -185,6 +204,18 @@ def test_restore_names_the_field_and_falls_back(run: Path, change: Any, message:
         Checkpointer(run, read_only=True).restore({"model": model}, 2)
 
 
+@pytest.mark.parametrize("value", [2**64, -1])
+def test_a_crafted_random_state_is_passed_over_like_damaged_tensors(run: Path, value: int) -> None:
+    """Checked while the checkpoint is chosen, so restore falls back (it raised after the
+    model was loaded, an OverflowError from `random.setstate`, before)."""
+    craft(run, 2, _rng_int(value))
+    model = torch.nn.Linear(3, 2)
+    message = r"random state saved in step 2 \(__rng__\) is damaged.*python"
+    with pytest.warns(UserWarning, match=message):
+        info = Checkpointer(run, read_only=True).restore({"model": model}, strict=False)
+    assert info is not None and info.step == 1
+
+
 @pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
 @pytest.mark.parametrize(("change", "message"), CRAFTED)
 def test_show_names_the_field_in_one_line(
@@ -208,3 +239,77 @@ def test_ls_and_verify_report_the_crafted_step(
     assert main(["verify", str(run)]) != 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
+
+
+# -- fuzzing: random mutations of a real manifest, sealed with a valid checksum ----------------
+
+_spec = importlib.util.spec_from_file_location(
+    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
+)
+assert _spec is not None and _spec.loader is not None
+hostile = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = hostile  # its dataclasses look their module up
+_spec.loader.exec_module(hostile)
+
+_touched: list[tuple[str, str, bool]] | None = None  # (event, path, writes) while fuzzing
+_WRITES = ("os.remove", "os.rename", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.symlink")
+_READS = ("os.listdir", "os.scandir")
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _touched is None or not args or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    if event == "open":
+        mode, flags = args[1], args[2]
+        writes = (mode is not None and any(c in str(mode) for c in "wax+")) or (
+            mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        )
+        _touched.append((event, os.path.abspath(os.fsdecode(args[0])), bool(writes)))
+    elif event in _WRITES or event in _READS:
+        _touched.append((event, os.path.abspath(os.fsdecode(args[0])), event in _WRITES))
+
+
+sys.addaudithook(_audit)
+_LIBRARIES = tuple(
+    os.path.abspath(p) + os.sep
+    for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, "/usr", "/proc", "/sys"}
+    if p and os.path.isabs(p) and not os.path.abspath(p).startswith(tempfile.gettempdir())
+)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pristine") / "run"
+    hostile.make_run(path)
+    return path
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mutation=st.sampled_from(sorted(hostile.MUTATIONS)),
+    rng=st.randoms(use_true_random=False),
+    times=st.integers(1, 3),
+)
+def test_fuzzed_manifests_give_checkpoint_errors_and_stay_inside_the_run(
+    pristine: Path, mutation: str, rng: Any, times: int
+) -> None:
+    global _touched
+    run = Path(tempfile.mkdtemp(dir=pristine.parent)) / "run"
+    shutil.copytree(pristine, run)
+    hostile.craft(run, mutation, rng, times)
+    _touched = []
+    try:
+        outcomes = hostile.read_everything(run)
+    finally:
+        touched, _touched = _touched, None
+    shutil.rmtree(run.parent)
+    assert not [o for o in outcomes.values() if o.startswith("BUG")], outcomes
+    inside = str(run) + os.sep
+    outside = [
+        (event, path)
+        for event, path, writes in touched
+        if not (path + os.sep).startswith(inside)
+        and (writes or not path.startswith(_LIBRARIES))
+        and path not in ("/etc/localtime", "/dev/null")
+    ]
+    assert not outside, outside

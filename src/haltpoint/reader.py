@@ -177,6 +177,7 @@ class RunReader:
             assert entry.manifest is not None
             try:
                 tensors = read_tensors(storage, entry.manifest.tensors, verify=True)
+                _check_rng(entry, tensors)
                 if check_shards and is_sharded(entry.manifest):
                     self.check_shards(entry)
             except CorruptCheckpointError as exc:
@@ -273,6 +274,17 @@ class RunReader:
         """The checkpoint's sharded record, None when it has no sharded state."""
         assert entry.manifest is not None
         return ShardedRecord.from_manifest(entry.manifest, f"{self.directory}/{entry.dirname}")
+
+
+def _check_rng(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The saved random state, checked while the candidate is chosen: a damaged one is
+    passed over like damaged tensors (`load` checks it again, and warns)."""
+    assert entry.manifest is not None
+    if RNG_ENTRY in entry.manifest.tree:
+        random_state = unflatten_state({RNG_ENTRY: entry.manifest.tree[RNG_ENTRY]}, tensors)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _plan_rng(random_state[RNG_ENTRY], entry)
 
 
 def _plan_rng(random_state: Any, entry: Entry) -> Callable[[], None]:

@@ -113,7 +113,7 @@ def _python_state(value: Any) -> tuple[Any, ...]:
         state = (int(version), tuple(int(x) for x in internal), gauss)
         # Validate on a throwaway generator, so that nothing is restored from a bad state.
         random.Random().setstate(state)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"saved['python'] is not a Python random state: {exc}") from None
     return state
 
@@ -128,7 +128,7 @@ def _numpy_state(value: Any) -> Any:
             name, key, *rest = value
             state = (name, _as_array(key), *rest)
         np.random.RandomState().set_state(state)
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
         raise ValueError(f"saved['numpy'] is not a NumPy random state: {exc}") from None
     return state
 
@@ -147,7 +147,13 @@ def _byte_tensor(value: Any, name: str) -> torch.Tensor:
             f"saved[{name!r}] is not a torch random state: expected a 1-d uint8 tensor, got "
             f"{type_name(value)} {getattr(value, 'dtype', '')}".rstrip()
         )
-    return value.detach().cpu().contiguous()
+    value = value.detach().cpu().contiguous()
+    if name == "torch":
+        try:  # on a throwaway generator, so that nothing is restored from a bad state
+            torch.Generator().set_state(value)
+        except RuntimeError as exc:
+            raise ValueError(f"saved['torch'] is not a torch random state: {exc}") from None
+    return value
 
 
 def _cuda_states(value: Any) -> list[torch.Tensor]:
