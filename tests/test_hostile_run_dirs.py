@@ -204,13 +204,37 @@ def test_restore_names_the_field_and_falls_back(run: Path, change: Any, message:
         Checkpointer(run, read_only=True).restore({"model": model}, 2)
 
 
-@pytest.mark.parametrize("value", [2**64, -1])
-def test_a_crafted_random_state_is_passed_over_like_damaged_tensors(run: Path, value: int) -> None:
+def _numpy_key(value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        pairs = body["tree"]["__rng__"]["content"]["items"]
+        state = next(v for k, v in pairs if k == "numpy")
+        stack = [state]
+        while stack:  # the first tensor reference in it: the key array
+            node = stack.pop()
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in items:
+                if isinstance(child, dict) and "__tensor__" in child:
+                    node[key] = value
+                    return
+                if isinstance(child, (dict, list)):
+                    stack.append(child)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "generator"),
+    [(_rng_int(2**64), "python"), (_rng_int(-1), "python"), (_numpy_key(0), "numpy")],
+    ids=["python-beyond-32-bits", "python-negative", "numpy-key-a-number"],
+)
+def test_a_crafted_random_state_is_passed_over_like_damaged_tensors(
+    run: Path, change: Any, generator: str
+) -> None:
     """Checked while the checkpoint is chosen, so restore falls back (it raised after the
-    model was loaded, an OverflowError from `random.setstate`, before)."""
-    craft(run, 2, _rng_int(value))
+    model was loaded before: OverflowError from `random.setstate`, IndexError from NumPy)."""
+    craft(run, 2, change)
     model = torch.nn.Linear(3, 2)
-    message = r"random state saved in step 2 \(__rng__\) is damaged.*python"
+    message = rf"random state saved in step 2 \(__rng__\) is damaged.*{generator}"
     with pytest.warns(UserWarning, match=message):
         info = Checkpointer(run, read_only=True).restore({"model": model}, strict=False)
     assert info is not None and info.step == 1

@@ -128,7 +128,7 @@ def _numpy_state(value: Any) -> Any:
             name, key, *rest = value
             state = (name, _as_array(key), *rest)
         np.random.RandomState().set_state(state)
-    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise ValueError(f"saved['numpy'] is not a NumPy random state: {exc}") from None
     return state
 
