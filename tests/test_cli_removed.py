@@ -90,6 +90,16 @@ def test_verify_json_counts_a_removed_checkpoint_as_no_failure(
     ]
 
 
+def test_verify_of_a_run_whose_every_checkpoint_was_removed_mid_check(
+    run_dir: Path, monkeypatch, capsys
+) -> None:
+    steps = list(range(len(LOSSES)))
+    monkeypatch.setattr(verify, "verify_file", removing_first(verify.verify_file, run_dir, steps))
+    assert main(["verify", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "every checkpoint was removed while being verified; run verify again" in out
+
+
 def test_verify_still_reports_real_damage(run_dir: Path) -> None:
     (run_dir / checkpoint_dirname(2) / "tensors.safetensors").unlink()  # manifest still there
     checks = verify_run(RunDirectory(LocalStorage(run_dir)))
