@@ -53,7 +53,7 @@ def test_replay_table_says_where_each_patience_stops(run_dir: Path, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "val_loss (min) over 8 evaluations, steps 0-7; best 0.25 at step 4"
-    header = "patience  stops at  best step  best val_loss  saved  regret"
+    header = "patience  stop step  best step  best val_loss  saved  regret"
     assert lines[1].split() == header.split()
     rows = [line.split() for line in lines[2:]]
     assert rows[0] == ["1", "2", "1", "0.3", "62.5%", "20.0%"]

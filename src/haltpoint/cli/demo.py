@@ -162,7 +162,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
     display = _Display(out, run_dir, config)
     out.note(
         "haltpoint demo: a small conv net on 1,797 handwritten 8x8 digits "
-        "(UCI, CC BY 4.0), early stopping on val_loss, checkpoints every epoch"
+        "(UCI, CC BY 4.0); each epoch N ends with one evaluation (early stopping on val_loss) "
+        "and one checkpoint, saved as step N"
     )
     started = time.perf_counter()
     with display.live():  # Ctrl-C: the save in flight is committed, then `_interrupted` says so

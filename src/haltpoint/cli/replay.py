@@ -249,7 +249,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         f"{best_text}"
     )
     out.table(
-        ["patience", "stops at", "best step", f"best {monitor}", "saved", "regret"],
+        ["patience", "stop step", "best step", f"best {monitor}", "saved", "regret"],
         [
             [
                 _setting(r.patience),
