@@ -125,6 +125,35 @@ def test_a_hostile_pickle_never_runs(tmp_path: Path, capsys, writer: str):
     assert proof.exists()
 
 
+def test_export_then_import_round_trips_through_safetensors(tmp_path: Path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    with Checkpointer(tmp_path / "first") as ckpt:
+        ckpt.save(7, {"model": model, "epoch": 7})
+    weights = exported(capsys, tmp_path / "first", tmp_path)  # model.safetensors
+    again = tmp_path / "again"
+    code, out, err = run_cli(
+        capsys, "import", str(tmp_path / "model.safetensors"), "-o", str(again), "--step", "7"
+    )
+    assert code == 0, err
+    assert "(safetensors file) as step 7" in out and "entries model" in out
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    with Checkpointer(again, read_only=True) as ckpt:
+        assert ckpt.restore({"model": fresh}, 7) is not None
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor) and torch.equal(weights[name], tensor)
+    assert main(["verify", str(again)]) == 0
+
+
+def test_a_damaged_safetensors_file_is_refused(tmp_path: Path, capsys):
+    path = tmp_path / "cut.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-10])
+    code, _, err = run_cli(capsys, "import", str(path), "-o", str(tmp_path / "r"))
+    assert code == 1 and f"cannot read {path} as a safetensors file" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
 def test_import_errors(tmp_path: Path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     code, _, err = run_cli(capsys, "import", str(tmp_path / "notes.txt"), "-o", str(tmp_path / "r"))

@@ -1,5 +1,6 @@
-"""`haltpoint import`: turn a torch.save file, a Lightning .ckpt or a Hugging Face
-`pytorch_model.bin` into a haltpoint checkpoint, without ever running code from the file."""
+"""`haltpoint import`: turn a torch.save file, a Lightning .ckpt, a Hugging Face
+`pytorch_model.bin` or a safetensors file (what `export` writes) into a haltpoint checkpoint,
+without ever running code from the file."""
 
 from __future__ import annotations
 
@@ -26,14 +27,16 @@ from haltpoint.store.staging import staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
 
-__all__ = ["UnsafeFileError", "convert", "load_weights_only", "register", "run"]
+__all__ = ["UnsafeFileError", "convert", "load_safetensors", "load_weights_only", "register", "run"]
 
 _EPILOG = """\
   haltpoint import pytorch_model.bin -o runs/hf                  a Hugging Face weights file
   haltpoint import last.ckpt -o runs/imported                    a Lightning checkpoint
   haltpoint import model.pt -o runs/imported --step 100
+  haltpoint import model.safetensors -o runs/again             what `haltpoint export` wrote
 
-Files are loaded with torch.load(weights_only=True): tensors, containers and numbers only.
+Pickled files are loaded with torch.load(weights_only=True): tensors, containers and numbers
+only. Safetensors files hold tensors alone and are read as such.
 A file that needs arbitrary code to unpickle is refused, and nothing from it runs."""
 
 _LIGHTNING_KEYS = ("pytorch-lightning_version", "global_step", "optimizer_states")
@@ -60,8 +63,8 @@ def load_weights_only(path: str) -> Any:
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
         raise ValueError(
             f"cannot read {path} as a torch.save file (neither a zip archive nor a pickle); "
-            "import takes torch.save files, Lightning .ckpt files and Hugging Face "
-            "pytorch_model.bin files"
+            "import takes torch.save files, Lightning .ckpt files, Hugging Face "
+            "pytorch_model.bin files and safetensors files"
         )
     try:
         with warnings.catch_warnings():
@@ -81,8 +84,32 @@ def load_weights_only(path: str) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
             f"cannot read {path} as a torch.save file ({first}); import takes torch.save "
-            "files, Lightning .ckpt files and Hugging Face pytorch_model.bin files"
+            "files, Lightning .ckpt files, Hugging Face pytorch_model.bin files and "
+            "safetensors files"
         ) from None
+
+
+def _is_safetensors(path: str) -> bool:
+    """Whether `path` starts as a safetensors file does: a length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file `path` (tensors only: nothing in it can run).
+
+    Raises:
+        ValueError: the file is not a valid safetensors file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read {path} as a safetensors file ({first})") from None
 
 
 def _unsafe_part(message: str) -> str:
@@ -165,8 +192,11 @@ def convert(obj: Any) -> tuple[dict[str, Any], int | None, list[str], str]:
 def run(args: argparse.Namespace, out: Output) -> int:
     """Import `args.file` into the run directory `args.output`."""
     check_output_dir(args.output, "-o")
-    obj = load_weights_only(args.file)
-    state, step, skipped, kind = convert(obj)
+    if os.path.isfile(args.file) and _is_safetensors(args.file):
+        state, step, skipped, kind = convert(load_safetensors(args.file))
+        kind = "safetensors file"
+    else:
+        state, step, skipped, kind = convert(load_weights_only(args.file))
     step = args.step if args.step is not None else (step if step is not None else 0)
     size, kept = _write_import(args.output, step, state)
     out.line(
@@ -216,7 +246,10 @@ def register(commands: Any) -> None:
         commands,
         "import",
         run,
-        help="convert a torch.save, Lightning .ckpt or pytorch_model.bin file into a checkpoint",
+        help=(
+            "convert a torch.save, Lightning .ckpt, pytorch_model.bin or safetensors file into "
+            "a checkpoint"
+        ),
         epilog=_EPILOG,
         interrupted=lambda args: (
             f"interrupted; the import is committed whole or not at all: `haltpoint ls "
