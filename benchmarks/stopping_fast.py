@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from haltpoint.stopping.adaptive import DEFAULT_SETTINGS, TrendSettings
+from haltpoint.stopping.adaptive import DEFAULT_SETTINGS, FAST_SLOPE_Z, TrendSettings
 from stopping_curves import Curves
 
 BIG = np.int64(2**62)
@@ -137,6 +137,15 @@ def least_wait(settings: TrendSettings, scale: np.ndarray) -> np.ndarray:
     return np.maximum(np.ceil(s.wait_share * scale), s.min_points).astype(np.int64)
 
 
+def _gain(p: Prepared, ahead: np.ndarray, noise_k: float, slope_z: float) -> np.ndarray:
+    """How much better than the best the optimistic projection is, as a share of |best|."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        steep = np.minimum(p.slope - slope_z * p.noise * p.se, 0.0)
+        lucky = noise_k * p.noise * np.sqrt(2.0 * np.log(np.maximum(ahead, 2)))
+        reach = p.level + steep * ahead - lucky
+        return np.where(p.best != 0, (p.best - reach) / np.abs(p.best), np.inf)
+
+
 def trend_stops(p: Prepared, settings: TrendSettings, horizon: bool = False) -> np.ndarray:
     """Where `EarlyStopping(horizon=len if horizon else None)` with `settings` stops."""
     s = settings
@@ -146,19 +155,15 @@ def trend_stops(p: Prepared, settings: TrendSettings, horizon: bool = False) -> 
     ahead = np.maximum(np.ceil(s.lookahead * n), 1).astype(np.int64)
     if horizon:
         ahead = np.minimum(ahead, np.maximum(p.horizon - p.i - 1, 1))
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        steep = np.minimum(p.slope - s.slope_z * p.noise * p.se, 0.0)
-        lucky = s.noise_k * p.noise * np.sqrt(2.0 * np.log(np.maximum(ahead, 2)))
-        reach = p.level + steep * ahead - lucky
-        gain = np.where(p.best != 0, (p.best - reach) / np.abs(p.best), np.inf)
+    gain = _gain(p, ahead, s.noise_k, s.slope_z)
+    with np.errstate(invalid="ignore"):
         worse = p.level - p.best
         diverged = (worse > np.abs(p.best)) & (worse > 0)
     longer = np.ceil(s.diverged_factor * wait)
-    mask = (
-        (p.wait >= wait)
-        & (p.wait > 0)
-        & (p.points >= 3)
-        & (gain <= s.tolerance)
-        & ~(diverged & (p.wait < longer))
-    )
+    can = (p.wait > 0) & (p.points >= 3) & ~(diverged & (p.wait < longer))
+    mask = can & (p.wait >= wait) & (gain <= s.tolerance)
+    if s.fast_share > 0:
+        fast = np.maximum(np.ceil(s.fast_share * scale), s.min_points)
+        evident = _gain(p, ahead, s.fast_noise_k, FAST_SLOPE_Z)
+        mask |= can & (p.wait >= fast) & (evident <= s.tolerance)
     return p.first(mask)

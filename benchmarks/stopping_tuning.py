@@ -44,24 +44,32 @@ TARGET_HARM = 1.5  # % of runs with regret > 1%, at most
 #: Settings are judged on figures this many standard errors (across problems) worse.
 Z = 1.0
 
-#: The declared grid: every combination of these values, the rest as in DEFAULT_SETTINGS.
+#: The declared grid: every combination of these values, the rest as in DEFAULT_SETTINGS; a
+#: fast lane (`fast_share` > 0) only with a shorter wait than the main one, and no fast lane
+#: (`fast_share` 0) only once.
 GRID: dict[str, tuple[Any, ...]] = {
-    "wait_share": (0.1, 0.2, 0.3, 0.5),
-    "min_points": (3, 5, 8, 12),
-    "lookahead": (0.5, 1.0, 2.0),
-    "noise_k": (0.5, 0.75, 1.0),  # above 1 a noisy plateau never stops (docs/stopping.md)
+    "wait_share": (0.2, 0.3, 0.5),
+    "min_points": (3, 5),
+    "lookahead": (1.0, 2.0),
+    "noise_k": (0.75, 1.0),  # above 1 a noisy plateau never stops (docs/stopping.md)
     "tolerance": (0.0025, 0.005),
     "diverged_factor": (1.0, 2.0),
+    "fast_share": (0.0, 0.1, 0.15, 0.2),
+    "fast_noise_k": (2.0, 3.0, 4.0),
 }
 
 
 def grid() -> list[TrendSettings]:
     """Every setting of the declared grid; the shipped ones are among them."""
     names = list(GRID)
-    settings = [
-        dataclasses.replace(DEFAULT_SETTINGS, **dict(zip(names, values, strict=True)))
-        for values in itertools.product(*(GRID[name] for name in names))
-    ]
+    settings = []
+    for values in itertools.product(*(GRID[name] for name in names)):
+        setting = dataclasses.replace(DEFAULT_SETTINGS, **dict(zip(names, values, strict=True)))
+        if setting.fast_share >= setting.wait_share:
+            continue
+        if setting.fast_share == 0 and setting.fast_noise_k != DEFAULT_SETTINGS.fast_noise_k:
+            continue
+        settings.append(setting)
     for shipped in (DEFAULT_SETTINGS, PLANNED_SETTINGS):
         if shipped not in settings:
             settings.append(shipped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -54,9 +55,11 @@ DIVERGING = [1.0, 0.8, 0.6] + [0.6 * 1.3**i for i in range(1, 50)]
 SPIKE = [1.0] + [1.2 + 2.0 * 0.8**i for i in range(17)] + [0.6 + 7.5 * 0.93**i for i in range(100)]
 
 
-def rule_stop(values: list[float], settings: TrendSettings) -> int | None:
+def rule_stop(
+    values: list[float], settings: TrendSettings, horizon: int | None = None
+) -> int | None:
     """Where the default rule with `settings` stops a finite series (EarlyStopping's loop)."""
-    rule, best, wait = TrendRule(1.0, None, settings), math.inf, 0
+    rule, best, wait = TrendRule(1.0, horizon, settings), math.inf, 0
     for i, x in enumerate(values):
         best, wait = (x, 0) if x < best else (best, wait + 1)
         rule.observe(i, x)
@@ -186,11 +189,32 @@ def test_diverging_reason_names_the_longer_wait() -> None:
 
 
 def test_waits_scale_with_the_horizon() -> None:
-    """Told the plan, a run that never improves waits a share of it, not a fixed count."""
+    """Told the plan, a run that never improves waits a share of it, not a fixed count: a
+    noiseless one after the fast lane's share (a noisy one: see the fast lane's test)."""
     short, long = EarlyStopping(horizon=30), EarlyStopping(horizon=300)
-    assert stop_at(short, [1.0] * 300)[0] == PLANNED_SETTINGS.least_wait(30)
-    assert stop_at(long, [1.0] * 300)[0] == PLANNED_SETTINGS.least_wait(300)
+    assert stop_at(short, [1.0] * 300)[0] == PLANNED_SETTINGS.fast_wait(30)
+    assert stop_at(long, [1.0] * 300)[0] == PLANNED_SETTINGS.fast_wait(300)
     assert long.current_patience() == 10 * short.current_patience()
+
+
+def test_the_fast_lane_stops_a_clear_rise_sooner_and_ignores_noise() -> None:
+    """Told the plan, a run that is clearly past its best (rising well beyond its noise) stops
+    after the fast lane's shorter wait; a noisy plateau still waits the least wait."""
+    shape = [1.0 - 0.01 * i for i in range(40)] + [0.61 + 0.01 * i for i in range(160)]
+    rising = noisy(shape, 0.002)
+    at, code = stop_at(EarlyStopping(horizon=len(rising)), rising)
+    best = min(range(len(rising)), key=rising.__getitem__)
+    fast, least = PLANNED_SETTINGS.fast_wait(200), PLANNED_SETTINGS.least_wait(200)
+    assert fast is not None and at is not None and code is StopReason.PATIENCE
+    assert best + fast <= at < best + least
+    slow = rule_stop(rising, replace(PLANNED_SETTINGS, fast_share=0.0), horizon=len(rising))
+    assert slow is not None and slow >= best + least
+    for seed in range(5):
+        plateau = noisy([1.0] * N, 0.01, seed=seed)
+        stopper = EarlyStopping(horizon=N)
+        stop_at(stopper, plateau)
+        assert stopper.last_decision is not None
+        assert stopper.last_decision.wait >= PLANNED_SETTINGS.least_wait(N)
 
 
 def test_waits_scale_with_the_evaluations_so_far() -> None:

@@ -13,7 +13,10 @@ noise measured in that window (`NOISE_K` residual standard deviations times
 the best by no more than `TOLERANCE` of `|best|`, the run stops. A run that looks diverged
 (its fitted level worse than the best by more than `|best|`) waits `DIVERGED_FACTOR` times
 as long, because runs that spike often recover. Told the horizon, the rule plans with its own
-constants (`PLANNED_SETTINGS`). Both sets are chosen by leave-one-problem-out
+constants (`PLANNED_SETTINGS`), and has a fast lane: after a shorter wait (`fast_share` of the
+horizon) it stops when even a far more optimistic projection (`FAST_NOISE_K` lucky draws, the
+slope `FAST_SLOPE_Z` standard errors steeper) cannot beat the best, the evidence that the
+run is past its best being then overwhelming. Both sets are chosen by leave-one-problem-out
 cross-validation on DeepOBS curves of 20 to 351 evaluations (`benchmarks/stopping_tuning.py`).
 """
 
@@ -30,6 +33,9 @@ from haltpoint.stopping.decision import StopReason
 __all__ = [
     "DEFAULT_SETTINGS",
     "DIVERGED_FACTOR",
+    "FAST_NOISE_K",
+    "FAST_SHARE",
+    "FAST_SLOPE_Z",
     "LOOKAHEAD",
     "MAX_WINDOW",
     "MIN_POINTS",
@@ -71,6 +77,12 @@ TOLERANCE = 0.0025
 #: A run that looks diverged (fitted level worse than the best by more than |best|) waits
 #: this many times the least wait: runs that spike often recover.
 DIVERGED_FACTOR = 2.0
+#: The fast lane's least wait, as a share of the run (0: no fast lane; the planned rule's 0.1).
+FAST_SHARE = 0.0
+#: The fast lane's lucky draw, in the same units as `NOISE_K` ...
+FAST_NOISE_K = 3.0
+#: ... and its slope, this many standard errors steeper than fitted.
+FAST_SLOPE_Z = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +108,8 @@ class TrendSettings:
     noise_k: float = NOISE_K
     tolerance: float = TOLERANCE
     diverged_factor: float = DIVERGED_FACTOR
+    fast_share: float = FAST_SHARE
+    fast_noise_k: float = FAST_NOISE_K
 
     def least_wait(self, scale: int) -> int:
         """Evaluations without a new best before the rule looks at the trend, in a run of
@@ -107,12 +121,24 @@ class TrendSettings:
         """
         return max(math.ceil(self.wait_share * scale), self.min_points)
 
+    def fast_wait(self, scale: int) -> int | None:
+        """The fast lane's least wait in a run of `scale` evaluations, or None without one.
+
+        Example:
+            >>> TrendSettings(fast_share=0.1).fast_wait(100), TrendSettings().fast_wait(100)
+            (10, None)
+        """
+        if self.fast_share <= 0:
+            return None
+        return max(math.ceil(self.fast_share * scale), self.min_points)
+
 
 #: The settings `EarlyStopping` uses without a horizon.
 DEFAULT_SETTINGS = TrendSettings()
 #: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits 30% of
-#: the plan (at least 3 evaluations), with a smaller lucky draw and no longer diverged wait.
-PLANNED_SETTINGS = TrendSettings(wait_share=0.3, min_points=3, noise_k=0.75, diverged_factor=1.0)
+#: the plan (at least 5 evaluations) with no longer diverged wait, and only 10% of it when a
+#: projection three times as lucky cannot beat the best (the fast lane).
+PLANNED_SETTINGS = TrendSettings(wait_share=0.3, diverged_factor=1.0, fast_share=0.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,16 +268,29 @@ class TrendRule:
             ahead = min(ahead, max(self._horizon - index - 1, 1))
         return ahead
 
-    def project(self, index: int, best: float, wait: int) -> Projection:
-        """Fit the recent values and project the best the run could still reach."""
+    def fast_wait(self, index: int) -> int | None:
+        """The fast lane's least wait at evaluation `index`, or None without a fast lane."""
+        scale = self._horizon if self._horizon is not None else index + 1
+        return self._settings.fast_wait(scale)
+
+    def earliest_wait(self, index: int) -> int:
+        """The fewest evaluations without a new best that can stop the run at `index`: the
+        least wait, or the fast lane's when it is shorter."""
+        least, fast = self.least_wait(index), self.fast_wait(index)
+        return least if fast is None else min(least, fast)
+
+    def project(self, index: int, best: float, wait: int, *, fast: bool = False) -> Projection:
+        """Fit the recent values and project the best the run could still reach (`fast`: with
+        the fast lane's larger optimism)."""
         points = self._points
         ahead = self.lookahead(index)
         if len(points) < 3:
             return Projection(len(points), math.nan, math.nan, math.nan, ahead, math.inf)
         s = self._settings
+        noise_k, slope_z = (s.fast_noise_k, FAST_SLOPE_Z) if fast else (s.noise_k, s.slope_z)
         level, slope, noise, se = self._sums.fit(len(points), points[-1][0])
-        steepest = min(slope - s.slope_z * noise * se, 0.0)
-        lucky = s.noise_k * noise * math.sqrt(2.0 * math.log(max(ahead, 2)))
+        steepest = min(slope - slope_z * noise * se, 0.0)
+        lucky = noise_k * noise * math.sqrt(2.0 * math.log(max(ahead, 2)))
         target = self._sign * best
         reachable = level + steepest * ahead - lucky
         gain = (target - reachable) / abs(target) if target != 0 else math.inf
@@ -259,16 +298,23 @@ class TrendRule:
 
     def check(self, index: int, best: float | None, wait: int) -> Projection | None:
         """Return the projection when the run should stop at `index`, else None."""
-        least = self.least_wait(index)
-        if best is None or wait < least:
+        if best is None:
             return None
+        if wait < self.earliest_wait(index):
+            return None
+        least, fast = self.least_wait(index), self.fast_wait(index)
+        tolerance = self._settings.tolerance
         projection = self.project(index, best, wait)
-        if projection.gain > self._settings.tolerance:
-            return None
         longer = math.ceil(self._settings.diverged_factor * least)
         if wait < longer and diverged(projection, best, self._sign):
             return None  # far above its best: it may be a spike that recovers
-        return projection
+        if wait >= least and projection.gain <= tolerance:
+            return projection
+        if fast is not None and wait >= fast:
+            evident = self.project(index, best, wait, fast=True)
+            if evident.gain <= tolerance:
+                return evident
+        return None
 
     @staticmethod
     def code(projection: Projection, best: float, sign: float) -> StopReason:
@@ -402,10 +448,16 @@ def describe_default_rule(horizon: int | None = None) -> str:
     """
     s = DEFAULT_SETTINGS if horizon is None else PLANNED_SETTINGS
     scale = "the evaluations so far" if horizon is None else f"the horizon of {horizon}"
+    fast = (
+        ""
+        if s.fast_share <= 0
+        else f"; or no new best for {s.fast_share * 100:g}% of it and even "
+        f"{s.fast_noise_k:g}x the lucky draw projects no more"
+    )
     return (
         f"the default rule: no new best for {s.wait_share * 100:g}% of {scale} (at least "
         f"{s.min_points}; {s.diverged_factor:g}x as long when the run looks diverged), and the "
-        f"recent trend projects at most {s.tolerance * 100:g}% more improvement"
+        f"recent trend projects at most {s.tolerance * 100:g}% more improvement{fast}"
     )
 
 

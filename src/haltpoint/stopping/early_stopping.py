@@ -313,6 +313,8 @@ class EarlyStopping:
                 "setup, or lower the baseline",
                 StopReason.BASELINE,
             )
+        if self._trend is not None:  # its fast lane may stop before the least wait
+            patience = self._trend.earliest_wait(index)
         if improved or self._wait < patience:
             return None
         if self._trend is not None and self._best is not None:
