@@ -1,0 +1,277 @@
+"""Lightning's own early-stopping tests (tests_pytorch/callbacks/test_early_stopping.py), ported.
+
+Each case runs `haltpoint.integrations.lightning.HaltpointCallback` inside a real
+`lightning.pytorch.Trainer` on CPU (Lightning's `BoringModel`, two training batches and one
+validation batch an epoch), the monitored values scripted per epoch as in Lightning's tests.
+Where haltpoint differs by design (docs/stopping.md, docs/integrations.md), the case asserts
+haltpoint's documented behaviour and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
+
+from haltpoint import Divergence, EarlyStopping, StopReason, Target  # noqa: E402
+from haltpoint.integrations.lightning import HaltpointCallback  # noqa: E402
+
+
+class Scripted(BoringModel):  # type: ignore[misc]
+    """Logs `values[current_epoch]` (the last one after the end) under `name` at validation end."""
+
+    def __init__(self, values: list[Any], name: str = "val_loss") -> None:
+        super().__init__()
+        self.values = values
+        self.name = name
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.values[min(self.current_epoch, len(self.values) - 1)]
+        self.log(self.name, torch.as_tensor(value, dtype=torch.float32))
+
+
+def fit(model: Any, callbacks: list[Any], tmp_path: Path, **kwargs: Any) -> Any:
+    settings: dict[str, Any] = {
+        "max_epochs": 10,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "default_root_dir": str(tmp_path),
+    }
+    settings.update(kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **settings)
+    trainer.fit(model)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("losses", "patience", "stop_epoch"),
+    [([6, 5, 5, 5, 5, 5], 3, 4), ([6, 5, 4, 4, 3, 3], 1, 3), ([6, 5, 6, 5, 5, 5], 3, 4)],
+)
+def test_patience(tmp_path: Path, losses: list[int], patience: int, stop_epoch: int) -> None:
+    """Ports test_early_stopping_patience: not stopped before the patience is spent."""
+    stopper = EarlyStopping("test_val_loss", patience=patience)
+    trainer = fit(Scripted(losses, "test_val_loss"), [HaltpointCallback(stopper)], tmp_path)
+    assert trainer.current_epoch - 1 == stop_epoch
+
+
+def test_one_check_per_validation(tmp_path: Path) -> None:
+    """Ports test_early_stopping_no_extraneous_invocations: one check per epoch, 4 in 4 epochs."""
+    stopper = EarlyStopping("val_loss", patience=10)
+    fit(Scripted([4.0, 3.0, 2.0, 1.0]), [HaltpointCallback(stopper)], tmp_path, max_epochs=4)
+    assert stopper.evaluations == 4
+
+
+def test_stopper_state_rides_in_lightnings_own_checkpoint(tmp_path: Path) -> None:
+    """Ports test_resume_early_stopping_from_checkpoint (Lightning #1463, #1464)."""
+    losses = [5.0, 4.0, 4.5, 3.0]
+    callback = HaltpointCallback(EarlyStopping("val_loss", patience=3))
+    states: list[dict[str, Any]] = []
+
+    class Record(pl.Callback):  # type: ignore[misc]
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            states.append(callback.stopper.state_dict())  # type: ignore[union-attr]
+
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss")
+    fit(
+        Scripted(losses),
+        [callback, Record(), saver],
+        tmp_path,
+        max_epochs=4,
+        enable_checkpointing=True,
+    )
+    checkpoint = torch.load(saver.best_model_path, weights_only=False)
+    assert checkpoint["callbacks"][callback.state_key]["stopper"] == states[3]
+
+    restored = HaltpointCallback(EarlyStopping("val_loss", patience=3))
+    trainer = pl.Trainer(
+        max_epochs=4,
+        callbacks=[restored],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Scripted(losses), ckpt_path=saver.best_model_path)
+    assert restored.stopper.state_dict() == states[3]  # type: ignore[union-attr]
+
+
+def test_pickling() -> None:
+    """Ports test_pickling: the callback and its stopper survive pickle."""
+    callback = HaltpointCallback(EarlyStopping("foo", patience=2))
+    callback.stopper.step({"foo": 1.0})  # type: ignore[union-attr]
+    loaded = pickle.loads(pickle.dumps(callback))
+    assert repr(loaded.stopper) == repr(callback.stopper)
+    assert loaded.stopper.state_dict() == callback.stopper.state_dict()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("rules", "losses", "stop_epoch"),
+    [
+        ([], [8, 4, 2, 3, 4, 5, 8, 10], 5),
+        ([Target(2.9)], [9, 8, 7, 6, 5, 6, 4, 3, 2, 1], 8),
+        ([Divergence(15.9)], [9, 4, 2, 16, 32, 64], 3),
+    ],
+)
+def test_thresholds(tmp_path: Path, rules: list[Any], losses: list[int], stop_epoch: int) -> None:
+    """Ports test_early_stopping_thresholds: Target and Divergence as the thresholds."""
+    stopper = EarlyStopping("abc", patience=3, rules=rules)
+    trainer = fit(Scripted(losses, "abc"), [HaltpointCallback(stopper)], tmp_path, max_epochs=20)
+    assert trainer.current_epoch - 1 == stop_epoch
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_non_finite_monitor(tmp_path: Path, bad: float) -> None:
+    """Ports test_early_stopping_on_non_finite_monitor: an inf or NaN at epoch 2 stops there."""
+    stopper = EarlyStopping("val_loss", patience=3)
+    trainer = fit(Scripted([4, 3, bad, 2, 1]), [HaltpointCallback(stopper)], tmp_path)
+    assert trainer.current_epoch - 1 == 2
+    assert stopper.code is StopReason.NON_FINITE
+
+
+@pytest.mark.parametrize(
+    ("limit_train_batches", "min_epochs", "min_steps", "stop_step"),
+    [
+        (3, 0, 10, 10),
+        (5, 0, 10, 10),
+        (3, 2, 0, 6),
+        (5, 2, 0, 10),
+        (3, 1, 10, 10),
+        (5, 1, 10, 10),
+        (3, 3, 10, 10),
+        (5, 3, 10, 15),
+    ],
+)
+def test_min_epochs_and_min_steps(
+    tmp_path: Path, limit_train_batches: int, min_epochs: int, min_steps: int, stop_step: int
+) -> None:
+    """Ports test_min_epochs_min_steps_global_step: a stop waits for min_epochs and min_steps."""
+    stopper = EarlyStopping("foo", patience=0, rules=[Target(1.0)])  # stops at every check
+    trainer = fit(
+        Scripted([0.0], "foo"),
+        [HaltpointCallback(stopper)],
+        tmp_path,
+        max_epochs=20,
+        limit_train_batches=limit_train_batches,
+        min_epochs=min_epochs,
+        min_steps=min_steps,
+    )
+    assert trainer.should_stop
+    assert trainer.current_epoch == max(math.ceil(min_steps / limit_train_batches), min_epochs)
+    assert trainer.global_step == stop_step
+
+
+def test_mode_options() -> None:
+    """Ports test_early_stopping_mode_options: an unknown mode is refused, naming it."""
+    with pytest.raises(ValueError, match="unknown_option"):
+        EarlyStopping("foo", mode="unknown_option")
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "global_step", "epochs"),
+    [
+        ({"val_check_interval": 0.3, "limit_train_batches": 10, "max_epochs": 10}, 6, None),
+        ({"check_val_every_n_epoch": 2, "max_epochs": 5}, None, 4),
+    ],
+    ids=["val_check_interval", "check_val_every_n_epoch"],
+)
+def test_checks_follow_the_validation_schedule(
+    tmp_path: Path, trainer_kwargs: dict[str, Any], global_step: int | None, epochs: int | None
+) -> None:
+    """Ports test_check_on_train_epoch_end_smart_handling: a check at each validation, not epoch."""
+    stopper = EarlyStopping("foo", patience=0)  # the 2nd check of a flat metric stops
+    trainer = fit(Scripted([1.0], "foo"), [HaltpointCallback(stopper)], tmp_path, **trainer_kwargs)
+    assert stopper.evaluations == 2
+    if global_step is not None:
+        assert trainer.global_step == global_step
+    if epochs is not None:
+        assert trainer.current_epoch == epochs
+
+
+def test_squeezes_a_one_element_tensor() -> None:
+    """Ports test_early_stopping_squeezes: a metric logged as tensor([[[0]]]) is the number 0."""
+    stopper = EarlyStopping("foo", patience=3)
+    assert stopper.step({"foo": torch.tensor([[[0.0]]])}).value == 0.0
+
+
+def test_stop_is_logged_with_its_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Ports test_early_stopping_log_info (one process): the stop is logged with its reason."""
+    stopper = EarlyStopping("val_loss", patience=1)
+    with caplog.at_level(logging.INFO, logger="haltpoint"):
+        fit(Scripted([2.0, 2.0]), [HaltpointCallback(stopper)], tmp_path)
+    assert stopper.reason is not None
+    assert any(stopper.reason in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("losses", "kwargs", "max_epochs", "code", "words"),
+    [
+        ([10.0], {"patience": 2}, 10, StopReason.PATIENCE, "did not improve"),
+        (
+            [5.0, 3.0, 1.0, 0.5, 0.1],
+            {"patience": 3, "rules": [Target(0.6)]},
+            10,
+            StopReason.TARGET,
+            "reached the target",
+        ),
+        (
+            [1.0, 2.0, 5.0, 10.0, 15.0],
+            {"patience": 3, "rules": [Divergence(8.0)]},
+            10,
+            StopReason.DIVERGENCE,
+            "divergence threshold",
+        ),
+        ([1.0, 0.5, math.nan], {"patience": 3}, 10, StopReason.NON_FINITE, "is nan"),
+        ([5.0, 4.0, 3.0, 2.0, 1.0], {"patience": 3}, 3, None, None),
+    ],
+    ids=["patience", "stopping_threshold", "divergence_threshold", "non_finite", "not_stopped"],
+)
+def test_reasons(
+    tmp_path: Path,
+    losses: list[float],
+    kwargs: dict[str, Any],
+    max_epochs: int,
+    code: StopReason | None,
+    words: str | None,
+) -> None:
+    """Ports test_early_stopping_reasons (the five fitted cases): a code and a sentence per stop."""
+    stopper = EarlyStopping("val_loss", **kwargs)
+    fit(Scripted(losses), [HaltpointCallback(stopper)], tmp_path, max_epochs=max_epochs)
+    assert stopper.code is code
+    if words is None:
+        assert stopper.reason is None and not stopper.stopped
+    else:
+        assert stopper.reason is not None and words in stopper.reason
+
+
+def test_reason_survives_the_state_dict() -> None:
+    """Ports test_early_stopping_reasons (state persistence): the reason is in the state."""
+    first = EarlyStopping("val_loss", patience=0)
+    first.step(1.0)
+    first.step(2.0)
+    second = EarlyStopping("val_loss", patience=0)
+    second.load_state_dict(first.state_dict())
+    assert second.code is StopReason.PATIENCE
+    assert second.reason == first.reason
+
+
+def test_state_without_a_recorded_stop_loads() -> None:
+    """Ports test_early_stopping_reasons (old state dict): no reason recorded, the wait is kept."""
+    stopper = EarlyStopping("val_loss", patience=3)
+    old = {"version": 1, "evaluations": 6, "best": 0.5, "best_step": 3, "wait": 2}
+    stopper.load_state_dict({**old, "last_decision": None, "rules": []})
+    assert stopper.reason is None and stopper.code is None and not stopper.stopped
+    assert (stopper.wait, stopper.evaluations) == (2, 6)

@@ -1,0 +1,168 @@
+"""Hugging Face's own early-stopping tests, ported (tests/trainer/test_trainer.py
+`test_early_stopping_callback`, tests/trainer/test_trainer_callback.py `StatefulCallbackTest`).
+
+Each case runs `haltpoint.integrations.transformers.HaltpointCallback` inside a real
+`transformers.Trainer` on CPU: a one-layer regression model, four optimizer steps an epoch, and
+the monitored metric scripted per evaluation through `compute_metrics`. Where haltpoint differs
+by design (docs/integrations.md), the case asserts haltpoint's behaviour and says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from haltpoint import Checkpointer, EarlyStopping  # noqa: E402
+from haltpoint.integrations.transformers import HaltpointCallback  # noqa: E402
+
+STEPS_PER_EPOCH = 4
+
+
+class Regression(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        out = self.linear(x).squeeze(-1)
+        loss = torch.nn.functional.mse_loss(out, labels) if labels is not None else None
+        return {"loss": loss, "logits": out}
+
+
+def data() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=gen)
+    y = x.sum(1)
+    return [{"x": x[i], "labels": y[i]} for i in range(16)]
+
+
+def scripted(values: list[float]) -> Any:
+    """A `compute_metrics` returning the next value (the last one again after the end)."""
+    it: Iterator[float] = iter(values)
+    last = [values[0]]
+
+    def compute(_: Any) -> dict[str, float]:
+        last[0] = next(it, last[0])
+        return {"accuracy": last[0]}
+
+    return compute
+
+
+def make_trainer(
+    tmp_path: Path, callbacks: list[Any], accuracy: list[float], epochs: int = 20, **kwargs: Any
+) -> Any:
+    settings: dict[str, Any] = {
+        "output_dir": str(tmp_path / "hf_out"),
+        "eval_strategy": "epoch",
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 16,
+        "num_train_epochs": epochs,
+        "learning_rate": 1e-2,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    settings.update(kwargs)
+    return transformers.Trainer(
+        model=Regression(),
+        args=transformers.TrainingArguments(**settings),
+        train_dataset=data(),
+        eval_dataset=data(),
+        compute_metrics=scripted(accuracy),
+        callbacks=callbacks,
+    )
+
+
+PLATEAU = [0.5, 0.6, 0.7, 0.7, 0.70001, 0.7, 0.7]
+
+
+def test_stops_before_the_planned_epochs(tmp_path: Path) -> None:
+    """Ports test_trainer.py test_early_stopping_callback (patience 1, threshold 1e-4)."""
+    stopper = EarlyStopping("accuracy", mode="max", patience=1, min_delta=0.0001)
+    trainer = make_trainer(
+        tmp_path,
+        [HaltpointCallback(stopper)],
+        PLATEAU,
+        load_best_model_at_end=True,
+        save_strategy="epoch",
+        metric_for_best_model="accuracy",
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4 * STEPS_PER_EPOCH < 20 * STEPS_PER_EPOCH
+    assert stopper.best_step == 2
+
+
+def test_needs_no_best_model_settings(tmp_path: Path) -> None:
+    """Ports test_early_stopping_callback's invalid inputs; differs by design.
+
+    HF's callback asserts `load_best_model_at_end` and `metric_for_best_model`; haltpoint's
+    needs neither (docs/integrations.md, "setup needed") and stops the same run.
+    """
+    stopper = EarlyStopping("accuracy", mode="max", patience=1, min_delta=0.0001)
+    trainer = make_trainer(tmp_path, [HaltpointCallback(stopper)], PLATEAU)
+    trainer.train()
+    assert trainer.state.global_step == 4 * STEPS_PER_EPOCH
+
+
+def test_refuses_a_run_without_evaluations(tmp_path: Path) -> None:
+    """Ports test_early_stopping_callback's assertion for eval_strategy="no": a clear error."""
+    stopper = EarlyStopping("accuracy", mode="max", patience=1)
+    trainer = make_trainer(tmp_path, [HaltpointCallback(stopper)], PLATEAU, eval_strategy="no")
+    with pytest.raises(ValueError, match="eval_strategy"):
+        trainer.train()
+
+
+def test_stopper_state_persists_across_a_resume(tmp_path: Path) -> None:
+    """Ports StatefulCallbackTest.test_early_stopping_state_persists; differs by design.
+
+    HF restores the callback's saved arguments (patience 5 wins over the new default); haltpoint
+    restores the stopper's state and keeps the new configuration (docs/integrations.md,
+    "stopper state on resume"). Resumed here through haltpoint's own checkpoints.
+    """
+    accuracy = [0.5, 0.6, 0.6, 0.6]
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy") as ckpt:
+        first = EarlyStopping("accuracy", mode="max", patience=5, min_delta=0.2)
+        make_trainer(tmp_path, [HaltpointCallback(first, ckpt)], accuracy, epochs=2).train()
+    assert (first.evaluations, first.best, first.wait) == (2, 0.5, 1)  # 0.6 is not 0.2 better
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy") as ckpt:
+        second = EarlyStopping("accuracy", mode="max", patience=3)
+        callback = HaltpointCallback(second, ckpt, resume=True)
+        make_trainer(tmp_path, [callback], accuracy[2:], epochs=4).train()
+    assert second.patience == 3 and second.min_delta == 0.0  # the new configuration
+    assert second.evaluations == 4  # two restored, two new
+    assert (second.best, second.best_step) == (0.6, 2)  # with min_delta 0, 0.6 beats 0.5
+
+
+def test_resume_beside_a_regular_callback(tmp_path: Path) -> None:
+    """Ports StatefulCallbackTest.test_mixed_stateful_and_regular_callbacks (haltpoint's resume)."""
+
+    class Recorder(transformers.TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.events.append("on_evaluate")
+
+    accuracy = [0.5, 0.6, 0.7, 0.8]
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy") as ckpt:
+        first = EarlyStopping("accuracy", mode="max", patience=5)
+        callbacks = [Recorder(), HaltpointCallback(first, ckpt)]
+        make_trainer(tmp_path, callbacks, accuracy, epochs=2).train()
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy") as ckpt:
+        second = EarlyStopping("accuracy", mode="max", patience=5)
+        recorder = Recorder()
+        callbacks = [HaltpointCallback(second, ckpt, resume=True), recorder]
+        make_trainer(tmp_path, callbacks, accuracy[2:], epochs=4).train()
+    assert second.evaluations == 4 and second.best == 0.8
+    assert recorder.events == ["on_evaluate"] * 2
