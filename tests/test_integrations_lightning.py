@@ -147,7 +147,9 @@ def test_resumed_fit_continues_where_it_stopped_and_matches_a_straight_run(
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
 
 
-def test_a_resumed_run_that_had_stopped_trains_no_further(tmp_path: Path) -> None:
+def test_a_resumed_run_that_had_stopped_trains_no_further(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with Checkpointer(tmp_path) as ckpt:
         fit(make_module(), HaltpointCallback(EarlyStopping("val_loss", patience=1), ckpt), 20)
         stopped_at = ckpt.list()[-1].step
@@ -157,6 +159,11 @@ def test_a_resumed_run_that_had_stopped_trains_no_further(tmp_path: Path) -> Non
         trainer = fit(module, HaltpointCallback(stopper, ckpt, resume=True), max_epochs=20)
     assert stopper.stopped and module.train_epochs == []
     assert trainer.global_step == stopped_at
+    resumed = [line for line in capsys.readouterr().err.splitlines() if "resumed" in line]
+    assert resumed == [
+        f"haltpoint: resumed from step {stopped_at} in {ckpt.directory}; the run had already "
+        f"stopped: {stopper.reason}"
+    ]
 
 
 def test_a_rerun_of_a_stopped_run_restores_the_best_weights(tmp_path: Path) -> None:

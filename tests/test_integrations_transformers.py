@@ -155,7 +155,9 @@ class Spy(transformers.TrainerCallback):  # type: ignore[misc]
         self.lr_step = kwargs["lr_scheduler"].last_epoch
 
 
-def test_resume_keeps_the_patience_used_and_the_training_state(tmp_path: Path) -> None:
+def test_resume_keeps_the_patience_used_and_the_training_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = make_model()
     with Checkpointer(tmp_path / "run") as ckpt:
         trainer, losses = train(
@@ -164,12 +166,15 @@ def test_resume_keeps_the_patience_used_and_the_training_state(tmp_path: Path) -
     assert losses[1] > losses[0]  # one evaluation without improvement already spent
     end_exp_avg = trainer.optimizer.state_dict()["state"][0]["exp_avg"]
 
+    capsys.readouterr()
     stopper, spy = EarlyStopping("eval_loss", patience=2), Spy()
     with Checkpointer(tmp_path / "run") as ckpt:
         callback = HaltpointCallback(stopper, ckpt, resume=True)
         trainer, losses = train(tmp_path, make_model(), [callback, spy], epochs=20)
         steps = [i.step for i in ckpt.list()]
     assert spy.step == spy.lr_step == 2 * STEPS_PER_EPOCH
+    resumed = [line for line in capsys.readouterr().err.splitlines() if "resumed" in line]
+    assert resumed == [f"haltpoint: resumed from step {spy.step} in {ckpt.directory}"]
     assert torch.equal(spy.weight, first.classifier.weight)
     assert torch.equal(spy.exp_avg, end_exp_avg)
     # transformers #28544 lost the wait on resume: the fresh run would stop two evaluations later

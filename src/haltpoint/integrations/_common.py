@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from haltpoint import Checkpointer, EarlyStopping, StateMismatchError
 
 __all__ = [
+    "announce_resume",
     "check_arguments",
     "missing_metric_error",
     "restore_best_weights",
@@ -82,6 +84,20 @@ def scalar_metrics(raw: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             result[name] = float(value)
     return result
+
+
+def announce_resume(step: int, directory: str, stopper: EarlyStopping | None) -> None:
+    """Print one line on stderr saying where the run resumed, as `haltpoint demo` does.
+
+    A resume changes what training does, so it is said whether or not logging is set up.
+
+    >>> announce_resume(12, "runs/x", None)  # doctest: +SKIP
+    haltpoint: resumed from step 12 in runs/x
+    """
+    line = f"haltpoint: resumed from step {step} in {directory}"
+    if stopper is not None and stopper.stopped:
+        line += f"; the run had already stopped: {stopper.reason}"
+    print(line, file=sys.stderr, flush=True)
 
 
 def missing_metric_error(name: str, keys: Iterable[str], where: str, hint: str) -> ValueError:

@@ -14,6 +14,7 @@ from typing import Any
 
 from haltpoint import Checkpointer, CheckpointExistsError, EarlyStopping
 from haltpoint.integrations._common import (
+    announce_resume,
     check_arguments,
     missing_metric_error,
     restore_best_weights,
@@ -131,9 +132,9 @@ class HaltpointCallback(Callback):
             self._last_step = info.step
             if ckpt.capture_rng:
                 self._put_back_rng = snapshot_rng()
-            log.info("haltpoint: resumed from step %d in %s", info.step, ckpt.directory)
+            if trainer.is_global_zero:
+                announce_resume(info.step, ckpt.directory, self.stopper)
             if self.stopper is not None and self.stopper.stopped:
-                log.info("haltpoint: the resumed run had stopped: %s", self.stopper.reason)
                 trainer.should_stop = True  # Lightning then trains nothing, nor calls on_train_end
                 if self.restore_best:
                     self._restore_best(pl_module)

@@ -12,6 +12,7 @@ from typing import Any
 from haltpoint import Checkpointer, CheckpointExistsError, EarlyStopping
 from haltpoint.distributed import initialized
 from haltpoint.integrations._common import (
+    announce_resume,
     check_arguments,
     missing_metric_error,
     restore_best_weights,
@@ -154,9 +155,9 @@ class HaltpointCallback(TrainerCallback):
         position = saved["trainer"]
         self._last_step = state.global_step = int(position["global_step"])
         self._epoch_offset = state.epoch = float(position["epoch"])
-        log.info("haltpoint: resumed from step %d in %s", info.step, ckpt.directory)
+        if state.is_world_process_zero:
+            announce_resume(info.step, ckpt.directory, self.stopper)
         if self.stopper is not None and self.stopper.stopped:
-            log.info("haltpoint: the resumed run had stopped: %s", self.stopper.reason)
             control.should_training_stop = True  # the Trainer still runs one step first
             self._resumed_stopped = True
 
