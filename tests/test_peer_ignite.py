@@ -8,6 +8,12 @@ over epochs that breaks when the stopper says so. Where haltpoint differs by des
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,3 +118,38 @@ def test_with_engine_no_early_stopping() -> None:
     stopper = EarlyStopping(mode="max", patience=5)
     assert epochs_run(stopper, scores, 10) == 10
     assert not stopper.stopped
+
+
+WORKER = Path(__file__).parent / "workers" / "peer_ignite_worker.py"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """One torchrun launch (2 ranks, gloo on CPU) of both distributed scenarios."""
+    out = tmp_path_factory.mktemp("ignite_ddp")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={port}", str(WORKER), "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_distrib_with_engine_early_stopping(two_ranks: list[dict[str, Any]]) -> None:
+    """Ports _test_distrib_with_engine_early_stopping (distrib_cpu): the mean stops at epoch 7."""
+    assert [r["scores"]["epoch"] for r in two_ranks] == [7, 7]
+    assert two_ranks[0]["scores"] == two_ranks[1]["scores"]
+
+
+@pytest.mark.slow
+def test_distrib_integration_engine_early_stopping(two_ranks: list[dict[str, Any]]) -> None:
+    """Ports _test_distrib_integration_engine_early_stopping (distrib_cpu): accuracy, epoch 5."""
+    assert [r["accuracy"]["epoch"] for r in two_ranks] == [5, 5]
+    assert two_ranks[0]["accuracy"] == two_ranks[1]["accuracy"]
+    assert two_ranks[0]["accuracy"]["best"] == 1.0
