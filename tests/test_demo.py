@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,10 @@ import torch
 from rich.text import Text
 
 from haltpoint.cli import main
-from haltpoint.cli.demo import _Display
+from haltpoint.cli.demo import _Display, _test_rows
 from haltpoint.cli.output import Output
 from haltpoint.demo import DigitsNet, load_digits, split_digits
+from haltpoint.demo.scores import score
 from haltpoint.demo.train import DemoConfig, EpochResult, train_demo
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import read_history
@@ -72,6 +74,7 @@ def test_demo_trains_summarises_plots_and_resumes(tmp_path: Path, capsys):
     assert "why it ended    reached the maximum of 2 epochs before early stopping" in out
     assert "epochs trained  2 (steps 0-1), did not stop early" in out
     assert "test accuracy   " in out and "disk used       " in out and "wall time       " in out
+    assert re.search(r"test macro avg  precision \d+\.\d\d%, recall \d+\.\d\d%, F1 \d+\.\d\d%", out)
     png = run / "curves.png"
     assert f"plot            {png} (best marked)" in out
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 20_000
@@ -198,3 +201,25 @@ def test_the_progress_bar_fits_the_terminal_keeping_bar_epoch_and_time(width, mo
     assert "val_loss 0.2500" in line  # the monitor is dropped last
     assert ("best 0.2000@1" in line) == (width >= 80)
     assert ("train_loss 0.1235" in line) == (width >= 120)
+
+
+def test_the_test_scores_are_scikit_learn_s_on_the_restored_best_model(tmp_path: Path, capsys):
+    metrics = pytest.importorskip("sklearn.metrics")
+    outcome = train_demo(str(tmp_path / "run"), DemoConfig(max_epochs=2))
+    labels, predicted = outcome.test_labels.numpy(), outcome.test_predicted.numpy()
+    assert len(labels) == 360
+    assert metrics.accuracy_score(labels, predicted) == pytest.approx(outcome.test_acc)
+    scores = score(outcome.test_labels, outcome.test_predicted)
+    assert scores.f1 == pytest.approx(metrics.f1_score(labels, predicted, average="macro"))
+    assert scores.recall == pytest.approx(metrics.recall_score(labels, predicted, average="macro"))
+
+
+def test_without_scikit_learn_the_scores_row_says_what_to_install(tmp_path: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)  # import raises ImportError
+    outcome = train_demo(str(tmp_path / "run"), DemoConfig(max_epochs=1))
+    rows = dict(_test_rows(outcome))
+    assert rows["test accuracy"].startswith(f"{100 * outcome.test_acc:.2f}% of 360 digits")
+    assert rows["test macro avg"] == (
+        "skipped: the test scores need scikit-learn, which is not installed; install it with: "
+        "pip install 'haltpoint[demo]'"
+    )

@@ -18,6 +18,7 @@ from haltpoint.cli.flags import check_output_dir, count, seed
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.progress import Field, epoch_progress
 from haltpoint.cli.runinfo import open_run
+from haltpoint.demo.scores import score
 from haltpoint.demo.train import MONITOR, DemoConfig, DemoOutcome, EpochResult, train_demo
 from haltpoint.errors import LockedError
 from haltpoint.plotting import MissingDependencyError, plot_history
@@ -132,6 +133,25 @@ class _Display:
             self.out.line(f"step {result.epoch:>3}  " + "  ".join(text for text, _ in fields))
 
 
+def _test_rows(outcome: DemoOutcome) -> list[list[str]]:
+    """The restored best model's scores on the test split, by scikit-learn when installed."""
+    n = len(outcome.test_labels)
+    loss = f"(best model restored; test loss {outcome.test_loss:.4f})"
+    try:
+        s = score(outcome.test_labels, outcome.test_predicted)
+    except MissingDependencyError as exc:
+        accuracy = f"{100 * outcome.test_acc:.2f}% of {n} digits {loss}"
+        return [["test accuracy", accuracy], ["test macro avg", f"skipped: {exc}"]]
+    return [
+        ["test accuracy", f"{100 * s.accuracy:.2f}% of {n} digits {loss}"],
+        [
+            "test macro avg",
+            f"precision {100 * s.precision:.2f}%, recall {100 * s.recall:.2f}%, "
+            f"F1 {100 * s.f1:.2f}% (scikit-learn)",
+        ],
+    ]
+
+
 def _summary(out: Output, run_dir: str, outcome: DemoOutcome, seconds: float, plot: str) -> None:
     size, checkpoints = _disk_usage(run_dir)
     stopped = "stopped early" if outcome.stopped_early else "did not stop early"
@@ -139,11 +159,7 @@ def _summary(out: Output, run_dir: str, outcome: DemoOutcome, seconds: float, pl
         ["why it stopped" if outcome.stopped_early else "why it ended", outcome.reason],
         ["epochs trained", f"{outcome.last_epoch + 1} (steps 0-{outcome.last_epoch}), {stopped}"],
         ["best", f"step {outcome.best_epoch}: {MONITOR} {outcome.best_val_loss:.4f}"],
-        [
-            "test accuracy",
-            f"{100 * outcome.test_acc:.2f}% (best model restored; test loss "
-            f"{outcome.test_loss:.4f})",
-        ],
+        *_test_rows(outcome),
         ["wall time", f"{seconds:.1f} s"],
         ["disk used", f"{format_bytes(size)} in {run_dir} ({checkpoints} checkpoints kept)"],
         ["plot", plot],

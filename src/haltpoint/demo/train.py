@@ -76,6 +76,7 @@ class DemoOutcome:
         last_epoch: the last epoch trained (-1 when none).
         best_epoch, best_val_loss: the best checkpoint by val_loss, restored at the end.
         test_loss, test_acc: of the restored best model on the held-out test set.
+        test_labels, test_predicted: the test set's labels and that model's predictions.
     """
 
     resumed_from: int | None
@@ -87,6 +88,8 @@ class DemoOutcome:
     best_val_loss: float
     test_loss: float
     test_acc: float
+    test_labels: torch.Tensor
+    test_predicted: torch.Tensor
 
 
 StartHook = Callable[[CheckpointInfo | None, EarlyStopping], None]
@@ -210,6 +213,8 @@ def _train(
     if best is None:  # pragma: no cover - "best" raises rather than returning None
         raise RuntimeError("no best checkpoint after training")
     test_loss, test_acc = evaluate(model, split.test)
+    with torch.no_grad():
+        predicted = model(split.test[0]).argmax(dim=1)
     if stopper.stopped:
         reason = str(stopper.reason)
     else:
@@ -227,4 +232,6 @@ def _train(
         best_val_loss=float(best.metrics[MONITOR]),
         test_loss=test_loss,
         test_acc=test_acc,
+        test_labels=split.test[1],
+        test_predicted=predicted,
     )
