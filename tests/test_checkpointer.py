@@ -634,3 +634,14 @@ def test_a_damaged_history_never_reaches_the_restored_stopper(tmp_path: Path) ->
     with Checkpointer(tmp_path, monitor="val_loss") as ckpt:
         ckpt.restore({"stopper": fresh})  # its state is in the checksummed manifest
     assert (fresh.best, fresh.best_step, fresh.wait) == (0.5, 1, 1)
+
+
+def test_a_reader_of_a_missing_folder_creates_nothing(tmp_path: Path) -> None:
+    """Readers never create anything: not even the run folder (issue 15.3)."""
+    missing = tmp_path / "typo"
+    reader = Checkpointer(missing, read_only=True)
+    assert reader.list() == [] and reader.restore({"model": torch.nn.Linear(2, 1)}) is None
+    reader.close()
+    assert not missing.exists()
+    with Checkpointer(missing):  # a writer creates it
+        assert missing.is_dir()

@@ -126,7 +126,7 @@ class Checkpointer:
         self.capture_rng = capture_rng
         self.read_only = read_only
         with full_disk_on_open(os.fspath(directory)):
-            self._storage = open_storage(directory, storage_options)
+            self._storage = open_storage(directory, storage_options, create=not read_only)
         self._run = RunDirectory(self._storage)
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
         self._reader = RunReader(self._run, monitor, mode)

@@ -65,7 +65,7 @@ def open_run(directory: str, *, must_exist: bool = True) -> RunDirectory:
             "(it holds step-* folders and history.jsonl)"
         )
     try:
-        return RunDirectory(open_storage(directory))
+        return RunDirectory(open_storage(directory, create=False))
     except (ValueError, ImportError) as exc:  # fsspec: an unknown protocol, a missing package
         raise ValueError(f"cannot open run directory {directory}: {exc}") from None
 

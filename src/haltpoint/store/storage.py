@@ -168,12 +168,16 @@ def fsync_dir(path: str) -> None:
 
 
 class LocalStorage:
-    """A run directory on a local file system, written with fsync and atomic renames."""
+    """A run directory on a local file system, written with fsync and atomic renames.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    `create=False` (for readers) never creates the folder: a missing one reads as empty.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
         self._real_root = os.path.realpath(self.root)
 
     def _path(self, rel: str) -> str:
@@ -494,9 +498,13 @@ class FsspecStorage:
 
 
 def open_storage(
-    directory: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    directory: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    create: bool = True,
 ) -> Storage:
-    """A `LocalStorage` for a local path or `file://` URL, else an `FsspecStorage`."""
+    """A `LocalStorage` for a local path or `file://` URL, else an `FsspecStorage`; a local
+    folder is created unless `create` is False (readers never create anything)."""
     if isinstance(directory, os.PathLike):
         directory = os.fspath(directory)
     if not isinstance(directory, str) or not directory:
@@ -513,4 +521,4 @@ def open_storage(
             "storage_options only apply to fsspec URLs (s3://, gs://, memory://, ...), "
             f"but directory is the local path {directory!r}"
         )
-    return LocalStorage(directory)
+    return LocalStorage(directory, create=create)
