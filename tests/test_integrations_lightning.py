@@ -64,16 +64,18 @@ def make_module(base: Any = pl) -> Any:
 
 
 def fit(module: Any, callback: Any, max_epochs: int, base: Any = pl, **kwargs: Any) -> Any:
+    options: dict[str, Any] = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+    }
     trainer = base.Trainer(
         max_epochs=max_epochs,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        **kwargs,
+        callbacks=callback if isinstance(callback, list) else [callback],
+        **{**options, **kwargs},
     )
     trainer.fit(module, make_data(1.0), make_data(-1.0))
     return trainer
@@ -288,3 +290,40 @@ def test_module_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delitem(sys.modules, "haltpoint.integrations.lightning")
     with pytest.raises(ImportError, match=r"pip install 'haltpoint\[lightning\]'"):
         importlib.import_module("haltpoint.integrations.lightning")
+
+
+def test_two_callbacks_with_different_settings_share_a_trainer(tmp_path: Path) -> None:
+    loss = HaltpointCallback(EarlyStopping("val_loss", patience=50))
+    other = HaltpointCallback(EarlyStopping("val_loss", patience=1))
+    assert loss.state_key != other.state_key
+    assert "val_loss" in loss.state_key and "'patience': 50" in loss.state_key
+    module = make_module()
+    with Checkpointer(tmp_path / "run") as ckpt:
+        saver = HaltpointCallback(None, ckpt)
+        pl_ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "pl")
+        trainer = fit(module, [loss, other, saver, pl_ckpt], 5, enable_checkpointing=True)
+    assert other.stopper.stopped and not loss.stopper.stopped  # type: ignore[union-attr]
+    keys = {loss.state_key, other.state_key, saver.state_key}
+    assert len(keys) == 3
+    lightning_ckpt = torch.load(
+        trainer.checkpoint_callback.best_model_path, weights_only=False, map_location="cpu"
+    )
+    assert keys <= set(lightning_ckpt["callbacks"])
+
+
+def test_check_on_train_epoch_end_stops_a_run_without_validation(tmp_path: Path) -> None:
+    class TrainLogged(type(make_module())):  # type: ignore[misc]
+        def training_step(self, batch: Any, i: int) -> torch.Tensor:
+            loss = super().training_step(batch, i)
+            self.log("train_metric", float(self.current_epoch), on_epoch=True, on_step=False)
+            return loss
+
+    module = TrainLogged()
+    stopper = EarlyStopping("train_metric", mode="min", patience=2)  # never improves after 0
+    with Checkpointer(tmp_path / "run", keep_last=10) as ckpt:
+        callback = HaltpointCallback(stopper, ckpt, check_on_train_epoch_end=True)
+        trainer = fit(module, callback, max_epochs=20, limit_val_batches=0)
+        steps = [info.step for info in ckpt.list()]
+    assert stopper.stopped and stopper.evaluations == 3
+    assert module.train_epochs == [0, 1, 2] and trainer.current_epoch == 3
+    assert steps == [BATCHES_PER_EPOCH * e for e in (1, 2, 3)]

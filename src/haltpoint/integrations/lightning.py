@@ -65,6 +65,13 @@ class HaltpointCallback(Callback):
         resume: at the start of `fit`, restore the latest checkpoint of `checkpointer` (model,
             optimizers, schedulers, loop position, stopper, random state) and continue from
             there. Without it, a checkpointer that already holds checkpoints is refused.
+        check_on_train_epoch_end: check (step the stopper and save) at the end of every
+            training epoch instead of at the end of validation, as Lightning's flag of that
+            name does: for a monitor logged in training (`self.log(..., on_epoch=True)`), or
+            a run without validation.
+
+    Each callback's `state_key` is made from its monitor and settings (as Lightning's
+    `EarlyStopping` does), so two callbacks that watch different metrics share a `Trainer`.
 
     Example:
         >>> import lightning.pytorch as pl  # doctest: +SKIP
@@ -83,8 +90,14 @@ class HaltpointCallback(Callback):
         *,
         restore_best: bool = False,
         resume: bool = False,
+        check_on_train_epoch_end: bool = False,
     ) -> None:
         check_arguments(stopper, checkpointer, restore_best, resume)
+        if not isinstance(check_on_train_epoch_end, bool):
+            raise TypeError(
+                f"check_on_train_epoch_end must be True or False, got {check_on_train_epoch_end!r}"
+            )
+        self.check_on_train_epoch_end = check_on_train_epoch_end
         self.stopper = stopper
         self.checkpointer = checkpointer
         self.restore_best = restore_best
@@ -95,6 +108,19 @@ class HaltpointCallback(Callback):
         self._validations = 0
         self._warned_same_step = False
         self._put_back_rng: Callable[[], None] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """This callback's key in Lightning's checkpoints: its class, monitor and settings."""
+        s, ckpt = self.stopper, self.checkpointer
+        return self._generate_state_key(
+            monitor=None if s is None else s.monitor,
+            mode=None if s is None else s.mode,
+            patience=None if s is None else s.patience,
+            min_delta=None if s is None else s.min_delta,
+            directory=None if ckpt is None else ckpt.directory,
+            check_on_train_epoch_end=self.check_on_train_epoch_end,
+        )
 
     # -- what is saved ----------------------------------------------------------------------
 
@@ -157,9 +183,18 @@ class HaltpointCallback(Callback):
             self._put_back_rng = None
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        """Step the stopper, agree on stopping across ranks, and save."""
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        """Check, unless checks are at the end of training epochs."""
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.check_on_train_epoch_end:
             return
+        self._check(trainer, pl_module, "at the end of validation")
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Check, when checks are at the end of training epochs."""
+        if self.check_on_train_epoch_end:
+            self._check(trainer, pl_module, "at the end of the training epoch")
+
+    def _check(self, trainer: Any, pl_module: Any, where: str) -> None:
+        """Step the stopper, agree on stopping across ranks, and save."""
         self._validations += 1
         if trainer.global_step == self._last_step:
             # No optimizer step since the last validation (gradient accumulation, or validation
@@ -181,8 +216,7 @@ class HaltpointCallback(Callback):
                 raise missing_metric_error(
                     name,
                     metrics,
-                    f"at the end of validation (epoch {trainer.current_epoch}, global step "
-                    f"{trainer.global_step})",
+                    f"{where} (epoch {trainer.current_epoch}, global step {trainer.global_step})",
                     _HINT.format(name=name),
                 )
         stop = False
@@ -203,7 +237,8 @@ class HaltpointCallback(Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Warn when no validation ran; restore the best weights when asked."""
-        if self._validations == 0 and self.stopper is not None:
+        unchecked = self._validations == 0 and not self.check_on_train_epoch_end
+        if unchecked and self.stopper is not None:
             warnings.warn(
                 f"haltpoint: no validation ran during fit, so early stopping on "
                 f"{self.stopper.monitor!r} was never checked and nothing was saved; define "
