@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from haltpoint import Checkpointer
 from haltpoint.cli import main
-from haltpoint.errors import CorruptCheckpointError
+from haltpoint.errors import CorruptCheckpointError, StateMismatchError
 from haltpoint.store.hashing import hash_bytes
 
 
@@ -37,10 +37,12 @@ def seal(body: dict[str, Any]) -> bytes:
 
 
 def make_run(path: Path) -> None:
-    """Two checkpoints of a model, its optimizer and a few tagged values."""
+    """Two checkpoints of a model, its stepped Adam, a few tagged values, the random state."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
     values = {"betas": (0.9, 0.99), "device": torch.device("cpu"), "scale": np.int8(3)}
     with Checkpointer(path, keep_last=5, async_save=False) as ckpt:
         for step in (1, 2):
@@ -238,6 +240,27 @@ def test_a_crafted_random_state_is_passed_over_like_damaged_tensors(
     with pytest.warns(UserWarning, match=message):
         info = Checkpointer(run, read_only=True).restore({"model": model}, strict=False)
     assert info is not None and info.step == 1
+
+
+def _adam_state(value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        content = body["tree"]["optimizer"]["content"]
+        pairs = content["items"] if "items" in content else list(content.items())
+        state = next(v for k, v in pairs if k == "state")
+        first = state["items"][0] if "items" in state else next(iter(state))
+        first[1] = value  # the state of the first parameter
+
+    return change
+
+
+@pytest.mark.parametrize("value", [True, 3, "s"])
+def test_a_crafted_optimizer_state_is_a_state_mismatch(run: Path, value: Any) -> None:
+    """It was an AttributeError from torch's `Optimizer.load_state_dict`."""
+    craft(run, 2, _adam_state(value))
+    model = torch.nn.Linear(3, 2)
+    state = {"model": model, "optimizer": torch.optim.Adam(model.parameters())}
+    with pytest.raises(StateMismatchError, match="'state' is not an object of per-parameter"):
+        Checkpointer(run, read_only=True).restore(state, 2)
 
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])

@@ -173,7 +173,7 @@ def _plan_stateful(target: Any, path: str, value: Any) -> Apply:
     def load(report: LoadReport) -> None:
         try:
             target.load_state_dict(value)
-        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        except (ValueError, KeyError, IndexError, AttributeError, RuntimeError, TypeError) as exc:
             raise StateMismatchError(
                 f"cannot load {path} into a {type_name(target)}: {type(exc).__name__}: {exc}; "
                 "was the checkpoint saved from a differently built object?"
@@ -189,8 +189,17 @@ def _check_optimizer(target: torch.optim.Optimizer, path: str, value: Any) -> No
             f"cannot load {path} into a {type_name(target)}: the checkpoint holds no optimizer "
             "state dict (no 'param_groups' list)"
         )
+    state = value.get("state", {})
+    if not isinstance(state, Mapping) or not all(isinstance(v, Mapping) for v in state.values()):
+        raise StateMismatchError(
+            f"cannot load {path} into a {type_name(target)}: the checkpoint's 'state' is not "
+            "an object of per-parameter objects"
+        )
     ours = [len(g["params"]) for g in target.param_groups]
-    theirs = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in groups]
+    theirs = [
+        len(g["params"]) if isinstance(g, Mapping) and isinstance(g.get("params"), list) else -1
+        for g in groups
+    ]
     if ours != theirs:
         raise StateMismatchError(
             f"cannot load {path}: the optimizer has parameter groups of sizes {ours}, the "
