@@ -261,3 +261,60 @@ def test_module_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delitem(sys.modules, "haltpoint.integrations.transformers")
     with pytest.raises(ImportError, match=r"pip install 'haltpoint\[transformers\]'"):
         importlib.import_module("haltpoint.integrations.transformers")
+
+
+def _hf_run(tmp_path: Path, callback: HaltpointCallback, epochs: int, **kwargs: Any) -> Any:
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf_own"),
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=32,
+        num_train_epochs=epochs,
+        learning_rate=5e-3,
+        disable_tqdm=True,
+        seed=0,
+        **kwargs,
+    )
+    return transformers.Trainer(
+        model=make_model(),
+        args=args,
+        train_dataset=make_data(1.0),
+        eval_dataset=make_data(-1.0),
+        callbacks=[callback],
+    )
+
+
+def test_the_stopper_rides_in_the_trainer_s_own_checkpoints(tmp_path: Path) -> None:
+    first = EarlyStopping("eval_loss", patience=2)
+    _hf_run(tmp_path, HaltpointCallback(first), epochs=2).train()
+    assert first.evaluations == 2 and first.wait == 1  # the eval loss rises after the first
+    saved = json.loads((tmp_path / "hf_own" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert (
+        saved["stateful_callbacks"]["HaltpointCallback"]["attributes"]["stopper_state"][
+            "evaluations"
+        ]
+        == 2
+    )
+
+    stopper = EarlyStopping("eval_loss", patience=2)
+    trainer = _hf_run(tmp_path, HaltpointCallback(stopper), epochs=20)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf_own" / "checkpoint-8"))
+    # restored: one more evaluation without improvement stops (a fresh stopper would need two)
+    assert stopper.stopped and stopper.evaluations == 3 and stopper.best_step == 0
+    assert trainer.state.global_step == 3 * STEPS_PER_EPOCH
+
+
+def test_restoring_callback_states_the_trainer_s_way_is_refused(tmp_path: Path) -> None:
+    _hf_run(tmp_path, HaltpointCallback(EarlyStopping("eval_loss", patience=2)), epochs=1).train()
+    trainer = _hf_run(
+        tmp_path,
+        HaltpointCallback(EarlyStopping("eval_loss", patience=2)),
+        epochs=3,
+        restore_callback_states_from_checkpoint=True,
+    )
+    with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint=False"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "hf_own" / "checkpoint-4"))

@@ -21,6 +21,7 @@ from haltpoint.integrations._common import (
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError(
         "haltpoint.integrations.transformers needs the Hugging Face Trainer: "
@@ -41,7 +42,7 @@ _HINT = (
 )
 
 
-class HaltpointCallback(TrainerCallback):
+class HaltpointCallback(TrainerCallback, ExportableState):
     """Early stopping and complete, resumable checkpoints for a Hugging Face `Trainer`.
 
     At every evaluation during `train()` the callback reads the metrics (a monitor named
@@ -62,6 +63,11 @@ class HaltpointCallback(TrainerCallback):
         resume: at the start of `train()`, restore the latest checkpoint (model, optimizer,
             scheduler, random state, stopper) and continue from its global step. Without it, a
             checkpointer that already holds checkpoints is refused.
+
+    The stopper's state also rides in the Trainer's own checkpoints (the callback is an
+    `ExportableState`), so `trainer.train(resume_from_checkpoint=...)` restores it too; leave
+    `restore_callback_states_from_checkpoint` off (the Trainer would rebuild the callback
+    without its stopper and checkpointer, so it is refused).
 
     Example:
         >>> from transformers import Trainer, TrainingArguments  # doctest: +SKIP
@@ -93,6 +99,30 @@ class HaltpointCallback(TrainerCallback):
         self._last_step: int | None = None
         self._epoch_offset = 0.0
         self._resumed_stopped = False
+
+    # -- the Trainer's own checkpoints (resume_from_checkpoint) keep the stopper too ---------
+
+    def state(self) -> dict[str, Any]:
+        """The stopper's state, for the Trainer's checkpoints (`trainer_state.json`)."""
+        saved = None if self.stopper is None else self.stopper.state_dict()
+        return {"args": {}, "attributes": {"stopper_state": saved}}
+
+    def _restore_exported(self, args: Any, state: Any) -> None:
+        """Load the stopper's state from the Trainer's checkpoint being resumed, if any."""
+        exported = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if exported is None or not state.global_step:
+            return
+        if getattr(args, "restore_callback_states_from_checkpoint", False):
+            raise ValueError(
+                "HaltpointCallback restores its stopper from the Trainer's checkpoint itself; "
+                "pass TrainingArguments(restore_callback_states_from_checkpoint=False), since "
+                "the Trainer would rebuild the callback without its stopper and checkpointer"
+            )
+        if isinstance(exported, list):
+            exported = exported[0]
+        saved = exported.get("attributes", {}).get("stopper_state")
+        if saved is not None and self.stopper is not None:
+            self.stopper.load_state_dict(saved)
 
     # -- what is saved ----------------------------------------------------------------------
 
@@ -134,6 +164,8 @@ class HaltpointCallback(TrainerCallback):
                 "HaltpointCallback with a stopper needs evaluations: pass "
                 "TrainingArguments(eval_strategy='steps' or 'epoch') and an eval_dataset"
             )
+        if not self.resume:
+            self._restore_exported(args, state)
         ckpt = self.checkpointer
         if ckpt is None:
             return
