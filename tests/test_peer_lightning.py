@@ -275,3 +275,51 @@ def test_state_without_a_recorded_stop_loads() -> None:
     stopper.load_state_dict({**old, "last_decision": None, "rules": []})
     assert stopper.reason is None and stopper.code is None and not stopper.stopped
     assert (stopper.wait, stopper.evaluations) == (2, 6)
+
+
+def test_state_key_names_the_monitor_and_settings() -> None:
+    """Ports test_early_stopping_state_key: the key is built from the monitor and settings."""
+    loss = HaltpointCallback(EarlyStopping("val_loss", patience=3))
+    acc = HaltpointCallback(EarlyStopping("val_acc", mode="max", patience=3))
+    assert "val_loss" in loss.state_key and "val_acc" in acc.state_key
+    assert loss.state_key != acc.state_key
+
+
+class TwoMetrics(BoringModel):  # type: ignore[misc]
+    """Logs abc (best at epoch 2, so patience 3 stops at 5) and cba (flat: stops at 3)."""
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("abc", torch.tensor([8.0, 4, 2, 3, 4, 5, 8, 10][self.current_epoch]))
+        self.log("cba", torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("cba_first", [False, True], ids=["abc_first", "cba_first"])
+def test_multiple_callbacks(tmp_path: Path, cba_first: bool) -> None:
+    """Ports test_multiple_early_stopping_callbacks (one process, at validation): any one stops."""
+    callbacks = [
+        HaltpointCallback(EarlyStopping("abc", patience=3)),
+        HaltpointCallback(EarlyStopping("cba", patience=3)),
+    ]
+    if cba_first:
+        callbacks.reverse()
+    trainer = fit(TwoMetrics(), callbacks, tmp_path, max_epochs=20)
+    assert trainer.current_epoch - 1 == 3
+
+
+def test_no_validation_step(tmp_path: Path) -> None:
+    """Ports test_early_stopping_no_val_step: no validation at all, the training loss decides."""
+
+    class TrainLoss(BoringModel):  # type: ignore[misc]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            out = super().training_step(batch, batch_idx)
+            self.log("train_loss", out["loss"], on_step=False, on_epoch=True)
+            return out
+
+    model = TrainLoss()
+    model.validation_step = None
+    model.val_dataloader = None
+    stopper = EarlyStopping("train_loss", patience=0, min_delta=0.1)
+    callback = HaltpointCallback(stopper, check_on_train_epoch_end=True)
+    trainer = fit(model, [callback], tmp_path, limit_val_batches=0)
+    assert trainer.state.finished
+    assert trainer.current_epoch < trainer.max_epochs - 1
