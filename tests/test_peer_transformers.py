@@ -166,3 +166,27 @@ def test_resume_beside_a_regular_callback(tmp_path: Path) -> None:
         make_trainer(tmp_path, callbacks, accuracy[2:], epochs=4).train()
     assert second.evaluations == 4 and second.best == 0.8
     assert recorder.events == ["on_evaluate"] * 2
+
+
+def test_stopper_state_rides_in_the_trainers_own_checkpoint(tmp_path: Path) -> None:
+    """Ports StatefulCallbackTest.test_early_stopping_state_persists via resume_from_checkpoint.
+
+    Differs by design: the state rides in the Trainer's checkpoint without
+    `restore_callback_states_from_checkpoint` (which must stay off, docs/integrations.md), and
+    the configuration is the new stopper's.
+    """
+    first = EarlyStopping("accuracy", mode="max", patience=5, min_delta=0.2)
+    steps = {"save_strategy": "steps", "save_steps": 4, "eval_strategy": "steps", "eval_steps": 4}
+    make_trainer(tmp_path, [HaltpointCallback(first)], [0.5, 0.6], epochs=2, **steps).train()
+    assert (first.evaluations, first.best, first.wait) == (2, 0.5, 1)
+    second = EarlyStopping("accuracy", mode="max", patience=3)
+    trainer = make_trainer(
+        tmp_path,
+        [HaltpointCallback(second)],
+        [0.5],
+        epochs=2,
+        **steps,
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf_out" / "checkpoint-4"))
+    assert second.evaluations == 2  # restored at step 4 (one evaluation), one more at step 8
+    assert second.best == 0.5 and second.patience == 3
