@@ -223,3 +223,16 @@ def test_without_scikit_learn_the_scores_row_says_what_to_install(tmp_path: Path
         "skipped: the test scores need scikit-learn, which is not installed; install it with: "
         "pip install 'haltpoint[demo]'"
     )
+
+
+def test_the_summary_counts_committed_checkpoints_not_folders(tmp_path: Path) -> None:
+    """A quarantined checkpoint's data folder or a leftover is no checkpoint kept."""
+    from haltpoint import Checkpointer
+    from haltpoint.cli.demo import _disk_usage
+
+    with Checkpointer(tmp_path, keep_last=2, async_save=False) as ckpt:
+        for step in range(3):
+            ckpt.save(step, {"model": torch.nn.Linear(2, 1)})
+    (tmp_path / "step-000000009").mkdir()  # a leftover: no manifest
+    size, checkpoints = _disk_usage(str(tmp_path))
+    assert checkpoints == 2 and size > 0

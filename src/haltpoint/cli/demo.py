@@ -74,12 +74,12 @@ def _delete_run(path: str) -> None:
 
 
 def _disk_usage(path: str) -> tuple[int, int]:
-    total, checkpoints = 0, 0
-    for root, dirs, files in os.walk(path):
-        if os.path.samefile(root, path):
-            checkpoints = sum(1 for d in dirs if d.startswith("step-"))
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total, checkpoints
+    """Bytes under `path`, and how many committed checkpoints it holds (not folders: a
+    quarantined checkpoint's data, or a leftover, is no checkpoint)."""
+    total = sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+    )
+    return total, len(RunDirectory(LocalStorage(path, create=False)).committed())
 
 
 class _Display:
