@@ -23,17 +23,16 @@ from hypothesis import strategies as st
 from haltpoint import Checkpointer
 from haltpoint.cli import main
 from haltpoint.errors import CorruptCheckpointError, StateMismatchError
-from haltpoint.store.hashing import hash_bytes
 
-
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def seal(body: dict[str, Any]) -> bytes:
-    """The manifest an attacker who knows the format writes for `body`."""
-    body = {k: v for k, v in body.items() if k != "checksum"}
-    return canonical({**body, "checksum": hash_bytes(canonical(body))}) + b"\n"
+# benchmarks/hostile.py crafts the manifests: `seal` gives one a valid checksum
+_spec = importlib.util.spec_from_file_location(
+    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
+)
+assert _spec is not None and _spec.loader is not None
+hostile = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = hostile  # its dataclasses look their module up
+_spec.loader.exec_module(hostile)
+seal = hostile.seal
 
 
 def make_run(path: Path) -> None:
@@ -290,13 +289,6 @@ def test_ls_and_verify_report_the_crafted_step(
 
 # -- fuzzing: random mutations of a real manifest, sealed with a valid checksum ----------------
 
-_spec = importlib.util.spec_from_file_location(
-    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
-)
-assert _spec is not None and _spec.loader is not None
-hostile = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = hostile  # its dataclasses look their module up
-_spec.loader.exec_module(hostile)
 
 _touched: list[tuple[str, str, bool]] | None = None  # (event, path, writes) while fuzzing
 _WRITES = ("os.remove", "os.rename", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.symlink")
