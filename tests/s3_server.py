@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ports import free_port
+
 __all__ = ["S3Endpoint", "moto_s3"]
 
 
@@ -53,16 +55,10 @@ class S3Endpoint:
         return f"s3://{self.bucket}/{name}"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _server_process() -> Iterator[str]:
     """moto's server in a child process (its own interpreter, so it does not share our GIL)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -29,14 +28,11 @@ from haltpoint import (
 from haltpoint.distributed import Replicas, get_rank, get_world_size, is_distributed, strategy
 from haltpoint.distributed.collectives import on_writer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port
+
 WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
 TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={_free_port()}", str(WORKER),
+        f"--master_port={free_port()}", str(WORKER),
         "--run-dir", str(run_dir), "--fail-dir", str(fail_dir), "--out", str(out),
     ]  # fmt: skip
     try:
@@ -68,7 +64,7 @@ def test_ranks_whose_plain_stoppers_disagree_raise_instead_of_hanging(
     out.mkdir()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={_free_port()}", str(WORKER.parent / "diverge_worker.py"),
+        f"--master_port={free_port()}", str(WORKER.parent / "diverge_worker.py"),
         "--run-dir", str(tmp_path / "run"), "--first", str(first), "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

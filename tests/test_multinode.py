@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ pytest.importorskip("s3fs")
 from haltpoint import Checkpointer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port
 from s3_server import moto_s3
 
 WORKER = Path(__file__).parent / "workers" / "multinode_worker.py"
@@ -44,17 +44,11 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Job:
     """One torchrun job: `nnodes` node processes of `nproc` ranks each, on loopback."""
 
     def __init__(self, nnodes: int, nproc: int, mode: str, dirs: list[str], out: Path, env: dict):
-        port = _free_port()
+        port = free_port()
         args = [f"--run-dir={d}" for d in dirs]
         self.logs = [out / f"{mode}-{nnodes}x{nproc}-node{node}.log" for node in range(nnodes)]
         self.nodes = [

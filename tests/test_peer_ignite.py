@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,9 @@ from typing import Any
 import pytest
 
 from haltpoint import EarlyStopping
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port
 
 
 def decisions(stopper: EarlyStopping, scores: list[float]) -> list[bool]:
@@ -127,9 +129,7 @@ WORKER = Path(__file__).parent / "workers" / "peer_ignite_worker.py"
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """One torchrun launch (2 ranks, gloo on CPU) of both distributed scenarios."""
     out = tmp_path_factory.mktemp("ignite_ddp")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={port}", str(WORKER), "--out", str(out),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +25,9 @@ from haltpoint import Checkpointer, CorruptCheckpointError, ShardedState
 from haltpoint.cli import main
 from haltpoint.store.run_dir import SHARDED_KEY
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port
+
 WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
 TIMEOUT_S = 180
 pytestmark = pytest.mark.skipif(
@@ -34,18 +36,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _run(nproc: int, mode: str, run_dir: Path, out: Path) -> None:
     """Run the worker: under torchrun with `nproc` ranks, or as one plain process (0)."""
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-        launcher += [f"--master_port={_free_port()}"]
+        launcher += [f"--master_port={free_port()}"]
     command = [*launcher, str(WORKER), "--mode", mode, "--run-dir", str(run_dir), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
