@@ -33,10 +33,16 @@ hostile = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = hostile  # its dataclasses look their module up
 _spec.loader.exec_module(hostile)
 seal = hostile.seal
+manifest_path = hostile.manifest_path
 
 
 def make_run(path: Path) -> None:
-    """Two checkpoints of a model, its stepped Adam, a few tagged values, the random state."""
+    """Two checkpoints of a model, its stepped Adam, a few tagged values, the random state.
+
+    Not `hostile.make_run`: its values dict (keys unsorted, so the tree stores it as pairs) is
+    the fuzzing corpus whose counts docs/reliability.md records; the cases here address
+    `tree["values"]["content"]` by key.
+    """
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters())
@@ -47,10 +53,6 @@ def make_run(path: Path) -> None:
         for step in (1, 2):
             state = {"model": model, "optimizer": optimizer, "values": values}
             ckpt.save(step, state, {"val_loss": 1.0 / step})
-
-
-def manifest_path(run: Path, step: int) -> Path:
-    return run / f"step-{step:09d}" / "manifest.json"
 
 
 def craft(run: Path, step: int, change: Callable[[dict[str, Any]], None]) -> None:
