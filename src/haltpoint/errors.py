@@ -18,6 +18,7 @@ __all__ = [
     "LockedError",
     "StateMismatchError",
     "UnsupportedStateError",
+    "first_line",
 ]
 
 
@@ -66,3 +67,18 @@ class StateMismatchError(CheckpointError):
 
 class UnsupportedStateError(TypeError):
     """A value in the state cannot be stored without pickling; the message names its path."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message, stripped; "" when it has none.
+
+    For errors from other libraries (torch, DCP, a pickle) whose messages run on for lines,
+    so that haltpoint's own message stays one line.
+
+    >>> first_line(RuntimeError("connection closed\\n  at gloo/transport.cc:154"))
+    'connection closed'
+    >>> first_line(RuntimeError())
+    ''
+    """
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""

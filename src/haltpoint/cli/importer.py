@@ -19,6 +19,7 @@ import torch
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import check_output_dir, count
 from haltpoint.cli.output import Output, format_bytes
+from haltpoint.errors import first_line
 from haltpoint.state.tree import flatten_state
 from haltpoint.store.history import append_history, save_record
 from haltpoint.store.lock import WriterLock
@@ -81,7 +82,7 @@ def load_weights_only(path: str) -> Any:
     except (RuntimeError, EOFError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise ValueError(
             f"cannot read {path} as a torch.save file ({first}); import takes torch.save "
             "files, Lightning .ckpt files, Hugging Face pytorch_model.bin files and "
@@ -108,7 +109,7 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise ValueError(f"cannot read {path} as a safetensors file ({first})") from None
 
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from haltpoint import errors
 from haltpoint.distributed.ranks import Replicas, all_gather
-from haltpoint.errors import CheckpointError
+from haltpoint.errors import CheckpointError, first_line
 
 __all__ = ["all_results", "all_succeed", "exchange", "on_writer", "restore_agreed"]
 
@@ -39,9 +39,8 @@ def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
     try:
         gathered = all_gather((what, payload), group.process_group)
     except RuntimeError as exc:  # gloo / NCCL: a peer closed the connection or timed out
-        first_line = (str(exc).splitlines() or [""])[0]
         raise CheckpointError(
-            f"{what} failed: the ranks lost contact ({type(exc).__name__}: {first_line}); "
+            f"{what} failed: the ranks lost contact ({type(exc).__name__}: {first_line(exc)}); "
             "a rank or node died, or the network broke"
         ) from exc
     calls = [call for call, _ in gathered]

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorProperties
 from torch.distributed.checkpoint.planner import ReadItem
 
-from haltpoint.errors import CorruptCheckpointError
+from haltpoint.errors import CorruptCheckpointError, first_line
 
 __all__ = ["METADATA_NAME", "SafeLoadPlanner", "check_metadata", "safe_reader"]
 
@@ -130,7 +130,7 @@ def check_metadata(file: IO[bytes], path: str, files: Mapping[str, Any] | None =
     except Exception as exc:  # anything a crafted pickle raises is damage
         raise CorruptCheckpointError(
             f"{path} is not DCP metadata haltpoint can read safely: {type(exc).__name__}: "
-            f"{exc}".splitlines()[0],
+            f"{first_line(exc)}",
             path=path,
         ) from exc
     if not isinstance(metadata, Metadata):
@@ -197,7 +197,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except Exception as exc:  # anything a crafted pickle raises is damage
             raise CorruptCheckpointError(
                 f"the DCP value {read_item.dest_index.fqn!r} is not plain data: "
-                f"{type(exc).__name__}: {exc}".splitlines()[0]
+                f"{type(exc).__name__}: {first_line(exc)}"
             ) from exc
         value.seek(0)
         super().load_bytes(read_item, value)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from haltpoint.distributed.ranks import initialized
-from haltpoint.errors import CheckpointError, CorruptCheckpointError
+from haltpoint.errors import CheckpointError, CorruptCheckpointError, first_line
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
 from haltpoint.store.run_dir import ShardFile
@@ -254,9 +254,9 @@ def _dcp_error(kind: type[E], doing: str, folder: str, exc: Any) -> E:
     rank, (cause, _trace) = failures[0]
     if isinstance(cause, CheckpointError):
         return kind(f"{folder}: {cause}", path=folder)
-    first_line = (str(cause).splitlines() or [""])[0]
     return kind(
-        f"{folder}: DCP failed to {doing} on rank {rank}: {type(cause).__name__}: {first_line}",
+        f"{folder}: DCP failed to {doing} on rank {rank}: {type(cause).__name__}: "
+        f"{first_line(cause)}",
         path=folder,
     )
 

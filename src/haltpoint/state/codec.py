@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from haltpoint.errors import CorruptCheckpointError, UnsupportedStateError
+from haltpoint.errors import CorruptCheckpointError, UnsupportedStateError, first_line
 from haltpoint.state._common import child_path, is_stateful, type_name
 
 __all__ = ["TAG", "TENSOR_TAG", "decode_value", "encode_value"]
@@ -333,7 +333,7 @@ def _decode_device(_: _Decoder, obj: dict[str, Any], where: str) -> torch.device
     try:
         return torch.device(text)
     except RuntimeError as exc:
-        raise ValueError(str(exc).splitlines()[0]) from None
+        raise ValueError(first_line(exc)) from None
 
 
 def _decode_numpy(decoder: _Decoder, obj: dict[str, Any], where: str) -> np.generic:
