@@ -148,7 +148,11 @@ class Checkpointer:
         self._preemption: SignalFlag | None = None
         # chosen once: one process, or ranks where rank 0 writes replicated state
         self._ranks = strategy_for(
-            self._run, self._reader, self._wait, read_only=read_only, async_save=async_save
+            self._run,
+            self._reader.check_shard_part,
+            self._wait,
+            read_only=read_only,
+            async_save=async_save,
         )
         self._closed = False
         self._schedule = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,9 +18,10 @@ import torch
 from haltpoint.distributed.sharded import load_shards, verify_shards
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.policies.retention import best_record
-from haltpoint.state.load import LoadReport, load_into, plan_load
+from haltpoint.state.load import load_into, plan_load
 from haltpoint.state.rng import plan_rng
 from haltpoint.state.tree import unflatten_state
+from haltpoint.store.info import CheckpointInfo, Found
 from haltpoint.store.run_dir import (
     Entry,
     RunDirectory,
@@ -36,41 +37,6 @@ __all__ = ["RNG_ENTRY", "CheckpointInfo", "Found", "RunReader"]
 
 RNG_ENTRY = "__rng__"
 """The name under which random-number state is stored beside the user's entries."""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What is known about one committed checkpoint.
-
-    Attributes:
-        step: the step it was saved at.
-        time: when it was saved (unix seconds).
-        metrics: the metrics passed to `save`.
-        size: bytes of tensor data the checkpoint references (DCP files included).
-        path: where it lives (a folder path or URL).
-        pinned: kept forever, whatever the retention rules say.
-        report: after `restore`, what did not match: entries of the checkpoint not asked
-            for (`unexpected`), and in non-strict loads the names and keys missing or
-            unexpected.
-    """
-
-    step: int
-    time: float
-    metrics: Mapping[str, float]
-    size: int
-    path: str
-    pinned: bool = False
-    report: LoadReport | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class Found:
-    """A checkpoint chosen for restore, with its tensors read and verified, and the damaged
-    checkpoints passed over to reach it (each with what is wrong with it)."""
-
-    entry: Entry
-    tensors: dict[str, torch.Tensor]
-    passed: tuple[tuple[Entry, str], ...] = ()
 
 
 class RunReader:

@@ -24,7 +24,7 @@ from haltpoint.distributed import collectives
 from haltpoint.distributed.ranks import Replicas
 from haltpoint.distributed.sharded import split_sharded
 from haltpoint.errors import CheckpointError
-from haltpoint.reader import CheckpointInfo
+from haltpoint.store.info import CheckpointInfo
 from haltpoint.store.run_dir import SHARDED_KEY, RunDirectory, checkpoint_dirname, dcp_folder
 
 __all__ = ["ShardWriter", "save_sharded", "split_agreed"]

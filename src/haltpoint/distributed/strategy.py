@@ -18,10 +18,10 @@ from haltpoint.distributed import collectives
 from haltpoint.distributed.ranks import Replicas, initialized
 from haltpoint.distributed.sharded import write_shards
 from haltpoint.distributed.sharded_save import ShardWriter, save_sharded, split_agreed
-from haltpoint.reader import CheckpointInfo, Found, RunReader
-from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname, dcp_folder
+from haltpoint.store.info import CheckpointInfo, Found
+from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname, dcp_folder
 
-__all__ = ["Commit", "OneProcess", "Ranks", "Read", "strategy_for"]
+__all__ = ["CheckPart", "Commit", "OneProcess", "Ranks", "Read", "strategy_for"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,10 @@ Commit = Callable[[Mapping[str, Any], Callable[[], Mapping[str, Any]] | None], C
 
 Read = Callable[[str | int, dict[int, str], bool], Found | None]
 """`read(which, skip, check_shards)`: the reader finds and verifies a checkpoint."""
+
+CheckPart = Callable[[Entry, int, int], str | None]
+"""`check_part(entry, rank, world_size)`: the reader checks one rank's share of the DCP files,
+returning what is wrong or None."""
 
 
 class OneProcess:
@@ -74,11 +78,11 @@ class Ranks:
     """
 
     def __init__(
-        self, run: RunDirectory, reader: RunReader, async_save: bool, wait: Callable[[], None]
+        self, run: RunDirectory, check_part: CheckPart, async_save: bool, wait: Callable[[], None]
     ) -> None:
         self.group = Replicas.current()
         self._run = run
-        self._reader = reader
+        self._check_part = check_part
         self._async_save = async_save
         self._wait = wait
         self._shard_writer: ShardWriter | None = None  # every rank's, at its first sharded save
@@ -109,7 +113,7 @@ class Ranks:
         (each its share), then every rank loads it."""
         if self.group is None:
             return OneProcess(self._wait).restore(which, read, load)
-        check = self._reader.check_shard_part
+        check = self._check_part
         return collectives.restore_agreed(
             self.group,
             lambda which, skip: read(which, skip, False),
@@ -132,7 +136,7 @@ class Ranks:
 
 def strategy_for(
     run: RunDirectory,
-    reader: RunReader,
+    check_part: CheckPart,
     wait: Callable[[], None],
     *,
     read_only: bool,
@@ -140,8 +144,9 @@ def strategy_for(
 ) -> OneProcess | Ranks:
     """`Ranks` under an initialized process group (unless `read_only`), else `OneProcess`.
 
-    `wait()` waits for the manager's own background writer.
+    `wait()` waits for the manager's own background writer; `check_part` is the reader's
+    `check_shard_part`.
     """
     if read_only or initialized() is None:
         return OneProcess(wait)
-    return Ranks(run, reader, async_save, wait)
+    return Ranks(run, check_part, async_save, wait)

@@ -1,0 +1,53 @@
+"""The records of a committed checkpoint: `CheckpointInfo` (what `save`, `list` and `restore`
+return) and `Found` (a checkpoint chosen for restore, its tensors read and verified).
+
+They live here, below the read side (`haltpoint.reader`) and the ranks (`distributed`), which
+both pass them on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from haltpoint.state.load import LoadReport
+from haltpoint.store.run_dir import Entry
+
+__all__ = ["CheckpointInfo", "Found"]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What is known about one committed checkpoint.
+
+    Attributes:
+        step: the step it was saved at.
+        time: when it was saved (unix seconds).
+        metrics: the metrics passed to `save`.
+        size: bytes of tensor data the checkpoint references (DCP files included).
+        path: where it lives (a folder path or URL).
+        pinned: kept forever, whatever the retention rules say.
+        report: after `restore`, what did not match: entries of the checkpoint not asked
+            for (`unexpected`), and in non-strict loads the names and keys missing or
+            unexpected.
+    """
+
+    step: int
+    time: float
+    metrics: Mapping[str, float]
+    size: int
+    path: str
+    pinned: bool = False
+    report: LoadReport | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint chosen for restore, with its tensors read and verified, and the damaged
+    checkpoints passed over to reach it (each with what is wrong with it)."""
+
+    entry: Entry
+    tensors: dict[str, torch.Tensor]
+    passed: tuple[tuple[Entry, str], ...] = ()
