@@ -252,6 +252,17 @@ class HostileReport:
     def ok(self) -> bool:
         return not self.bugs
 
+    def summary(self) -> str:
+        lines = [f"{m}: {self.trials[m]} manifests: {dict(c)}" for m, c in self.outcomes.items()]
+        lines.append(
+            f"hostile: {sum(self.trials.values())} crafted manifests, {len(self.bugs)} reads "
+            "raised something other than a CheckpointError"
+        )
+        return "\n".join(lines)
+
+    def details(self) -> list[str]:
+        return self.bugs[:20]
+
 
 def hostile_trials(trials: int, *, seed: int = 0, workdir: Path) -> HostileReport:
     """`trials` crafted manifests per mutation class, each read every way."""
