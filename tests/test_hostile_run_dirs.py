@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -33,26 +32,8 @@ hostile = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = hostile  # its dataclasses look their module up
 _spec.loader.exec_module(hostile)
 seal = hostile.seal
+make_run = hostile.make_run
 manifest_path = hostile.manifest_path
-
-
-def make_run(path: Path) -> None:
-    """Two checkpoints of a model, its stepped Adam, a few tagged values, the random state.
-
-    Not `hostile.make_run`: its values dict (keys unsorted, so the tree stores it as pairs) is
-    the fuzzing corpus whose counts docs/reliability.md records; the cases here address
-    `tree["values"]["content"]` by key.
-    """
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters())
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    values = {"betas": (0.9, 0.99), "device": torch.device("cpu"), "scale": np.int8(3)}
-    with Checkpointer(path, keep_last=5, async_save=False) as ckpt:
-        for step in (1, 2):
-            state = {"model": model, "optimizer": optimizer, "values": values}
-            ckpt.save(step, state, {"val_loss": 1.0 / step})
 
 
 def craft(run: Path, step: int, change: Callable[[dict[str, Any]], None]) -> None:
@@ -60,10 +41,6 @@ def craft(run: Path, step: int, change: Callable[[dict[str, Any]], None]) -> Non
     body = json.loads(path.read_bytes())
     change(body)
     path.write_bytes(seal(body))
-
-
-def values_entry(body: dict[str, Any]) -> dict[str, Any]:
-    return body["tree"]["values"]["content"]  # type: ignore[no-any-return]
 
 
 def nest(depth: int) -> Any:
@@ -76,6 +53,20 @@ def nest(depth: int) -> Any:
 def _set(where: Callable[[dict[str, Any]], dict[str, Any]], key: str, value: Any) -> Any:
     def change(body: dict[str, Any]) -> None:
         where(body)[key] = value
+
+    return change
+
+
+def _set_value(key: str, value: Any) -> Any:
+    """Set `values[key]`: hostile.make_run's values dict is stored as [key, value] pairs."""
+
+    def change(body: dict[str, Any]) -> None:
+        pairs = body["tree"]["values"]["content"]["items"]
+        for pair in pairs:
+            if pair[0] == key:
+                pair[1] = value
+                return
+        pairs.append([key, value])
 
     return change
 
@@ -98,32 +89,32 @@ def _rng_int(value: int) -> Callable[[dict[str, Any]], None]:
 
 CRAFTED = [
     pytest.param(
-        _set(values_entry, "device", {"__hp__": "torch.device", "v": "bogus:99999999999"}),
+        _set_value("device", {"__hp__": "torch.device", "v": "bogus:99999999999"}),
         r'tree\["values"\]\["content"\]\["device"\].*not a device string',
         id="bad-device",
     ),
     pytest.param(
-        _set(values_entry, "device", {"__hp__": "torch.device", "v": "quantum"}),
+        _set_value("device", {"__hp__": "torch.device", "v": "quantum"}),
         r'\["device"\].*Expected one of cpu',
         id="unknown-device-type",
     ),
     pytest.param(
-        _set(values_entry, "scale", {"__hp__": "numpy", "dtype": "int8", "v": 1000}),
+        _set_value("scale", {"__hp__": "numpy", "dtype": "int8", "v": 1000}),
         r'\["scale"\].*1000 is outside the range of int8',
         id="int8-of-1000",
     ),
     pytest.param(
-        _set(values_entry, "scale", {"__hp__": "numpy", "dtype": "float16", "v": 1e300}),
+        _set_value("scale", {"__hp__": "numpy", "dtype": "float16", "v": 1e300}),
         r'\["scale"\].*outside the range of float16',
         id="float16-of-1e300",
     ),
     pytest.param(
-        _set(values_entry, "scale", {"__hp__": "numpy", "dtype": "uint8", "v": "7"}),
+        _set_value("scale", {"__hp__": "numpy", "dtype": "uint8", "v": "7"}),
         r'\["scale"\].*holds a int, not a str',
         id="numpy-of-a-string",
     ),
     pytest.param(
-        _set(values_entry, "deep", nest(900)),
+        _set_value("deep", nest(900)),
         r"tree\['values'\] nests containers deeper than 100 levels",
         id="tree-900-deep",
     ),
@@ -133,7 +124,7 @@ CRAFTED = [
         id="extra-900-deep",
     ),
     pytest.param(
-        _set(values_entry, "deep", nest(80)),
+        _set_value("deep", nest(80)),
         r"containers nest deeper than 64 levels",
         id="tree-80-deep",
     ),
@@ -168,12 +159,12 @@ CRAFTED = [
         id="entry-a-string",
     ),
     pytest.param(
-        _set(values_entry, "size", {"__hp__": "torch.Size", "items": [2**64]}),
+        _set_value("size", {"__hp__": "torch.Size", "items": [2**64]}),
         r'\["size"\].*does not fit in 64 bits',
         id="size-beyond-int64",
     ),
     pytest.param(
-        _set(values_entry, "dtype", {"__hp__": "torch.dtype", "v": "_C"}),
+        _set_value("dtype", {"__hp__": "torch.dtype", "v": "_C"}),
         r'\["dtype"\].*not the name of a torch dtype',
         id="dtype-a-module",
     ),
