@@ -165,5 +165,5 @@ def trend_stops(p: Prepared, settings: TrendSettings, horizon: bool = False) -> 
     if s.fast_share > 0:
         fast = np.maximum(np.ceil(s.fast_share * scale), s.min_points)
         evident = _gain(p, ahead, s.fast_noise_k, FAST_SLOPE_Z)
-        mask |= can & (p.wait >= fast) & (evident <= s.tolerance)
+        mask |= can & (p.wait >= fast) & (p.i >= 2 * fast) & (evident <= s.tolerance)
     return p.first(mask)

@@ -190,10 +190,13 @@ def test_diverging_reason_names_the_longer_wait() -> None:
 
 def test_waits_scale_with_the_horizon() -> None:
     """Told the plan, a run that never improves waits a share of it, not a fixed count: a
-    noiseless one after the fast lane's share (a noisy one: see the fast lane's test)."""
+    noiseless one by the fast lane once it opens (a noisy one: see the fast lane's test)."""
     short, long = EarlyStopping(horizon=30), EarlyStopping(horizon=300)
-    assert stop_at(short, [1.0] * 300)[0] == PLANNED_SETTINGS.fast_wait(30)
-    assert stop_at(long, [1.0] * 300)[0] == PLANNED_SETTINGS.fast_wait(300)
+    for stopper, horizon in ((short, 30), (long, 300)):
+        fast = PLANNED_SETTINGS.fast_wait(horizon)
+        assert fast is not None  # the fast lane opens at evaluation 2 * fast
+        expected = min(PLANNED_SETTINGS.least_wait(horizon), 2 * fast)
+        assert stop_at(stopper, [1.0] * 300)[0] == expected
     assert long.current_patience() == 10 * short.current_patience()
 
 
@@ -209,6 +212,11 @@ def test_the_fast_lane_stops_a_clear_rise_sooner_and_ignores_noise() -> None:
     assert best + fast <= at < best + least
     slow = rule_stop(rising, replace(PLANNED_SETTINGS, fast_share=0.0), horizon=len(rising))
     assert slow is not None and slow >= best + least
+    # a warm-up whose loss rises for 12% of a 50-evaluation plan, then a decay: not stopped,
+    # because the fast lane opens only once twice its wait has passed since the start
+    warm = [1.0 + 0.03 * i for i in range(6)]
+    warm += [1.15 - 0.6 * (1 - math.exp(-(i - 6) / 5)) for i in range(6, 50)]
+    assert stop_at(EarlyStopping(horizon=50), noisy(warm, 0.002))[0] is None
     for seed in range(5):
         plateau = noisy([1.0] * N, 0.01, seed=seed)
         stopper = EarlyStopping(horizon=N)
@@ -233,9 +241,11 @@ def test_waits_scale_with_the_evaluations_so_far() -> None:
 
 
 def test_horizon_caps_the_look_ahead() -> None:
-    """A trend is followed as far ahead as twice the run so far, never past the plan."""
+    """A trend is followed as far ahead as twice the run so far without a plan, as far as the
+    run so far with one, and never past the plan."""
     assert TrendRule(1.0).lookahead(150) == 302
-    assert TrendRule(1.0, horizon=400).lookahead(150) == 249
+    assert TrendRule(1.0, horizon=400).lookahead(150) == 151
+    assert TrendRule(1.0, horizon=250).lookahead(150) == 99
     assert TrendRule(1.0, horizon=100).lookahead(150) == 1
 
 

@@ -14,10 +14,12 @@ the best by no more than `TOLERANCE` of `|best|`, the run stops. A run that look
 (its fitted level worse than the best by more than `|best|`) waits `DIVERGED_FACTOR` times
 as long, because runs that spike often recover. Told the horizon, the rule plans with its own
 constants (`PLANNED_SETTINGS`), and has a fast lane: after a shorter wait (`fast_share` of the
-horizon) it stops when even a far more optimistic projection (`FAST_NOISE_K` lucky draws, the
-slope `FAST_SLOPE_Z` standard errors steeper) cannot beat the best, the evidence that the
-run is past its best being then overwhelming. Both sets are chosen by leave-one-problem-out
-cross-validation on DeepOBS curves of 20 to 351 evaluations (`benchmarks/stopping_tuning.py`).
+horizon; open once twice that has passed since the start, so that a warm-up whose loss rises
+is not taken for a run past its best) it stops when even a far more optimistic projection
+(`FAST_NOISE_K` lucky draws, the slope `FAST_SLOPE_Z` standard errors steeper) cannot beat
+the best, the evidence that the run is past its best being then overwhelming. Both sets are
+chosen by leave-one-problem-out cross-validation on DeepOBS curves of 20 to 351 evaluations
+(`benchmarks/stopping_tuning.py`).
 """
 
 from __future__ import annotations
@@ -136,9 +138,17 @@ class TrendSettings:
 #: The settings `EarlyStopping` uses without a horizon.
 DEFAULT_SETTINGS = TrendSettings()
 #: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits 30% of
-#: the plan (at least 5 evaluations) with no longer diverged wait, and only 10% of it when a
-#: projection three times as lucky cannot beat the best (the fast lane).
-PLANNED_SETTINGS = TrendSettings(wait_share=0.3, diverged_factor=1.0, fast_share=0.1)
+#: the plan (at least 3 evaluations), looks ahead as far as the run so far (never past the
+#: plan), has no longer diverged wait, and waits only 10% of the plan when a projection four
+#: times as lucky cannot beat the best (the fast lane).
+PLANNED_SETTINGS = TrendSettings(
+    wait_share=0.3,
+    min_points=3,
+    lookahead=1.0,
+    diverged_factor=1.0,
+    fast_share=0.1,
+    fast_noise_k=4.0,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,9 +279,12 @@ class TrendRule:
         return ahead
 
     def fast_wait(self, index: int) -> int | None:
-        """The fast lane's least wait at evaluation `index`, or None without a fast lane."""
+        """The fast lane's least wait at evaluation `index`, or None when it is closed: without
+        a fast lane, or before twice that wait has passed since the start (a loss that rises
+        early on may be a warm-up, not a run past its best)."""
         scale = self._horizon if self._horizon is not None else index + 1
-        return self._settings.fast_wait(scale)
+        wait = self._settings.fast_wait(scale)
+        return None if wait is None or index < 2 * wait else wait
 
     def earliest_wait(self, index: int) -> int:
         """The fewest evaluations without a new best that can stop the run at `index`: the
