@@ -311,6 +311,66 @@ def test_two_callbacks_with_different_settings_share_a_trainer(tmp_path: Path) -
     assert keys <= set(lightning_ckpt["callbacks"])
 
 
+def test_a_missing_metric_at_train_epoch_end_names_the_training_hooks() -> None:
+    callback = HaltpointCallback(
+        EarlyStopping("train_acc", mode="max", patience=2), check_on_train_epoch_end=True
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with pytest.raises(ValueError, match=r"'train_acc' was not logged.*on_train_epoch_end") as info:
+        trainer.fit(make_module(), make_data(1.0), make_data(-1.0))
+    assert "validation_step" not in str(info.value)
+    assert trainer.callbacks == [callback]  # the fit raised: its epoch-end check is gone too
+
+
+def test_a_metric_logged_in_the_modules_train_epoch_end_is_checked(tmp_path: Path) -> None:
+    """The check runs among Lightning's checkpoint callbacks, only during fit, before them."""
+
+    class Logged(type(make_module())):  # type: ignore[misc]
+        def on_train_epoch_end(self) -> None:
+            self.log("train_metric", float(self.current_epoch))  # never improves after 0
+
+    stopper = EarlyStopping("train_metric", patience=1)
+    callback = HaltpointCallback(stopper, check_on_train_epoch_end=True)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    during: list[list[str]] = []
+
+    class Peek(pl.Callback):  # type: ignore[misc]
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            during.append([type(cb).__name__ for cb in trainer.callbacks])
+
+    callbacks = [saver, callback, Peek()]
+    trainer = fit(Logged(), callbacks, 20, limit_val_batches=0, enable_checkpointing=True)
+    assert stopper.stopped and stopper.evaluations == 2 and trainer.current_epoch == 2
+    assert during == [["HaltpointCallback", "Peek", "HaltpointEpochEndCheck", "ModelCheckpoint"]]
+    assert trainer.callbacks == [callback, callbacks[2], saver]
+    assert trainer.checkpoint_callback is saver
+    for path in sorted(tmp_path.glob("epoch=*.ckpt")):  # saved after the stopper's step
+        epoch = int(path.name.split("-")[0].removeprefix("epoch="))
+        saved = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
+        assert saved["stopper"]["evaluations"] == epoch + 1
+
+
+def test_a_metric_logged_in_train_epoch_end_with_pytorch_lightning() -> None:
+    base = pytest.importorskip("pytorch_lightning")
+
+    class Logged(type(make_module(base))):  # type: ignore[misc]
+        def on_train_epoch_end(self) -> None:
+            self.log("train_metric", float(self.current_epoch))
+
+    stopper = EarlyStopping("train_metric", patience=1)
+    callback = HaltpointCallback(stopper, check_on_train_epoch_end=True)
+    trainer = fit(Logged(), callback, max_epochs=20, base=base)
+    assert stopper.stopped and stopper.evaluations == 2 and trainer.current_epoch == 2
+
+
 def test_check_on_train_epoch_end_stops_a_run_without_validation(tmp_path: Path) -> None:
     class TrainLogged(type(make_module())):  # type: ignore[misc]
         def training_step(self, batch: Any, i: int) -> torch.Tensor:

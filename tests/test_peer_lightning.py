@@ -69,6 +69,37 @@ def test_patience(tmp_path: Path, losses: list[int], patience: int, stop_epoch: 
     assert trainer.current_epoch - 1 == stop_epoch
 
 
+class ScriptedTrain(BoringModel):  # type: ignore[misc]
+    """Logs `values[current_epoch]` under `train_loss` in its own `on_train_epoch_end`."""
+
+    def __init__(self, values: list[Any]) -> None:
+        super().__init__()
+        self.values = values
+
+    def on_train_epoch_end(self) -> None:
+        self.log(
+            "train_loss", torch.as_tensor(self.values[self.current_epoch], dtype=torch.float32)
+        )
+
+
+@pytest.mark.parametrize("without_validation", [True, False], ids=["no_val_step", "val_step"])
+@pytest.mark.parametrize(
+    ("losses", "patience", "stop_epoch"),
+    [([6, 5, 5, 5, 5, 5], 3, 4), ([6, 5, 4, 4, 3, 3], 1, 3), ([6, 5, 6, 5, 5, 5], 3, 4)],
+)
+def test_patience_train(
+    tmp_path: Path, without_validation: bool, losses: list[int], patience: int, stop_epoch: int
+) -> None:
+    """Ports test_early_stopping_patience_train: a metric the module logs at train epoch end."""
+    model = ScriptedTrain(losses)
+    if without_validation:
+        model.validation_step = None
+    stopper = EarlyStopping("train_loss", patience=patience)
+    callback = HaltpointCallback(stopper, check_on_train_epoch_end=True)
+    trainer = fit(model, [callback], tmp_path)
+    assert trainer.current_epoch - 1 == stop_epoch
+
+
 def test_one_check_per_validation(tmp_path: Path) -> None:
     """Ports test_early_stopping_no_extraneous_invocations: one check per epoch, 4 in 4 epochs."""
     stopper = EarlyStopping("val_loss", patience=10)
@@ -303,6 +334,27 @@ def test_multiple_callbacks(tmp_path: Path, cba_first: bool) -> None:
     if cba_first:
         callbacks.reverse()
     trainer = fit(TwoMetrics(), callbacks, tmp_path, max_epochs=20)
+    assert trainer.current_epoch - 1 == 3
+
+
+class TwoMetricsAtTrainEnd(BoringModel):  # type: ignore[misc]
+    """TwoMetrics' values, logged in the module's own `on_train_epoch_end` instead."""
+
+    def on_train_epoch_end(self) -> None:
+        self.log("abc", torch.tensor([8.0, 4, 2, 3, 4, 5, 8, 10][self.current_epoch]))
+        self.log("cba", torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("cba_first", [False, True], ids=["abc_first", "cba_first"])
+def test_multiple_callbacks_at_train_epoch_end(tmp_path: Path, cba_first: bool) -> None:
+    """Ports test_multiple_early_stopping_callbacks (one process, check_on_train_epoch_end)."""
+    callbacks = [
+        HaltpointCallback(EarlyStopping("abc", patience=3), check_on_train_epoch_end=True),
+        HaltpointCallback(EarlyStopping("cba", patience=3), check_on_train_epoch_end=True),
+    ]
+    if cba_first:
+        callbacks.reverse()
+    trainer = fit(TwoMetricsAtTrainEnd(), callbacks, tmp_path, max_epochs=20)
     assert trainer.current_epoch - 1 == 3
 
 

@@ -7,6 +7,8 @@ module without either raises ImportError naming the extra to install.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import warnings
 from collections.abc import Callable
@@ -41,6 +43,12 @@ _HINT = (
     "change the monitor (Lightning #374: a metric logged under another name, or only in "
     "training, never reaches early stopping)"
 )
+_HINT_TRAIN = (
+    "With check_on_train_epoch_end=True, log it in training_step with self.log({name!r}, "
+    "value, on_epoch=True) or in the LightningModule's on_train_epoch_end with "
+    "self.log({name!r}, value), or change the monitor (Lightning #374: a metric logged under "
+    "another name never reaches early stopping)"
+)
 
 
 class HaltpointCallback(Callback):
@@ -67,8 +75,10 @@ class HaltpointCallback(Callback):
             there. Without it, a checkpointer that already holds checkpoints is refused.
         check_on_train_epoch_end: check (step the stopper and save) at the end of every
             training epoch instead of at the end of validation, as Lightning's flag of that
-            name does: for a monitor logged in training (`self.log(..., on_epoch=True)`), or
-            a run without validation.
+            name does: for a monitor logged in training (`self.log(..., on_epoch=True)` in
+            `training_step`, or in the LightningModule's `on_train_epoch_end`), or a run
+            without validation. The check runs after the LightningModule's hook, among
+            Lightning's checkpoint callbacks (see `_EpochEndCheck`).
 
     Each callback's `state_key` is made from its monitor and settings (as Lightning's
     `EarlyStopping` does), so two callbacks that watch different metrics share a `Trainer`.
@@ -182,16 +192,21 @@ class HaltpointCallback(Callback):
             self._put_back_rng()
             self._put_back_rng = None
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """With `check_on_train_epoch_end`, put this fit's `_EpochEndCheck` into the Trainer."""
+        _detach_epoch_end_check(trainer, self)  # never two, whatever an earlier fit left
+        if stage == "fit" and self.check_on_train_epoch_end:
+            _attach_epoch_end_check(trainer, self)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Take this callback's `_EpochEndCheck` out of the Trainer again."""
+        _detach_epoch_end_check(trainer, self)
+
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Check, unless checks are at the end of training epochs."""
         if trainer.sanity_checking or trainer.state.fn != "fit" or self.check_on_train_epoch_end:
             return
         self._check(trainer, pl_module, "at the end of validation")
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        """Check, when checks are at the end of training epochs."""
-        if self.check_on_train_epoch_end:
-            self._check(trainer, pl_module, "at the end of the training epoch")
 
     def _check(self, trainer: Any, pl_module: Any, where: str) -> None:
         """Step the stopper, agree on stopping across ranks, and save."""
@@ -217,7 +232,7 @@ class HaltpointCallback(Callback):
                     name,
                     metrics,
                     f"{where} (epoch {trainer.current_epoch}, global step {trainer.global_step})",
-                    _HINT.format(name=name),
+                    (_HINT_TRAIN if self.check_on_train_epoch_end else _HINT).format(name=name),
                 )
         stop = False
         if self.stopper is not None:
@@ -263,6 +278,7 @@ class HaltpointCallback(Callback):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Finish the save in flight so that no committed work is lost."""
+        _detach_epoch_end_check(trainer, self)  # Lightning skips teardown after an error
         if self.checkpointer is not None and trainer.is_global_zero:
             try:
                 self.checkpointer.wait()
@@ -280,6 +296,63 @@ class HaltpointCallback(Callback):
         saved = state_dict.get("stopper")
         if saved is not None and self.stopper is not None:
             self.stopper.load_state_dict(saved)
+
+
+class _EpochEndCheck:
+    """Runs its owner's check at the end of a training epoch, after the LightningModule's hook.
+
+    Lightning calls `on_train_epoch_end` of every callback first, then the LightningModule's,
+    then again only for its "monitoring" callbacks (`isinstance(cb, (EarlyStopping,
+    Checkpoint))`, lightning/pytorch/loops/fit_loop.py), so that they see what the module logs
+    there. `HaltpointCallback` itself subclasses neither: as a `Checkpoint` it would make
+    `Trainer(enable_checkpointing=False)` raise, even with no checkpointer, and take over
+    `trainer.checkpoint_callback` (`test(ckpt_path="best")` then fails on `best_model_path`)
+    from a `ModelCheckpoint` listed after it. So only during `fit`, this small `Checkpoint` of
+    the running Trainer's package stands in the callback list just before the other checkpoint
+    callbacks: after Lightning's `EarlyStopping`s, as Lightning runs them, and before any
+    `ModelCheckpoint`, which then saves the stopper's new state. During `fit` it is therefore
+    `trainer.checkpoint_callback`; after `fit` (or an error) it is gone.
+    """
+
+    def __init__(self, owner: HaltpointCallback) -> None:
+        self.owner = owner
+
+    @property
+    def state_key(self) -> str:
+        """Its owner's key, marked: it holds no state of its own."""
+        return f"{self.owner.state_key}[train_epoch_end]"
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """The owner's check, once the LightningModule's `on_train_epoch_end` has logged."""
+        self.owner._check(trainer, pl_module, "at the end of the training epoch")
+
+
+def _checkpoint_base(trainer: Any) -> Any:
+    """`Checkpoint` of the package whose Trainer runs: `pytorch_lightning` or `lightning`."""
+    standalone = any(c.__module__.startswith("pytorch_lightning.") for c in type(trainer).__mro__)
+    package = "pytorch_lightning" if standalone else "lightning.pytorch"
+    return importlib.import_module(f"{package}.callbacks").Checkpoint
+
+
+@functools.cache
+def _epoch_end_check_class(checkpoint: type) -> type:
+    return type("HaltpointEpochEndCheck", (_EpochEndCheck, checkpoint), {})
+
+
+def _attach_epoch_end_check(trainer: Any, owner: HaltpointCallback) -> None:
+    checkpoint = _checkpoint_base(trainer)
+    callbacks = list(trainer.callbacks)  # a new list: Lightning is iterating over the old one
+    first = next((i for i, c in enumerate(callbacks) if isinstance(c, checkpoint)), len(callbacks))
+    callbacks.insert(first, _epoch_end_check_class(checkpoint)(owner))
+    trainer.callbacks = callbacks
+
+
+def _detach_epoch_end_check(trainer: Any, owner: HaltpointCallback) -> None:
+    kept = [
+        c for c in trainer.callbacks if not (isinstance(c, _EpochEndCheck) and c.owner is owner)
+    ]
+    if len(kept) < len(trainer.callbacks):
+        trainer.callbacks = kept  # a new list, as above
 
 
 _SHARDED_STRATEGIES = {
