@@ -352,7 +352,9 @@ def test_a_metric_logged_in_the_modules_train_epoch_end_is_checked(tmp_path: Pat
     assert during == [["HaltpointCallback", "Peek", "HaltpointEpochEndCheck", "ModelCheckpoint"]]
     assert trainer.callbacks == [callback, callbacks[2], saver]
     assert trainer.checkpoint_callback is saver
-    for path in sorted(tmp_path.glob("epoch=*.ckpt")):  # saved after the stopper's step
+    paths = sorted(tmp_path.glob("epoch=*.ckpt"))
+    assert len(paths) == 2
+    for path in paths:  # each saved after the stopper's step of its epoch
         epoch = int(path.name.split("-")[0].removeprefix("epoch="))
         saved = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
         assert saved["stopper"]["evaluations"] == epoch + 1
