@@ -15,10 +15,12 @@ vectorised NumPy operations.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,26 @@ def build(runs: list[dict[str, Any]]) -> Curves:
         problems=problems,
         optimizers=optimizers,
     )
+
+
+def data_argument(description: str, argv: list[str]) -> Path:
+    """The curves' path from the command line (`argv` without the program name): the one
+    given, which must exist, else `DATA`. `--help` says so; a missing file is a one-line error
+    (exit 2)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "data",
+        nargs="?",
+        type=Path,
+        help=f"the DeepOBS curves (.json.gz); default {DATA}, skipped when absent",
+    )
+    path: Path | None = parser.parse_args(argv).data
+    if path is None:
+        return DATA
+    if not path.is_file():
+        print(f"{parser.prog}: error: data file not found: {path}", file=sys.stderr)
+        raise SystemExit(2)
+    return path
 
 
 def load(path: Path = DATA) -> Curves | None:

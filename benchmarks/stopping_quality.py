@@ -3,7 +3,8 @@
 Run from anywhere: `python benchmarks/stopping_quality.py [path/to/curves.json.gz]` (about two
 minutes). The data (DeepOBS baselines v1.1, per-epoch curves; see ../shared/data/README.md) is
 read from `../shared/data/` next to the repository root and never copied into the repository;
-without it the benchmark says so and exits 0.
+without it there the benchmark says so and exits 0 (a path given that does not exist is an
+error, exit 2).
 
 Curves: every run as recorded and its honest short and long variants (`stopping_curves.py`:
 every k-th epoch, the first share of epochs, the best among those the reference), 7,020
@@ -94,7 +95,8 @@ CLASSIC: list[tuple[str, Callable[[], EarlyStopping], bool]] = [
 
 def main(argv: list[str]) -> int:
     """Print the table; exit 0 (with a message) when the data is absent."""
-    curves = stopping_curves.load(Path(argv[1]) if len(argv) > 1 else stopping_curves.DATA)
+    path = stopping_curves.data_argument(__doc__.split("\n", 1)[0], argv[1:])
+    curves = stopping_curves.load(path)
     if curves is None:
         return 0
     started = time.perf_counter()

@@ -3,7 +3,8 @@
 Run from anywhere: `python benchmarks/stopping_tuning.py [path/to/curves.json.gz]` (about a
 minute). It reads the DeepOBS curves from `../shared/data/` and builds their short and long
 variants (`stopping_curves.py`: every k-th epoch, the first share of epochs; 7,020 curves of
-20 to 351 evaluations); without the data it says so and exits 0.
+20 to 351 evaluations); without the data there it says so and exits 0 (a path given that
+does not exist is an error, exit 2).
 
 Every setting in `GRID` is replayed over every curve once, without and with the horizon
 (`stopping_fast.py`, vectorised). Then, for each of the 8 problems, a setting is *chosen* on
@@ -274,7 +275,8 @@ def check(prepared: Prepared, settings: TrendSettings, horizon: bool, every: int
 
 def main(argv: list[str]) -> int:
     """Replay the grid, choose by LOPO, print the tables; exit 0 when the data is absent."""
-    curves = stopping_curves.load(Path(argv[1]) if len(argv) > 1 else stopping_curves.DATA)
+    path = stopping_curves.data_argument(__doc__.split("\n", 1)[0], argv[1:])
+    curves = stopping_curves.load(path)
     if curves is None:
         return 0
     started = time.perf_counter()

@@ -83,13 +83,35 @@ def test_best_index_and_regret() -> None:
     assert math.isnan(relative_regret([NAN], None, "min"))
 
 
-def test_quality_benchmark_skips_without_data(tmp_path: Path) -> None:
-    missing = tmp_path / "absent.json.gz"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stopping_quality.py"), str(missing)],
-        capture_output=True,
-        text=True,
-        check=False,
+def quality(*args: str) -> subprocess.CompletedProcess[str]:
+    script = ROOT / "benchmarks" / "stopping_quality.py"
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, check=False
     )
+
+
+def test_quality_benchmark_help_names_the_data_argument() -> None:
+    done = quality("--help")
     assert done.returncode == 0
-    assert done.stdout.startswith(f"skipped: DeepOBS curves not found at {missing}")
+    assert done.stdout.startswith("usage: stopping_quality.py [-h] [data]")
+    assert "the DeepOBS curves (.json.gz)" in done.stdout
+
+
+def test_quality_benchmark_rejects_a_missing_data_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.json.gz"
+    done = quality(str(missing))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == f"stopping_quality.py: error: data file not found: {missing}\n"
+
+
+def test_quality_benchmark_skips_without_data_at_the_default_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stopping_curves
+
+    missing = tmp_path / "absent.json.gz"
+    assert stopping_curves.data_argument("d", []) == stopping_curves.DATA
+    assert stopping_curves.load(missing) is None
+    assert capsys.readouterr().out.startswith(f"skipped: DeepOBS curves not found at {missing}")
