@@ -1,26 +1,29 @@
 """Pruning a search: Optuna's pruners and `HaltpointPruner` side by side on 24 real sweeps.
 
-Run from anywhere: `python benchmarks/tuning.py [path/to/curves.json.gz] [--orders 5]` (about
-five minutes on 2 cores). The data (DeepOBS baselines v1.1, per-epoch curves; see
-../shared/data/README.md) is read from `../shared/data/` next to the repository root and never
-copied into the repository; without it the benchmark says so and exits 0.
+Run from anywhere: `python benchmarks/tuning.py [path/to/curves.json.gz] [--order-seeds 0,1,2,3,4]`
+(a few minutes on 2 cores; measured in docs/benchmarks.md). The data (DeepOBS baselines v1.1,
+per-epoch curves; see ../shared/data/README.md) is read from `../shared/data/` next to the
+repository root and never copied into the repository; without it the benchmark says so and
+exits 0.
 
 Each sweep (one problem, one optimizer: 45 runs, 37 learning rates, one with 9 seeds) is run as
-a real in-memory Optuna study whose sampler replays the trials in a fixed random order
-(`tuning_sweeps.py`): no pruner, `MedianPruner(5, 5)`, `PercentilePruner(25)`,
-`SuccessiveHalvingPruner()`, `HyperbandPruner()` and `HaltpointPruner()`. Each trial reports
-its test loss every epoch (DeepOBS has no validation split). Figures: the training epochs spent
-as a share of the full sweep's, and the regret (%) of the best completed trial's test quality
-(accuracy at its best-loss epoch where the problem has one, else that loss) against the full
-sweep's best trial.
+a real in-memory Optuna study whose sampler replays the trials in a random order fixed by an
+order seed (`tuning_sweeps.py`), once for every seed of `--order-seeds`: no pruner,
+`MedianPruner(5, 5)`, `PercentilePruner(25)`, `SuccessiveHalvingPruner()`, `HyperbandPruner()`
+and `HaltpointPruner()`. Each trial reports its test loss every epoch (DeepOBS has no validation
+split). Figures: the training epochs spent as a share of the full sweep's, and the regret (%) of
+the best completed trial's test quality (accuracy at its best-loss epoch where the problem has
+one, else that loss) against the full sweep's best trial; per pruner over the seeds: the mean
+share of epochs, the worst regret of any sweep under any order, and how many (order, sweep)
+pairs lose more than 0.5%.
 
 HaltpointPruner's constants are chosen by leave-one-problem-out from `GRID`: for each of the 8
-problems, the setting is chosen on the other 7 problems' 21 sweeps and scored on its own 3. The
-chooser (declared before any held-out figure was looked at): the fewest epochs among settings
-whose worst-sweep regret on the choosing sweeps is at most `CHOOSE_REGRET`, half the goal's
-0.5%. The grid is replayed by a NumPy copy of the rule (`fast_stops`), checked here against the
-real pruner; the LOPO column itself runs the real pruner with each problem's chosen settings.
-Last, the overall figures on further trial orders (`--orders`) show how much rests on one order.
+problems, the setting is chosen on the other 7 problems' 21 sweeps under every order seed and
+scored on its own 3. The chooser (declared before any held-out figure was looked at): the
+fewest epochs among settings whose worst regret on the choosing sweep-orders is at most
+`CHOOSE_REGRET`, half the goal's 0.5%. The grid is replayed by a NumPy copy of the rule
+(`fast_stops`), checked here against the real pruner; the LOPO column itself runs the real
+pruner with each problem's chosen settings.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stopping_curves
 from haltpoint.integrations.optuna import HaltpointPruner
 from haltpoint.tuning import DEFAULT_SETTINGS, PruneSettings
-from tuning_sweeps import ORDER_SEED, Outcome, Sweep, replay, sweeps
+from tuning_sweeps import Outcome, Sweep, replay, sweeps
 
 GOAL_REGRET = 0.5  # % on every sweep
 CHOOSE_REGRET = 0.25  # worst-sweep regret (%) a setting may have on the choosing sweeps
+ORDER_SEEDS = "0,1,2,3,4"  # the trial orders replayed (`sweeps` seeds)
+
+Results = dict[str, dict[int, list[Outcome]]]  # pruner -> order seed -> one Outcome a sweep
 
 #: The declared grid: every combination of these values.
 GRID: dict[str, tuple[float, ...]] = {
@@ -167,61 +173,31 @@ def late_near_ties(
     return late, wrong
 
 
-def other_orders(curves: stopping_curves.Curves, orders: int) -> None:
-    """The overall figures on ``orders - 1`` further trial orders (seeds 1, 2, ...), with the
-    shipped constants: Optuna's pruners through real studies, haltpoint's by the NumPy replay
-    (checked against the real pruner on the first order)."""
-    if orders < 2:
-        return
-    names = [name for name, _ in OPTUNA[1:]] + ["haltpoint default (NumPy replay)"]
-    print("\n#### Other trial orders: epochs spent / worst-sweep regret (%) / sweeps > 0.5%\n")
-    print("| order seed | " + " | ".join(names) + " |")
-    print("| --- |" + " ---: |" * len(names))
-    for seed in range(ORDER_SEED + 1, ORDER_SEED + orders):
-        all_sweeps = sweeps(curves, seed)
-        full = sum(sw.epochs() for sw in all_sweeps)
-        cells = []
-        for _, make in OPTUNA[1:]:
-            outs = [replay(sw, make()) for sw in all_sweeps]
-            cells.append(_cell(all_sweeps, outs, full))
-        outs = [outcome(fast_stops(Prepared(sw), DEFAULT_SETTINGS)) for sw in all_sweeps]
-        cells.append(_cell(all_sweeps, outs, full))
-        print(f"| {seed} | " + " | ".join(cells) + " |", flush=True)
+def parse_seeds(text: str) -> list[int]:
+    """``--order-seeds``: distinct non-negative integers separated by commas."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(
+            "--order-seeds must be distinct non-negative integers separated by commas, "
+            f"got {text!r}"
+        )
+    return seeds
 
 
-def _cell(all_sweeps: list[Sweep], outs: list[Outcome], full: int) -> str:
-    regrets = [sw.regret(list(o.complete)) for sw, o in zip(all_sweeps, outs, strict=True)]
-    share = sum(o.epochs for o in outs) / full
-    return f"{share:.1%} / {max(regrets):.2f} / {sum(r > GOAL_REGRET for r in regrets)}"
-
-
-def main(argv: list[str]) -> int:
-    """Print the tables; exit 0 (with a message) when the data is absent."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("data", nargs="?", type=Path, default=stopping_curves.DATA)
-    parser.add_argument(
-        "--orders", type=int, default=5, help="trial orders to replay, the first in full"
-    )
-    args = parser.parse_args(argv[1:])
-    if args.orders < 1:
-        parser.error(f"--orders must be >= 1, got {args.orders}")
-    curves = stopping_curves.load(args.data)
-    if curves is None:
-        return 0
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    started = time.perf_counter()
-    all_sweeps = sweeps(curves)
-    preps = [Prepared(sw) for sw in all_sweeps]
-    settings = grid()
-    table = [[outcome(fast_stops(p, s)) for p in preps] for s in settings]
+def lopo_choice(
+    table: list[list[Outcome]], all_sweeps: list[Sweep], settings: list[PruneSettings]
+) -> dict[str, PruneSettings]:
+    """Each problem's setting, chosen on the other problems' sweeps over every order seed."""
     problems = sorted({sw.problem for sw in all_sweeps})
-    rows_of = {p: [r for r, sw in enumerate(all_sweeps) if sw.problem == p] for p in problems}
     lopo: dict[str, PruneSettings] = {}
-    print("#### Leave-one-problem-out choice of HaltpointPruner's settings\n")
+    print("#### Leave-one-problem-out choice of HaltpointPruner's settings (over every order)\n")
     print("| held-out problem | chosen on the other 7 | worst regret there (%) |")
     print("| --- | --- | ---: |")
     for p in problems:
-        choosing = [r for r in range(len(all_sweeps)) if r not in rows_of[p]]
+        choosing = [r for r, sw in enumerate(all_sweeps) if sw.problem != p]
         k, worst = choose(table, all_sweeps, choosing)
         lopo[p] = settings[k]
         print(f"| {p} | {describe(settings[k])} | {worst:.3f} |")
@@ -230,49 +206,63 @@ def main(argv: list[str]) -> int:
     print(f"shipped default: {describe(DEFAULT_SETTINGS)}")
     if settings[k] != DEFAULT_SETTINGS:
         print("WARNING: the shipped default is not what the procedure chooses")
+    return lopo
 
-    columns: list[tuple[str, Callable[[Sweep], optuna.pruners.BasePruner]]] = [
-        (name, lambda sw, make=make: make()) for name, make in OPTUNA
-    ]
-    columns.append(("haltpoint (LOPO)", lambda sw: HaltpointPruner(lopo[sw.problem])))
-    columns.append(("haltpoint default", lambda sw: HaltpointPruner()))
-    results: dict[str, list[Outcome]] = {}
-    for name, make in columns:
-        t = time.perf_counter()
-        results[name] = [replay(sw, make(sw)) for sw in all_sweeps]
-        print(f"replayed {name} through Optuna ({time.perf_counter() - t:.0f} s)")
-    fast_lopo = [
-        outcome(fast_stops(p, lopo[sw.problem])) for p, sw in zip(preps, all_sweeps, strict=True)
-    ]
-    fast_default = [outcome(fast_stops(p, DEFAULT_SETTINGS)) for p in preps]
-    agree = fast_lopo == results["haltpoint (LOPO)"]
-    agree &= fast_default == results["haltpoint default"]
-    print(f"NumPy replay agrees with the real pruner on every sweep: {'yes' if agree else 'NO'}")
 
-    names = [name for name, _ in columns]
-    print("\n#### Per sweep: epochs spent (share of the full sweep) / regret (%)\n")
+def per_sweep(names: list[str], by_seed: dict[int, list[Sweep]], results: Results) -> None:
+    """Every sweep of the first order seed: epochs spent / regret under each pruner."""
+    seed = min(by_seed)
+    print(
+        f"\n#### Per sweep, order seed {seed}: "
+        "epochs spent (share of the full sweep) / regret (%)\n"
+    )
     print("| sweep | " + " | ".join(names) + " |")
     print("| --- |" + " ---: |" * len(names))
-    for r, sw in enumerate(all_sweeps):
+    for r, sw in enumerate(by_seed[seed]):
         cells = []
         for name in names:
-            out = results[name][r]
+            out = results[name][seed][r]
             cells.append(f"{out.epochs / sw.epochs():.3f} / {sw.regret(list(out.complete)):.2f}")
         print(f"| {sw.name} | " + " | ".join(cells) + " |")
 
-    full = sum(sw.epochs() for sw in all_sweeps)
-    print("\n#### Overall (24 sweeps, 1,080 trials)\n")
-    print("| pruner | epochs spent | worst-sweep regret (%) | mean regret (%) | sweeps > 0.5% |")
+
+def per_seed(names: list[str], by_seed: dict[int, list[Sweep]], results: Results) -> None:
+    """Each order seed: epochs spent / worst-sweep regret (%) / sweeps over the goal."""
+    print("\n#### Per order seed: epochs spent / worst-sweep regret (%) / sweeps > 0.5%\n")
+    print("| order seed | " + " | ".join(names) + " |")
+    print("| --- |" + " ---: |" * len(names))
+    for seed, sws in by_seed.items():
+        cells = []
+        for name in names:
+            outs = results[name][seed]
+            regrets = [sw.regret(list(o.complete)) for sw, o in zip(sws, outs, strict=True)]
+            share = sum(o.epochs for o in outs) / sum(sw.epochs() for sw in sws)
+            cells.append(
+                f"{share:.1%} / {max(regrets):.2f} / {sum(x > GOAL_REGRET for x in regrets)}"
+            )
+        print(f"| {seed} | " + " | ".join(cells) + " |")
+
+
+def overall(names: list[str], by_seed: dict[int, list[Sweep]], results: Results) -> None:
+    """Per pruner over every order seed, and whether haltpoint meets the goal."""
+    pairs = sum(len(s) for s in by_seed.values())
+    print(f"\n#### Over {len(by_seed)} order seeds ({pairs} sweep-orders)\n")
+    print(
+        "| pruner | mean epochs spent | worst-sweep regret (%) | mean regret (%) "
+        "| sweep-orders > 0.5% |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     summary = {}
     for name in names:
-        outs = results[name]
-        regrets = [sw.regret(list(o.complete)) for sw, o in zip(all_sweeps, outs, strict=True)]
-        share = sum(o.epochs for o in outs) / full
-        summary[name] = (share, max(regrets))
+        shares, regrets = [], []
+        for seed, sws in by_seed.items():
+            outs = results[name][seed]
+            regrets += [sw.regret(list(o.complete)) for sw, o in zip(sws, outs, strict=True)]
+            shares.append(sum(o.epochs for o in outs) / sum(sw.epochs() for sw in sws))
+        summary[name] = (statistics.mean(shares), max(regrets))
         print(
-            f"| {name} | {share:.1%} | {max(regrets):.3f} | {statistics.mean(regrets):.3f} | "
-            f"{sum(x > GOAL_REGRET for x in regrets)} |"
+            f"| {name} | {statistics.mean(shares):.1%} | {max(regrets):.3f} | "
+            f"{statistics.mean(regrets):.3f} | {sum(x > GOAL_REGRET for x in regrets)} |"
         )
     for name in ("haltpoint (LOPO)", "haltpoint default"):
         share, worst = summary[name]
@@ -280,21 +270,73 @@ def main(argv: list[str]) -> int:
         beaten = all(summary[n][0] > share for n in safe)
         print(
             f"\ngoal, {name}: worst regret {worst:.3f}% "
-            f"({'<=' if worst <= GOAL_REGRET else '>'} {GOAL_REGRET}%); Optuna pruners at least "
-            f"as safe: {', '.join(safe) or 'none'}; fewer epochs than all of them: "
-            f"{'yes' if beaten else 'no'}"
+            f"({'<=' if worst <= GOAL_REGRET else '>'} {GOAL_REGRET}%) over every order; Optuna "
+            f"pruners at least as safe: {', '.join(safe) or 'none'}; fewer epochs than all of "
+            f"them: {'yes' if beaten else 'no'}"
         )
+
+
+def near_ties(by_seed: dict[int, list[Sweep]], results: Results) -> None:
+    """Late near-ties pruned by the default, over every order seed."""
     late = wrong = 0
-    for p, sw, sw_out in zip(preps, all_sweeps, results["haltpoint default"], strict=True):
-        stops, pruned = fast_stops(p, DEFAULT_SETTINGS)
-        best = min(float(np.nanmin(sw.loss[k])) for k in sw_out.complete)
-        a, b = late_near_ties(p, stops, pruned, best)
-        late, wrong = late + a, wrong + b
+    for seed, sws in by_seed.items():
+        for sw, out in zip(sws, results["haltpoint default"][seed], strict=True):
+            prep = Prepared(sw)
+            stops, pruned = fast_stops(prep, DEFAULT_SETTINGS)
+            best = min(float(np.nanmin(sw.loss[k])) for k in out.complete)
+            a, b = late_near_ties(prep, stops, pruned, best)
+            late, wrong = late + a, wrong + b
     print(
-        f"\nnear-ties pruned late (default; after half the run, within 1% of the best so far): "
-        f"{late}, of which would have ended best in their sweep: {wrong}"
+        f"\nnear-ties pruned late (default, every order; after half the run, within 1% of the "
+        f"best so far): {late}, of which would have ended best in their sweep: {wrong}"
     )
-    other_orders(curves, args.orders)
+
+
+def main(argv: list[str]) -> int:
+    """Print the tables; exit 0 (with a message) when the data is absent."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("data", nargs="?", type=Path, default=stopping_curves.DATA)
+    parser.add_argument(
+        "--order-seeds",
+        type=parse_seeds,
+        default=parse_seeds(ORDER_SEEDS),
+        help=f"trial orders to replay, as seeds separated by commas (default {ORDER_SEEDS})",
+    )
+    args = parser.parse_args(argv[1:])
+    curves = stopping_curves.load(args.data)
+    if curves is None:
+        return 0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    by_seed = {seed: sweeps(curves, seed) for seed in args.order_seeds}
+    all_sweeps = [sw for sws in by_seed.values() for sw in sws]
+    preps = [Prepared(sw) for sw in all_sweeps]
+    settings = grid()
+    table = [[outcome(fast_stops(p, s)) for p in preps] for s in settings]
+    lopo = lopo_choice(table, all_sweeps, settings)
+
+    columns: list[tuple[str, Callable[[Sweep], optuna.pruners.BasePruner]]] = [
+        (name, lambda sw, make=make: make()) for name, make in OPTUNA
+    ]
+    columns.append(("haltpoint (LOPO)", lambda sw: HaltpointPruner(lopo[sw.problem])))
+    columns.append(("haltpoint default", lambda sw: HaltpointPruner()))
+    results: Results = {}
+    for name, make in columns:
+        t = time.perf_counter()
+        results[name] = {s: [replay(sw, make(sw)) for sw in sws] for s, sws in by_seed.items()}
+        print(f"replayed {name} through Optuna ({time.perf_counter() - t:.0f} s)")
+    fast = [outcome(fast_stops(p, DEFAULT_SETTINGS)) for p in preps]
+    real = [o for outs in results["haltpoint default"].values() for o in outs]
+    print(
+        "NumPy replay agrees with the real pruner on every sweep-order: "
+        f"{'yes' if fast == real else 'NO'}"
+    )
+
+    names = [name for name, _ in columns]
+    per_sweep(names, by_seed, results)
+    per_seed(names[1:], by_seed, results)
+    overall(names, by_seed, results)
+    near_ties(by_seed, results)
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0
 

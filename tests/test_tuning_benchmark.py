@@ -3,6 +3,7 @@ an Optuna study, regret is judged as documented, and it skips cleanly without th
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,11 @@ def test_the_benchmark_skips_without_data(tmp_path: Path) -> None:
     )
     assert done.returncode == 0
     assert done.stdout.startswith(f"skipped: DeepOBS curves not found at {missing}")
+
+
+def test_order_seeds_are_parsed_and_bad_ones_named() -> None:
+    assert tuning.parse_seeds("0,1,2,3,4") == [0, 1, 2, 3, 4]
+    assert tuning.parse_seeds("7") == [7]
+    for bad in ("", "1,x", "-1", "2,2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--order-seeds must be distinct"):
+            tuning.parse_seeds(bad)
