@@ -54,10 +54,12 @@ Results = dict[str, dict[int, list[Outcome]]]  # pruner -> order seed -> one Out
 
 #: The declared grid: every combination of these values.
 GRID: dict[str, tuple[float, ...]] = {
-    "margin": (0.25, 0.4, 0.5, 0.75, 1.0),
-    "tolerance": (0.0, 0.005, 0.01),
-    "min_trials": (3, 4, 6),
-    "min_step": (2, 5),
+    "margin": (0.5, 0.75, 1.0),
+    "tolerance": (0.0, 0.01),
+    "min_trials": (3, 4),
+    "min_step": (2,),
+    "min_share": (0.0, 0.1, 0.2, 0.3),
+    "trend": (0.0, 0.5, 1.0),
 }
 
 OPTUNA: list[tuple[str, Callable[[], optuna.pruners.BasePruner]]] = [
@@ -121,6 +123,14 @@ def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]
             bound = np.maximum(s.margin * gain, noise[lead, steps])
             enough = reached.sum(axis=0) >= s.min_trials
             bound = np.maximum(bound, s.tolerance * np.abs(np.where(enough, at_lead, 0.0)))
+            horizon = max(stops)
+            progress = prep.best[i][steps // 2] - prep.best[i][: last + 1]
+            progress = np.where(np.isfinite(progress), progress, 0.0)
+            doublings = np.log2(max(horizon, 1) / np.maximum(steps, 1)).clip(0)
+            bound = np.maximum(bound, s.trend * doublings * progress)
+            far = np.minimum(2 * steps, horizon)
+            ran_on = (np.array(stops)[None, :] >= far[:, None]).sum(axis=1)
+            enough &= ran_on >= s.min_share * i
             prune = (prep.best[i] - at_lead > bound) & (steps >= s.min_step) & enough
             hits = np.flatnonzero(prune)
             stop = int(hits[0]) if len(hits) else last

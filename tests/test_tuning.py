@@ -62,6 +62,11 @@ def test_a_bad_mode_is_named() -> None:
         ({"margin": 0.0}, "margin must be > 0"),
         ({"tolerance": -0.1}, "tolerance must be >= 0"),
         ({"tolerance": math.nan}, "tolerance must be >= 0"),
+        ({"min_share": 1.5}, "min_share must be between 0 and 1"),
+        ({"min_share": -0.1}, "min_share must be between 0 and 1"),
+        ({"min_share": math.nan}, "min_share must be between 0 and 1"),
+        ({"trend": -1.0}, "trend must be >= 0"),
+        ({"trend": math.nan}, "trend must be >= 0"),
     ],
 )
 def test_bad_settings_are_named(kwargs: dict[str, float], match: str) -> None:
@@ -81,6 +86,26 @@ def test_a_near_tie_within_the_tolerance_is_not_pruned() -> None:
     current = {s: 1.004 for s in range(6)}
     assert judge(flat, current).prune
     assert not judge(flat, current, settings=PruneSettings(tolerance=0.005)).prune
+
+
+def test_nothing_is_pruned_until_a_share_of_the_trials_ran_on_to_twice_the_step() -> None:
+    short = {0: 1.0, 1: 0.6, 2: 0.5}  # pruned at step 2: they show no later gain
+    others = {0: LEADER, **{n: short for n in range(1, 6)}}
+    hopeless = {0: 3.0, 1: 2.9, 2: 2.8}
+    verdict = judge(others, hopeless)
+    assert not verdict.prune
+    assert "only 1 of 6 other trials ran on to step 4 (min_share 0.2)" in verdict.reason
+    assert judge(others, hopeless, settings=PruneSettings(min_share=0.0)).prune
+    assert judge({**others, 6: LEADER}, hopeless).prune  # 2 of 7 ran on
+
+
+def test_a_trial_whose_own_progress_would_close_the_gap_is_kept() -> None:
+    steep = {0: 5.0, 1: 4.0, 2: 3.0, 3: 1.5, 4: 0.9}  # 2.1 gained since step 2
+    assert not judge(OTHERS, steep).prune
+    assert judge(OTHERS, steep, settings=PruneSettings(trend=0.0)).prune
+    slow = {0: 3.0, 1: 2.5, 2: 2.0, 3: 1.5, 4: 1.0}  # 1.0 gained: x 0.5 x log2(9/4) < gap 0.8
+    verdict = judge(OTHERS, slow)
+    assert verdict.prune and "own recent progress projected to step 9 (0.585)" in verdict.reason
 
 
 curves = st.dictionaries(st.integers(0, 12), st.floats(-10, 10), min_size=1, max_size=12)

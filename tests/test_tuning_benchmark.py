@@ -40,7 +40,11 @@ def synthetic(seed: int, trials: int = 14, epochs: int = 16) -> Sweep:
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(
     "settings",
-    [PruneSettings(), PruneSettings(min_trials=2, margin=0.25, tolerance=0.01, min_step=3)],
+    [
+        PruneSettings(),
+        PruneSettings(min_trials=2, margin=0.25, tolerance=0.01, min_step=3),
+        PruneSettings(min_trials=2, margin=0.5, min_share=0.4, trend=1.0, min_step=1),
+    ],
 )
 def test_the_numpy_replay_stops_where_the_real_pruner_does(
     seed: int, settings: PruneSettings

@@ -4,12 +4,17 @@ This module knows nothing of Optuna; `haltpoint.integrations.optuna` adapts it. 
 mapping from step (epoch) to the watched value. At the current trial's last step ``t`` it is
 pruned when its best value so far is worse than the leading trial's best at ``t`` by more than
 the leader's noise, by more than a share (``margin``) of the most any other trial went on to
-gain after ``t``, and by more than ``tolerance`` of the leader's value. The constants were
-chosen by leave-one-problem-out on 24 DeepOBS sweeps (`benchmarks/tuning.py`, docs/tuning.md).
+gain after ``t``, by more than its own progress since step ``t // 2`` repeated for every
+doubling of ``t`` left to the longest trial (times ``trend``), and by more than ``tolerance`` of
+the leader's value; and only when enough of the study has been seen at ``t``: ``min_trials``
+other trials reached ``t`` and a share ``min_share`` of them all ran on to step ``2 t`` (or the
+longest trial's end), so that the later gains come from more than a lucky few. The constants
+were chosen by leave-one-problem-out on 24 DeepOBS sweeps over five trial orders
+(`benchmarks/tuning.py`, docs/tuning.md).
 
 >>> leader = {step: 1.0 / (step + 1) for step in range(10)}
 >>> others = {0: leader, 1: {s: v + 0.01 for s, v in leader.items()}}
->>> two = PruneSettings(min_trials=2)
+>>> two = PruneSettings(min_trials=2, min_share=0.0)
 >>> judge(others, {0: 3.0, 1: 2.9, 2: 2.8}, settings=two).prune
 True
 >>> judge(others, {0: 1.0, 1: 0.5, 2: 0.34}, settings=two).prune
@@ -33,9 +38,14 @@ MIN_TRIALS = 3
 #: The first step at which a trial may be pruned (step 0 is often the untrained model).
 MIN_STEP = 2
 #: The share of the largest later gain of any trial that the gap to the leader must exceed.
-MARGIN = 0.5
+MARGIN = 0.75
 #: The gap must also exceed this share of the leader's value (near-ties are never pruned).
 TOLERANCE = 0.0
+#: The share of the other trials that must have run to twice the current step (or the end).
+MIN_SHARE = 0.2
+#: The gap must also exceed this multiple of the trial's own progress since half its steps,
+#: once for every doubling of its steps left to the longest trial's last step.
+TREND = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class PruneSettings:
     min_step: int = MIN_STEP
     margin: float = MARGIN
     tolerance: float = TOLERANCE
+    min_share: float = MIN_SHARE
+    trend: float = TREND
 
     def __post_init__(self) -> None:
         if self.min_trials < 1:
@@ -60,6 +72,10 @@ class PruneSettings:
             raise ValueError(f"margin must be > 0, got {self.margin}")
         if not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if not 0 <= self.min_share <= 1:
+            raise ValueError(f"min_share must be between 0 and 1, got {self.min_share}")
+        if not self.trend >= 0:
+            raise ValueError(f"trend must be >= 0, got {self.trend}")
 
 
 #: The settings `HaltpointPruner()` uses.
@@ -97,9 +113,11 @@ def judge(
 ) -> Verdict:
     """Prune ``current`` or not, given the other trials' curves (finished or running) by number.
 
-    ``settings.min_trials`` other trials must have reached the current step and the current
-    trial must be at ``settings.min_step`` or later before anything is pruned; a trial whose
-    latest value is NaN or infinite is pruned at once.
+    ``settings.min_trials`` other trials must have reached the current step ``t``, a share
+    ``settings.min_share`` of all other trials must have reached ``min(2 t, longest)`` (the
+    last step of the longest other trial) and the current trial must be at
+    ``settings.min_step`` or later before anything is pruned; a trial whose latest value is NaN
+    or infinite is pruned at once.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -120,6 +138,15 @@ def judge(
     peers = [others[n] for n in names]
     if len(peers) < min_trials:
         return Verdict(False, f"only {len(peers)} other trials reached step {step}")
+    longest = max(max(c, default=-1) for c in others.values())
+    far = min(2 * step, longest)
+    ran_on = sum(max(c, default=-1) >= far for c in others.values())
+    if ran_on < settings.min_share * len(others):
+        return Verdict(
+            False,
+            f"only {ran_on} of {len(others)} other trials ran on to step {far} "
+            f"(min_share {settings.min_share:g})",
+        )
     mine = _best_up_to(current, step, sign)
     at_step = [_best_up_to(c, step, sign) for c in peers]
     lead = min(range(len(peers)), key=at_step.__getitem__)
@@ -127,15 +154,19 @@ def judge(
     noise = _noise(peers[lead], step, sign)
     gap = mine - at_step[lead]
     best = sign * at_step[lead]
+    progress = _best_up_to(current, step // 2, sign) - mine
+    doublings = max(0.0, math.log2(max(longest, 1) / max(step, 1)))
+    ahead = settings.trend * doublings * (progress if math.isfinite(progress) else 0.0)
     share = "" if settings.margin == 1 else f"{settings.margin:g} x "
-    bound = max(settings.margin * gain, noise, settings.tolerance * abs(best))
+    bound = max(settings.margin * gain, noise, settings.tolerance * abs(best), ahead)
     if gap > bound:
         return Verdict(
             True,
             f"at step {step} {metric} {sign * mine:.4g} is worse than leading trial "
             f"{names[lead]}'s {best:.4g} at the same step by {gap:.3g}, more than its noise "
-            f"({noise:.2g}) and more than {share}the most any trial gained after step {step} "
-            f"({gain:.3g})",
+            f"({noise:.2g}), more than {share}the most any trial gained after step {step} "
+            f"({gain:.3g}) and more than its own recent progress projected to step {longest} "
+            f"({ahead:.3g})",
         )
     return Verdict(
         False,

@@ -29,8 +29,9 @@ _COMPARED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
 class HaltpointPruner(BasePruner):
-    """Prune a trial whose best value so far trails the leading trial's by more than any trial
-    of the study recovered later (see `haltpoint.tuning.judge`).
+    """Prune a trial whose best value so far trails the leading trial's by more than the trials
+    of the study recovered later and more than its own recent progress would close, once enough
+    of them ran on past its step (see `haltpoint.tuning.judge`).
 
     The reason of each decision to prune is stored on the trial as the user attribute
     ``haltpoint_prune_reason`` (it survives in RDB storage); read it with `prune_reason`.
