@@ -14,7 +14,7 @@ import torch
 
 import haltpoint.checkpointer
 from haltpoint import Checkpointer, CheckpointError
-from haltpoint.store.overlap import optimizer_owned
+from haltpoint.store.overlap import copy_tensor, deferred_copy, optimizer_owned
 
 
 def _model() -> torch.nn.Module:
@@ -156,3 +156,38 @@ def test_cuda_tensors_are_copied_on_a_side_stream_without_tearing(
             optimizer.step()
             optimizer.zero_grad()
         assert _hashes(tmp_path / f"sync{step}", step) == _hashes(tmp_path / f"ov{step}", step)
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        torch.randn(1000),
+        torch.randn(33, 7).to(torch.bfloat16),
+        torch.tensor(3, dtype=torch.int64),
+        torch.tensor([True, False, True]),
+        torch.randn(4, 6).t(),  # not contiguous: torch's own copy
+        torch.zeros(0, 3),
+    ],
+    ids=["float32", "bfloat16", "scalar", "bool", "transposed", "empty"],
+)
+def test_copy_tensor_copies_every_value(src: torch.Tensor) -> None:
+    dst = torch.empty(src.shape, dtype=src.dtype)
+    copy_tensor(dst, src)
+    assert torch.equal(dst, src)
+
+
+def test_the_background_copy_of_cpu_tensors_is_a_memcpy_not_tensor_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tensor.copy_ would hand the copy to torch's OpenMP threads, which fight the training
+    step's own while it runs."""
+    live = {"w": torch.randn(1 << 18), "b": torch.randn(7, 3).to(torch.bfloat16)}
+    pairs = {k: (torch.empty_like(t), t) for k, t in live.items()}
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Tensor.copy_ was called")
+
+    monkeypatch.setattr(torch.Tensor, "copy_", refused)
+    deferred_copy(pairs, 0)()
+    monkeypatch.undo()
+    assert all(torch.equal(buffer, t) for buffer, t in pairs.values())

@@ -24,11 +24,12 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from haltpoint.errors import CheckpointError
 
-__all__ = ["OptimizerGate", "deferred_copy", "optimizer_owned"]
+__all__ = ["OptimizerGate", "copy_tensor", "deferred_copy", "optimizer_owned"]
 
 
 def _storage_of(t: torch.Tensor) -> tuple[str, int]:
@@ -113,6 +114,41 @@ class OptimizerGate:
         self._handles.clear()
 
 
+def _plain_bytes(t: torch.Tensor) -> bool:
+    return (
+        t.device.type == "cpu"
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and not (t.is_conj() or t.is_neg())
+    )
+
+
+def copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy `src` into `dst` (same shape and dtype); between contiguous CPU tensors, as one
+    memcpy on the calling thread with the GIL released.
+
+    `Tensor.copy_` hands a large copy to torch's OpenMP threads. On a background thread,
+    beside a training step whose own OpenMP threads keep the cores busy, the two teams wait
+    on each other: measured on 2 cores, 96 copies of 4 MiB took ~0.5 s that way against
+    0.06 s as one thread's memcpy, and the step slowed down with them.
+
+    >>> dst = torch.zeros(3, dtype=torch.bfloat16)
+    >>> copy_tensor(dst, torch.ones(3, dtype=torch.bfloat16))
+    >>> dst.tolist()
+    [1.0, 1.0, 1.0]
+    """
+    src = src.detach()
+    plain = dst.dtype == src.dtype and dst.shape == src.shape and dst.numel() > 0
+    if plain and _plain_bytes(dst) and _plain_bytes(src):
+        np.copyto(_bytes_of(dst), _bytes_of(src))
+    else:
+        dst.copy_(src, non_blocking=src.device.type == "cuda")
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray[Any, Any]:
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
 def deferred_copy(
     pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], step: int
 ) -> Callable[[], None]:
@@ -137,8 +173,8 @@ def deferred_copy(
             if live.device.type == "cuda":
                 with torch.cuda.stream(streams[live.device]):
                     buffer.copy_(live.detach(), non_blocking=True)
-            else:
-                buffer.copy_(live.detach())
+            else:  # one thread's memcpy: no second OpenMP team beside the training's
+                copy_tensor(buffer, live)
         for stream in streams.values():
             stream.synchronize()
         moved = [key for key, (_, live) in pairs.items() if live._version != versions[key]]
