@@ -156,8 +156,9 @@ def deferred_copy(
     background; it raises `CheckpointError` if a live tensor's version counter moved (it was
     changed in place) between `deferred_copy` and the end of the copy.
 
-    The versions are read now, while the caller still holds the loop. CUDA tensors are
-    copied on a side stream of their device that first waits for the work queued on the
+    The versions are read now, while the caller still holds the loop. CPU tensors are
+    copied by `copy_tensor` (one thread, beside the training's OpenMP threads); CUDA tensors
+    are copied on a side stream of their device that first waits for the work queued on the
     current stream so far (the step being saved), so the copy overlaps the next forward and
     backward on the device too.
     """
