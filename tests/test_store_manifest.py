@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import haltpoint.store.manifest as manifest_module
 from haltpoint.errors import CorruptCheckpointError
-from haltpoint.store.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Ranking
+from haltpoint.store.manifest import FORMAT_VERSION, MANIFEST_NAME, RANKING_KEY, Manifest, Ranking
 from haltpoint.store.tensor_file import TensorRecord
 
 FILE = "step-000000007/tensors.safetensors"
@@ -307,6 +307,24 @@ def records(draw: Callable[..., Any]) -> TensorRecord:
     )
 
 
+# `extra` is free JSON except for its "ranking" key, which is the writer's monitor and mode
+# (Hypothesis draws the key from the module's own string constants): any other value under it is
+# refused, so the strategy draws a well-formed ranking there or none.
+rankings = st.fixed_dictionaries(
+    {
+        "monitor": st.none() | st.text(min_size=1, max_size=8),
+        "mode": st.sampled_from(["min", "max"]),
+    }
+)
+extras = st.builds(
+    lambda free, ranking: (
+        {k: v for k, v in free.items() if k != RANKING_KEY}
+        | ({} if ranking is None else {RANKING_KEY: ranking})
+    ),
+    json_objects,
+    st.none() | rankings,
+)
+
 manifests = st.builds(
     Manifest,
     step=st.integers(0, 2**62),
@@ -315,7 +333,7 @@ manifests = st.builds(
     tree=json_objects,
     tensors=st.dictionaries(st.text(min_size=1, max_size=10), records(), max_size=5),
     versions=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
-    extra=json_objects,
+    extra=extras,
 )
 
 
