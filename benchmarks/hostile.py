@@ -6,8 +6,10 @@ A real run of two checkpoints (a model, its Adam state, tagged values, a NumPy s
 device, the random state) is copied for each trial, and the newest manifest is mutated by one
 class of change, then sealed with a valid checksum. `restore` (latest, and the step itself) and
 the `ls`, `verify`, `show` and `show --json` commands must each succeed or raise a
-`CheckpointError`, never another exception; `restore` must fall back to the intact step.
-`tests/test_hostile_run_dirs.py` drives the same mutations with hypothesis.
+`CheckpointError`, never another exception; `restore` must fall back to the intact step, a
+refused restore must leave the live model and optimizer as they were, and `verify` must flag
+every step that `restore` refuses as damaged. `tests/test_hostile_run_dirs.py` drives the
+same mutations with hypothesis.
 """
 
 from __future__ import annotations
@@ -169,6 +171,87 @@ def crafted_value(body: dict[str, Any], rng: random.Random) -> None:
     _set(_pick(body, rng, lambda v: True), _any_value(rng))
 
 
+def _pairs(tagged: Any) -> dict[Any, Any]:
+    """The values of a tagged dict (``{"__hp__": "dict", "items": [[k, v], ...]}``) by key."""
+    return {pair[0]: pair[1] for pair in tagged["items"]}
+
+
+def _refs(value: Any) -> list[dict[str, Any]]:
+    return [v for _, _, v in _nodes(value) if isinstance(v, dict) and "__tensor__" in v]
+
+
+def crafted_optimizer(body: dict[str, Any], rng: random.Random) -> None:
+    """One change of the Adam state that keeps it decodable: state keys, parameter ids,
+    per-parameter values, hyper-parameters, the groups themselves."""
+    content = _pairs(body["tree"]["optimizer"]["content"])
+    state, groups = content["state"], content["param_groups"]
+    group = rng.choice(groups) if groups else {"items": []}
+    kind = rng.randrange(6)
+    if kind == 0 and state["items"]:  # a state for a parameter that is not there
+        rng.choice(state["items"])[0] = rng.choice([2, 7, -1, 2**70, "0", True, 1, 0])
+    elif kind == 1:  # the ids of a group's parameters
+        params = next((p for p in group["items"] if p[0] == "params"), None)
+        if params is not None:
+            params[1] = rng.choice([[0], [0, 0], [0, 1, 2], [1, 0], ["0", 1], [0, 1.0], []])
+    elif kind == 2 and state["items"]:  # a per-parameter tensor swapped for another
+        ref = rng.choice(_refs(state))
+        ref["__tensor__"] = rng.choice([r["__tensor__"] for r in _refs(body["tree"])])
+    elif kind == 3 and state["items"]:  # a per-parameter value replaced
+        per_param = rng.choice(state["items"])[1]
+        rng.choice(per_param["items"])[1] = _any_value(rng)
+    elif kind == 4 and group["items"]:  # a hyper-parameter replaced
+        item = rng.choice([p for p in group["items"] if p[0] != "params"] or group["items"])
+        item[1] = rng.choice([*_STRINGS[:4], *_NUMBERS, None, True, [], [0.9]])
+    else:  # the groups themselves
+        choice = rng.randrange(3)
+        if choice == 0:
+            groups.append(json.loads(json.dumps(group)))
+        elif choice == 1:
+            groups.clear()
+        else:
+            groups[:] = [rng.choice([0, "g", None, {"__hp__": "dict", "items": []}])]
+
+
+def crafted_random_state(body: dict[str, Any], rng: random.Random) -> None:
+    """One change of the saved random state that keeps it decodable: Python's version,
+    words, position and cached Gaussian; NumPy's generator, key, position and Gaussian; the
+    torch state's tensor; a CUDA state added."""
+    parts = _pairs(body["tree"]["__rng__"]["content"])
+    items = body["tree"]["__rng__"]["content"]["items"]
+    python, numpy = parts["python"]["items"], _pairs(parts["numpy"])
+    words = python[1]["items"]
+    kind = rng.randrange(8)
+    if kind == 0:
+        python[0] = rng.choice([2, 4, 0, "3", None])
+    elif kind == 1:
+        index = rng.randrange(len(words))
+        words[index] = rng.choice([2**32, 2**40, -1, 0.5, "x", None, 624, 625, 10**6])
+    elif kind == 2:
+        if rng.random() < 0.5:
+            del words[rng.randrange(len(words))]
+        else:
+            words.append(1)
+    elif kind == 3:
+        python[2] = rng.choice(["x", 1, [], True, 1e308, {"__hp__": "tuple", "items": []}])
+    elif kind == 4:
+        key = rng.choice(["pos", "has_gauss", "gauss", "bit_generator"])
+        value = rng.choice([-1, 624, 625, 10**6, 0.5, 5, "PCG64", "x", None, True])
+        if key == "pos":
+            numpy["state"]["pos"] = value
+        else:
+            next(p for p in parts["numpy"]["items"] if p[0] == key)[1] = value
+    elif kind == 5:  # the NumPy key: another tensor, read as another dtype
+        numpy["state"]["key"] = {
+            "__tensor__": rng.choice(sorted(body["tensors"])),
+            "numpy": rng.choice(["<u4", "<f4", "<i8", "|u1", "<i4"]),
+        }
+    elif kind == 6:  # the torch state: another tensor
+        parts["torch"]["__tensor__"] = rng.choice(sorted(body["tensors"]))
+    else:  # CUDA states
+        refs = [{"__tensor__": k} for k in sorted(body["tensors"])]
+        items.append(["cuda", rng.choice([[rng.choice(refs)], rng.choice(refs), [], "x", [1]])])
+
+
 MUTATIONS: dict[str, Callable[[dict[str, Any], random.Random], None]] = {
     "type swapped": swap_type,
     "number huge or negative": huge_or_negative,
@@ -177,6 +260,8 @@ MUTATIONS: dict[str, Callable[[dict[str, Any], random.Random], None]] = {
     "key removed": removed_key,
     "wrong dtype, tag or device string": wrong_dtype_string,
     "crafted value (tagged object, reference, nesting)": crafted_value,
+    "crafted optimizer state": crafted_optimizer,
+    "crafted random state": crafted_random_state,
 }
 
 
@@ -225,11 +310,37 @@ def _cli(args: Any, out: Output) -> str:
 
 
 def _restore(run: Path, which: str | int) -> str:
+    """Restore into a model and an Adam that has stepped; a refusal must leave both as
+    they were ("BUG: half-applied" if not)."""
     model = torch.nn.Linear(3, 2)
-    state = {"model": model, "optimizer": torch.optim.Adam(model.parameters())}
-    info = Checkpointer(run, read_only=True).restore(state, which, strict=False)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"model": model, "optimizer": optimizer}
+    before = snapshot(state)
+    try:
+        info = Checkpointer(run, read_only=True).restore(state, which, strict=False)
+    except CheckpointError:
+        if snapshot(state) != before:
+            raise AssertionError("half-applied restore: refused after loading") from None
+        raise
     assert info is not None
     return "ok" if info.step == CRAFTED_STEP else "fell back"
+
+
+def snapshot(state: dict[str, Any]) -> str:
+    """The state dicts of `state`'s objects, as comparable text (tensors by value)."""
+    return repr({name: _plain(obj.state_dict()) for name, obj in state.items()})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.tolist())
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _outcome(read: Callable[[], Any]) -> str:
@@ -240,6 +351,16 @@ def _outcome(read: Callable[[], Any]) -> str:
     except Exception as exc:  # what the campaign looks for
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return f"BUG: {type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"[:300]
+
+
+_DAMAGE = ("refused (CorruptCheckpointError)", "refused (DamagedManifestError)")
+
+
+def disagreement(outcomes: dict[str, str]) -> str | None:
+    """What is wrong when `verify` passes a step that `restore` refuses as damaged."""
+    if outcomes[f"restore({CRAFTED_STEP!r})"] in _DAMAGE and outcomes["verify"] == "ok":
+        return f"verify passed step {CRAFTED_STEP}, restore refused it as damaged"
+    return None
 
 
 @dataclass
@@ -283,6 +404,12 @@ def hostile_trials(trials: int, *, seed: int = 0, workdir: Path) -> HostileRepor
                 if outcome.startswith("BUG"):
                     counts["other exception"] += 1
                     report.bugs.append(f"{mutation}: {read}: {outcome}")
-                elif read != "restore('latest')" and outcome.startswith("refused"):
-                    counts[f"{read} refused"] += 1
+                elif read != "restore('latest')" and outcome.startswith(("refused", "exit")):
+                    counts[
+                        f"{read} {'refused' if outcome.startswith('refused') else 'flagged'}"
+                    ] += 1
+            problem = disagreement(outcomes)
+            if problem is not None:
+                counts["verify passed what restore refuses"] += 1
+                report.bugs.append(f"{mutation}: {problem}")
     return report

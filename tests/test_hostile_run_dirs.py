@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -198,61 +199,258 @@ def test_restore_names_the_field_and_falls_back(run: Path, change: Any, message:
         Checkpointer(run, read_only=True).restore({"model": model}, 2)
 
 
-def _numpy_key(value: Any) -> Callable[[dict[str, Any]], None]:
-    def change(body: dict[str, Any]) -> None:
+def _rng_part(name: str) -> Callable[[dict[str, Any]], Any]:
+    def part(body: dict[str, Any]) -> Any:
         pairs = body["tree"]["__rng__"]["content"]["items"]
-        state = next(v for k, v in pairs if k == "numpy")
-        stack = [state]
-        while stack:  # the first tensor reference in it: the key array
-            node = stack.pop()
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            for key, child in items:
-                if isinstance(child, dict) and "__tensor__" in child:
-                    node[key] = value
-                    return
-                if isinstance(child, (dict, list)):
-                    stack.append(child)
+        return next(value for key, value in pairs if key == name)
+
+    return part
+
+
+def _numpy_field(name: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """Set a field of the saved NumPy state: `key` and `pos` are in its inner "state"."""
+
+    def change(body: dict[str, Any]) -> None:
+        numpy = _rng_part("numpy")(body)
+        fields = {k: v for k, v in numpy["items"]}
+        if name in ("key", "pos"):
+            fields["state"][name] = value
+        else:
+            next(pair for pair in numpy["items"] if pair[0] == name)[1] = value
 
     return change
 
 
-@pytest.mark.parametrize(
-    ("change", "generator"),
-    [(_rng_int(2**64), "python"), (_rng_int(-1), "python"), (_numpy_key(0), "numpy")],
-    ids=["python-beyond-32-bits", "python-negative", "numpy-key-a-number"],
-)
+def _python_field(index: int, value: Any) -> Callable[[dict[str, Any]], None]:
+    """Set the version (0), a word (1, the first) or the cached Gaussian (2) of Python's state."""
+
+    def change(body: dict[str, Any]) -> None:
+        python = _rng_part("python")(body)["items"]
+        if index == 1:
+            python[1]["items"][0] = value
+        else:
+            python[index] = value
+
+    return change
+
+
+def _drop_python_word(body: dict[str, Any]) -> None:
+    del _rng_part("python")(body)["items"][1]["items"][0]
+
+
+def _python_position(value: int) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        _rng_part("python")(body)["items"][1]["items"][-1] = value
+
+    return change
+
+
+def _cuda(value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        body["tree"]["__rng__"]["content"]["items"].append(["cuda", value])
+
+    return change
+
+
+def _torch_state(key: str) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        _rng_part("torch")(body)["__tensor__"] = key
+
+    return change
+
+
+CRAFTED_RNG = [
+    pytest.param(_rng_int(2**64), "python", id="python-beyond-64-bits"),
+    pytest.param(_rng_int(2**40), "python.*ints in \\[0, 2\\*\\*32\\)", id="python-beyond-32-bits"),
+    pytest.param(_rng_int(-1), "python", id="python-negative"),
+    pytest.param(_drop_python_word, "python.*625 ints", id="python-624-words"),
+    pytest.param(_python_position(625), "python.*position", id="python-position-625"),
+    pytest.param(_python_field(0, 2), "python.*version 3", id="python-version-2"),
+    pytest.param(_python_field(2, "x"), "python.*Gaussian", id="python-gaussian-a-string"),
+    pytest.param(_numpy_field("key", 0), "numpy", id="numpy-key-a-number"),
+    pytest.param(
+        _numpy_field("key", {"__tensor__": "model.weight", "numpy": "<f4"}),
+        "numpy.*integer array",
+        id="numpy-key-of-floats",
+    ),
+    pytest.param(
+        _numpy_field("key", {"__tensor__": "optimizer.state.0.exp_avg", "numpy": "<f4"}),
+        "numpy.*integer array",
+        id="numpy-key-of-6-floats",
+    ),
+    pytest.param(_numpy_field("pos", -1), "numpy.*position", id="numpy-position-negative"),
+    pytest.param(_numpy_field("pos", 10**6), "numpy.*position", id="numpy-position-1e6"),
+    pytest.param(_numpy_field("has_gauss", 5), "numpy.*has_gauss", id="numpy-has-gauss-5"),
+    pytest.param(_numpy_field("bit_generator", "PCG64"), "numpy.*MT19937", id="numpy-pcg64"),
+    pytest.param(_torch_state("model.weight"), "torch", id="torch-state-a-float-tensor"),
+    pytest.param(_cuda([{"__tensor__": "__rng__.torch"}]), "cuda.*16 bytes", id="cuda-5056-bytes"),
+    pytest.param(_cuda("x"), "cuda.*list of per-device", id="cuda-a-string"),
+]
+
+
+@pytest.mark.parametrize(("change", "generator"), CRAFTED_RNG)
 def test_a_crafted_random_state_is_passed_over_like_damaged_tensors(
     run: Path, change: Any, generator: str
 ) -> None:
     """Checked while the checkpoint is chosen, so restore falls back (it raised after the
-    model was loaded before: OverflowError from `random.setstate`, IndexError from NumPy)."""
+    model was loaded before: OverflowError from `random.setstate`, IndexError from NumPy; or
+    restored a state truncated to 32 bits, or one NumPy reads out of its bounds)."""
     craft(run, 2, change)
     model = torch.nn.Linear(3, 2)
     message = rf"random state saved in step 2 \(__rng__\) is damaged.*{generator}"
     with pytest.warns(UserWarning, match=message):
         info = Checkpointer(run, read_only=True).restore({"model": model}, strict=False)
     assert info is not None and info.step == 1
+    with pytest.raises(CorruptCheckpointError, match=message):
+        Checkpointer(run, read_only=True).restore({"model": model}, 2)
+
+
+@pytest.mark.parametrize(("change", "generator"), CRAFTED_RNG)
+def test_verify_flags_a_crafted_random_state_as_restore_does(
+    run: Path, change: Any, generator: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`verify` runs restore's own check of the random state (it passed all of these)."""
+    craft(run, 2, change)
+    assert main(["verify", str(run), "--json"]) == 1
+    checks = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [c["status"] for c in checks] == ["intact", "damaged"]
+    assert re.search(rf"random state saved in step 2 .*damaged.*{generator}", checks[1]["error"])
+
+
+def _adam(body: dict[str, Any]) -> dict[str, Any]:
+    """The saved Adam state dict: "state" and "param_groups"."""
+    return {k: v for k, v in body["tree"]["optimizer"]["content"]["items"]}
 
 
 def _adam_state(value: Any) -> Callable[[dict[str, Any]], None]:
     def change(body: dict[str, Any]) -> None:
-        content = body["tree"]["optimizer"]["content"]
-        pairs = content["items"] if "items" in content else list(content.items())
-        state = next(v for k, v in pairs if k == "state")
-        first = state["items"][0] if "items" in state else next(iter(state))
-        first[1] = value  # the state of the first parameter
+        _adam(body)["state"]["items"][0][1] = value  # the state of the first parameter
 
     return change
 
 
-@pytest.mark.parametrize("value", [True, 3, "s"])
-def test_a_crafted_optimizer_state_is_a_state_mismatch(run: Path, value: Any) -> None:
-    """It was an AttributeError from torch's `Optimizer.load_state_dict`."""
-    craft(run, 2, _adam_state(value))
+def _adam_state_key(value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        _adam(body)["state"]["items"][1][0] = value
+
+    return change
+
+
+def _adam_params(value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        group = _adam(body)["param_groups"][0]["items"]
+        next(pair for pair in group if pair[0] == "params")[1] = value
+
+    return change
+
+
+def _adam_value(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """Set `key` in the state of the first parameter (the weight, 2 x 3)."""
+
+    def change(body: dict[str, Any]) -> None:
+        per_param = _adam(body)["state"]["items"][0][1]["items"]
+        next(pair for pair in per_param if pair[0] == key)[1] = value
+
+    return change
+
+
+def _adam_hyper(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        group = _adam(body)["param_groups"][0]["items"]
+        next(pair for pair in group if pair[0] == key)[1] = value
+
+    return change
+
+
+def _live() -> dict[str, Any]:
+    """A model and an Adam that has stepped, unlike the saved ones."""
+    torch.manual_seed(5)
     model = torch.nn.Linear(3, 2)
-    state = {"model": model, "optimizer": torch.optim.Adam(model.parameters())}
-    with pytest.raises(StateMismatchError, match="'state' is not an object of per-parameter"):
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    return {"model": model, "optimizer": optimizer}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_adam_state(True), "'state' is not an object of per-parameter objects"),
+        (_adam_state(3), "'state' is not an object of per-parameter objects"),
+        (_adam_state("s"), "'state' is not an object of per-parameter objects"),
+        (_adam_state_key(7), "'state' has the state of parameter 7, which no param"),
+        (_adam_state_key(-1), "'state' has the state of parameter -1, which no param"),
+        (_adam_state_key("1"), "'state' has the state of parameter '1', which no param"),
+        (_adam_params([0, 0]), r"'param_groups'\[0\] repeats a parameter id"),
+        (_adam_params(["0", 1]), r"'param_groups'\[0\] has no 'params' list of int ids"),
+        (_adam_params([0]), "'state' has the state of parameter 1, which no param"),
+    ],
+    ids=[
+        "state-true", "state-3", "state-a-string", "state-of-param-7", "state-of-param-minus-1",
+        "state-key-a-string", "params-repeated", "params-a-string", "params-one-short",
+    ],
+)  # fmt: skip
+def test_a_malformed_optimizer_state_is_passed_over_like_damaged_tensors(
+    run: Path, change: Any, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its structure needs no live optimizer: checked while the checkpoint is chosen, so
+    restore falls back, a refused step leaves the live objects untouched, verify flags it.
+    (torch kept a stray state as junk, or raised its AttributeError.)"""
+    craft(run, 2, change)
+    state = _live()
+    before = hostile.snapshot(state)
+    damage = rf"optimizer state saved in step 2 \(optimizer\) is damaged: {message}"
+    with pytest.raises(CorruptCheckpointError, match=damage) as refused:
         Checkpointer(run, read_only=True).restore(state, 2)
+    assert "\n" not in str(refused.value)
+    assert hostile.snapshot(state) == before
+    with pytest.warns(UserWarning, match=damage):
+        info = Checkpointer(run, read_only=True).restore(state)
+    assert info is not None and info.step == 1
+    assert main(["verify", str(run)]) == 1
+    assert re.search(damage, capsys.readouterr().out.replace("\n  ", " "))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            _adam_value("exp_avg", {"__tensor__": "optimizer.state.1.exp_avg"}),
+            r"holds exp_avg of shape \(2,\), the parameter has shape \(2, 3\)",
+        ),
+        (_adam_value("exp_avg_sq", 0.5), "holds exp_avg_sq as a float, not a tensor"),
+        (_adam_value("step", "s"), "holds step as a str, not a number"),
+        (
+            _adam_value("step", {"__tensor__": "optimizer.state.0.exp_avg"}),
+            r"holds step of shape \(2, 3\), not one number",
+        ),
+        (_adam_hyper("lr", "fast"), r"parameter group 0 has lr=0.5, the checkpoint lr='fast'"),
+        (_adam_hyper("amsgrad", 1), "has amsgrad=False, the checkpoint amsgrad=1"),
+        (
+            _adam_hyper("betas", {"__hp__": "tuple", "items": [0.9]}),
+            r"betas=\(0.9, 0.999\), the checkpoint betas=\(0.9,\)",
+        ),
+    ],
+    ids=[
+        "exp-avg-of-the-bias", "exp-avg-sq-a-float", "step-a-string", "step-a-matrix",
+        "lr-a-string", "amsgrad-an-int", "betas-of-one",
+    ],
+)  # fmt: skip
+def test_an_optimizer_state_that_does_not_fit_is_refused_before_anything_loads(
+    run: Path, change: Any, message: str
+) -> None:
+    """Checked against the live optimizer before the first byte is copied: the model and the
+    optimizer are left as they were. (torch loaded these; the step raised, or a string `step`
+    raised from Adam's `__setstate__` after the model and half the optimizer were loaded.)"""
+    craft(run, 2, change)
+    state = _live()
+    before = hostile.snapshot(state)
+    for which in (2, "latest"):  # a mismatch with the live objects: no fall-back
+        with pytest.raises(StateMismatchError, match=message) as refused:
+            Checkpointer(run, read_only=True).restore(state, which)
+        assert "\n" not in str(refused.value)
+        assert hostile.snapshot(state) == before
+    assert main(["verify", str(run)]) == 0  # the checkpoint itself is sound
 
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
@@ -266,7 +464,7 @@ def test_show_names_the_field_in_one_line(
     assert code != 0
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) <= 3, err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
 
 
 @pytest.mark.parametrize(("change", "message"), CRAFTED)
@@ -336,6 +534,7 @@ def test_fuzzed_manifests_give_checkpoint_errors_and_stay_inside_the_run(
         touched, _touched = _touched, None
     shutil.rmtree(run.parent)
     assert not [o for o in outcomes.values() if o.startswith("BUG")], outcomes
+    assert hostile.disagreement(outcomes) is None, outcomes
     inside = str(run) + os.sep
     outside = [
         (event, path)

@@ -16,6 +16,7 @@ from torch.optim import lr_scheduler
 
 from haltpoint.errors import StateMismatchError
 from haltpoint.state.load import LoadReport, load_into
+from haltpoint.state.optimizer import PARAM_SHAPED, SCALARS
 from haltpoint.state.rng import capture_rng, restore_rng
 from haltpoint.state.tree import flatten_state, unflatten_state
 from test_state_codec import assert_same
@@ -434,6 +435,64 @@ def test_failing_load_state_dict_is_a_state_mismatch() -> None:
         match=r"cannot load state\[\"stopper\"\] into a test_state_load.Counter: KeyError: 'best'",
     ):
         load_into({"stopper": Counter()}, {"stopper": {"wait": 1}})
+
+
+class Exploding:
+    """A stateful object whose `load_state_dict` raises what no one expects, over lines."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x": 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise ZeroDivisionError("first line\n  second line")
+
+
+def test_any_error_of_load_state_dict_is_one_line_and_names_what_was_loaded() -> None:
+    """It was a raw ZeroDivisionError (only six exception types were translated)."""
+    model = Small()
+    with pytest.raises(StateMismatchError) as refused:
+        load_into({"model": model, "odd": Exploding()}, {"model": Small().state_dict(), "odd": {}})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "into a test_state_load.Exploding: ZeroDivisionError: first line" in message
+    assert "'model' already hold the checkpoint's values" in message
+
+
+def test_a_load_hook_error_is_a_state_mismatch() -> None:
+    """It was the hook's raw ValueError (only RuntimeError was translated)."""
+    model = Small()
+
+    def hook(*args: Any) -> None:
+        raise ValueError("the hook refuses\nover two lines")
+
+    model.register_load_state_dict_pre_hook(hook)
+    with pytest.raises(
+        StateMismatchError, match=r'cannot load state\["model"\]: ValueError: the hook refuses$'
+    ):
+        load_into({"model": model}, {"model": Small().state_dict()})
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_per_parameter_state_tables_fit_torchs_optimizers(name: str) -> None:
+    """PARAM_SHAPED keys have their parameter's shape; SCALARS keys are one number."""
+    model = Net()
+    optimizer = OPTIMIZERS[name](model.parameters())
+    for _ in range(2):
+        train_step(model, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    seen = set()
+    for param, per_param in optimizer.state.items():
+        for key, value in per_param.items():
+            seen.add(key)
+            if key in PARAM_SHAPED:
+                assert value.shape == param.shape, (key, value.shape)
+            if key in SCALARS:
+                assert value.dim() == 0, key
+            if name != "LBFGS" and isinstance(value, torch.Tensor) and value.dim() == 0:
+                assert key in SCALARS, key
+            if name != "Adafactor" and isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert key in PARAM_SHAPED or name == "LBFGS", key
+    assert seen and params
 
 
 def test_grad_scaler_saved_disabled_is_a_state_mismatch() -> None:

@@ -13,6 +13,9 @@ import torch
 from haltpoint.state.rng import capture_rng, restore_rng
 from haltpoint.state.tree import flatten_state, unflatten_state
 
+CUDA_STATE = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+"""What `torch.cuda.get_rng_state()` returns: the Philox seed 7 and offset 12 (8 bytes each)."""
+
 
 def draws() -> tuple[Any, ...]:
     """Draws from every generator, including NumPy's cached Gaussian."""
@@ -84,6 +87,29 @@ def test_restore_accepts_the_legacy_numpy_tuple() -> None:
     assert draws() == expected
 
 
+def _python(
+    version: int = 3, words: list[int] | None = None, pos: int = 624, gauss: Any = None
+) -> tuple[Any, ...]:
+    """A Python random state with one part replaced."""
+    internal = list(random.getstate()[1][:-1]) if words is None else words
+    return (version, (*internal, pos), gauss)
+
+
+def _numpy(**change: Any) -> dict[str, Any]:
+    """A NumPy random state (the dict form) with one part replaced."""
+    state: dict[str, Any] = np.random.get_state(legacy=False)  # type: ignore[assignment]
+    for name in ("key", "pos"):
+        if name in change:
+            state["state"][name] = change.pop(name)
+    return {**state, **change}
+
+
+def _offset(state: torch.Tensor, offset: int) -> torch.Tensor:
+    changed = state.clone()
+    changed[8:].view(torch.int64)[0] = offset
+    return changed
+
+
 @pytest.mark.parametrize(
     ("part", "value", "message"),
     [
@@ -95,6 +121,23 @@ def test_restore_accepts_the_legacy_numpy_tuple() -> None:
         ("torch", [1, 2], r"saved\['torch'\] is not a torch random state"),
         ("cuda", torch.zeros(3), r"saved\['cuda'\] must be a list of per-device states"),
         ("cuda", [torch.zeros(3)], r"saved\['cuda'\] is not a torch random state"),
+        ("cuda", [torch.get_rng_state()], r"a CUDA state is 16 bytes .*, got 5056 bytes"),
+        ("cuda", [CUDA_STATE[:15]], r"a CUDA state is 16 bytes .*, got 15 bytes"),
+        ("cuda", [_offset(CUDA_STATE, 13)], r"an offset that is a multiple of 4"),
+        ("python", _python(version=2), r"expected version 3 and 625 ints"),
+        ("python", _python(words=[2**40] * 624), r"624 ints in \[0, 2\*\*32\)"),
+        ("python", _python(words=[1] * 623), r"expected version 3 and 625 ints"),
+        ("python", _python(pos=625), r"position must be an int in \[0, 624\], got 625"),
+        ("python", _python(gauss="x"), r"cached Gaussian must be None or a float, got str"),
+        ("numpy", _numpy(key=np.zeros(625, np.uint32)), r"shape \(624,\), got \(625,\)"),
+        ("numpy", _numpy(key=np.zeros((2, 312), np.uint32)), r"shape \(624,\)"),
+        ("numpy", _numpy(key=np.full(624, 0.5)), r"the key must be an integer array"),
+        ("numpy", _numpy(key=np.full(624, -1)), r"outside \[0, 2\*\*32\)"),
+        ("numpy", _numpy(pos=-1), r"position must be an int in \[0, 624\], got -1"),
+        ("numpy", _numpy(pos=100000), r"position must be an int in \[0, 624\]"),
+        ("numpy", _numpy(has_gauss=5), r"has_gauss must be 0 or 1"),
+        ("numpy", _numpy(bit_generator="PCG64"), r"expected an MT19937 state"),
+        ("numpy", (*np.random.get_state()[:2], 625, 0, 0.0), r"position must be an int"),
     ],
 )
 def test_bad_states_are_refused_before_anything_is_restored(
@@ -138,7 +181,7 @@ def test_unknown_parts_warn() -> None:
 def test_cuda_state_without_cuda_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     state = capture_rng()
-    state["cuda"] = [torch.get_rng_state()] * 2
+    state["cuda"] = [CUDA_STATE] * 2
     with pytest.warns(UserWarning, match="CUDA random state of 2 device.*CUDA is not available"):
         restore_rng(state)
 
@@ -152,7 +195,7 @@ def test_cuda_device_count_mismatch_restores_what_matches(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: here)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(device))
     state = capture_rng()
-    state["cuda"] = [torch.get_rng_state() for _ in range(saved_devices)]
+    state["cuda"] = [CUDA_STATE.clone() for _ in range(saved_devices)]
     if saved_devices == here:
         restore_rng(state)
     else:

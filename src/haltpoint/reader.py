@@ -19,8 +19,9 @@ from haltpoint.distributed.sharded import load_shards, verify_shards
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.policies.retention import best_record
 from haltpoint.state.load import load_into, plan_load
+from haltpoint.state.optimizer import check_optimizer_state
 from haltpoint.state.rng import plan_rng
-from haltpoint.state.tree import unflatten_state
+from haltpoint.state.tree import check_tree, referenced_tensors, unflatten_state
 from haltpoint.store.info import CheckpointInfo, Found
 from haltpoint.store.run_dir import (
     Entry,
@@ -31,9 +32,10 @@ from haltpoint.store.run_dir import (
     dcp_folder,
     is_sharded,
 )
+from haltpoint.store.tensor_file import torch_dtype
 from haltpoint.store.tensor_reader import read_tensors, verify_file
 
-__all__ = ["RNG_ENTRY", "CheckpointInfo", "Found", "RunReader"]
+__all__ = ["RNG_ENTRY", "CheckpointInfo", "Found", "RunReader", "check_payloads", "payload_tensors"]
 
 RNG_ENTRY = "__rng__"
 """The name under which random-number state is stored beside the user's entries."""
@@ -143,7 +145,7 @@ class RunReader:
             assert entry.manifest is not None
             try:
                 tensors = read_tensors(storage, entry.manifest.tensors, verify=True)
-                _check_rng(entry, tensors)
+                check_payloads(entry, tensors)
                 if check_shards and is_sharded(entry.manifest):
                     self.check_shards(entry)
             except CorruptCheckpointError as exc:
@@ -242,15 +244,47 @@ class RunReader:
         return ShardedRecord.from_manifest(entry.manifest, f"{self.directory}/{entry.dirname}")
 
 
-def _check_rng(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> None:
-    """The saved random state, checked while the candidate is chosen: a damaged one is
-    passed over like damaged tensors (`load` checks it again, and warns)."""
-    assert entry.manifest is not None
-    if RNG_ENTRY in entry.manifest.tree:
-        random_state = unflatten_state({RNG_ENTRY: entry.manifest.tree[RNG_ENTRY]}, tensors)
+def check_payloads(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The checks of a checkpoint's saved values that need no live object, made by `restore`
+    while it chooses a checkpoint (so a checkpoint failing them is passed over like damaged
+    tensors) and by `haltpoint verify`: the random state (`plan_rng`, which `load` runs again
+    to restore it) and the structure of each optimizer state dict (`check_optimizer_state`).
+    `tensors` holds at least the tensors `payload_tensors` names.
+
+    Raises:
+        CorruptCheckpointError: naming the entry and what is wrong with it.
+    """
+    manifest = entry.manifest
+    assert manifest is not None
+    if RNG_ENTRY in manifest.tree:
+        random_state = unflatten_state({RNG_ENTRY: manifest.tree[RNG_ENTRY]}, tensors)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _plan_rng(random_state[RNG_ENTRY], entry)
+    stateful = {
+        name: node
+        for name, node in manifest.tree.items()
+        if name != RNG_ENTRY
+        and isinstance(node, dict)
+        and node.get("kind") == "stateful"
+        and "container" not in node
+    }  # modules have a container: their state dict is an OrderedDict
+    dtypes = {key: torch_dtype(r.dtype) for key, r in manifest.tensors.items()}
+    for name, value in check_tree(stateful, dtypes).items():  # tensors as placeholders
+        if isinstance(value, Mapping) and "param_groups" in value:
+            try:
+                check_optimizer_state(value)
+            except ValueError as exc:
+                raise CorruptCheckpointError(
+                    f"the optimizer state saved in step {entry.step} ({name}) is damaged: {exc}",
+                    path=entry.dirname,
+                ) from None
+
+
+def payload_tensors(entry: Entry) -> set[str]:
+    """The tensors `check_payloads` reads: those of the saved random state."""
+    assert entry.manifest is not None
+    return referenced_tensors(entry.manifest.tree.get(RNG_ENTRY, {}))
 
 
 def _plan_rng(random_state: Any, entry: Entry) -> Callable[[], None]:

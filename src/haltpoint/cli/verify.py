@@ -14,11 +14,11 @@ from haltpoint.cli.command import add_command
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import folder_status, open_run, referenced_dirs
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
-from haltpoint.reader import RunReader
+from haltpoint.reader import RunReader, check_payloads, payload_tensors
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes, is_sharded
 from haltpoint.store.storage import Storage
 from haltpoint.store.tensor_file import TensorRecord, read_header
-from haltpoint.store.tensor_reader import verify_file
+from haltpoint.store.tensor_reader import read_tensors, verify_file
 
 __all__ = ["CheckpointCheck", "register", "run", "verify_run"]
 
@@ -117,6 +117,8 @@ def verify_run(
             if not checked[record]:
                 damaged[record.file].append(key)
         error = _shard_error(run, entry) if is_sharded(manifest) else None
+        if not damaged and error is None:
+            error = _payload_error(run, entry)
         if (damaged or error) and run.removed(entry.dirname):  # retention raced this check
             for key in bad:
                 checked.pop(todo[key], None)
@@ -144,6 +146,19 @@ def _shard_error(run: RunDirectory, entry: Entry) -> str | None:
     try:
         RunReader(run, None, "min").check_shards(entry)
     except (CorruptCheckpointError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _payload_error(run: RunDirectory, entry: Entry) -> str | None:
+    """What restore's own check of the saved values (random state, optimizer structure)
+    finds wrong with an undamaged checkpoint, or None: `check_payloads`, as restore runs it."""
+    assert entry.manifest is not None
+    records = entry.manifest.tensors
+    try:
+        keys = {k: records[k] for k in payload_tensors(entry) if k in records}
+        check_payloads(entry, read_tensors(run.storage, keys, verify=True))
+    except CorruptCheckpointError as exc:
         return str(exc)
     return None
 

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from haltpoint.errors import StateMismatchError
+from haltpoint.errors import StateMismatchError, first_line
 from haltpoint.state._common import child_path, is_stateful, type_name, unwrap_module
+from haltpoint.state.optimizer import check_optimizer_fits, check_optimizer_state
 
 __all__ = ["LoadReport", "load_into", "plan_load"]
 
@@ -99,14 +100,23 @@ def plan_load(
             + "; restore only the entries it holds, or pass strict=False to skip them"
         )
     plans = [
-        _plan(state, name, saved[name], strict)
+        (name, _plan(state, name, saved[name], strict))
         for name in list(state)
         if name in saved  # the checks, before anything is loaded
     ]
 
     def apply_all() -> LoadReport:
-        for apply in plans:
-            apply(report)
+        for index, (_, apply) in enumerate(plans):
+            try:
+                apply(report)
+            except StateMismatchError as exc:
+                if index == 0:
+                    raise
+                done = ", ".join(repr(n) for n, _ in plans[:index])
+                raise StateMismatchError(
+                    f"{exc}; {done} already hold the checkpoint's values: build the objects "
+                    "afresh before restoring again"
+                ) from exc
         return report
 
     return apply_all
@@ -173,38 +183,21 @@ def _plan_stateful(target: Any, path: str, value: Any) -> Apply:
     def load(report: LoadReport) -> None:
         try:
             target.load_state_dict(value)
-        except (ValueError, KeyError, IndexError, AttributeError, RuntimeError, TypeError) as exc:
+        except Exception as exc:  # its own code, given what the checkpoint holds
             raise StateMismatchError(
-                f"cannot load {path} into a {type_name(target)}: {type(exc).__name__}: {exc}; "
-                "was the checkpoint saved from a differently built object?"
+                f"cannot load {path} into a {type_name(target)}: {type(exc).__name__}: "
+                f"{first_line(exc)}; was the checkpoint saved from a differently built object?"
             ) from exc
 
     return load
 
 
 def _check_optimizer(target: torch.optim.Optimizer, path: str, value: Any) -> None:
-    groups = value.get("param_groups") if isinstance(value, Mapping) else None
-    if not isinstance(groups, list):
-        raise StateMismatchError(
-            f"cannot load {path} into a {type_name(target)}: the checkpoint holds no optimizer "
-            "state dict (no 'param_groups' list)"
-        )
-    state = value.get("state", {})
-    if not isinstance(state, Mapping) or not all(isinstance(v, Mapping) for v in state.values()):
-        raise StateMismatchError(
-            f"cannot load {path} into a {type_name(target)}: the checkpoint's 'state' is not "
-            "an object of per-parameter objects"
-        )
-    ours = [len(g["params"]) for g in target.param_groups]
-    theirs = [
-        len(g["params"]) if isinstance(g, Mapping) and isinstance(g.get("params"), list) else -1
-        for g in groups
-    ]
-    if ours != theirs:
-        raise StateMismatchError(
-            f"cannot load {path}: the optimizer has parameter groups of sizes {ours}, the "
-            f"checkpoint {theirs}; build the optimizer over the same parameters in the same order"
-        )
+    try:
+        check_optimizer_state(value)
+    except ValueError as exc:
+        raise StateMismatchError(f"cannot load {path} into a {type_name(target)}: {exc}") from None
+    check_optimizer_fits(target, value, path)
 
 
 def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Apply:
@@ -228,8 +221,10 @@ def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Appl
         before = _copy(expected) if strict and keys_differ else None
         try:
             result = module.load_state_dict(state_dict, strict=False)
-        except RuntimeError as exc:
-            raise StateMismatchError(f"cannot load {path}: {exc}") from exc
+        except Exception as exc:  # a load hook's, or torch's
+            raise StateMismatchError(
+                f"cannot load {path}: {type(exc).__name__}: {first_line(exc)}"
+            ) from exc
         missing = [f"{name}.{k}" for k in result.missing_keys]
         unexpected = [f"{name}.{k}" for k in result.unexpected_keys]
         if strict and (missing or unexpected):

@@ -107,10 +107,20 @@ def plan_rng(saved: Mapping[str, Any]) -> Callable[[], None]:
     return apply
 
 
+_MT_WORDS = 624  # the Mersenne Twister state of Python and NumPy: 624 32-bit words
+_CUDA_STATE_BYTES = (16, 8)  # a Philox seed and offset (8 bytes: the seed alone, older torch)
+
+
 def _python_state(value: Any) -> tuple[Any, ...]:
     try:
         version, internal, gauss = value
-        state = (int(version), tuple(int(x) for x in internal), gauss)
+        words = tuple(internal)
+        if version != 3 or len(words) != _MT_WORDS + 1:
+            raise ValueError(f"expected version 3 and {_MT_WORDS + 1} ints")
+        _check_words(words[:-1], words[-1])
+        if gauss is not None and type(gauss) is not float:
+            raise ValueError(f"the cached Gaussian must be None or a float, got {type_name(gauss)}")
+        state = (3, words, gauss)
         # Validate on a throwaway generator, so that nothing is restored from a bad state.
         random.Random().setstate(state)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -121,22 +131,58 @@ def _python_state(value: Any) -> tuple[Any, ...]:
 def _numpy_state(value: Any) -> Any:
     try:
         if isinstance(value, Mapping):
+            if value.get("bit_generator") != "MT19937" or set(value) - _NUMPY_FIELDS:
+                raise ValueError(
+                    f"expected an MT19937 state with the fields {sorted(_NUMPY_FIELDS)}"
+                )
             inner = dict(value["state"])
-            inner["key"] = _as_array(inner["key"])
+            inner["key"] = _key_array(inner["key"])
+            _check_words(inner["key"], inner["pos"])
+            _check_gauss(value.get("has_gauss", 0), value.get("gauss", 0.0))
             state: Any = {**value, "state": inner}
         else:
-            name, key, *rest = value
-            state = (name, _as_array(key), *rest)
+            name, key, pos, has_gauss, gauss = value
+            if name != "MT19937":
+                raise ValueError(f"expected an MT19937 state, got {name!r}"[:80])
+            state = (name, _key_array(key), pos, has_gauss, gauss)
+            _check_words(state[1], pos)
+            _check_gauss(has_gauss, gauss)
         np.random.RandomState().set_state(state)
     except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise ValueError(f"saved['numpy'] is not a NumPy random state: {exc}") from None
     return state
 
 
-def _as_array(value: Any) -> np.ndarray:
+_NUMPY_FIELDS = frozenset({"bit_generator", "state", "has_gauss", "gauss"})
+
+
+def _key_array(value: Any) -> np.ndarray:
+    """The 624 words of a NumPy MT19937 key as uint32, from an integer array (or tensor)."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=np.uint32)
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+        raise ValueError(f"the key must be an integer array, got {type_name(value)}")
+    if value.shape != (_MT_WORDS,):
+        raise ValueError(f"the key must have shape ({_MT_WORDS},), got {value.shape}")
+    if int(value.min()) < 0 or int(value.max()) >= 2**32:
+        raise ValueError("the key holds values outside [0, 2**32)")
+    return value.astype(np.uint32)
+
+
+def _check_words(words: Any, pos: Any) -> None:
+    """624 ints in [0, 2**32) and a position in [0, 624]: what both Mersenne Twisters hold
+    (a NumPy key array is checked by `_key_array`)."""
+    if not isinstance(words, np.ndarray) and not all(
+        type(w) is int and 0 <= w < 2**32 for w in words
+    ):
+        raise ValueError(f"expected {_MT_WORDS} ints in [0, 2**32)")
+    if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or not 0 <= pos <= _MT_WORDS:
+        raise ValueError(f"the position must be an int in [0, {_MT_WORDS}], got {pos!r}"[:80])
+
+
+def _check_gauss(has_gauss: Any, gauss: Any) -> None:
+    if type(has_gauss) is not int or has_gauss not in (0, 1) or type(gauss) is not float:
+        raise ValueError("has_gauss must be 0 or 1 and gauss a float")
 
 
 def _byte_tensor(value: Any, name: str) -> torch.Tensor:
@@ -153,6 +199,13 @@ def _byte_tensor(value: Any, name: str) -> torch.Tensor:
             torch.Generator().set_state(value)
         except RuntimeError as exc:
             raise ValueError(f"saved['torch'] is not a torch random state: {exc}") from None
+    elif len(value) not in _CUDA_STATE_BYTES or (
+        len(value) == 16 and int(value[8:].view(torch.int64).item()) % 4
+    ):
+        raise ValueError(
+            f"saved[{name!r}] is not a torch random state: a CUDA state is 16 bytes (a seed and "
+            f"an offset that is a multiple of 4), got {len(value)} bytes"
+        )
     return value
 
 

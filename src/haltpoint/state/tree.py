@@ -38,6 +38,7 @@ __all__ = [
     "FlatState",
     "check_tree",
     "flatten_state",
+    "referenced_tensors",
     "unflatten_state",
 ]
 
@@ -119,15 +120,19 @@ def unflatten_state(tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     return {name: _entry_value(name, entry, resolver) for name, entry in tree.items()}
 
 
-def check_tree(tree: Mapping[str, Any], dtypes: Mapping[str, torch.dtype]) -> None:
+def check_tree(tree: Mapping[str, Any], dtypes: Mapping[str, torch.dtype]) -> dict[str, Any]:
     """Check that `unflatten_state` can rebuild ``tree`` from tensors of these ``dtypes``
     (by key), without reading them: every field decodes, every reference names a tensor.
+
+    Returns the saved values as `unflatten_state` would, with one placeholder object in
+    place of every tensor and array (for checks of their structure).
 
     Raises:
         CorruptCheckpointError: naming the field that is malformed.
 
     >>> flat = flatten_state({"model": torch.nn.Linear(2, 1), "epoch": 7})
-    >>> check_tree(flat.tree, {"model.weight": torch.float32, "model.bias": torch.float32})
+    >>> sorted(check_tree(flat.tree, {"model.weight": torch.float32, "model.bias": torch.float32}))
+    ['epoch', 'model']
     >>> check_tree(flat.tree, {})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -136,8 +141,24 @@ def check_tree(tree: Mapping[str, Any], dtypes: Mapping[str, torch.dtype]) -> No
     if not isinstance(tree, Mapping):
         raise CorruptCheckpointError(f"the state tree must be a JSON object, got {type_name(tree)}")
     refs = _RefCheck(dtypes)
-    for name, entry in tree.items():
-        _entry_value(name, entry, refs)
+    return {name: _entry_value(name, entry, refs) for name, entry in tree.items()}
+
+
+def referenced_tensors(value: Any) -> set[str]:
+    """The tensor keys that a tree entry (JSON) references.
+
+    >>> flat = flatten_state({"model": torch.nn.Linear(2, 1)})
+    >>> sorted(referenced_tensors(flat.tree["model"]))
+    ['model.bias', 'model.weight']
+    """
+    keys, stack = set(), [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict) and isinstance(node.get(TENSOR_TAG), str):
+            keys.add(node[TENSOR_TAG])
+        elif isinstance(node, (dict, list)):
+            stack.extend(node.values() if isinstance(node, dict) else node)
+    return keys
 
 
 _ENTRY_FIELDS = frozenset({"kind", "type", "content", "container", "metadata"})
