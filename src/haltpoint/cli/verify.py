@@ -81,7 +81,8 @@ class CheckpointCheck:
 def verify_run(
     run: RunDirectory, on_progress: Callable[[int], None] | None = None
 ) -> list[CheckpointCheck]:
-    """Check every manifest and every tensor hash of the run, oldest step first.
+    """Check every manifest and every tensor hash of the run, oldest step first, and the
+    saved random and optimizer states as `restore` checks them (`check_payloads`).
 
     A tensor record shared by several manifests is read once. `on_progress` gets the bytes
     checked after each checkpoint. A checkpoint whose manifest is gone once a check of it

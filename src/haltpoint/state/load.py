@@ -48,10 +48,12 @@ def load_into(
     Stateful objects get ``load_state_dict``; modules are unwrapped (DDP, ``torch.compile``)
     and accept checkpoints whose keys carry ``module.`` / ``_orig_mod.`` prefixes. Tensors and
     numpy arrays are updated in place; plain values are replaced in ``state``. Names, module
-    keys, shapes and dtypes (never converted), optimizer parameter groups, tensor shapes and
-    dtypes are all checked before anything loads. Where a module's keys differ, which of them
-    match is torch's call (load hooks may rename keys): a strict mismatch torch then reports
-    puts that module's values back before it is raised (docs/format.md, "Restore checks").
+    keys, shapes and dtypes (never converted), optimizer states (`state.optimizer`), tensor
+    shapes and dtypes are all checked before anything loads; whatever an object's own
+    ``load_state_dict`` raises after that is one `StateMismatchError` line. Where a module's
+    keys differ, which of them match is torch's call (load hooks may rename keys): a strict
+    mismatch torch then reports puts that module's values back before it is raised
+    (docs/format.md, "Restore checks").
 
     Only the names in ``state`` are loaded: what ``saved`` holds beyond them (an optimizer
     when only the model is asked for) is listed in the report's ``unexpected``.
