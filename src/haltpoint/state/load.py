@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -200,6 +201,21 @@ def _check_optimizer(target: torch.optim.Optimizer, path: str, value: Any) -> No
     except ValueError as exc:
         raise StateMismatchError(f"cannot load {path} into a {type_name(target)}: {exc}") from None
     check_optimizer_fits(target, value, path)
+    if type(target).load_state_dict is torch.optim.Optimizer.load_state_dict:
+        _dry_run(target, path, value)
+
+
+def _dry_run(target: torch.optim.Optimizer, path: str, value: Any) -> None:
+    """Load ``value`` into a shallow copy of ``target`` (sharing its parameters, not its
+    state or hooks), so that what torch itself refuses (an optimizer's ``__setstate__``
+    runs after the state was half replaced) is found before anything loads."""
+    try:
+        copy.copy(target).load_state_dict(value)
+    except Exception as exc:  # torch's, or its subclass's, given what the checkpoint holds
+        raise StateMismatchError(
+            f"cannot load {path} into a {type_name(target)}: {type(exc).__name__}: "
+            f"{first_line(exc)}; was the checkpoint saved from a differently built object?"
+        ) from exc
 
 
 def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Apply:
