@@ -458,6 +458,15 @@ def test_any_error_of_load_state_dict_is_one_line_and_names_what_was_loaded() ->
     assert "'model' already hold the checkpoint's values" in message
 
 
+def test_a_module_value_that_is_no_tensor_is_refused_before_anything_loads() -> None:
+    """torch loaded the other keys, then reported it (found by the hostile fuzzing)."""
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(StateMismatchError, match=r"model.weight: the checkpoint holds a int, not"):
+        load_into({"model": model}, {"model": {"weight": 0, "bias": other.bias.detach()}})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_a_load_hook_error_is_a_state_mismatch() -> None:
     """It was the hook's raw ValueError (only RuntimeError was translated)."""
     model = Small()

@@ -267,7 +267,21 @@ def _copy(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
 
 
 def _check_tensors(name: str, expected: Mapping[str, Any], state_dict: Mapping[str, Any]) -> None:
-    """Shapes and dtypes, before anything is copied: torch would convert dtypes silently."""
+    """Types, shapes and dtypes, before anything is copied: torch would convert dtypes
+    silently, and report a value that is no tensor only after loading the others."""
+    untyped = [
+        key
+        for key, ours in expected.items()
+        if isinstance(ours, torch.Tensor)
+        and key in state_dict
+        and not isinstance(state_dict[key], torch.Tensor)
+    ]
+    if untyped:
+        key = untyped[0]
+        raise StateMismatchError(
+            f"cannot load {name}.{key}: the checkpoint holds a {type_name(state_dict[key])}, "
+            "not a tensor"
+        )
     wrong = [
         (key, ours, state_dict[key])
         for key, ours in expected.items()
