@@ -185,7 +185,8 @@ def crafted_optimizer(body: dict[str, Any], rng: random.Random) -> None:
     per-parameter values, hyper-parameters, the groups themselves."""
     content = _pairs(body["tree"]["optimizer"]["content"])
     state, groups = content["state"], content["param_groups"]
-    group = rng.choice(groups) if groups else {"items": []}
+    tagged = [g for g in groups if isinstance(g, dict) and isinstance(g.get("items"), list)]
+    group = rng.choice(tagged) if tagged else {"items": []}  # a change before may have left none
     kind = rng.randrange(6)
     if kind == 0 and state["items"]:  # a state for a parameter that is not there
         rng.choice(state["items"])[0] = rng.choice([2, 7, -1, 2**70, "0", True, 1, 0])
@@ -193,7 +194,7 @@ def crafted_optimizer(body: dict[str, Any], rng: random.Random) -> None:
         params = next((p for p in group["items"] if p[0] == "params"), None)
         if params is not None:
             params[1] = rng.choice([[0], [0, 0], [0, 1, 2], [1, 0], ["0", 1], [0, 1.0], []])
-    elif kind == 2 and state["items"]:  # a per-parameter tensor swapped for another
+    elif kind == 2 and _refs(state):  # a per-parameter tensor swapped for another
         ref = rng.choice(_refs(state))
         ref["__tensor__"] = rng.choice([r["__tensor__"] for r in _refs(body["tree"])])
     elif kind == 3 and state["items"]:  # a per-parameter value replaced
