@@ -467,6 +467,21 @@ def test_a_module_value_that_is_no_tensor_is_refused_before_anything_loads() -> 
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(("key", "name"), [(True, "bool"), (None, "NoneType")])
+def test_a_module_key_that_is_no_string_is_refused_before_anything_loads(
+    strict: bool, key: Any, name: str
+) -> None:
+    """torch loaded the bias, then raised AttributeError on `True.startswith` (found by the
+    hostile fuzzing: a key swapped for `true`)."""
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = {"model": {key: other.weight.detach(), "bias": other.bias.detach()}}
+    with pytest.raises(StateMismatchError, match=rf"has the key {key}, a {name}; a module's keys"):
+        load_into({"model": model}, saved, strict=strict)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_a_load_hook_error_is_a_state_mismatch() -> None:
     """It was the hook's raw ValueError (only RuntimeError was translated)."""
     model = Small()

@@ -225,6 +225,12 @@ def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Appl
             f"cannot load {path} into a {type_name(module)}: the checkpoint holds a "
             f"{type_name(value)}, not a state dict"
         )
+    odd = [k for k in value if not isinstance(k, str)]
+    if odd:  # torch meets it only after loading the keys before it
+        raise StateMismatchError(
+            f"cannot load {path}: the checkpoint has the key {odd[0]!r}, a "
+            f"{type_name(odd[0])}; a module's keys are strings"[:300]
+        )
     expected = module.state_dict()
     state_dict = _strip_prefixes(value, list(expected))
     _check_tensors(name, expected, state_dict)
