@@ -161,6 +161,10 @@ def trend_stops(p: Prepared, settings: TrendSettings, horizon: bool = False) -> 
         diverged = (worse > np.abs(p.best)) & (worse > 0)
     longer = np.ceil(s.diverged_factor * wait)
     can = (p.wait > 0) & (p.points >= 3) & ~(diverged & (p.wait < longer))
+    if math.isfinite(s.descent_z):  # the descent guard: never while still clearly improving
+        with np.errstate(invalid="ignore"):
+            steady = p.slope < -s.descent_z * p.noise * p.se
+            can &= ~(steady & (-p.slope * ahead > s.tolerance * np.abs(p.best)))
     mask = can & (p.wait >= wait) & (gain <= s.tolerance)
     if s.fast_share > 0:
         fast = np.maximum(np.ceil(s.fast_share * scale), s.min_points)

@@ -57,6 +57,7 @@ GRID: dict[str, tuple[Any, ...]] = {
     "diverged_factor": (1.0, 2.0),
     "fast_share": (0.0, 0.1, 0.15, 0.2),
     "fast_noise_k": (2.0, 3.0, 4.0),
+    "descent_z": (math.inf, 1.0, 2.0, 3.0),  # the descent guard; inf: none
 }
 
 

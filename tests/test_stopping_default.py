@@ -154,6 +154,49 @@ def test_a_spike_that_recovers_is_waited_for() -> None:
     assert given_up is not None and given_up < 59  # before it recovers
 
 
+#: a best at 10, a jump to 1.5, then a slow, clear descent (0.001 an evaluation, noise 0.0005)
+#: that the linear projection says cannot reach the best within its look-ahead
+RECOVERING = noisy(
+    [2.0 - 0.1 * i for i in range(11)] + [1.5 - 0.001 * (i - 11) for i in range(11, N)], 0.0005
+)
+
+
+def test_a_run_that_is_still_clearly_improving_is_not_stopped() -> None:
+    """The descent guard: once the least wait has passed the trend projects no new best, but
+    the window's slope is many standard errors below 0, so the default rule does not stop."""
+    assert stop_at(EarlyStopping("val_loss"), RECOVERING) == (None, None)
+    unguarded = rule_stop(RECOVERING, replace(DEFAULT_SETTINGS, descent_z=math.inf))
+    assert unguarded is not None and unguarded < 30  # stopped mid-descent without the guard
+    rule = TrendRule(1.0)
+    for i, x in enumerate(RECOVERING[:100]):
+        rule.observe(i, x)
+    projection = rule.project(99, best=min(RECOVERING), wait=89)
+    assert projection.descending and projection.gain < DEFAULT_SETTINGS.tolerance
+
+
+def test_a_flat_noisy_run_is_still_stopped_with_the_guard() -> None:
+    """On a plateau the slope is within its noise, so the guard seldom holds the run open: every
+    seed stops, and never earlier than it would without the guard."""
+    unguarded = replace(DEFAULT_SETTINGS, descent_z=math.inf)
+    for seed in range(20):
+        plateau = noisy([1.0] * N, 0.01, seed=seed)
+        at, code = stop_at(EarlyStopping("val_loss"), plateau)
+        assert at is not None and code is StopReason.PATIENCE
+        without = rule_stop(plateau, unguarded)
+        assert without is not None and without <= at
+
+
+def test_the_guard_is_in_the_reason_and_off_when_planned() -> None:
+    stopper = EarlyStopping("val_loss")
+    stop_at(stopper, [1.0] * 40)
+    assert stopper.reason is not None
+    assert f"descends more than {DEFAULT_SETTINGS.descent_z:g} standard errors" in stopper.reason
+    assert not math.isfinite(PLANNED_SETTINGS.descent_z)
+    planned = EarlyStopping("val_loss", horizon=40)
+    stop_at(planned, [1.0] * 40)
+    assert planned.reason is not None and "standard errors" not in planned.reason
+
+
 def test_a_blow_up_with_wild_noise_needs_a_divergence_threshold() -> None:
     """The documented blind spot: values of 10^15-10^22 let a lucky draw reach the best, so the
     default rule alone runs on; a `Divergence` rule stops at the first value above it."""

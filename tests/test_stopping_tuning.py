@@ -3,6 +3,7 @@ EarlyStopping does, the variants are honest, and the choice is judged per band a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import random
@@ -118,6 +119,34 @@ def test_vectorised_replay_stops_where_early_stopping_does() -> None:
     for c in range(len(curves)):
         expected = replay(lambda: EarlyStopping("loss", patience=5), curves.series(c))
         assert stops[c] == expected.last_index
+
+
+def test_vectorised_replay_of_the_descent_guard_is_the_rule() -> None:
+    """Every guard value in the grid (and none) stops where `TrendRule` does, with and without a
+    horizon; on a run that recovers slowly from a jump the guard holds it open."""
+    runs = synthetic_runs()
+    rng = random.Random(1)
+    slow = [2.0 - 0.1 * i for i in range(11)] + [1.5 - 0.001 * (i - 11) for i in range(11, 161)]
+    runs.append(
+        {
+            "testproblem": "p0",
+            "optimizer": "sgd",
+            "test_losses": [v + rng.gauss(0, 0.0005) for v in slow],
+        }
+    )
+    curves = curves_module.build(runs)
+    prepared = fast.Prepared(curves)
+    stops = {}
+    for z in tuning.GRID["descent_z"]:
+        for horizon in (False, True):
+            base = PLANNED_SETTINGS if horizon else DEFAULT_SETTINGS
+            setting = dataclasses.replace(base, descent_z=z)
+            stops[z, horizon] = fast.trend_stops(prepared, setting, horizon)
+            for c in range(len(curves)):
+                h = int(curves.length[c]) if horizon else None
+                assert stops[z, horizon][c] == tuning.stop_index(curves.series(c), setting, h)
+    last = int(np.flatnonzero((curves.run == len(runs) - 1) & (curves.length == 161))[0])
+    assert stops[2.0, False][last] > stops[math.inf, False][last]  # the slow recovery
 
 
 def test_outcomes_are_the_replay_regret_and_accuracy_is_judged() -> None:

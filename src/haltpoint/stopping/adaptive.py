@@ -17,7 +17,11 @@ constants (`PLANNED_SETTINGS`), and has a fast lane: after a shorter wait (`fast
 horizon; open once twice that has passed since the start, so that a warm-up whose loss rises
 is not taken for a run past its best) it stops when even a far more optimistic projection
 (`FAST_NOISE_K` lucky draws, the slope `FAST_SLOPE_Z` standard errors steeper) cannot beat
-the best, the evidence that the run is past its best being then overwhelming. Both sets are
+the best, the evidence that the run is past its best being then overwhelming. Whatever the
+waits and the projection say, the rule never stops a run that is still clearly improving: while
+the window's fitted slope is more than `DESCENT_Z` standard errors below 0 and, kept up over
+the look-ahead, would gain more than `TOLERANCE` (the descent guard; `math.inf` turns it off,
+as the planned rule has it). Both sets are
 chosen by leave-one-problem-out cross-validation on DeepOBS curves of 20 to 351 evaluations
 (`benchmarks/stopping_tuning.py`).
 """
@@ -34,6 +38,7 @@ from haltpoint.stopping.decision import StopReason
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "DESCENT_Z",
     "DIVERGED_FACTOR",
     "FAST_NOISE_K",
     "FAST_SHARE",
@@ -85,6 +90,10 @@ FAST_SHARE = 0.0
 FAST_NOISE_K = 3.0
 #: ... and its slope, this many standard errors steeper than fitted.
 FAST_SLOPE_Z = 2.0
+#: Never stop while the window's slope is more than this many standard errors below 0 (and
+#: gains more than `TOLERANCE` over the look-ahead): the run is still clearly improving (the
+#: descent guard; `math.inf`: no guard).
+DESCENT_Z = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,7 @@ class TrendSettings:
     diverged_factor: float = DIVERGED_FACTOR
     fast_share: float = FAST_SHARE
     fast_noise_k: float = FAST_NOISE_K
+    descent_z: float = DESCENT_Z
 
     def least_wait(self, scale: int) -> int:
         """Evaluations without a new best before the rule looks at the trend, in a run of
@@ -139,8 +149,8 @@ class TrendSettings:
 DEFAULT_SETTINGS = TrendSettings()
 #: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits 30% of
 #: the plan (at least 3 evaluations), looks ahead as far as the run so far (never past the
-#: plan), has no longer diverged wait, and waits only 10% of the plan when a projection four
-#: times as lucky cannot beat the best (the fast lane).
+#: plan), has no longer diverged wait, waits only 10% of the plan when a projection four
+#: times as lucky cannot beat the best (the fast lane), and has no descent guard.
 PLANNED_SETTINGS = TrendSettings(
     wait_share=0.3,
     min_points=3,
@@ -148,6 +158,7 @@ PLANNED_SETTINGS = TrendSettings(
     diverged_factor=1.0,
     fast_share=0.1,
     fast_noise_k=4.0,
+    descent_z=math.inf,
 )
 
 
@@ -163,6 +174,9 @@ class Projection:
         lookahead: evaluations projected ahead.
         gain: how much better than the best the optimistic projection is, as a share of
             `|best|` (negative when even it is worse).
+        descending: whether the slope is more than `descent_z` standard errors below 0 and
+            would gain more than `tolerance` over the look-ahead (the run is still clearly
+            improving; the descent guard then holds it open).
     """
 
     window: int
@@ -171,6 +185,7 @@ class Projection:
     noise: float
     lookahead: int
     gain: float
+    descending: bool = False
 
 
 def fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float, float, float]:
@@ -307,7 +322,12 @@ class TrendRule:
         target = self._sign * best
         reachable = level + steepest * ahead - lucky
         gain = (target - reachable) / abs(target) if target != 0 else math.inf
-        return Projection(len(points), self._sign * level, slope, noise, ahead, gain)
+        descending = (
+            math.isfinite(s.descent_z)
+            and slope < -s.descent_z * noise * se
+            and -slope * ahead > s.tolerance * abs(target)  # rounding-sized slopes are flat
+        )
+        return Projection(len(points), self._sign * level, slope, noise, ahead, gain, descending)
 
     def check(self, index: int, best: float | None, wait: int) -> Projection | None:
         """Return the projection when the run should stop at `index`, else None."""
@@ -318,6 +338,8 @@ class TrendRule:
         least, fast = self.least_wait(index), self.fast_wait(index)
         tolerance = self._settings.tolerance
         projection = self.project(index, best, wait)
+        if projection.descending:
+            return None  # still clearly improving: the descent guard holds it open
         longer = math.ceil(self._settings.diverged_factor * least)
         if wait < longer and diverged(projection, best, self._sign):
             return None  # far above its best: it may be a spike that recovers
@@ -467,10 +489,16 @@ def describe_default_rule(horizon: int | None = None) -> str:
         else f"; or no new best for {s.fast_share * 100:g}% of it and even "
         f"{s.fast_noise_k:g}x the lucky draw projects no more"
     )
+    guard = (
+        ""
+        if not math.isfinite(s.descent_z)
+        else f", unless the recent trend still descends more than {s.descent_z:g} standard "
+        "errors below flat"
+    )
     return (
         f"the default rule: no new best for {s.wait_share * 100:g}% of {scale} (at least "
         f"{s.min_points}; {s.diverged_factor:g}x as long when the run looks diverged), and the "
-        f"recent trend projects at most {s.tolerance * 100:g}% more improvement{fast}"
+        f"recent trend projects at most {s.tolerance * 100:g}% more improvement{fast}{guard}"
     )
 
 
