@@ -80,7 +80,7 @@ SLOPE_Z = 1.0
 #: The projected lucky draw is this many residual standard deviations times sqrt(2 ln n).
 NOISE_K = 1.0
 #: Stop when the projection beats the best by no more than this share of |best|.
-TOLERANCE = 0.0025
+TOLERANCE = 0.005
 #: A run that looks diverged (fitted level worse than the best by more than |best|) waits
 #: this many times the least wait: runs that spike often recover.
 DIVERGED_FACTOR = 2.0
@@ -93,7 +93,7 @@ FAST_SLOPE_Z = 2.0
 #: Never stop while the window's slope is more than this many standard errors below 0 (and
 #: gains more than `TOLERANCE` over the look-ahead): the run is still clearly improving (the
 #: descent guard; `math.inf`: no guard).
-DESCENT_Z = 2.0
+DESCENT_Z = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +149,14 @@ class TrendSettings:
 DEFAULT_SETTINGS = TrendSettings()
 #: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits 30% of
 #: the plan (at least 3 evaluations), looks ahead as far as the run so far (never past the
-#: plan), has no longer diverged wait, waits only 10% of the plan when a projection four
-#: times as lucky cannot beat the best (the fast lane), and has no descent guard.
+#: plan), stops at a projected gain of at most 0.25%, has no longer diverged wait, waits only
+#: 10% of the plan when a projection four times as lucky cannot beat the best (the fast
+#: lane), and has no descent guard.
 PLANNED_SETTINGS = TrendSettings(
     wait_share=0.3,
     min_points=3,
     lookahead=1.0,
+    tolerance=0.0025,
     diverged_factor=1.0,
     fast_share=0.1,
     fast_noise_k=4.0,

@@ -38,7 +38,8 @@ class EarlyStopping:
         mode: `"min"`, `"max"`, or `"auto"` to infer it from `monitor` (`val_loss` -> min).
         patience: evaluations without improvement that stop the run; None uses the default
             rule (`haltpoint.stopping.adaptive`): stop once the recent trend projects no
-            more than 0.25% further improvement.
+            more than 0.5% further improvement (0.25% told the horizon) and the run is no
+            longer clearly descending.
         min_delta: the improvement to beat: an absolute float >= 0 or a `RelativeDelta`.
         warmup: first evaluations that never stop the run (except a non-finite value) but
             still count towards the best and the wait.
