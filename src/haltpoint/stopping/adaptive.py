@@ -494,8 +494,7 @@ def describe_default_rule(horizon: int | None = None) -> str:
     guard = (
         ""
         if not math.isfinite(s.descent_z)
-        else f", unless the recent trend still descends more than {s.descent_z:g} standard "
-        "errors below flat"
+        else f" and no clear descent (a slope over {s.descent_z:g} standard errors below 0)"
     )
     return (
         f"the default rule: no new best for {s.wait_share * 100:g}% of {scale} (at least "
