@@ -149,20 +149,25 @@ def data_argument(description: str, argv: list[str]) -> Path:
     """The curves' path from the command line (`argv` without the program name): the one
     given, which must exist, else `DATA`. `--help` says so; a missing file is a one-line error
     (exit 2)."""
-    parser = argparse.ArgumentParser(description=description)
+    path: Path = parse_with_data(argparse.ArgumentParser(description=description), argv).data
+    return path
+
+
+def parse_with_data(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser`'s arguments plus the curves' optional path (`data`), as `data_argument`."""
     parser.add_argument(
         "data",
         nargs="?",
         type=Path,
         help=f"the DeepOBS curves (.json.gz); default {DATA}, skipped when absent",
     )
-    path: Path | None = parser.parse_args(argv).data
-    if path is None:
-        return DATA
-    if not path.is_file():
-        print(f"{parser.prog}: error: data file not found: {path}", file=sys.stderr)
+    args = parser.parse_args(argv)
+    if args.data is None:
+        args.data = DATA
+    elif not args.data.is_file():
+        print(f"{parser.prog}: error: data file not found: {args.data}", file=sys.stderr)
         raise SystemExit(2)
-    return path
+    return args
 
 
 def load(path: Path = DATA) -> Curves | None:

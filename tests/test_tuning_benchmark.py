@@ -64,7 +64,7 @@ def test_regret_is_judged_on_the_best_loss_trials_quality() -> None:
     assert sweep.regret([]) == 100.0
 
 
-def test_the_benchmark_skips_without_data(tmp_path: Path) -> None:
+def test_the_benchmark_refuses_a_missing_data_file_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "absent.json.gz"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "tuning.py"), str(missing)],
@@ -72,8 +72,8 @@ def test_the_benchmark_skips_without_data(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert done.returncode == 0
-    assert done.stdout.startswith(f"skipped: DeepOBS curves not found at {missing}")
+    assert done.returncode == 2
+    assert done.stderr == f"tuning.py: error: data file not found: {missing}\n"
 
 
 def test_order_seeds_are_parsed_and_bad_ones_named() -> None:
