@@ -190,3 +190,66 @@ def test_stopper_state_rides_in_the_trainers_own_checkpoint(tmp_path: Path) -> N
     trainer.train(resume_from_checkpoint=str(tmp_path / "hf_out" / "checkpoint-4"))
     assert second.evaluations == 2  # restored at step 4 (one evaluation), one more at step 8
     assert second.best == 0.5 and second.patience == 3
+
+
+def test_best_checkpoint_known_without_load_best_model_at_end(tmp_path: Path) -> None:
+    """Ports test_early_stopping_callback's last part: the best checkpoint is set anyway.
+
+    HF sets `state.best_model_checkpoint` with `load_best_model_at_end=False`; haltpoint's
+    checkpointer ranks its checkpoints by its monitor whatever the Trainer's best-model settings.
+    """
+    stopper = EarlyStopping("accuracy", mode="max", patience=1, min_delta=0.0001)
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy", mode="max", keep_best=1) as ckpt:
+        trainer = make_trainer(
+            tmp_path, [HaltpointCallback(stopper, ckpt)], PLATEAU, load_best_model_at_end=False
+        )
+        trainer.train()
+        best = ckpt.restore({"model": Regression()}, "best")
+    assert best is not None and best.step == 3 * STEPS_PER_EPOCH  # the 0.7 of evaluation 3
+    assert trainer.state.global_step == 4 * STEPS_PER_EPOCH
+
+
+def test_wait_grows_when_the_metric_does_not_improve() -> None:
+    """Ports EarlyStoppingCallbackTest.test_patience_counter_increments_when_metric_does_...
+
+    (..._not_improve): a value worse than the best adds one to the wait.
+    """
+    stopper = EarlyStopping("accuracy", mode="max", patience=3)
+    stopper.step({"accuracy": 0.9})
+    assert not stopper.step({"accuracy": 0.8})
+    assert stopper.wait == 1 and stopper.best == 0.9
+
+
+def test_wait_resets_when_the_metric_improves() -> None:
+    """Ports EarlyStoppingCallbackTest.test_patience_counter_resets_when_metric_improves."""
+    stopper = EarlyStopping("accuracy", mode="max", patience=3)
+    for value in [0.8, 0.7, 0.75]:
+        stopper.step({"accuracy": value})
+    assert stopper.wait == 2
+    stopper.step({"accuracy": 0.95})
+    assert stopper.wait == 0 and stopper.best == 0.95
+
+
+def test_gain_within_min_delta_is_no_improvement() -> None:
+    """Ports EarlyStoppingCallbackTest.test_threshold_prevents_small_improvements."""
+    stopper = EarlyStopping("accuracy", mode="max", patience=3, min_delta=0.1)
+    stopper.step({"accuracy": 0.8})
+    stopper.step({"accuracy": 0.85})  # 0.05 better: within the threshold
+    assert stopper.wait == 1 and stopper.best == 0.8
+
+
+def test_exported_state_holds_the_wait_not_the_settings() -> None:
+    """Ports EarlyStoppingCallbackTest.test_state_includes_all_attributes; differs by design.
+
+    HF exports patience and threshold as the callback's arguments, to rebuild it on resume;
+    haltpoint's callback exports the stopper's state (the wait, the best) and a resume keeps
+    the new stopper's configuration (docs/integrations.md, "stopper state on resume").
+    """
+    stopper = EarlyStopping("accuracy", mode="max", patience=5, min_delta=0.1)
+    for value in [0.8, 0.75, 0.7, 0.85]:
+        stopper.step({"accuracy": value})
+    exported = HaltpointCallback(stopper).state()
+    assert exported["args"] == {}
+    saved = exported["attributes"]["stopper_state"]
+    assert (saved["wait"], saved["best"], saved["evaluations"]) == (3, 0.8, 4)
+    assert "patience" not in saved and "min_delta" not in saved
