@@ -9,9 +9,13 @@ haltpoint's documented behaviour and says so.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,9 @@ from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 
 from haltpoint import Divergence, EarlyStopping, StopReason, Target  # noqa: E402
 from haltpoint.integrations.lightning import HaltpointCallback  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port  # noqa: E402
 
 
 class Scripted(BoringModel):  # type: ignore[misc]
@@ -375,3 +382,80 @@ def test_no_validation_step(tmp_path: Path) -> None:
     trainer = fit(model, [callback], tmp_path, limit_val_batches=0)
     assert trainer.state.finished
     assert trainer.current_epoch < trainer.max_epochs - 1
+
+
+def test_one_process_logs_without_a_rank_prefix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ports test_early_stopping_log_info (log_rank_zero_only=True, world_size=1): no prefix."""
+    stopper = EarlyStopping("val_loss", patience=1)
+    with caplog.at_level(logging.INFO, logger="haltpoint"):
+        fit(Scripted([2.0, 2.0]), [HaltpointCallback(stopper)], tmp_path)
+    assert f"haltpoint: {stopper.reason}" in [record.getMessage() for record in caplog.records]
+
+
+DDP_WORKER = Path(__file__).parent / "workers" / "peer_lightning_ddp_worker.py"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """One torchrun launch (2 ranks, gloo on CPU) of all of Lightning's two-process cases."""
+    out = tmp_path_factory.mktemp("lightning_ddp")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={free_port()}", str(DDP_WORKER), "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "stop_epoch"),
+    [
+        ("diverge", 2),
+        ("abc_first", 3),
+        ("cba_first", 3),
+        ("train_end_abc_first", 3),
+        ("train_end_cba_first", 3),
+    ],
+)
+def test_multiple_callbacks_on_two_ranks(
+    two_ranks: list[dict[str, Any]], case: str, stop_epoch: int
+) -> None:
+    """Ports test_multiple_early_stopping_callbacks (ddp_spawn, 2 CPU devices): any one stops.
+
+    Lightning spawns two processes per case; here torchrun starts two gloo ranks once and each
+    case is a fit with strategy="ddp" there (the same DDP strategy and rank agreement). In
+    "diverge" only rank 0's abc turns worse from epoch 2: its stop stops rank 1 as well.
+    """
+    assert [rank[case]["stop_epoch"] for rank in two_ranks] == [stop_epoch, stop_epoch]
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_by_another_logs_nothing(two_ranks: list[dict[str, Any]]) -> None:
+    """Ports test_multiple_early_stopping_callbacks (ddp_spawn, dist_diverge_epoch=2): the log.
+
+    Rank 0 decided and logs its reason; rank 1 only followed it, as Lightning's does.
+    """
+    [line] = two_ranks[0]["diverge"]["lines"]
+    assert line.startswith("[rank: 0] haltpoint: abc did not improve") and "best 4.0" in line
+    assert two_ranks[1]["diverge"]["lines"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank_zero_only", [False, True], ids=["all_ranks", "rank_zero_only"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_log_lines_carry_the_rank(
+    two_ranks: list[dict[str, Any]], rank_zero_only: bool, rank: int
+) -> None:
+    """Ports test_early_stopping_log_info (world_size=2): each line is prefixed `[rank: N] `.
+
+    With log_rank_zero_only=True Lightning keeps rank 1 silent; haltpoint has no such flag and
+    differs there by design (docs/integrations.md, "Several processes"): every rank that
+    decided to stop logs, and the user's logging setup filters the other ranks.
+    """
+    lines = two_ranks[rank]["abc_first"]["lines"]
+    assert len(lines) == 1 and lines[0].startswith(f"[rank: {rank}] haltpoint: cba did not")

@@ -239,7 +239,7 @@ class HaltpointCallback(Callback):
             decision = self.stopper.step(metrics)
             stop = bool(decision)
             if stop:
-                log.info("haltpoint: %s", decision.reason)
+                log.info("%shaltpoint: %s", _rank_prefix(trainer), decision.reason)
         if self.stopper is not None:
             stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
             trainer.should_stop = trainer.should_stop or stop
@@ -325,6 +325,11 @@ class _EpochEndCheck:
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """The owner's check, once the LightningModule's `on_train_epoch_end` has logged."""
         self.owner._check(trainer, pl_module, "at the end of the training epoch")
+
+
+def _rank_prefix(trainer: Any) -> str:
+    """`[rank: N] ` under several processes, as Lightning prefixes its own log lines; else ''."""
+    return f"[rank: {trainer.global_rank}] " if trainer.world_size > 1 else ""
 
 
 def _checkpoint_base(trainer: Any) -> Any:
