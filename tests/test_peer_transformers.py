@@ -9,6 +9,7 @@ by design (docs/integrations.md), the case asserts haltpoint's behaviour and say
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,3 +254,28 @@ def test_exported_state_holds_the_wait_not_the_settings() -> None:
     saved = exported["attributes"]["stopper_state"]
     assert (saved["wait"], saved["best"], saved["evaluations"]) == (3, 0.8, 4)
     assert "patience" not in saved and "min_delta" not in saved
+
+
+def test_resume_without_the_callback_warns_naming_it(tmp_path: Path) -> None:
+    """Ports StatefulCallbackTest.test_missing_stateful_callback_warning.
+
+    The callback's state rides in the Trainer's checkpoint under its class name, so a resume
+    with `restore_callback_states_from_checkpoint=True` that leaves it out gets the Trainer's
+    own warning naming HaltpointCallback (with it in, that setting is refused, as above).
+    """
+    steps = {"save_strategy": "steps", "save_steps": 4, "eval_strategy": "steps", "eval_steps": 4}
+    stopper = EarlyStopping("accuracy", mode="max", patience=5)
+    make_trainer(tmp_path, [HaltpointCallback(stopper)], [0.5], epochs=1, **steps).train()
+    trainer = make_trainer(
+        tmp_path, [], [0.5], epochs=2, restore_callback_states_from_checkpoint=True, **steps
+    )
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    hf_logger = logging.getLogger("transformers.trainer")
+    hf_logger.addHandler(handler)
+    try:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "hf_out" / "checkpoint-4"))
+    finally:
+        hf_logger.removeHandler(handler)
+    assert any("not included" in line and "HaltpointCallback" in line for line in warned)
