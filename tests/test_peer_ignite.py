@@ -153,3 +153,48 @@ def test_distrib_integration_engine_early_stopping(two_ranks: list[dict[str, Any
     assert [r["accuracy"]["epoch"] for r in two_ranks] == [5, 5]
     assert two_ranks[0]["accuracy"] == two_ranks[1]["accuracy"]
     assert two_ranks[0]["accuracy"]["best"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Two torchrun node processes (2 ranks each, gloo on CPU, a rendezvous on 127.0.0.1)."""
+    out = tmp_path_factory.mktemp("ignite_multinode")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(node: int) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+            f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+            str(WORKER), "--out", str(out),
+        ]  # fmt: skip
+
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    nodes = [subprocess.Popen(command(node), env=env, **pipes) for node in (0, 1)]
+    logs = []
+    for proc in nodes:
+        try:
+            logs.append(proc.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for other in nodes:
+                other.kill()
+            raise
+    assert [proc.returncode for proc in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+@pytest.mark.slow
+def test_multinode_distrib_with_engine_early_stopping(two_nodes: list[dict[str, Any]]) -> None:
+    """Ports _test_distrib_with_engine_early_stopping (multinode gloo CPU): all 4 stop at 7."""
+    assert [r["scores"]["epoch"] for r in two_nodes] == [7] * 4
+    assert all(r["scores"] == two_nodes[0]["scores"] for r in two_nodes)
+
+
+@pytest.mark.slow
+def test_multinode_distrib_integration_engine_early_stopping(
+    two_nodes: list[dict[str, Any]],
+) -> None:
+    """Ports _test_distrib_integration_engine_early_stopping (multinode gloo CPU): epoch 5."""
+    assert [r["accuracy"]["epoch"] for r in two_nodes] == [5] * 4
+    assert all(r["accuracy"] == two_nodes[0]["accuracy"] for r in two_nodes)
+    assert two_nodes[0]["accuracy"]["best"] == 1.0
