@@ -1,5 +1,8 @@
 """Keras' own early-stopping tests (keras/src/callbacks/early_stopping_test.py), ported.
 
+Also `test_min_delta` of monitor_callback_test.py (`MonitorCallback`, EarlyStopping's base
+class); its mode table repeats early_stopping_test.py's and is ported once.
+
 Keras drives its callback with epoch-end logs; here each log is one `EarlyStopping.step()`.
 Where haltpoint differs by design (docs/stopping.md, "Point by point"), the case asserts
 haltpoint's documented behaviour and says so.
@@ -135,3 +138,19 @@ def test_start_from_epoch_with_zero_patience() -> None:
     stopper = EarlyStopping("mse", patience=0, warmup=2)
     index = stop_index(stopper, [0.5] * 20, "mse")
     assert index is not None and index + 1 >= 2
+
+
+@pytest.mark.parametrize(
+    ("best", "value", "improved"),
+    [(0.0, 0.75, True), (None, 0.5, True), (0.0, 0.5, False), (0.5, 0.2, False)],
+)
+def test_min_delta_is_a_strict_margin(best: float | None, value: float, improved: bool) -> None:
+    """Ports monitor_callback_test.py test_min_delta (EarlyStopping's base, max mode, 0.5).
+
+    The first value is always an improvement; later ones must beat the best by more than
+    min_delta (0.5 over 0.0 is not enough).
+    """
+    stopper = EarlyStopping(mode="max", patience=5, min_delta=0.5)
+    if best is not None:
+        stopper.step(best)
+    assert stopper.step(value).improved is improved
