@@ -1,5 +1,7 @@
 """ignite's own early-stopping tests (tests/ignite/handlers/test_early_stopping.py), ported.
 
+Also `test_add_early_stopping_by_val_score` of tests/ignite/contrib/engines/test_common.py.
+
 ignite's handler maximizes a score returned by a `score_function` and terminates its trainer;
 here each score is one `EarlyStopping.step()` with `mode="max"`, and an engine run is a loop
 over epochs that breaks when the stopper says so. Where haltpoint differs by design
@@ -27,7 +29,7 @@ def decisions(stopper: EarlyStopping, scores: list[float]) -> list[bool]:
     return [bool(stopper.step(score)) for score in scores]
 
 
-def epochs_run(stopper: EarlyStopping, scores: list[float], max_epochs: int) -> int:
+def epochs_run(stopper: EarlyStopping, scores: list[Any], max_epochs: int) -> int:
     """A trainer's loop: evaluate after every epoch, stop when the stopper says so."""
     for epoch, score in enumerate(scores[:max_epochs], start=1):
         if stopper.step(score):
@@ -120,6 +122,25 @@ def test_with_engine_no_early_stopping() -> None:
     stopper = EarlyStopping(mode="max", patience=5)
     assert epochs_run(stopper, scores, 10) == 10
     assert not stopper.stopped
+
+
+VAL_ACC = [0.1, 0.2, 0.3, 0.4, 0.3, 0.3, 0.2, 0.1, 0.1, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "score"),
+    [("max", lambda acc: acc), ("min", lambda acc: 1 - acc)],
+    ids=["acc", "loss_score_sign_-1"],
+)
+def test_add_early_stopping_by_val_score(mode: str, score: Any) -> None:
+    """Ports contrib/engines/test_common.py test_add_early_stopping_by_val_score: epoch 7.
+
+    ignite's helper watches an evaluator metric, `score_sign=-1.0` for a loss; here the
+    direction is `mode`. Best at epoch 4, so patience 3 ends the run after epoch 7.
+    """
+    stopper = EarlyStopping("val", mode=mode, patience=3)
+    scores = [{"val": score(acc)} for acc in VAL_ACC]
+    assert epochs_run(stopper, scores, len(VAL_ACC)) == 7
 
 
 WORKER = Path(__file__).parent / "workers" / "peer_ignite_worker.py"
