@@ -459,3 +459,30 @@ def test_log_lines_carry_the_rank(
     """
     lines = two_ranks[rank]["abc_first"]["lines"]
     assert len(lines) == 1 and lines[0].startswith(f"[rank: {rank}] haltpoint: cba did not")
+
+
+def test_min_epochs_outlast_a_stop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Ports test_trainer.py test_trainer_min_steps_and_min_epochs_not_reached.
+
+    A flat training loss stops (patience 0) after epoch 1: `should_stop` is set from epoch 2 on,
+    yet the Trainer runs to min_epochs=5 and says once that it continues.
+    """
+    seen: list[tuple[int, bool]] = []
+
+    class FlatLoss(BoringModel):  # type: ignore[misc]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            out = super().training_step(batch, batch_idx)
+            out["loss"] = out["loss"] * 0.0
+            self.log("loss", out["loss"])
+            seen.append((self.current_epoch, self.trainer.should_stop))
+            return out
+
+    model = FlatLoss()
+    stopper = EarlyStopping("loss", patience=0)
+    callback = HaltpointCallback(stopper, check_on_train_epoch_end=True)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        fit(model, [callback], tmp_path, min_epochs=5, limit_val_batches=0, max_epochs=None)
+    assert [stop for _, stop in seen] == [epoch >= 2 for epoch, _ in seen]
+    assert len(seen) == 5 * 2
+    note = "`min_epochs=5` or `min_steps=None` has not been met. Training will continue"
+    assert sum(note in record.getMessage() for record in caplog.records) == 1
