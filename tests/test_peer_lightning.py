@@ -3,6 +3,8 @@
 Each case runs `haltpoint.integrations.lightning.HaltpointCallback` inside a real
 `lightning.pytorch.Trainer` on CPU (Lightning's `BoringModel`, two training batches and one
 validation batch an epoch), the monitored values scripted per epoch as in Lightning's tests.
+The two-process cases run in tests/workers/peer_lightning_ddp_worker.py, launched once with
+torchrun on two gloo ranks. Also ports trainer/test_trainer.py's early-stopping case.
 Where haltpoint differs by design (docs/stopping.md, docs/integrations.md), the case asserts
 haltpoint's documented behaviour and says so.
 """
