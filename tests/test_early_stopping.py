@@ -131,11 +131,15 @@ def test_reason_sentence_names_metric_delta_wait_and_best() -> None:
         (
             {"patience": 1, "baseline": 0.5},
             [1.0],
-            "did not beat the baseline 0.5000 within 1 evaluations",
+            "did not beat the baseline 0.5000 within 1 evaluation after",
         ),
-        ({"patience": 1}, [1.0, 1.0], "val_loss did not improve for 1 evaluations; best"),
+        ({"patience": 1}, [1.0, 1.0], "val_loss did not improve for 1 evaluation; best"),
         ({"patience": 1}, [1.0, NAN], "val_loss is nan at evaluation 1: training has diverged"),
-        ({"patience": 1, "check_finite": False}, [NAN], "no finite value in 1 evaluations"),
+        (
+            {"patience": 1, "check_finite": False},
+            [NAN],
+            "did not improve for 1 evaluation; no finite value in 1 evaluation",
+        ),
         (
             {},
             [1.0] * (MIN_POINTS + 1),

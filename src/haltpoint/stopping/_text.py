@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["fmt", "label"]
+__all__ = ["evaluations", "fmt", "label"]
 
 
 def fmt(x: float | None) -> str:
@@ -31,3 +31,13 @@ def label(monitor: str | None) -> str:
         ('val_loss', 'the monitored value')
     """
     return monitor if monitor is not None else "the monitored value"
+
+
+def evaluations(n: int) -> str:
+    """Count evaluations in a message, singular for one.
+
+    Example:
+        >>> evaluations(1), evaluations(3)
+        ('1 evaluation', '3 evaluations')
+    """
+    return f"{n} evaluation" if n == 1 else f"{n} evaluations"

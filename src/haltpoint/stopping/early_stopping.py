@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from haltpoint.stopping._state import STATE_VERSION, load_rule_states, parse_state, rule_states
-from haltpoint.stopping._text import fmt, label
+from haltpoint.stopping._text import evaluations, fmt, label
 from haltpoint.stopping.adaptive import TrendRule, check_horizon, describe_default_rule
 from haltpoint.stopping.arguments import (
     check_baseline,
@@ -309,7 +309,7 @@ class EarlyStopping:
         ):
             return Stop(
                 f"{label(self._monitor)} did not beat the baseline {fmt(self._baseline)}"
-                f"{by_more_than(self._min_delta)} within {patience} evaluations after "
+                f"{by_more_than(self._min_delta)} within {evaluations(patience)} after "
                 f"warmup; best {fmt(self._best)} at evaluation {self._best_step}. Check the "
                 "setup, or lower the baseline",
                 StopReason.BASELINE,
@@ -321,12 +321,12 @@ class EarlyStopping:
         if self._trend is not None and self._best is not None:
             return self._trend_stop(index, self._best)
         if self._best is None:
-            found = f"no finite value in {self._wait} evaluations"
+            found = f"no finite value in {evaluations(self._wait)}"
         else:
             found = f"best {fmt(self._best)} at evaluation {self._best_step}"
         return Stop(
             f"{label(self._monitor)} did not improve{by_more_than(self._min_delta)} for "
-            f"{self._wait} evaluations; {found}",
+            f"{evaluations(self._wait)}; {found}",
             StopReason.PATIENCE,
         )
 
@@ -339,7 +339,7 @@ class EarlyStopping:
         code = trend.code(projection, best, 1.0 if self._mode == "min" else -1.0)
         what = "is diverging" if code is StopReason.DIVERGENCE else "has levelled off"
         return Stop(
-            f"{label(self._monitor)} {what}: no new best for {self._wait} evaluations, and its "
+            f"{label(self._monitor)} {what}: no new best for {evaluations(self._wait)}, and its "
             f"trend over the last {projection.window} (at {fmt(projection.level)}) projects at "
             f"most {max(projection.gain, 0.0) * 100:.2f}% more improvement in the next "
             f"{projection.lookahead} ({describe_default_rule(self._horizon)}); best {fmt(best)} "

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from haltpoint.stopping._text import fmt
+from haltpoint.stopping._text import evaluations, fmt
 from haltpoint.stopping.decision import StopReason
 from haltpoint.stopping.rules import Observation, Stop, check_number, is_better
 
@@ -149,7 +149,8 @@ class ProgressQuotient:
                 f"progress quotient GL/P = {quotient:.3g} exceeds alpha = {self.alpha:g} at "
                 f"evaluation {obs.step}: {obs.name} is {gl:.2f}% above its best "
                 f"{fmt(obs.best)} while {self.train_key} progresses little: its mean over the "
-                f"last {self.strip} evaluations is only {progress:.3g} per mille above its minimum",
+                f"last {evaluations(self.strip)} is only {progress:.3g} per mille above its "
+                "minimum",
                 StopReason.PROGRESS_QUOTIENT,
             )
         return None
@@ -217,7 +218,7 @@ class ConsecutiveIncreases:
         if self._count >= self.s:
             return Stop(
                 f"{obs.name} got worse at the end of {self._count} successive strips of "
-                f"{self.strip} evaluations (UP{self.s}), to {fmt(obs.value)} at evaluation "
+                f"{evaluations(self.strip)} (UP{self.s}), to {fmt(obs.value)} at evaluation "
                 f"{obs.step}; best {fmt(obs.best)} at evaluation {obs.best_step}",
                 StopReason.CONSECUTIVE_INCREASES,
             )
