@@ -7,8 +7,6 @@ tests below read the JSON each rank wrote. A hang fails the launch after its tim
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +27,7 @@ from haltpoint.distributed import Replicas, get_rank, get_world_size, is_distrib
 from haltpoint.distributed.collectives import on_writer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ports import free_port
+from torchrun import rank_results, torchrun
 
 WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
 TIMEOUT_S = 120
@@ -40,19 +38,11 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("ddp")
     run_dir, fail_dir, out = root / "run", root / "fail", root / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", str(WORKER),
-        "--run-dir", str(run_dir), "--fail-dir", str(fail_dir), "--out", str(out),
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:  # a hang is a failure, never a stuck CI job
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s (a hang?): {exc.stderr!r}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    return {"ranks": ranks, "run_dir": run_dir, "fail_dir": fail_dir}
+    torchrun(
+        WORKER, "--run-dir", str(run_dir), "--fail-dir", str(fail_dir), "--out", str(out),
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
+    return {"ranks": rank_results(out), "run_dir": run_dir, "fail_dir": fail_dir}
 
 
 @pytest.mark.slow
@@ -62,17 +52,11 @@ def test_ranks_whose_plain_stoppers_disagree_raise_instead_of_hanging(
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", str(WORKER.parent / "diverge_worker.py"),
+    torchrun(
+        WORKER.parent / "diverge_worker.py",
         "--run-dir", str(tmp_path / "run"), "--first", str(first), "--out", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the ranks hung for {TIMEOUT_S} s: {exc.stderr!r}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
     other = 1 - first
     for rank in (0, 1):
         result = json.loads((out / f"rank{rank}.json").read_text())

@@ -23,6 +23,7 @@ from haltpoint import EarlyStopping
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ports import free_port
+from torchrun import rank_results, torchrun
 
 
 def decisions(stopper: EarlyStopping, scores: list[float]) -> list[bool]:
@@ -150,15 +151,8 @@ WORKER = Path(__file__).parent / "workers" / "peer_ignite_worker.py"
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """One torchrun launch (2 ranks, gloo on CPU) of both distributed scenarios."""
     out = tmp_path_factory.mktemp("ignite_ddp")
-    port = free_port()
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={port}", str(WORKER), "--out", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    torchrun(WORKER, "--out", str(out))
+    return rank_results(out)
 
 
 @pytest.mark.slow

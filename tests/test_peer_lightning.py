@@ -11,12 +11,9 @@ haltpoint's documented behaviour and says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ from haltpoint import Divergence, EarlyStopping, StopReason, Target  # noqa: E40
 from haltpoint.integrations.lightning import HaltpointCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ports import free_port  # noqa: E402
+from torchrun import rank_results, torchrun  # noqa: E402
 
 
 class Scripted(BoringModel):  # type: ignore[misc]
@@ -403,14 +400,8 @@ DDP_WORKER = Path(__file__).parent / "workers" / "peer_lightning_ddp_worker.py"
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """One torchrun launch (2 ranks, gloo on CPU) of all of Lightning's two-process cases."""
     out = tmp_path_factory.mktemp("lightning_ddp")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", str(DDP_WORKER), "--out", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    torchrun(DDP_WORKER, "--out", str(out), timeout=180)
+    return rank_results(out)
 
 
 @pytest.mark.slow
