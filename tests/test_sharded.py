@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from haltpoint.store.run_dir import SHARDED_KEY
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ports import free_port
+from torchrun import run_checked
 
 WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
 TIMEOUT_S = 180
@@ -43,12 +43,7 @@ def _run(nproc: int, mode: str, run_dir: Path, out: Path) -> None:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
         launcher += [f"--master_port={free_port()}"]
     command = [*launcher, str(WORKER), "--mode", mode, "--run-dir", str(run_dir), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:  # a hang is a failure, never a stuck CI job
-        pytest.fail(f"{mode} did not finish within {TIMEOUT_S} s (a hang?): {exc.stderr!r}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_checked(command, what=mode, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from ports import free_port
 
-__all__ = ["rank_results", "torchrun"]
+__all__ = ["rank_results", "run_checked", "torchrun"]
 
 
 def torchrun(worker: Path, *args: str, nproc: int = 2, timeout: float = 120) -> None:
@@ -22,11 +22,16 @@ def torchrun(worker: Path, *args: str, nproc: int = 2, timeout: float = 120) -> 
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}", str(worker), *args,
     ]  # fmt: skip
+    run_checked(command, what=worker.name, timeout=timeout)
+
+
+def run_checked(command: list[str], *, what: str, timeout: float) -> None:
+    """Run `command` with one OpenMP thread; a hang or a non-zero exit fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:  # a hang is a failure, never a stuck CI job
-        pytest.fail(f"{worker.name} did not finish within {timeout} s (a hang?): {exc.stderr!r}")
+        pytest.fail(f"{what} did not finish within {timeout} s (a hang?): {exc.stderr!r}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
