@@ -182,6 +182,16 @@ def test_fresh_refuses_a_folder_whose_only_haltpoint_file_is_a_stray_lock(tmp_pa
     assert (other / "chapter1.tex").read_text() == "precious"
 
 
+def test_fresh_refuses_a_folder_of_another_tool_with_its_own_history_jsonl(tmp_path: Path, capsys):
+    other = tmp_path / "other-tool"
+    other.mkdir()
+    (other / "history.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')  # no checksum
+    (other / "model.pt").write_bytes(b"precious")
+    code, _, err = run_cli(capsys, "demo", "--run-dir", str(other), "--fresh")
+    assert code == 1 and "does not look like a haltpoint run" in err
+    assert (other / "model.pt").read_bytes() == b"precious"
+
+
 @pytest.mark.parametrize("width", [60, 80, 120])
 def test_the_progress_bar_fits_the_terminal_keeping_bar_epoch_and_time(width, monkeypatch):
     monkeypatch.setenv("COLUMNS", str(width))

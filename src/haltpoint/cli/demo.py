@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ from haltpoint.demo.train import MONITOR, DemoConfig, DemoOutcome, EpochResult, 
 from haltpoint.errors import LockedError
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
-from haltpoint.store.history import HISTORY_NAME, read_history
+from haltpoint.store.history import CHECKSUM_KEY, HISTORY_NAME, decode_record, read_history
 from haltpoint.store.lock import read_holder
 from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.storage import LocalStorage
@@ -44,14 +45,32 @@ Then try: haltpoint ls runs/demo; haltpoint verify runs/demo; haltpoint replay r
 
 
 def _looks_like_run(path: str) -> bool:
-    """Whether `path` is empty or a run: it holds a history or a committed manifest.
+    """Whether `path` is empty or a run: it holds a committed manifest, or a history with a
+    line whose checksum verifies.
 
     A stray `.haltpoint.lock` (left by `gc` or a writer opened on a wrong folder) is not
-    evidence of a run, and neither is a `step-*` folder without a valid manifest.
+    evidence of a run, and neither is a `step-*` folder without a valid manifest, nor a
+    `history.jsonl` of another tool (JSON lines without haltpoint's checksum).
     """
-    if not os.listdir(path) or os.path.isfile(os.path.join(path, HISTORY_NAME)):
+    if not os.listdir(path) or _has_checked_history(os.path.join(path, HISTORY_NAME)):
         return True
     return any(e.manifest is not None for e in RunDirectory(LocalStorage(path)).scan())
+
+
+def _has_checked_history(path: str) -> bool:
+    """Whether the file `path` holds a history line with a checksum that verifies."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                value = json.loads(line)
+                if isinstance(value, dict) and CHECKSUM_KEY in value:
+                    decode_record(line)
+                    return True
+            except ValueError:  # not JSON, or its checksum fails
+                continue
+    return False
 
 
 def _delete_run(path: str) -> None:
