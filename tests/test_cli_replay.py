@@ -103,6 +103,13 @@ def test_replay_errors(tmp_path: Path, run_dir: Path, capsys):
     assert code == 1 and "has no history.jsonl" in err
 
 
+def test_replay_of_a_history_without_metrics_says_so(tmp_path: Path, capsys):
+    (tmp_path / "history.jsonl").write_text('{"epoch": 1}\n')  # a record, but no metrics
+    code, _, err = run_cli(capsys, "replay", str(tmp_path))
+    assert code == 1
+    assert f"the history of {tmp_path} holds no metric values, so there is nothing" in err
+
+
 def test_replay_of_a_run_that_stopped_early(tmp_path: Path, capsys):
     make_run(tmp_path / "stopped", patience=2)  # stops at step 3
     code, out, _ = run_cli(capsys, "replay", str(tmp_path / "stopped"), "--patience", "1,2,3")

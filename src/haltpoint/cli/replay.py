@@ -202,6 +202,11 @@ def replay_source(
     if monitor is None:
         if guessed is None:
             names = list(curves(records))
+            if not names:
+                raise ValueError(
+                    f"the history of {source} holds no metric values, so there is nothing to "
+                    "replay; a Checkpointer records them with save(step, state, metrics)"
+                )
             if len(names) != 1:
                 raise UsageError(
                     f"cannot tell which metric to replay: the history holds {', '.join(names)}; "
