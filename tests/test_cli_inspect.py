@@ -131,8 +131,8 @@ def test_ls_empty_directory(tmp_path: Path, capsys):
 def test_show_latest_tree_and_metadata(run_dir: Path, capsys):
     code, out, _ = run_cli(capsys, "show", str(run_dir))
     assert code == 0
-    assert out.startswith("step:     3\n")
-    assert "metrics:  val_acc=0.65 val_loss=0.35" in out
+    assert out.startswith("step:      3\n")
+    assert "metrics:   val_acc=0.65 val_loss=0.35" in out
     assert "torch " in out and "haltpoint 0.1.0" in out
     assert "model: stateful torch.nn.modules.linear.Linear, 2 tensors, 32 B" in out
     assert "weight: float32 [2, 3]  24 B" in out

@@ -140,7 +140,8 @@ def test_show_says_what_ranks_the_checkpoint(tmp_path: Path, capsys):
     make_run(run)
     code, out, _ = run_cli(capsys, "show", str(run))
     assert code == 0
-    assert "ranked by:val_loss (min)" in out
+    assert "\nranked by: val_loss (min)\n" in out
+    assert out.startswith("step:      ")  # every value in the column after the longest label
     assert "ranking" not in out  # not repeated under extra
 
 

@@ -199,8 +199,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
         header.append(("saved by", _saved_by_text(saved_by)))
     if extra:
         header.append(("extra", _leaf_text(extra)))
+    width = max(len(key) for key, _ in header) + 2  # "ranked by: " is the longest
     for key, value in header:
-        out.line(f"{key + ':':<10}{value}", style="bold" if key == "step" else None)
+        out.line(f"{key + ':':<{width}}{value}", style="bold" if key == "step" else None)
     out.line()
     out.line("state:", style="bold")
     for depth, name, text in tree_lines(manifest):
