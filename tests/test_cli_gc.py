@@ -33,6 +33,17 @@ def three_step_run(run: Path) -> None:
 # -- gc counts only checkpoints it has verified -----------------------------------------------
 
 
+def test_gc_mode_alone_against_the_recorded_monitor_is_refused(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    three_step_run(run)  # monitor loss, mode min: step 1 is best
+    code, _, err = run_cli(capsys, "gc", str(run), "--keep-best", "1", "--mode", "max")
+    assert code == 2
+    assert "--mode max contradicts the run's recorded monitor, loss (min)" in err
+    assert steps_on_disk(run) == [1, 2, 3]
+    code, out, _ = run_cli(capsys, "gc", str(run), "--keep-best", "1", "--mode", "min")
+    assert code == 0 and "kept steps 1" in out
+
+
 def test_gc_never_removes_the_newest_intact_checkpoint_for_a_damaged_one(tmp_path: Path, capsys):
     run = tmp_path / "run"
     three_step_run(run)

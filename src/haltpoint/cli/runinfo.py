@@ -223,8 +223,14 @@ def resolve_monitor(
     names = metric_names(manifests)
     recorded = recorded_ranking(manifests)
     if monitor is None and recorded is not None and recorded.monitor is not None:
+        if mode is not None and mode != recorded.mode:  # would rank the worst as best
+            raise UsageError(
+                f"--mode {mode} contradicts the run's recorded monitor, {recorded.monitor} "
+                f"({recorded.mode}); name the metric it is meant for with --monitor NAME "
+                f"--mode {mode}"
+            )
         _warn_if_changed(manifests, recorded)
-        return recorded.monitor, mode or recorded.mode
+        return recorded.monitor, recorded.mode
     if monitor is None and recorded is None:
         guessed = guess_monitor(history())
         if guessed is not None and guessed[0] in names:
