@@ -151,6 +151,20 @@ def test_open_storage_errors(directory, options, exc, pattern) -> None:
         open_storage(directory, options)
 
 
+def test_a_writer_on_a_file_names_it_and_leaves_it_alone(tmp_path: Path) -> None:
+    afile = tmp_path / "notes.txt"
+    afile.write_text("precious")
+    with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder; pass"):
+        Checkpointer(afile)
+    assert afile.read_text() == "precious"
+
+
+@pytest.mark.parametrize("directory", [None, 3])
+def test_a_checkpointer_directory_of_a_wrong_type_is_named(directory) -> None:
+    with pytest.raises(TypeError, match="directory must be a local path or an fsspec URL"):
+        Checkpointer(directory)
+
+
 def test_free_space_is_reported_locally(tmp_path: Path) -> None:
     assert LocalStorage(tmp_path).free_space() > 0
     assert FsspecStorage("memory://free-space-test").free_space() is None

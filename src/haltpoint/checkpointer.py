@@ -125,7 +125,7 @@ class Checkpointer:
         self.mode = mode
         self.capture_rng = capture_rng
         self.read_only = read_only
-        with full_disk_on_open(os.fspath(directory)):
+        with full_disk_on_open(str(directory)):  # open_storage checks its type
             self._storage = open_storage(directory, storage_options, create=not read_only)
         self._run = RunDirectory(self._storage)
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file

@@ -177,6 +177,11 @@ class LocalStorage:
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
         if create:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise NotADirectoryError(
+                    f"directory {self.root} is a file, not a folder; pass a folder for the "
+                    "run (it is created if missing)"
+                )
             os.makedirs(self.root, exist_ok=True)
         self._real_root = os.path.realpath(self.root)
 
