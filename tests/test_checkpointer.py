@@ -574,6 +574,20 @@ def test_load_best_needs_no_lock_and_loads_only_the_model(tmp_path: Path) -> Non
         assert torch.equal(a, b)
 
 
+def test_load_best_of_a_missing_folder_says_it_may_not_exist(tmp_path: Path) -> None:
+    from haltpoint import CheckpointNotFoundError, load_best
+
+    with pytest.raises(CheckpointNotFoundError, match="it holds none, or does not exist"):
+        load_best(tmp_path / "typo", torch.nn.Linear(2, 1), monitor="loss")
+
+
+def test_restore_of_a_negative_step_is_a_value_error(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"model": torch.nn.Linear(2, 1)})
+        with pytest.raises(ValueError, match=r"a step \(an int >= 0\), got -1"):
+            ckpt.restore({"model": torch.nn.Linear(2, 1)}, -1)
+
+
 def test_a_damaged_random_state_is_found_before_anything_is_loaded(tmp_path: Path) -> None:
     from haltpoint.state.tree import flatten_state
 

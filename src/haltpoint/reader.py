@@ -106,8 +106,10 @@ class RunReader:
                 remaining = [r for r in remaining if r.step != best.step]
             by_step = {e.step: e for e in entries}
             return [by_step[s] for s in ranked]
-        if isinstance(which, bool) or not isinstance(which, int):
-            raise ValueError(f"which must be 'latest', 'best' or a step (int), got {which!r}")
+        if isinstance(which, bool) or not isinstance(which, int) or which < 0:
+            raise ValueError(
+                f"which must be 'latest', 'best' or a step (an int >= 0), got {which!r}"
+            )
         return [self.entry(which, entries)]
 
     def read(
@@ -135,6 +137,12 @@ class RunReader:
         if not candidates:
             if which == "latest":
                 return None
+            if not entries:  # a mistyped path reads as an empty run: say both
+                raise CheckpointNotFoundError(
+                    f"no checkpoint in {self.directory}: it holds none, or does not exist; "
+                    "pass the folder a Checkpointer wrote",
+                    path=self.directory,
+                )
             raise CheckpointNotFoundError(
                 f"no checkpoint in {self.directory} has a finite {self.monitor!r} metric to "
                 f"rank by; restore 'latest' or a step ({_steps(entries)})",
