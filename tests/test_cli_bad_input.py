@@ -287,6 +287,28 @@ def test_ctrl_c_during_the_imports_is_one_line_and_130(places: dict[str, str]):
     assert out == ""
 
 
+def test_ctrl_c_while_numpy_imports_is_one_line_and_130(places: dict[str, str]):
+    """SIGINT while NumPy is being imported: torch imports it from C, where a KeyboardInterrupt
+    is dropped and the command ran on with a half-imported NumPy (tracebacks, or no stop)."""
+    child = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "haltpoint", "ls", places["run"]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert child.stderr is not None
+    for line in child.stderr:
+        if " numpy." in line:  # a submodule of numpy done: numpy itself is still importing
+            child.send_signal(signal.SIGINT)
+            break
+    out, err = child.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert child.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert lines == ["haltpoint: interrupted; nothing was done"]
+    assert out == ""
+
+
 COMMAND_LINES = {
     "demo": "demo --run-dir {tmp}/never",
     "listing": "ls {run}",

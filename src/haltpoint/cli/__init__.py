@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     0
     """
     try:
+        # NumPy first, from Python: torch imports it from C and, if a Ctrl-C lands there,
+        # drops the KeyboardInterrupt and runs on with a half-imported NumPy.
+        import numpy  # noqa: F401
+
         from haltpoint.cli.app import run
     except KeyboardInterrupt:
         sys.stderr.write("haltpoint: interrupted; nothing was done\n")
