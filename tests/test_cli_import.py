@@ -161,6 +161,9 @@ def test_import_errors(tmp_path: Path, capsys):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     code, _, err = run_cli(capsys, "import", str(tmp_path / "list.pt"), "-o", str(tmp_path / "r"))
     assert code == 1 and "the file holds a list, not a mapping" in err
+    torch.save({}, tmp_path / "empty.pt")
+    code, _, err = run_cli(capsys, "import", str(tmp_path / "empty.pt"), "-o", str(tmp_path / "r"))
+    assert code == 1 and "the file holds an empty dict; nothing to import" in err
     code, _, err = run_cli(capsys, "import", str(tmp_path / "none.pt"), "-o", str(tmp_path / "r"))
     assert code == 1 and "none.pt does not exist or is not a file" in err
 

@@ -162,7 +162,9 @@ def convert(obj: Any) -> tuple[dict[str, Any], int | None, list[str], str]:
     """
     if isinstance(obj, torch.Tensor):
         return {"tensor": obj}, None, [], "tensor"
-    if not isinstance(obj, Mapping) or not obj:
+    if isinstance(obj, Mapping) and not obj:
+        raise ValueError(f"the file holds an empty {type(obj).__name__}; nothing to import")
+    if not isinstance(obj, Mapping):
         raise ValueError(
             f"the file holds a {type(obj).__name__}, not a mapping of names to tensors or "
             "state dicts; nothing to import"
