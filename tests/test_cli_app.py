@@ -45,6 +45,8 @@ def test_version_and_usage_errors(capsys):
     assert "usage: haltpoint" in capsys.readouterr().out
     assert main(["ls"]) == 2
     assert "the following arguments are required: DIR" in capsys.readouterr().err
+    assert main(["ls", "a", "b"]) == 2
+    assert "unrecognized arguments: b (see: haltpoint ls --help)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,11 @@ def run(argv: Sequence[str] | None = None, out: Output | None = None) -> int:
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # named by the subcommand's parser, so the hint is its --help
+                getattr(args, "command_parser", parser).error(
+                    f"unrecognized arguments: {' '.join(extra)}"
+                )
         except SystemExit as exc:  # --help and --version
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         handler: Handler | None = getattr(args, "handler", None)

@@ -38,5 +38,5 @@ def add_command(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     said = (lambda args: interrupted) if isinstance(interrupted, str) else interrupted
-    parser.set_defaults(handler=handler, interrupted=said)
+    parser.set_defaults(handler=handler, interrupted=said, command_parser=parser)
     return parser
