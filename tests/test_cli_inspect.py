@@ -172,7 +172,7 @@ def test_verify_flipped_byte_fails_naming_the_file(run_dir: Path, capsys):
     assert code == 1
     assert "1 of 4 checkpoints damaged:" in out
     assert "step 1: step-000000001/tensors.safetensors: 1 tensor(s)" in out
-    assert "never load a damaged checkpoint" in err
+    assert "restore() never loads a damaged checkpoint, nor `haltpoint export` a damaged" in err
     code, out, _ = run_cli(capsys, "verify", str(run_dir), "--json")
     result = json.loads(out)
     assert code == 1 and result["ok"] is False

@@ -248,7 +248,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
         for problem in result.problems():
             out.line(f"  step {result.step}: {problem}", style="red")
     out.note(
-        "restore() and `haltpoint export` never load a damaged checkpoint; use an intact step "
+        "restore() never loads a damaged checkpoint, nor `haltpoint export` a damaged tensor "
+        "(it reads only the entry it exports); use an intact step "
         "(haltpoint ls), and copy the run again if it came from elsewhere"
     )
     return 1
