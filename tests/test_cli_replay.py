@@ -103,6 +103,13 @@ def test_replay_errors(tmp_path: Path, run_dir: Path, capsys):
     assert code == 1 and "has no history.jsonl" in err
 
 
+def test_plot_and_replay_refuse_a_mode_alone_against_the_recorded_one(run_dir: Path, capsys):
+    for command in ("plot", "replay"):
+        code, _, err = run_cli(capsys, command, str(run_dir), "--mode", "max")
+        assert code == 2, command
+        assert "--mode max contradicts the run's recorded monitor, val_loss (min)" in err
+
+
 def test_replay_of_a_history_without_metrics_says_so(tmp_path: Path, capsys):
     (tmp_path / "history.jsonl").write_text('{"epoch": 1}\n')  # a record, but no metrics
     code, _, err = run_cli(capsys, "replay", str(tmp_path))

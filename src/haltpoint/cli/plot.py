@@ -9,7 +9,7 @@ from typing import Any
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import UsageError, check_output_file, write_failed
 from haltpoint.cli.output import Output
-from haltpoint.cli.runinfo import mode_of, open_run, watched_metric
+from haltpoint.cli.runinfo import check_mode, mode_of, open_run, watched_metric
 from haltpoint.plotting import curves, image_formats, plot_history
 from haltpoint.store.history import HISTORY_NAME, read_history
 
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
     if monitor is None:
         guessed = watched_metric(run_dir, records)
         if guessed is not None:
-            monitor, mode = guessed[0], mode or guessed[1]
+            check_mode(mode, *guessed)
+            monitor, mode = guessed
     if args.monitor is None and monitor not in plotted:
         monitor = None  # the stopper's metric is not plotted: no best to mark
     if monitor is not None and mode is None:

@@ -12,7 +12,7 @@ from typing import Any
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import UsageError, count, finite_at_least
 from haltpoint.cli.output import Output
-from haltpoint.cli.runinfo import mode_of, open_run, watched_metric
+from haltpoint.cli.runinfo import check_mode, mode_of, open_run, watched_metric
 from haltpoint.plotting import curves
 from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.bands import band_of, summarize_bands
@@ -214,6 +214,7 @@ def replay_source(
                 )
             monitor = names[0]
         else:
+            check_mode(mode, *guessed)
             monitor = guessed[0]
     if monitor not in curves(records):
         raise UsageError(

@@ -21,6 +21,7 @@ from haltpoint.store.storage import open_storage
 
 __all__ = [
     "Record",
+    "check_mode",
     "committed",
     "folder_status",
     "guess_monitor",
@@ -223,12 +224,7 @@ def resolve_monitor(
     names = metric_names(manifests)
     recorded = recorded_ranking(manifests)
     if monitor is None and recorded is not None and recorded.monitor is not None:
-        if mode is not None and mode != recorded.mode:  # would rank the worst as best
-            raise UsageError(
-                f"--mode {mode} contradicts the run's recorded monitor, {recorded.monitor} "
-                f"({recorded.mode}); name the metric it is meant for with --monitor NAME "
-                f"--mode {mode}"
-            )
+        check_mode(mode, recorded.monitor, recorded.mode)
         _warn_if_changed(manifests, recorded)
         return recorded.monitor, recorded.mode
     if monitor is None and recorded is None:
@@ -262,6 +258,19 @@ def resolve_monitor(
     if mode is None and recorded is not None and recorded.monitor == monitor:
         mode = recorded.mode
     return monitor, mode if mode is not None else mode_of(monitor)
+
+
+def check_mode(mode: str | None, monitor: str, recorded: str) -> None:
+    """Refuse a `--mode` given without `--monitor` that contradicts the mode recorded for the
+    run's `monitor`: it would take the worst checkpoint for the best.
+
+    >>> check_mode(None, "val_loss", "min"); check_mode("min", "val_loss", "min")
+    """
+    if mode is not None and mode != recorded:
+        raise UsageError(
+            f"--mode {mode} contradicts the run's recorded monitor, {monitor} ({recorded}); "
+            f"name the metric it is meant for with --monitor NAME --mode {mode}"
+        )
 
 
 def mode_of(monitor: str) -> str:
