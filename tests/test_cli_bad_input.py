@@ -184,6 +184,26 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_inside_a_checkpoint_folder_is_refused(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    with Checkpointer(run, keep_last=2, async_save=False, capture_rng=False) as ckpt:
+        ckpt.save(1, {"model": {"w": torch.ones(3)}}, {"loss": 0.5})
+        ckpt.save(2, {"model": {"w": torch.zeros(3)}}, {"loss": 0.25})
+    data = run / "step-000000001" / "tensors.safetensors"
+    before = data.read_bytes()
+    (tmp_path / "link").symlink_to(run / "step-000000001")
+    for target in (data, tmp_path / "link" / "tensors.safetensors"):
+        argv = ["export", str(run), "--which", "2", "-o", str(target)]
+        assert main(argv) == USAGE
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is inside the checkpoint folder" in err
+    argv = ["plot", str(run), "-o", str(run / "step-000000002" / "curves.png")]
+    assert main(argv) == USAGE
+    assert "is inside the checkpoint folder" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    assert main(["verify", str(run)]) == 0
+
+
 def test_an_unwritable_folder_is_refused_before_any_work(
     places: dict[str, str], tmp_path: Path, capsys, monkeypatch
 ):

@@ -15,6 +15,8 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
+from haltpoint.store.run_dir import parse_step
+
 __all__ = [
     "UsageError",
     "check_output_dir",
@@ -130,6 +132,12 @@ def check_output_file(path: str, flag: str, suffixes: Sequence[str] = ()) -> Non
         what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise UsageError(f"{flag} {path}: {folder} {what}; name a file in an existing folder")
     _check_names(os.path.basename(path), flag, folder)
+    inside = os.path.dirname(os.path.realpath(path))  # through links too
+    if parse_step(os.path.basename(inside)) is not None:
+        raise UsageError(
+            f"{flag} {path} is inside the checkpoint folder {inside}; a file written there "
+            "could replace the checkpoint's own data: name a file outside the run's step-* folders"
+        )
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UsageError(f"{flag} {path} is not writable; pick a path you can write")
 
