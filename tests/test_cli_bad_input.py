@@ -200,8 +200,23 @@ def test_an_output_inside_a_checkpoint_folder_is_refused(tmp_path: Path, capsys)
     argv = ["plot", str(run), "-o", str(run / "step-000000002" / "curves.png")]
     assert main(argv) == USAGE
     assert "is inside the checkpoint folder" in capsys.readouterr().err
+    for argv in (
+        ["import", str(weights_file(tmp_path)), "-o", str(run / "step-000000001")],
+        ["demo", "--run-dir", str(tmp_path / "link" / "nested"), "--epochs", "1"],
+    ):
+        assert main(argv) == USAGE
+        assert "is inside a checkpoint's step-* folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "step-000000001").iterdir()) == [
+        "manifest.json",
+        "tensors.safetensors",
+    ]
     assert data.read_bytes() == before
     assert main(["verify", str(run)]) == 0
+
+
+def weights_file(folder: Path) -> Path:
+    torch.save({"w": torch.ones(2)}, folder / "weights.pt")
+    return folder / "weights.pt"
 
 
 def test_an_unwritable_folder_is_refused_before_any_work(

@@ -163,6 +163,13 @@ def check_output_dir(path: str, flag: str) -> None:
         where = "is a file" if existing == os.path.abspath(local) else f"is inside file {existing}"
         raise UsageError(f"{flag} {path} {where}, not a folder; pick a folder")
     _check_names(local, flag, existing)
+    missing = os.path.relpath(os.path.abspath(local), existing)
+    parts = os.path.realpath(existing).split(os.sep) + missing.split(os.sep)
+    if any(parse_step(part) is not None for part in parts):
+        raise UsageError(
+            f"{flag} {path} is inside a checkpoint's step-* folder, which retention or gc may "
+            "delete whole with everything in it; pick a folder outside the run's step-* folders"
+        )
     if not os.access(existing, os.W_OK):
         raise UsageError(f"{flag} {path} is not writable (in {existing}); pick another folder")
 
