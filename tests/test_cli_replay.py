@@ -110,6 +110,14 @@ def test_plot_and_replay_refuse_a_mode_alone_against_the_recorded_one(run_dir: P
         assert "--mode max contradicts the run's recorded monitor, val_loss (min)" in err
 
 
+def test_replay_horizon_without_the_default_row_is_refused(run_dir: Path, capsys):
+    code, _, err = run_cli(capsys, "replay", str(run_dir), "--patience", "3", "--horizon", "10")
+    assert code == 2
+    assert "--horizon is told only to the default rule, and --patience has no 'default'" in err
+    argv = ["replay", str(run_dir), "--patience", "default,3", "--horizon", "10"]
+    assert run_cli(capsys, *argv)[0] == 0
+
+
 def test_replay_of_a_history_without_metrics_says_so(tmp_path: Path, capsys):
     (tmp_path / "history.jsonl").write_text('{"epoch": 1}\n')  # a record, but no metrics
     code, _, err = run_cli(capsys, "replay", str(tmp_path))

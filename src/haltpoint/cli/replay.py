@@ -236,6 +236,11 @@ def replay_source(
 def run(args: argparse.Namespace, out: Output) -> int:
     """Replay stopping settings over the history of each of `args.source`."""
     patiences = args.patience
+    if args.horizon is not None and None not in patiences:
+        raise UsageError(
+            "--horizon is told only to the default rule, and --patience has no 'default'; "
+            "add it (--patience default,...) or leave --horizon out"
+        )
     runs = [replay_source(source, args, patiences) for source in args.source]
     if len(runs) > 1:
         return _summary(runs, patiences, args, out)
