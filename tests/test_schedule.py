@@ -103,7 +103,7 @@ def test_maybe_save_saves_when_due_and_records_why(tmp_path: Path, capsys):
     }
     assert main(["show", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "saved by: every 3 steps: every 3 steps: 3 steps since the last save" in out
+    assert "saved by:  every 3 steps: every 3 steps: 3 steps since the last save" in out
     assert "extra:" not in out
 
 
