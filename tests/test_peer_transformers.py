@@ -132,11 +132,11 @@ def test_stopper_state_persists_across_a_resume(tmp_path: Path) -> None:
     "stopper state on resume"). Resumed here through haltpoint's own checkpoints.
     """
     accuracy = [0.5, 0.6, 0.6, 0.6]
-    with Checkpointer(tmp_path / "run", monitor="eval_accuracy") as ckpt:
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy", mode="max") as ckpt:
         first = EarlyStopping("accuracy", mode="max", patience=5, min_delta=0.2)
         make_trainer(tmp_path, [HaltpointCallback(first, ckpt)], accuracy, epochs=2).train()
     assert (first.evaluations, first.best, first.wait) == (2, 0.5, 1)  # 0.6 is not 0.2 better
-    with Checkpointer(tmp_path / "run", monitor="eval_accuracy") as ckpt:
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy", mode="max") as ckpt:
         second = EarlyStopping("accuracy", mode="max", patience=3)
         callback = HaltpointCallback(second, ckpt, resume=True)
         make_trainer(tmp_path, [callback], accuracy[2:], epochs=4).train()
@@ -156,11 +156,11 @@ def test_resume_beside_a_regular_callback(tmp_path: Path) -> None:
             self.events.append("on_evaluate")
 
     accuracy = [0.5, 0.6, 0.7, 0.8]
-    with Checkpointer(tmp_path / "run", monitor="eval_accuracy") as ckpt:
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy", mode="max") as ckpt:
         first = EarlyStopping("accuracy", mode="max", patience=5)
         callbacks = [Recorder(), HaltpointCallback(first, ckpt)]
         make_trainer(tmp_path, callbacks, accuracy, epochs=2).train()
-    with Checkpointer(tmp_path / "run", monitor="eval_accuracy") as ckpt:
+    with Checkpointer(tmp_path / "run", monitor="eval_accuracy", mode="max") as ckpt:
         second = EarlyStopping("accuracy", mode="max", patience=5)
         recorder = Recorder()
         callbacks = [HaltpointCallback(second, ckpt, resume=True), recorder]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from haltpoint import Checkpointer, EarlyStopping
 from haltpoint.stopping.modes import infer_mode, resolve_mode
 
 NAMES = [
@@ -51,3 +54,25 @@ def test_resolve_mode() -> None:
         resolve_mode(1, "val_loss")
     with pytest.raises(ValueError, match=r"but monitor=None"):
         resolve_mode("auto", None)
+
+
+@pytest.mark.parametrize("monitor", [None, "val_loss", "score", "acc_loss", "my_metric"])
+def test_a_mode_left_out_is_min(monitor: str | None) -> None:
+    assert resolve_mode(None, monitor) == "min"
+
+
+@pytest.mark.parametrize("monitor", ["val_acc", "eval/f1", "val_auroc"])
+def test_a_mode_left_out_is_refused_for_a_maximized_name(monitor: str) -> None:
+    with pytest.raises(ValueError, match=rf"monitor={monitor!r} reads as .* pass mode='max'"):
+        resolve_mode(None, monitor)
+    assert resolve_mode("min", monitor) == "min"  # said explicitly, it is the user's call
+
+
+def test_a_checkpointer_told_no_mode_keeps_no_worst_checkpoint_for_accuracy(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"monitor='val_acc' reads as .* mode='max'"):
+        Checkpointer(tmp_path / "run", monitor="val_acc", keep_best=1)
+    assert not (tmp_path / "run").exists()  # refused before anything was created
+    with pytest.raises(ValueError, match=r"mode='max'"):
+        EarlyStopping("val_acc", patience=3)
+    with Checkpointer(tmp_path / "ok", monitor="val_acc", mode="auto", keep_best=1) as ckpt:
+        assert ckpt.mode == "max"

@@ -18,7 +18,7 @@ def load_best(
     model: torch.nn.Module,
     *,
     monitor: str,
-    mode: str = "min",
+    mode: str | None = None,
     entry: str = "model",
     map_location: str | torch.device | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -29,6 +29,7 @@ def load_best(
     state alone and loads nothing else (the optimizer and the stopper stay in the
     checkpoint; the returned info's `report.unexpected` names them). Strict inside the
     model: a key, shape or dtype that differs is a `StateMismatchError`, and nothing loads.
+    `mode` is the `Checkpointer`'s: left out, "min", refused for a monitor such as `val_acc`.
 
     Raises:
         CheckpointNotFoundError: the run has no intact checkpoint with a finite `monitor`.

@@ -29,6 +29,7 @@ from haltpoint.schedule import SaveSchedule
 from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.stopping import EarlyStopping
+from haltpoint.stopping.modes import resolve_mode
 from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, save_record
@@ -52,7 +53,10 @@ class Checkpointer:
     Args:
         directory: a local path or an fsspec URL (`memory://run`, `s3://bucket/run`, ...).
         monitor: the metric that ranks checkpoints for `keep_best` and `restore(which="best")`.
-        mode: "min" or "max": whether a lower or a higher `monitor` is better.
+        mode: "min" or "max": whether a lower or a higher `monitor` is better; "auto" infers
+            it from the name. Left out, it is "min", and refused for a monitor named like a
+            metric where higher is better (`val_acc`), whose best checkpoints a "min" would
+            rank last: pass `mode="max"` there.
         keep_best: keep the K best checkpoints by `monitor`.
         keep_last: keep the N newest checkpoints (at least 1: a resume needs it).
         keep_every: keep every checkpoint whose step is a multiple of this, forever.
@@ -95,7 +99,7 @@ class Checkpointer:
         directory: str | os.PathLike[str],
         *,
         monitor: str | None = None,
-        mode: str = "min",
+        mode: str | None = None,
         keep_best: int = 0,
         keep_last: int = 1,
         keep_every: int | None = None,
@@ -114,6 +118,7 @@ class Checkpointer:
             raise TypeError(
                 f"monitor must be a metric name (a non-empty str) or None, got {monitor!r}"
             )
+        mode = resolve_mode(mode, monitor)
         self._rules = build_rules(
             keep_last=keep_last,
             keep_best=keep_best,

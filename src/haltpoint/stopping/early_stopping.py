@@ -36,6 +36,8 @@ class EarlyStopping:
     Args:
         monitor: the metric's key when `step()` gets a mapping, and its name in messages.
         mode: `"min"`, `"max"`, or `"auto"` to infer it from `monitor` (`val_loss` -> min).
+            Left out, it is `"min"`, and refused for a monitor named like a metric where
+            higher is better (`val_acc`): pass `mode="max"` there.
         patience: evaluations without improvement that stop the run; None uses the default
             rule (`haltpoint.stopping.adaptive`): stop once the recent trend projects no
             more than 0.5% further improvement (0.25% told the horizon) and the run is no
@@ -73,7 +75,7 @@ class EarlyStopping:
         self,
         monitor: str | None = None,
         *,
-        mode: str = "min",
+        mode: str | None = None,
         patience: int | None = None,
         min_delta: float | RelativeDelta = 0.0,
         warmup: int = 0,

@@ -96,15 +96,27 @@ def infer_mode(name: str) -> Mode:
 def resolve_mode(mode: object, monitor: str | None) -> Mode:
     """Check `mode` and return `"min"` or `"max"`, inferring it from `monitor` for `"auto"`.
 
+    A mode left unset (None) is `"min"`, Lightning's default, except for a monitor whose name
+    reads as a metric where higher is better (`val_acc`, `eval/f1`): that is refused rather
+    than ranked the wrong way up (a `keep_best` would keep the worst checkpoints).
+
     Raises:
-        ValueError: for an unknown mode, or `"auto"` with no monitor name or an unknown one.
+        ValueError: for an unknown mode, `"auto"` with no monitor name or an unknown one, or
+            no mode for a monitor named like a maximized metric.
 
     Example:
-        >>> resolve_mode("auto", "val_acc")
-        'max'
+        >>> resolve_mode("auto", "val_acc"), resolve_mode(None, "val_loss")
+        ('max', 'min')
     """
     if mode == "min" or mode == "max":
         return mode
+    if mode is None:
+        if monitor is not None and _reads_as_maximized(monitor):
+            raise ValueError(
+                f"mode is not given, and monitor={monitor!r} reads as a metric where higher is "
+                "better; pass mode='max' (or mode='min' if lower is better there)"
+            )
+        return "min"
     if mode != "auto":
         raise ValueError(f"mode must be one of {list(_MODES)}; got mode={mode!r}")
     if monitor is None:
@@ -113,3 +125,10 @@ def resolve_mode(mode: object, monitor: str | None) -> Mode:
             "pass a monitor name such as 'val_loss', or mode='min' or mode='max'"
         )
     return infer_mode(monitor)
+
+
+def _reads_as_maximized(name: str) -> bool:
+    try:
+        return infer_mode(name) == "max"
+    except ValueError:  # no known token, or tokens that disagree: not clearly maximized
+        return False
