@@ -156,6 +156,13 @@ def test_invalid_middle_lines_warn_with_their_numbers(storage: Storage) -> None:
     assert "skipped it" in messages[0]
 
 
+def test_a_line_nested_too_deep_for_json_is_skipped_with_a_warning(storage: Storage) -> None:
+    deep = b'{"step": 2, "metrics": {"loss": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    write_raw(storage, b'{"step": 1}\n' + deep + b'\n{"step": 3}\n')
+    with pytest.warns(UserWarning, match=r"line 2 is not a valid record \(it nests containers"):
+        assert read_history(storage) == [{"step": 1}, {"step": 3}]
+
+
 def test_lenient_reader_accepts_bare_nan_tokens(storage: Storage) -> None:
     write_raw(storage, b'{"loss": NaN}\n')
     (record,) = read_history(storage)

@@ -140,6 +140,13 @@ def decode_record(line: bytes | str) -> dict[str, Any]:
 
 def _decode(line: bytes | str, *, checked: bool) -> tuple[dict[str, Any], bool]:
     """The record of `line` and whether it had a checksum; `checked`: it must have one."""
+    try:
+        return _decode_nested(line, checked=checked)
+    except RecursionError:  # json and _from_json recurse once per level
+        raise ValueError("it nests containers deeper than Python can read") from None
+
+
+def _decode_nested(line: bytes | str, *, checked: bool) -> tuple[dict[str, Any], bool]:
     value = json.loads(line)
     if not isinstance(value, dict):
         raise ValueError(f"a history line must hold a JSON object, got {type(value).__name__}")
