@@ -35,6 +35,11 @@ def test_curves_orders_by_step_and_keeps_the_last_record_of_a_step():
         curves(records, ["c"])
 
 
+def test_curves_pass_over_an_int_too_large_for_a_float_like_any_non_number():
+    records = [{"step": 0, "metrics": {"a": 10**400}}, {"step": 1, "metrics": {"a": 0.5}}]
+    assert curves(records) == {"a": ([1], [0.5])}
+
+
 def test_plot_history_marks_best_and_stop(tmp_path: Path):
     image = pytest.importorskip("matplotlib.image")
     path = tmp_path / "curves.png"

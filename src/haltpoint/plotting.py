@@ -73,6 +73,7 @@ def curves(
 
     A later record for the same step (a step logged again after a resume) replaces the
     earlier one. `metrics` picks and orders the names; default: every name, first seen first.
+    A value that is no number (or an int too large for a float) is passed over.
 
     >>> curves([{"step": 0, "metrics": {"loss": 1.0}}, {"step": 1, "metrics": {"loss": 0.5}}])
     {'loss': ([0, 1], [1.0, 0.5])}
@@ -99,12 +100,22 @@ def curves(
     for name in wanted:
         steps, ys = [], []
         for step in sorted(by_step):
-            value = by_step[step].get(name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = _number(by_step[step].get(name))
+            if value is not None:
                 steps.append(step)
-                ys.append(float(value))
+                ys.append(value)
         result[name] = (steps, ys)
     return result
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float; None for anything else (an int beyond a float's range included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def _stop_step(records: Sequence[Mapping[str, Any]]) -> int | None:
