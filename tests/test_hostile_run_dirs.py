@@ -486,6 +486,19 @@ def test_ls_and_verify_report_the_crafted_step(
     assert "Traceback" not in captured.out + captured.err
 
 
+@pytest.mark.parametrize("alias", ["step-0000000002", "step-" + "\u0660" * 8 + "\u0662"])
+def test_a_folder_named_like_another_step_is_no_checkpoint(
+    run: Path, alias: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(run / "step-000000002", run / alias)  # ten digits, or Arabic-Indic ones
+    assert main(["ls", str(run), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(e["step"], Path(e["path"]).name) for e in listed] == [
+        (1, "step-000000001"),
+        (2, "step-000000002"),
+    ]
+
+
 # -- fuzzing: random mutations of a real manifest, sealed with a valid checksum ----------------
 
 

@@ -64,7 +64,7 @@ TENSORS_NAME = "tensors.safetensors"
 PINNED_NAME = "pinned"
 DCP_NAME = "dcp"
 SHARDED_KEY = "sharded"  # the manifest's `extra` key of a checkpoint with a DCP folder
-_DIR_PATTERN = re.compile(r"^step-(\d{9,})$")
+_DIR_PATTERN = re.compile(r"^step-([0-9]{9,})$")
 
 
 def checkpoint_dirname(step: int) -> str:
@@ -77,13 +77,17 @@ def checkpoint_dirname(step: int) -> str:
 
 
 def parse_step(name: str) -> int | None:
-    """The step of a checkpoint folder name, or None for anything else.
+    """The step of a checkpoint folder name, exactly as `checkpoint_dirname` writes it, or
+    None for anything else (a name with more zeros, or other digits, would alias a step).
 
-    >>> parse_step("step-000000012"), parse_step("history.jsonl")
-    (12, None)
+    >>> parse_step("step-000000012"), parse_step("step-0000000012"), parse_step("history.jsonl")
+    (12, None, None)
     """
     match = _DIR_PATTERN.match(name)
-    return int(match.group(1)) if match else None
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if checkpoint_dirname(step) == name else None
 
 
 def dcp_folder(dirname: str) -> str:
