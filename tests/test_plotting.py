@@ -40,6 +40,17 @@ def test_curves_pass_over_an_int_too_large_for_a_float_like_any_non_number():
     assert curves(records) == {"a": ([1], [0.5])}
 
 
+def test_a_record_whose_step_no_manifest_could_hold_is_passed_over(tmp_path: Path):
+    records = [
+        {"step": 10**400, "metrics": {"a": 1.0}, "stopper": {"stop": True}},
+        {"step": True, "metrics": {"a": 2.0}},
+        {"step": 1, "metrics": {"a": 0.5}},
+    ]
+    assert curves(records) == {"a": ([1], [0.5])}
+    plot_history(records, tmp_path / "c.png")  # the stop of step 10**400 is not marked
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_plot_history_marks_best_and_stop(tmp_path: Path):
     image = pytest.importorskip("matplotlib.image")
     path = tmp_path / "curves.png"

@@ -73,7 +73,8 @@ def curves(
 
     A later record for the same step (a step logged again after a resume) replaces the
     earlier one. `metrics` picks and orders the names; default: every name, first seen first.
-    A value that is no number (or an int too large for a float) is passed over.
+    A value that is no number (or an int too large for a float), or a record whose step is no
+    int in [0, 2**63) (what a manifest holds), is passed over.
 
     >>> curves([{"step": 0, "metrics": {"loss": 1.0}}, {"step": 1, "metrics": {"loss": 0.5}}])
     {'loss': ([0, 1], [1.0, 0.5])}
@@ -84,8 +85,8 @@ def curves(
     by_step: dict[int, Mapping[str, Any]] = {}
     names: list[str] = []
     for record in records:
-        step, values = record.get("step"), record.get("metrics")
-        if not isinstance(step, int) or not isinstance(values, Mapping):
+        step, values = _step(record.get("step")), record.get("metrics")
+        if step is None or not isinstance(values, Mapping):
             continue
         by_step[step] = values
         names.extend(name for name in values if name not in names)
@@ -122,9 +123,15 @@ def _stop_step(records: Sequence[Mapping[str, Any]]) -> int | None:
     for record in records:
         stopper = record.get("stopper")
         if isinstance(stopper, Mapping) and stopper.get("stop") is True:
-            step = record.get("step")
-            return step if isinstance(step, int) else None
+            return _step(record.get("step"))
     return None
+
+
+def _step(value: Any) -> int | None:
+    """`value` if it is a step a manifest can hold (an int in [0, 2**63)), else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        return None
+    return value
 
 
 def _best(series: tuple[list[int], list[float]], mode: str) -> tuple[int | None, float | None]:
