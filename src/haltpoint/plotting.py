@@ -25,6 +25,8 @@ __all__ = [
 ]
 
 _INSTALL = "pip install 'haltpoint[plot]'"
+_LARGEST = 1e300
+"""The largest finite magnitude plotted: from about 1e307 on, matplotlib's ticks overflow."""
 
 
 class MissingDependencyError(ImportError):
@@ -169,7 +171,8 @@ def plot_history(
     Raises:
         MissingDependencyError: matplotlib is not installed.
         ValueError: no record holds a metric, a requested one is missing, or the suffix of
-            `path` is not an image format matplotlib writes (`.png`, `.svg`, `.pdf`, ...).
+            `path` is not an image format matplotlib writes (`.png`, `.svg`, `.pdf`, ...), or
+            a finite value is beyond +-1e300 (matplotlib's ticks overflow near a float's limit).
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -201,6 +204,13 @@ def plot_history(
     lower = [n for n in series if _direction(n) == "min"]
     other = [n for n in series if n not in lower]
     groups = [(g, label) for g, label in ((lower, "loss"), (other, "score")) if g]
+    for name, (_, values) in series.items():  # near float's limit matplotlib's ticks overflow
+        huge = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
+        if huge > _LARGEST:
+            raise ValueError(
+                f"cannot plot {name!r}: a value of magnitude {huge:g} is beyond the "
+                f"{_LARGEST:g} that plots can show"
+            )
     fig = Figure(figsize=(5.2 * len(groups), 4.0), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     for index, (names, ylabel) in enumerate(groups):
