@@ -15,6 +15,7 @@ from haltpoint.cli.output import Output
 from haltpoint.cli.runinfo import check_mode, mode_of, open_run, watched_metric
 from haltpoint.plotting import curves
 from haltpoint.stopping import EarlyStopping
+from haltpoint.stopping._text import evaluations
 from haltpoint.stopping.bands import band_of, summarize_bands
 from haltpoint.stopping.modes import Mode
 from haltpoint.stopping.replay import ReplayResult, best_index, replay
@@ -256,7 +257,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         else (f"best {values[run_best]:.4g} at step {steps[run_best]}")
     )
     out.line(
-        f"{monitor} ({one.mode}) over {len(values)} evaluations, steps {steps[0]}-{steps[-1]}; "
+        f"{monitor} ({one.mode}) over {evaluations(len(values))}, steps {steps[0]}-{steps[-1]}; "
         f"{best_text}"
     )
     out.table(
