@@ -185,7 +185,8 @@ def test_fresh_refuses_a_folder_whose_only_haltpoint_file_is_a_stray_lock(tmp_pa
 def test_fresh_refuses_a_folder_of_another_tool_with_its_own_history_jsonl(tmp_path: Path, capsys):
     other = tmp_path / "other-tool"
     other.mkdir()
-    (other / "history.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')  # no checksum
+    deep = "[" * 100_000 + "]" * 100_000  # deeper than json can parse: RecursionError
+    (other / "history.jsonl").write_text(f'{{"epoch": 1, "loss": 0.5}}\n{deep}\n')  # no checksum
     (other / "model.pt").write_bytes(b"precious")
     code, _, err = run_cli(capsys, "demo", "--run-dir", str(other), "--fresh")
     assert code == 1 and "does not look like a haltpoint run" in err

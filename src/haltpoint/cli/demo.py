@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -24,7 +23,7 @@ from haltpoint.demo.train import MONITOR, DemoConfig, DemoOutcome, EpochResult, 
 from haltpoint.errors import LockedError
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
-from haltpoint.store.history import CHECKSUM_KEY, HISTORY_NAME, decode_record, read_history
+from haltpoint.store.history import HISTORY_NAME, is_checked_record, read_history
 from haltpoint.store.lock import read_holder
 from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.storage import LocalStorage
@@ -62,15 +61,7 @@ def _has_checked_history(path: str) -> bool:
     if not os.path.isfile(path):
         return False
     with open(path, "rb") as f:
-        for line in f:
-            try:
-                value = json.loads(line)
-                if isinstance(value, dict) and CHECKSUM_KEY in value:
-                    decode_record(line)
-                    return True
-            except ValueError:  # not JSON, or its checksum fails
-                continue
-    return False
+        return any(is_checked_record(line) for line in f)
 
 
 def _delete_run(path: str) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "append_history",
     "decode_record",
     "encode_record",
+    "is_checked_record",
     "parse_history",
     "read_history",
     "save_record",
@@ -136,6 +137,19 @@ def decode_record(line: bytes | str) -> dict[str, Any]:
         ValueError: the line is not a JSON object, or its checksum does not match.
     """
     return _decode(line, checked=False)[0]
+
+
+def is_checked_record(line: bytes | str) -> bool:
+    """Whether `line` is a history record carrying a checksum that verifies (what only
+    haltpoint writes), as opposed to another tool's JSON line or a damaged one.
+
+    >>> is_checked_record(encode_record({"step": 1})), is_checked_record('{"step": 1}')
+    (True, False)
+    """
+    try:
+        return _decode(line, checked=True)[1]
+    except ValueError:  # not JSON, no checksum, a failing checksum, or nested too deep
+        return False
 
 
 def _decode(line: bytes | str, *, checked: bool) -> tuple[dict[str, Any], bool]:
