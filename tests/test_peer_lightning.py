@@ -322,45 +322,39 @@ def test_state_key_names_the_monitor_and_settings() -> None:
     assert loss.state_key != acc.state_key
 
 
+def _log_two_metrics(module: Any) -> None:
+    """abc is best at epoch 2, so patience 3 stops at 5; cba is flat, so it stops at 3."""
+    module.log("abc", torch.tensor([8.0, 4, 2, 3, 4, 5, 8, 10][module.current_epoch]))
+    module.log("cba", torch.tensor(0.0))
+
+
 class TwoMetrics(BoringModel):  # type: ignore[misc]
-    """Logs abc (best at epoch 2, so patience 3 stops at 5) and cba (flat: stops at 3)."""
+    """Logs abc and cba (`_log_two_metrics`) at the end of validation."""
 
     def on_validation_epoch_end(self) -> None:
-        self.log("abc", torch.tensor([8.0, 4, 2, 3, 4, 5, 8, 10][self.current_epoch]))
-        self.log("cba", torch.tensor(0.0))
-
-
-@pytest.mark.parametrize("cba_first", [False, True], ids=["abc_first", "cba_first"])
-def test_multiple_callbacks(tmp_path: Path, cba_first: bool) -> None:
-    """Ports test_multiple_early_stopping_callbacks (one process, at validation): any one stops."""
-    callbacks = [
-        HaltpointCallback(EarlyStopping("abc", patience=3)),
-        HaltpointCallback(EarlyStopping("cba", patience=3)),
-    ]
-    if cba_first:
-        callbacks.reverse()
-    trainer = fit(TwoMetrics(), callbacks, tmp_path, max_epochs=20)
-    assert trainer.current_epoch - 1 == 3
+        _log_two_metrics(self)
 
 
 class TwoMetricsAtTrainEnd(BoringModel):  # type: ignore[misc]
-    """TwoMetrics' values, logged in the module's own `on_train_epoch_end` instead."""
+    """The same values, logged in the module's own `on_train_epoch_end` instead."""
 
     def on_train_epoch_end(self) -> None:
-        self.log("abc", torch.tensor([8.0, 4, 2, 3, 4, 5, 8, 10][self.current_epoch]))
-        self.log("cba", torch.tensor(0.0))
+        _log_two_metrics(self)
 
 
 @pytest.mark.parametrize("cba_first", [False, True], ids=["abc_first", "cba_first"])
-def test_multiple_callbacks_at_train_epoch_end(tmp_path: Path, cba_first: bool) -> None:
-    """Ports test_multiple_early_stopping_callbacks (one process, check_on_train_epoch_end)."""
+@pytest.mark.parametrize("at_train_end", [False, True], ids=["validation", "train_epoch_end"])
+def test_multiple_callbacks(tmp_path: Path, cba_first: bool, at_train_end: bool) -> None:
+    """Ports test_multiple_early_stopping_callbacks (one process; at validation, and with
+    check_on_train_epoch_end): any one stops."""
     callbacks = [
-        HaltpointCallback(EarlyStopping("abc", patience=3), check_on_train_epoch_end=True),
-        HaltpointCallback(EarlyStopping("cba", patience=3), check_on_train_epoch_end=True),
+        HaltpointCallback(EarlyStopping(name, patience=3), check_on_train_epoch_end=at_train_end)
+        for name in ("abc", "cba")
     ]
     if cba_first:
         callbacks.reverse()
-    trainer = fit(TwoMetricsAtTrainEnd(), callbacks, tmp_path, max_epochs=20)
+    model = TwoMetricsAtTrainEnd() if at_train_end else TwoMetrics()
+    trainer = fit(model, callbacks, tmp_path, max_epochs=20)
     assert trainer.current_epoch - 1 == 3
 
 
