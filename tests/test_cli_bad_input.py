@@ -301,6 +301,20 @@ def test_importing_haltpoint_imports_no_torch_and_every_name_resolves():
     assert set(haltpoint.__all__) <= set(dir(haltpoint))
 
 
+def test_type_checkers_see_every_public_name_and_refuse_a_misspelt_one(tmp_path: Path):
+    """The lazy root's names are typed (its TYPE_CHECKING imports), and a name it lacks is an
+    error for mypy rather than `Any` (no module `__getattr__` under type checking)."""
+    user = tmp_path / "user.py"
+    lines = ["import haltpoint"] + [f"haltpoint.{name}" for name in haltpoint.__all__]
+    user.write_text("\n".join([*lines, "haltpoint.Checkpointerr", ""]))
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent", str(user)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and 'no attribute "Checkpointerr"' in errors[0], done.stdout
+
+
 @pytest.mark.parametrize("package", ["torch", "numpy"])
 def test_ctrl_c_during_the_imports_is_one_line_and_130(places: dict[str, str], package: str):
     """SIGINT while torch, or NumPy, is being imported (told by -X importtime's lines as they
