@@ -3,6 +3,8 @@
 A writer process saves as fast as it can with keep_last=1 (sync, then async) while this process
 runs `verify`, `ls` and `export --which latest|best` on the run in turn: none may call a
 checkpoint damaged (one removed under it is "removed"), and every export must succeed.
+The seed fixes the readers' choices; how they interleave with the writer is the scheduler's,
+so the counts (not the verdict) differ from one run to the next with the same seed.
 
     python benchmarks/reliability.py readers --trials 400
 """
