@@ -145,6 +145,34 @@ def test_append_after_a_torn_first_line(storage: Storage) -> None:
     assert raw(storage) == encode_record({"step": 1})
 
 
+@pytest.mark.parametrize(
+    "tail",
+    [
+        pytest.param(encode_record({"step": 2})[:-1], id="a-complete-record"),
+        pytest.param(b"written by another tool", id="foreign-text"),
+        pytest.param(b'{"step": 2, "pad": "' + b"x" * (1 << 20), id="longer-than-any-tear"),
+    ],
+)
+def test_append_keeps_any_text_after_the_last_newline_but_a_torn_record(
+    storage: Storage, tail: bytes
+) -> None:
+    """Only a fragment that a torn append of haltpoint's could have left is dropped: a whole
+    record, another tool's text or a line too long to be a tear stays byte for byte, and the
+    new record goes on a fresh line after it (a history of one line without its newline was
+    cut to 0 bytes)."""
+    write_raw(storage, encode_record({"step": 1}) + tail)
+    append_history(storage, {"step": 3})
+    assert raw(storage) == encode_record({"step": 1}) + tail + b"\n" + encode_record({"step": 3})
+
+
+def test_append_keeps_a_history_of_one_line_without_its_newline(storage: Storage) -> None:
+    write_raw(storage, encode_record({"step": 1})[:-1])
+    append_history(storage, {"step": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_history(storage) == [{"step": 1}, {"step": 2}]
+
+
 def test_invalid_middle_lines_warn_with_their_numbers(storage: Storage) -> None:
     write_raw(storage, b'{"step": 1}\n[1]\n\n\xff\xfe\n{"step": 5}\n')
     with pytest.warns(UserWarning) as caught:

@@ -15,8 +15,10 @@ first checksummed line: after it, a line without one is damage and skipped with 
 A crash can tear the last line: an append writes its line and newline at once, so a torn one
 is a fragment after the last newline. `read_history` ignores such a fragment silently (the
 record was never completely written) and skips any other invalid line, the last complete one
-included, with a warning naming its line number; `append_history` starts on a fresh line
-after a torn one, so a new record is never glued to the garbage.
+included, with a warning naming its line number. `append_history` drops such a fragment
+only when it is what a torn append of haltpoint's leaves (it starts as a record line does,
+is not one, and is short); any other text after the last newline is kept and the new
+record starts on a fresh line, so an append never deletes what it did not write.
 """
 
 from __future__ import annotations
@@ -209,17 +211,42 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _end_of_last_line(fd: int, size: int) -> int:
-    """The length of the file up to and including its last newline (0 if it has none)."""
-    end = size
-    while end > 0:
-        start = max(0, end - 65536)
-        chunk = os.pread(fd, end - start, start)
-        newline = chunk.rfind(b"\n")
-        if newline >= 0:
-            return start + newline + 1
-        end = start
-    return 0
+TORN_LINE_LIMIT = 1 << 20
+"""The longest text after the last newline that an append may drop as its own torn line."""
+
+_RECORD_START = b'{"step":'
+
+
+def _is_torn_append(tail: bytes) -> bool:
+    """Whether `tail`, the text after a history file's last newline, is the fragment of an
+    append haltpoint tore: short, starting as every record line does, and not a record.
+
+    Anything else there (a complete record, another tool's text, a line too long) is kept,
+    and the next append starts on a fresh line after it.
+
+    >>> _is_torn_append(b'{"step":3,"metr'), _is_torn_append(encode_record({"step": 3})[:-1])
+    (True, False)
+    >>> _is_torn_append(b"written by another tool")
+    False
+    """
+    if len(tail) > TORN_LINE_LIMIT or not tail.startswith(_RECORD_START):
+        return False
+    try:
+        _decode(tail, checked=False)
+    except ValueError:
+        return True
+    return False
+
+
+def _tail_start(fd: int, size: int) -> int | None:
+    """Where the text after the last newline starts, or None when it is longer than
+    `TORN_LINE_LIMIT` (only that much of the file's end is read)."""
+    start = max(0, size - TORN_LINE_LIMIT - 1)
+    chunk = os.pread(fd, size - start, start)
+    newline = chunk.rfind(b"\n")
+    if newline >= 0:
+        return start + newline + 1
+    return 0 if start == 0 else None
 
 
 def _append_local(path: str, line: bytes) -> None:
@@ -228,7 +255,11 @@ def _append_local(path: str, line: bytes) -> None:
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
-            os.ftruncate(fd, _end_of_last_line(fd, size))  # drop the fragment of a torn append
+            start = _tail_start(fd, size)
+            if start is not None and _is_torn_append(os.pread(fd, size - start, start)):
+                os.ftruncate(fd, start)  # drop the fragment of a torn append
+            else:
+                line = b"\n" + line  # keep what is there; start on a fresh line
         view = memoryview(line)
         while view:
             view = view[os.write(fd, view) :]
@@ -262,8 +293,10 @@ def append_history(storage: Storage, record: Mapping[str, Any]) -> None:
 
     On a local disk the line is appended in one write, then flushed and fsynced; elsewhere
     (fsspec) the object is read and rewritten whole, since object stores cannot append. The
-    fragment of an append torn by a crash (a last line without its newline) is dropped first,
-    so it never turns into a bad line in the middle of the file.
+    fragment of an append torn by a crash (a last line without its newline that starts as a
+    record does, is not one, and is at most `TORN_LINE_LIMIT` bytes) is dropped first, so it
+    never turns into a bad line in the middle of the file; any other text after the last
+    newline is kept, and the record goes on a fresh line after it.
 
     Raises:
         TypeError: `record` holds a value that JSON cannot represent.
@@ -276,7 +309,12 @@ def append_history(storage: Storage, record: Mapping[str, Any]) -> None:
     old = b""
     with contextlib.suppress(FileNotFoundError):
         old = storage.read_bytes(HISTORY_NAME)
-    old = old[: old.rfind(b"\n") + 1]  # drop the fragment of a torn append, if any
+    start = old.rfind(b"\n") + 1
+    if start < len(old):  # the text after the last newline
+        if _is_torn_append(old[start:]):
+            old = old[:start]  # drop the fragment of a torn append
+        else:
+            old += b"\n"  # keep what is there; start on a fresh line
     storage.publish(HISTORY_NAME, old + line)
 
 
