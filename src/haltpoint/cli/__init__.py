@@ -33,4 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("haltpoint: interrupted; nothing was done\n")
         return 130
-    return run(sys.argv[1:] if argv is None else list(argv))
+    status = run(sys.argv[1:] if argv is None else list(argv))
+    try:
+        sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
+    except BrokenPipeError:
+        from haltpoint.cli.app import EXIT_BROKEN_PIPE, silence
+
+        silence(sys.stdout)
+        return EXIT_BROKEN_PIPE
+    return status

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import select
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -15,6 +18,7 @@ from haltpoint.cli.output import Output
 from haltpoint.errors import CheckpointError
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -34,6 +38,9 @@ EXIT_USAGE = 2
 an output path that cannot be written (found before any work)."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C, at any moment (imports included); one line says what was kept."""
+EXIT_BROKEN_PIPE = 141
+"""The reader of the results went away (`haltpoint ls DIR | head -1`): no line is printed,
+and the status is the shell's for a process ended by SIGPIPE (128 + 13)."""
 
 _DESCRIPTION = """\
 haltpoint: early stopping and atomic, verified, pickle-free PyTorch checkpoints.
@@ -109,6 +116,12 @@ def run(argv: Sequence[str] | None = None, out: Output | None = None) -> int:
     except UsageError as exc:
         out.error(str(exc))
         return EXIT_USAGE
+    except BrokenPipeError as exc:
+        if not reader_gone(out.stdout):  # a socket or another pipe of the command's own
+            out.error(os_error_text(exc))
+            return EXIT_FAILURE
+        silence(out.stdout)
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         out.error(os_error_text(exc))
         return EXIT_FAILURE
@@ -128,16 +141,38 @@ def _interrupted(args: argparse.Namespace | None) -> str:
         return f"interrupted (what was kept is unknown: {exc})"
 
 
+def reader_gone(stream: Any) -> bool:
+    """Whether `stream` is a pipe whose reading end was closed (poll reports an error on
+    it); False where that cannot be told (no file descriptor, no poll)."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # io.StringIO, a closed file, no poll
+        return False
+
+
+def silence(stream: Any) -> None:
+    """Point `stream`'s file descriptor at the null device, so that Python's flush at exit
+    does not fail again on the closed pipe (the recipe of Python's `signal` docs)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
 def os_error_text(exc: OSError) -> str:
     """One line for an OS error: the path and the reason, without `[Errno N]`.
 
     >>> os_error_text(FileNotFoundError(2, "No such file or directory", "/nope/x.png"))
     '/nope/x.png: No such file or directory'
+    >>> os_error_text(ConnectionResetError(104, "Connection reset by peer"))
+    'Connection reset by peer'
     """
     if exc.strerror and exc.filename is not None:
         names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
         return f"{names}: {exc.strerror}"
-    return str(exc) or type(exc).__name__
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _show_warning(out: Output) -> Callable[..., None]:

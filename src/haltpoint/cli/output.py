@@ -10,6 +10,7 @@ come from run directories that may be crafted: `Output` shows every text it is g
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import math
 import re
@@ -95,6 +96,15 @@ def to_strict_json(value: Any) -> str:
     return json.dumps(_jsonable(value), allow_nan=False)
 
 
+class _Console(Console):
+    """A rich console that, when its reader goes away, raises `BrokenPipeError` to the
+    command's error boundary instead of rich's own `SystemExit(1)`, and prints no more."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
 class Output:
     """Where a subcommand writes: `stdout` for results, `stderr` for notes and errors.
 
@@ -121,8 +131,8 @@ class Output:
         options: dict[str, Any] = {"highlight": False, "soft_wrap": True}
         if terminal is not None:  # None: rich asks the file whether it is a terminal
             options["force_terminal"] = terminal
-        self.console = Console(file=self.stdout, **options)
-        self.err_console = Console(file=self.stderr, **options)
+        self.console = _Console(file=self.stdout, **options)
+        self.err_console = _Console(file=self.stderr, **options)
 
     @property
     def is_terminal(self) -> bool:
