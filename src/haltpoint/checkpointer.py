@@ -20,7 +20,14 @@ import torch
 
 from haltpoint._arguments import check_device, check_step, coerce_metrics
 from haltpoint.distributed.strategy import strategy_for
-from haltpoint.errors import CheckpointError, CorruptCheckpointError, HistoryNotWrittenError
+from haltpoint.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    HistoryNotWrittenError,
+    StepBehindError,
+    UnreadableCheckpointError,
+    first_line,
+)
 from haltpoint.policies.interval import parse_every
 from haltpoint.policies.retention import build_rules, contested_steps, retained_steps
 from haltpoint.preemption import SignalFlag
@@ -137,6 +144,7 @@ class Checkpointer:
         self._reader = RunReader(self._run, monitor, mode)
         self._lock: WriterLock | None = None
         self._intact: set[int] = set()  # steps this writer saved, restored or verified
+        self._last: int | None = None  # the step last saved or restored: saves go on from it
         self._owed: dict[int, dict[str, Any]] = {}  # history lines of committed saves, unwritten
         self._writer: BackgroundWriter | None = None
         self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
@@ -318,6 +326,7 @@ class Checkpointer:
             done = self._saved_again(step, metrics, pin)
             if done is not None:
                 return done
+        self._check_ahead(step)
         dirname = self._run.new_dirname(step)
         full = dict(state)
         if self.capture_rng:
@@ -349,7 +358,8 @@ class Checkpointer:
                         copy_later()
                     finally:
                         self._gate.open()
-                committed = self._run.committed()
+                # after a rewind, old-run steps above this one stay and are no dedup source
+                committed = [e for e in self._run.committed() if e.step < step]
                 manifest = write_checkpoint(
                     self._run,
                     step=step,
@@ -366,6 +376,7 @@ class Checkpointer:
                 if background:
                     self._staging.release()
             self._intact.add(step)
+            self._last = step
             # only this writer changes the run (it holds the lock): no second scan needed
             saved = Entry(step, dirname, manifest, None, pin)
             try:  # committed: an error from here on must say so
@@ -444,6 +455,22 @@ class Checkpointer:
         mark = lambda: self._run.set_pinned(self._reader.entry(check_step(step)).step, pinned)  # noqa: E731
         self._ranks.agree(mark, f"(un)pinning step {step}")
 
+    def _check_ahead(self, step: int) -> None:
+        """Refuse (StepBehindError) a save of a step older than this writer's last save or
+        restore, or, before either, than the newest committed checkpoint on disk: retention
+        would otherwise count the newer ones and may delete the new one, or they it."""
+        floor = self._last
+        where = "this Checkpointer's last save or restore"
+        if floor is None:
+            floor = max((e.step for e in self._run.committed()), default=-1)
+            where = f"the newest checkpoint in {self.directory}"
+        if step < floor:
+            raise StepBehindError(
+                f"cannot save step {step}: it is older than step {floor}, {where}; save a "
+                f"newer step, or restore(which={step}) or an older step first to rewind",
+                path=self.directory,
+            )
+
     def _apply_retention(self, entries: list[Entry]) -> None:
         """Remove the committed checkpoints (`entries`, oldest first) no rule keeps.
 
@@ -462,7 +489,14 @@ class Checkpointer:
             if not unchecked:
                 break
             for entry in unchecked:
-                damage = self._reader.damage(entry)
+                try:
+                    damage = self._reader.damage(entry)
+                except UnreadableCheckpointError as exc:  # not damage: remove nothing
+                    warnings.warn(
+                        f"{first_line(exc)}; retention removed no checkpoint this time",
+                        stacklevel=5,
+                    )
+                    return
                 if damage is None:
                     self._intact.add(entry.step)
                 else:
@@ -551,6 +585,8 @@ class Checkpointer:
 
         def load(found: Found) -> CheckpointInfo:
             self._intact.add(found.entry.step)
+            if not self.read_only:
+                self._last = found.entry.step
             return self._reader.load(
                 found, state, strict=strict, device=device, rng=self.capture_rng
             )

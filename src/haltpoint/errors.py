@@ -17,6 +17,8 @@ __all__ = [
     "LinkedFileError",
     "LockedError",
     "StateMismatchError",
+    "StepBehindError",
+    "UnreadableCheckpointError",
     "UnsupportedStateError",
     "first_line",
 ]
@@ -63,6 +65,16 @@ class InsufficientSpaceError(CheckpointError):
 class StateMismatchError(CheckpointError):
     """The checkpoint and the objects to restore into do not match (missing or unexpected
     keys, wrong shapes) and loading is strict."""
+
+
+class StepBehindError(CheckpointError):
+    """`save` of a step older than the newest checkpoint on disk, or than this Checkpointer's
+    last save or restore; nothing was written. After `restore(which=N)`, saves go on from N."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint's file cannot be read for lack of permission: that is not damage, so
+    nothing is quarantined or deleted because of it."""
 
 
 class UnsupportedStateError(TypeError):

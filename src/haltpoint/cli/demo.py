@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,14 +25,24 @@ from haltpoint.errors import LockedError
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import HISTORY_NAME, is_checked_record, read_history
-from haltpoint.store.lock import read_holder
-from haltpoint.store.run_dir import RunDirectory
+from haltpoint.store.lock import LOCK_NAME, read_holder
+from haltpoint.store.manifest import MANIFEST_NAME
+from haltpoint.store.quarantine import QUARANTINE_DIR
+from haltpoint.store.run_dir import (
+    DCP_NAME,
+    PINNED_NAME,
+    TENSORS_NAME,
+    RunDirectory,
+    is_temp_name,
+    parse_step,
+)
 from haltpoint.store.storage import LocalStorage
 
 __all__ = ["DEFAULT_RUN_DIR", "PLOT_NAME", "register", "run"]
 
 DEFAULT_RUN_DIR = os.path.join("runs", "demo")
 PLOT_NAME = "curves.png"
+_QUARANTINED = re.compile(r"^step-[0-9]{9,}-[0-9]+\.json$")
 
 _EPILOG = """\
   haltpoint demo                              train into runs/demo (about 20 s on a laptop)
@@ -64,14 +75,56 @@ def _has_checked_history(path: str) -> bool:
         return any(is_checked_record(line) for line in f)
 
 
+def _foreign_entry(path: str) -> str | None:
+    """The first entry under `path` that neither haltpoint nor the demo writes, or None.
+
+    --fresh deletes the whole folder, so a file of anybody else (notes beside the run, a
+    file in a step folder) makes it refuse: it deletes only what it would itself rewrite.
+    """
+    own_root = {HISTORY_NAME, LOCK_NAME, PLOT_NAME}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.islink(full):
+            return full
+        if name in own_root or is_temp_name(name, frozenset(own_root)):
+            continue
+        if name == QUARANTINE_DIR and os.path.isdir(full):
+            if any(not _QUARANTINED.match(child) for child in os.listdir(full)):
+                return full
+            continue
+        if parse_step(name) is None or not os.path.isdir(full):
+            return full
+        for child in sorted(os.listdir(full)):
+            inner = os.path.join(full, child)
+            if child == DCP_NAME and os.path.isdir(inner) and not os.path.islink(inner):
+                continue  # torch.distributed.checkpoint's own files
+            if os.path.islink(inner) or not (
+                child in (TENSORS_NAME, MANIFEST_NAME, PINNED_NAME)
+                or is_temp_name(child, frozenset({MANIFEST_NAME, PINNED_NAME}))
+            ):
+                return inner
+    return None
+
+
 def _delete_run(path: str) -> None:
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return
+    if os.path.islink(path):
+        raise ValueError(
+            f"--fresh deletes {path}, but it is a symbolic link; delete the run it points to "
+            "yourself or pick another --run-dir"
+        )
     if not os.path.isdir(path) or not _looks_like_run(path):
         raise ValueError(
             f"--fresh deletes {path}, but it does not look like a haltpoint run (no "
             f"{HISTORY_NAME} and no committed checkpoint); delete it yourself or pick "
             "another --run-dir"
+        )
+    foreign = _foreign_entry(path)
+    if foreign is not None:
+        raise ValueError(
+            f"--fresh deletes {path}, but it holds {foreign}, which haltpoint did not write; "
+            "move it out, or delete the folder yourself"
         )
     holder = read_holder(LocalStorage(path))
     if holder is not None:

@@ -57,6 +57,7 @@ __all__ = [
     "checkpoint_nbytes",
     "dcp_folder",
     "is_sharded",
+    "is_temp_name",
     "parse_step",
 ]
 
@@ -65,6 +66,25 @@ PINNED_NAME = "pinned"
 DCP_NAME = "dcp"
 SHARDED_KEY = "sharded"  # the manifest's `extra` key of a checkpoint with a DCP folder
 _DIR_PATTERN = re.compile(r"^step-([0-9]{9,})$")
+
+
+# the names haltpoint writes into a run: clean-up deletes these and nothing else
+_STEP_OWN = frozenset({TENSORS_NAME, DCP_NAME, MANIFEST_NAME, PINNED_NAME})
+_STEP_TEMP_OF = frozenset({MANIFEST_NAME, PINNED_NAME})
+_ROOT_TEMP_OF = frozenset({"history.jsonl", ".haltpoint.lock"})
+_TEMP_PATTERN = re.compile(r"^(.+)\.[0-9a-f]{8}\.tmp$")
+
+
+def is_temp_name(name: str, of: frozenset[str]) -> bool:
+    """Whether `name` is a temporary file `Storage.publish` writes for one of `of`
+    (`{name}.{8 hex digits}.tmp`); any other `.tmp` file is not haltpoint's.
+
+    >>> own = frozenset({"manifest.json"})
+    >>> is_temp_name("manifest.json.0a1b2c3d.tmp", own), is_temp_name("notes.tmp", own)
+    (True, False)
+    """
+    match = _TEMP_PATTERN.match(name)
+    return match is not None and match.group(1) in of
 
 
 def checkpoint_dirname(step: int) -> str:
@@ -402,7 +422,7 @@ class RunDirectory:
         files: list[str] = []
         folders: list[str] = []
         for name in top:
-            if name.endswith(".tmp"):
+            if is_temp_name(name, _ROOT_TEMP_OF):
                 files.append(name)
                 removed.append(name)
                 continue
@@ -414,18 +434,22 @@ class RunDirectory:
                 self.storage.rmtree(name)
                 removed.append(name)
                 continue
-            if name not in live_dirs:
-                files.extend(f"{name}/{child}" for child in children)
-                folders.append(name)
-                removed.append(name)
-                continue
+            live = name in live_dirs
+            foreign = False
             for child in children:
                 rel = f"{name}/{child}"
-                if child.endswith(".tmp") or (
-                    child not in (MANIFEST_NAME, PINNED_NAME) and rel not in referenced
-                ):
+                if is_temp_name(child, _STEP_TEMP_OF):
                     files.append(rel)
                     removed.append(rel)
+                elif child in _STEP_OWN and (not live or child not in (MANIFEST_NAME, PINNED_NAME)):
+                    if not live or rel not in referenced:
+                        files.append(rel)
+                        removed.append(rel)
+                else:  # not haltpoint's name: never deleted, and its folder stays
+                    foreign = True
+            if not live and not foreign:
+                folders.append(name)
+                removed.append(name)
         self.storage.remove_many(files)
         for name in folders:
             self.storage.rmtree(name)  # the folder itself, and anything nested in it

@@ -23,7 +23,7 @@ from typing import IO
 
 import torch
 
-from haltpoint.errors import CorruptCheckpointError
+from haltpoint.errors import CorruptCheckpointError, UnreadableCheckpointError
 from haltpoint.store.hashing import StreamHasher, tensor_bytes
 from haltpoint.store.storage import Storage, check_relpath
 from haltpoint.store.tensor_file import (
@@ -87,6 +87,15 @@ def _stream(f: IO[bytes], offset: int, nbytes: int, buf: bytearray) -> Iterator[
         chunk = view[: min(len(buf), nbytes - i)]
         _readinto(f, chunk)
         yield chunk
+
+
+def _unreadable(storage: Storage, rel: str, exc: OSError) -> UnreadableCheckpointError:
+    where = f"{storage.url.rstrip('/')}/{rel}"
+    return UnreadableCheckpointError(
+        f"cannot read {where}: permission denied ({exc.strerror}); fix its permissions and "
+        "run again (an unreadable checkpoint is not damage: nothing was set aside or deleted)",
+        path=where,
+    )
 
 
 def _open(storage: Storage, rel: str) -> IO[bytes]:
@@ -340,6 +349,8 @@ def read_tensors(
                     out[key] = _read_one(f, size, key, rec, verify, into)
         except _TensorDamage as e:
             raise _corrupt(storage, file, f"tensor {e.key!r}: {e.cause}") from None
+        except PermissionError as e:  # not damage: no fall-back, nothing set aside
+            raise _unreadable(storage, file, e) from None
         except (OSError, EOFError, _Damage, CorruptCheckpointError) as e:
             raise _corrupt(storage, file, f"tensor {key!r}: {e}") from None
     return {key: out[key] for key in records}
@@ -355,6 +366,8 @@ def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[s
     for file, items in _by_file(records).items():
         try:
             f = _open(storage, file)
+        except PermissionError as exc:  # not damage: nothing may be set aside because of it
+            raise _unreadable(storage, file, exc) from None
         except (OSError, CorruptCheckpointError):
             bad.extend(key for key, _ in items)
             continue

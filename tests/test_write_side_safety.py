@@ -1,0 +1,318 @@
+"""Write-side safety: every operation that deletes or rewrites files in a run directory
+(clean-up at writer open, save + retention, `haltpoint gc`, `haltpoint import`,
+`haltpoint demo --fresh`), on every kind of awkward directory, loses no committed intact
+checkpoint and no byte that haltpoint did not write; it succeeds or fails with one clear line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer
+from haltpoint.cli import main
+from haltpoint.errors import CheckpointError, StepBehindError, UnreadableCheckpointError
+from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
+from haltpoint.store.storage import LocalStorage
+
+OPS = ["open", "save", "gc", "import", "fresh"]
+CONDITIONS = [
+    "plain",
+    "bit_flip_newest",
+    "truncated_manifest",
+    "foreign_in_step",
+    "foreign_in_dead_step",
+    "foreign_at_root",
+    "foreign_tmp",
+    "stray_own_tmp",
+    "newer_format",
+    "unreadable_tensors",
+    "symlinked_step",
+    "concurrent_reader",
+]
+
+
+def hashes(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                continue
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def intact_steps(run: Path) -> set[int]:
+    """Steps whose every file verifies (read directly: no writer involved)."""
+    with Checkpointer(run, read_only=True) as reader:
+        found = set()
+        for entry in RunDirectory(LocalStorage(run, create=False)).committed():
+            try:
+                if reader._reader.damage(entry) is None:
+                    found.add(entry.step)
+            except CheckpointError:
+                pass
+        return found
+
+
+def make_run(run: Path) -> torch.nn.Module:
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            ckpt.save(step, {"model": model})
+    return model
+
+
+def damage(run: Path, condition: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    newest = run / checkpoint_dirname(3)
+    if condition == "bit_flip_newest":
+        data = bytearray((newest / "tensors.safetensors").read_bytes())
+        data[-3] ^= 0x10
+        (newest / "tensors.safetensors").write_bytes(bytes(data))
+    elif condition == "truncated_manifest":
+        raw = (newest / "manifest.json").read_bytes()
+        (newest / "manifest.json").write_bytes(raw[: len(raw) // 2])
+    elif condition == "foreign_in_step":
+        (run / checkpoint_dirname(1) / "notes.txt").write_text("my notes")
+    elif condition == "foreign_in_dead_step":
+        dead = run / checkpoint_dirname(0)
+        dead.mkdir()
+        (dead / "tensors.safetensors").write_bytes(b"leftover")  # an interrupted save's
+        (dead / "plot.png").write_bytes(b"\x89PNG precious")
+    elif condition == "foreign_at_root":
+        (run / "README.md").write_text("precious")
+    elif condition == "foreign_tmp":
+        (run / "draft.tmp").write_text("someone's temp file")
+        (run / checkpoint_dirname(2) / "editor.tmp").write_text("precious")
+    elif condition == "stray_own_tmp":
+        (run / "history.jsonl.0a1b2c3d.tmp").write_text("half")
+        (newest / "manifest.json.deadbeef.tmp").write_text("half")
+    elif condition == "newer_format":
+        manifest = json.loads((newest / "manifest.json").read_text())
+        manifest["format_version"] = 99
+        (newest / "manifest.json").write_text(json.dumps(manifest))
+    elif condition == "unreadable_tensors":
+        real_open = open
+
+        def guarded(file, *args, **kwargs):
+            if str(file).endswith(f"{checkpoint_dirname(3)}/tensors.safetensors"):
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
+        real_os_open = os.open
+
+        def guarded_os(file, *args, **kwargs):
+            if str(file).endswith(f"{checkpoint_dirname(3)}/tensors.safetensors"):
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_os_open(file, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", guarded)
+        monkeypatch.setattr(os, "open", guarded_os)
+    elif condition == "symlinked_step":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "precious.bin").write_bytes(b"precious")
+        os.symlink(elsewhere, run / checkpoint_dirname(7))
+
+
+FOREIGN_NAMES = {
+    "foreign_in_step": [f"{checkpoint_dirname(1)}/notes.txt"],
+    "foreign_in_dead_step": [f"{checkpoint_dirname(0)}/plot.png"],
+    "foreign_at_root": ["README.md"],
+    "foreign_tmp": ["draft.tmp", f"{checkpoint_dirname(2)}/editor.tmp"],
+}
+
+
+def operate(op: str, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run `op`; return "ok", or the one line of the error (CheckpointError / CLI exit)."""
+    if op in ("open", "save"):
+        try:
+            with Checkpointer(run, keep_last=2, async_save=False) as ckpt:
+                if op == "save":
+                    ckpt.save(10, {"model": torch.nn.Linear(3, 2)})
+        except CheckpointError as exc:
+            assert "\n" not in str(exc)
+            return str(exc)
+        return "ok"
+    if op == "gc":
+        argv = ["gc", str(run), "--keep-last", "1"]
+    elif op == "import":
+        torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "model.pt")
+        argv = ["import", str(tmp_path / "model.pt"), "-o", str(run), "--step", "11"]
+    else:
+        argv = ["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    if code == 0:
+        return "ok"
+    assert code in (1, 2)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("haltpoint: error: "), err
+    return lines[0]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("condition", CONDITIONS)
+@pytest.mark.parametrize("op", OPS)
+def test_write_side_operation_loses_no_intact_checkpoint_and_no_foreign_byte(
+    op: str, condition: str, tmp_path: Path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    make_run(run)
+    intact_clean = intact_steps(run)
+    damage(run, condition, monkeypatch, tmp_path)
+    before = hashes(run)
+    outside = hashes(tmp_path / "elsewhere") if (tmp_path / "elsewhere").exists() else {}
+    # an unreadable file is not damage: what was intact before still counts
+    intact_before = intact_clean if condition == "unreadable_tensors" else intact_steps(run)
+    stop = threading.Event()
+    reader_errors: list[BaseException] = []
+
+    def read_while() -> None:  # a read-only restore, looping, while the writer works
+        try:
+            while not stop.is_set():
+                with Checkpointer(run, read_only=True) as reader:
+                    reader.restore({"model": torch.nn.Linear(3, 2)})
+        except CheckpointError:
+            pass  # a reader may find the run changed under it: a clean error is fine
+        except BaseException as exc:
+            reader_errors.append(exc)
+
+    thread = threading.Thread(target=read_while) if condition == "concurrent_reader" else None
+    if thread is not None:
+        thread.start()
+    try:
+        result = operate(op, run, tmp_path, capsys)
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+    monkeypatch.undo()
+    assert not reader_errors
+    after = hashes(run) if run.exists() else {}
+    for name in FOREIGN_NAMES.get(condition, []):
+        assert after.get(name) == before[name], f"{op} lost foreign {name}"
+    if outside:
+        assert hashes(tmp_path / "elsewhere") == outside
+    if op == "fresh" and result == "ok":  # deleted a whole run, as asked: a pure one only
+        assert condition not in (*FOREIGN_NAMES, "symlinked_step")
+        return
+    intact_after = intact_steps(run)
+    newest_before = max(intact_before)
+    # every intact checkpoint is still there, or a newer intact one that retention keeps is
+    lost = intact_before - intact_after
+    assert all(any(s > step for s in intact_after) for step in lost), (lost, intact_after)
+    assert newest_before in intact_after or max(intact_after) > newest_before
+
+
+def test_clean_up_keeps_a_step_folder_holding_foreign_files(tmp_path: Path):
+    run = tmp_path / "run"
+    make_run(run)
+    dead = run / checkpoint_dirname(0)
+    dead.mkdir()
+    (dead / "tensors.safetensors").write_bytes(b"leftover")
+    (dead / "notes.txt").write_text("precious")
+    (run / "draft.tmp").write_text("theirs")
+    (run / "history.jsonl.0a1b2c3d.tmp").write_text("ours")
+    with Checkpointer(run, keep_last=3, async_save=False):
+        pass
+    assert (dead / "notes.txt").read_text() == "precious"
+    assert not (dead / "tensors.safetensors").exists()  # haltpoint's own leftover goes
+    assert (run / "draft.tmp").read_text() == "theirs"
+    assert not (run / "history.jsonl.0a1b2c3d.tmp").exists()
+
+
+def test_a_permission_error_reading_a_checkpoint_is_not_damage(tmp_path: Path, monkeypatch):
+    run = tmp_path / "run"
+    make_run(run)
+    real_open = open
+    target = f"{checkpoint_dirname(3)}/tensors.safetensors"
+
+    def guarded(file, *args, **kwargs):
+        if str(file).endswith(target):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    real_os_open = os.open
+
+    def guarded_os(file, *args, **kwargs):
+        if str(file).endswith(target):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_os_open(file, *args, **kwargs)
+
+    before = hashes(run)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        monkeypatch.setattr("builtins.open", guarded)
+        monkeypatch.setattr(os, "open", guarded_os)
+        with pytest.raises(UnreadableCheckpointError, match="permission denied"):
+            ckpt.restore({"model": torch.nn.Linear(3, 2)})
+        monkeypatch.undo()
+    assert not (run / "quarantine").exists()  # not set aside as damaged
+    assert hashes(run) == before
+
+
+def test_saving_a_step_older_than_the_newest_on_disk_is_refused(tmp_path: Path):
+    run = tmp_path / "run"
+    make_run(run)
+    before = hashes(run)
+    with (
+        Checkpointer(run, keep_last=1, async_save=False) as ckpt,
+        pytest.raises(StepBehindError, match="cannot save step 2: it is older than step 3"),
+    ):
+        ckpt.save(2, {"model": torch.nn.Linear(3, 2)})
+    assert hashes(run) == before
+
+
+def test_saving_a_step_older_than_the_last_save_is_refused(tmp_path: Path):
+    run = tmp_path / "run"
+    with Checkpointer(run, keep_last=1, async_save=False) as ckpt:
+        ckpt.save(5, {"model": torch.nn.Linear(3, 2)})
+        with pytest.raises(StepBehindError, match="last save or restore"):
+            ckpt.save(4, {"model": torch.nn.Linear(3, 2)})
+        assert [e.step for e in RunDirectory(LocalStorage(run)).committed()] == [5]
+
+
+def test_after_a_rewind_saves_go_on_and_newer_old_run_steps_stay(tmp_path: Path):
+    run2 = tmp_path / "run2"
+    with Checkpointer(run2, keep_last=3, async_save=False) as ckpt:
+        for step in (10, 20, 30):
+            ckpt.save(step, {"model": torch.nn.Linear(3, 2)})
+    old = hashes(run2)
+    with Checkpointer(run2, keep_last=1, async_save=False) as ckpt:
+        ckpt.restore({"model": torch.nn.Linear(3, 2)}, which=10)
+        ckpt.save(15, {"model": torch.nn.Linear(3, 2)})
+        ckpt.save(16, {"model": torch.nn.Linear(3, 2)})
+    steps = [e.step for e in RunDirectory(LocalStorage(run2)).committed()]
+    assert steps == [16, 20, 30]  # 10 and 15 gave way to 16; 20 and 30 are left alone
+    for name in (f"{checkpoint_dirname(s)}/tensors.safetensors" for s in (20, 30)):
+        assert hashes(run2)[name] == old[name]
+    manifest = json.loads((run2 / checkpoint_dirname(16) / "manifest.json").read_text())
+    files = {rec["file"] for rec in manifest["tensors"].values()}
+    assert all(not f.startswith((checkpoint_dirname(20), checkpoint_dirname(30))) for f in files)
+
+
+@pytest.mark.parametrize("kind", ["foreign", "symlink"])
+def test_demo_fresh_refuses_foreign_content_or_a_symlink(tmp_path: Path, capsys, kind: str):
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    target = run
+    if kind == "foreign":
+        (run / checkpoint_dirname(0) / "notes.txt").write_text("precious")
+    else:
+        target = tmp_path / "link"
+        os.symlink(run, target)
+    before = hashes(run)
+    assert main(["demo", "--run-dir", str(target), "--epochs", "1", "--fresh"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("haltpoint did not write" in err or "symbolic link" in err)
+    assert hashes(run) == before
