@@ -11,7 +11,7 @@ import pytest
 import safetensors
 import torch
 
-from haltpoint import Checkpointer
+from haltpoint import Checkpointer, StepBehindError
 from haltpoint.store.dedup import MIN_DEDUP_BYTES, ReferenceCheck, hash_tensor, plan_dedup
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.storage import FsspecStorage, LocalStorage
@@ -202,7 +202,8 @@ def test_saving_a_step_again_never_overwrites_a_referenced_file(tmp_path: Path) 
             head.add_(1.0)
             ckpt.save(step, {"backbone": backbone, "head": head})
         ckpt.wait()
-        ckpt.save(0, {"backbone": torch.zeros(BIG), "head": torch.zeros(BIG)})  # step 0 again
+        with pytest.raises(StepBehindError):  # step 0 again: refused, nothing written
+            ckpt.save(0, {"backbone": torch.zeros(BIG), "head": torch.zeros(BIG)})
         ckpt.wait()
         state = {"backbone": torch.zeros(BIG), "head": torch.zeros(BIG)}
         ckpt.restore(state, 3)
