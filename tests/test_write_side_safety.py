@@ -17,7 +17,12 @@ import torch
 
 from haltpoint import Checkpointer
 from haltpoint.cli import main
-from haltpoint.errors import CheckpointError, StepBehindError, UnreadableCheckpointError
+from haltpoint.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    StepBehindError,
+    UnreadableCheckpointError,
+)
 from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
 from haltpoint.store.storage import LocalStorage
 
@@ -266,10 +271,22 @@ def test_saving_a_step_older_than_the_newest_on_disk_is_refused(tmp_path: Path):
     before = hashes(run)
     with (
         Checkpointer(run, keep_last=1, async_save=False) as ckpt,
-        pytest.raises(StepBehindError, match="cannot save step 2: it is older than step 3"),
+        pytest.raises(StepBehindError, match="cannot save step 0: it is older than step 3"),
+    ):
+        ckpt.save(0, {"model": torch.nn.Linear(3, 2)})
+    assert hashes(run) == before
+
+
+def test_saving_a_step_taken_is_checkpoint_exists_before_behind(tmp_path: Path):
+    """Step 2 is both taken and behind step 3: the more precise error wins (every rank of a
+    DDP job raises the same one)."""
+    run = tmp_path / "run"
+    make_run(run)
+    with (
+        Checkpointer(run, keep_last=3, async_save=False) as ckpt,
+        pytest.raises(CheckpointExistsError, match="step 2 already exists"),
     ):
         ckpt.save(2, {"model": torch.nn.Linear(3, 2)})
-    assert hashes(run) == before
 
 
 def test_saving_a_step_older_than_the_last_save_is_refused(tmp_path: Path):

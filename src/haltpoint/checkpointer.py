@@ -326,8 +326,8 @@ class Checkpointer:
             done = self._saved_again(step, metrics, pin)
             if done is not None:
                 return done
+        dirname = self._run.new_dirname(step)  # a step taken is CheckpointExistsError first
         self._check_ahead(step)
-        dirname = self._run.new_dirname(step)
         full = dict(state)
         if self.capture_rng:
             full[RNG_ENTRY] = capture_rng()
