@@ -25,13 +25,13 @@ from haltpoint.errors import LockedError
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import HISTORY_NAME, is_checked_record, read_history
-from haltpoint.store.lock import LOCK_NAME, read_holder
-from haltpoint.store.manifest import MANIFEST_NAME
+from haltpoint.store.lock import read_holder
 from haltpoint.store.quarantine import QUARANTINE_DIR
 from haltpoint.store.run_dir import (
     DCP_NAME,
-    PINNED_NAME,
-    TENSORS_NAME,
+    ROOT_TEMP_OF,
+    STEP_NAMES,
+    STEP_TEMP_OF,
     RunDirectory,
     is_temp_name,
     parse_step,
@@ -81,12 +81,12 @@ def _foreign_entry(path: str) -> str | None:
     --fresh deletes the whole folder, so a file of anybody else (notes beside the run, a
     file in a step folder) makes it refuse: it deletes only what it would itself rewrite.
     """
-    own_root = {HISTORY_NAME, LOCK_NAME, PLOT_NAME}
+    own_root = ROOT_TEMP_OF | {PLOT_NAME}  # the history, the lock and the plot
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
         if os.path.islink(full):
             return full
-        if name in own_root or is_temp_name(name, frozenset(own_root)):
+        if name in own_root or is_temp_name(name, own_root):
             continue
         if name == QUARANTINE_DIR and os.path.isdir(full):
             if any(not _QUARANTINED.match(child) for child in os.listdir(full)):
@@ -99,8 +99,7 @@ def _foreign_entry(path: str) -> str | None:
             if child == DCP_NAME and os.path.isdir(inner) and not os.path.islink(inner):
                 continue  # torch.distributed.checkpoint's own files
             if os.path.islink(inner) or not (
-                child in (TENSORS_NAME, MANIFEST_NAME, PINNED_NAME)
-                or is_temp_name(child, frozenset({MANIFEST_NAME, PINNED_NAME}))
+                (child in STEP_NAMES and child != DCP_NAME) or is_temp_name(child, STEP_TEMP_OF)
             ):
                 return inner
     return None

@@ -29,6 +29,8 @@ from typing import Any
 
 from haltpoint.errors import CheckpointExistsError, CorruptCheckpointError
 from haltpoint.state.tree import check_tree
+from haltpoint.store.history import HISTORY_NAME
+from haltpoint.store.lock import LOCK_NAME
 from haltpoint.store.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -47,7 +49,10 @@ from haltpoint.store.tensor_file import torch_dtype
 __all__ = [
     "DCP_NAME",
     "PINNED_NAME",
+    "ROOT_TEMP_OF",
     "SHARDED_KEY",
+    "STEP_NAMES",
+    "STEP_TEMP_OF",
     "TENSORS_NAME",
     "Entry",
     "RunDirectory",
@@ -69,9 +74,12 @@ _DIR_PATTERN = re.compile(r"^step-([0-9]{9,})$")
 
 
 # the names haltpoint writes into a run: clean-up deletes these and nothing else
-_STEP_OWN = frozenset({TENSORS_NAME, DCP_NAME, MANIFEST_NAME, PINNED_NAME})
-_STEP_TEMP_OF = frozenset({MANIFEST_NAME, PINNED_NAME})
-_ROOT_TEMP_OF = frozenset({"history.jsonl", ".haltpoint.lock"})
+STEP_NAMES = frozenset({TENSORS_NAME, DCP_NAME, MANIFEST_NAME, PINNED_NAME})
+"""What a step folder of haltpoint's holds."""
+STEP_TEMP_OF = frozenset({MANIFEST_NAME, PINNED_NAME})
+"""The step-folder files written through a temporary file (`is_temp_name`)."""
+ROOT_TEMP_OF = frozenset({HISTORY_NAME, LOCK_NAME})
+"""The run-root files written through a temporary file (`is_temp_name`)."""
 _TEMP_PATTERN = re.compile(r"^(.+)\.[0-9a-f]{8}\.tmp$")
 
 
@@ -422,7 +430,7 @@ class RunDirectory:
         files: list[str] = []
         folders: list[str] = []
         for name in top:
-            if is_temp_name(name, _ROOT_TEMP_OF):
+            if is_temp_name(name, ROOT_TEMP_OF):
                 files.append(name)
                 removed.append(name)
                 continue
@@ -438,14 +446,13 @@ class RunDirectory:
             foreign = False
             for child in children:
                 rel = f"{name}/{child}"
-                if is_temp_name(child, _STEP_TEMP_OF):
+                if is_temp_name(child, STEP_TEMP_OF) or (
+                    child in STEP_NAMES
+                    and not (live and (child in (MANIFEST_NAME, PINNED_NAME) or rel in referenced))
+                ):
                     files.append(rel)
                     removed.append(rel)
-                elif child in _STEP_OWN and (not live or child not in (MANIFEST_NAME, PINNED_NAME)):
-                    if not live or rel not in referenced:
-                        files.append(rel)
-                        removed.append(rel)
-                else:  # not haltpoint's name: never deleted, and its folder stays
+                elif child not in STEP_NAMES:  # not haltpoint's: never deleted, its folder stays
                     foreign = True
             if not live and not foreign:
                 folders.append(name)
