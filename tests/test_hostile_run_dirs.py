@@ -565,3 +565,61 @@ def test_fuzzed_manifests_give_checkpoint_errors_and_stay_inside_the_run(
         and path not in ("/etc/localtime", "/dev/null")
     ]
     assert not outside, outside
+
+
+def _record(key: str, **fields: Any) -> Callable[[dict[str, Any]], None]:
+    """Change the manifest's record of tensor `key`; its bytes keep hashing right."""
+
+    def change(body: dict[str, Any]) -> None:
+        body["tensors"][key].update(fields)
+
+    return change
+
+
+def _borrow(key: str, other: str) -> Callable[[dict[str, Any]], None]:
+    """Point `key`'s record at `other`'s bytes (same size), with `other`'s hash."""
+
+    def change(body: dict[str, Any]) -> None:
+        theirs = body["tensors"][other]
+        body["tensors"][key].update(offset=theirs["offset"], hash=theirs["hash"])
+
+    return change
+
+
+RECORD_VS_HEADER = [
+    pytest.param(_record("model.weight", dtype="I32"), "dtype I32", id="dtype-of-the-same-width"),
+    pytest.param(_record("model.weight", shape=[3, 2]), r"shape \[3, 2\]", id="shape-transposed"),
+    pytest.param(_record("model.bias", shape=[1, 2]), r"shape \[1, 2\]", id="shape-reshaped"),
+    pytest.param(
+        _borrow("model.weight", "optimizer.state.0.exp_avg"),
+        "bytes 808",
+        id="another-tensors-bytes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), RECORD_VS_HEADER)
+def test_a_record_that_disagrees_with_its_file_header_is_damage_to_every_reader(
+    run: Path, change: Any, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bytes hash right (xxh3 is no signature), so only the file's own header tells:
+    restore, verify and export all refuse the step; restore falls back."""
+    craft(run, 2, change)
+    file = "step-000000002/tensors.safetensors"
+    damage = rf"{file}: [^;]*manifest records [^;]*{message}.*header says"
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(CorruptCheckpointError, match=damage) as refused:
+        Checkpointer(run, read_only=True).restore({"model": model}, 2)
+    assert "\n" not in str(refused.value)
+    with pytest.warns(UserWarning, match=damage):
+        info = Checkpointer(run, read_only=True).restore({"model": model}, strict=False)
+    assert info is not None and info.step == 1
+    assert main(["verify", str(run), "--json"]) == 1
+    checks = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [c["status"] for c in checks] == ["intact", "damaged"]
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(run), "--which", "2", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(damage, err) and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    assert main(["ls", str(run)]) == 0  # ls reads no tensor file

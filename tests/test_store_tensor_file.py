@@ -345,13 +345,14 @@ def test_truncation_at_every_interesting_point_is_corrupt(storage: Storage) -> N
         put(storage, data[:cut])
         with pytest.raises(CorruptCheckpointError, match=r"too short|over the file|the file has"):
             read_header(storage, REL)
-        damaged = {k for k, r in records.items() if r.offset + r.nbytes > cut and r.nbytes}
-        if damaged:
-            with pytest.raises(CorruptCheckpointError, match="needs bytes up to"):
-                read_tensors(storage, records)
-            with pytest.raises(CorruptCheckpointError, match="needs bytes up to"):
-                read_tensors(storage, records, verify=False)
-        assert set(verify_file(storage, records)) == damaged
+        # the header no longer describes the file: every tensor in it is damage to every
+        # reader (a safetensors reader refuses the file), not only the ones cut off
+        short = r"too short|over the file|the file has"
+        with pytest.raises(CorruptCheckpointError, match=short):
+            read_tensors(storage, records)
+        with pytest.raises(CorruptCheckpointError, match=short):
+            read_tensors(storage, records, verify=False)
+        assert set(verify_file(storage, records)) == set(records)
 
 
 def test_a_damaged_tensor_names_itself(storage: Storage) -> None:
@@ -537,7 +538,7 @@ def test_read_tensors_refuses_invalid_records(storage: Storage) -> None:
     with pytest.raises(CorruptCheckpointError, match="outside the run directory"):
         read_tensors(storage, hostile)
     huge = {"w": TensorRecord(REL, "F32", (2**40,), 64, 2**42, "0" * 32)}
-    with pytest.raises(CorruptCheckpointError, match="needs bytes up to"):
+    with pytest.raises(CorruptCheckpointError, match=r"the file's header says .*shape \[2\]"):
         read_tensors(storage, huge)  # refused before allocating 4 TiB
     assert verify_file(storage, {"a": hostile["w"], "b": huge["w"]}) == ["a", "b"]
 

@@ -16,8 +16,7 @@ from haltpoint.cli.runinfo import folder_status, open_run, referenced_dirs
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.reader import RunReader, check_payloads, payload_tensors
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes, is_sharded
-from haltpoint.store.storage import Storage
-from haltpoint.store.tensor_file import TensorRecord, read_header
+from haltpoint.store.tensor_file import TensorRecord
 from haltpoint.store.tensor_reader import read_tensors, verify_file
 
 __all__ = ["CheckpointCheck", "register", "run", "verify_run"]
@@ -84,13 +83,13 @@ def verify_run(
     """Check every manifest and every tensor hash of the run, oldest step first, and the
     saved random and optimizer states as `restore` checks them (`check_payloads`).
 
-    A tensor record shared by several manifests is read once. `on_progress` gets the bytes
-    checked after each checkpoint. A checkpoint whose manifest is gone once a check of it
-    failed was removed meanwhile by a writer: it is "removed", and its failed checks count
-    for nothing.
+    A tensor record shared by several manifests (under the same key) is read once.
+    `on_progress` gets the bytes checked after each checkpoint. A checkpoint whose manifest
+    is gone once a check of it failed was removed meanwhile by a writer: it is "removed", and
+    its failed checks count for nothing.
     """
-    checked: dict[TensorRecord, bool] = {}
-    headers: dict[str, dict[str, Any] | None] = {}
+    # by key and record: a record under another key must match that key's header entry
+    checked: dict[tuple[str, TensorRecord], bool] = {}
     results = []
     entries = run.scan()
     referenced = referenced_dirs(e.manifest for e in entries if e.manifest is not None)
@@ -108,23 +107,20 @@ def verify_run(
             status = folder_status(entry, referenced)
             results.append(CheckpointCheck(entry.step, entry.dirname, status))
             continue
-        todo = {k: r for k, r in manifest.tensors.items() if r not in checked}
+        todo = {k: r for k, r in manifest.tensors.items() if (k, r) not in checked}
         bad = set(verify_file(run.storage, todo)) if todo else set()
-        bad |= _header_mismatches(run.storage, todo, headers)
         for key, record in todo.items():
-            checked[record] = key not in bad
+            checked[key, record] = key not in bad
         damaged: dict[str, list[str]] = defaultdict(list)
         for key, record in sorted(manifest.tensors.items()):
-            if not checked[record]:
+            if not checked[key, record]:
                 damaged[record.file].append(key)
         error = _shard_error(run, entry) if is_sharded(manifest) else None
         if not damaged and error is None:
             error = _payload_error(run, entry)
         if (damaged or error) and run.removed(entry.dirname):  # retention raced this check
             for key in bad:
-                checked.pop(todo[key], None)
-            for file in {r.file for r in todo.values()}:
-                headers.pop(file, None)
+                checked.pop((key, todo[key]), None)
             results.append(CheckpointCheck(entry.step, entry.dirname, "removed"))
             continue
         check = CheckpointCheck(
@@ -162,33 +158,6 @@ def _payload_error(run: RunDirectory, entry: Entry) -> str | None:
     except CorruptCheckpointError as exc:
         return str(exc)
     return None
-
-
-def _header_mismatches(
-    storage: Storage, records: dict[str, TensorRecord], headers: dict[str, dict[str, Any] | None]
-) -> set[str]:
-    """Keys whose entry in their file's safetensors header is missing or disagrees.
-
-    The hashes protect the bytes haltpoint reads; this protects what other safetensors
-    readers see. Headers are read once per file (`headers` caches them; None = unreadable).
-    """
-    bad = set()
-    for key, record in records.items():
-        if record.file not in headers:
-            try:
-                headers[record.file] = read_header(storage, record.file)
-            except CorruptCheckpointError:
-                headers[record.file] = None
-        header = headers[record.file]
-        entry = None if header is None else header.get(key)
-        if entry is None or (
-            entry["offset"],
-            entry["nbytes"],
-            entry["dtype"],
-            tuple(entry["shape"]),
-        ) != (record.offset, record.nbytes, record.dtype, record.shape):
-            bad.add(key)
-    return bad
 
 
 def _total_bytes(run: RunDirectory) -> tuple[int, int]:

@@ -290,8 +290,13 @@ def read_header(storage: Storage, rel: str) -> dict[str, Any]:
             overlap, leave gaps or do not end exactly at the end of the file.
     """
     try:
-        size = storage.size(rel)
-        with storage.open_read(rel) as f:
-            return _parse_header(f, size)
+        return _read_header(storage, rel)
     except (OSError, _Damage) as e:
         raise _corrupt(storage, rel, e) from None
+
+
+def _read_header(storage: Storage, rel: str) -> dict[str, Any]:
+    """`read_header`, raising the OSError or `_Damage` itself (for callers that name more)."""
+    size = storage.size(rel)
+    with storage.open_read(rel) as f:
+        return _parse_header(f, size)

@@ -19,7 +19,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import torch
 
@@ -32,10 +32,17 @@ from haltpoint.store.tensor_file import (
     TensorRecord,
     _corrupt,
     _Damage,
+    _read_header,
     read_header,
 )
 
-__all__ = ["DIRECT_MIN_BYTES", "index_tensor_file", "read_tensors", "verify_file"]
+__all__ = [
+    "DIRECT_MIN_BYTES",
+    "check_header_entry",
+    "index_tensor_file",
+    "read_tensors",
+    "verify_file",
+]
 
 DIRECT_MIN_BYTES = 1 << 20
 """Tensors this large, read into fresh memory from a local file, are read with O_DIRECT."""
@@ -67,6 +74,29 @@ def index_tensor_file(storage: Storage, rel: str) -> dict[str, TensorRecord]:
     except (OSError, EOFError) as e:
         raise _corrupt(storage, rel, f"cannot read the file ({e})") from None
     return records
+
+
+def check_header_entry(header: Mapping[str, Any], key: str, rec: TensorRecord) -> None:
+    """Check that the file's own safetensors header (`read_header`) agrees with `rec`.
+
+    The hash protects the bytes haltpoint reads; this protects what the file says to any
+    other safetensors reader (and what `export` copies): a manifest record whose dtype, shape
+    or byte range differs from its file's header is damage, whatever the bytes hash to.
+
+    Raises:
+        ValueError: the header has no entry `key`, or its dtype, shape or byte range differ.
+    """
+    entry = header.get(key) if key != "__metadata__" else None
+    if entry is None:
+        raise _Damage(f"the file's header has no tensor {key!r}")
+    theirs = (entry["dtype"], tuple(entry["shape"]), entry["offset"], entry["nbytes"])
+    ours = (rec.dtype, tuple(rec.shape), rec.offset, rec.nbytes)
+    if theirs != ours:
+        what = "dtype {}, shape {}, bytes {}+{}"
+        raise _Damage(
+            f"the manifest records {what.format(ours[0], list(ours[1]), *ours[2:])} but the "
+            f"file's header says {what.format(theirs[0], list(theirs[1]), *theirs[2:])}"
+        )
 
 
 def _readinto(f: IO[bytes], view: memoryview) -> None:
@@ -330,8 +360,9 @@ def read_tensors(
     targets may hold partly read data if this raises; keep them only if it returns.
 
     Raises:
-        CorruptCheckpointError: a file is missing, unreadable or too short, or a tensor's bytes
-            do not match its hash; the message names the file, the tensor and the remedy.
+        CorruptCheckpointError: a file is missing, unreadable or too short, its safetensors
+            header is invalid or disagrees with a record (`check_header_entry`), or a tensor's
+            bytes do not match its hash; the message names the file, the tensor and the remedy.
     """
     out: dict[str, torch.Tensor] = {}
     into = into or {}
@@ -339,6 +370,10 @@ def read_tensors(
         key = items[0][0]
         try:
             check_relpath(file)
+            header = _read_header(storage, file)
+            for key, rec in items:
+                rec.validate()
+                check_header_entry(header, key, rec)
             size = storage.size(file)
             local = storage.local_path(file)
             if local is not None:
@@ -357,7 +392,8 @@ def read_tensors(
 
 
 def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[str]:
-    """The sorted names of the tensors whose bytes are missing or do not match their hash.
+    """The sorted names of the tensors whose bytes are missing or do not match their hash, or
+    whose record disagrees with their file's safetensors header (`check_header_entry`).
 
     Streams the data through one fixed-size buffer, so memory stays bounded for any file size.
     """
@@ -365,6 +401,8 @@ def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[s
     buf = bytearray(CHUNK)
     for file, items in _by_file(records).items():
         try:
+            check_relpath(file)
+            header = read_header(storage, file)
             f = _open(storage, file)
         except PermissionError as exc:  # not damage: nothing may be set aside because of it
             raise _unreadable(storage, file, exc) from None
@@ -376,9 +414,10 @@ def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[s
                 hasher = StreamHasher()
                 try:
                     rec.validate()
+                    check_header_entry(header, key, rec)
                     for chunk in _stream(f, rec.offset, rec.nbytes, buf):
                         hasher.update(chunk)
-                except (OSError, EOFError, CorruptCheckpointError):
+                except (OSError, EOFError, _Damage, CorruptCheckpointError):
                     bad.append(key)
                     continue
                 if hasher.hexdigest() != rec.hash:
