@@ -265,6 +265,41 @@ def test_a_permission_error_reading_a_checkpoint_is_not_damage(tmp_path: Path, m
     assert hashes(run) == before
 
 
+def _deny(monkeypatch, target: str) -> None:
+    """Make every open of a path ending in `target` fail with EACCES (root ignores chmod)."""
+    real_open, real_os_open = open, os.open
+
+    def guarded(file, *args, **kwargs):
+        if str(file).endswith(target):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    def guarded_os(file, *args, **kwargs):
+        if str(file).endswith(target):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_os_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", guarded)
+    monkeypatch.setattr(os, "open", guarded_os)
+
+
+def test_verify_reports_a_permission_error_as_unreadable_not_damaged(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """verify reads each file's safetensors header first: EACCES there is not damage."""
+    run = tmp_path / "run"
+    make_run(run)
+    before = hashes(run)
+    _deny(monkeypatch, f"{checkpoint_dirname(3)}/tensors.safetensors")
+    code = main(["verify", str(run)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "permission denied" in err.lower() and "damaged" not in err.lower()
+    assert not (run / "quarantine").exists()
+    assert hashes(run) == before
+
+
 def test_saving_a_step_older_than_the_newest_on_disk_is_refused(tmp_path: Path):
     run = tmp_path / "run"
     make_run(run)

@@ -32,7 +32,7 @@ from haltpoint.store.tensor_file import (
     TensorRecord,
     _corrupt,
     _Damage,
-    _read_header,
+    _parse_header,
     read_header,
 )
 
@@ -84,7 +84,8 @@ def check_header_entry(header: Mapping[str, Any], key: str, rec: TensorRecord) -
     or byte range differs from its file's header is damage, whatever the bytes hash to.
 
     Raises:
-        ValueError: the header has no entry `key`, or its dtype, shape or byte range differ.
+        ValueError (the internal `_Damage`): the header has no entry `key`, or its dtype, shape
+            or byte range differ; callers turn it into a `CorruptCheckpointError`.
     """
     entry = header.get(key) if key != "__metadata__" else None
     if entry is None:
@@ -97,6 +98,16 @@ def check_header_entry(header: Mapping[str, Any], key: str, rec: TensorRecord) -
             f"the manifest records {what.format(ours[0], list(ours[1]), *ours[2:])} but the "
             f"file's header says {what.format(theirs[0], list(theirs[1]), *theirs[2:])}"
         )
+
+
+def _check_records(header: Mapping[str, Any], items: list[tuple[str, TensorRecord]]) -> None:
+    """Validate each record and `check_header_entry` it; `_TensorDamage` names the first bad."""
+    for key, rec in items:
+        try:
+            rec.validate()
+            check_header_entry(header, key, rec)
+        except (ValueError, CorruptCheckpointError) as e:
+            raise _TensorDamage(key, e) from None
 
 
 def _readinto(f: IO[bytes], view: memoryview) -> None:
@@ -370,16 +381,15 @@ def read_tensors(
         key = items[0][0]
         try:
             check_relpath(file)
-            header = _read_header(storage, file)
-            for key, rec in items:
-                rec.validate()
-                check_header_entry(header, key, rec)
             size = storage.size(file)
             local = storage.local_path(file)
             if local is not None:
+                with open(local, "rb") as f:
+                    _check_records(_parse_header(f, size), items)
                 out.update(_read_local(local, size, items, verify, into))
                 continue
-            with storage.open_read(file) as f:
+            with storage.open_read(file) as f:  # one handle: its read-ahead holds the header
+                _check_records(_parse_header(f, size), items)
                 for key, rec in items:
                     out[key] = _read_one(f, size, key, rec, verify, into)
         except _TensorDamage as e:
@@ -402,11 +412,16 @@ def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[s
     for file, items in _by_file(records).items():
         try:
             check_relpath(file)
-            header = read_header(storage, file)
+            size = storage.size(file)
             f = _open(storage, file)
+            try:
+                header = _parse_header(f, size)
+            except BaseException:
+                f.close()
+                raise
         except PermissionError as exc:  # not damage: nothing may be set aside because of it
             raise _unreadable(storage, file, exc) from None
-        except (OSError, CorruptCheckpointError):
+        except (OSError, _Damage, CorruptCheckpointError):
             bad.extend(key for key, _ in items)
             continue
         with f:
