@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "CorruptHistoryError",
     "HistoryNotWrittenError",
     "InsufficientSpaceError",
     "LinkedFileError",
@@ -33,11 +34,19 @@ class CheckpointError(Exception):
 
 
 class CheckpointNotFoundError(CheckpointError):
-    """The requested checkpoint (a step, "best" or "latest") does not exist or none is intact."""
+    """The requested checkpoint (a step, "best" or "latest") does not exist or none is intact;
+    or a run holds no history to read (no `history.jsonl`, an empty one, no metric values)."""
 
 
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint's manifest or tensor data is damaged: a hash, size or structure mismatch."""
+
+
+class CorruptHistoryError(CheckpointError):
+    """A run's `history.jsonl` cannot be read as a history: it is not a regular file (a
+    folder, a FIFO, a device), is larger than any history haltpoint writes, cannot be read,
+    or holds text of which no line is a record. It says nothing about the checkpoints, which
+    never depend on the history (so it is not a `CorruptCheckpointError`)."""
 
 
 class CheckpointExistsError(CheckpointError):
@@ -73,8 +82,8 @@ class StepBehindError(CheckpointError):
 
 
 class UnreadableCheckpointError(CheckpointError):
-    """A checkpoint's file cannot be read for lack of permission: that is not damage, so
-    nothing is quarantined or deleted because of it."""
+    """A checkpoint's file (or the run's `history.jsonl`) cannot be read for lack of
+    permission: that is not damage, so nothing is quarantined or deleted because of it."""
 
 
 class UnsupportedStateError(TypeError):

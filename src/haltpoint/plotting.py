@@ -146,6 +146,17 @@ def _best(series: tuple[list[int], list[float]], mode: str) -> tuple[int | None,
     return best_step, best_value
 
 
+def _label(text: str) -> str:
+    r"""`text` as matplotlib draws it literally: `$` escaped (no mathtext parse, which a
+    metric name like `$\frac{$` would fail), lone surrogates written as escapes.
+
+    >>> _label("$\\frac{$ \ud800")
+    '\\$\\frac{\\$ \\ud800'
+    """
+    plain = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return plain.replace("$", r"\$")
+
+
 def _direction(name: str) -> str | None:
     try:
         return infer_mode(name)
@@ -218,7 +229,7 @@ def plot_history(
         for name in names:
             steps, values = series[name]
             style = "-" if name == monitor else "--"
-            ax.plot(steps, values, style, marker="o", markersize=3, label=name)
+            ax.plot(steps, values, style, marker="o", markersize=3, label=_label(name))
         if best_step is not None:
             ax.axvline(best_step, color="tab:green", linestyle=":", linewidth=1.5)
             if monitor in names and best_value is not None:
@@ -229,7 +240,7 @@ def plot_history(
                     markersize=14,
                     color="tab:green",
                     linestyle="none",
-                    label=f"best {monitor} {best_value:.4g} (step {best_step})",
+                    label=_label(f"best {monitor} {best_value:.4g} (step {best_step})"),
                 )
         if stop_step is not None:
             ax.axvline(
@@ -247,6 +258,6 @@ def plot_history(
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_label(title))
     fig.savefig(out, format=suffix)
     return PlotSummary(out, tuple(series), monitor, best_step, best_value, stop_step)

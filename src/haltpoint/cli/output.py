@@ -31,17 +31,20 @@ __all__ = [
     "to_strict_json",
 ]
 
-# C0 controls (ESC, BEL ending an OSC ...), DEL, C1 controls (CSI, OSC as one character) and
-# the bidirectional overrides that reorder what a terminal shows
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 controls (ESC, BEL ending an OSC ...), DEL, C1 controls (CSI, OSC as one character),
+# the bidirectional overrides that reorder what a terminal shows, and lone surrogates (JSON's
+# "\ud800" decodes to one, which no UTF-8 stream can write)
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 
 
 def printable(text: object) -> str:
     r"""`text` with every control character written as its visible escape, so that nothing
     shown can move the cursor, clear the screen, set a title or hide what follows.
 
-    >>> print(printable("loss\x1b[2J \x1b]0;owned\x07 \u202eok"))
-    loss\x1b[2J \x1b]0;owned\x07 \u202eok
+    >>> print(printable("loss\x1b[2J \x1b]0;owned\x07 \u202eok \ud800"))
+    loss\x1b[2J \x1b]0;owned\x07 \u202eok \ud800
     """
     return _CONTROL.sub(lambda match: repr(match.group())[1:-1], str(text))
 

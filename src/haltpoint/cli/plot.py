@@ -9,9 +9,10 @@ from typing import Any
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import UsageError, check_output_file, write_failed
 from haltpoint.cli.output import Output
-from haltpoint.cli.runinfo import check_mode, mode_of, open_run, watched_metric
+from haltpoint.cli.runinfo import check_mode, history_records, mode_of, open_run, watched_metric
+from haltpoint.errors import CheckpointNotFoundError
 from haltpoint.plotting import curves, image_formats, plot_history
-from haltpoint.store.history import HISTORY_NAME, read_history
+from haltpoint.store.history import HISTORY_NAME, read_history_bytes
 
 __all__ = ["register", "run"]
 
@@ -29,12 +30,12 @@ def run(args: argparse.Namespace, out: Output) -> int:
     if args.output is not None:
         check_output_file(args.output, "-o", suffixes)
     run_dir = open_run(args.directory)
-    records = read_history(run_dir.storage)
-    if not records:
-        raise FileNotFoundError(
-            f"{args.directory} has no {HISTORY_NAME} (or it is empty): nothing to plot; "
-            "a Checkpointer writes one line per save"
-        )
+    records = history_records(
+        read_history_bytes(run_dir.storage),
+        f"{run_dir.storage.url}/{HISTORY_NAME}",
+        missing=f"{args.directory} has no {HISTORY_NAME} (or it is empty): nothing to plot; "
+        "a Checkpointer writes one line per save",
+    )
     names = list(curves(records))
     missing = [m for m in args.metric or [] if m not in names]
     if missing:
@@ -43,6 +44,13 @@ def run(args: argparse.Namespace, out: Output) -> int:
             f"{', '.join(map(repr, names)) or 'no metrics'}"
         )
     plotted = [n for n, (steps, _) in curves(records, args.metric).items() if steps]
+    if not plotted:
+        raise CheckpointNotFoundError(
+            f"the history of {args.directory} holds no metric values (numbers at steps that "
+            "are ints >= 0), so there is nothing to plot; a Checkpointer records them with "
+            "save(step, state, metrics)",
+            path=args.directory,
+        )
     if args.monitor is not None and args.monitor not in plotted:
         raise UsageError(
             f"--monitor {args.monitor!r} is not among the plotted metrics "

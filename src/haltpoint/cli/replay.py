@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import UsageError, count, finite_at_least
 from haltpoint.cli.output import Output
-from haltpoint.cli.runinfo import check_mode, mode_of, open_run, watched_metric
+from haltpoint.cli.runinfo import check_mode, history_records, mode_of, open_run, watched_metric
+from haltpoint.errors import CheckpointNotFoundError
 from haltpoint.plotting import curves
 from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping._text import evaluations
 from haltpoint.stopping.bands import band_of, summarize_bands
 from haltpoint.stopping.modes import Mode
 from haltpoint.stopping.replay import ReplayResult, best_index, replay
-from haltpoint.store.history import HISTORY_NAME, parse_history, read_history
+from haltpoint.store.history import HISTORY_NAME, read_history_bytes, read_history_file
 
 __all__ = [
     "ReplayRow",
@@ -77,30 +77,25 @@ def load_records(source: str) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: `source` is neither.
-        ValueError: `source` is a file of which no line is a history record.
+        CheckpointNotFoundError: the run has no history, or it is empty.
+        CorruptHistoryError: the history is no regular file, cannot be read, or no line of
+            it is a history record.
+        UnreadableCheckpointError: it cannot be read for lack of permission.
     """
     if os.path.isfile(source):
-        with open(source, "rb") as f:
-            data = f.read()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            records = parse_history(data, source)
-        if not records:  # one line saying so, not a warning per line of some other file
-            raise ValueError(
-                f"{source} is not a haltpoint history: no line of it is a history record; pass "
-                f"a run directory or the {HISTORY_NAME} a Checkpointer wrote"
-            )
-        for warning in caught:  # a history with some bad lines: each is still told
-            warnings.warn(warning.message, stacklevel=2)
-        return records
-    run = open_run(source)
-    records = read_history(run.storage)
-    if not records:
-        raise FileNotFoundError(
-            f"{source} has no {HISTORY_NAME} (or it is empty): nothing to replay; pass a run "
-            "directory a Checkpointer wrote, or a history.jsonl file"
+        return history_records(
+            read_history_file(source),
+            source,
+            missing=f"{source} is empty: nothing to replay; pass a run directory or the "
+            f"{HISTORY_NAME} a Checkpointer wrote",
         )
-    return records
+    run = open_run(source)
+    return history_records(
+        read_history_bytes(run.storage),
+        f"{run.storage.url}/{HISTORY_NAME}",
+        missing=f"{source} has no {HISTORY_NAME} (or it is empty): nothing to replay; pass a "
+        "run directory a Checkpointer wrote, or a history.jsonl file",
+    )
 
 
 def replay_patiences(
@@ -204,9 +199,10 @@ def replay_source(
         if guessed is None:
             names = list(curves(records))
             if not names:
-                raise ValueError(
+                raise CheckpointNotFoundError(
                     f"the history of {source} holds no metric values, so there is nothing to "
-                    "replay; a Checkpointer records them with save(step, state, metrics)"
+                    "replay; a Checkpointer records them with save(step, state, metrics)",
+                    path=source,
                 )
             if len(names) != 1:
                 raise UsageError(
@@ -224,7 +220,11 @@ def replay_source(
         )
     steps, values = curves(records, [monitor])[monitor]
     if not values:
-        raise ValueError(f"the history holds no values of {monitor!r}")
+        raise CheckpointNotFoundError(
+            f"the history of {source} holds no number for {monitor!r} (its values are not "
+            "numbers, or its steps are not ints >= 0): nothing to replay",
+            path=source,
+        )
     if mode is None:
         mode = guessed[1] if guessed is not None and guessed[0] == monitor else mode_of(monitor)
     direction: Mode = "max" if mode == "max" else "min"

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from haltpoint.cli.flags import UsageError
-from haltpoint.errors import CheckpointNotFoundError
+from haltpoint.errors import CheckpointNotFoundError, CorruptHistoryError
 from haltpoint.policies.retention import best_record
 from haltpoint.stopping.modes import infer_mode
-from haltpoint.store.history import read_history
+from haltpoint.store.history import HISTORY_NAME, parse_history, read_history
 from haltpoint.store.manifest import Manifest, Ranking
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname
 from haltpoint.store.storage import open_storage
@@ -26,6 +26,7 @@ __all__ = [
     "folder_status",
     "guess_monitor",
     "history_of",
+    "history_records",
     "metric_names",
     "mode_of",
     "open_run",
@@ -74,6 +75,31 @@ def open_run(directory: str, *, must_exist: bool = True) -> RunDirectory:
 def history_of(run: RunDirectory) -> list[dict[str, Any]]:
     """The records of the run's `history.jsonl` (`[]` when there is none)."""
     return read_history(run.storage)
+
+
+def history_records(data: bytes | None, source: str, *, missing: str) -> list[dict[str, Any]]:
+    """The records of the history bytes `data` (None: there is none) of `source`, for the
+    commands that need some (`plot`, `replay`); each line skipped is still warned about.
+
+    Raises:
+        CheckpointNotFoundError: there is no history, or it is blank (`missing` says so).
+        CorruptHistoryError: it holds text, but no line of it is a history record (one
+            error, not a warning per line of what may be some other file).
+    """
+    if data is None or not data.strip():
+        raise CheckpointNotFoundError(missing, path=source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = parse_history(data, source)
+    if not records:
+        raise CorruptHistoryError(
+            f"{source} is not a haltpoint history: no line of it is a history record; pass "
+            f"a run directory or the {HISTORY_NAME} a Checkpointer wrote",
+            path=source,
+        )
+    for warning in caught:  # a history with some bad lines: each is still told
+        warnings.warn(warning.message, stacklevel=2)
+    return records
 
 
 def committed(entries: Iterable[Entry]) -> list[Entry]:

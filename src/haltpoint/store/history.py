@@ -28,21 +28,26 @@ import json
 import math
 import numbers
 import os
+import stat
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from haltpoint.errors import CheckpointError, CorruptHistoryError, UnreadableCheckpointError
 from haltpoint.store.hashing import hash_bytes
 from haltpoint.store.storage import Storage, fsync_dir, open_unlinked
 
 __all__ = [
     "HISTORY_NAME",
+    "HISTORY_READ_LIMIT",
     "append_history",
     "decode_record",
     "encode_record",
     "is_checked_record",
     "parse_history",
     "read_history",
+    "read_history_bytes",
+    "read_history_file",
     "save_record",
 ]
 
@@ -331,9 +336,121 @@ def read_history(storage: Storage) -> list[dict[str, Any]]:
     >>> read_history(storage)
     [{'step': 1, 'metrics': {'loss': inf}}]
     >>> storage.rmtree("")
+
+    Raises:
+        CorruptHistoryError: the history is no regular file, is larger than
+            `HISTORY_READ_LIMIT`, or cannot be read (`read_history_bytes`).
+        UnreadableCheckpointError: it cannot be read for lack of permission.
+        CorruptCheckpointError: it is a symlink that leads out of the run directory.
     """
-    try:
-        data = storage.read_bytes(HISTORY_NAME)
-    except FileNotFoundError:
+    data = read_history_bytes(storage)
+    if data is None:
         return []
     return parse_history(data, f"{storage.url}/{HISTORY_NAME}")
+
+
+HISTORY_READ_LIMIT = 1 << 30
+"""The largest history file read (1 GiB, millions of lines); a larger one is refused."""
+
+
+def read_history_bytes(storage: Storage) -> bytes | None:
+    """The bytes of the run's `history.jsonl`, or None when it does not exist.
+
+    On a local disk the file is opened without blocking and must be a regular file, so that
+    a FIFO or a device planted under its name can neither hang the reader nor feed it
+    without end.
+
+    Raises:
+        CorruptHistoryError: it is a folder or another non-regular file, larger than
+            `HISTORY_READ_LIMIT`, or reading it fails (the message names the file and why).
+        UnreadableCheckpointError: it cannot be read for lack of permission.
+        CorruptCheckpointError: it is a symlink that leads out of the run directory.
+    """
+    source = f"{storage.url}/{HISTORY_NAME}"
+    try:
+        local = storage.local_path(HISTORY_NAME)
+        if local is not None:
+            return read_history_file(local, source)
+        data = storage.read_bytes(HISTORY_NAME, HISTORY_READ_LIMIT + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _read_failed(source, exc) from None
+    if len(data) > HISTORY_READ_LIMIT:
+        raise _too_large(source)
+    return data
+
+
+def read_history_file(path: str, source: str | None = None) -> bytes:
+    """The bytes of the local history file `path` (`source` names it in errors; default
+    `path`), checked as `read_history_bytes` checks a run's.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        CorruptHistoryError: it is no regular file, too large, or reading it fails.
+        UnreadableCheckpointError: it cannot be read for lack of permission.
+    """
+    source = path if source is None else source
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _read_failed(source, exc) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise CorruptHistoryError(
+                f"{source} is a folder, not a history file; a Checkpointer writes "
+                "history.jsonl as a file (move the folder away)",
+                path=source,
+            )
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptHistoryError(
+                f"{source} is not a regular file (a FIFO, a socket or a device); haltpoint "
+                "reads only the regular file a Checkpointer writes",
+                path=source,
+            )
+        if info.st_size > HISTORY_READ_LIMIT:
+            raise _too_large(source)
+        chunks, left = [], HISTORY_READ_LIMIT + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise _read_failed(source, exc) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > HISTORY_READ_LIMIT:  # it grew while being read
+        raise _too_large(source)
+    return data
+
+
+def _too_large(source: str) -> CorruptHistoryError:
+    return CorruptHistoryError(
+        f"{source} is larger than {HISTORY_READ_LIMIT >> 30} GiB, more than any history "
+        "a Checkpointer writes; it is not read",
+        path=source,
+    )
+
+
+def _read_failed(source: str, exc: OSError) -> CheckpointError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        return UnreadableCheckpointError(
+            f"cannot read {source}: {reason}; this is not damage: give this user read "
+            "permission on it",
+            path=source,
+        )
+    if isinstance(exc, IsADirectoryError):
+        return CorruptHistoryError(
+            f"{source} is a folder, not a history file; a Checkpointer writes history.jsonl "
+            "as a file (move the folder away)",
+            path=source,
+        )
+    return CorruptHistoryError(f"cannot read {source}: {reason}", path=source)
