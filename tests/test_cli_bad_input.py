@@ -127,6 +127,19 @@ CASES = [
     ("import {weights} -o {tmp}/imported --step -1", USAGE, "--step"),
     ("import {notes} -o {tmp}/imported", FAILURE, "cannot read"),
     ("import {missing} -o {tmp}/imported", FAILURE, "does not exist"),
+    # numbers are the ASCII digits 0-9 only: int() and float() also take other scripts'
+    # digits (Arabic-Indic five is step 5 to int()), a sign and underscores
+    ("show {run} --step \u0665", USAGE, "--step"),
+    ("show {run} --step +5", USAGE, "--step"),
+    ("show {run} --step 0_5", USAGE, "--step"),
+    ("export {run} --which \u0665 -o {tmp}/m.safetensors", USAGE, "--which"),
+    ("gc {run} --keep-last \u0661", USAGE, "--keep-last"),
+    ("gc {run} --keep-last +1", USAGE, "--keep-last"),
+    ("replay {run} --patience 1,\u0662", USAGE, "--patience"),
+    ("replay {run} --patience +1", USAGE, "--patience"),
+    ("replay {run} --horizon \u0661\u0660", USAGE, "--horizon"),
+    ("replay {run} --min-delta \u0661", USAGE, "--min-delta"),
+    ("replay {run} --min-delta 0_1", USAGE, "--min-delta"),
     # the parser itself
     ("frobnicate", USAGE, "frobnicate"),
     ("ls {run} --bogus", USAGE, "--bogus"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from haltpoint import Checkpointer, EarlyStopping
 from haltpoint.cli import main
+from haltpoint.cli.flags import UsageError, ascii_int, count, finite_at_least, seed
 from haltpoint.cli.runinfo import open_run, select_entry
 from haltpoint.store.history import append_history
 from haltpoint.store.manifest import RANKING_KEY, Manifest
@@ -204,3 +206,27 @@ def test_a_later_writer_without_monitor_does_not_hide_the_runs_monitor(tmp_path:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing changed: "no monitor" is no ranking
         assert select_entry(open_run(str(run)), "best").step == 3  # val_loss, min
+
+
+@pytest.mark.parametrize("which", ["\u0661", "+1", " 1 ", "1_0", "-0", "1.0", ""])
+def test_a_step_selector_is_the_ascii_digits_0_to_9_only(tmp_path: Path, which: str) -> None:
+    run = tmp_path / "run"
+    make_run(run, values=VAL_LOSS[:2])  # steps 0 and 1: int() would read each as 1 (or 10)
+    with pytest.raises(UsageError, match=r"--which must be .* \(digits 0-9 only\), got"):
+        select_entry(open_run(str(run)), which)
+    assert select_entry(open_run(str(run)), "01").step == 1
+
+
+def test_numeric_flags_take_the_ascii_digits_only() -> None:
+    for text in ("\u0663", "+3", " 3", "3 ", "3_0", "\uff13"):  # \uff13: fullwidth 3
+        assert ascii_int(text) is None, text
+        with pytest.raises(argparse.ArgumentTypeError, match="digits 0-9 only"):
+            count(0)(text)
+        with pytest.raises(argparse.ArgumentTypeError, match="digits 0-9 only"):
+            seed(text)
+        if text != "+3":  # a float may have a sign
+            with pytest.raises(argparse.ArgumentTypeError, match="ASCII"):
+                finite_at_least(0.0)(text)
+    assert ascii_int("0042") == 42 and count(0)("7") == 7 and seed("4294967295") == 2**32 - 1
+    assert ascii_int("9" * 5000) is None  # beyond what int() converts: refused, not a crash
+    assert finite_at_least(0.0)("1e-3") == 0.001 and finite_at_least(0.0)("+.5") == 0.5

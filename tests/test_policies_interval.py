@@ -55,6 +55,7 @@ def test_auto_takes_overhead_and_mtbf_in_any_duration_form():
         ({"every": True}, TypeError, "every must be an int number of steps"),
         ({"every": 1.5}, TypeError, r'every must be .*"auto"; got float 1.5'),
         ({"every": "10 parsecs"}, ValueError, r"every must be .*\"10min\".*got '10 parsecs'"),
+        ({"every": "\u0661\u0660min"}, ValueError, "every must be"),  # Arabic-Indic 10
         ({"every": "0s"}, ValueError, "every must be"),
         ({"every": timedelta(0)}, ValueError, "every must be"),
         ({"every": "auto", "overhead": 0}, ValueError, "overhead must be a fraction .* got 0"),

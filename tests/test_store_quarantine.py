@@ -254,3 +254,12 @@ def test_a_manifest_of_a_newer_format_or_one_unreadable_now_is_never_moved(
         assert ckpt.restore({"w": torch.zeros(64)}).step == 14
     monkeypatch.undo()
     assert manifest.read_bytes() == original and not (run / "quarantine").exists()
+
+
+def test_only_ascii_digits_name_a_quarantined_step(tmp_path: Path) -> None:
+    # regex \d takes any script's digits: Arabic-Indic digits must not alias step 15
+    held = tmp_path / "run" / "quarantine"
+    held.mkdir(parents=True)
+    (held / "step-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0661\u0665-1.json").write_text("{}")
+    (held / "step-000000015-\u0661.json").write_text("{}")
+    assert list_quarantined(LocalStorage(tmp_path / "run", create=False)) == []

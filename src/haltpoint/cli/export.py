@@ -197,7 +197,7 @@ def _which(text: str) -> str:
         return str(count(0)(text))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"must be best, latest or a step (an int >= 0), got {text!r}"
+            f"must be best, latest or a step (an int >= 0, digits 0-9 only), got {text!r}"
         ) from None
 
 

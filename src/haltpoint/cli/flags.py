@@ -19,6 +19,7 @@ from haltpoint.store.run_dir import parse_step
 
 __all__ = [
     "UsageError",
+    "ascii_int",
     "check_output_dir",
     "check_output_file",
     "count",
@@ -28,29 +29,47 @@ __all__ = [
 ]
 
 _SEED_MAX = 2**32 - 1  # NumPy's seeds: 0 ... 2**32 - 1
+_DIGITS = re.compile("[0-9]+")  # not \d nor int(): both take Arabic-Indic and other digits
+_NUMBER = re.compile("[0-9eE.+-]+|[+-]?(inf|infinity|nan)", re.IGNORECASE)
 
 
 class UsageError(ValueError):
     """The command line cannot work as given; the message names the flag (exit status 2)."""
 
 
+def ascii_int(text: str) -> int | None:
+    """The int that `text` writes in the ASCII digits 0-9 alone, else None.
+
+    `int()` also takes other scripts' digits, a sign, spaces and underscores; a value typed
+    on the command line (or a step in a name on disk) is digits 0-9 only.
+
+    >>> [ascii_int(text) for text in ("012", "\u0661\u0662", "+3", " 3 ", "3_0")]
+    [12, None, None, None, None]
+    """
+    if _DIGITS.fullmatch(text) is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts (4300)
+        return None
+
+
 def count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an int >= `minimum`.
+    """An argparse type: an int >= `minimum`, in the digits 0-9.
 
     >>> count(1)("3")
     3
     >>> count(1)("0")
     Traceback (most recent call last):
-    argparse.ArgumentTypeError: must be an int >= 1, got '0'
+    argparse.ArgumentTypeError: must be an int >= 1 (digits 0-9 only), got '0'
     """
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        value = ascii_int(text)
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be an int >= {minimum} (digits 0-9 only), got {text!r}"
+            )
         return value
 
     parse.__name__ = f"int >= {minimum}"
@@ -62,17 +81,17 @@ def finite_at_least(minimum: float) -> Callable[[str], float]:
 
     >>> finite_at_least(0.0)("nan")
     Traceback (most recent call last):
-    argparse.ArgumentTypeError: must be a finite number >= 0, got 'nan'
+    argparse.ArgumentTypeError: must be a finite number >= 0 (ASCII: 0.001, 1e-3), got 'nan'
     """
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
+        try:  # float() also takes other scripts' digits, spaces and underscores
+            value = float(text) if _NUMBER.fullmatch(text) else math.nan
         except ValueError:
             value = math.nan
         if not math.isfinite(value) or value < minimum:
             raise argparse.ArgumentTypeError(
-                f"must be a finite number >= {minimum:g}, got {text!r}"
+                f"must be a finite number >= {minimum:g} (ASCII: 0.001, 1e-3), got {text!r}"
             )
         return value
 
@@ -86,12 +105,11 @@ def seed(text: str) -> int:
     >>> seed("7")
     7
     """
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= _SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be an int from 0 to 2**32 - 1, got {text!r}")
+    value = ascii_int(text)
+    if value is None or not 0 <= value <= _SEED_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be an int from 0 to 2**32 - 1 (digits 0-9 only), got {text!r}"
+        )
     return value
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.cli.command import add_command
-from haltpoint.cli.flags import UsageError, count, finite_at_least
+from haltpoint.cli.flags import UsageError, ascii_int, count, finite_at_least
 from haltpoint.cli.output import Output
 from haltpoint.cli.runinfo import check_mode, history_records, mode_of, open_run, watched_metric
 from haltpoint.errors import CheckpointNotFoundError
@@ -141,15 +141,15 @@ def replay_patiences(
 
 
 def _patiences(text: str) -> list[int | None]:
-    """The argparse type of --patience: ints >= 0 or 'default', separated by commas."""
+    """The argparse type of --patience: ints >= 0 (digits 0-9) or 'default', separated by
+    commas (spaces around them allowed)."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    try:
-        values = [None if part == "default" else int(part) for part in parts]
-    except ValueError:
-        values = []
-    if not values or any(v is not None and v < 0 for v in values):
+    values = [None if part == "default" else ascii_int(part) for part in parts]
+    malformed = [part for part, value in zip(parts, values, strict=True) if value is None]
+    if not values or any(part != "default" for part in malformed):
         raise argparse.ArgumentTypeError(
-            f"must be integers >= 0 or 'default' separated by commas, got {text!r}"
+            f"must be integers >= 0 or 'default' separated by commas (digits 0-9 only), "
+            f"got {text!r}"
         )
     return values
 

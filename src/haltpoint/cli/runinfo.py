@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from haltpoint.cli.flags import UsageError
+from haltpoint.cli.flags import UsageError, ascii_int
 from haltpoint.errors import CheckpointNotFoundError, CorruptHistoryError
 from haltpoint.policies.retention import best_record
 from haltpoint.stopping.modes import infer_mode
@@ -356,12 +356,11 @@ def select_entry(
                 path=run.storage.url,
             )
         return next(e for e in entries if e.step == best.step)
-    try:
-        step = int(which)
-    except ValueError:
+    step = ascii_int(which)
+    if step is None:
         raise UsageError(
-            f"--which must be 'best', 'latest' or a step number, got {which!r}"
-        ) from None
+            f"--which must be 'best', 'latest' or a step number (digits 0-9 only), got {which!r}"
+        )
     for entry in scanned:
         if entry.step == step and entry.error is not None:
             raise entry.error  # what is wrong with it, naming the field

@@ -51,7 +51,7 @@ _ALLOWED = (
     'an int number of steps (every=100), a duration ("30s", "10min", "2h" or a '
     'datetime.timedelta), or "auto"'
 )
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|min|m|h)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|min|m|h)\s*$", re.ASCII)
 _UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 
 

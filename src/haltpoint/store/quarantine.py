@@ -22,7 +22,7 @@ from haltpoint.store.storage import Storage
 __all__ = ["QUARANTINE_DIR", "Quarantined", "list_quarantined", "move_to_quarantine"]
 
 QUARANTINE_DIR = "quarantine"
-_NAME = re.compile(r"^step-(\d{9,})-(\d+)\.json$")
+_NAME = re.compile(r"^step-([0-9]{9,})-([0-9]+)\.json$")  # not \d: it takes any script's digits
 
 
 @dataclass(frozen=True)
