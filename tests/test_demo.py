@@ -19,7 +19,8 @@ from haltpoint.demo import DigitsNet, load_digits, split_digits
 from haltpoint.demo.scores import score
 from haltpoint.demo.train import DemoConfig, EpochResult, train_demo
 from haltpoint.stopping import EarlyStopping
-from haltpoint.store.history import read_history
+from haltpoint.store import history
+from haltpoint.store.history import encode_record, read_history
 from haltpoint.store.storage import LocalStorage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -191,6 +192,19 @@ def test_fresh_refuses_a_folder_of_another_tool_with_its_own_history_jsonl(tmp_p
     code, _, err = run_cli(capsys, "demo", "--run-dir", str(other), "--fresh")
     assert code == 1 and "does not look like a haltpoint run" in err
     assert (other / "model.pt").read_bytes() == b"precious"
+
+
+def test_fresh_deletes_nothing_when_the_history_is_too_large_to_read(
+    tmp_path: Path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    line = encode_record({"step": 0, "metrics": {"val_loss": 0.5}})
+    (run / "history.jsonl").write_bytes(line * 4)  # a run by its history alone
+    monkeypatch.setattr(history, "HISTORY_READ_LIMIT", len(line))
+    code, _, err = run_cli(capsys, "demo", "--run-dir", str(run), "--epochs", "1", "--fresh")
+    assert code == 1 and "history.jsonl is larger than" in err
+    assert (run / "history.jsonl").read_bytes() == line * 4  # not deleted, no demo trained
 
 
 @pytest.mark.parametrize("width", [60, 80, 120])

@@ -24,7 +24,12 @@ from haltpoint.demo.train import MONITOR, DemoConfig, DemoOutcome, EpochResult, 
 from haltpoint.errors import LockedError
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
-from haltpoint.store.history import HISTORY_NAME, is_checked_record, read_history
+from haltpoint.store.history import (
+    HISTORY_NAME,
+    is_checked_record,
+    read_history,
+    read_history_file,
+)
 from haltpoint.store.lock import read_holder
 from haltpoint.store.quarantine import QUARANTINE_DIR
 from haltpoint.store.run_dir import (
@@ -68,11 +73,16 @@ def _looks_like_run(path: str) -> bool:
 
 
 def _has_checked_history(path: str) -> bool:
-    """Whether the file `path` holds a history line with a checksum that verifies."""
-    if not os.path.isfile(path):
+    """Whether the file `path` holds a history line with a checksum that verifies.
+
+    Raises:
+        CorruptHistoryError: it is larger than any history (`read_history_file`), or reading
+            it fails; so --fresh deletes nothing.
+        UnreadableCheckpointError: it cannot be read for lack of permission.
+    """
+    if not os.path.isfile(path):  # a folder or a FIFO there is no history haltpoint wrote
         return False
-    with open(path, "rb") as f:
-        return any(is_checked_record(line) for line in f)
+    return any(is_checked_record(line) for line in read_history_file(path).split(b"\n"))
 
 
 def _foreign_entry(path: str) -> str | None:
