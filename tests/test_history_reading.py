@@ -124,7 +124,7 @@ def test_a_history_larger_than_the_limit_is_not_read(
 ) -> None:
     (tmp_path / "history.jsonl").write_bytes(encode_record({"step": 0}) * 10)
     monkeypatch.setattr(history, "HISTORY_READ_LIMIT", 64)
-    with pytest.raises(CorruptHistoryError, match="larger than 0 GiB, more than any history"):
+    with pytest.raises(CorruptHistoryError, match="larger than 64 bytes, more than any history"):
         read_history(LocalStorage(tmp_path, create=False))
 
 

@@ -433,7 +433,7 @@ def read_history_file(path: str, source: str | None = None) -> bytes:
 
 def _too_large(source: str) -> CorruptHistoryError:
     return CorruptHistoryError(
-        f"{source} is larger than {HISTORY_READ_LIMIT >> 30} GiB, more than any history "
+        f"{source} is larger than {HISTORY_READ_LIMIT:,} bytes, more than any history "
         "a Checkpointer writes; it is not read",
         path=source,
     )
