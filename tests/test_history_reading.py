@@ -33,6 +33,7 @@ from haltpoint.errors import (
     CorruptHistoryError,
     UnreadableCheckpointError,
 )
+from haltpoint.plotting import curves
 from haltpoint.store import history
 from haltpoint.store.history import encode_record, parse_history, read_history
 from haltpoint.store.manifest import RANKING_KEY, Manifest
@@ -267,15 +268,28 @@ def _lines(draw: st.DrawFn) -> bytes:
 histories = st.lists(_lines(), max_size=8).map(b"".join)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=histories)
-def test_fuzzed_histories_read_as_json_objects_or_a_history_error(data: bytes) -> None:
+def test_fuzzed_histories_read_as_json_objects_or_a_history_error(
+    data: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "history.jsonl").write_bytes(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        records = parse_history(data, "fuzzed")
+        try:
+            records = read_history(LocalStorage(tmp_path, create=False))
+        except CorruptHistoryError as exc:  # the one error allowed, in one line
+            assert "\n" not in str(exc)
+            return
+        assert records == parse_history(data, "fuzzed")
     assert all(isinstance(r, dict) and "checksum" not in r for r in records)
     assert all(isinstance(key, str) for r in records for key in r)
     assert len(records) <= sum(1 for line in data.split(b"\n") if line.strip())
+    for steps, values in curves(records).values():  # what plot and replay draw from them
+        assert all(type(step) is int and 0 <= step < 2**63 for step in steps)
+        assert steps == sorted(set(steps)) and all(type(v) is float for v in values)
 
 
 @settings(max_examples=40, deadline=None)
