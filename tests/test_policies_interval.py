@@ -81,7 +81,7 @@ def test_every_steps(steps, due):
     reason = EverySteps(100).due(Progress(steps=steps, seconds=1e9), Costs())
     assert (reason is not None) == due
     if due:
-        assert reason == f"every 100 steps: {steps} steps since the last save"
+        assert reason.startswith(f"every 100 steps: step {steps} ")
 
 
 @pytest.mark.parametrize(
@@ -158,6 +158,13 @@ def test_auto_is_due_exactly_when_the_interval_has_passed(seconds, interval):
 @given(steps=st.integers(0, 10**6), n=st.integers(1, 10**4))
 def test_every_steps_is_due_exactly_from_n_steps(steps, n):
     assert (EverySteps(n).due(Progress(steps, 0.0), Costs()) is not None) == (steps >= n)
+
+
+@given(last=st.integers(-1, 10**6), gap=st.integers(0, 10**4), n=st.integers(1, 10**4))
+def test_every_steps_is_due_when_a_multiple_of_n_was_reached(last, gap, n):
+    step = last + gap
+    due = EverySteps(n).due(Progress(gap, 0.0, step=step), Costs()) is not None
+    assert due == any(s % n == 0 for s in range(last + 1, step + 1))
 
 
 def test_parse_duration_names_the_argument():

@@ -37,10 +37,16 @@ def saved_steps(schedule: SaveSchedule, clock: FakeClock, steps, dt=1.0, metrics
     return saved
 
 
-def test_every_steps_counts_from_the_first_step_seen():
+def test_every_steps_saves_the_multiples_whatever_the_first_step_seen():
     clock = FakeClock()
     schedule = SaveSchedule(EverySteps(3), monitor=None, mode="min", clock=clock)
-    assert [s for s, _ in saved_steps(schedule, clock, range(10, 20))] == [13, 16, 19]
+    assert [s for s, _ in saved_steps(schedule, clock, range(10, 20))] == [12, 15, 18]
+
+
+def test_every_steps_saves_past_a_multiple_the_calls_skipped():
+    clock = FakeClock()
+    schedule = SaveSchedule(EverySteps(5), monitor=None, mode="min", clock=clock)
+    assert [s for s, _ in saved_steps(schedule, clock, range(0, 30, 7))] == [0, 7, 14, 21, 28]
 
 
 def test_every_time_uses_the_clock_not_steps():
@@ -99,11 +105,11 @@ def test_maybe_save_saves_when_due_and_records_why(tmp_path: Path, capsys):
     assert manifests[0].extra["saved_by"]["policy"] == "improvement"
     assert manifests[3].extra["saved_by"] == {
         "policy": "every 3 steps",
-        "reason": "every 3 steps: 3 steps since the last save",
+        "reason": "every 3 steps: step 3 is a multiple of 3",
     }
     assert main(["show", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "saved by:  every 3 steps: every 3 steps: 3 steps since the last save" in out
+    assert "saved by:  every 3 steps: every 3 steps: step 6 is a multiple of 3" in out
     assert "extra:" not in out
 
 
@@ -118,10 +124,10 @@ def test_save_records_no_policy_and_show_leaves_it_out(tmp_path: Path, capsys):
 
 def test_maybe_save_on_preemption(tmp_path: Path):
     with Checkpointer(tmp_path, every=1000, save_on_signal=signal.SIGUSR1) as ckpt:
-        assert ckpt.maybe_save(0, {"x": torch.ones(1)}) is None
+        assert ckpt.maybe_save(1, {"x": torch.ones(1)}) is None
         os.kill(os.getpid(), signal.SIGUSR1)
-        info = ckpt.maybe_save(1, {"x": torch.ones(1)})
-        assert info is not None and info.step == 1
+        info = ckpt.maybe_save(2, {"x": torch.ones(1)})
+        assert info is not None and info.step == 2
 
 
 def test_maybe_save_auto_saves_first(tmp_path: Path):

@@ -33,10 +33,10 @@ class SaveSchedule:
 
     >>> from haltpoint.policies.interval import EverySteps
     >>> schedule = SaveSchedule(EverySteps(2), monitor=None, mode="min")
-    >>> schedule.decide(0, {}, None) is None
+    >>> schedule.decide(1, {}, None) is None
     True
     >>> schedule.decide(2, {}, None)["reason"]
-    'every 2 steps: 2 steps since the last save'
+    'every 2 steps: step 2 is a multiple of 2'
     """
 
     def __init__(
@@ -87,8 +87,10 @@ class SaveSchedule:
         improved = self._improved(metrics)
         if improved is not None:
             return {"policy": "improvement", "reason": improved}
-        last_step, last_time = self._last or (self._first_step, self._start)
-        progress = Progress(step - last_step, now - last_time, saved_before=self._last is not None)
+        # before any save, the first step seen counts: every=N saves it when it is a multiple
+        last_step, last_time = self._last or (self._first_step - 1, self._start)
+        saved_before = self._last is not None
+        progress = Progress(step - last_step, now - last_time, saved_before, step=step)
         reason = self.policy.due(progress, self.costs())
         return None if reason is None else {"policy": self.policy.describe(), "reason": reason}
 

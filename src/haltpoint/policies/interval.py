@@ -14,8 +14,8 @@ that would wait for the previous write, which costs more blocked time).
 >>> policy = parse_every("auto", overhead=0.02, mtbf=86400.0)
 >>> round(policy.interval_seconds(Costs(blocked_seconds=0.5, write_seconds=2.0)))
 294
->>> parse_every(100).due(Progress(steps=100, seconds=5.0), Costs())
-'every 100 steps: 100 steps since the last save'
+>>> parse_every(100).due(Progress(steps=100, seconds=5.0, step=300), Costs())
+'every 100 steps: step 300 is a multiple of 100'
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class Progress:
     steps: int
     seconds: float
     saved_before: bool = True
+    step: int | None = None
+    """The step now; None: counted from step 0 (the same as `steps`)."""
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,25 @@ class IntervalPolicy(Protocol):
 
 @dataclass(frozen=True)
 class EverySteps:
-    """Save once `steps` steps have passed since the last save."""
+    """Save at the steps that are multiples of `steps` (`step % steps == 0`), as Lightning's
+    `every_n_train_steps` and Orbax's `save_interval_steps` do, so a resumed run keeps the
+    same grid; where calls skip a multiple, at the first step past it.
+
+    >>> EverySteps(5).due(Progress(steps=4, seconds=0.0, step=12), Costs())
+    'every 5 steps: step 12 passed step 10 since the last save'
+    """
 
     steps: int
 
     def due(self, progress: Progress, costs: Costs) -> str | None:
-        if progress.steps < self.steps:
+        step = progress.steps if progress.step is None else progress.step
+        last = step - progress.steps
+        if progress.steps <= 0 or step // self.steps <= last // self.steps:
             return None
-        return f"{self.describe()}: {progress.steps} steps since the last save"
+        if step % self.steps == 0:
+            return f"{self.describe()}: step {step} is a multiple of {self.steps}"
+        grid = step // self.steps * self.steps
+        return f"{self.describe()}: step {step} passed step {grid} since the last save"
 
     def describe(self) -> str:
         return f"every {self.steps} steps"
