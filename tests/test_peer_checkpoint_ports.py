@@ -1,0 +1,348 @@
+"""The peers' checkpoint-manager test suites, ported to haltpoint's public API.
+
+Each test is named after the peer case it ports: Lightning's `ModelCheckpoint`
+(tests/tests_pytorch/checkpointing/test_model_checkpoint.py), the Hugging Face Trainer's
+checkpointing (tests/trainer/test_trainer.py), ignite's `Checkpoint` (tests/ignite/handlers/
+test_checkpoint.py) and Orbax's `CheckpointManager` (checkpoint_manager_test.py). Where
+haltpoint deliberately differs, the test asserts haltpoint's documented behaviour and says why.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from haltpoint import (
+    Checkpointer,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    StateMismatchError,
+)
+from haltpoint.store.run_dir import checkpoint_dirname
+
+
+def make_state(seed: int = 0) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+
+
+def train_step(state: dict[str, Any]) -> None:
+    model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
+    optimizer.zero_grad()
+    model(torch.randn(4, 3)).pow(2).sum().backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def run(directory: Path, values: list[float], **options: Any) -> list[int]:
+    """Save one checkpoint per value of `val` (step = index); the steps kept, oldest first."""
+    state = make_state()
+    with Checkpointer(directory, async_save=False, **options) as ckpt:
+        for step, value in enumerate(values):
+            ckpt.save(step, state, {"val": value})
+        return [info.step for info in ckpt.list()]
+
+
+# -- PyTorch Lightning ModelCheckpoint ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "kept"),
+    [("min", [1, 3, 5]), ("max", [0, 4, 5])],  # best two by mode, plus the newest (save_last)
+)
+def test_lightning_save_top_k_min_max_mode(tmp_path: Path, mode: str, kept: list[int]) -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 4.5, 3.0]
+    assert run(tmp_path, values, monitor="val", mode=mode, keep_best=2, keep_last=1) == kept
+
+
+def test_lightning_save_top_k_best_model_path_and_score(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, monitor="val", mode="max", keep_best=1, async_save=False) as ckpt:
+        for step, value in enumerate([0.2, 0.9, 0.5]):
+            ckpt.save(step, state, {"val": value})
+        best = ckpt.restore(state, "best")
+    assert best is not None and best.step == 1 and best.metrics["val"] == 0.9
+    assert Path(best.path).name == checkpoint_dirname(1)
+
+
+def test_lightning_save_last_keeps_the_newest_whatever_its_score(tmp_path: Path) -> None:
+    kept = run(tmp_path, [1.0, 2.0, 3.0, 4.0], monitor="val", keep_best=1, keep_last=1)
+    assert kept == [0, 3]  # the best (step 0) and the last
+
+
+def test_lightning_save_top_k_zero_keeps_only_last(tmp_path: Path) -> None:
+    assert run(tmp_path, [3.0, 1.0, 2.0], keep_last=1) == [2]
+
+
+def test_lightning_save_top_k_minus_one_keeps_all(tmp_path: Path) -> None:
+    # haltpoint has no -1: "keep all" is keep_last larger than the run
+    assert run(tmp_path, [3.0, 1.0, 2.0, 0.5], keep_last=100) == [0, 1, 2, 3]
+
+
+def test_lightning_every_n_train_steps(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, every=3, keep_last=100, async_save=False) as ckpt:
+        saved = [s for s in range(1, 11) if ckpt.maybe_save(s, state) is not None]
+    assert saved == [3, 6, 9]  # Lightning: global_step % every_n_train_steps == 0
+
+
+def test_lightning_every_n_train_steps_after_resume_keeps_the_grid(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, every=5, keep_last=100, async_save=False) as ckpt:
+        saved = [s for s in range(1, 8) if ckpt.maybe_save(s, state) is not None]
+    with Checkpointer(tmp_path, every=5, keep_last=100, async_save=False) as ckpt:
+        info = ckpt.restore(state)
+        assert info is not None
+        saved += [s for s in range(info.step + 1, 16) if ckpt.maybe_save(s, state) is not None]
+    assert saved == [5, 10, 15]  # the multiples of 5, not 5 steps after the resume
+
+
+def test_lightning_resume_keeps_best_model_score_and_best_k_models(tmp_path: Path) -> None:
+    options = {"monitor": "val", "keep_best": 2, "keep_last": 1, "async_save": False}
+    state = make_state()
+    with Checkpointer(tmp_path, **options) as ckpt:
+        for step, value in enumerate([0.5, 0.2, 0.9]):
+            ckpt.save(step, state, {"val": value})
+    # the directory is the truth: a new Checkpointer sees the top-k the first one kept
+    with Checkpointer(tmp_path, **options) as ckpt:
+        assert ckpt.restore(state) is not None
+        for step, value in [(3, 0.8), (4, 0.7)]:
+            ckpt.save(step, state, {"val": value})
+        assert [i.step for i in ckpt.list()] == [0, 1, 4]
+        best = ckpt.restore(state, "best")
+    assert best is not None and (best.step, best.metrics["val"]) == (1, 0.2)
+
+
+def test_lightning_monitor_missing_raises(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, monitor="val_loss", async_save=False) as ckpt:
+        with pytest.raises(ValueError, match=r"no 'val_loss'.*\['train_loss'\]"):
+            ckpt.save(0, state, {"train_loss": 1.0})
+        assert ckpt.list() == []
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_lightning_nan_monitor_never_becomes_best(tmp_path: Path, bad: float) -> None:
+    # Lightning ranks NaN as worst (test_invalid_top_k's torch.isnan guard, #2474)
+    kept = run(tmp_path, [bad, 3.0, bad, 2.0, bad], monitor="val", keep_best=1, keep_last=1)
+    assert kept == [3, 4]
+    with Checkpointer(tmp_path, monitor="val", read_only=True) as ckpt:
+        best = ckpt.restore(make_state(), "best")
+    assert best is not None and best.step == 3
+
+
+def test_lightning_nan_only_run_has_no_best(tmp_path: Path) -> None:
+    run(tmp_path, [math.nan, math.nan], monitor="val", keep_best=1)
+    ckpt = Checkpointer(tmp_path, monitor="val", read_only=True)
+    with ckpt, pytest.raises(CheckpointNotFoundError):
+        ckpt.restore(make_state(), "best")
+
+
+def test_lightning_filename_uniqueness(tmp_path: Path) -> None:
+    # Lightning appends -v1, -v2 to a name taken; haltpoint names a folder by its step and
+    # refuses a step already taken, so nothing is ever silently versioned or overwritten
+    state = make_state()
+    with Checkpointer(tmp_path, keep_last=5, async_save=False) as ckpt:
+        ckpt.save(0, state, {"val": 1.0})
+        ckpt.save(1, state, {"val": 1.0})
+        with pytest.raises(CheckpointExistsError):
+            ckpt.save(1, state, {"val": 0.5})
+        names = [Path(i.path).name for i in ckpt.list()]
+    assert names == [checkpoint_dirname(0), checkpoint_dirname(1)]
+
+
+# -- Hugging Face Trainer -----------------------------------------------------------------
+
+
+def test_transformers_save_total_limit_keeps_the_best_even_when_oldest(tmp_path: Path) -> None:
+    # test_load_best_model_with_save / _sorted_checkpoints: save_total_limit=2 keeps the best
+    kept = run(tmp_path, [0.1, 0.5, 0.6, 0.7, 0.8], monitor="val", keep_best=1, keep_last=1)
+    assert kept == [0, 4]
+
+
+def test_transformers_rotate_checkpoints(tmp_path: Path) -> None:
+    # save_total_limit=2 without a best: the two newest
+    assert run(tmp_path, [1.0] * 5, keep_last=2) == [3, 4]
+
+
+def test_transformers_resume_restores_optimizer_scheduler_rng_and_step(tmp_path: Path) -> None:
+    """test_can_resume_training: straight through == saved, reloaded, continued."""
+    straight = make_state()
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    for _ in range(6):
+        train_step(straight)
+    draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+    resumed = make_state()
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        for step in range(3):
+            train_step(resumed)
+            ckpt.save(step, resumed)
+    fresh = make_state(seed=42)
+    torch.manual_seed(99)  # the state the restore must replace
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        info = ckpt.restore(fresh)
+    assert info is not None and info.step == 2  # the global step to go on from
+    for _ in range(3):
+        train_step(fresh)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws
+    for a, b in zip(straight["model"].parameters(), fresh["model"].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert fresh["scheduler"].state_dict() == straight["scheduler"].state_dict()
+    momentum = [s["momentum_buffer"] for s in fresh["optimizer"].state.values()]
+    expected = [s["momentum_buffer"] for s in straight["optimizer"].state.values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, expected, strict=True))
+
+
+# -- ignite Checkpoint / ModelCheckpoint --------------------------------------------------
+
+
+def test_ignite_checkpoint_with_score_function_n_saved(tmp_path: Path) -> None:
+    # n_saved=2 with score_function keeps the two best; haltpoint's keep_last=1 (at least one,
+    # for a resume) keeps the newest as well: the kept set is the union of the rules
+    kept = run(tmp_path, [0.3, 0.9, 0.1, 0.8, 0.2], monitor="val", mode="max", keep_best=2)
+    assert kept == [1, 3, 4]
+
+
+def test_ignite_greater_or_equal_ties(tmp_path: Path) -> None:
+    # ignite's greater_or_equal=True lets a later equal score replace an earlier one; haltpoint
+    # keeps the earlier step on a tie (documented in policies.retention: the first to reach it)
+    kept = run(tmp_path, [0.5, 0.5, 0.1], monitor="val", mode="max", keep_best=1)
+    assert kept == [0, 2]
+
+
+def test_ignite_include_self_state_survives_a_new_manager(tmp_path: Path) -> None:
+    # include_self saves the handler's saved list; haltpoint rebuilds it from the directory
+    run(tmp_path, [0.4, 0.1, 0.3], monitor="val", keep_best=1, keep_last=1)
+    with Checkpointer(tmp_path, monitor="val", keep_best=1, async_save=False) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1, 2]
+        ckpt.save(3, make_state(), {"val": 0.2})
+        assert [i.step for i in ckpt.list()] == [1, 3]
+
+
+def test_ignite_load_objects_strict(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"model": state["model"]})
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        with pytest.raises(StateMismatchError, match="optimizer"):
+            ckpt.restore({"model": state["model"], "optimizer": state["optimizer"]})
+        wanted = {"model": state["model"], "optimizer": state["optimizer"]}
+        info = ckpt.restore(wanted, strict=False)
+    assert info is not None and info.report is not None and "optimizer" in str(info.report)
+
+
+def test_ignite_load_objects_strict_module_keys(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"model": torch.nn.Linear(3, 2)})
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2))  # keys "0.weight", not "weight"
+    with Checkpointer(tmp_path, read_only=True) as ckpt, pytest.raises(StateMismatchError):
+        ckpt.restore({"model": other})
+
+
+def test_ignite_filename_prefix_separates_runs(tmp_path: Path) -> None:
+    # filename_prefix lets two handlers share a folder; haltpoint gives each run its directory
+    run(tmp_path / "a", [1.0, 2.0], keep_last=2)
+    run(tmp_path / "b", [1.0], keep_last=2)
+    for name, steps in [("a", [0, 1]), ("b", [0])]:
+        with Checkpointer(tmp_path / name, read_only=True) as ckpt:
+            assert [i.step for i in ckpt.list()] == steps
+
+
+def test_ignite_saved_state_is_complete(tmp_path: Path) -> None:
+    state = make_state()
+    train_step(state)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {**state, "epoch": 7, "note": ("a", None)})
+    fresh = {**make_state(seed=3), "epoch": 0, "note": None}
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        ckpt.restore(fresh)
+    assert fresh["epoch"] == 7 and fresh["note"] == ("a", None)
+    assert fresh["optimizer"].state_dict()["state"].keys() == {0, 1}
+    assert fresh["scheduler"].state_dict() == state["scheduler"].state_dict()
+    pairs = zip(fresh["model"].parameters(), state["model"].parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+# -- Orbax CheckpointManager --------------------------------------------------------------
+
+
+def test_orbax_max_to_keep(tmp_path: Path) -> None:
+    assert run(tmp_path, [1.0] * 6, keep_last=3) == [3, 4, 5]
+
+
+def test_orbax_keep_period(tmp_path: Path) -> None:
+    assert run(tmp_path, [1.0] * 8, keep_last=2, keep_every=3) == [0, 3, 6, 7]
+
+
+def test_orbax_best_fn_min_mode_with_max_to_keep(tmp_path: Path) -> None:
+    # Orbax's best_fn + max_to_keep may evict the newest; haltpoint always keeps it too
+    kept = run(tmp_path, [0.5, 0.2, 0.9, 0.1, 0.7], monitor="val", mode="min", keep_best=2)
+    assert kept == [1, 3, 4]
+
+
+def test_orbax_should_save_interval_steps(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, every=2, keep_last=100, async_save=False) as ckpt:
+        saved = [s for s in range(0, 7) if ckpt.maybe_save(s, state) is not None]
+    assert saved == [0, 2, 4, 6]  # should_save: step % save_interval_steps == 0
+
+
+def test_orbax_latest_step_all_steps(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, keep_last=10) as ckpt:
+        assert ckpt.list() == [] and ckpt.restore(state) is None  # latest_step() is None
+        for step in (0, 2, 5):
+            ckpt.save(step, state)
+        assert [i.step for i in ckpt.list()] == [0, 2, 5]  # all_steps()
+        assert ckpt.list()[-1].step == 5  # latest_step()
+
+
+def test_orbax_interrupted_save_is_invisible(tmp_path: Path) -> None:
+    run(tmp_path, [1.0, 2.0], keep_last=5)
+    torn = tmp_path / checkpoint_dirname(2)  # step 2's files written, its manifest never
+    shutil.copytree(tmp_path / checkpoint_dirname(1), torn)
+    (torn / "manifest.json").unlink()
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert [i.step for i in ckpt.list()] == [0, 1]
+        info = ckpt.restore(make_state())
+    assert info is not None and info.step == 1
+
+
+def test_orbax_reload_after_reopen(tmp_path: Path) -> None:
+    run(tmp_path, [1.0, 2.0, 3.0], keep_last=2)
+    with Checkpointer(tmp_path, keep_last=2, async_save=False) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1, 2]
+        ckpt.save(3, make_state())
+        assert [i.step for i in ckpt.list()] == [2, 3]
+
+
+def test_orbax_delete_unfinished_step_then_save_it(tmp_path: Path) -> None:
+    run(tmp_path, [1.0, 2.0], keep_last=5)
+    torn = tmp_path / checkpoint_dirname(2)
+    shutil.copytree(tmp_path / checkpoint_dirname(1), torn)
+    (torn / "manifest.json").unlink()
+    state = make_state(seed=5)
+    with Checkpointer(tmp_path, keep_last=5, async_save=False) as ckpt:  # the writer cleans up
+        ckpt.save(2, state)
+    fresh = make_state(seed=6)
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        info = ckpt.restore(fresh)
+        assert [i.step for i in ckpt.list()] == [0, 1, 2]
+    assert info is not None and info.step == 2
+    assert torch.equal(fresh["model"].weight, state["model"].weight)
