@@ -10,8 +10,10 @@ haltpoint deliberately differs, the test asserts haltpoint's documented behaviou
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,15 @@ def test_lightning_every_n_train_steps(tmp_path: Path) -> None:
     assert saved == [3, 6, 9]  # Lightning: global_step % every_n_train_steps == 0
 
 
+def test_lightning_every_n_epochs(tmp_path: Path) -> None:
+    # Lightning saves when (current_epoch + 1) % n == 0, its epochs counted from 0; haltpoint's
+    # step is the caller's number, so pass the epochs completed to save after epochs 2 and 4
+    state = make_state()
+    with Checkpointer(tmp_path, every=2, keep_last=100, async_save=False) as ckpt:
+        saved = [e for e in range(1, 6) if ckpt.maybe_save(e, state) is not None]
+    assert saved == [2, 4]
+
+
 def test_lightning_every_n_train_steps_after_resume_keeps_the_grid(tmp_path: Path) -> None:
     state = make_state()
     with Checkpointer(tmp_path, every=5, keep_last=100, async_save=False) as ckpt:
@@ -121,6 +132,26 @@ def test_lightning_resume_keeps_best_model_score_and_best_k_models(tmp_path: Pat
         assert [i.step for i in ckpt.list()] == [0, 1, 4]
         best = ckpt.restore(state, "best")
     assert best is not None and (best.step, best.metrics["val"]) == (1, 0.2)
+
+
+def test_lightning_none_monitor_top_k(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"keep_best=2 needs monitor"):
+        Checkpointer(tmp_path, keep_best=2)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"monitor": "val", "keep_best": -1}, "keep_best must be an int >= 0, got -1"),
+        ({"keep_last": 0}, "keep_last must be an int >= 1"),  # ignite n_saved >= 1 as well
+        ({"monitor": "val", "mode": "unknown_option"}, "mode must be one of"),
+    ],
+)
+def test_lightning_invalid_top_k_and_mode_options(
+    tmp_path: Path, options: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        Checkpointer(tmp_path, **options)
 
 
 def test_lightning_monitor_missing_raises(tmp_path: Path) -> None:
@@ -301,6 +332,37 @@ def test_orbax_should_save_interval_steps(tmp_path: Path) -> None:
     with Checkpointer(tmp_path, every=2, keep_last=100, async_save=False) as ckpt:
         saved = [s for s in range(0, 7) if ckpt.maybe_save(s, state) is not None]
     assert saved == [0, 2, 4, 6]  # should_save: step % save_interval_steps == 0
+
+
+def test_orbax_should_save_not_twice_at_a_step(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, every=2, keep_last=100, async_save=False) as ckpt:
+        assert ckpt.maybe_save(4, state) is not None
+        assert ckpt.maybe_save(4, state) is None  # should_save: step > latest_step
+
+
+def test_orbax_keep_checkpoints_without_metrics(tmp_path: Path) -> None:
+    # Orbax keeps a checkpoint without metrics beside best_fn's by default; haltpoint's
+    # keep_best never ranks one, and only keep_last (or keep_every, a pin) keeps it
+    state = make_state()
+    with Checkpointer(tmp_path, monitor="val", keep_best=1, async_save=False) as ckpt:
+        ckpt.save(0, state, {"val": 0.5})
+        ckpt.save(1, state)
+        ckpt.save(2, state, {"val": 0.9})
+        ckpt.save(3, state)
+        assert [i.step for i in ckpt.list()] == [0, 3]
+
+
+def test_orbax_save_on_preemption(tmp_path: Path) -> None:
+    # reached_preemption makes should_save true whatever the interval
+    state = make_state()
+    options: dict[str, Any] = {"every": 1000, "save_on_signal": signal.SIGUSR1}
+    with Checkpointer(tmp_path, async_save=False, **options) as ckpt:
+        assert ckpt.maybe_save(1, state) is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert ckpt.preempted == "SIGUSR1"
+        info = ckpt.maybe_save(2, state)
+    assert info is not None and info.step == 2
 
 
 def test_orbax_latest_step_all_steps(tmp_path: Path) -> None:
