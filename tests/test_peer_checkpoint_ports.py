@@ -179,6 +179,48 @@ def test_lightning_nan_only_run_has_no_best(tmp_path: Path) -> None:
         ckpt.restore(make_state(), "best")
 
 
+@pytest.mark.parametrize(("mode", "values"), [("min", [8.0, 7.0, 5.0]), ("max", [5.0, 7.0, 8.0])])
+def test_lightning_checkpointing_with_nan_as_first(
+    tmp_path: Path, mode: str, values: list[float]
+) -> None:
+    run(tmp_path, [math.nan, *values], monitor="val", mode=mode, keep_best=1)
+    with Checkpointer(tmp_path, monitor="val", mode=mode, read_only=True) as ckpt:
+        best = ckpt.restore(make_state(), "best")
+    assert best is not None and (best.step, best.metrics["val"]) == (3, values[-1])
+
+
+def test_lightning_current_score_is_saved_with_each_checkpoint(tmp_path: Path) -> None:
+    run(tmp_path, [0.1, 0.2, 0.3], monitor="val", keep_best=3)
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert [i.metrics["val"] for i in ckpt.list()] == [0.1, 0.2, 0.3]
+
+
+def test_lightning_model_checkpoint_score_and_ckpt_scheduler_state(tmp_path: Path) -> None:
+    # each checkpoint holds the scheduler as it was at its save, after that epoch's step
+    state = make_state()
+    with Checkpointer(tmp_path, keep_last=3, async_save=False) as ckpt:
+        for epoch in range(3):
+            train_step(state)
+            ckpt.save(epoch, state, {"val": float(epoch)})
+    for epoch in range(3):
+        fresh = make_state()
+        with Checkpointer(tmp_path, read_only=True) as ckpt:
+            ckpt.restore(fresh, epoch)
+        assert fresh["scheduler"].state_dict()["_step_count"] == epoch + 2  # starts at 1
+        assert fresh["optimizer"].param_groups[0]["lr"] == 0.1 * 0.5 ** ((epoch + 1) // 2)
+
+
+def test_lightning_checkpoint_repeated_strategy(tmp_path: Path) -> None:
+    # resuming from the best again and again, training nothing, writes and removes nothing
+    run(tmp_path, [0.3, 0.1, 0.2], monitor="val", keep_best=1, keep_last=1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for _ in range(3):
+        with Checkpointer(tmp_path, monitor="val", keep_best=1, keep_last=1) as ckpt:
+            info = ckpt.restore(make_state(), "best")
+            assert info is not None and info.step == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_lightning_filename_uniqueness(tmp_path: Path) -> None:
     # Lightning appends -v1, -v2 to a name taken; haltpoint names a folder by its step and
     # refuses a step already taken, so nothing is ever silently versioned or overwritten
