@@ -26,6 +26,7 @@ from haltpoint import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     StateMismatchError,
+    UnsupportedStateError,
 )
 from haltpoint.store.run_dir import checkpoint_dirname
 
@@ -237,10 +238,19 @@ def test_lightning_filename_uniqueness(tmp_path: Path) -> None:
 # -- Hugging Face Trainer -----------------------------------------------------------------
 
 
-def test_transformers_save_total_limit_keeps_the_best_even_when_oldest(tmp_path: Path) -> None:
-    # test_load_best_model_with_save / _sorted_checkpoints: save_total_limit=2 keeps the best
-    kept = run(tmp_path, [0.1, 0.5, 0.6, 0.7, 0.8], monitor="val", keep_best=1, keep_last=1)
-    assert kept == [0, 4]
+@pytest.mark.parametrize(
+    ("values", "kept"),
+    [
+        ([0.1, 0.5, 0.6, 0.7, 0.8], [0, 4]),  # the best is the oldest: kept beside the newest
+        ([0.8, 0.7, 0.6, 0.5, 0.1], [4]),  # the best is the newest: one checkpoint
+        ([0.8, 0.1, 0.6, 0.7, 0.9], [1, 4]),  # in between
+    ],
+)
+def test_transformers_save_total_limit_keeps_the_best_even_when_oldest(
+    tmp_path: Path, values: list[float], kept: list[int]
+) -> None:
+    # _sorted_checkpoints with load_best_model_at_end: the best is never rotated out
+    assert run(tmp_path, values, monitor="val", keep_best=1, keep_last=1) == kept
 
 
 def test_transformers_rotate_checkpoints(tmp_path: Path) -> None:
@@ -335,6 +345,24 @@ def test_ignite_filename_prefix_separates_runs(tmp_path: Path) -> None:
     for name, steps in [("a", [0, 1]), ("b", [0])]:
         with Checkpointer(tmp_path / name, read_only=True) as ckpt:
             assert [i.step for i in ckpt.list()] == steps
+
+
+def test_ignite_last_checkpoint(tmp_path: Path) -> None:
+    run(tmp_path, [0.1, 0.5, 0.9], monitor="val", keep_best=1)
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.list()[-1].step == 2  # last_checkpoint: the newest, not the best
+        info = ckpt.restore(make_state())
+    assert info is not None and info.step == 2
+
+
+def test_ignite_atomic_save_of_an_unsaveable_object_leaves_nothing(tmp_path: Path) -> None:
+    # ignite saves an unpicklable object with atomic=True and finds no file left
+    state = {**make_state(), "bad": object()}
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(UnsupportedStateError, match=r"bad"):
+            ckpt.save(0, state)
+        assert ckpt.list() == []
+    assert not (tmp_path / checkpoint_dirname(0)).exists()
 
 
 def test_ignite_saved_state_is_complete(tmp_path: Path) -> None:
