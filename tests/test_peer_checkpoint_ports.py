@@ -411,6 +411,18 @@ def test_orbax_should_save_not_twice_at_a_step(tmp_path: Path) -> None:
         assert ckpt.maybe_save(4, state) is None  # should_save: step > latest_step
 
 
+def test_orbax_should_save_is_false_at_the_restored_step(tmp_path: Path) -> None:
+    state = make_state()
+    with Checkpointer(tmp_path, every=5, keep_last=100, async_save=False) as ckpt:
+        for step in range(1, 11):
+            ckpt.maybe_save(step, state)
+    with Checkpointer(tmp_path, every=5, keep_last=100, async_save=False) as ckpt:
+        info = ckpt.restore(state)
+        assert info is not None and info.step == 10
+        assert ckpt.maybe_save(10, state) is None  # latest_step is 10: nothing to save
+        assert ckpt.maybe_save(15, state) is not None
+
+
 def test_orbax_keep_checkpoints_without_metrics(tmp_path: Path) -> None:
     # Orbax keeps a checkpoint without metrics beside best_fn's by default; haltpoint's
     # keep_best never ranks one, and only keep_last (or keep_every, a pin) keeps it

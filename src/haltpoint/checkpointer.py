@@ -246,8 +246,10 @@ class Checkpointer:
         """Save `state` as the checkpoint of `step` when the `every` policy says so.
 
         Call it after every optimizer step (or evaluation). Returns the saved checkpoint's
-        info, or None when no save was due. The policy and its reason are recorded in the
-        manifest (`haltpoint show` prints them).
+        info, or None when no save was due, or when `step` is the one this Checkpointer last
+        saved or restored (it is on disk already, as Orbax's `should_save` is false at the
+        latest step). The policy and its reason are recorded in the manifest (`haltpoint
+        show` prints them).
 
         Raises:
             ValueError: the Checkpointer was made without `every`.
@@ -258,6 +260,8 @@ class Checkpointer:
                 '(steps), every="10min" (wall time) or every="auto"'
             )
         self._check_writable()
+        if check_step(step) == self._last:  # saved or restored already: nothing new
+            return None
         saved_by = self._schedule.decide(
             check_step(step), coerce_metrics(metrics, self.monitor), self.preempted
         )
