@@ -68,6 +68,16 @@ def test_lightning_save_top_k_min_max_mode(tmp_path: Path, mode: str, kept: list
     assert run(tmp_path, values, monitor="val", mode=mode, keep_best=2, keep_last=1) == kept
 
 
+def test_lightning_save_top_k_with_async_checkpoint_io(tmp_path: Path) -> None:
+    # AsyncCheckpointIO: the same top-k once the background writes are done
+    state = make_state()
+    with Checkpointer(tmp_path, monitor="val", keep_best=2, async_save=True) as ckpt:
+        for step, value in enumerate([5.0, 1.0, 4.0, 2.0, 4.5, 3.0]):
+            train_step(state)
+            ckpt.save(step, state, {"val": value})
+        assert [i.step for i in ckpt.list()] == [1, 3, 5]
+
+
 def test_lightning_save_top_k_best_model_path_and_score(tmp_path: Path) -> None:
     state = make_state()
     with Checkpointer(tmp_path, monitor="val", mode="max", keep_best=1, async_save=False) as ckpt:
@@ -474,6 +484,21 @@ def test_orbax_reload_after_reopen(tmp_path: Path) -> None:
         assert [i.step for i in ckpt.list()] == [1, 2]
         ckpt.save(3, make_state())
         assert [i.step for i in ckpt.list()] == [2, 3]
+
+
+def test_orbax_reload_sees_what_another_manager_did(tmp_path: Path) -> None:
+    state = make_state()
+    with (
+        Checkpointer(tmp_path, keep_last=2, async_save=False) as writer,
+        Checkpointer(tmp_path, read_only=True) as reader,
+    ):
+        writer.save(0, state)
+        assert [i.step for i in reader.list()] == [0]
+        writer.save(1, state)
+        writer.save(2, state)
+        assert [i.step for i in reader.list()] == [1, 2]  # read from disk, not remembered
+        shutil.rmtree(tmp_path / checkpoint_dirname(1))  # removed by hand
+        assert [i.step for i in reader.list()] == [2]
 
 
 def test_orbax_delete_unfinished_step_then_save_it(tmp_path: Path) -> None:
