@@ -81,7 +81,8 @@ class Checkpointer:
         save_on_signal: signals (e.g. `[signal.SIGTERM, signal.SIGUSR1]`) that set
             `preempted` instead of killing the process, so the loop can save and exit
             cleanly; a second one of the same signal acts as if none were installed.
-        every: when `maybe_save` saves: a number of steps (`100`), a wall time (`"10min"`,
+        every: when `maybe_save` saves: a number of steps (`100`: at the steps that are
+            multiples of 100, as Lightning and Orbax), a wall time (`"10min"`,
             `"30s"`, `"2h"`, a `timedelta`), or `"auto"`: the Young/Daly interval for the
             measured save cost, kept under `overhead` (default 0.02) of training time, for
             `mtbf` (a duration; default one day). An improvement of `monitor` and a
