@@ -319,6 +319,26 @@ def test_transformers_resume_restores_optimizer_scheduler_rng_and_step(tmp_path:
     assert all(torch.equal(a, b) for a, b in zip(momentum, expected, strict=True))
 
 
+def test_transformers_resume_from_a_given_checkpoint(tmp_path: Path) -> None:
+    # resume_from_checkpoint=<path> picks that one, not the latest
+    run(tmp_path, [1.0, 2.0, 3.0], keep_last=3)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        info = ckpt.restore(make_state(), 1)
+        assert info is not None and info.step == 1
+        # the Trainer would write checkpoint-2 over the old one; haltpoint never overwrites
+        with pytest.raises(CheckpointExistsError, match="step 2"):
+            ckpt.save(2, make_state())
+        assert [i.step for i in ckpt.list()] == [0, 1, 2]
+
+
+def test_transformers_resume_from_a_missing_checkpoint_raises(tmp_path: Path) -> None:
+    # "Can't find a valid checkpoint at ...": haltpoint names the steps there are
+    run(tmp_path, [1.0, 2.0], keep_last=3)
+    ckpt = Checkpointer(tmp_path, read_only=True)
+    with ckpt, pytest.raises(CheckpointNotFoundError, match=r"step 7.*0.*1"):
+        ckpt.restore(make_state(), 7)
+
+
 # -- ignite Checkpoint / ModelCheckpoint --------------------------------------------------
 
 
@@ -355,6 +375,19 @@ def test_ignite_load_objects_strict(tmp_path: Path) -> None:
         wanted = {"model": state["model"], "optimizer": state["optimizer"]}
         info = ckpt.restore(wanted, strict=False)
     assert info is not None and info.report is not None and "optimizer" in str(info.report)
+
+
+def test_ignite_load_objects_a_subset_of_what_was_saved(tmp_path: Path) -> None:
+    # to_load may name fewer objects than the checkpoint holds, strict or not
+    state = make_state()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, state)
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        info = ckpt.restore({"model": model})
+    assert info is not None and info.report is not None
+    assert {"optimizer", "scheduler"} <= set(info.report.unexpected)
+    assert torch.equal(model.weight, state["model"].weight)
 
 
 def test_ignite_load_objects_strict_module_keys(tmp_path: Path) -> None:
