@@ -556,8 +556,11 @@ def test_orbax_delete_unfinished_step_then_save_it(tmp_path: Path) -> None:
     torn = tmp_path / checkpoint_dirname(2)
     shutil.copytree(tmp_path / checkpoint_dirname(1), torn)
     (torn / "manifest.json").unlink()
+    with Checkpointer(tmp_path, read_only=True):
+        assert torn.exists()  # a reader never removes anything
     state = make_state(seed=5)
-    with Checkpointer(tmp_path, keep_last=5, async_save=False) as ckpt:  # the writer cleans up
+    with Checkpointer(tmp_path, keep_last=5, async_save=False) as ckpt:
+        assert not torn.exists()  # the writer removed the unfinished step at open
         ckpt.save(2, state)
     fresh = make_state(seed=6)
     with Checkpointer(tmp_path, read_only=True) as ckpt:
