@@ -100,6 +100,17 @@ def _noise_so_far(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _catch_up(best: np.ndarray, finals: np.ndarray, reached: np.ndarray) -> np.ndarray:
+    """`haltpoint.tuning._catch_up` at every step (columns of ``best``, trials in rows)."""
+    gained = np.where(reached, best - finals[:, None], np.nan)
+    order = np.argsort(np.where(reached, best, np.inf), axis=0, kind="stable")
+    ranked = np.take_along_axis(gained, order, axis=0)
+    least = np.fmin.accumulate(np.where(np.isnan(ranked), np.inf, ranked), axis=0)
+    ahead = np.vstack([np.full((1, ranked.shape[1]), np.inf), least[:-1]])
+    caught = np.where(np.isnan(ranked) | ~np.isfinite(ahead), -np.inf, ranked - ahead)
+    return np.maximum(caught.max(axis=0), 0.0)
+
+
 def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]:
     """The step at which each trial of the sweep stops under ``HaltpointPruner(s)``, replayed
     in order (every earlier trial finished), and whether it was pruned there, as the real
@@ -119,7 +130,7 @@ def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]
             reached = np.isfinite(best)
             lead = np.argmin(best, axis=0)
             at_lead = best[lead, steps]
-            gain = np.where(reached, best - np.array(finals)[:, None], -np.inf).max(axis=0)
+            gain = _catch_up(best, np.array(finals), reached)
             bound = np.maximum(s.margin * gain, noise[lead, steps])
             enough = reached.sum(axis=0) >= s.min_trials
             bound = np.maximum(bound, s.tolerance * np.abs(np.where(enough, at_lead, 0.0)))

@@ -78,7 +78,30 @@ def test_a_smaller_margin_prunes_a_gap_some_trial_recovered() -> None:
     late_bloomer = {0: 5.0, 1: 5.0, 2: 5.0, 3: 0.0}
     others = {**OTHERS, 9: late_bloomer}
     verdict = judge(others, {0: 3.0, 1: 2.9, 2: 2.8}, settings=PruneSettings(margin=0.4))
-    assert verdict.prune and "0.4 x the most any trial gained" in verdict.reason
+    assert verdict.prune and "0.4 x the most any trial caught up" in verdict.reason
+
+
+def _decaying(step: int) -> float:
+    """A loss that falls slowly, then fast as a schedule's learning rate decays (to step 49)."""
+    return 2.0 - 1.5 * (step / 49) ** 2
+
+
+def test_side_by_side_curves_prune_a_trial_far_behind_though_every_trial_gains_much() -> None:
+    """Curves that run side by side (an architecture search with one schedule) all gain much
+    after step 5, when the learning rate decays, but no trial overtakes one ahead of it: the
+    trial 0.5 behind is pruned (before the catch-up rule, a gain of 1.5 kept it)."""
+    others = {n: {s: 0.1 * n + _decaying(s) for s in range(50)} for n in range(10)}
+    current = {s: 0.5 + _decaying(s) for s in range(6)}
+    verdict = judge(others, current)
+    assert verdict.prune and "caught up on one ahead of it after step 5" in verdict.reason
+
+
+def test_crossing_curves_keep_a_trial_as_far_behind() -> None:
+    """The same gap is kept when an earlier trial overtook one ahead of it by more."""
+    others = {n: {s: 0.1 * n + _decaying(s) for s in range(50)} for n in range(10)}
+    others[10] = {s: 1.0 + _decaying(s) - (0.02 * s if s > 5 else 0.0) for s in range(50)}
+    current = {s: 0.5 + _decaying(s) for s in range(6)}
+    assert not judge(others, current).prune
 
 
 def test_a_near_tie_within_the_tolerance_is_not_pruned() -> None:

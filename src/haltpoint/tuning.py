@@ -3,12 +3,14 @@
 This module knows nothing of Optuna; `haltpoint.integrations.optuna` adapts it. A curve is a
 mapping from step (epoch) to the watched value. At the current trial's last step ``t`` it is
 pruned when its best value so far is worse than the leading trial's best at ``t`` by more than
-the leader's noise, by more than a share (``margin``) of the most any other trial went on to
-gain after ``t``, by more than its own progress since step ``t // 2`` repeated for every
-doubling of ``t`` left to the longest trial (times ``trend``), and by more than ``tolerance`` of
-the leader's value; and only when enough of the study has been seen at ``t``: ``min_trials``
-other trials reached ``t`` and a share ``min_share`` of them all ran on to step ``2 t`` (or the
-longest trial's end), so that the later gains come from more than a lucky few. The constants
+the leader's noise, by more than a share (``margin``) of the most any other trial caught up
+after ``t`` on a trial that was ahead of it at ``t`` (how far ranks still move: little where
+the curves run side by side, much where they cross), by more than its own progress since step
+``t // 2`` repeated for every doubling of ``t`` left to the longest trial (times ``trend``), and
+by more than ``tolerance`` of the leader's value; and only when enough of the study has been
+seen at ``t``: ``min_trials`` other trials reached ``t`` and a share ``min_share`` of them all
+ran on to step ``2 t`` (or the longest trial's end), so that the later gains come from more
+than a lucky few. The constants
 were chosen by leave-one-problem-out on 24 DeepOBS sweeps over five trial orders
 (`benchmarks/tuning.py`, docs/tuning.md).
 
@@ -37,7 +39,8 @@ MODES = ("min", "max")
 MIN_TRIALS = 3
 #: The first step at which a trial may be pruned (step 0 is often the untrained model).
 MIN_STEP = 2
-#: The share of the largest later gain of any trial that the gap to the leader must exceed.
+#: The share of the largest catch-up after the current step (a trial's later gain minus that of
+#: a trial ahead of it then) that the gap to the leader must exceed.
 MARGIN = 0.75
 #: The gap must also exceed this share of the leader's value (near-ties are never pruned).
 TOLERANCE = 0.0
@@ -103,6 +106,26 @@ def _noise(curve: Curve, step: int, sign: float) -> float:
     return statistics.median(bends) / 2 if bends else 0.0
 
 
+def _catch_up(at_step: list[float], finals: list[float]) -> float:
+    """The most any trial gained after the step beyond what a trial ahead of it then gained.
+
+    ``at_step[k]`` is trial k's best at the step, ``finals[k]`` its best at its last step
+    (both signed so lower is better); 0 when no trial caught up on another.
+
+    >>> _catch_up([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])  # side by side: ranks never move
+    0.0
+    >>> _catch_up([1.0, 2.0, 3.0], [0.9, 0.4, 2.5])  # trial 1 gained 1.6, trial 0 only 0.1
+    1.5
+    """
+    most, least_ahead = 0.0, math.inf
+    for value, final in sorted(zip(at_step, finals, strict=True), key=lambda vf: vf[0]):
+        gained = value - final
+        most = max(most, gained - least_ahead)
+        least_ahead = min(least_ahead, gained)
+    scale = max((abs(v) for v in at_step), default=0.0)
+    return most if most > 1e-12 * scale else 0.0  # rounding of curves that never cross
+
+
 def judge(
     others: Mapping[int, Curve],
     current: Curve,
@@ -150,7 +173,7 @@ def judge(
     mine = _best_up_to(current, step, sign)
     at_step = [_best_up_to(c, step, sign) for c in peers]
     lead = min(range(len(peers)), key=at_step.__getitem__)
-    gain = max(b - _best_up_to(c, max(c), sign) for b, c in zip(at_step, peers, strict=True))
+    gain = _catch_up(at_step, [_best_up_to(c, max(c), sign) for c in peers])
     noise = _noise(peers[lead], step, sign)
     gap = mine - at_step[lead]
     best = sign * at_step[lead]
@@ -164,9 +187,9 @@ def judge(
             True,
             f"at step {step} {metric} {sign * mine:.4g} is worse than leading trial "
             f"{names[lead]}'s {best:.4g} at the same step by {gap:.3g}, more than its noise "
-            f"({noise:.2g}), more than {share}the most any trial gained after step {step} "
-            f"({gain:.3g}) and more than its own recent progress projected to step {longest} "
-            f"({ahead:.3g})",
+            f"({noise:.2g}), more than {share}the most any trial caught up on one ahead "
+            f"of it after step {step} ({gain:.3g}) and more than its own recent progress "
+            f"projected to step {longest} ({ahead:.3g})",
         )
     return Verdict(
         False,
