@@ -1,6 +1,7 @@
 """Pruning a search: Optuna's pruners and `HaltpointPruner` side by side on 24 real sweeps.
 
-Run from anywhere: `python benchmarks/tuning.py [path/to/curves.json.gz] [--order-seeds 0,1,2,3,4]`
+Run from anywhere: `python benchmarks/tuning.py [path/to/curves.json.gz] [--order-seeds 0,1,2,3,4]
+[--family deepobs|pooled]`
 (a few minutes on 2 cores; measured in docs/benchmarks.md). The data (DeepOBS baselines v1.1,
 per-epoch curves; see ../shared/data/README.md) is read from `../shared/data/` next to the
 repository root and never copied into the repository; without it the benchmark says so and
@@ -15,7 +16,9 @@ split). Figures: the training epochs spent as a share of the full sweep's, and t
 the best completed trial's test quality (accuracy at its best-loss epoch where the problem has
 one, else that loss) against the full sweep's best trial; per pruner over the seeds: the mean
 share of epochs, the worst regret of any sweep under any order, and how many (order, sweep)
-pairs lose more than 0.5%.
+pairs lose more than 0.5%. `--family pooled` replays instead 8 many-trial sweeps, one per
+problem, pooling the trials of its three optimizers that trained (68-98 trials each; see
+`tuning_sweeps.pooled_sweeps`): the nearest these curves come to an architecture search.
 
 HaltpointPruner's constants are chosen by leave-one-problem-out from `GRID`: for each of the 8
 problems, the setting is chosen on the other 7 problems' 21 sweeps under every order seed and
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stopping_curves
 from haltpoint.integrations.optuna import HaltpointPruner
 from haltpoint.tuning import DEFAULT_SETTINGS, PruneSettings
-from tuning_sweeps import Outcome, Sweep, replay, sweeps
+from tuning_sweeps import FAMILIES, Outcome, Sweep, replay
 
 GOAL_REGRET = 0.5  # % on every sweep
 CHOOSE_REGRET = 0.25  # worst-sweep regret (%) a setting may have on the choosing sweeps
@@ -323,13 +326,20 @@ def main(argv: list[str]) -> int:
         default=parse_seeds(ORDER_SEEDS),
         help=f"trial orders to replay, as seeds separated by commas (default {ORDER_SEEDS})",
     )
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="deepobs",
+        help="the 24 DeepOBS sweeps as recorded (default), or 8 many-trial sweeps pooling each "
+        "problem's trials that trained",
+    )
     args = stopping_curves.parse_with_data(parser, argv[1:])
     curves = stopping_curves.load(args.data)
     if curves is None:
         return 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
-    by_seed = {seed: sweeps(curves, seed) for seed in args.order_seeds}
+    by_seed = {seed: FAMILIES[args.family](curves, seed) for seed in args.order_seeds}
     all_sweeps = [sw for sws in by_seed.values() for sw in sws]
     preps = [Prepared(sw) for sw in all_sweeps]
     settings = grid()

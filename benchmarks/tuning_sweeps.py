@@ -81,6 +81,41 @@ def sweeps(curves: Curves, seed: int = ORDER_SEED) -> list[Sweep]:
     return out
 
 
+def trained(sweep: Sweep) -> list[int]:
+    """The trials of ``sweep`` that trained: finite throughout, and their best loss below their
+    untrained one by more than half of what the sweep's most improved trial gained."""
+    gains = [float(v[0] - np.nanmin(v)) for v in sweep.loss if np.all(np.isfinite(v))]
+    most = max(gains, default=0.0)
+    return [
+        k
+        for k, v in enumerate(sweep.loss)
+        if np.all(np.isfinite(v)) and v[0] - np.nanmin(v) > 0.5 * most
+    ]
+
+
+def pooled_sweeps(curves: Curves, seed: int = ORDER_SEED) -> list[Sweep]:
+    """Eight many-trial sweeps: per problem, the trials that trained (`trained`) of its three
+    optimizers' sweeps, pooled (68-98 trials) and fed in a fixed random order. Closer to an
+    architecture search than a learning-rate sweep: every trial is a sound configuration, and
+    their curves run side by side more than they cross."""
+    rng = np.random.default_rng(1_000 + seed)
+    by_problem: dict[str, list[Sweep]] = {}
+    for sw in sweeps(curves, seed):
+        by_problem.setdefault(sw.problem, []).append(sw)
+    out = []
+    for problem, group in by_problem.items():
+        picked = [(sw.loss[k], sw.quality[k]) for sw in group for k in trained(sw)]
+        picked = [picked[k] for k in rng.permutation(len(picked))]
+        loss = tuple(v for v, _ in picked)
+        quality = tuple(q for _, q in picked)
+        out.append(Sweep(problem, "pooled", loss, quality, group[0].has_acc))
+    return out
+
+
+#: The families of sweeps `benchmarks/tuning.py --family` replays.
+FAMILIES = {"deepobs": sweeps, "pooled": pooled_sweeps}
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a pruner did on one sweep: training epochs spent and the completed trials."""

@@ -19,7 +19,7 @@ from haltpoint.tuning import PruneSettings
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tuning  # noqa: E402
-from tuning_sweeps import Sweep, replay  # noqa: E402
+from tuning_sweeps import Sweep, replay, trained  # noqa: E402
 
 
 def synthetic(seed: int, trials: int = 14, epochs: int = 16) -> Sweep:
@@ -82,3 +82,14 @@ def test_order_seeds_are_parsed_and_bad_ones_named() -> None:
     for bad in ("", "1,x", "-1", "2,2"):
         with pytest.raises(argparse.ArgumentTypeError, match="--order-seeds must be distinct"):
             tuning.parse_seeds(bad)
+
+
+def test_the_pooled_family_keeps_only_the_trials_that_trained() -> None:
+    loss = (
+        np.array([3.0, 1.0, 0.5]),  # gained 2.5: the most
+        np.array([3.0, 2.0, 1.6]),  # gained 1.4, over half of 2.5
+        np.array([3.0, 2.9, 2.0]),  # gained 1.0, under half
+        np.array([3.0, 0.4, np.nan]),  # diverged
+    )
+    sweep = Sweep("p", "SGD", loss, loss, has_acc=False)
+    assert trained(sweep) == [0, 1]
