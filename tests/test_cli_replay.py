@@ -150,6 +150,21 @@ def test_plot_writes_a_real_png_with_best_and_stop(tmp_path: Path, capsys):
     assert width > height > 300
 
 
+def test_plot_draws_a_diverged_run_and_says_what_it_left_out(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(tmp_path / "run", keep_last=1, async_save=False) as ckpt:
+        for step, value in enumerate((0.5, 0.3, 1e305, 2e307)):
+            ckpt.save(step, {"model": model}, {"val_loss": value})
+    code, out, err = run_cli(capsys, "plot", str(tmp_path / "run"), "--monitor", "val_loss")
+    png = tmp_path / "run" / "curves.png"
+    assert (code, err) == (0, "")
+    assert out == (
+        f"wrote {png}: val_loss (best val_loss 0.3 at step 1; 2 values beyond +-1e300 left out)\n"
+    )
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+
+
 def test_plot_never_writes_through_a_linked_curves_png(tmp_path: Path, capsys):
     pytest.importorskip("matplotlib")
     make_run(tmp_path / "run")

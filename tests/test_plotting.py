@@ -52,11 +52,15 @@ def test_a_record_whose_step_no_manifest_could_hold_is_passed_over(tmp_path: Pat
 
 
 @pytest.mark.parametrize("values", [[9e307, -9e307], [1e307], [-1e308]])
-def test_values_near_a_floats_limit_are_one_clear_error(tmp_path: Path, values: list[float]):
-    records = [{"step": i, "metrics": {"loss": v}} for i, v in enumerate(values)]
-    with pytest.raises(ValueError, match=r"cannot plot 'loss': a value of magnitude [0-9.e+]+ is"):
-        plot_history(records, tmp_path / "c.png")
-    plot_history([{"step": 0, "metrics": {"loss": 1e300}}], tmp_path / "c.png")
+def test_values_near_a_floats_limit_are_left_out_of_a_plot_that_still_draws(
+    tmp_path: Path, values: list[float]
+):
+    records = [{"step": i, "metrics": {"loss": v}} for i, v in enumerate([0.5, *values, 0.4])]
+    summary = plot_history(records, tmp_path / "c.png", monitor="loss")
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert summary.left_out == len(values)
+    assert summary.best_value == 0.4 and summary.best_step == len(values) + 1
+    assert plot_history([{"step": 0, "metrics": {"loss": 1e300}}], tmp_path / "c.png").left_out == 0
 
 
 def test_plot_history_marks_best_and_stop(tmp_path: Path):

@@ -66,6 +66,8 @@ class PlotSummary:
     best_step: int | None
     best_value: float | None
     stop_step: int | None
+    left_out: int = 0
+    """Finite values beyond +-1e300 (a diverged run), left out of the curves like NaN."""
 
 
 def curves(
@@ -119,6 +121,11 @@ def _number(value: Any) -> float | None:
         return float(value)
     except OverflowError:
         return None
+
+
+def _plottable(value: float) -> float:
+    """``value``, or NaN beyond the magnitude a plot can show."""
+    return value if abs(value) <= _LARGEST else math.nan
 
 
 def _stop_step(records: Sequence[Mapping[str, Any]]) -> int | None:
@@ -182,8 +189,10 @@ def plot_history(
     Raises:
         MissingDependencyError: matplotlib is not installed.
         ValueError: no record holds a metric, a requested one is missing, or the suffix of
-            `path` is not an image format matplotlib writes (`.png`, `.svg`, `.pdf`, ...), or
-            a finite value is beyond +-1e300 (matplotlib's ticks overflow near a float's limit).
+            `path` is not an image format matplotlib writes (`.png`, `.svg`, `.pdf`, ...).
+
+    Finite values beyond +-1e300 (matplotlib's ticks overflow near a float's limit) are left
+    out like NaN, as gaps in their curve, and counted in `PlotSummary.left_out`.
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -199,6 +208,10 @@ def plot_history(
         )
     series = curves(records, metrics)
     series = {name: s for name, s in series.items() if s[0]}
+    left_out = sum(abs(v) > _LARGEST for _, values in series.values() for v in values)
+    series = {
+        name: (steps, [_plottable(v) for v in values]) for name, (steps, values) in series.items()
+    }
     if not series:
         raise ValueError("the history holds no metric values to plot; save with metrics=...")
     if monitor is not None and monitor not in series:
@@ -215,13 +228,6 @@ def plot_history(
     lower = [n for n in series if _direction(n) == "min"]
     other = [n for n in series if n not in lower]
     groups = [(g, label) for g, label in ((lower, "loss"), (other, "score")) if g]
-    for name, (_, values) in series.items():  # near float's limit matplotlib's ticks overflow
-        huge = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
-        if huge > _LARGEST:
-            raise ValueError(
-                f"cannot plot {name!r}: a value of magnitude {huge:g} is beyond the "
-                f"{_LARGEST:g} that plots can show"
-            )
     fig = Figure(figsize=(5.2 * len(groups), 4.0), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     for index, (names, ylabel) in enumerate(groups):
@@ -260,4 +266,4 @@ def plot_history(
     if title:
         fig.suptitle(_label(title))
     fig.savefig(out, format=suffix)
-    return PlotSummary(out, tuple(series), monitor, best_step, best_value, stop_step)
+    return PlotSummary(out, tuple(series), monitor, best_step, best_value, stop_step, left_out)

@@ -89,6 +89,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
         marks.append(f"best {summary.monitor} {summary.best_value:.4g} at step {summary.best_step}")
     if summary.stop_step is not None:
         marks.append(f"stopped at step {summary.stop_step}")
+    if summary.left_out:
+        marks.append(f"{summary.left_out} values beyond +-1e300 left out")
     detail = f" ({'; '.join(marks)})" if marks else ""
     out.line(f"wrote {summary.path}: {', '.join(summary.metrics)}{detail}")
     return 0
