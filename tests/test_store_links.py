@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from haltpoint import Checkpointer, CheckpointError, LinkedFileError
+from haltpoint import Checkpointer, CheckpointError, HistoryNotWrittenError, LinkedFileError
 from haltpoint.store.direct_io import AlignedFileWriter
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.quarantine import move_to_quarantine
@@ -62,10 +62,19 @@ def test_a_linked_lock_file_is_refused_at_open(run: Path) -> None:
 
 
 @pytest.mark.parametrize("target", [MANIFEST, TENSORS])
-def test_a_linked_history_is_refused_and_its_target_kept(run: Path, target: str) -> None:
+def test_a_linked_history_is_refused_at_open_and_its_target_kept(run: Path, target: str) -> None:
     before = planted(run, "history.jsonl", target)
-    with writer(run) as ckpt, pytest.raises(LinkedFileError, match=r"history\.jsonl is a symbolic"):
-        ckpt.save(3, {"w": torch.zeros(1000)}, {"loss": 0.1})
+    with pytest.raises(LinkedFileError, match=r"history\.jsonl is a symbolic"):
+        writer(run)
+    assert unchanged(before)
+    assert not (run / "step-000000003").exists()
+
+
+def test_a_history_linked_while_the_writer_is_open_is_not_written_through(run: Path) -> None:
+    with writer(run) as ckpt:
+        before = planted(run, "history.jsonl", MANIFEST)
+        with pytest.raises(HistoryNotWrittenError, match=r"step 3 is committed.*symbolic link"):
+            ckpt.save(3, {"w": torch.zeros(1000)}, {"loss": 0.1})
     assert unchanged(before)
 
 

@@ -24,6 +24,8 @@ from haltpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
     HistoryNotWrittenError,
+    LinkedFileError,
+    NotRegularFileError,
     StepBehindError,
     UnreadableCheckpointError,
     first_line,
@@ -39,7 +41,7 @@ from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.modes import resolve_mode
 from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.dedup import ReferenceCheck
-from haltpoint.store.history import append_history, save_record
+from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
@@ -181,6 +183,7 @@ class Checkpointer:
             self._lock = WriterLock(self._storage)
             self._lock.acquire()
             try:
+                check_appendable(self._storage)
                 self._run.collect_garbage(e.manifest for e in self._run.committed() if e.manifest)
                 if save_on_signal is not None:
                     self._preemption = SignalFlag(save_on_signal)
@@ -416,13 +419,14 @@ class Checkpointer:
         for owed in sorted(self._owed):
             try:
                 append_history(self._storage, self._owed[owed])
-            except OSError as exc:
+            except (OSError, LinkedFileError, NotRegularFileError) as exc:
                 missing = ", ".join(map(str, sorted(self._owed)))
+                remedy = "free some space" if isinstance(exc, OSError) else "fix that"
                 raise HistoryNotWrittenError(
                     f"the checkpoint of step {step} is committed in {self.directory}, but the "
-                    f"history.jsonl line of step(s) {missing} was not written ({exc}); free some "
-                    f"space and call save({step}, ...) again to write it (or save on: the next "
-                    "save writes it first)",
+                    f"history.jsonl line of step(s) {missing} was not written ({exc}); {remedy} "
+                    f"and call save({step}, ...) again to write it (or save on: the next save "
+                    "writes it first)",
                     path=self.directory,
                 ) from exc
             del self._owed[owed]

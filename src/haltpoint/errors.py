@@ -17,6 +17,7 @@ __all__ = [
     "InsufficientSpaceError",
     "LinkedFileError",
     "LockedError",
+    "NotRegularFileError",
     "StateMismatchError",
     "StepBehindError",
     "UnreadableCheckpointError",
@@ -65,6 +66,11 @@ class LockedError(CheckpointError):
 class LinkedFileError(CheckpointError):
     """A file haltpoint would write inside the run directory (or a folder on its way) is a
     symbolic link; nothing was written through it."""
+
+
+class NotRegularFileError(CorruptCheckpointError):
+    """A file haltpoint would read or write in the run directory is a folder, a FIFO, a socket
+    or a device; nothing was read from or written to it (reading a FIFO would wait forever)."""
 
 
 class InsufficientSpaceError(CheckpointError):

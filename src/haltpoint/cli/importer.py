@@ -21,7 +21,7 @@ from haltpoint.cli.flags import check_output_dir, count
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.errors import first_line
 from haltpoint.state.tree import flatten_state
-from haltpoint.store.history import append_history, save_record
+from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.staging import staged_nbytes
@@ -225,6 +225,7 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
     """
     run_dir = RunDirectory(open_storage(directory))
     with WriterLock(run_dir.storage):
+        check_appendable(run_dir.storage)
         existing = [e for e in run_dir.scan() if e.manifest is not None or e.error is not None]
         newest = max((e.step for e in existing), default=None)
         if newest is not None and step <= newest:

@@ -35,7 +35,7 @@ from typing import Any
 
 from haltpoint.errors import CheckpointError, CorruptHistoryError, UnreadableCheckpointError
 from haltpoint.store.hashing import hash_bytes
-from haltpoint.store.storage import Storage, fsync_dir, open_unlinked
+from haltpoint.store.storage import Storage, check_regular, fsync_dir, open_unlinked
 
 __all__ = [
     "HISTORY_NAME",
@@ -291,6 +291,15 @@ def save_record(
             record["stopper"] = {"name": name, **decision.to_dict()}
             break
     return record
+
+
+def check_appendable(storage: Storage) -> None:
+    """Refuse a `history.jsonl` that `append_history` could not write, before anything is
+    saved: a symbolic link (`LinkedFileError`), or a folder, FIFO, socket or device
+    (`NotRegularFileError`)."""
+    path = storage.write_path(HISTORY_NAME)
+    if path is not None:
+        check_regular(path)
 
 
 def append_history(storage: Storage, record: Mapping[str, Any]) -> None:

@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from haltpoint.errors import LockedError
-from haltpoint.store.storage import Storage, open_unlinked
+from haltpoint.store.storage import Storage, open_regular, open_unlinked
 
 try:
     import fcntl
@@ -340,7 +340,7 @@ def read_holder(storage: Storage) -> LockHolder | None:
 
 def _read_holder_local(path: str) -> LockHolder | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)
     except FileNotFoundError:
         return None
     try:

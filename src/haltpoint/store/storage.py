@@ -11,28 +11,36 @@ creates, truncates or appends to (tensor files, manifests and their temporary fi
 markers, the lock, the history), and every folder between the run directory and it, must not
 be a link (`LocalStorage.write_path` checks, and `open_unlinked` opens with O_NOFOLLOW), or
 `LinkedFileError` is raised. The run directory itself may be a link.
+
+Nothing but a regular file is opened either: every file haltpoint reads or writes in a local run
+directory goes through `open_regular`, which never waits on a FIFO and refuses a folder, a FIFO,
+a socket or a device with `NotRegularFileError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import posixpath
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any, Protocol
 
-from haltpoint.errors import CorruptCheckpointError, LinkedFileError
+from haltpoint.errors import CorruptCheckpointError, LinkedFileError, NotRegularFileError
 from haltpoint.store.object_store import MAX_CONCURRENCY, PART_BYTES, MultipartWriter, is_s3
 
 __all__ = [
     "FsspecStorage",
     "LocalStorage",
     "Storage",
+    "check_regular",
     "check_relpath",
     "fsync_dir",
+    "open_regular",
     "open_storage",
     "open_unlinked",
 ]
@@ -139,16 +147,77 @@ def _linked(path: str) -> LinkedFileError:
     )
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
+
+
+def _not_regular(path: str, mode: int) -> NotRegularFileError:
+    return NotRegularFileError(
+        f"{path} is {_kind(mode)}, not a regular file; haltpoint reads and writes only the "
+        "regular files a Checkpointer creates (move it out of the run directory)",
+        path=path,
+    )
+
+
+def check_regular(path: str) -> None:
+    """Raise `NotRegularFileError` if `path` exists and is not a regular file (nor a link).
+
+    >>> check_regular("/")
+    Traceback (most recent call last):
+    ...
+    haltpoint.errors.NotRegularFileError: / is a folder, not a regular file; ...
+    """
+    with contextlib.suppress(FileNotFoundError):
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISLNK(info.st_mode):
+            raise _not_regular(path, info.st_mode)
+
+
+def open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """`os.open(path, flags, mode)` with O_CLOEXEC that hands back only a regular file: it
+    never waits on a FIFO (it opens without blocking, then checks) and the descriptor it
+    returns blocks as usual.
+
+    Raises:
+        NotRegularFileError: `path` is a folder, a FIFO, a socket or a device.
+        OSError: as `os.open` raises it otherwise (a missing file, no permission).
+    """
+    extra = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | extra, mode)
+    except OSError as exc:
+        if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):  # a folder; a FIFO or device
+            with contextlib.suppress(OSError):
+                raise _not_regular(path, os.stat(path).st_mode) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, info.st_mode)
+        if extra & getattr(os, "O_NONBLOCK", 0) and not flags & getattr(os, "O_NONBLOCK", 0):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_unlinked(path: str, flags: int, mode: int = 0o644) -> int:
-    """`os.open(path, flags, mode)` with O_NOFOLLOW and O_CLOEXEC: a file descriptor for
-    writing that never reaches through a symbolic link at `path`.
+    """`open_regular(path, flags, mode)` with O_NOFOLLOW: a file descriptor for writing that
+    never reaches through a symbolic link at `path`.
 
     Raises:
         LinkedFileError: `path` is a symbolic link.
+        NotRegularFileError: `path` is a folder, a FIFO, a socket or a device.
     """
-    extra = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        return os.open(path, flags | extra, mode)
+        return open_regular(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EEXIST, errno.EMLINK) and os.path.islink(path):
             raise _linked(path) from None
@@ -265,10 +334,10 @@ class LocalStorage:
         fsync_dir(os.path.dirname(path))
 
     def open_read(self, rel: str) -> IO[bytes]:
-        return open(self._followed(rel), "rb")
+        return os.fdopen(open_regular(self._followed(rel)), "rb")
 
     def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
-        with open(self._followed(rel), "rb") as f:
+        with self.open_read(rel) as f:
             return f.read(-1 if limit is None else limit)
 
     def publish(self, rel: str, data: bytes) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from haltpoint.errors import CorruptCheckpointError, UnreadableCheckpointError
 from haltpoint.store.hashing import StreamHasher, tensor_bytes
-from haltpoint.store.storage import Storage, check_relpath
+from haltpoint.store.storage import Storage, check_relpath, open_regular
 from haltpoint.store.tensor_file import (
     _DTYPES,
     CHUNK,
@@ -141,7 +141,9 @@ def _unreadable(storage: Storage, rel: str, exc: OSError) -> UnreadableCheckpoin
 
 def _open(storage: Storage, rel: str) -> IO[bytes]:
     local = storage.local_path(rel)
-    return open(local, "rb", buffering=0) if local is not None else storage.open_read(rel)
+    if local is None:
+        return storage.open_read(rel)
+    return os.fdopen(open_regular(local), "rb", buffering=0)
 
 
 def _by_file(records: Mapping[str, TensorRecord]) -> dict[str, list[tuple[str, TensorRecord]]]:
@@ -228,7 +230,7 @@ class _LocalReader:
     """Reads of one local file, done in order by I/O threads; the caller waits job by job."""
 
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = open_regular(path)
         self._direct_fd = -1
         if _O_DIRECT:
             with contextlib.suppress(OSError):
@@ -384,7 +386,7 @@ def read_tensors(
             size = storage.size(file)
             local = storage.local_path(file)
             if local is not None:
-                with open(local, "rb") as f:
+                with os.fdopen(open_regular(local), "rb") as f:
                     _check_records(_parse_header(f, size), items)
                 out.update(_read_local(local, size, items, verify, into))
                 continue
