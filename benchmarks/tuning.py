@@ -63,6 +63,8 @@ GRID: dict[str, tuple[float, ...]] = {
     "min_step": (2,),
     "min_share": (0.0, 0.1, 0.2, 0.3),
     "trend": (0.0, 0.5, 1.0),
+    "band": (0.1,),
+    "overall": (0.5, 1.0),
 }
 
 OPTUNA: list[tuple[str, Callable[[], optuna.pruners.BasePruner]]] = [
@@ -103,15 +105,23 @@ def _noise_so_far(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _catch_up(best: np.ndarray, finals: np.ndarray, reached: np.ndarray) -> np.ndarray:
-    """`haltpoint.tuning._catch_up` at every step (columns of ``best``, trials in rows)."""
+def _catch_up(
+    best: np.ndarray, finals: np.ndarray, reached: np.ndarray, near: np.ndarray, band: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """`haltpoint.tuning._catch_up` at every step (columns of ``best``, trials in rows): the
+    most any trial caught up, and the most a trial within ``band`` of ``near`` did (NaN where
+    no trial was that near)."""
     gained = np.where(reached, best - finals[:, None], np.nan)
     order = np.argsort(np.where(reached, best, np.inf), axis=0, kind="stable")
     ranked = np.take_along_axis(gained, order, axis=0)
+    values = np.take_along_axis(np.where(reached, best, np.inf), order, axis=0)
     least = np.fmin.accumulate(np.where(np.isnan(ranked), np.inf, ranked), axis=0)
     ahead = np.vstack([np.full((1, ranked.shape[1]), np.inf), least[:-1]])
-    caught = np.where(np.isnan(ranked) | ~np.isfinite(ahead), -np.inf, ranked - ahead)
-    return np.maximum(caught.max(axis=0), 0.0)
+    caught = np.where(np.isnan(ranked) | ~np.isfinite(ahead), 0.0, ranked - ahead).clip(0)
+    caught = np.where(np.isnan(ranked), -np.inf, caught)
+    close = np.isfinite(values) & (np.abs(values - near) <= band * np.abs(near))
+    most_near = np.where(close, caught, -np.inf).max(axis=0)
+    return caught.max(axis=0).clip(0), np.where(close.any(axis=0), most_near, np.nan)
 
 
 def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]:
@@ -133,7 +143,9 @@ def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]
             reached = np.isfinite(best)
             lead = np.argmin(best, axis=0)
             at_lead = best[lead, steps]
-            gain = _catch_up(best, np.array(finals), reached)
+            mine = prep.best[i][: last + 1]
+            most, most_near = _catch_up(best, np.array(finals), reached, mine, s.band)
+            gain = np.where(np.isnan(most_near), most, np.fmax(most_near, s.overall * most))
             bound = np.maximum(s.margin * gain, noise[lead, steps])
             enough = reached.sum(axis=0) >= s.min_trials
             bound = np.maximum(bound, s.tolerance * np.abs(np.where(enough, at_lead, 0.0)))

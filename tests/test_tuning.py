@@ -67,6 +67,10 @@ def test_a_bad_mode_is_named() -> None:
         ({"min_share": math.nan}, "min_share must be between 0 and 1"),
         ({"trend": -1.0}, "trend must be >= 0"),
         ({"trend": math.nan}, "trend must be >= 0"),
+        ({"band": -0.1}, "band must be >= 0"),
+        ({"band": math.nan}, "band must be >= 0"),
+        ({"overall": 1.5}, "overall must be between 0 and 1"),
+        ({"overall": math.nan}, "overall must be between 0 and 1"),
     ],
 )
 def test_bad_settings_are_named(kwargs: dict[str, float], match: str) -> None:
@@ -96,12 +100,41 @@ def test_side_by_side_curves_prune_a_trial_far_behind_though_every_trial_gains_m
     assert verdict.prune and "caught up on one ahead of it after step 5" in verdict.reason
 
 
+def _crossing(start: float, slope: float = 0.02) -> dict[int, float]:
+    """A curve `start` behind at step 5 that then closes `slope` a step on every trial."""
+    return {s: start + _decaying(s) - (slope * s if s > 5 else 0.0) for s in range(50)}
+
+
 def test_crossing_curves_keep_a_trial_as_far_behind() -> None:
-    """The same gap is kept when an earlier trial overtook one ahead of it by more."""
+    """The same gap is kept when an earlier trial near it overtook one ahead of it by more."""
     others = {n: {s: 0.1 * n + _decaying(s) for s in range(50)} for n in range(10)}
-    others[10] = {s: 1.0 + _decaying(s) - (0.02 * s if s > 5 else 0.0) for s in range(50)}
+    others[10] = _crossing(0.55)  # within `band` (10%) of the current trial at step 5
     current = {s: 0.5 + _decaying(s) for s in range(6)}
-    assert not judge(others, current).prune
+    verdict = judge(others, current)
+    assert not verdict.prune and "within 0.735 of the leading trial 0's" in verdict.reason
+
+
+def test_a_crossing_far_from_the_trial_counts_only_at_the_overall_share() -> None:
+    """A trial that was twice as far behind closed 0.98: counted at `overall` (half), the
+    gap of 0.5 is beyond 0.75 x 0.49; counted whole (`overall=1`, the rule before `band`), the
+    trial is kept."""
+    others = {n: {s: 0.1 * n + _decaying(s) for s in range(50)} for n in range(10)}
+    others[10] = _crossing(1.0)
+    current = {s: 0.5 + _decaying(s) for s in range(6)}
+    verdict = judge(others, current)
+    assert verdict.prune and "0.75 x 0.5 x the most any trial (none near it" in verdict.reason
+    assert not judge(others, current, settings=PruneSettings(overall=1.0)).prune
+    assert not judge(others, current, settings=PruneSettings(band=1.0)).prune  # all neighbours
+
+
+def test_a_neighbours_catch_up_is_named_in_the_reason() -> None:
+    others = {n: {s: 0.1 * n + _decaying(s) for s in range(50)} for n in range(10)}
+    others[10] = _crossing(0.55, slope=0.01)  # a neighbour: closes 0.49
+    others[11] = _crossing(1.5, slope=0.016)  # far: closes 0.78, counted at half
+    current = {s: 0.6 + _decaying(s) for s in range(6)}
+    verdict = judge(others, current)
+    assert verdict.prune
+    assert "the most a trial near it (within 10%) at step 5 caught up" in verdict.reason
 
 
 def test_a_near_tie_within_the_tolerance_is_not_pruned() -> None:

@@ -3,9 +3,11 @@
 This module knows nothing of Optuna; `haltpoint.integrations.optuna` adapts it. A curve is a
 mapping from step (epoch) to the watched value. At the current trial's last step ``t`` it is
 pruned when its best value so far is worse than the leading trial's best at ``t`` by more than
-the leader's noise, by more than a share (``margin``) of the most any other trial caught up
-after ``t`` on a trial that was ahead of it at ``t`` (how far ranks still move: little where
-the curves run side by side, much where they cross), by more than its own progress since step
+the leader's noise, by more than a share (``margin``) of the catch-up: the most any of its
+neighbours (the trials whose best at ``t`` was within ``band`` of its own) caught up after
+``t`` on a trial that was ahead of it at ``t``, or ``overall`` times the most any trial did
+(how far ranks still move from where this trial stands: little where the curves run side by
+side, much where they cross), by more than its own progress since step
 ``t // 2`` repeated for every doubling of ``t`` left to the longest trial (times ``trend``), and
 by more than ``tolerance`` of the leader's value; and only when enough of the study has been
 seen at ``t``: ``min_trials`` other trials reached ``t`` and a share ``min_share`` of them all
@@ -39,8 +41,8 @@ MODES = ("min", "max")
 MIN_TRIALS = 3
 #: The first step at which a trial may be pruned (step 0 is often the untrained model).
 MIN_STEP = 2
-#: The share of the largest catch-up after the current step (a trial's later gain minus that of
-#: a trial ahead of it then) that the gap to the leader must exceed.
+#: The share of the catch-up after the current step (a trial's later gain minus that of a
+#: trial ahead of it then; the most by a neighbour, see `BAND`) that the gap must exceed.
 MARGIN = 0.75
 #: The gap must also exceed this share of the leader's value (near-ties are never pruned).
 TOLERANCE = 0.0
@@ -49,6 +51,10 @@ MIN_SHARE = 0.2
 #: The gap must also exceed this multiple of the trial's own progress since half its steps,
 #: once for every doubling of its steps left to the longest trial's last step.
 TREND = 0.5
+#: A trial's neighbours: the trials whose best at the step is within this share of its own.
+BAND = 0.1
+#: The share of the largest catch-up of any trial (not only of a neighbour) that also counts.
+OVERALL = 0.5
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class PruneSettings:
     tolerance: float = TOLERANCE
     min_share: float = MIN_SHARE
     trend: float = TREND
+    band: float = BAND
+    overall: float = OVERALL
 
     def __post_init__(self) -> None:
         if self.min_trials < 1:
@@ -79,6 +87,10 @@ class PruneSettings:
             raise ValueError(f"min_share must be between 0 and 1, got {self.min_share}")
         if not self.trend >= 0:
             raise ValueError(f"trend must be >= 0, got {self.trend}")
+        if not self.band >= 0:
+            raise ValueError(f"band must be >= 0, got {self.band}")
+        if not 0 <= self.overall <= 1:
+            raise ValueError(f"overall must be between 0 and 1, got {self.overall}")
 
 
 #: The settings `HaltpointPruner()` uses.
@@ -106,24 +118,37 @@ def _noise(curve: Curve, step: int, sign: float) -> float:
     return statistics.median(bends) / 2 if bends else 0.0
 
 
-def _catch_up(at_step: list[float], finals: list[float]) -> float:
-    """The most any trial gained after the step beyond what a trial ahead of it then gained.
+def _catch_up(
+    at_step: list[float], finals: list[float], near: float = math.nan, band: float = 0.0
+) -> tuple[float, float | None]:
+    """The most any trial gained after the step beyond what a trial ahead of it then gained,
+    and the most any trial within ``band`` of ``near`` (relative) at the step did (None when no
+    trial was that near).
 
     ``at_step[k]`` is trial k's best at the step, ``finals[k]`` its best at its last step
     (both signed so lower is better); 0 when no trial caught up on another.
 
     >>> _catch_up([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])  # side by side: ranks never move
-    0.0
+    (0.0, None)
     >>> _catch_up([1.0, 2.0, 3.0], [0.9, 0.4, 2.5])  # trial 1 gained 1.6, trial 0 only 0.1
-    1.5
+    (1.5, None)
+    >>> _catch_up([1.0, 2.0, 3.0], [0.9, 0.4, 2.5], near=3.1, band=0.1)  # trial 2: 0.5 - 0.1
+    (1.5, 0.4)
     """
-    most, least_ahead = 0.0, math.inf
+    most, most_near, least_ahead = 0.0, None, math.inf
     for value, final in sorted(zip(at_step, finals, strict=True), key=lambda vf: vf[0]):
         gained = value - final
-        most = max(most, gained - least_ahead)
+        caught = max(0.0, gained - least_ahead)
+        most = max(most, caught)
+        if abs(value - near) <= band * abs(near):
+            most_near = max(caught, most_near or 0.0)
         least_ahead = min(least_ahead, gained)
     scale = max((abs(v) for v in at_step), default=0.0)
-    return most if most > 1e-12 * scale else 0.0  # rounding of curves that never cross
+
+    def rounded(x: float) -> float:
+        return x if x > 1e-12 * scale else 0.0  # rounding of curves that never cross
+
+    return rounded(most), None if most_near is None else rounded(most_near)
 
 
 def judge(
@@ -173,7 +198,9 @@ def judge(
     mine = _best_up_to(current, step, sign)
     at_step = [_best_up_to(c, step, sign) for c in peers]
     lead = min(range(len(peers)), key=at_step.__getitem__)
-    gain = _catch_up(at_step, [_best_up_to(c, max(c), sign) for c in peers])
+    finals = [_best_up_to(c, max(c), sign) for c in peers]
+    most, most_near = _catch_up(at_step, finals, mine, settings.band)
+    gain = most if most_near is None else max(most_near, settings.overall * most)
     noise = _noise(peers[lead], step, sign)
     gap = mine - at_step[lead]
     best = sign * at_step[lead]
@@ -181,13 +208,19 @@ def judge(
     doublings = max(0.0, math.log2(max(longest, 1) / max(step, 1)))
     ahead = settings.trend * doublings * (progress if math.isfinite(progress) else 0.0)
     share = "" if settings.margin == 1 else f"{settings.margin:g} x "
+    if most_near is None or settings.overall == 1:
+        caught = "the most any trial caught up"
+    elif most_near >= settings.overall * most:
+        caught = f"the most a trial near it (within {settings.band:.0%}) at step {step} caught up"
+    else:
+        caught = f"{settings.overall:g} x the most any trial (none near it caught up more)"
     bound = max(settings.margin * gain, noise, settings.tolerance * abs(best), ahead)
     if gap > bound:
         return Verdict(
             True,
             f"at step {step} {metric} {sign * mine:.4g} is worse than leading trial "
             f"{names[lead]}'s {best:.4g} at the same step by {gap:.3g}, more than its noise "
-            f"({noise:.2g}), more than {share}the most any trial caught up on one ahead "
+            f"({noise:.2g}), more than {share}{caught} on one ahead "
             f"of it after step {step} ({gain:.3g}) and more than its own recent progress "
             f"projected to step {longest} ({ahead:.3g})",
         )
