@@ -245,3 +245,22 @@ def test_open_regular_names_what_it_found_and_never_waits(tmp_path: Path) -> Non
         assert os.get_blocking(fd) and os.read(fd, 3) == b"abc"
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "socket"])
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_demo_fresh_deletes_nothing_holding_a_special_file(
+    run: Path, capsys: pytest.CaptureFixture[str], target: str, kind: str
+) -> None:
+    """--fresh deletes only what haltpoint wrote: a folder named like one of its files may
+    hold anything (here a file of someone's), and a FIFO or socket is nobody's checkpoint."""
+    path = run / TARGETS[target]
+    with special_file(path, kind):
+        before = step_hashes(run)
+        argv = ["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]
+        code = run_bounded(path, lambda: main(argv))
+        err = capsys.readouterr().err
+        assert code == 1 and f"holds {path}, which haltpoint did not write" in err, err
+        assert is_kind(path, kind) and step_hashes(run) == before
+        if kind == "folder":
+            assert (path / "keep.txt").read_text() == "someone's"

@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -89,7 +90,9 @@ def _foreign_entry(path: str) -> str | None:
     """The first entry under `path` that neither haltpoint nor the demo writes, or None.
 
     --fresh deletes the whole folder, so a file of anybody else (notes beside the run, a
-    file in a step folder) makes it refuse: it deletes only what it would itself rewrite.
+    file in a step folder) makes it refuse: it deletes only what it would itself rewrite. A
+    folder, FIFO, socket or device at the name of one of haltpoint's files is not haltpoint's
+    either (a folder named `history.jsonl` may hold anything).
     """
     own_root = ROOT_TEMP_OF | {PLOT_NAME}  # the history, the lock and the plot
     for name in sorted(os.listdir(path)):
@@ -97,6 +100,8 @@ def _foreign_entry(path: str) -> str | None:
         if os.path.islink(full):
             return full
         if name in own_root or is_temp_name(name, own_root):
+            if not _is_regular(full):
+                return full
             continue
         if name == QUARANTINE_DIR and os.path.isdir(full):
             if any(not _QUARANTINED.match(child) for child in os.listdir(full)):
@@ -108,11 +113,16 @@ def _foreign_entry(path: str) -> str | None:
             inner = os.path.join(full, child)
             if child == DCP_NAME and os.path.isdir(inner) and not os.path.islink(inner):
                 continue  # torch.distributed.checkpoint's own files
-            if os.path.islink(inner) or not (
+            if not _is_regular(inner) or not (
                 (child in STEP_NAMES and child != DCP_NAME) or is_temp_name(child, STEP_TEMP_OF)
             ):
                 return inner
     return None
+
+
+def _is_regular(path: str) -> bool:
+    """Whether `path` is a regular file (not a link, folder, FIFO, socket or device)."""
+    return stat.S_ISREG(os.lstat(path).st_mode)
 
 
 def _delete_run(path: str) -> None:
