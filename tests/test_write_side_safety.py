@@ -35,6 +35,7 @@ CONDITIONS = [
     "foreign_in_dead_step",
     "foreign_at_root",
     "foreign_tmp",
+    "folders_at_own_names",
     "stray_own_tmp",
     "newer_format",
     "unreadable_tensors",
@@ -98,6 +99,14 @@ def damage(run: Path, condition: str, monkeypatch: pytest.MonkeyPatch, tmp_path:
     elif condition == "foreign_tmp":
         (run / "draft.tmp").write_text("someone's temp file")
         (run / checkpoint_dirname(2) / "editor.tmp").write_text("precious")
+    elif condition == "folders_at_own_names":  # folders named like haltpoint's files
+        for rel in (
+            f"{checkpoint_dirname(0)}/tensors.safetensors",  # in a leftover step folder
+            f"{checkpoint_dirname(1)}/manifest.json.0a1b2c3d.tmp",  # in one retention removes
+            "history.jsonl.0a1b2c3d.tmp",
+        ):
+            (run / rel).mkdir(parents=True)
+            (run / rel / "keep.txt").write_text("precious")
     elif condition == "stray_own_tmp":
         (run / "history.jsonl.0a1b2c3d.tmp").write_text("half")
         (newest / "manifest.json.deadbeef.tmp").write_text("half")
@@ -134,6 +143,11 @@ FOREIGN_NAMES = {
     "foreign_in_dead_step": [f"{checkpoint_dirname(0)}/plot.png"],
     "foreign_at_root": ["README.md"],
     "foreign_tmp": ["draft.tmp", f"{checkpoint_dirname(2)}/editor.tmp"],
+    "folders_at_own_names": [
+        f"{checkpoint_dirname(0)}/tensors.safetensors/keep.txt",
+        f"{checkpoint_dirname(1)}/manifest.json.0a1b2c3d.tmp/keep.txt",
+        "history.jsonl.0a1b2c3d.tmp/keep.txt",
+    ],
 }
 
 

@@ -431,8 +431,9 @@ class RunDirectory:
         folders: list[str] = []
         for name in top:
             if is_temp_name(name, ROOT_TEMP_OF):
-                files.append(name)
-                removed.append(name)
+                if not self.storage.is_folder(name):  # a folder of that name is not haltpoint's
+                    files.append(name)
+                    removed.append(name)
                 continue
             if parse_step(name) is None or name in whole or not self.storage.isdir(name):
                 continue
@@ -446,7 +447,9 @@ class RunDirectory:
             foreign = False
             for child in children:
                 rel = f"{name}/{child}"
-                if is_temp_name(child, STEP_TEMP_OF) or (
+                if child != DCP_NAME and self.storage.is_folder(rel):
+                    foreign = True  # a folder named like one of haltpoint's files: not its own
+                elif is_temp_name(child, STEP_TEMP_OF) or (
                     child in STEP_NAMES
                     and not (live and (child in (MANIFEST_NAME, PINNED_NAME) or rel in referenced))
                 ):

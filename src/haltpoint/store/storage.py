@@ -97,6 +97,9 @@ class Storage(Protocol):
 
     def isdir(self, rel: str) -> bool: ...
 
+    def is_folder(self, rel: str) -> bool:
+        """Whether `rel` is a folder itself, not a symbolic link to one."""
+
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) of the entries directly under `rel`; empty if it does not exist."""
 
@@ -297,6 +300,10 @@ class LocalStorage:
     def isdir(self, rel: str) -> bool:
         return os.path.isdir(self._path(rel))
 
+    def is_folder(self, rel: str) -> bool:
+        path = self._path(rel)
+        return os.path.isdir(path) and not os.path.islink(path)
+
     def listdir(self, rel: str = "") -> list[str]:
         try:
             return sorted(os.listdir(self._followed(rel)))
@@ -463,6 +470,9 @@ class FsspecStorage:
 
     def isdir(self, rel: str) -> bool:
         return bool(self.fs.isdir(self._fresh(rel)))
+
+    def is_folder(self, rel: str) -> bool:
+        return self.isdir(rel)  # object stores have no links
 
     def listdir(self, rel: str = "") -> list[str]:
         path = self._path(rel)
