@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import posixpath
 import shutil
@@ -191,20 +190,23 @@ def open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
         NotRegularFileError: `path` is a folder, a FIFO, a socket or a device.
         OSError: as `os.open` raises it otherwise (a missing file, no permission).
     """
-    extra = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags | extra, mode)
+        fd = os.open(path, flags | nonblock | getattr(os, "O_CLOEXEC", 0), mode)
     except OSError as exc:
-        if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):  # a folder; a FIFO or device
-            with contextlib.suppress(OSError):
-                raise _not_regular(path, os.stat(path).st_mode) from None
-        raise
+        if exc.errno not in (errno.EISDIR, errno.ENXIO, errno.ENODEV):  # a folder, FIFO, device
+            raise
+        try:
+            found = os.stat(path).st_mode
+        except OSError:
+            raise exc from None
+        raise _not_regular(path, found) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _not_regular(path, info.st_mode)
-        if extra & getattr(os, "O_NONBLOCK", 0) and not flags & getattr(os, "O_NONBLOCK", 0):
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        if nonblock and not flags & nonblock:
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
