@@ -44,6 +44,8 @@ def synthetic(seed: int, trials: int = 14, epochs: int = 16) -> Sweep:
         PruneSettings(),
         PruneSettings(min_trials=2, margin=0.25, tolerance=0.01, min_step=3),
         PruneSettings(min_trials=2, margin=0.5, min_share=0.4, trend=1.0, min_step=1),
+        PruneSettings(min_trials=2, margin=0.5, min_share=0.0, band=0.3, overall=0.0),
+        PruneSettings(min_trials=2, margin=0.4, min_share=0.1, overall=1.0),
     ],
 )
 def test_the_numpy_replay_stops_where_the_real_pruner_does(
