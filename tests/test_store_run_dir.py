@@ -209,3 +209,30 @@ def test_clean_up_at_open_keeps_files_an_unreadable_manifest_may_reference(
     with pytest.warns(UserWarning, match="deleted no leftover files"):
         Checkpointer(run, async_save=False).close()
     assert shared.exists()
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_clean_up_keeps_a_folder_named_like_a_haltpoint_file(tmp_path: Path, where: str) -> None:
+    """A folder at `tensors.safetensors` in a leftover step folder (or at a temporary name) is
+    not haltpoint's: clean-up at open keeps it, its contents and its step folder, and still
+    removes the leftover files that are haltpoint's own."""
+    import fsspec
+
+    url = str(tmp_path / "run") if where == "local" else f"memory://{tmp_path.name}-run"
+    fs, root = fsspec.core.url_to_fs(url)
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(url, keep_last=1, async_save=False, capture_rng=False) as ckpt:
+        ckpt.save(1, {"m": model})
+    for rel, data in [
+        ("step-000000000/tensors.safetensors/keep.txt", b"precious"),
+        ("step-000000000/manifest.json.0a1b2c3d.tmp", b"leftover"),
+        ("history.jsonl.0a1b2c3d.tmp/keep.txt", b"precious"),
+    ]:
+        fs.makedirs(f"{root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe(f"{root}/{rel}", data)
+    with Checkpointer(url, keep_last=1, async_save=False, capture_rng=False) as ckpt:
+        ckpt.save(2, {"m": model})
+    assert fs.cat(f"{root}/step-000000000/tensors.safetensors/keep.txt") == b"precious"
+    assert fs.cat(f"{root}/history.jsonl.0a1b2c3d.tmp/keep.txt") == b"precious"
+    assert not fs.exists(f"{root}/step-000000000/manifest.json.0a1b2c3d.tmp")
+    assert not fs.exists(f"{root}/step-000000001")  # retention still removes step 1
