@@ -447,16 +447,15 @@ class RunDirectory:
             foreign = False
             for child in children:
                 rel = f"{name}/{child}"
-                if child != DCP_NAME and self.storage.is_folder(rel):
-                    foreign = True  # a folder named like one of haltpoint's files: not its own
-                elif is_temp_name(child, STEP_TEMP_OF) or (
+                unwanted = is_temp_name(child, STEP_TEMP_OF) or (
                     child in STEP_NAMES
                     and not (live and (child in (MANIFEST_NAME, PINNED_NAME) or rel in referenced))
-                ):
+                )
+                if unwanted and (child == DCP_NAME or not self.storage.is_folder(rel)):
                     files.append(rel)
                     removed.append(rel)
-                elif child not in STEP_NAMES:  # not haltpoint's: never deleted, its folder stays
-                    foreign = True
+                elif unwanted or child not in STEP_NAMES:  # not haltpoint's: never deleted
+                    foreign = True  # (a folder at one of its file names is not either)
             if not live and not foreign:
                 folders.append(name)
                 removed.append(name)
