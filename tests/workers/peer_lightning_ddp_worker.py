@@ -115,6 +115,7 @@ def main() -> None:
     results = {name: fit(case, out / name) for name, case in CASES.items()}
     rank = torch.distributed.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit (SIGABRT)
 
 
 if __name__ == "__main__":
