@@ -15,6 +15,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from rank_exit import end_rank
 from torch.nn.parallel import DistributedDataParallel
 
 import haltpoint.checkpointer
@@ -121,7 +122,7 @@ def main() -> None:
     result["finished"] = True
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

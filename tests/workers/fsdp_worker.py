@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from rank_exit import end_rank
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -264,7 +265,7 @@ def main() -> None:
     else:
         restore(args, sharded=True, name=f"restore{dist.get_world_size()}-rank{dist.get_rank()}")
     dist.barrier()
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

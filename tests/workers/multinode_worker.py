@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from fsdp_worker import build, equal_to_saved, full_state, shard, train_step
+from rank_exit import end_rank
 from safetensors.torch import save_file
 
 import haltpoint.distributed.strategy
@@ -105,7 +106,7 @@ def main() -> None:
     if args.mode == "train":
         os._exit(0)  # the survivors' group is broken since the kill: no tear-down
     dist.barrier()
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rank_exit import end_rank
 
 from haltpoint import EarlyStopping, synced
 
@@ -53,7 +54,7 @@ def main() -> None:
     result["accuracy"] = run(accuracies, lambda epoch: {"acc": accuracy(epoch)}, 10)
 
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
+from rank_exit import end_rank
 
 from haltpoint import EarlyStopping
 from haltpoint.integrations.lightning import HaltpointCallback
@@ -115,7 +116,7 @@ def main() -> None:
     results = {name: fit(case, out / name) for name, case in CASES.items()}
     rank = torch.distributed.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
-    torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit (SIGABRT)
+    end_rank()
 
 
 if __name__ == "__main__":
