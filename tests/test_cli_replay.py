@@ -176,6 +176,25 @@ def test_plot_never_writes_through_a_linked_curves_png(tmp_path: Path, capsys):
     assert manifest.read_bytes() == before
 
 
+@pytest.mark.parametrize("where", ["curves.png", "elsewhere.png"])
+def test_plot_replaces_a_hard_link_to_a_checkpoint_file_and_leaves_the_checkpoint_intact(
+    tmp_path: Path, capsys, where: str
+):
+    pytest.importorskip("matplotlib")
+    make_run(tmp_path / "run")
+    tensors = tmp_path / "run" / "step-000000007" / "tensors.safetensors"
+    before = tensors.read_bytes()
+    target = (tmp_path / "run" if where == "curves.png" else tmp_path) / where
+    target.hardlink_to(tensors)  # one file, two names: writing into it would tear step 7
+    argv = [] if where == "curves.png" else ["-o", str(target)]
+    code, _, err = run_cli(capsys, "plot", str(tmp_path / "run"), *argv)
+    assert (code, err) == (0, "")
+    assert target.read_bytes()[:8] == PNG_SIGNATURE
+    assert tensors.read_bytes() == before and tensors.stat().st_nlink == 1
+    assert run_cli(capsys, "verify", str(tmp_path / "run"))[0] == 0
+    assert [p.name for p in target.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_plot_options_and_errors(run_dir: Path, tmp_path: Path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     target = tmp_path / "acc.png"

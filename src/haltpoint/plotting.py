@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from haltpoint.stopping.modes import infer_mode
+from haltpoint.store.storage import replace_file
 
 __all__ = [
     "MissingDependencyError",
@@ -265,5 +266,5 @@ def plot_history(
         ax.legend(fontsize="small")
     if title:
         fig.suptitle(_label(title))
-    fig.savefig(out, format=suffix)
+    replace_file(out, lambda tmp: fig.savefig(tmp, format=suffix))  # never through a link
     return PlotSummary(out, tuple(series), monitor, best_step, best_value, stop_step, left_out)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -20,7 +17,7 @@ from haltpoint.state.codec import TENSOR_TAG
 from haltpoint.state.tree import unflatten_state
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.run_dir import RunDirectory, ShardedRecord, checkpoint_dirname
-from haltpoint.store.storage import open_unlinked
+from haltpoint.store.storage import replace_file
 from haltpoint.store.tensor_reader import read_tensors
 
 __all__ = ["entry_weights", "register", "run"]
@@ -110,6 +107,9 @@ def entry_weights(
     return weights, skipped
 
 
+_METADATA = {"format": "pt"}
+
+
 def _save(weights: Mapping[str, torch.Tensor], path: str) -> None:
     import safetensors.torch
 
@@ -120,20 +120,10 @@ def _save(weights: Mapping[str, torch.Tensor], path: str) -> None:
         ident = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
         plain[name] = tensor.contiguous().clone() if ident in seen else tensor.contiguous()
         seen.add(ident)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        os.close(open_unlinked(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))  # new, never a link
-    except OSError as exc:
+        replace_file(path, lambda tmp: safetensors.torch.save_file(plain, tmp, metadata=_METADATA))
+    except Exception as exc:  # OSError, or safetensors' own error for one
         raise write_failed("-o", path, exc) from None
-    try:
-        safetensors.torch.save_file(plain, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException as exc:  # Ctrl-C too: no half-written file is left
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, Exception):  # OSError, or safetensors' own error for one
-            raise write_failed("-o", path, exc) from None
-        raise
 
 
 def _read_chosen(

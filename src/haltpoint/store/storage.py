@@ -26,7 +26,7 @@ import posixpath
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, Protocol
 
 from haltpoint.errors import CorruptCheckpointError, LinkedFileError, NotRegularFileError
@@ -42,6 +42,7 @@ __all__ = [
     "open_regular",
     "open_storage",
     "open_unlinked",
+    "replace_file",
 ]
 
 READ_BLOCK_BYTES = 64 << 20
@@ -226,6 +227,25 @@ def open_unlinked(path: str, flags: int, mode: int = 0o644) -> int:
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EEXIST, errno.EMLINK) and os.path.islink(path):
             raise _linked(path) from None
+        raise
+
+
+def replace_file(path: str, write: Callable[[str], None]) -> None:
+    """Make a new file at `path`: `write(tmp)` fills a fresh file next to it, which is then
+    renamed over `path`.
+
+    Whatever was at `path` (a hard link to a checkpoint's tensors, a symbolic link) loses its
+    name and keeps its bytes: it is replaced, never written through. On any failure, Ctrl-C
+    included, the fresh file is removed and `path` is left as it was.
+    """
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(open_unlinked(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
 
 
