@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from haltpoint import Checkpointer, CheckpointError, HistoryNotWrittenError, LinkedFileError
+from haltpoint.cli import main
 from haltpoint.store.direct_io import AlignedFileWriter
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.quarantine import move_to_quarantine
@@ -160,3 +161,29 @@ def test_the_error_is_one_line_and_a_checkpoint_error(run: Path) -> None:
     with pytest.raises(CheckpointError) as info:
         writer(run)
     assert "\n" not in str(info.value) and info.value.path == str(run / ".haltpoint.lock")
+
+
+@pytest.mark.parametrize("clean", ["gc", "writer"])
+def test_a_step_whose_tensors_link_to_another_steps_is_not_intact_and_keeps_the_other(
+    tmp_path: Path, capsys, clean: str
+) -> None:
+    """Read through, the link would verify step 3 and retention would remove step 2's file,
+    the only copy of its bytes."""
+    run = tmp_path / "run"
+    with writer(run) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": torch.ones(1000)}, {"loss": 1.0})  # identical tensor files
+    before = planted(
+        run, "step-000000003/tensors.safetensors", "step-000000002/tensors.safetensors"
+    )
+    assert main(["verify", str(run)]) == 1
+    assert "step 3: step-000000003/tensors.safetensors: 1 tensor(s) missing" in (
+        capsys.readouterr().out
+    )
+    if clean == "gc":
+        assert main(["gc", str(run), "--keep-last", "1"]) == 0
+    else:
+        Checkpointer(run, keep_last=1, async_save=False, capture_rng=False).close()
+    assert unchanged({p: b for p, b in before.items() if "step-000000002" in str(p)})
+    with Checkpointer(run, read_only=True) as reader:
+        assert reader.restore({"w": torch.zeros(1000)}, 2).step == 2  # read and verified

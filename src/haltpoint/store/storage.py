@@ -285,7 +285,12 @@ class LocalStorage:
         return os.path.join(self.root, *check_relpath(rel).split("/"))
 
     def _followed(self, rel: str) -> str:
-        """The path of `rel` for opening, refusing a symlink that leads out of the run."""
+        """The path of `rel` for opening, refusing a symlink on the way below the run's root.
+
+        haltpoint writes no links, so one inside the run is foreign: read through, a step
+        whose tensors are a link to another step's would verify intact, and lose its bytes
+        when retention removes the other step. (The run directory itself may be a link.)
+        """
         path = self._path(rel)
         real = os.path.realpath(path)
         if real != self._real_root and not real.startswith(self._real_root + os.sep):
@@ -294,7 +299,14 @@ class LocalStorage:
                 "reads or writes through links that leave the run (remove the link)",
                 path=path,
             )
-        return path
+        try:
+            return self.write_path(rel)
+        except LinkedFileError as exc:
+            raise CorruptCheckpointError(
+                f"{exc.path} is a symbolic link inside the run directory; haltpoint writes "
+                "none and never reads through one (remove the link)",
+                path=exc.path,
+            ) from None
 
     def local_path(self, rel: str) -> str | None:
         return self._followed(rel)
