@@ -202,6 +202,29 @@ def test_holder_without_a_record_is_unidentified(storage: LocalStorage) -> None:
     assert read_holder(storage) is None
 
 
+HOSTILE_RECORDS = {
+    "deep-nesting": b"[" * 100_000 + b"]" * 100_000,  # past the JSON parser's recursion limit
+    "huge": b'{"pid": 1, "host": "' + b"x" * (8 << 20) + b'", "since": 0}',
+    "binary": bytes(range(256)) * 64,
+}
+
+
+@pytest.mark.parametrize("record", HOSTILE_RECORDS.values(), ids=HOSTILE_RECORDS.keys())
+def test_a_hostile_holder_record_is_no_holder(storage: LocalStorage, record: bytes) -> None:
+    Path(lock_path(storage)).write_bytes(record)
+    assert read_holder(storage) is None  # no lock held: the record says nothing
+    fd = os.open(lock_path(storage), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live holder with that record
+        with pytest.raises(LockedError, match=r"locked by an unidentified process"):
+            WriterLock(storage).acquire()
+        assert read_holder(storage) == LockHolder(0, "", 0.0)
+    finally:
+        os.close(fd)
+    with WriterLock(storage) as lock:  # taken over once free, the record rewritten
+        assert lock.held and read_holder(storage) is not None
+
+
 RACER_SCRIPT = textwrap.dedent(
     """
     import sys, time

@@ -46,6 +46,8 @@ LOCK_NAME = ".haltpoint.lock"
 # probes with a brief shared lock: retry for this long before calling the lock busy.
 _BUSY_GRACE_S = 0.25
 _POLL_S = 0.01
+#: The most of a lock file read: a holder record is under 200 bytes; more is not one.
+_RECORD_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class LockHolder:
         """The holder recorded in `data`, or None when it holds no valid record."""
         try:
             value = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # garbage, or nesting deeper than the parser's stack
             return None
         if not isinstance(value, dict):
             return None
@@ -144,7 +146,7 @@ def _took_over_warning(storage: Storage, previous: LockHolder) -> None:
 
 
 def _read_fd(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
+    size = min(os.fstat(fd).st_size, _RECORD_LIMIT)
     return os.pread(fd, size, 0) if size else b""
 
 
@@ -162,7 +164,7 @@ def _release_local(fd: int) -> None:
 def _release_remote(storage: Storage, me: LockHolder) -> None:
     """Delete the lock file if it still names `me`."""
     with contextlib.suppress(FileNotFoundError):
-        if LockHolder.from_json(storage.read_bytes(LOCK_NAME)) == me:
+        if LockHolder.from_json(storage.read_bytes(LOCK_NAME, _RECORD_LIMIT)) == me:
             storage.remove(LOCK_NAME)
 
 
@@ -268,7 +270,7 @@ class WriterLock:
         storage = self.storage
         data: bytes | None = None
         with contextlib.suppress(FileNotFoundError):
-            data = storage.read_bytes(LOCK_NAME)
+            data = storage.read_bytes(LOCK_NAME, _RECORD_LIMIT)
         if data is not None:
             holder = LockHolder.from_json(data)
             if holder is None:
@@ -278,7 +280,7 @@ class WriterLock:
             _took_over_warning(storage, holder)
         me = _me()
         storage.publish(LOCK_NAME, me.to_json())
-        winner = LockHolder.from_json(storage.read_bytes(LOCK_NAME))
+        winner = LockHolder.from_json(storage.read_bytes(LOCK_NAME, _RECORD_LIMIT))
         if winner != me:  # another writer published in the same instant and won
             raise _locked_error(storage, winner or _UNKNOWN)
         return me
@@ -327,7 +329,7 @@ def read_holder(storage: Storage) -> LockHolder | None:
     if path is not None and fcntl is not None:
         return _read_holder_local(path)
     try:
-        data = storage.read_bytes(LOCK_NAME)
+        data = storage.read_bytes(LOCK_NAME, _RECORD_LIMIT)
     except FileNotFoundError:
         return None
     holder = LockHolder.from_json(data)
