@@ -22,6 +22,7 @@ from hypothesis import given, settings
 
 from haltpoint.errors import CorruptCheckpointError, UnsupportedStateError
 from haltpoint.state.codec import TAG, TENSOR_TAG, decode_value, encode_value
+from haltpoint.state.tree import flatten_state, unflatten_state
 
 
 def assert_same(actual: Any, expected: Any, path: str = "value") -> None:
@@ -358,3 +359,39 @@ def test_malformed_input_is_a_corrupt_checkpoint(obj: Any, message: str) -> None
 def test_malformed_input_names_its_location() -> None:
     with pytest.raises(CorruptCheckpointError, match=r'malformed at tree\["a"\]\[0\]'):
         decode_value({"a": [{TAG: "nope", "v": 1}]}, where="tree")
+
+
+def _nested(kind: str, depth: int, leaf: Any) -> Any:
+    if kind == "dict-key":  # keys are encoded by an encoder of their own
+        return {_nested("tuple", depth - 1, leaf): 0}
+    value = leaf
+    for _ in range(depth):
+        value = {
+            "dict": lambda v: {"a": v},
+            "list": lambda v: [v],
+            "tuple": lambda v: (v,),
+            "OrderedDict": lambda v: OrderedDict(b=v),
+            "frozenset": lambda v: frozenset([v]),
+        }[kind](value)
+    return value
+
+
+@pytest.mark.parametrize("kind", ["dict", "list", "tuple", "OrderedDict", "dict-key", "frozenset"])
+def test_what_saves_at_any_depth_reads_back_and_deeper_is_refused_in_one_line(kind: str) -> None:
+    """A state nested 500 deep used to fail with a RecursionError traceback; one just under the
+    reader's limit must not be written and then refused at every restore."""
+    leaves = [1, math.inf, torch.ones(1)] if kind not in ("dict-key", "frozenset") else [1, 2.5]
+    for leaf in leaves:
+        saved = 0
+        for depth in [*range(50, 70), 500]:
+            state = {"entry": _nested(kind, depth, leaf)}
+            try:
+                flat = flatten_state(state)
+            except UnsupportedStateError as exc:
+                assert "containers nest deeper than 60 levels" in str(exc)
+                assert "\n" not in str(exc)
+                continue
+            back = unflatten_state(json.loads(json.dumps(flat.tree)), flat.tensors)
+            assert repr(back) == repr(state)
+            saved = depth
+        assert 55 <= saved < 70  # refused only near the limit

@@ -60,6 +60,9 @@ _RESERVED = frozenset({TAG, TENSOR_TAG})
 _INT_LIMIT = 2**63
 MAX_DEPTH = 64
 """The deepest nesting of containers `decode_value` accepts (real states nest under 10)."""
+_SAVE_DEPTH = MAX_DEPTH - 4
+"""The deepest nesting `encode_value` writes: room above for the manifest's tree and below for
+a tagged leaf, so that whatever is saved can be read back."""
 _DEVICE = re.compile(r"[a-z][a-z0-9_]{0,31}(:[0-9]{1,4})?")
 _DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if type(v) is torch.dtype}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -146,9 +149,10 @@ def _hint(value: Any) -> str:
 
 
 class _Encoder:
-    def __init__(self, on_tensor: TensorHook | None) -> None:
+    def __init__(self, on_tensor: TensorHook | None, outer: int = 0) -> None:
         self.on_tensor = on_tensor
         self.active: set[int] = set()  # ids of the containers being encoded, to catch cycles
+        self.outer = outer  # containers around the value, encoded by another _Encoder
 
     def encode(self, value: Any, path: str, parts: tuple[str, ...]) -> Any:
         cls = type(value)
@@ -179,6 +183,11 @@ class _Encoder:
                     f"cannot save {path}: it contains itself (a reference cycle), which JSON "
                     "cannot represent; break the cycle before saving"
                 )
+            if self.outer + len(self.active) >= _SAVE_DEPTH:
+                raise UnsupportedStateError(
+                    f"cannot save {path}: containers nest deeper than {_SAVE_DEPTH} levels, "
+                    "more than a checkpoint reads back; flatten the structure before saving"
+                )
             self.active.add(id(value))
             try:
                 return self._container(value, path, parts)
@@ -195,7 +204,7 @@ class _Encoder:
             ]
             return items if cls is list else {TAG: "tuple", "items": items}
         if cls is set or cls is frozenset:
-            encoder = _Encoder(None)
+            encoder = _Encoder(None, self.outer + len(self.active))
             elements = [encoder.encode(item, f"an element of {path}", ()) for item in value]
             elements.sort(key=lambda e: json.dumps(e, sort_keys=True))
             return {TAG: cls.__name__, "items": elements}
@@ -206,7 +215,7 @@ class _Encoder:
         )
         if plain:
             return {k: self.encode(v, child_path(path, k), (*parts, k)) for k, v in value.items()}
-        keys = _Encoder(None)
+        keys = _Encoder(None, self.outer + len(self.active))
         pairs = [
             [
                 keys.encode(k, f"the key {child_path('', k)[1:-1]} of {path}", ()),
