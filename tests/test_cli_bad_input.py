@@ -395,3 +395,22 @@ def test_an_os_error_in_any_command_is_one_line_without_errno(
     assert capsys.readouterr().err == (
         "haltpoint: error: /srv/run/step-000000001: Permission denied\n"
     )
+
+
+@pytest.mark.parametrize("raised", [RecursionError("too deep"), KeyError("x"), MemoryError()])
+def test_an_unexpected_exception_is_still_one_line_naming_it(
+    raised: Exception, tmp_path: Path, capsys, monkeypatch
+):
+    """Whatever a run directory or a file makes a command raise, the user gets one line."""
+    import haltpoint.cli.listing
+
+    def fail(*args: object) -> int:
+        raise raised
+
+    monkeypatch.setattr(haltpoint.cli.listing, "run", fail)
+    assert main(["ls", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"haltpoint: error: unexpected {type(raised).__name__}"
+    )
+    assert "a bug in haltpoint" in err

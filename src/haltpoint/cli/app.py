@@ -15,7 +15,7 @@ from haltpoint import __version__
 from haltpoint.cli.command import Handler
 from haltpoint.cli.flags import UsageError
 from haltpoint.cli.output import Output
-from haltpoint.errors import CheckpointError
+from haltpoint.errors import CheckpointError, first_line
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -127,6 +127,12 @@ def run(argv: Sequence[str] | None = None, out: Output | None = None) -> int:
         return EXIT_FAILURE
     except (CheckpointError, ValueError, TypeError, ImportError) as exc:
         out.error(str(exc) or type(exc).__name__)
+        return EXIT_FAILURE
+    except Exception as exc:  # none of the above: a bug, still said in one line
+        out.error(
+            f"unexpected {type(exc).__name__}: {first_line(exc) or 'no message'} (a bug in "
+            "haltpoint; please report it with the command that caused it)"
+        )
         return EXIT_FAILURE
 
 
