@@ -215,8 +215,9 @@ def test_closed_checkpointer_refuses_to_save(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "pattern"),
     [
-        ({"step": -1}, ValueError, "step must be a non-negative int, got -1"),
-        ({"step": True}, ValueError, "step must be a non-negative int, got True"),
+        ({"step": -1}, ValueError, r"step must be a non-negative int below 2\*\*63, got -1"),
+        ({"step": True}, ValueError, r"step must be a non-negative int below 2\*\*63, got True"),
+        ({"step": 2**63}, ValueError, r"below 2\*\*63, got 9223372036854775808"),  # unreadable
         ({"metrics": {"acc": 0.5}}, ValueError, r"no 'loss' \(the monitor\); it holds \['acc'\]"),
         (
             {"metrics": {"loss": "x"}},

@@ -202,3 +202,65 @@ def test_import_refuses_a_step_that_is_not_newer(tmp_path: Path, capsys, step: s
     )
     assert code != 0 and f"--step {step} is not newer than the newest checkpoint" in err
     assert [info.step for info in Checkpointer(run, read_only=True).list()] == [1, 2, 3]
+
+
+def _deep(depth: int) -> dict:
+    value: dict = {"w": torch.ones(1)}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+FILES_THAT_CANNOT_BE_IMPORTED = {
+    # what the file holds -> (how it is written, what the one line says)
+    "a pickle named .safetensors": (
+        lambda p: p.write_bytes(pickle.dumps([1])),
+        "cannot read {file} as a torch.save file",
+    ),
+    "a state nested 200 deep": (
+        lambda p: torch.save({"model": _deep(200)}, p),
+        "containers nest deeper than 60 levels",
+    ),
+    "a global_step of 2**64": (
+        lambda p: torch.save({"model": {"w": torch.ones(1)}, "global_step": 2**64}, p),
+        "the file's global_step is 18446744073709551616, not a step a checkpoint holds",
+    ),
+    "a negative step": (
+        lambda p: torch.save({"model": {"w": torch.ones(1)}, "step": -5}, p),
+        "the file's step is -5, not a step a checkpoint holds",
+    ),
+    "a step given as a string": (
+        lambda p: torch.save({"model": {"w": torch.ones(1)}, "epoch": "7"}, p),
+        "the file's epoch is '7', not a step a checkpoint holds",
+    ),
+    "no key that names an entry": (
+        lambda p: torch.save({1: torch.ones(1), "__meta__": 2}, p),
+        "none of the file's top-level keys names an entry (1, '__meta__')",
+    ),
+}
+
+
+@pytest.mark.parametrize("held", FILES_THAT_CANNOT_BE_IMPORTED)
+def test_a_file_that_cannot_be_imported_gives_one_line_and_commits_nothing(
+    tmp_path: Path, capsys, held: str
+):
+    write, said = FILES_THAT_CANNOT_BE_IMPORTED[held]
+    name = "fake.safetensors" if "safetensors" in held else "file.pt"
+    write(tmp_path / name)
+    code, out, err = run_cli(capsys, "import", str(tmp_path / name), "-o", str(tmp_path / "run"))
+    assert (code, out) == (1, "")
+    assert err.startswith("haltpoint: error: ") and err.count("\n") == 1
+    assert said.format(file=tmp_path / name) in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("step-*"))
+
+
+def test_a_step_a_checkpoint_cannot_hold_is_refused_and_given_one_the_file_step_is_ignored(
+    tmp_path: Path, capsys
+):
+    torch.save({"model": {"w": torch.ones(1)}, "global_step": 2**64}, tmp_path / "file.pt")
+    argv = ["import", str(tmp_path / "file.pt"), "-o", str(tmp_path / "run")]
+    code, _, err = run_cli(capsys, *argv, "--step", str(2**63))
+    assert code == 2 and "must be an int >= 0 and below 9223372036854775808" in err
+    assert run_cli(capsys, *argv, "--step", str(2**63 - 1))[0] == 0
+    with Checkpointer(tmp_path / "run", read_only=True) as reader:
+        assert [info.step for info in reader.list()] == [2**63 - 1]

@@ -13,13 +13,14 @@ __all__ = ["check_device", "check_step", "coerce_metrics"]
 
 
 def check_step(step: Any) -> int:
-    """`step` if it is a non-negative int (not a bool), else a ValueError naming it.
+    """`step` if it is a non-negative int (not a bool) that a manifest holds (below 2**63),
+    else a ValueError naming it.
 
     >>> check_step(3)
     3
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+        raise ValueError(f"step must be a non-negative int below 2**63, got {step!r}")
     return step
 
 

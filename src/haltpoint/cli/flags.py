@@ -54,21 +54,25 @@ def ascii_int(text: str) -> int | None:
         return None
 
 
-def count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an int >= `minimum`, in the digits 0-9.
+def count(minimum: int, below: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int >= `minimum` (and < `below`, when given), in the digits 0-9.
 
     >>> count(1)("3")
     3
     >>> count(1)("0")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: must be an int >= 1 (digits 0-9 only), got '0'
+    >>> count(0, below=10)("10")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be an int >= 0 and below 10 (digits 0-9 only), got '10'
     """
+    bound = "" if below is None else f" and below {below}"
 
     def parse(text: str) -> int:
         value = ascii_int(text)
-        if value is None or value < minimum:
+        if value is None or value < minimum or (below is not None and value >= below):
             raise argparse.ArgumentTypeError(
-                f"must be an int >= {minimum} (digits 0-9 only), got {text!r}"
+                f"must be an int >= {minimum}{bound} (digits 0-9 only), got {text!r}"
             )
         return value
 

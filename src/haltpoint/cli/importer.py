@@ -67,6 +67,8 @@ def load_weights_only(path: str) -> Any:
             "import takes torch.save files, Lightning .ckpt files, Hugging Face "
             "pytorch_model.bin files and safetensors files"
         )
+    from safetensors import SafetensorError  # torch.load hands a *.safetensors name to it
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols
@@ -79,7 +81,7 @@ def load_weights_only(path: str) -> Any:
             "weights (torch.save(model.state_dict(), ...)) in a trusted environment and import "
             "that"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, SafetensorError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         first = first_line(exc) or type(exc).__name__
@@ -137,28 +139,47 @@ def _is_tensor_dict(value: Any) -> bool:
 
 
 def _int_step(obj: Mapping[str, Any]) -> int | None:
+    """The file's step: its first of `global_step`, `step`, `epoch` (None when it has none).
+
+    Raises:
+        ValueError: that value is not a step a checkpoint holds (an int in [0, 2**63)).
+    """
     for key in _STEP_KEYS:
-        value = obj.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if key in obj:
+            value = obj[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+                raise ValueError(
+                    f"the file's {key} is {_short(value)}, not a step a checkpoint holds (an "
+                    "int from 0 to 2**63 - 1); pass the step to import it as with --step S"
+                )
             return value
     return None
 
 
-def convert(obj: Any) -> tuple[dict[str, Any], int | None, list[str], str]:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def convert(
+    obj: Any, *, read_step: bool = True
+) -> tuple[dict[str, Any], int | None, list[str], str]:
     """Map a loaded file to haltpoint state entries.
 
     Returns `(state, step, skipped_keys, kind)`: a Lightning checkpoint's `state_dict` becomes
     `model`, its `optimizer_states` and `lr_schedulers` keep their names, `epoch` and
     `global_step` go to `trainer` and the step is `global_step`; a flat mapping of tensors
     (a state dict, a Hugging Face weights file) becomes `model`; any other mapping keeps its
-    top-level names, and its step is its `global_step`, `step` or `epoch`.
+    top-level names, and its step is its `global_step`, `step` or `epoch` (None with
+    `read_step=False`, or when it has none).
 
     >>> state, step, skipped, kind = convert({"fc.weight": torch.zeros(2, 2)})
     >>> list(state), step, kind
     (['model'], None, 'state dict')
 
     Raises:
-        ValueError: the object is not a mapping (or a tensor) that can become a state.
+        ValueError: the object is not a mapping (or a tensor) that can become a state, or
+            its step is not one a checkpoint holds.
     """
     if isinstance(obj, torch.Tensor):
         return {"tensor": obj}, None, [], "tensor"
@@ -179,7 +200,7 @@ def convert(obj: Any) -> tuple[dict[str, Any], int | None, list[str], str]:
             state["trainer"] = trainer
         used = {"state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step"}
         skipped = sorted(str(k) for k in obj if k not in used)
-        return state, _int_step(obj), skipped, "Lightning checkpoint"
+        return state, _int_step(obj) if read_step else None, skipped, "Lightning checkpoint"
     if _is_tensor_dict(obj):
         return {"model": dict(obj)}, None, [], "state dict"
     state = {}
@@ -189,17 +210,23 @@ def convert(obj: Any) -> tuple[dict[str, Any], int | None, list[str], str]:
             state[key] = value
         else:
             skipped.append(repr(key))
-    return state, _int_step(obj), skipped, "mapping"
+    if not state:
+        raise ValueError(
+            f"none of the file's top-level keys names an entry ({', '.join(skipped)}): entries "
+            "are non-empty strings not starting with '__'; nothing to import"
+        )
+    return state, _int_step(obj) if read_step else None, skipped, "mapping"
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
     """Import `args.file` into the run directory `args.output`."""
     check_output_dir(args.output, "-o")
+    read_step = args.step is None
     if os.path.isfile(args.file) and _is_safetensors(args.file):
-        state, step, skipped, kind = convert(load_safetensors(args.file))
+        state, step, skipped, kind = convert(load_safetensors(args.file), read_step=read_step)
         kind = "safetensors file"
     else:
-        state, step, skipped, kind = convert(load_weights_only(args.file))
+        state, step, skipped, kind = convert(load_weights_only(args.file), read_step=read_step)
     step = args.step if args.step is not None else (step if step is not None else 0)
     size, kept = _write_import(args.output, step, state)
     out.line(
@@ -265,5 +292,8 @@ def register(commands: Any) -> None:
         "-o", "--output", required=True, metavar="DIR", help="the run directory to write"
     )
     parser.add_argument(
-        "--step", type=count(0), metavar="S", help="the step (default: from the file, else 0)"
+        "--step",
+        type=count(0, below=2**63),
+        metavar="S",
+        help="the step (default: from the file, else 0)",
     )

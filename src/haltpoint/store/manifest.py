@@ -226,8 +226,8 @@ class Manifest:
 
     def _body(self) -> dict[str, Any]:
         """The JSON form of every field but the checksum; TypeError/ValueError if unencodable."""
-        if not _is_int(self.step) or self.step < 0:
-            raise ValueError(f"step must be a non-negative int, got {self.step!r}")
+        if not _is_int(self.step) or not 0 <= self.step < _INT64:
+            raise ValueError(f"step must be a non-negative int below 2**63, got {self.step!r}")
         if not _is_int(self.format_version) or self.format_version < 1:
             raise ValueError(f"format_version must be a positive int, got {self.format_version!r}")
         if isinstance(self.time, bool) or not isinstance(self.time, numbers.Real):
