@@ -340,9 +340,12 @@ def _decode_device(_: _Decoder, obj: dict[str, Any], where: str) -> torch.device
     if type(text) is not str or not _DEVICE.fullmatch(text):
         raise ValueError(f"{_short(text)} is not a device string such as 'cpu' or 'cuda:0'")
     try:
-        return torch.device(text)
+        device = torch.device(text)
     except RuntimeError as exc:
         raise ValueError(first_line(exc)) from None
+    if str(device) != text:  # torch keeps an index in 8 bits: "cuda:256" would be cuda:0
+        raise ValueError(f"{text!r} names a device index torch cannot hold (it reads {device})")
+    return device
 
 
 def _decode_numpy(decoder: _Decoder, obj: dict[str, Any], where: str) -> np.generic:
