@@ -236,3 +236,17 @@ def test_clean_up_keeps_a_folder_named_like_a_haltpoint_file(tmp_path: Path, whe
     assert fs.cat(f"{root}/history.jsonl.0a1b2c3d.tmp/keep.txt") == b"precious"
     assert not fs.exists(f"{root}/step-000000000/manifest.json.0a1b2c3d.tmp")
     assert not fs.exists(f"{root}/step-000000001")  # retention still removes step 1
+
+
+def test_gc_reads_the_quarantine_before_it_removes_anything(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    with Checkpointer(run, keep_last=5, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": torch.full((10,), float(step))})
+    (tmp_path / "elsewhere").mkdir()
+    (run / "quarantine").symlink_to(tmp_path / "elsewhere")  # cannot be read: out of the run
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert main(["gc", str(run), "--keep-last", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "quarantine is a symlink to" in err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # not one removed

@@ -386,23 +386,31 @@ class RunDirectory:
             self.storage.remove(rel)
 
     def remove(self, entries: Iterable[Entry], kept: Iterable[Manifest]) -> None:
-        """Remove checkpoints: manifests first (uncommit), then files nothing kept references."""
-        self.storage.remove_many([f"{entry.dirname}/{MANIFEST_NAME}" for entry in entries])
-        self.collect_garbage(kept)
+        """Remove checkpoints: manifests first (uncommit), then files nothing kept references.
 
-    def collect_garbage(self, kept: Iterable[Manifest]) -> list[str]:
+        The quarantine is read first: one that cannot be read stops before anything goes.
+        """
+        held = self.quarantined() if QUARANTINE_DIR in self.storage.listdir() else []
+        self.storage.remove_many([f"{entry.dirname}/{MANIFEST_NAME}" for entry in entries])
+        self.collect_garbage(kept, held)
+
+    def collect_garbage(
+        self, kept: Iterable[Manifest], held: list[Quarantined] | None = None
+    ) -> list[str]:
         """Delete files no kept manifest references, and folders left empty; return them.
 
         Only the writer may call this: it also removes the leftovers of an interrupted save.
         While any checkpoint folder holds a manifest that is not among `kept` (one that
         could not be read or decoded: unreadable, damaged, or of a newer format), nothing is
         deleted, with a warning: that manifest may reference any file. Quarantined manifests
-        count as kept; one that does not decode keeps its own step's folder whole.
+        count as kept (`held`: as `remove` read them); one that does not decode keeps its own
+        step's folder whole.
         The files go in one `Storage.remove_many` (one request per 1,000 files on S3); the
         folders left empty are then removed one by one.
         """
         top = self.storage.listdir()
-        held = self.quarantined() if QUARANTINE_DIR in top else []
+        if held is None:
+            held = self.quarantined() if QUARANTINE_DIR in top else []
         kept = list(kept)
         kept_dirs = {checkpoint_dirname(m.step) for m in kept}
         kept += [q.manifest for q in held if q.manifest is not None]
