@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -660,3 +661,51 @@ def test_a_reader_of_a_missing_folder_creates_nothing(tmp_path: Path) -> None:
     assert not missing.exists()
     with Checkpointer(missing):  # a writer creates it
         assert missing.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("second", "kept_by_second"),
+    [
+        ({"monitor": "score"}, "score (min)"),  # the resumed job forgot mode="max"
+        ({"monitor": "val_score", "mode": "max"}, "val_score (max)"),  # the monitor renamed
+    ],
+    ids=["mode-forgotten", "monitor-renamed"],
+)
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_writer_ranking_otherwise_keeps_the_best_the_run_recorded(
+    tmp_path: Path, second: dict, kept_by_second: str, async_save: bool
+) -> None:
+    run, model = tmp_path / "run", torch.nn.Linear(3, 2)
+    with Checkpointer(run, monitor="score", mode="max", keep_best=1, async_save=False) as ckpt:
+        for step, score in enumerate([0.5, 0.9, 0.7]):
+            ckpt.save(step, {"model": model}, {"score": score})
+    metric = second["monitor"]
+    said = rf"ranked by score \(max\), this Checkpointer ranks by {re.escape(kept_by_second)}"
+    writer = Checkpointer(run, keep_best=1, async_save=async_save, **second)
+    with pytest.warns(UserWarning, match=said), writer as ckpt:
+        for step, value in [(3, 0.6), (4, 0.65), (5, 0.1)]:
+            ckpt.save(step, {"model": model}, {metric: value})
+        steps = [info.step for info in ckpt.list()]
+    assert 1 in steps  # the run's best score, 0.9, kept by the ranking it was kept under
+    assert steps[-1] == 5
+    with Checkpointer(run, read_only=True) as reader:
+        assert reader.restore({"model": torch.nn.Linear(3, 2)}, 1).step == 1
+
+
+def test_best_is_chosen_by_the_recorded_mode_unless_one_is_given(tmp_path: Path) -> None:
+    from haltpoint import load_best
+
+    run, model = tmp_path / "run", torch.nn.Linear(3, 2)
+    with Checkpointer(run, monitor="score", mode="max", keep_last=3, async_save=False) as ckpt:
+        for step, score in enumerate([0.5, 0.9, 0.7]):
+            ckpt.save(step, {"model": model}, {"score": score})
+    assert load_best(run, torch.nn.Linear(3, 2), monitor="score").step == 1  # not the worst
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Checkpointer(run, monitor="score", read_only=True) as reader:
+            assert reader.restore({"model": model}, "best").step == 1
+    with pytest.warns(
+        UserWarning, match=r"rank score by mode='max'; choosing the best by mode='min', as given"
+    ):
+        info = load_best(run, torch.nn.Linear(3, 2), monitor="score", mode="min")
+    assert info.step == 0

@@ -29,7 +29,8 @@ def load_best(
     state alone and loads nothing else (the optimizer and the stopper stay in the
     checkpoint; the returned info's `report.unexpected` names them). Strict inside the
     model: a key, shape or dtype that differs is a `StateMismatchError`, and nothing loads.
-    `mode` is the `Checkpointer`'s: left out, "min", refused for a monitor such as `val_acc`.
+    `mode` is the `Checkpointer`'s: left out, the mode the run's checkpoints record for
+    `monitor`, else "min" (refused for a monitor such as `val_acc`).
 
     Raises:
         CheckpointNotFoundError: the run has no intact checkpoint with a finite `monitor`.

@@ -31,7 +31,13 @@ from haltpoint.errors import (
     first_line,
 )
 from haltpoint.policies.interval import parse_every
-from haltpoint.policies.retention import build_rules, contested_steps, retained_steps
+from haltpoint.policies.retention import (
+    RetentionRule,
+    build_rules,
+    contested_steps,
+    recorded_best_rules,
+    retained_steps,
+)
 from haltpoint.preemption import SignalFlag
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
 from haltpoint.schedule import SaveSchedule
@@ -65,7 +71,11 @@ class Checkpointer:
         mode: "min" or "max": whether a lower or a higher `monitor` is better; "auto" infers
             it from the name. Left out, it is "min", and refused for a monitor named like a
             metric where higher is better (`val_acc`), whose best checkpoints a "min" would
-            rank last: pass `mode="max"` there.
+            rank last: pass `mode="max"` there. Left out, `restore(which="best")` ranks by
+            the mode the run's checkpoints record for `monitor`, if they record one.
+            Retention also keeps the `keep_best` best by every other monitor and mode the
+            run's checkpoints record (with a warning), so a resumed job that ranks otherwise
+            never evicts the run's best.
         keep_best: keep the K best checkpoints by `monitor`.
         keep_last: keep the N newest checkpoints (at least 1: a resume needs it).
         keep_every: keep every checkpoint whose step is a multiple of this, forever.
@@ -128,6 +138,7 @@ class Checkpointer:
             raise TypeError(
                 f"monitor must be a metric name (a non-empty str) or None, got {monitor!r}"
             )
+        mode_given = mode is not None
         mode = resolve_mode(mode, monitor)
         self._rules = build_rules(
             keep_last=keep_last,
@@ -144,9 +155,10 @@ class Checkpointer:
             self._storage = open_storage(directory, storage_options, create=not read_only)
         self._run = RunDirectory(self._storage)
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
-        self._reader = RunReader(self._run, monitor, mode)
+        self._reader = RunReader(self._run, monitor, mode, mode_given)
         self._lock: WriterLock | None = None
         self._intact: set[int] = set()  # steps this writer saved, restored or verified
+        self._said_rankings: set[tuple[str, str]] = set()  # other rankings it warned about
         self._last: int | None = None  # the step last saved or restored: saves go on from it
         self._owed: dict[int, dict[str, Any]] = {}  # history lines of committed saves, unwritten
         self._writer: BackgroundWriter | None = None
@@ -487,13 +499,14 @@ class Checkpointer:
         place is verified (once per writer): a damaged one is quarantined and the rules run
         again, so a damaged checkpoint never costs an intact one.
         """
+        rules = [*self._rules, *self._recorded_best(entries)]
         while True:
             records = [self._reader.info(e) for e in entries]
-            kept_steps = retained_steps(records, self._rules)
+            kept_steps = retained_steps(records, rules)
             dropped = [e for e in entries if e.step not in kept_steps]
             if not dropped:
                 return
-            contested = contested_steps(records, self._rules)
+            contested = contested_steps(records, rules)
             unchecked = [e for e in entries if e.step in contested - self._intact]
             if not unchecked:
                 break
@@ -514,6 +527,28 @@ class Checkpointer:
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
         self._run.remove(dropped, kept)
         self._intact -= {e.step for e in dropped}
+
+    def _recorded_best(self, entries: list[Entry]) -> list[RetentionRule]:
+        """Keep-best rules for the rankings the run's checkpoints record other than this
+        writer's (said once): their best is never evicted by a ranking they were not kept by."""
+        recorded = {
+            (m.ranking.monitor, m.ranking.mode)
+            for m in (e.manifest for e in entries)
+            if m is not None and m.ranking is not None and m.ranking.monitor is not None
+        }
+        rules = recorded_best_rules(self._rules, recorded)
+        said = {(r.monitor, r.mode) for r in rules} - self._said_rankings
+        if said:
+            self._said_rankings |= said
+            theirs = ", ".join(f"{monitor} ({mode})" for monitor, mode in sorted(said))
+            warnings.warn(
+                f"{self.directory}: checkpoints there were ranked by {theirs}, this "
+                f"Checkpointer ranks by {self.monitor} ({self.mode}); retention keeps the best "
+                "by both, so the run's best is not lost (pass the same monitor and mode, or "
+                "remove the old ones with haltpoint gc)",
+                stacklevel=5,
+            )
+        return list(rules)
 
     def _passed(self, which: str | int, found: Found | None) -> list[Entry]:
         """The damaged checkpoints a restore of `which` passed over to reach `found` (and

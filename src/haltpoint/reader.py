@@ -48,12 +48,17 @@ class RunReader:
         run: the run directory.
         monitor: the metric that ranks checkpoints for `"best"`, or None.
         mode: "min" or "max".
+        mode_given: whether the user chose `mode`; if not, `"best"` ranks by the mode the
+            run's newest checkpoint ranked by `monitor` records, when one does.
     """
 
-    def __init__(self, run: RunDirectory, monitor: str | None, mode: str) -> None:
+    def __init__(
+        self, run: RunDirectory, monitor: str | None, mode: str, mode_given: bool = True
+    ) -> None:
         self.run = run
         self.monitor = monitor
         self.mode = mode
+        self.mode_given = mode_given
 
     @property
     def directory(self) -> str:
@@ -100,8 +105,9 @@ class RunReader:
                 raise ValueError(
                     "which='best' needs the Checkpointer's monitor=... to rank checkpoints"
                 )
+            mode = self._best_mode(entries)
             remaining, ranked = [self.info(e) for e in entries], []
-            while (best := best_record(remaining, self.monitor, self.mode)) is not None:
+            while (best := best_record(remaining, self.monitor, mode)) is not None:
                 ranked.append(best.step)
                 remaining = [r for r in remaining if r.step != best.step]
             by_step = {e.step: e for e in entries}
@@ -111,6 +117,25 @@ class RunReader:
                 f"which must be 'latest', 'best' or a step (an int >= 0), got {which!r}"
             )
         return [self.entry(which, entries)]
+
+    def _best_mode(self, entries: list[Entry]) -> str:
+        """The mode "best" ranks by: the recorded one for `monitor` when none was given (a
+        run ranked by `score` "max" is not read the wrong way up), said when they differ."""
+        recorded = [
+            m.ranking.mode
+            for m in (e.manifest for e in entries)
+            if m is not None and m.ranking is not None and m.ranking.monitor == self.monitor
+        ]
+        if not recorded or recorded[-1] == self.mode:
+            return self.mode
+        if not self.mode_given:
+            return recorded[-1]
+        warnings.warn(
+            f"{self.directory}: its checkpoints rank {self.monitor} by mode={recorded[-1]!r}; "
+            f"choosing the best by mode={self.mode!r}, as given",
+            stacklevel=4,
+        )
+        return self.mode
 
     def read(
         self, which: str | int, check_shards: bool = True, skip: Mapping[int, str] | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +25,7 @@ __all__ = [
     "best_record",
     "build_rules",
     "contested_steps",
+    "recorded_best_rules",
     "retained_steps",
 ]
 
@@ -223,6 +224,27 @@ def best_record(
         return None
     best_step = ranked[0][1]
     return next(r for r in records if r.step == best_step)
+
+
+def recorded_best_rules(
+    rules: Sequence[RetentionRule], recorded: Iterable[tuple[str, str]]
+) -> list[KeepBest]:
+    """`KeepBest` rules, with the `k` of the `KeepBest` among `rules`, for each recorded
+    (monitor, mode) other than its own: a writer that ranks by another monitor or mode than
+    the run's checkpoints were kept by must not evict the best by theirs (the run's best
+    `score` when a resumed job forgot `mode="max"`). None without a `KeepBest`.
+
+    >>> rules = [KeepLatest(1), KeepBest(1, "score", "min")]
+    >>> recorded_best_rules(rules, [("score", "max"), ("score", "min")])
+    [KeepBest(k=1, monitor='score', mode='max')]
+    >>> recorded_best_rules([KeepLatest(1)], [("score", "max")])
+    []
+    """
+    own = next((r for r in rules if isinstance(r, KeepBest)), None)
+    if own is None:
+        return []
+    others = sorted(set(recorded) - {(own.monitor, own.mode)})
+    return [KeepBest(own.k, monitor, mode) for monitor, mode in others]
 
 
 def build_rules(
