@@ -213,6 +213,22 @@ def test_closed_checkpointer_refuses_to_save(tmp_path: Path) -> None:
         ckpt.save(0, {"x": 1})
 
 
+def test_a_closed_writer_refuses_to_restore_and_leaves_the_new_writers_run_alone(
+    tmp_path: Path,
+) -> None:
+    """Its lock is released: a restore could otherwise quarantine under another writer."""
+    old = Checkpointer(tmp_path, keep_last=3, async_save=False)
+    old.save(0, {"x": 1})
+    old.close()
+    with Checkpointer(tmp_path, keep_last=3, async_save=False) as new:
+        new.save(1, {"w": torch.ones(4)})
+        tensors = tmp_path / "step-000000001" / "tensors.safetensors"
+        tensors.write_bytes(tensors.read_bytes()[:-1] + b"\x00")  # damaged under the new writer
+        with pytest.raises(CheckpointError, match="is closed; create a new one to restore"):
+            old.restore({"w": torch.zeros(4)})
+        assert not (tmp_path / "quarantine").exists()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "pattern"),
     [

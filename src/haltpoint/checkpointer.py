@@ -617,6 +617,11 @@ class Checkpointer:
         through `torch.distributed.checkpoint` onto this world size (or, without a process
         group, whole into unsharded objects); every rank must call `restore` for them.
         """
+        if self._closed:  # its lock is gone: a quarantine move now could race another writer
+            raise CheckpointError(
+                f"this Checkpointer for {self.directory} is closed; create a new one to restore",
+                path=self.directory,
+            )
         device = check_device(map_location)
 
         def read(which: str | int, skip: dict[int, str], check_shards: bool) -> Found | None:
