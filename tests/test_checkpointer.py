@@ -725,3 +725,21 @@ def test_best_is_chosen_by_the_recorded_mode_unless_one_is_given(tmp_path: Path)
     ):
         info = load_best(run, torch.nn.Linear(3, 2), monitor="score", mode="min")
     assert info.step == 0
+
+
+def test_a_stopper_that_does_not_fit_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    from haltpoint import EarlyStopping, Target
+
+    model, stopper = torch.nn.Linear(3, 2), EarlyStopping("val_loss", mode="min", patience=3)
+    stopper.step(0.5)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"model": model, "stopper": stopper}, {"val_loss": 0.5})
+    fresh = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    other = EarlyStopping("val_loss", mode="min", patience=3, rules=[Target(0.1)])
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(StateMismatchError) as info:
+        ckpt.restore({"model": fresh, "stopper": other})
+    assert "does not match this stopper's 1 rules" in str(info.value)
+    assert "already hold" not in str(info.value)  # nothing was loaded, so nothing to say
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert other.evaluations == 0

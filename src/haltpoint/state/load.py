@@ -15,6 +15,7 @@ from torch import nn
 from haltpoint.errors import StateMismatchError, first_line
 from haltpoint.state._common import child_path, is_stateful, type_name, unwrap_module
 from haltpoint.state.optimizer import check_optimizer_fits, check_optimizer_state
+from haltpoint.stopping.early_stopping import EarlyStopping
 
 __all__ = ["LoadReport", "load_into", "plan_load"]
 
@@ -142,6 +143,8 @@ def _plan(state: MutableMapping[str, Any], name: str, value: Any, strict: bool) 
     if is_stateful(target):
         if isinstance(target, torch.optim.Optimizer):
             _check_optimizer(target, path, value)
+        elif isinstance(target, EarlyStopping):  # plain Python, cheap to copy
+            _dry_run(target, path, value, copy.deepcopy)
         return _plan_stateful(target, path, value)
     if isinstance(target, torch.Tensor):
         _check_array(path, target, value, torch.Tensor)
@@ -202,15 +205,16 @@ def _check_optimizer(target: torch.optim.Optimizer, path: str, value: Any) -> No
         raise StateMismatchError(f"cannot load {path} into a {type_name(target)}: {exc}") from None
     check_optimizer_fits(target, value, path)
     if type(target).load_state_dict is torch.optim.Optimizer.load_state_dict:
-        _dry_run(target, path, value)
+        _dry_run(target, path, value, copy.copy)
 
 
-def _dry_run(target: torch.optim.Optimizer, path: str, value: Any) -> None:
-    """Load ``value`` into a shallow copy of ``target`` (sharing its parameters, not its
-    state or hooks), so that what torch itself refuses (an optimizer's ``__setstate__``
-    runs after the state was half replaced) is found before anything loads."""
+def _dry_run(target: Any, path: str, value: Any, duplicate: Callable[[Any], Any]) -> None:
+    """Load ``value`` into ``duplicate(target)``, so that what the object refuses is found
+    before anything loads: a shallow copy of an optimizer (sharing its parameters, not its
+    state or hooks; its ``__setstate__`` runs after the state was half replaced), a deep copy
+    of a stopper (whose rules must match the saved ones)."""
     try:
-        copy.copy(target).load_state_dict(value)
+        duplicate(target).load_state_dict(value)
     except Exception as exc:  # torch's, or its subclass's, given what the checkpoint holds
         raise StateMismatchError(
             f"cannot load {path} into a {type_name(target)}: {type(exc).__name__}: "
