@@ -108,3 +108,13 @@ def test_save_on_signal_needs_a_writer_and_the_main_thread(tmp_path: Path) -> No
     thread.start()
     thread.join()
     assert errors and "main thread" in errors[0]
+
+
+@pytest.mark.parametrize("uncatchable", [signal.SIGKILL, signal.SIGSTOP])
+def test_an_uncatchable_signal_is_refused_and_no_handler_is_left_behind(
+    tmp_path: Path, uncatchable: signal.Signals
+) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError, match=f"save_on_signal names {uncatchable.name}, which cannot"):
+        Checkpointer(tmp_path, save_on_signal=[signal.SIGTERM, uncatchable])
+    assert signal.getsignal(signal.SIGTERM) is before  # SIGTERM still ends the process

@@ -54,7 +54,14 @@ class SignalFlag:
         self.received: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
         for sig in wanted:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except (OSError, ValueError):  # SIGKILL, SIGSTOP: no process may catch them
+                self.uninstall()  # the handlers installed so far, as if none had been
+                raise ValueError(
+                    f"save_on_signal names {sig.name}, which cannot be caught; pass signals "
+                    "a job is warned with, such as signal.SIGTERM or signal.SIGUSR1"
+                ) from None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
