@@ -743,3 +743,23 @@ def test_a_stopper_that_does_not_fit_is_refused_before_anything_loads(tmp_path: 
     assert "already hold" not in str(info.value)  # nothing was loaded, so nothing to say
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     assert other.evaluations == 0
+
+
+def test_another_kind_of_optimizer_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    adam.step()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"model": model, "optimizer": adam})
+    fresh = torch.nn.Linear(3, 2)
+    sgd = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(StateMismatchError) as info:
+        ckpt.restore({"model": fresh, "optimizer": sgd})  # SGD.step() would fail on it later
+    assert "param group 0 has no 'dampening', 'momentum', which it needs" in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    scheduled = torch.optim.Adam(fresh.parameters())
+    torch.optim.lr_scheduler.StepLR(scheduled, 1)  # adds initial_lr, which the file lacks
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore({"model": fresh, "optimizer": scheduled}).step == 0

@@ -205,21 +205,32 @@ def _check_optimizer(target: torch.optim.Optimizer, path: str, value: Any) -> No
         raise StateMismatchError(f"cannot load {path} into a {type_name(target)}: {exc}") from None
     check_optimizer_fits(target, value, path)
     if type(target).load_state_dict is torch.optim.Optimizer.load_state_dict:
-        _dry_run(target, path, value, copy.copy)
+        loaded = _dry_run(target, path, value, copy.copy)
+        groups = zip(target.param_groups, loaded.param_groups, strict=True)
+        for i, (mine, theirs) in enumerate(groups):  # hyperparameters __setstate__ fills not
+            lacking = sorted(set(target.defaults) & set(mine) - set(theirs))
+            if lacking:
+                raise StateMismatchError(
+                    f"cannot load {path} into a {type_name(target)}: the checkpoint's param "
+                    f"group {i} has no {', '.join(map(repr, lacking))}, which it needs; was it "
+                    "saved from another kind of optimizer?"
+                )
 
 
-def _dry_run(target: Any, path: str, value: Any, duplicate: Callable[[Any], Any]) -> None:
+def _dry_run(target: Any, path: str, value: Any, duplicate: Callable[[Any], Any]) -> Any:
     """Load ``value`` into ``duplicate(target)``, so that what the object refuses is found
     before anything loads: a shallow copy of an optimizer (sharing its parameters, not its
     state or hooks; its ``__setstate__`` runs after the state was half replaced), a deep copy
-    of a stopper (whose rules must match the saved ones)."""
+    of a stopper (whose rules must match the saved ones). Returns the loaded copy."""
+    copied = duplicate(target)
     try:
-        duplicate(target).load_state_dict(value)
+        copied.load_state_dict(value)
     except Exception as exc:  # torch's, or its subclass's, given what the checkpoint holds
         raise StateMismatchError(
             f"cannot load {path} into a {type_name(target)}: {type(exc).__name__}: "
             f"{first_line(exc)}; was the checkpoint saved from a differently built object?"
         ) from exc
+    return copied
 
 
 def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Apply:
