@@ -285,6 +285,55 @@ def test_restore_refuses_a_bad_map_location(tmp_path: Path) -> None:
         ckpt.restore({"x": 0}, map_location="gpu-please")
 
 
+@pytest.mark.parametrize(
+    ("device", "said"),
+    [
+        ("meta", "map_location='meta' holds no data"),
+        pytest.param(
+            "cuda:0",
+            "map_location='cuda:0' is not a device this torch can use here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there"),
+        ),
+        ("xla", "map_location='xla' is not a device this torch can use here"),
+    ],
+)
+def test_restore_refuses_a_device_this_torch_cannot_use_before_loading(
+    tmp_path: Path, device: str, said: str
+) -> None:
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"model": model})
+        with pytest.raises(ValueError, match=re.escape(said)) as info:
+            ckpt.restore({"model": torch.nn.Linear(3, 2)}, map_location=device)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_load_best_needs_a_module(tmp_path: Path) -> None:
+    from haltpoint import load_best
+
+    with Checkpointer(tmp_path, monitor="loss", async_save=False) as ckpt:
+        ckpt.save(0, {"model": torch.nn.Linear(3, 2)}, {"loss": 0.5})
+    with pytest.raises(
+        TypeError, match=r"model must be a torch\.nn\.Module to load into, got dict"
+    ):
+        load_best(tmp_path, {}, monitor="loss")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("where", ["metric", "baseline", "min_delta", "relative"])
+def test_an_int_too_large_for_a_float_is_one_clear_error(tmp_path: Path, where: str) -> None:
+    from haltpoint import EarlyStopping, RelativeDelta
+
+    huge = 10**5000  # past Python's limit on int-to-str conversion too
+    make = {
+        "metric": lambda: EarlyStopping("loss", mode="min", patience=2).step(huge),
+        "baseline": lambda: EarlyStopping("loss", mode="min", patience=2, baseline=huge),
+        "min_delta": lambda: EarlyStopping("loss", mode="min", patience=2, min_delta=huge),
+        "relative": lambda: RelativeDelta(huge),
+    }[where]
+    with pytest.raises(ValueError, match="an int of 16610 bits"):
+        make()
+
+
 def test_restore_best_without_metrics_says_what_to_do(tmp_path: Path) -> None:
     with Checkpointer(tmp_path, monitor="loss") as ckpt:
         ckpt.save(0, {"x": 1})

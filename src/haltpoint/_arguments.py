@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from haltpoint.errors import first_line
 from haltpoint.stopping.inputs import as_float
 
 __all__ = ["check_device", "check_step", "coerce_metrics"]
@@ -29,11 +30,21 @@ def check_device(map_location: Any) -> torch.device | None:
     if map_location is None:
         return None
     try:
-        return torch.device(map_location)
+        device = torch.device(map_location)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(
             f"map_location must be a device such as 'cpu' or 'cuda:0', got {map_location!r}"
         ) from exc
+    if device.type == "meta":
+        raise ValueError("map_location='meta' holds no data: restore onto 'cpu' or a GPU")
+    try:
+        torch.empty(0, device=device)  # what this torch and machine can use
+    except (RuntimeError, AssertionError) as exc:
+        why = (first_line(exc) or type(exc).__name__).split(". ")[0]  # torch's are long
+        raise ValueError(
+            f"map_location={map_location!r} is not a device this torch can use here ({why})"
+        ) from None
+    return device
 
 
 def coerce_metrics(metrics: Mapping[str, Any] | None, monitor: str | None) -> dict[str, float]:

@@ -45,6 +45,8 @@ def load_best(
     >>> info.step, info.report.unexpected
     (1, ['epoch'])
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module to load into, got {type(model).__name__}")
     with Checkpointer(
         directory,
         monitor=monitor,

@@ -4,6 +4,7 @@ is allowed."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
 
 from haltpoint.stopping.rules import Rule
@@ -44,6 +45,8 @@ def check_baseline(baseline: object) -> float | None:
         raise TypeError(
             f"baseline must be a number or None; got {type(baseline).__name__} {baseline!r}"
         )
+    if isinstance(baseline, int) and abs(baseline) > sys.float_info.max:
+        raise ValueError(f"baseline must be finite; got an int of {baseline.bit_length()} bits")
     if not math.isfinite(baseline):
         raise ValueError(f"baseline must be finite; got baseline={baseline!r}")
     return float(baseline)

@@ -38,6 +38,7 @@ def as_float(value: object, name: str = "value") -> float:
 
     Raises:
         TypeError: for booleans and values that are not numbers.
+        ValueError: for an int too large for a float.
 
     Example:
         >>> import numpy as np
@@ -52,14 +53,20 @@ def as_float(value: object, name: str = "value") -> float:
             "Pass the metric itself, not a comparison"
         )
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int of over 308 digits
+            raise ValueError(
+                f"{name} must be a number a float holds (at most about 1.8e308 in size); got "
+                f"an int of {int(value).bit_length()} bits"
+            ) from None
     try:
         item = getattr(value, "item", None)
         if callable(item):  # NumPy and torch: also a one-element 1-D array, as Keras logs F1
             return as_float(item(), name)
         if hasattr(value, "__float__"):
             return float(value)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise TypeError(
             f"{name} must be a number ({_ALLOWED}); got {type(value).__name__} "
             f"{_short(value)}, which does not convert to one float: {exc}"
