@@ -812,3 +812,20 @@ def test_another_kind_of_optimizer_is_refused_before_anything_loads(tmp_path: Pa
     torch.optim.lr_scheduler.StepLR(scheduled, 1)  # adds initial_lr, which the file lacks
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.restore({"model": fresh, "optimizer": scheduled}).step == 0
+
+
+@pytest.mark.parametrize("flag", ["async_save", "overlap", "capture_rng", "read_only"])
+@pytest.mark.parametrize("value", [None, 1, "yes"])
+def test_a_flag_that_is_not_a_bool_is_refused_before_the_run_is_touched(
+    tmp_path: Path, flag: str, value: object
+) -> None:
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got {value!r}"):
+        Checkpointer(tmp_path / "run", **{flag: value})
+    assert not (tmp_path / "run").exists()  # read_only=None opened a writer before
+
+
+def test_pin_must_be_a_bool(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(TypeError, match="pin must be True or False, got 'no'"):
+            ckpt.save(0, {"x": 1}, pin="no")  # type: ignore[arg-type]
+        assert ckpt.list() == []

@@ -134,6 +134,14 @@ class Checkpointer:
         overhead: float | None = None,
         mtbf: float | str | timedelta | None = None,
     ) -> None:
+        for name, flag in (
+            ("async_save", async_save),
+            ("overlap", overlap),
+            ("capture_rng", capture_rng),
+            ("read_only", read_only),  # read_only=None must not open a writer
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise TypeError(
                 f"monitor must be a metric name (a non-empty str) or None, got {monitor!r}"
@@ -163,8 +171,6 @@ class Checkpointer:
         self._owed: dict[int, dict[str, Any]] = {}  # history lines of committed saves, unwritten
         self._writer: BackgroundWriter | None = None
         self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
-        if not isinstance(overlap, bool):
-            raise TypeError(f"overlap must be True or False, got {overlap!r}")
         if overlap and (not async_save or read_only):
             raise ValueError(
                 "overlap=True overlaps the background copy of a save with training: it needs "
@@ -254,6 +260,8 @@ class Checkpointer:
             UnsupportedStateError: a value in `state` cannot be stored without pickling.
             TypeError: an optimizer holds DTensor state directly (use `ShardedState`).
         """
+        if not isinstance(pin, bool):
+            raise TypeError(f"pin must be True or False, got {pin!r}")
         return self._submit(step, state, metrics, pin, None)
 
     def maybe_save(
