@@ -89,6 +89,15 @@ def test_the_shards_go_to_dcp_and_the_rest_into_the_manifest(fsdp_run: dict[str,
 
 
 @pytest.mark.slow
+def test_closing_an_async_sharded_writer_destroys_its_process_group(
+    fsdp_run: dict[str, Any],
+) -> None:
+    """Each writer makes a gloo group for its background writes; two writers were opened and
+    closed, and neither left its group (threads, sockets) behind."""
+    assert [rank["groups_left"] for rank in fsdp_run["ranks"]] == [0, 0]
+
+
+@pytest.mark.slow
 def test_retention_removes_old_sharded_checkpoints_entirely(fsdp_run: dict[str, Any]) -> None:
     run_dir: Path = fsdp_run["run_dir"]
     names = sorted(p.name for p in run_dir.iterdir())

@@ -130,6 +130,7 @@ def train(args: argparse.Namespace) -> None:
         time.sleep(0.5)
         return real(*a)
 
+    groups = len(dist.distributed_c10d._world.pg_map)  # an async sharded writer adds one
     with Checkpointer(args.run_dir, monitor="loss", keep_last=2) as ckpt:
         for step in range(4):
             loss = train_step(model, optimizer, step)
@@ -189,6 +190,7 @@ def train(args: argparse.Namespace) -> None:
     dist.barrier()
     with Checkpointer(args.run_dir, monitor="loss", keep_last=2) as ckpt:  # removes leftovers
         result["listed_after_reopen"] = [info.step for info in ckpt.list()]
+    result["groups_left"] = len(dist.distributed_c10d._world.pg_map) - groups  # after close
     # a synchronous sharded save: DCP on the default group, done before save returns
     with Checkpointer(f"{args.run_dir}-sync", async_save=False) as ckpt:
         info = ckpt.save(20, {"train": ShardedState(model, optimizer), "epoch": 20})

@@ -13,6 +13,7 @@ removed by the next writer to open the run. See docs/distributed.md, "Sharded st
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -114,10 +115,15 @@ class ShardWriter:
             self._pending.exception()  # waits; rank 0's commit still reads the result
 
     def close(self) -> None:
-        """Wait for the write in flight and stop the thread."""
+        """Wait for the write in flight, stop the thread and destroy the group (its threads
+        and sockets: a process that opens many writers would leak one group each)."""
         self.settle()
         self._thread.shutdown()
         self._stager.close()
+        if torch.distributed.is_initialized():
+            # ValueError: destroyed already, with the default group (destroy_process_group())
+            with contextlib.suppress(ValueError):
+                torch.distributed.destroy_process_group(self._group.process_group)
 
 
 def save_sharded(
