@@ -414,3 +414,35 @@ def test_an_unexpected_exception_is_still_one_line_naming_it(
         f"haltpoint: error: unexpected {type(raised).__name__}"
     )
     assert "a bug in haltpoint" in err
+
+
+@pytest.mark.parametrize("ctrl_c", [True, False])
+def test_a_ctrl_c_that_an_import_turns_into_an_import_error_is_still_an_interruption(
+    ctrl_c: bool, monkeypatch, capsys
+):
+    """NumPy's C import can turn a KeyboardInterrupt into "PyCapsule_Import could not import
+    module datetime" (seen once in CI); an ImportError with no Ctrl-C is a real one."""
+    import builtins
+    import time
+
+    real_import = builtins.__import__
+
+    def importing(name: str, *args: object, **kwargs: object) -> object:
+        if name == "numpy":
+            try:
+                if ctrl_c:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)  # the handler raises here
+            except KeyboardInterrupt:
+                pass
+            raise ImportError('PyCapsule_Import could not import module "datetime"')
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    if ctrl_c:
+        assert main(["--version"]) == EXIT_INTERRUPTED
+        assert capsys.readouterr().err == "haltpoint: interrupted; nothing was done\n"
+    else:
+        with pytest.raises(ImportError, match="PyCapsule_Import"):
+            main(["--version"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
