@@ -32,7 +32,7 @@ from haltpoint.errors import (
 )
 from haltpoint.policies.interval import parse_every
 from haltpoint.policies.retention import (
-    RetentionRule,
+    KeepBest,
     build_rules,
     contested_steps,
     recorded_best_rules,
@@ -536,7 +536,7 @@ class Checkpointer:
         self._run.remove(dropped, kept)
         self._intact -= {e.step for e in dropped}
 
-    def _recorded_best(self, entries: list[Entry]) -> list[RetentionRule]:
+    def _recorded_best(self, entries: list[Entry]) -> list[KeepBest]:
         """Keep-best rules for the rankings the run's checkpoints record other than this
         writer's (said once): their best is never evicted by a ranking they were not kept by."""
         recorded = {
@@ -556,7 +556,7 @@ class Checkpointer:
                 "remove the old ones with haltpoint gc)",
                 stacklevel=5,
             )
-        return list(rules)
+        return rules
 
     def _passed(self, which: str | int, found: Found | None) -> list[Entry]:
         """The damaged checkpoints a restore of `which` passed over to reach `found` (and

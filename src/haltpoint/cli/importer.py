@@ -21,6 +21,7 @@ from haltpoint.cli.flags import check_output_dir, count
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.errors import first_line
 from haltpoint.state.tree import flatten_state
+from haltpoint.stopping.inputs import shown
 from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.run_dir import RunDirectory
@@ -149,16 +150,11 @@ def _int_step(obj: Mapping[str, Any]) -> int | None:
             value = obj[key]
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
                 raise ValueError(
-                    f"the file's {key} is {_short(value)}, not a step a checkpoint holds (an "
+                    f"the file's {key} is {shown(value)}, not a step a checkpoint holds (an "
                     "int from 0 to 2**63 - 1); pass the step to import it as with --step S"
                 )
             return value
     return None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def convert(

@@ -154,6 +154,11 @@ class _Encoder:
         self.active: set[int] = set()  # ids of the containers being encoded, to catch cycles
         self.outer = outer  # containers around the value, encoded by another _Encoder
 
+    @property
+    def depth(self) -> int:
+        """The containers being encoded around the current value, the outer ones included."""
+        return self.outer + len(self.active)
+
     def encode(self, value: Any, path: str, parts: tuple[str, ...]) -> Any:
         cls = type(value)
         if value is None or cls is bool or cls is str:
@@ -183,7 +188,7 @@ class _Encoder:
                     f"cannot save {path}: it contains itself (a reference cycle), which JSON "
                     "cannot represent; break the cycle before saving"
                 )
-            if self.outer + len(self.active) >= _SAVE_DEPTH:
+            if self.depth >= _SAVE_DEPTH:
                 raise UnsupportedStateError(
                     f"cannot save {path}: containers nest deeper than {_SAVE_DEPTH} levels, "
                     "more than a checkpoint reads back; flatten the structure before saving"
@@ -204,7 +209,7 @@ class _Encoder:
             ]
             return items if cls is list else {TAG: "tuple", "items": items}
         if cls is set or cls is frozenset:
-            encoder = _Encoder(None, self.outer + len(self.active))
+            encoder = _Encoder(None, self.depth)
             elements = [encoder.encode(item, f"an element of {path}", ()) for item in value]
             elements.sort(key=lambda e: json.dumps(e, sort_keys=True))
             return {TAG: cls.__name__, "items": elements}
@@ -215,7 +220,7 @@ class _Encoder:
         )
         if plain:
             return {k: self.encode(v, child_path(path, k), (*parts, k)) for k, v in value.items()}
-        keys = _Encoder(None, self.outer + len(self.active))
+        keys = _Encoder(None, self.depth)
         pairs = [
             [
                 keys.encode(k, f"the key {child_path('', k)[1:-1]} of {path}", ()),

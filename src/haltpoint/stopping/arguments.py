@@ -4,9 +4,9 @@ is allowed."""
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Mapping
 
+from haltpoint.stopping.inputs import shown, too_large_for_a_float
 from haltpoint.stopping.rules import Rule
 
 __all__ = ["check_baseline", "check_count", "check_flag", "check_monitor", "check_rules"]
@@ -45,8 +45,8 @@ def check_baseline(baseline: object) -> float | None:
         raise TypeError(
             f"baseline must be a number or None; got {type(baseline).__name__} {baseline!r}"
         )
-    if isinstance(baseline, int) and abs(baseline) > sys.float_info.max:
-        raise ValueError(f"baseline must be finite; got an int of {baseline.bit_length()} bits")
+    if too_large_for_a_float(baseline):
+        raise ValueError(f"baseline must be finite; got {shown(baseline)}")
     if not math.isfinite(baseline):
         raise ValueError(f"baseline must be finite; got baseline={baseline!r}")
     return float(baseline)

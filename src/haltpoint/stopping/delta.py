@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
+from haltpoint.stopping.inputs import shown, too_large_for_a_float
 from haltpoint.stopping.modes import Mode
 
 __all__ = ["Delta", "RelativeDelta", "beats", "by_more_than", "check_delta", "describe_delta"]
@@ -32,10 +32,14 @@ class RelativeDelta:
                 f"RelativeDelta fraction must be a float; got {type(self.fraction).__name__} "
                 f"{self.fraction!r}"
             )
-        if not (_fits_a_float(self.fraction) and math.isfinite(self.fraction)) or self.fraction < 0:
+        if (
+            too_large_for_a_float(self.fraction)
+            or not math.isfinite(self.fraction)
+            or self.fraction < 0
+        ):
             raise ValueError(
                 "RelativeDelta fraction must be a finite number >= 0 (0.01 means 1% of |best|); "
-                f"got {_shown(self.fraction)}"
+                f"got {shown(self.fraction)}"
             )
 
     def threshold(self, best: float) -> float:
@@ -64,9 +68,9 @@ def check_delta(min_delta: object) -> Delta:
             "min_delta must be a float >= 0 or a RelativeDelta (e.g. RelativeDelta(0.01)); "
             f"got {type(min_delta).__name__} {min_delta!r}"
         )
-    if not (_fits_a_float(min_delta) and math.isfinite(min_delta) and min_delta >= 0):
+    if too_large_for_a_float(min_delta) or not (math.isfinite(min_delta) and min_delta >= 0):
         raise ValueError(
-            f"min_delta must be a finite number >= 0; got min_delta={_shown(min_delta)}. "
+            f"min_delta must be a finite number >= 0; got min_delta={shown(min_delta)}. "
             "(Keras silently takes its absolute value; haltpoint refuses it)"
         )
     return float(min_delta)
@@ -110,19 +114,3 @@ def by_more_than(min_delta: Delta) -> str:
     if describe_delta(min_delta) in ("0", "0% of |best|"):
         return ""
     return f" by more than {describe_delta(min_delta)}"
-
-
-def _fits_a_float(value: int | float) -> bool:
-    """Whether `value` converts to a float (an int of over 308 digits does not)."""
-    return not isinstance(value, int) or abs(value) <= _FLOAT_MAX
-
-
-def _shown(value: int | float) -> str:
-    """`repr(value)`, or what an int too large for a float is (its repr may be thousands of
-    digits long, or refused by Python's limit on int-to-str conversion)."""
-    if isinstance(value, int) and not _fits_a_float(value):
-        return f"an int of {value.bit_length()} bits"
-    return repr(value)
-
-
-_FLOAT_MAX = int(sys.float_info.max)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
-__all__ = ["as_float", "read_metric"]
+__all__ = ["as_float", "read_metric", "shown", "too_large_for_a_float"]
 
 _ALLOWED = "a float, an int, a NumPy scalar, or a one-element array or tensor"
 
@@ -19,9 +20,30 @@ def _is_bool(value: object) -> bool:
     return kind == "b" if kind is not None else str(dtype) == "torch.bool"
 
 
-def _short(value: object) -> str:
+def too_large_for_a_float(value: object) -> bool:
+    """Whether `value` is an int no float holds (over about 1.8e308 in size).
+
+    >>> too_large_for_a_float(10**308), too_large_for_a_float(10**309), too_large_for_a_float(1e308)
+    (False, True, False)
+    """
+    return isinstance(value, int) and abs(value) > _FLOAT_MAX
+
+
+def shown(value: object) -> str:
+    """`repr(value)` for a message, cut at 80 characters; an int too large for a float by its
+    size (its repr may be thousands of digits long, or refused by Python's limit on
+    int-to-str conversion).
+
+    >>> shown(0.5), shown(10**5000)
+    ('0.5', 'an int of 16610 bits')
+    """
+    if isinstance(value, int) and too_large_for_a_float(value):
+        return f"an int of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def as_float(value: object, name: str = "value") -> float:
@@ -49,17 +71,16 @@ def as_float(value: object, name: str = "value") -> float:
         return value
     if _is_bool(value):
         raise TypeError(
-            f"{name} must be a number ({_ALLOWED}); got the boolean {_short(value)}. "
+            f"{name} must be a number ({_ALLOWED}); got the boolean {shown(value)}. "
             "Pass the metric itself, not a comparison"
         )
     if isinstance(value, (int, float)):
-        try:
-            return float(value)
-        except OverflowError:  # an int of over 308 digits
+        if too_large_for_a_float(value):
             raise ValueError(
                 f"{name} must be a number a float holds (at most about 1.8e308 in size); got "
-                f"an int of {int(value).bit_length()} bits"
-            ) from None
+                f"{shown(value)}"
+            )
+        return float(value)
     try:
         item = getattr(value, "item", None)
         if callable(item):  # NumPy and torch: also a one-element 1-D array, as Keras logs F1
@@ -69,10 +90,10 @@ def as_float(value: object, name: str = "value") -> float:
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise TypeError(
             f"{name} must be a number ({_ALLOWED}); got {type(value).__name__} "
-            f"{_short(value)}, which does not convert to one float: {exc}"
+            f"{shown(value)}, which does not convert to one float: {exc}"
         ) from None
     raise TypeError(
-        f"{name} must be a number ({_ALLOWED}); got {type(value).__name__} {_short(value)}"
+        f"{name} must be a number ({_ALLOWED}); got {type(value).__name__} {shown(value)}"
     )
 
 

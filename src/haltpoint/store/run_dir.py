@@ -390,7 +390,7 @@ class RunDirectory:
 
         The quarantine is read first: one that cannot be read stops before anything goes.
         """
-        held = self.quarantined() if QUARANTINE_DIR in self.storage.listdir() else []
+        held = self.quarantined()  # empty when there is none; collect_garbage lists the root
         self.storage.remove_many([f"{entry.dirname}/{MANIFEST_NAME}" for entry in entries])
         self.collect_garbage(kept, held)
 
