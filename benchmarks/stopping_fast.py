@@ -66,36 +66,19 @@ class Prepared:
         self.fit(settings)
 
     def fit(self, settings: TrendSettings) -> None:
-        """The trend window's fit at every evaluation: level at the evaluation, slope,
-        residual standard deviation, slope standard error per unit noise, points."""
+        """The trend window's fit at every evaluation, of the values and of their logs (NaN
+        where a window holds a value <= 0), and its number of points."""
         s = settings
         n = self.i + 1
         w = np.minimum(
             np.clip(np.ceil(s.window * n).astype(np.int64), s.min_window, s.max_window), n
         )
-        x = self.curves.x
         self.points = w
-        self.level = np.full(x.size, np.nan)
-        self.slope = np.full(x.size, np.nan)
-        self.noise = np.full(x.size, np.nan)
-        self.se = np.full(x.size, np.nan)
-        with np.errstate(invalid="ignore", over="ignore"):
-            for size in np.unique(w):
-                if size < 3:
-                    continue
-                idx = np.flatnonzero(w == size)
-                win = np.lib.stride_tricks.sliding_window_view(x, int(size))[idx - size + 1]
-                t = np.arange(size, dtype=np.float64) - (size - 1)
-                tc = t - t.mean()
-                vtt = float(tc @ tc)
-                mean = win.mean(axis=1)
-                xc = win - mean[:, None]
-                slope = (xc @ tc) / vtt
-                resid = xc - slope[:, None] * tc
-                self.slope[idx] = slope
-                self.noise[idx] = np.sqrt((resid * resid).sum(axis=1) / (size - 2))
-                self.level[idx] = mean - slope * t.mean()
-                self.se[idx] = 1.0 / math.sqrt(vtt)
+        x = self.curves.x
+        self.level, self.slope, self.noise, self.se = window_fit(x, w)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            logs = np.where(x > 0, np.log(np.where(x > 0, x, 1.0)), np.nan)
+        self.log_fit = window_fit(logs, w)
 
     def first(self, mask: np.ndarray) -> np.ndarray:
         """Per curve, the first index where `mask` holds, else its end (first non-finite
@@ -126,6 +109,30 @@ class Prepared:
         return 1.0 - (self.ref - c.start) / (c.length - 1)
 
 
+def window_fit(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The least-squares line through the `w[k]` values of `x` up to `k`, at every `k`: level
+    at `k`, slope, residual standard deviation, slope standard error per unit noise."""
+    level, slope, noise, se = (np.full(x.size, np.nan) for _ in range(4))
+    with np.errstate(invalid="ignore", over="ignore"):
+        for size in np.unique(w):
+            if size < 3:
+                continue
+            idx = np.flatnonzero(w == size)
+            win = np.lib.stride_tricks.sliding_window_view(x, int(size))[idx - size + 1]
+            t = np.arange(size, dtype=np.float64) - (size - 1)
+            tc = t - t.mean()
+            vtt = float(tc @ tc)
+            mean = win.mean(axis=1)
+            xc = win - mean[:, None]
+            fitted = (xc @ tc) / vtt
+            resid = xc - fitted[:, None] * tc
+            slope[idx] = fitted
+            noise[idx] = np.sqrt((resid * resid).sum(axis=1) / (size - 2))
+            level[idx] = mean - fitted * t.mean()
+            se[idx] = 1.0 / math.sqrt(vtt)
+    return level, slope, noise, se
+
+
 def patience_stops(p: Prepared, patience: int) -> np.ndarray:
     """Where `EarlyStopping(patience=patience)` stops every curve."""
     return p.first(p.wait >= max(patience, 1))
@@ -137,12 +144,22 @@ def least_wait(settings: TrendSettings, scale: np.ndarray) -> np.ndarray:
     return np.maximum(np.ceil(s.wait_share * scale), s.min_points).astype(np.int64)
 
 
-def _gain(p: Prepared, ahead: np.ndarray, noise_k: float, slope_z: float) -> np.ndarray:
-    """How much better than the best the optimistic projection is, as a share of |best|."""
+def _reach(fit: tuple[np.ndarray, ...], ahead: np.ndarray, noise_k: float, slope_z: float):
+    level, slope, noise, se = fit
+    steep = np.minimum(slope - slope_z * noise * se, 0.0)
+    return level + steep * ahead - noise_k * noise * np.sqrt(2.0 * np.log(np.maximum(ahead, 2)))
+
+
+def _gain(
+    p: Prepared, ahead: np.ndarray, noise_k: float, slope_z: float, diverged: np.ndarray
+) -> np.ndarray:
+    """How much better than the best the optimistic projection is, as a share of |best|
+    (projected on the log scale for diverged runs of positive values, as `TrendRule` does)."""
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        steep = np.minimum(p.slope - slope_z * p.noise * p.se, 0.0)
-        lucky = noise_k * p.noise * np.sqrt(2.0 * np.log(np.maximum(ahead, 2)))
-        reach = p.level + steep * ahead - lucky
+        reach = _reach((p.level, p.slope, p.noise, p.se), ahead, noise_k, slope_z)
+        logged = np.exp(np.minimum(_reach(p.log_fit, ahead, noise_k, slope_z), 709.0))
+        use_log = diverged & (p.best > 0) & np.isfinite(p.log_fit[0])
+        reach = np.where(use_log, logged, reach)
         return np.where(p.best != 0, (p.best - reach) / np.abs(p.best), np.inf)
 
 
@@ -155,19 +172,21 @@ def trend_stops(p: Prepared, settings: TrendSettings, horizon: bool = False) -> 
     ahead = np.maximum(np.ceil(s.lookahead * n), 1).astype(np.int64)
     if horizon:
         ahead = np.minimum(ahead, np.maximum(p.horizon - p.i - 1, 1))
-    gain = _gain(p, ahead, s.noise_k, s.slope_z)
     with np.errstate(invalid="ignore"):
         worse = p.level - p.best
         diverged = (worse > np.abs(p.best)) & (worse > 0)
+    gain = _gain(p, ahead, s.noise_k, s.slope_z, diverged)
     longer = np.ceil(s.diverged_factor * wait)
-    can = (p.wait > 0) & (p.points >= 3) & ~(diverged & (p.wait < longer))
+    can = (p.wait > 0) & (p.points >= 3)
     if math.isfinite(s.descent_z):  # the descent guard: never while still clearly improving
         with np.errstate(invalid="ignore"):
             steady = p.slope < -s.descent_z * p.noise * p.se
             can &= ~(steady & (-p.slope * ahead > s.tolerance * np.abs(p.best)))
-    mask = can & (p.wait >= wait) & (gain <= s.tolerance)
+    held = diverged & (p.wait < longer)  # the main lane waits longer: it may be a spike
+    mask = can & ~held & (p.wait >= wait) & (gain <= s.tolerance)
     if s.fast_share > 0:
         fast = np.maximum(np.ceil(s.fast_share * scale), s.min_points)
-        evident = _gain(p, ahead, s.fast_noise_k, FAST_SLOPE_Z)
-        mask |= can & (p.wait >= fast) & (p.i >= 2 * fast) & (evident <= s.tolerance)
+        evident = _gain(p, ahead, s.fast_noise_k, FAST_SLOPE_Z, diverged)
+        opened = p.i >= s.fast_open * fast
+        mask |= can & (p.wait >= fast) & opened & (evident <= s.tolerance)
     return p.first(mask)

@@ -47,7 +47,7 @@ Z = 1.0
 
 #: The declared grid: every combination of these values, the rest as in DEFAULT_SETTINGS; a
 #: fast lane (`fast_share` > 0) only with a shorter wait than the main one, and no fast lane
-#: (`fast_share` 0) only once.
+#: (`fast_share` 0) only once (its `fast_open` and `fast_noise_k` mean nothing then).
 GRID: dict[str, tuple[Any, ...]] = {
     "wait_share": (0.2, 0.3, 0.5),
     "min_points": (3, 5),
@@ -56,8 +56,9 @@ GRID: dict[str, tuple[Any, ...]] = {
     "tolerance": (0.0025, 0.005),
     "diverged_factor": (1.0, 2.0),
     "fast_share": (0.0, 0.1, 0.15, 0.2),
+    "fast_open": (1.5, 2.0),
     "fast_noise_k": (2.0, 3.0, 4.0),
-    "descent_z": (math.inf, 1.0, 2.0, 3.0),  # the descent guard; inf: none
+    "descent_z": (math.inf, 1.0, 3.0),  # the descent guard; inf: none (2: never chosen)
 }
 
 
@@ -69,7 +70,10 @@ def grid() -> list[TrendSettings]:
         setting = dataclasses.replace(DEFAULT_SETTINGS, **dict(zip(names, values, strict=True)))
         if setting.fast_share >= setting.wait_share:
             continue
-        if setting.fast_share == 0 and setting.fast_noise_k != DEFAULT_SETTINGS.fast_noise_k:
+        if setting.fast_share == 0 and (
+            setting.fast_noise_k != DEFAULT_SETTINGS.fast_noise_k
+            or setting.fast_open != DEFAULT_SETTINGS.fast_open
+        ):
             continue
         settings.append(setting)
     for shipped in (DEFAULT_SETTINGS, PLANNED_SETTINGS):

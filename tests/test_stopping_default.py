@@ -40,6 +40,9 @@ def noisy(values: list[float], sigma: float, seed: int = 0) -> list[float]:
 
 N = 300
 PLATEAU = noisy([1.0] * N, 0.01)
+# a plateau that drifts up a little: its best comes early, so a planned wait can run out
+DRIFTING = noisy([1.0 + 0.0002 * i for i in range(N)], 0.01)
+DRIFTING_BEST = min(range(N), key=DRIFTING.__getitem__)
 SLOW = noisy([1.0 / (1 + 0.01 * i) for i in range(N)], 0.001)
 # warmup (rises), decay, a long slowly improving plateau, then a second descent at 150
 SCHEDULE = noisy(
@@ -70,18 +73,24 @@ def rule_stop(
 
 #: Where a series that never beats its first value stops without a horizon: the floor.
 FLAT_STOP = MIN_POINTS
-#: ... and a rise after a best at evaluation 2, told the horizon: the planned diverged wait.
-DIVERGED_STOP = 2 + math.ceil(
-    PLANNED_SETTINGS.diverged_factor * PLANNED_SETTINGS.least_wait(len(DIVERGING))
-)
+#: ... and a steep rise after a best at evaluation 2, told the horizon: the fast lane, once open
+#: (a diverged run is not held longer there).
+_FAST = PLANNED_SETTINGS.fast_wait(len(DIVERGING)) or 0
+DIVERGED_STOP = max(2 + _FAST, math.ceil(PLANNED_SETTINGS.fast_open * _FAST))
 
 
 @pytest.mark.parametrize(
     ("values", "kwargs", "low", "high", "code"),
     [
-        # a noisy plateau stops, told the horizon or not
+        # a noisy plateau stops; told the horizon, not before the planned least wait has passed
         (PLATEAU, {}, MIN_POINTS, N - 1, StopReason.PATIENCE),
-        (PLATEAU, {"horizon": N}, MIN_POINTS, N - 1, StopReason.PATIENCE),
+        (
+            DRIFTING,
+            {"horizon": N},
+            DRIFTING_BEST + PLANNED_SETTINGS.least_wait(N),
+            N - 1,
+            StopReason.PATIENCE,
+        ),
         # a slow, steady improvement is not stopped early (it has a new best within the noise)
         (SLOW, {}, None, None, None),
         (SLOW, {"horizon": N}, None, None, None),
@@ -210,6 +219,32 @@ def test_a_blow_up_with_wild_noise_needs_a_divergence_threshold() -> None:
     assert stopper.code is StopReason.DIVERGENCE
 
 
+def test_a_diverged_run_is_projected_on_the_log_scale() -> None:
+    """Hundreds of times above its best, with noise as large as its level, a linear fit's lucky
+    draw reaches the best; on the log scale the run is orders of magnitude away and, told the
+    plan, it is given up. A run as far above that falls by orders of magnitude is not."""
+    rng = random.Random(5)
+    stuck = [1.0] + [200.0 * math.exp(rng.gauss(0.0, 0.6)) for _ in range(299)]
+    rule, best = TrendRule(1.0, 300), 1.0
+    for i, x in enumerate(stuck[:80]):
+        rule.observe(i, x)
+    s = rule.settings
+    projection = rule.project(79, best=best, wait=79)
+    assert diverged(projection, best, 1.0) and projection.gain <= s.tolerance
+    level, slope, noise, se = fit_line(list(enumerate(stuck))[80 - projection.window : 80])
+    ahead = projection.lookahead
+    linear = level + min(slope - noise * se, 0.0) * ahead - noise * math.sqrt(2 * math.log(ahead))
+    assert linear < best  # the linear projection alone would wait on
+    stopper = EarlyStopping("val_loss", horizon=300)
+    at, code = stop_at(stopper, stuck)
+    assert code is StopReason.DIVERGENCE and at is not None
+    assert at <= math.ceil(s.fast_open * s.least_wait(300))
+    falling = [1.0] + [1000.0 * 0.85**i * math.exp(rng.gauss(0.0, 0.3)) for i in range(99)]
+    stopper = EarlyStopping("val_loss", horizon=100)
+    assert stop_at(stopper, falling[:40]) == (None, None)
+    assert stopper.best_step == 0 and stopper.wait == 39
+
+
 def test_reason_says_what_the_trend_projects() -> None:
     stopper = EarlyStopping("val_loss")
     stop_at(stopper, [1.0] * 40)
@@ -239,15 +274,18 @@ def test_waits_scale_with_the_horizon() -> None:
     short, long = EarlyStopping(horizon=30), EarlyStopping(horizon=300)
     for stopper, horizon in ((short, 30), (long, 300)):
         fast = PLANNED_SETTINGS.fast_wait(horizon)
-        assert fast is not None  # the fast lane opens at evaluation 2 * fast
-        expected = min(PLANNED_SETTINGS.least_wait(horizon), 2 * fast)
+        assert fast is not None  # the fast lane opens at evaluation fast_open * fast
+        expected = min(
+            PLANNED_SETTINGS.least_wait(horizon), math.ceil(PLANNED_SETTINGS.fast_open * fast)
+        )
         assert stop_at(stopper, [1.0] * 300)[0] == expected
     assert long.current_patience() == 10 * short.current_patience()
 
 
 def test_the_fast_lane_stops_a_clear_rise_sooner_and_ignores_noise() -> None:
     """Told the plan, a run that is clearly past its best (rising well beyond its noise) stops
-    after the fast lane's shorter wait; a noisy plateau still waits the least wait."""
+    after the fast lane's shorter wait; a noisy plateau is not stopped before the least wait,
+    except in the plan's last fast wait, where the look-ahead is too short for its noise."""
     shape = [1.0 - 0.01 * i for i in range(40)] + [0.61 + 0.01 * i for i in range(160)]
     rising = noisy(shape, 0.002)
     at, code = stop_at(EarlyStopping(horizon=len(rising)), rising)
@@ -258,7 +296,7 @@ def test_the_fast_lane_stops_a_clear_rise_sooner_and_ignores_noise() -> None:
     slow = rule_stop(rising, replace(PLANNED_SETTINGS, fast_share=0.0), horizon=len(rising))
     assert slow is not None and slow >= best + least
     # a warm-up whose loss rises for 12% of a 50-evaluation plan, then a decay: not stopped,
-    # because the fast lane opens only once twice its wait has passed since the start
+    # because the fast lane opens only once fast_open times its wait has passed since the start
     warm = [1.0 + 0.03 * i for i in range(6)]
     warm += [1.15 - 0.6 * (1 - math.exp(-(i - 6) / 5)) for i in range(6, 50)]
     assert stop_at(EarlyStopping(horizon=50), noisy(warm, 0.002))[0] is None
@@ -266,8 +304,14 @@ def test_the_fast_lane_stops_a_clear_rise_sooner_and_ignores_noise() -> None:
         plateau = noisy([1.0] * N, 0.01, seed=seed)
         stopper = EarlyStopping(horizon=N)
         stop_at(stopper, plateau)
-        assert stopper.last_decision is not None
-        assert stopper.last_decision.wait >= PLANNED_SETTINGS.least_wait(N)
+        decision = stopper.last_decision
+        assert decision is not None
+        fast = PLANNED_SETTINGS.fast_wait(N) or 0
+        assert (
+            not decision.stop
+            or decision.wait >= PLANNED_SETTINGS.least_wait(N)
+            or (N - 1 - decision.step < fast)
+        )
 
 
 def test_waits_scale_with_the_evaluations_so_far() -> None:
@@ -286,10 +330,11 @@ def test_waits_scale_with_the_evaluations_so_far() -> None:
 
 
 def test_horizon_caps_the_look_ahead() -> None:
-    """A trend is followed as far ahead as twice the run so far without a plan, as far as the
-    run so far with one, and never past the plan."""
+    """A trend is followed as far ahead as twice the run so far, told a plan or not, and never
+    past the plan."""
     assert TrendRule(1.0).lookahead(150) == 302
-    assert TrendRule(1.0, horizon=400).lookahead(150) == 151
+    assert TrendRule(1.0, horizon=1000).lookahead(150) == 302
+    assert TrendRule(1.0, horizon=400).lookahead(150) == 249
     assert TrendRule(1.0, horizon=250).lookahead(150) == 99
     assert TrendRule(1.0, horizon=100).lookahead(150) == 1
 

@@ -12,12 +12,16 @@ noise measured in that window (`NOISE_K` residual standard deviations times
 `sqrt(2 ln lookahead)`, the expected best of that many draws). When even that projection beats
 the best by no more than `TOLERANCE` of `|best|`, the run stops. A run that looks diverged
 (its fitted level worse than the best by more than `|best|`) waits `DIVERGED_FACTOR` times
-as long, because runs that spike often recover. Told the horizon, the rule plans with its own
+as long, because runs that spike often recover, and is projected on the log scale when its
+values are positive: a run hundreds of times above its best whose noise is as large as its
+level is judged by how many orders of magnitude it must still fall, not by a linear fit whose
+noise alone would reach the best. Told the horizon, the rule plans with its own
 constants (`PLANNED_SETTINGS`), and has a fast lane: after a shorter wait (`fast_share` of the
-horizon; open once twice that has passed since the start, so that a warm-up whose loss rises
-is not taken for a run past its best) it stops when even a far more optimistic projection
+horizon; open once `fast_open` times that has passed since the start, so that a warm-up whose
+loss rises is not taken for a run past its best) it stops when even a far more optimistic projection
 (`FAST_NOISE_K` lucky draws, the slope `FAST_SLOPE_Z` standard errors steeper) cannot beat
-the best, the evidence that the run is past its best being then overwhelming. Whatever the
+the best, the evidence that the run is past its best being then overwhelming (a diverged run
+is not held longer there). Whatever the
 waits and the projection say, the rule never stops a run that is still clearly improving: while
 the window's fitted slope is more than `DESCENT_Z` standard errors below 0 and, kept up over
 the look-ahead, would gain more than `TOLERANCE` (the descent guard; `math.inf` turns it off,
@@ -41,6 +45,7 @@ __all__ = [
     "DESCENT_Z",
     "DIVERGED_FACTOR",
     "FAST_NOISE_K",
+    "FAST_OPEN",
     "FAST_SHARE",
     "FAST_SLOPE_Z",
     "LOOKAHEAD",
@@ -86,6 +91,9 @@ TOLERANCE = 0.005
 DIVERGED_FACTOR = 2.0
 #: The fast lane's least wait, as a share of the run (0: no fast lane; the planned rule's 0.1).
 FAST_SHARE = 0.0
+#: The fast lane opens once this many times its wait has passed since the start (a loss
+#: that rises early on may be a warm-up, not a run past its best).
+FAST_OPEN = 2.0
 #: The fast lane's lucky draw, in the same units as `NOISE_K` ...
 FAST_NOISE_K = 3.0
 #: ... and its slope, this many standard errors steeper than fitted.
@@ -120,6 +128,7 @@ class TrendSettings:
     tolerance: float = TOLERANCE
     diverged_factor: float = DIVERGED_FACTOR
     fast_share: float = FAST_SHARE
+    fast_open: float = FAST_OPEN
     fast_noise_k: float = FAST_NOISE_K
     descent_z: float = DESCENT_Z
 
@@ -147,19 +156,20 @@ class TrendSettings:
 
 #: The settings `EarlyStopping` uses without a horizon.
 DEFAULT_SETTINGS = TrendSettings()
-#: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits 30% of
-#: the plan (at least 3 evaluations), looks ahead as far as the run so far (never past the
-#: plan), stops at a projected gain of at most 0.25%, has no longer diverged wait, waits only
-#: 10% of the plan when a projection four times as lucky cannot beat the best (the fast
-#: lane), and has no descent guard.
+#: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits half
+#: the plan (at least 3 evaluations), looks ahead twice the run so far (never past the plan),
+#: stops at a projected gain of at most 0.25%, has no longer diverged wait, waits only 10% of
+#: the plan when a projection three times as lucky cannot beat the best (the fast lane, open
+#: from 15% of the plan), and has no descent guard.
 PLANNED_SETTINGS = TrendSettings(
-    wait_share=0.3,
+    wait_share=0.5,
     min_points=3,
-    lookahead=1.0,
+    lookahead=2.0,
     tolerance=0.0025,
     diverged_factor=1.0,
     fast_share=0.1,
-    fast_noise_k=4.0,
+    fast_open=1.5,
+    fast_noise_k=3.0,
     descent_z=math.inf,
 )
 
@@ -297,11 +307,11 @@ class TrendRule:
 
     def fast_wait(self, index: int) -> int | None:
         """The fast lane's least wait at evaluation `index`, or None when it is closed: without
-        a fast lane, or before twice that wait has passed since the start (a loss that rises
-        early on may be a warm-up, not a run past its best)."""
+        a fast lane, or before `fast_open` times that wait has passed since the start (a loss
+        that rises early on may be a warm-up, not a run past its best)."""
         scale = self._horizon if self._horizon is not None else index + 1
         wait = self._settings.fast_wait(scale)
-        return None if wait is None or index < 2 * wait else wait
+        return None if wait is None or index < self._settings.fast_open * wait else wait
 
     def earliest_wait(self, index: int) -> int:
         """The fewest evaluations without a new best that can stop the run at `index`: the
@@ -319,10 +329,13 @@ class TrendRule:
         s = self._settings
         noise_k, slope_z = (s.fast_noise_k, FAST_SLOPE_Z) if fast else (s.noise_k, s.slope_z)
         level, slope, noise, se = self._sums.fit(len(points), points[-1][0])
-        steepest = min(slope - slope_z * noise * se, 0.0)
-        lucky = noise_k * noise * math.sqrt(2.0 * math.log(max(ahead, 2)))
         target = self._sign * best
-        reachable = level + steepest * ahead - lucky
+        reachable = _reachable(level, slope, noise, se, ahead, noise_k, slope_z)
+        worse = level - target
+        if worse > abs(target) and target > 0 and all(x > 0 for _, x in points):
+            # diverged, positive: project log(value), judged by the orders of magnitude left
+            fitted = fit_line([(t, math.log(x)) for t, x in points])
+            reachable = math.exp(min(_reachable(*fitted, ahead, noise_k, slope_z), 709.0))
         gain = (target - reachable) / abs(target) if target != 0 else math.inf
         descending = (
             math.isfinite(s.descent_z)
@@ -343,9 +356,8 @@ class TrendRule:
         if projection.descending:
             return None  # still clearly improving: the descent guard holds it open
         longer = math.ceil(self._settings.diverged_factor * least)
-        if wait < longer and diverged(projection, best, self._sign):
-            return None  # far above its best: it may be a spike that recovers
-        if wait >= least and projection.gain <= tolerance:
+        held = wait < longer and diverged(projection, best, self._sign)  # may be a spike
+        if wait >= least and not held and projection.gain <= tolerance:
             return projection
         if fast is not None and wait >= fast:
             evident = self.project(index, best, wait, fast=True)
@@ -451,6 +463,15 @@ class _Sums:
         t0, sums.x0, sums.n, sums.st, sums.sx, sums.stt, sums.stx, sums.sxx = map(float, values)
         sums.t0 = int(t0)
         return sums
+
+
+def _reachable(
+    level: float, slope: float, noise: float, se: float, ahead: int, noise_k: float, slope_z: float
+) -> float:
+    """The optimistic projection: the fitted level `ahead` evaluations on, with the slope
+    `slope_z` standard errors steeper (never rising) and `noise_k` lucky draws of the noise."""
+    steepest = min(slope - slope_z * noise * se, 0.0)
+    return level + steepest * ahead - noise_k * noise * math.sqrt(2.0 * math.log(max(ahead, 2)))
 
 
 def diverged(projection: Projection, best: float, sign: float) -> bool:
