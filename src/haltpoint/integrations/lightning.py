@@ -183,14 +183,20 @@ class HaltpointCallback(Callback):
             )
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        """After a resume, put the restored random state back where the run had saved it.
+        """After a resume, put the restored random state back if this epoch makes its iterator.
 
-        Lightning draws from the global RNG at the start of every fit (it creates a data-loader
-        iterator) before the first epoch starts; an uninterrupted run made no such draw.
+        Lightning creates a data-loader iterator (a draw from the global RNG, and the shuffled
+        order) at the start of every fit, after `on_fit_start` restored the random state. The
+        first epoch of a resumed fit uses that iterator, unless Lightning first replayed the
+        end of the saved epoch (the fit loop is then no longer resuming): that epoch makes a
+        new iterator, as in an uninterrupted run, so the state is put back before it.
         """
-        if self._put_back_rng is not None:
-            self._put_back_rng()
-            self._put_back_rng = None
+        if self._put_back_rng is None:
+            return
+        put_back, self._put_back_rng = self._put_back_rng, None
+        loop = trainer.fit_loop
+        if not (loop.is_resuming or loop.epoch_loop.restarting):
+            put_back()
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """With `check_on_train_epoch_end`, put this fit's `_EpochEndCheck` into the Trainer."""
