@@ -115,6 +115,7 @@ class HaltpointCallback(Callback):
         self.best_step: int | None = None
         """The step of the checkpoint `restore_best` loaded, after `fit`."""
         self._last_step: int | None = None
+        self._resumed_step: int | None = None
         self._validations = 0
         self._warned_same_step = False
         self._put_back_rng: Callable[[], None] | None = None
@@ -152,6 +153,7 @@ class HaltpointCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Resume from the latest checkpoint, or check that the directory is fresh."""
         self._validations, self._last_step, self._put_back_rng = 0, None, None
+        self._resumed_step = None
         ckpt = self.checkpointer
         if ckpt is None:
             return
@@ -165,7 +167,7 @@ class HaltpointCallback(Callback):
             info = ckpt.restore(self._state(trainer, pl_module))
             if info is None:
                 return
-            self._last_step = info.step
+            self._last_step = self._resumed_step = info.step
             if ckpt.capture_rng:
                 self._put_back_rng = snapshot_rng()
             if trainer.is_global_zero:
@@ -217,6 +219,11 @@ class HaltpointCallback(Callback):
     def _check(self, trainer: Any, pl_module: Any, where: str) -> None:
         """Step the stopper, agree on stopping across ranks, and save."""
         self._validations += 1
+        if trainer.global_step == self._resumed_step:
+            # Lightning replays the end of the epoch the resumed checkpoint was saved in (with
+            # max_steps, or a save at validation end): already counted, already saved.
+            log.debug("haltpoint: skipped the replayed check at step %d", trainer.global_step)
+            return
         if trainer.global_step == self._last_step:
             # No optimizer step since the last validation (gradient accumulation, or validation
             # more often than optimizer steps): the same weights, so neither counted nor saved.
