@@ -116,6 +116,7 @@ class HaltpointCallback(Callback):
         """The step of the checkpoint `restore_best` loaded, after `fit`."""
         self._last_step: int | None = None
         self._resumed_step: int | None = None
+        self._resumed_done = False
         self._validations = 0
         self._warned_same_step = False
         self._put_back_rng: Callable[[], None] | None = None
@@ -153,7 +154,7 @@ class HaltpointCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Resume from the latest checkpoint, or check that the directory is fresh."""
         self._validations, self._last_step, self._put_back_rng = 0, None, None
-        self._resumed_step = None
+        self._resumed_step, self._resumed_done = None, False
         ckpt = self.checkpointer
         if ckpt is None:
             return
@@ -170,9 +171,11 @@ class HaltpointCallback(Callback):
             self._last_step = self._resumed_step = info.step
             if ckpt.capture_rng:
                 self._put_back_rng = snapshot_rng()
+            finished = _finished(trainer)
             if trainer.is_global_zero:
-                announce_resume(info.step, ckpt.directory, self.stopper)
-            if self.stopper is not None and self.stopper.stopped:
+                announce_resume(info.step, ckpt.directory, self.stopper, finished)
+            if finished is not None or (self.stopper is not None and self.stopper.stopped):
+                self._resumed_done = True
                 trainer.should_stop = True  # Lightning then trains nothing, nor calls on_train_end
                 if self.restore_best:
                     self._restore_best(pl_module)
@@ -266,6 +269,7 @@ class HaltpointCallback(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Warn when no validation ran; restore the best weights when asked."""
         unchecked = self._validations == 0 and not self.check_on_train_epoch_end
+        unchecked = unchecked and not self._resumed_done
         if unchecked and self.stopper is not None:
             warnings.warn(
                 f"haltpoint: no validation ran during fit, so early stopping on "
@@ -338,6 +342,21 @@ class _EpochEndCheck:
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """The owner's check, once the LightningModule's `on_train_epoch_end` has logged."""
         self.owner._check(trainer, pl_module, "at the end of the training epoch")
+
+
+def _finished(trainer: Any) -> str | None:
+    """Why a restored fit has nothing left to train (`max_steps` or `max_epochs`), or None.
+
+    The saved epoch counts as trained when its last batch ran: the checkpoints are saved at
+    the end of a validation or of a training epoch, before Lightning counts that epoch done.
+    """
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return f"it reached max_steps={trainer.max_steps}"
+    loop = trainer.fit_loop
+    epochs = loop.epoch_progress.current.completed + loop.epoch_loop.batch_progress.is_last_batch
+    if trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs:
+        return f"it reached max_epochs={trainer.max_epochs}"
+    return None
 
 
 def _rank_prefix(trainer: Any) -> str:
