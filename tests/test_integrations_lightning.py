@@ -63,7 +63,9 @@ def make_module(base: Any = pl) -> Any:
     return Tiny()
 
 
-def fit(module: Any, callback: Any, max_epochs: int, base: Any = pl, **kwargs: Any) -> Any:
+def fit(
+    module: Any, callback: Any, max_epochs: int | None = None, base: Any = pl, **kwargs: Any
+) -> Any:
     options: dict[str, Any] = {
         "logger": False,
         "enable_checkpointing": False,
@@ -389,3 +391,122 @@ def test_check_on_train_epoch_end_stops_a_run_without_validation(tmp_path: Path)
     assert stopper.stopped and stopper.evaluations == 3
     assert module.train_epochs == [0, 1, 2] and trainer.current_epoch == 3
     assert steps == [BATCHES_PER_EPOCH * e for e in (1, 2, 3)]
+
+
+class Kill(pl.Callback):  # type: ignore[misc]
+    """Raises at the start of the batch after global step `step`, as a kill would end the run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+@pytest.mark.parametrize("check_on_train_epoch_end", [False, True])
+@pytest.mark.parametrize("killed_at_epoch", [1, 2])
+@pytest.mark.parametrize(
+    "length",
+    [{"max_epochs": 4}, {"max_epochs": -1, "max_steps": 4 * BATCHES_PER_EPOCH}],
+    ids=["max_epochs", "max_steps"],
+)
+def test_a_killed_and_resumed_fit_matches_an_uninterrupted_one(
+    tmp_path: Path,
+    recwarn: pytest.WarningsRecorder,
+    check_on_train_epoch_end: bool,
+    killed_at_epoch: int,
+    length: dict[str, Any],
+) -> None:
+    """Same batch order (shuffled), weights, stopper, checkpoints and scheduler, bit for bit."""
+
+    def callback(directory: Path, resume: bool) -> Any:
+        stopper = EarlyStopping("val_loss", patience=50)
+        ckpt = Checkpointer(directory, keep_last=10)
+        return HaltpointCallback(
+            stopper, ckpt, resume=resume, check_on_train_epoch_end=check_on_train_epoch_end
+        )
+
+    straight = make_module()
+    uninterrupted = callback(tmp_path / "straight", resume=False)
+    with uninterrupted.checkpointer:
+        fit(straight, uninterrupted, **length)
+        straight_steps = [info.step for info in uninterrupted.checkpointer.list()]
+
+    killed = callback(tmp_path / "split", resume=False)
+    kill = Kill(killed_at_epoch * BATCHES_PER_EPOCH + 1)  # one batch into the next epoch
+    with killed.checkpointer, pytest.raises(RuntimeError, match="killed"):
+        fit(make_module(), [killed, kill], **length)
+    recwarn.clear()
+    resumed_module = make_module()
+    resumed = callback(tmp_path / "split", resume=True)
+    with resumed.checkpointer:
+        trainer = fit(resumed_module, resumed, **length)
+        steps = [info.step for info in resumed.checkpointer.list()]
+    assert [str(w.message) for w in recwarn if "haltpoint" in str(w.message)] == []
+    assert resumed_module.train_epochs == list(range(killed_at_epoch, 4))
+    assert steps == straight_steps
+    assert resumed.stopper.state_dict() == uninterrupted.stopper.state_dict()
+    assert trainer.global_step == 4 * BATCHES_PER_EPOCH
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
+    for got, want in zip(resumed_module.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(got, want)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` but the writer's lock, by its path there, with its bytes."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".haltpoint.lock"
+    }
+
+
+@pytest.mark.parametrize("check_on_train_epoch_end", [False, True])
+@pytest.mark.parametrize(
+    ("length", "finished"),
+    [
+        ({"max_epochs": 2}, "it reached max_epochs=2"),
+        ({"max_epochs": -1, "max_steps": 2 * BATCHES_PER_EPOCH}, "it reached max_steps=8"),
+        ({"max_epochs": 20}, None),  # stopped early
+    ],
+    ids=["max_epochs", "max_steps", "stopped"],
+)
+def test_a_rerun_of_a_finished_fit_says_so_and_changes_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+    check_on_train_epoch_end: bool,
+    length: dict[str, Any],
+    finished: str | None,
+) -> None:
+    def run() -> tuple[Any, HaltpointCallback]:
+        module = make_module()
+        with Checkpointer(tmp_path, monitor="val_loss", keep_best=1) as ckpt:
+            callback = HaltpointCallback(
+                EarlyStopping("val_loss", patience=1 if finished is None else 50),
+                ckpt,
+                resume=True,
+                check_on_train_epoch_end=check_on_train_epoch_end,
+            )
+            fit(module, callback, **length)
+        return module, callback
+
+    first, callback = run()
+    assert callback.stopper is not None and callback.stopper.stopped == (finished is None)
+    files, state = _files(tmp_path), callback.stopper.state_dict()
+    capsys.readouterr()
+    recwarn.clear()
+    module, rerun = run()
+    assert [str(w.message) for w in recwarn if "haltpoint" in str(w.message)] == []
+    assert _files(tmp_path) == files
+    assert module.train_epochs == []
+    assert rerun.stopper is not None and rerun.stopper.state_dict() == state
+    for got, want in zip(module.parameters(), first.parameters(), strict=True):
+        assert torch.equal(got, want)
+    step = max(int(name.split("/")[0].split("-")[-1]) for name in files if "/" in name)
+    ending = f"stopped: {rerun.stopper.reason}" if finished is None else f"finished: {finished}"
+    lines = [line for line in capsys.readouterr().err.splitlines() if "haltpoint" in line]
+    assert lines == [
+        f"haltpoint: resumed from step {step} in {tmp_path}; the run had already {ending}"
+    ]

@@ -318,3 +318,56 @@ def test_restoring_callback_states_the_trainer_s_way_is_refused(tmp_path: Path) 
     )
     with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint=False"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "hf_own" / "checkpoint-4"))
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` but the writer's lock, by its path there, with its bytes."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".haltpoint.lock"
+    }
+
+
+@pytest.mark.parametrize("restore_best", [False, True])
+@pytest.mark.parametrize(
+    "length",
+    [{"epochs": 2}, {"epochs": 20, "max_steps": 6, "eval_strategy": "steps", "eval_steps": 3}],
+    ids=["num_train_epochs", "max_steps"],
+)
+def test_a_rerun_of_a_completed_run_trains_saves_and_evicts_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+    restore_best: bool,
+    length: dict[str, Any],
+) -> None:
+    """A run that reached its planned length without stopping early, run again, is finished."""
+    directory = tmp_path / "run"
+
+    def run() -> tuple[Any, Any, HaltpointCallback, EarlyStopping]:
+        model, stopper = make_model(), EarlyStopping("eval_loss", patience=50)
+        with Checkpointer(directory, monitor="eval_loss", keep_best=1) as ckpt:
+            callback = HaltpointCallback(stopper, ckpt, restore_best=restore_best, resume=True)
+            trainer, _ = train(tmp_path, model, [callback], **length)
+        return trainer, model, callback, stopper
+
+    trainer, first, callback, stopper = run()
+    end = trainer.state.max_steps
+    assert not stopper.stopped and trainer.state.global_step == end
+    files, state = _files(directory), stopper.state_dict()
+    capsys.readouterr()
+
+    recwarn.clear()
+    _, model, rerun, restopper = run()
+    assert _files(directory) == files  # nothing committed, nothing evicted
+    assert [str(w.message) for w in recwarn if "haltpoint" in str(w.message)] == []
+    assert restopper.state_dict() == state
+    assert rerun.best_step == callback.best_step
+    for got, want in zip(model.parameters(), first.parameters(), strict=True):
+        assert torch.equal(got, want)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "haltpoint" in line]
+    assert lines == [
+        f"haltpoint: resumed from step {end} in {directory}; the run had already finished: it "
+        f"reached max_steps={end}"
+    ]

@@ -86,10 +86,13 @@ def scalar_metrics(raw: Mapping[str, Any]) -> dict[str, float]:
     return result
 
 
-def announce_resume(step: int, directory: str, stopper: EarlyStopping | None) -> None:
+def announce_resume(
+    step: int, directory: str, stopper: EarlyStopping | None, finished: str | None = None
+) -> None:
     """Print one line on stderr saying where the run resumed, as `haltpoint demo` does.
 
     A resume changes what training does, so it is said whether or not logging is set up.
+    `finished` says why a run that did not stop early has nothing left to train, if so.
 
     >>> announce_resume(12, "runs/x", None)  # doctest: +SKIP
     haltpoint: resumed from step 12 in runs/x
@@ -97,6 +100,8 @@ def announce_resume(step: int, directory: str, stopper: EarlyStopping | None) ->
     line = f"haltpoint: resumed from step {step} in {directory}"
     if stopper is not None and stopper.stopped:
         line += f"; the run had already stopped: {stopper.reason}"
+    elif finished is not None:
+        line += f"; the run had already finished: {finished}"
     print(line, file=sys.stderr, flush=True)
 
 

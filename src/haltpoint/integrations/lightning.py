@@ -115,6 +115,8 @@ class HaltpointCallback(Callback):
         self.best_step: int | None = None
         """The step of the checkpoint `restore_best` loaded, after `fit`."""
         self._last_step: int | None = None
+        self._resumed_step: int | None = None
+        self._resumed_done = False
         self._validations = 0
         self._warned_same_step = False
         self._put_back_rng: Callable[[], None] | None = None
@@ -152,6 +154,7 @@ class HaltpointCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Resume from the latest checkpoint, or check that the directory is fresh."""
         self._validations, self._last_step, self._put_back_rng = 0, None, None
+        self._resumed_step, self._resumed_done = None, False
         ckpt = self.checkpointer
         if ckpt is None:
             return
@@ -165,12 +168,14 @@ class HaltpointCallback(Callback):
             info = ckpt.restore(self._state(trainer, pl_module))
             if info is None:
                 return
-            self._last_step = info.step
+            self._last_step = self._resumed_step = info.step
             if ckpt.capture_rng:
                 self._put_back_rng = snapshot_rng()
+            finished = _finished(trainer)
             if trainer.is_global_zero:
-                announce_resume(info.step, ckpt.directory, self.stopper)
-            if self.stopper is not None and self.stopper.stopped:
+                announce_resume(info.step, ckpt.directory, self.stopper, finished)
+            if finished is not None or (self.stopper is not None and self.stopper.stopped):
+                self._resumed_done = True
                 trainer.should_stop = True  # Lightning then trains nothing, nor calls on_train_end
                 if self.restore_best:
                     self._restore_best(pl_module)
@@ -183,14 +188,20 @@ class HaltpointCallback(Callback):
             )
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        """After a resume, put the restored random state back where the run had saved it.
+        """After a resume, put the restored random state back if this epoch makes its iterator.
 
-        Lightning draws from the global RNG at the start of every fit (it creates a data-loader
-        iterator) before the first epoch starts; an uninterrupted run made no such draw.
+        Lightning creates a data-loader iterator (a draw from the global RNG, and the shuffled
+        order) at the start of every fit, after `on_fit_start` restored the random state. The
+        first epoch of a resumed fit uses that iterator, unless Lightning first replayed the
+        end of the saved epoch (the fit loop is then no longer resuming): that epoch makes a
+        new iterator, as in an uninterrupted run, so the state is put back before it.
         """
-        if self._put_back_rng is not None:
-            self._put_back_rng()
-            self._put_back_rng = None
+        if self._put_back_rng is None:
+            return
+        put_back, self._put_back_rng = self._put_back_rng, None
+        loop = trainer.fit_loop
+        if not (loop.is_resuming or loop.epoch_loop.restarting):
+            put_back()
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """With `check_on_train_epoch_end`, put this fit's `_EpochEndCheck` into the Trainer."""
@@ -211,6 +222,11 @@ class HaltpointCallback(Callback):
     def _check(self, trainer: Any, pl_module: Any, where: str) -> None:
         """Step the stopper, agree on stopping across ranks, and save."""
         self._validations += 1
+        if trainer.global_step == self._resumed_step:
+            # Lightning replays the end of the epoch the resumed checkpoint was saved in (with
+            # max_steps, or a save at validation end): already counted, already saved.
+            log.debug("haltpoint: skipped the replayed check at step %d", trainer.global_step)
+            return
         if trainer.global_step == self._last_step:
             # No optimizer step since the last validation (gradient accumulation, or validation
             # more often than optimizer steps): the same weights, so neither counted nor saved.
@@ -253,6 +269,7 @@ class HaltpointCallback(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Warn when no validation ran; restore the best weights when asked."""
         unchecked = self._validations == 0 and not self.check_on_train_epoch_end
+        unchecked = unchecked and not self._resumed_done
         if unchecked and self.stopper is not None:
             warnings.warn(
                 f"haltpoint: no validation ran during fit, so early stopping on "
@@ -325,6 +342,21 @@ class _EpochEndCheck:
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """The owner's check, once the LightningModule's `on_train_epoch_end` has logged."""
         self.owner._check(trainer, pl_module, "at the end of the training epoch")
+
+
+def _finished(trainer: Any) -> str | None:
+    """Why a restored fit has nothing left to train (`max_steps` or `max_epochs`), or None.
+
+    The saved epoch counts as trained when its last batch ran: the checkpoints are saved at
+    the end of a validation or of a training epoch, before Lightning counts that epoch done.
+    """
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return f"it reached max_steps={trainer.max_steps}"
+    loop = trainer.fit_loop
+    epochs = loop.epoch_progress.current.completed + loop.epoch_loop.batch_progress.is_last_batch
+    if trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs:
+        return f"it reached max_epochs={trainer.max_epochs}"
+    return None
 
 
 def _rank_prefix(trainer: Any) -> str:

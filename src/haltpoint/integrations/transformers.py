@@ -98,7 +98,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         self._evaluations = 0
         self._last_step: int | None = None
         self._epoch_offset = 0.0
-        self._resumed_stopped = False
+        self._resumed_done = False
 
     # -- the Trainer's own checkpoints (resume_from_checkpoint) keep the stopper too ---------
 
@@ -155,7 +155,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
     ) -> None:
         """Check the evaluation strategy; resume, or check that the directory is fresh."""
         self._training, self._evaluations, self._epoch_offset = True, 0, 0.0
-        self._last_step, self._resumed_stopped = None, False
+        self._last_step, self._resumed_done = None, False
         if self.stopper is not None and str(getattr(args, "eval_strategy", "no")) in (
             "no",
             "IntervalStrategy.NO",
@@ -187,11 +187,14 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         position = saved["trainer"]
         self._last_step = state.global_step = int(position["global_step"])
         self._epoch_offset = state.epoch = float(position["epoch"])
+        finished = None
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            finished = f"it reached max_steps={state.max_steps}"
         if state.is_world_process_zero:
-            announce_resume(info.step, ckpt.directory, self.stopper)
-        if self.stopper is not None and self.stopper.stopped:
+            announce_resume(info.step, ckpt.directory, self.stopper, finished)
+        if finished is not None or (self.stopper is not None and self.stopper.stopped):
             control.should_training_stop = True  # the Trainer still runs one step first
-            self._resumed_stopped = True
+            self._resumed_done = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After a resume, count epochs from the resumed position (the Trainer restarts at 0)."""
@@ -210,8 +213,8 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         **kwargs: Any,
     ) -> None:
         """Step the stopper, set `should_training_stop`, and save."""
-        if not self._training or self._resumed_stopped:
-            return  # trainer.evaluate() outside train(), or after the one step of a stopped run
+        if not self._training or self._resumed_done:
+            return  # trainer.evaluate() outside train(), or after the one step of a finished run
         self._evaluations += 1
         if state.global_step == self._last_step:
             # The weights already judged (e.g. eval_on_start right after a resume).
@@ -251,7 +254,8 @@ class HaltpointCallback(TrainerCallback, ExportableState):
     ) -> None:
         """Warn when no evaluation ran; restore the best weights when asked."""
         self._training = False
-        if self._evaluations == 0 and self.stopper is not None and not self.stopper.stopped:
+        unchecked = self._evaluations == 0 and not self._resumed_done
+        if unchecked and self.stopper is not None and not self.stopper.stopped:
             warnings.warn(
                 f"haltpoint: no evaluation ran during train(), so early stopping on "
                 f"{self.stopper.monitor!r} was never checked and nothing was saved; check "
@@ -268,7 +272,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         if self.restore_best and model is not None and ckpt.list():
             self.best_step = restore_best_weights(ckpt, model, self.stopper)
             log.info("haltpoint: restored the best weights, from step %d", self.best_step)
-        elif self._resumed_stopped and model is not None:
+        elif self._resumed_done and model is not None:
             # Undo the one optimizer step the Trainer takes before it sees should_training_stop.
             restore_best_weights(ckpt, model, self.stopper, which="latest")
 
