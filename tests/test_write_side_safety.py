@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,52 @@ def test_demo_fresh_refuses_foreign_content_or_a_symlink(tmp_path: Path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("haltpoint did not write" in err or "symbolic link" in err)
     assert hashes(run) == before
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_saves_after_a_rewind_warn_of_no_damage_and_collect_their_garbage(
+    tmp_path: Path, async_save: bool
+):
+    """The old run's steps above the rewind are committed and intact: retention leaves them
+    alone, and clean-up counts their manifests as kept instead of as unreadable ones."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for step in (10, 20, 30):
+            ckpt.save(step, {"model": model})
+    old = hashes(run)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with Checkpointer(run, keep_last=1, async_save=async_save) as ckpt:
+            ckpt.restore({"model": model}, which=10)
+            for step in (15, 16, 17):
+                with torch.no_grad():
+                    model.weight.add_(1.0)
+                ckpt.save(step, {"model": model})
+            ckpt.wait()
+            ckpt.list()
+    assert [str(w.message) for w in said] == []
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [
+        checkpoint_dirname(s) for s in (17, 20, 30)
+    ]  # 15 and 16 gave way, folders and files, to 17
+    assert {k: v for k, v in hashes(run).items() if k.startswith("step-0000000[23]")} == {
+        k: v for k, v in old.items() if k.startswith("step-0000000[23]")
+    }
+
+
+def test_saves_after_a_rewind_still_warn_of_a_damaged_manifest(tmp_path: Path):
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for step in (10, 20, 30):
+            ckpt.save(step, {"model": model})
+    manifest = run / checkpoint_dirname(20) / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-20])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with Checkpointer(run, keep_last=1, async_save=False) as ckpt:
+            ckpt.restore({"model": model}, which=10)
+            ckpt.save(15, {"model": model})
+            ckpt.save(16, {"model": model})
+    assert any("deleted no leftover files" in str(w.message) for w in said)
+    assert manifest.exists() and (run / checkpoint_dirname(20) / "tensors.safetensors").exists()

@@ -387,7 +387,8 @@ class Checkpointer:
                     finally:
                         self._gate.open()
                 # after a rewind, old-run steps above this one stay and are no dedup source
-                committed = [e for e in self._run.committed() if e.step < step]
+                on_disk = self._run.committed()
+                committed = [e for e in on_disk if e.step < step]
                 manifest = write_checkpoint(
                     self._run,
                     step=step,
@@ -410,7 +411,10 @@ class Checkpointer:
             try:  # committed: an error from here on must say so
                 self._write_history(step, history)
             finally:  # retention runs anyway: it may free the space the history needs
-                self._apply_retention(sorted([*committed, saved], key=lambda e: e.step))
+                self._apply_retention(
+                    sorted([*committed, saved], key=lambda e: e.step),
+                    beyond=[e for e in on_disk if e.step > step],
+                )
 
         if background:
             assert self._writer is not None
@@ -500,8 +504,12 @@ class Checkpointer:
                 path=self.directory,
             )
 
-    def _apply_retention(self, entries: list[Entry]) -> None:
+    def _apply_retention(self, entries: list[Entry], beyond: list[Entry]) -> None:
         """Remove the committed checkpoints (`entries`, oldest first) no rule keeps.
+
+        `beyond`: the committed checkpoints of steps above the one just saved (an old run's,
+        after a rewind): the rules do not judge them, and they are kept, with every file
+        their manifests reference.
 
         Before anything is removed, every checkpoint that keep_last or keep_best keeps in its
         place is verified (once per writer): a damaged one is quarantined and the rules run
@@ -533,6 +541,7 @@ class Checkpointer:
                     self._quarantine(entry, damage)
                     entries = [e for e in entries if e.step != entry.step]
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
+        kept += [e.manifest for e in beyond if e.manifest]
         self._run.remove(dropped, kept)
         self._intact -= {e.step for e in dropped}
 
