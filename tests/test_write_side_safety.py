@@ -432,3 +432,43 @@ def test_saves_after_a_rewind_still_warn_of_a_damaged_manifest(tmp_path: Path):
             ckpt.save(16, {"model": model})
     assert any("deleted no leftover files" in str(w.message) for w in said)
     assert manifest.exists() and (run / checkpoint_dirname(20) / "tensors.safetensors").exists()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize(
+    ("call", "nth"),
+    [("remove_many", 1), ("remove_many", 2), ("rmtree", 1)],
+    ids=["manifests", "files", "folders"],
+)
+def test_a_removal_failing_after_the_commit_warns_and_the_save_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool, call: str, nth: int
+):
+    """Retention removes the manifests, then the files, then the folders: an OSError at any
+    of them (a permission denied, an I/O error) leaves the committed save alone and the step
+    for a later pass, with one warning line naming it."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    real = getattr(LocalStorage, call)
+    calls = {"n": 0}
+
+    def failing(self: LocalStorage, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise PermissionError(13, "Permission denied", str(run / checkpoint_dirname(1)))
+        return real(self, *args, **kwargs)
+
+    with Checkpointer(run, keep_last=1, async_save=async_save) as ckpt:
+        ckpt.save(1, {"model": model})
+        ckpt.wait()
+        monkeypatch.setattr(LocalStorage, call, failing)
+        with pytest.warns(UserWarning, match="could not remove step 1") as said:
+            ckpt.save(2, {"model": model})
+            ckpt.wait()
+        monkeypatch.undo()
+        assert "Permission denied" in str(said[0].message)
+        assert "\n" not in str(said[0].message)
+        assert ckpt.restore({"model": model}).step == 2
+        ckpt.save(3, {"model": model})  # the later pass removes what was left
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [
+        checkpoint_dirname(3)
+    ]

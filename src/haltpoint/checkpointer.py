@@ -542,8 +542,16 @@ class Checkpointer:
                     entries = [e for e in entries if e.step != entry.step]
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
         kept += [e.manifest for e in beyond if e.manifest]
-        self._run.remove(dropped, kept)
-        self._intact -= {e.step for e in dropped}
+        try:
+            self._run.remove(dropped, kept)
+        except OSError as exc:  # the save is committed: what is left goes at a later pass
+            steps = ", ".join(str(e.step) for e in dropped)
+            warnings.warn(
+                f"{self.directory}: retention could not remove step {steps} ({exc}); the "
+                "save is committed, and a later save or `haltpoint gc` removes what is left",
+                stacklevel=5,
+            )
+        self._intact -= {e.step for e in dropped if self._run.removed(e.dirname)}
 
     def _recorded_best(self, entries: list[Entry]) -> list[KeepBest]:
         """Keep-best rules for the rankings the run's checkpoints record other than this
