@@ -25,6 +25,7 @@ from haltpoint.errors import (
     CorruptCheckpointError,
     HistoryNotWrittenError,
     LinkedFileError,
+    LockedError,
     NotRegularFileError,
     StepBehindError,
     UnreadableCheckpointError,
@@ -101,7 +102,10 @@ class Checkpointer:
             preemption signal always save. None: `maybe_save` is refused.
 
     Concurrency: one writer process per directory (a second is refused with `LockedError`
-    naming the holder), any number of readers. An instance is not thread-safe. Under an
+    naming the holder), any number of readers. An instance is not thread-safe. A writer
+    belongs to the process that made it: in a child made by `os.fork` (multiprocessing's
+    "fork" start method) every write, and waiting for a save in flight, is `LockedError`;
+    reads work, and `close()` there leaves the parent's lock and checkpoints alone. Under an
     initialized `torch.distributed` process group, every rank creates the writer and calls
     the same methods; rank 0 alone writes replicated state, every rank its own shards of
     sharded state (the strategy chosen at construction: `haltpoint.distributed.strategy`).
@@ -189,6 +193,7 @@ class Checkpointer:
             async_save=async_save,
         )
         self._closed = False
+        self._pid = os.getpid()  # the process that holds the lock and the writer thread
         self._schedule = (
             None
             if every is None and overhead is None and mtbf is None
@@ -652,14 +657,14 @@ class Checkpointer:
         def read(which: str | int, skip: dict[int, str], check_shards: bool) -> Found | None:
             self._wait()  # this instance's save in flight commits first
             found = self._reader.read(which, check_shards=check_shards, skip=skip)
-            if not self.read_only:  # the writer moves the damage it fell back past aside
+            if self._writes_here():  # the writer moves the damage it fell back past aside
                 for entry in self._passed(which, found):
                     self._quarantine(entry, None)
             return found
 
         def load(found: Found) -> CheckpointInfo:
             self._intact.add(found.entry.step)
-            if not self.read_only:
+            if self._writes_here():
                 self._last = found.entry.step
             return self._reader.load(
                 found, state, strict=strict, device=device, rng=self.capture_rng
@@ -672,9 +677,11 @@ class Checkpointer:
     def list(self) -> list[CheckpointInfo]:
         """The committed checkpoints, oldest step first, as read from the directory.
 
-        Waits for this instance's save in flight first, so a step just saved is listed.
+        Waits for this instance's save in flight first, so a step just saved is listed (not
+        in a process forked from the writer's: it lists what is committed).
         """
-        self.wait()
+        if not self._forked():
+            self.wait()
         return self._reader.checkpoints()
 
     # -- life cycle -----------------------------------------------------------------------
@@ -684,12 +691,39 @@ class Checkpointer:
 
         Under `torch.distributed` every rank returns once rank 0 has committed (or raises
         rank 0's error), so every rank can then `restore` what was saved.
+
+        Raises:
+            LockedError: in a process forked from the writer's, while a save is in flight
+                (the thread writing it is the parent's).
         """
+        if self._forked():
+            if self._writer is not None and self._writer.pending:
+                raise self._forked_error("wait for the save in flight")
+            return
         self._ranks.wait()
 
     def _wait(self) -> None:
-        if self._writer is not None:
+        """Wait for this writer's save in flight; in a forked child, for nothing (it is the
+        parent's: reads go to what is committed, writes are refused first)."""
+        if self._writer is not None and not self._forked():
             self._writer.wait()
+
+    def _forked(self) -> bool:
+        """Whether this is a writer inherited by a process forked from its own."""
+        return not self.read_only and os.getpid() != self._pid
+
+    def _writes_here(self) -> bool:
+        """Whether this process may change the run: a writer, in the process that opened it."""
+        return not self.read_only and not self._forked()
+
+    def _forked_error(self, what: str) -> LockedError:
+        return LockedError(
+            f"this Checkpointer for {self.directory} belongs to process {self._pid}, which "
+            f"holds its writer lock; process {os.getpid()} inherited it by fork and cannot "
+            f"{what}: open a new Checkpointer in the child (read_only=True while process "
+            f"{self._pid} writes)",
+            path=self.directory,
+        )
 
     def close(self) -> None:
         """Finish the save in flight, then release the directory. Safe to call twice."""
@@ -699,6 +733,10 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
+        if self._forked():  # the lock, the thread and the signal handlers are the parent's
+            if self._writer is not None and self._writer.pending:
+                raise self._forked_error("finish the save in flight")
+            return
         finish = self._writer.close if self._writer is not None else lambda: None
         try:  # leaving on an exception (maybe on one rank only): no collective
             self._ranks.agree(finish, "close()") if sync else finish()
@@ -723,6 +761,8 @@ class Checkpointer:
         self._close(sync=exc is None)
 
     def _check_writable(self) -> None:
+        if self._forked():
+            raise self._forked_error("write")
         if self._closed:
             raise CheckpointError(
                 f"this Checkpointer for {self.directory} is closed; create a new one to save",
