@@ -53,7 +53,7 @@ from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
 from haltpoint.store.run_dir import PINNED_NAME, Entry, RunDirectory, checkpoint_dirname
-from haltpoint.store.space import full_disk_on_open
+from haltpoint.store.space import full_disk_on_open, unwritable_on_open
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -163,7 +163,8 @@ class Checkpointer:
         self.mode = mode
         self.capture_rng = capture_rng
         self.read_only = read_only
-        with full_disk_on_open(str(directory)):  # open_storage checks its type
+        opening = str(directory)  # open_storage checks its type
+        with full_disk_on_open(opening), unwritable_on_open(opening):
             self._storage = open_storage(directory, storage_options, create=not read_only)
         self._run = RunDirectory(self._storage)
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
@@ -217,7 +218,7 @@ class Checkpointer:
                 self._writer = BackgroundWriter()
 
         if not read_only:
-            with full_disk_on_open(self.directory):
+            with full_disk_on_open(self.directory), unwritable_on_open(self.directory):
                 self._ranks.agree(open_writer, f"opening {self.directory}")
 
     @property
