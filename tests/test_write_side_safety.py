@@ -472,3 +472,34 @@ def test_a_removal_failing_after_the_commit_warns_and_the_save_returns(
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [
         checkpoint_dirname(3)
     ]
+
+
+def test_a_quarantine_move_failing_in_retention_warns_and_removes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Retention verifies what it keeps and sets a damaged one aside: when that move fails
+    (an OSError after the commit), the save returns, with a warning, and nothing goes."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"model": model})
+    tensors = run / checkpoint_dirname(2) / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0x10
+    tensors.write_bytes(bytes(data))
+    before = hashes(run)
+
+    def denied(self: LocalStorage, rel: str, new: str) -> None:
+        raise PermissionError(13, "Permission denied", rel)
+
+    with Checkpointer(run, keep_last=2, async_save=False) as ckpt:
+        monkeypatch.setattr(LocalStorage, "rename", denied)
+        with pytest.warns(UserWarning, match="could not set the damaged checkpoint of step 2"):
+            ckpt.save(3, {"model": model})
+        monkeypatch.undo()
+    after = hashes(run)
+    assert {k: after.get(k) for k in before if k.startswith("step-")} == {
+        k: v for k, v in before.items() if k.startswith("step-")
+    }  # history.jsonl gained step 3's line
+    assert (run / checkpoint_dirname(3) / "manifest.json").exists()

@@ -543,9 +543,17 @@ class Checkpointer:
                     return
                 if damage is None:
                     self._intact.add(entry.step)
-                else:
+                    continue
+                try:
                     self._quarantine(entry, damage)
-                    entries = [e for e in entries if e.step != entry.step]
+                except OSError as exc:  # the save is committed: remove nothing this time
+                    warnings.warn(
+                        f"{self.directory}: retention could not set the damaged checkpoint of "
+                        f"step {entry.step} aside ({exc}); it removed no checkpoint this time",
+                        stacklevel=5,
+                    )
+                    return
+                entries = [e for e in entries if e.step != entry.step]
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
         kept += [e.manifest for e in beyond if e.manifest]
         try:
