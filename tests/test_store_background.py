@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 
 import pytest
 
-from haltpoint.store.background import BackgroundWriter
+from haltpoint.store.background import BackgroundWriter, _finish_at_exit
 
 
 def test_close_waits_for_the_job_in_flight_and_it_completes() -> None:
@@ -48,3 +50,34 @@ def test_submit_waits_for_the_previous_job_first() -> None:
     assert order[0] == "first"  # back-pressure: the first was done before submit returned
     writer.close()
     assert order == ["first", "second"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_in_a_forked_child_the_job_in_flight_is_the_parent_s_and_nothing_waits_for_it() -> None:
+    """The worker thread does not exist in a child made by `os.fork`: waiting there for the
+    parent's job would hang forever, at `wait` or at interpreter exit."""
+    writer = BackgroundWriter(name="test-fork")
+    release = threading.Event()
+    writer.submit(lambda: release.wait(30), "the parent's job")
+    pid = os.fork()
+    if pid == 0:  # the child: 0 when both return at once, 1 when wait() did not refuse
+        code = 2
+        try:
+            _finish_at_exit(weakref.ref(writer))  # what the exit of the child runs
+            try:
+                writer.wait()
+                code = 1
+            except RuntimeError as exc:
+                code = 0 if "belongs to process" in str(exc) else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    release.set()
+    writer.close()
+    assert done[0] == pid, "the child hung"
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,123 @@ def test_demo_fresh_refuses_foreign_content_or_a_symlink(tmp_path: Path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("haltpoint did not write" in err or "symbolic link" in err)
     assert hashes(run) == before
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_saves_after_a_rewind_warn_of_no_damage_and_collect_their_garbage(
+    tmp_path: Path, async_save: bool
+):
+    """The old run's steps above the rewind are committed and intact: retention leaves them
+    alone, and clean-up counts their manifests as kept instead of as unreadable ones."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for step in (10, 20, 30):
+            ckpt.save(step, {"model": model})
+    old = hashes(run)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with Checkpointer(run, keep_last=1, async_save=async_save) as ckpt:
+            ckpt.restore({"model": model}, which=10)
+            for step in (15, 16, 17):
+                with torch.no_grad():
+                    model.weight.add_(1.0)
+                ckpt.save(step, {"model": model})
+            ckpt.wait()
+            ckpt.list()
+    assert [str(w.message) for w in said] == []
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [
+        checkpoint_dirname(s) for s in (17, 20, 30)
+    ]  # 15 and 16 gave way, folders and files, to 17
+    assert {k: v for k, v in hashes(run).items() if k.startswith("step-0000000[23]")} == {
+        k: v for k, v in old.items() if k.startswith("step-0000000[23]")
+    }
+
+
+def test_saves_after_a_rewind_still_warn_of_a_damaged_manifest(tmp_path: Path):
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for step in (10, 20, 30):
+            ckpt.save(step, {"model": model})
+    manifest = run / checkpoint_dirname(20) / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-20])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with Checkpointer(run, keep_last=1, async_save=False) as ckpt:
+            ckpt.restore({"model": model}, which=10)
+            ckpt.save(15, {"model": model})
+            ckpt.save(16, {"model": model})
+    assert any("deleted no leftover files" in str(w.message) for w in said)
+    assert manifest.exists() and (run / checkpoint_dirname(20) / "tensors.safetensors").exists()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize(
+    ("call", "nth"),
+    [("remove_many", 1), ("remove_many", 2), ("rmtree", 1)],
+    ids=["manifests", "files", "folders"],
+)
+def test_a_removal_failing_after_the_commit_warns_and_the_save_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool, call: str, nth: int
+):
+    """Retention removes the manifests, then the files, then the folders: an OSError at any
+    of them (a permission denied, an I/O error) leaves the committed save alone and the step
+    for a later pass, with one warning line naming it."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    real = getattr(LocalStorage, call)
+    calls = {"n": 0}
+
+    def failing(self: LocalStorage, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise PermissionError(13, "Permission denied", str(run / checkpoint_dirname(1)))
+        return real(self, *args, **kwargs)
+
+    with Checkpointer(run, keep_last=1, async_save=async_save) as ckpt:
+        ckpt.save(1, {"model": model})
+        ckpt.wait()
+        monkeypatch.setattr(LocalStorage, call, failing)
+        with pytest.warns(UserWarning, match="could not remove step 1") as said:
+            ckpt.save(2, {"model": model})
+            ckpt.wait()
+        monkeypatch.undo()
+        assert "Permission denied" in str(said[0].message)
+        assert "\n" not in str(said[0].message)
+        assert ckpt.restore({"model": model}).step == 2
+        ckpt.save(3, {"model": model})  # the later pass removes what was left
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [
+        checkpoint_dirname(3)
+    ]
+
+
+def test_a_quarantine_move_failing_in_retention_warns_and_removes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Retention verifies what it keeps and sets a damaged one aside: when that move fails
+    (an OSError after the commit), the save returns, with a warning, and nothing goes."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"model": model})
+    tensors = run / checkpoint_dirname(2) / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0x10
+    tensors.write_bytes(bytes(data))
+    before = hashes(run)
+
+    def denied(self: LocalStorage, rel: str, new: str) -> None:
+        raise PermissionError(13, "Permission denied", rel)
+
+    with Checkpointer(run, keep_last=2, async_save=False) as ckpt:
+        monkeypatch.setattr(LocalStorage, "rename", denied)
+        with pytest.warns(UserWarning, match="could not set the damaged checkpoint of step 2"):
+            ckpt.save(3, {"model": model})
+        monkeypatch.undo()
+    after = hashes(run)
+    assert {k: after.get(k) for k in before if k.startswith("step-")} == {
+        k: v for k, v in before.items() if k.startswith("step-")
+    }  # history.jsonl gained step 3's line
+    assert (run / checkpoint_dirname(3) / "manifest.json").exists()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         StepBehindError,
         UnreadableCheckpointError,
         UnsupportedStateError,
+        UnwritableRunError,
     )
     from haltpoint.stopping import (
         ConsecutiveIncreases,
@@ -70,6 +71,7 @@ _EXPORTS = {
     "StepBehindError": "haltpoint.errors",
     "UnreadableCheckpointError": "haltpoint.errors",
     "UnsupportedStateError": "haltpoint.errors",
+    "UnwritableRunError": "haltpoint.errors",
     "ConsecutiveIncreases": "haltpoint.stopping",
     "Decision": "haltpoint.stopping",
     "Divergence": "haltpoint.stopping",
@@ -121,6 +123,7 @@ __all__ = [
     "TimeBudget",
     "UnreadableCheckpointError",
     "UnsupportedStateError",
+    "UnwritableRunError",
     "__version__",
     "load_best",
     "synced",

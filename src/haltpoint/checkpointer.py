@@ -25,6 +25,7 @@ from haltpoint.errors import (
     CorruptCheckpointError,
     HistoryNotWrittenError,
     LinkedFileError,
+    LockedError,
     NotRegularFileError,
     StepBehindError,
     UnreadableCheckpointError,
@@ -52,7 +53,7 @@ from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
 from haltpoint.store.run_dir import PINNED_NAME, Entry, RunDirectory, checkpoint_dirname
-from haltpoint.store.space import full_disk_on_open
+from haltpoint.store.space import full_disk_on_open, unwritable_on_open
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -101,7 +102,10 @@ class Checkpointer:
             preemption signal always save. None: `maybe_save` is refused.
 
     Concurrency: one writer process per directory (a second is refused with `LockedError`
-    naming the holder), any number of readers. An instance is not thread-safe. Under an
+    naming the holder), any number of readers. An instance is not thread-safe. A writer
+    belongs to the process that made it: in a child made by `os.fork` (multiprocessing's
+    "fork" start method) every write, and waiting for a save in flight, is `LockedError`;
+    reads work, and `close()` there leaves the parent's lock and checkpoints alone. Under an
     initialized `torch.distributed` process group, every rank creates the writer and calls
     the same methods; rank 0 alone writes replicated state, every rank its own shards of
     sharded state (the strategy chosen at construction: `haltpoint.distributed.strategy`).
@@ -159,7 +163,8 @@ class Checkpointer:
         self.mode = mode
         self.capture_rng = capture_rng
         self.read_only = read_only
-        with full_disk_on_open(str(directory)):  # open_storage checks its type
+        opening = str(directory)  # open_storage checks its type
+        with full_disk_on_open(opening), unwritable_on_open(opening):
             self._storage = open_storage(directory, storage_options, create=not read_only)
         self._run = RunDirectory(self._storage)
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
@@ -189,6 +194,7 @@ class Checkpointer:
             async_save=async_save,
         )
         self._closed = False
+        self._pid = os.getpid()  # the process that holds the lock and the writer thread
         self._schedule = (
             None
             if every is None and overhead is None and mtbf is None
@@ -212,7 +218,7 @@ class Checkpointer:
                 self._writer = BackgroundWriter()
 
         if not read_only:
-            with full_disk_on_open(self.directory):
+            with full_disk_on_open(self.directory), unwritable_on_open(self.directory):
                 self._ranks.agree(open_writer, f"opening {self.directory}")
 
     @property
@@ -387,7 +393,8 @@ class Checkpointer:
                     finally:
                         self._gate.open()
                 # after a rewind, old-run steps above this one stay and are no dedup source
-                committed = [e for e in self._run.committed() if e.step < step]
+                on_disk = self._run.committed()
+                committed = [e for e in on_disk if e.step < step]
                 manifest = write_checkpoint(
                     self._run,
                     step=step,
@@ -410,7 +417,10 @@ class Checkpointer:
             try:  # committed: an error from here on must say so
                 self._write_history(step, history)
             finally:  # retention runs anyway: it may free the space the history needs
-                self._apply_retention(sorted([*committed, saved], key=lambda e: e.step))
+                self._apply_retention(
+                    sorted([*committed, saved], key=lambda e: e.step),
+                    beyond=[e for e in on_disk if e.step > step],
+                )
 
         if background:
             assert self._writer is not None
@@ -500,8 +510,12 @@ class Checkpointer:
                 path=self.directory,
             )
 
-    def _apply_retention(self, entries: list[Entry]) -> None:
+    def _apply_retention(self, entries: list[Entry], beyond: list[Entry]) -> None:
         """Remove the committed checkpoints (`entries`, oldest first) no rule keeps.
+
+        `beyond`: the committed checkpoints of steps above the one just saved (an old run's,
+        after a rewind): the rules do not judge them, and they are kept, with every file
+        their manifests reference.
 
         Before anything is removed, every checkpoint that keep_last or keep_best keeps in its
         place is verified (once per writer): a damaged one is quarantined and the rules run
@@ -529,12 +543,29 @@ class Checkpointer:
                     return
                 if damage is None:
                     self._intact.add(entry.step)
-                else:
+                    continue
+                try:
                     self._quarantine(entry, damage)
-                    entries = [e for e in entries if e.step != entry.step]
+                except OSError as exc:  # the save is committed: remove nothing this time
+                    warnings.warn(
+                        f"{self.directory}: retention could not set the damaged checkpoint of "
+                        f"step {entry.step} aside ({exc}); it removed no checkpoint this time",
+                        stacklevel=5,
+                    )
+                    return
+                entries = [e for e in entries if e.step != entry.step]
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
-        self._run.remove(dropped, kept)
-        self._intact -= {e.step for e in dropped}
+        kept += [e.manifest for e in beyond if e.manifest]
+        try:
+            self._run.remove(dropped, kept)
+        except OSError as exc:  # the save is committed: what is left goes at a later pass
+            steps = ", ".join(str(e.step) for e in dropped)
+            warnings.warn(
+                f"{self.directory}: retention could not remove step {steps} ({exc}); the "
+                "save is committed, and a later save or `haltpoint gc` removes what is left",
+                stacklevel=5,
+            )
+        self._intact -= {e.step for e in dropped if self._run.removed(e.dirname)}
 
     def _recorded_best(self, entries: list[Entry]) -> list[KeepBest]:
         """Keep-best rules for the rankings the run's checkpoints record other than this
@@ -635,14 +666,14 @@ class Checkpointer:
         def read(which: str | int, skip: dict[int, str], check_shards: bool) -> Found | None:
             self._wait()  # this instance's save in flight commits first
             found = self._reader.read(which, check_shards=check_shards, skip=skip)
-            if not self.read_only:  # the writer moves the damage it fell back past aside
+            if self._writes_here():  # the writer moves the damage it fell back past aside
                 for entry in self._passed(which, found):
                     self._quarantine(entry, None)
             return found
 
         def load(found: Found) -> CheckpointInfo:
             self._intact.add(found.entry.step)
-            if not self.read_only:
+            if self._writes_here():
                 self._last = found.entry.step
             return self._reader.load(
                 found, state, strict=strict, device=device, rng=self.capture_rng
@@ -655,9 +686,11 @@ class Checkpointer:
     def list(self) -> list[CheckpointInfo]:
         """The committed checkpoints, oldest step first, as read from the directory.
 
-        Waits for this instance's save in flight first, so a step just saved is listed.
+        Waits for this instance's save in flight first, so a step just saved is listed (not
+        in a process forked from the writer's: it lists what is committed).
         """
-        self.wait()
+        if not self._forked():
+            self.wait()
         return self._reader.checkpoints()
 
     # -- life cycle -----------------------------------------------------------------------
@@ -667,12 +700,39 @@ class Checkpointer:
 
         Under `torch.distributed` every rank returns once rank 0 has committed (or raises
         rank 0's error), so every rank can then `restore` what was saved.
+
+        Raises:
+            LockedError: in a process forked from the writer's, while a save is in flight
+                (the thread writing it is the parent's).
         """
+        if self._forked():
+            if self._writer is not None and self._writer.pending:
+                raise self._forked_error("wait for the save in flight")
+            return
         self._ranks.wait()
 
     def _wait(self) -> None:
-        if self._writer is not None:
+        """Wait for this writer's save in flight; in a forked child, for nothing (it is the
+        parent's: reads go to what is committed, writes are refused first)."""
+        if self._writer is not None and not self._forked():
             self._writer.wait()
+
+    def _forked(self) -> bool:
+        """Whether this is a writer inherited by a process forked from its own."""
+        return not self.read_only and os.getpid() != self._pid
+
+    def _writes_here(self) -> bool:
+        """Whether this process may change the run: a writer, in the process that opened it."""
+        return not self.read_only and not self._forked()
+
+    def _forked_error(self, what: str) -> LockedError:
+        return LockedError(
+            f"this Checkpointer for {self.directory} belongs to process {self._pid}, which "
+            f"holds its writer lock; process {os.getpid()} inherited it by fork and cannot "
+            f"{what}: open a new Checkpointer in the child (read_only=True while process "
+            f"{self._pid} writes)",
+            path=self.directory,
+        )
 
     def close(self) -> None:
         """Finish the save in flight, then release the directory. Safe to call twice."""
@@ -682,6 +742,10 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
+        if self._forked():  # the lock, the thread and the signal handlers are the parent's
+            if self._writer is not None and self._writer.pending:
+                raise self._forked_error("finish the save in flight")
+            return
         finish = self._writer.close if self._writer is not None else lambda: None
         try:  # leaving on an exception (maybe on one rank only): no collective
             self._ranks.agree(finish, "close()") if sync else finish()
@@ -706,6 +770,8 @@ class Checkpointer:
         self._close(sync=exc is None)
 
     def _check_writable(self) -> None:
+        if self._forked():
+            raise self._forked_error("write")
         if self._closed:
             raise CheckpointError(
                 f"this Checkpointer for {self.directory} is closed; create a new one to save",

@@ -22,6 +22,7 @@ __all__ = [
     "StepBehindError",
     "UnreadableCheckpointError",
     "UnsupportedStateError",
+    "UnwritableRunError",
     "first_line",
 ]
 
@@ -90,6 +91,12 @@ class StepBehindError(CheckpointError):
 class UnreadableCheckpointError(CheckpointError):
     """A checkpoint's file (or the run's `history.jsonl`) cannot be read for lack of
     permission: that is not damage, so nothing is quarantined or deleted because of it."""
+
+
+class UnwritableRunError(CheckpointError):
+    """A writer cannot be opened on the run directory: it (or its lock file) cannot be
+    written, for lack of permission or on a read-only file system. Readers still can
+    (`read_only=True`, the command line)."""
 
 
 class UnsupportedStateError(TypeError):

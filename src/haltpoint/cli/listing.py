@@ -33,13 +33,14 @@ class CheckpointRow:
     """One checkpoint folder as `ls` shows it.
 
     `status` is "committed" (a valid manifest; its data is not read: `verify` checks it),
-    "damaged" (a manifest that does not decode or whose checksum fails), "data-only" (no
+    "damaged" (a manifest that does not decode or whose checksum fails), "unreadable" (no
+    permission to list its folder or read its manifest: not damage), "data-only" (no
     manifest, but its tensor files are used by later checkpoints: a removed checkpoint's data
     kept by dedup, or a quarantined one's), "uncommitted" (no manifest: a save in flight or an
     interrupted one) or "quarantined" (a damaged checkpoint's manifest that a writer set
     aside in `quarantine/`: no longer a checkpoint, its step free to be saved again) or
     "removed" (a checkpoint whose manifest a writer's retention removed while `ls` read it).
-    Only "committed" and "damaged" rows are checkpoints.
+    Only "committed", "damaged" and "unreadable" rows may be checkpoints.
     """
 
     step: int
@@ -149,6 +150,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     ]
     colours = {
         "damaged": "red",
+        "unreadable": "yellow",
         "uncommitted": "yellow",
         "data-only": "dim",
         "quarantined": "red",
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     )
     for r in rows:
         if r.error:
-            out.note(f"step {r.step} is damaged: {r.error}", style="red")
+            out.note(f"step {r.step} is {r.status}: {r.error}", style="red")
     if note:
         out.note(note, style="dim")
     return 0

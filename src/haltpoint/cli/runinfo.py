@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from haltpoint.cli.flags import UsageError, ascii_int
-from haltpoint.errors import CheckpointNotFoundError, CorruptHistoryError
+from haltpoint.errors import (
+    CheckpointNotFoundError,
+    CorruptHistoryError,
+    UnreadableCheckpointError,
+)
 from haltpoint.policies.retention import best_record
 from haltpoint.stopping.modes import infer_mode
 from haltpoint.store.history import HISTORY_NAME, parse_history, read_history
@@ -117,14 +121,17 @@ def referenced_dirs(manifests: Iterable[Manifest]) -> set[str]:
 
 
 def folder_status(entry: Entry, referenced: set[str]) -> str:
-    """ "committed", "damaged", "removed" (by a writer while this reader read it), "data-only"
-    (no manifest; files used by others) or "uncommitted".
+    """ "committed", "damaged", "unreadable" (no permission to list its folder or read its
+    manifest), "removed" (by a writer while this reader read it), "data-only" (no manifest;
+    files used by others) or "uncommitted".
 
     "committed" says the manifest is valid, not that the data was checked: `verify` says
     "intact" once it has read every byte.
     """
     if entry.manifest is not None:
         return "committed"
+    if isinstance(entry.error, UnreadableCheckpointError):
+        return "unreadable"
     if entry.error is not None:
         return "damaged"
     if entry.removed:

@@ -94,9 +94,10 @@ def verify_run(
     entries = run.scan()
     referenced = referenced_dirs(e.manifest for e in entries if e.manifest is not None)
     for entry in entries:
-        if entry.error is not None:
+        if entry.error is not None:  # "damaged", or "unreadable" (no permission)
+            status = folder_status(entry, referenced)
             results.append(
-                CheckpointCheck(entry.step, entry.dirname, "damaged", error=str(entry.error))
+                CheckpointCheck(entry.step, entry.dirname, status, error=str(entry.error))
             )
             continue
         if entry.removed:
@@ -165,6 +166,9 @@ def _total_bytes(run: RunDirectory) -> tuple[int, int]:
     return len(entries), sum(e.manifest.nbytes for e in entries if e.manifest is not None)
 
 
+_STYLES = {"intact": "green", "damaged": "bold red", "unreadable": "yellow", "removed": "dim"}
+
+
 def run(args: argparse.Namespace, out: Output) -> int:
     """Verify `args.directory`; exit status 1 when anything is damaged."""
     run_dir = open_run(args.directory)
@@ -178,21 +182,28 @@ def run(args: argparse.Namespace, out: Output) -> int:
     else:
         results = verify_run(run_dir)
     damaged = [r for r in results if r.status == "damaged"]
-    if not any(r.status in ("intact", "damaged", "removed") for r in results):
+    unreadable = [r for r in results if r.status == "unreadable"]
+    if not any(r.status in ("intact", "damaged", "removed", "unreadable") for r in results):
         raise CheckpointNotFoundError(
             f"no checkpoint in {args.directory}, so nothing was verified; pass the folder a "
             "Checkpointer wrote (it holds step-* folders with a manifest)",
             path=args.directory,
         )
     if args.json:
-        out.json({"ok": not damaged, "checkpoints": [r.to_json() for r in results]})
-        return 1 if damaged else 0
+        ok = not damaged and not unreadable
+        out.json({"ok": ok, "checkpoints": [r.to_json() for r in results]})
+        return 0 if ok else 1
     out.table(
         ["step", "status", "tensors", "size"],
         [[str(r.step), r.status, str(r.tensors), format_bytes(r.size)] for r in results],
         title=f"verify {args.directory}",
         styles=[
-            {"intact": "green", "damaged": "bold red", "removed": "dim"}.get(r.status)
+            {
+                "intact": "green",
+                "damaged": "bold red",
+                "unreadable": "yellow",
+                "removed": "dim",
+            }.get(r.status)
             for r in results
         ],
         numeric=["step", "tensors", "size"],
@@ -204,9 +215,13 @@ def run(args: argparse.Namespace, out: Output) -> int:
         out.note(
             f"step(s) {steps} removed by the writer's retention while being verified (not damage)"
         )
-    if not damaged and not intact:
+    for result in unreadable:  # not checked: not intact, not damaged either
+        out.line(f"  step {result.step} was not verified: {result.error}", style="yellow")
+    if not damaged and not intact and not unreadable:
         out.line("every checkpoint was removed while being verified; run verify again")
         return 0
+    if not damaged and unreadable:
+        return 1
     if not damaged:
         size = format_bytes(sum(r.size for r in intact))
         what = "the checkpoint is" if len(intact) == 1 else f"all {len(intact)} checkpoints are"

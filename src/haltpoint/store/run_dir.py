@@ -27,7 +27,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from haltpoint.errors import CheckpointExistsError, CorruptCheckpointError
+from haltpoint.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    UnreadableCheckpointError,
+)
 from haltpoint.state.tree import check_tree
 from haltpoint.store.history import HISTORY_NAME
 from haltpoint.store.lock import LOCK_NAME
@@ -233,12 +238,15 @@ def checkpoint_nbytes(manifest: Manifest) -> int:
 class Entry:
     """One checkpoint folder as found on disk: committed when `manifest` is set; `removed`
     when its manifest was listed but gone by the time it was read (retention or `gc` of a
-    writer removed it meanwhile: not damage)."""
+    writer removed it meanwhile: not damage). `error` says why a folder that may hold a
+    checkpoint is none: a `CorruptCheckpointError` (damage), or an
+    `UnreadableCheckpointError` (no permission to list the folder or read its manifest:
+    not damage, and never removed, since it cannot be verified)."""
 
     step: int
     dirname: str
     manifest: Manifest | None
-    error: CorruptCheckpointError | None
+    error: CheckpointError | None
     pinned: bool
     removed: bool = False
 
@@ -273,6 +281,9 @@ class RunDirectory:
             except CorruptCheckpointError as exc:  # a symlink out of the run
                 entries.append(Entry(step, name, None, exc, False))
                 continue
+            except PermissionError as exc:  # chmod 000: it may hold a checkpoint
+                entries.append(Entry(step, name, None, self._unreadable(name, exc), False))
+                continue
             if not children and not self.storage.isdir(name):
                 continue  # removed while listing
             if MANIFEST_NAME in children:
@@ -284,7 +295,7 @@ class RunDirectory:
                             f"the folder of step {step}; the folder was renamed or damaged",
                             path=self._where(name),
                         )
-                except CorruptCheckpointError as exc:
+                except (CorruptCheckpointError, UnreadableCheckpointError) as exc:
                     if not self.removed(name):
                         manifest, error = None, exc
                     else:
@@ -312,12 +323,15 @@ class RunDirectory:
         """The manifest of a checkpoint folder, decoded and with its state tree checked.
 
         Raises:
-            CorruptCheckpointError: unreadable, over the limits, damaged, or malformed
-                (naming the field).
+            UnreadableCheckpointError: no permission to read it (not damage).
+            CorruptCheckpointError: unreadable otherwise, over the limits, damaged, or
+                malformed (naming the field).
         """
         rel, where = f"{dirname}/{MANIFEST_NAME}", self._where(dirname)
         try:
             data = self.storage.read_bytes(rel, MAX_MANIFEST_BYTES + 1)  # larger: refused unread
+        except PermissionError as exc:
+            raise self._unreadable(dirname, exc) from None
         except OSError as exc:
             raise CorruptCheckpointError(f"cannot read {where}: {exc}", path=where) from exc
         manifest = Manifest.decode(data, source=where)
@@ -420,7 +434,7 @@ class RunDirectory:
             for name in top
             if parse_step(name) is not None
             and name not in kept_dirs
-            and self.storage.exists(f"{name}/{MANIFEST_NAME}")
+            and (self.storage.exists(f"{name}/{MANIFEST_NAME}") or self._unlistable(name))
         ]
         if unknown:
             warnings.warn(
@@ -471,6 +485,26 @@ class RunDirectory:
         for name in folders:
             self.storage.rmtree(name)  # the folder itself, and anything nested in it
         return removed
+
+    def _unlistable(self, dirname: str) -> bool:
+        """Whether the folder `dirname` cannot be listed for lack of permission: it may hold
+        a manifest that references any file."""
+        try:
+            self.storage.listdir(dirname)
+        except PermissionError:
+            return True
+        except CorruptCheckpointError:  # a symlink out of the run: clean-up removes the link
+            return False
+        return False
+
+    def _unreadable(self, dirname: str, exc: OSError) -> UnreadableCheckpointError:
+        where = f"{self.storage.url.rstrip('/')}/{dirname}"
+        return UnreadableCheckpointError(
+            f"cannot read the checkpoint {where}: permission denied ({exc.strerror}); it is "
+            "skipped, not damage: nothing is set aside or deleted because of it (fix its "
+            "permissions to use it)",
+            path=where,
+        )
 
     def _where(self, dirname: str) -> str:
         return f"{self.storage.url.rstrip('/')}/{dirname}/{MANIFEST_NAME}"

@@ -1,4 +1,5 @@
-"""Free space: refuse a save that cannot fit, and say so plainly when the disk fills up."""
+"""Free space: refuse a save that cannot fit, and say so plainly when the disk fills up (or,
+opening a writer, when the run directory cannot be written at all)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from haltpoint.errors import InsufficientSpaceError
+from haltpoint.errors import InsufficientSpaceError, UnwritableRunError
 from haltpoint.store.storage import Storage
 
-__all__ = ["SLACK_BYTES", "check_free_space", "full_disk_on_open", "translate_full_disk"]
+__all__ = [
+    "SLACK_BYTES",
+    "check_free_space",
+    "full_disk_on_open",
+    "translate_full_disk",
+    "unwritable_on_open",
+]
 
 SLACK_BYTES = 1 << 20
 """Room kept for the manifest, headers, history and block rounding on top of tensor data."""
@@ -62,5 +69,23 @@ def full_disk_on_open(url: str) -> Iterator[None]:
         raise InsufficientSpaceError(
             f"cannot open {url} for writing: the disk is full ({exc.strerror}); free some "
             "space and open it again: every checkpoint in it is intact",
+            path=url,
+        ) from exc
+
+
+@contextmanager
+def unwritable_on_open(url: str) -> Iterator[None]:
+    """Turn EACCES/EPERM/EROFS raised while opening a writer (its folder, its lock file, the
+    clean-up) into `UnwritableRunError`, naming the directory and the reader's way in."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UnwritableRunError(
+            f"cannot write {url}: {exc.strerror}{where}; a writer needs to create its lock "
+            "file and checkpoints there: fix its permissions, or open it with read_only=True "
+            "(or the haltpoint command) to restore and list",
             path=url,
         ) from exc

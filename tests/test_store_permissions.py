@@ -1,0 +1,253 @@
+"""Run directories haltpoint may not fully read or write: a step folder without permissions
+(`chmod 000`), a read-only run directory. Every failure is one `CheckpointError` line, never a
+bare `PermissionError`, and nothing that cannot be read is deleted (it cannot be verified).
+
+The tests run as root in CI, where chmod denies nothing: each case then injects the
+`PermissionError` the kernel would raise for a non-root user, at the `os` calls (listing,
+opening, stat); as a non-root user the same cases also run with a real chmod.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer, load_best
+from haltpoint.cli import main
+from haltpoint.errors import CheckpointError, UnreadableCheckpointError, UnwritableRunError
+from haltpoint.store.run_dir import checkpoint_dirname
+
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _denied(path: Any) -> PermissionError:
+    return PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+
+def deny_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """What `chmod 000 folder` does to a non-root user: it cannot be listed, nothing inside
+    can be opened or stat-ed (the folder itself still can, through its parent)."""
+    inside = str(folder) + os.sep
+
+    def under(path: Any) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(inside)
+
+    def at(path: Any) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.path.abspath(path) == str(folder)
+
+    def guard(real: Any, check: Any) -> Any:
+        def guarded(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if check(path):
+                raise _denied(path)
+            return real(path, *args, **kwargs)
+
+        return guarded
+
+    for name, check in (
+        ("listdir", lambda p: at(p) or under(p)),
+        ("scandir", lambda p: at(p) or under(p)),
+        ("open", under),
+        ("stat", under),
+        ("lstat", under),
+    ):
+        monkeypatch.setattr(os, name, guard(getattr(os, name), check))
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, under))
+
+
+def read_only_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """What a read-only run directory (`chmod -R a-w`) does to a non-root user: nothing in
+    it can be created, opened for writing, renamed or removed; everything reads."""
+    inside = str(folder)
+
+    def under(path: Any) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(inside)
+
+    real_open, real_builtin = os.open, builtins.open
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & WRITES and under(path):
+            raise _denied(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def builtin_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if any(c in mode for c in "wax+") and under(path):
+            raise _denied(path)
+        return real_builtin(path, mode, *args, **kwargs)
+
+    def refuse(real: Any) -> Any:
+        def guarded(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if under(path):
+                raise _denied(path)
+            return real(path, *args, **kwargs)
+
+        return guarded
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", builtin_open)
+    for name in ("mkdir", "rename", "replace", "unlink", "remove", "rmdir"):
+        monkeypatch.setattr(os, name, refuse(getattr(os, name)))
+
+
+@pytest.fixture(params=["injected", "chmod"])
+def how(request: pytest.FixtureRequest) -> str:
+    if request.param == "chmod" and (ROOT or not hasattr(os, "geteuid")):
+        pytest.skip("root ignores chmod: covered by the injected PermissionError")
+    return str(request.param)
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """Steps 1, 2, 3 (losses 0.3, 0.1, 0.2: step 2 the best), keep_last=3."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(run, monitor="loss", keep_last=3, async_save=False) as ckpt:
+        for step, loss in ((1, 0.3), (2, 0.1), (3, 0.2)):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            ckpt.save(step, {"model": model}, {"loss": loss})
+    return run
+
+
+def files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@contextlib.contextmanager
+def unreadable(how: str, monkeypatch: pytest.MonkeyPatch, folder: Path) -> Iterator[None]:
+    """`folder` as `chmod 000` leaves it, for the body of the block."""
+    if how == "chmod":
+        folder.chmod(0)
+    else:
+        deny_folder(monkeypatch, folder)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        folder.chmod(0o755)
+
+
+@contextlib.contextmanager
+def read_only(how: str, monkeypatch: pytest.MonkeyPatch, folder: Path) -> Iterator[None]:
+    """`folder` and everything in it as `chmod -R a-w` leaves them, for the block."""
+    paths = [folder, *folder.rglob("*")]
+    if how == "chmod":
+        for path in paths:
+            path.chmod(path.stat().st_mode & 0o555)
+    else:
+        read_only_folder(monkeypatch, folder)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        for path in paths:
+            path.chmod(path.stat().st_mode | 0o200)
+
+
+def said(caught: list[warnings.WarningMessage]) -> str:
+    return "\n".join(str(w.message) for w in caught)
+
+
+# -- one step folder that cannot be read ------------------------------------------------
+
+
+def test_restore_latest_falls_back_past_an_unreadable_step_with_a_warning(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with unreadable(how, monkeypatch, run / checkpoint_dirname(3)):
+        for read_only_flag in (True, False):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with Checkpointer(run, read_only=read_only_flag) as ckpt:
+                    info = ckpt.restore({"model": torch.nn.Linear(2, 1)})
+            assert info is not None and info.step == 2
+            assert "permission denied" in said(caught).lower()
+            assert checkpoint_dirname(3) in said(caught)
+    assert (run / checkpoint_dirname(3) / "manifest.json").exists()
+    assert not (run / "quarantine").exists()
+
+
+def test_restore_of_the_unreadable_step_is_unreadable_not_damaged(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with unreadable(how, monkeypatch, run / checkpoint_dirname(2)):
+        with Checkpointer(run, read_only=True) as reader:
+            with pytest.raises(UnreadableCheckpointError, match="permission denied") as raised:
+                reader.restore({"model": torch.nn.Linear(2, 1)}, which=2)
+            assert "\n" not in str(raised.value)
+            assert [i.step for i in reader.list()] == [1, 3]
+        with pytest.warns(UserWarning, match="permission denied"):
+            info = load_best(run, torch.nn.Linear(2, 1), monitor="loss")
+        assert info.step == 3  # the best that can be read
+
+
+def test_a_writer_never_deletes_an_unreadable_step(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening (clean-up), saving with retention that would drop it, and gc: the step cannot
+    be verified, so it stays, files and all."""
+    folder = run / checkpoint_dirname(1)
+    before = files(folder)
+    with unreadable(how, monkeypatch, folder):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Checkpointer(run, keep_last=1, async_save=False) as ckpt:
+                ckpt.save(4, {"model": torch.nn.Linear(2, 1)})
+                ckpt.save(5, {"model": torch.nn.Linear(2, 1)})
+            assert main(["gc", str(run), "--keep-last", "1"]) in (0, 1)
+        assert "permission denied" in said(caught).lower()
+    assert files(folder) == before
+    assert (run / checkpoint_dirname(5) / "manifest.json").exists()
+
+
+def test_ls_and_verify_show_the_unreadable_step_as_unreadable(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    with unreadable(how, monkeypatch, run / checkpoint_dirname(2)):
+        assert main(["ls", str(run), "--json"]) == 0
+        rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)}
+        assert rows[2]["status"] == "unreadable" and "permission denied" in rows[2]["error"]
+        assert rows[1]["status"] == rows[3]["status"] == "committed"
+        assert main(["verify", str(run), "--json"]) == 1  # not everything could be checked
+        result = json.loads(capsys.readouterr().out)
+        assert result["ok"] is False
+        checks = {c["step"]: c for c in result["checkpoints"]}
+        assert checks[2]["status"] == "unreadable"
+        assert checks[1]["status"] == checks[3]["status"] == "intact"
+        assert main(["verify", str(run)]) == 1
+        assert "step 2 was not verified" in capsys.readouterr().out
+
+
+# -- a read-only run directory without a lock file --------------------------------------
+
+
+def test_a_read_only_run_reads_and_refuses_a_writer_in_one_line(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (run / ".haltpoint.lock").unlink()
+    before = files(run)
+    with read_only(how, monkeypatch, run):
+        with Checkpointer(run, read_only=True) as reader:
+            assert reader.restore({"model": torch.nn.Linear(2, 1)}).step == 3
+            assert [i.step for i in reader.list()] == [1, 2, 3]
+        assert load_best(run, torch.nn.Linear(2, 1), monitor="loss").step == 2
+        for argv in (["ls", str(run)], ["show", str(run)], ["verify", str(run)]):
+            assert main(argv) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        for async_save in (True, False):
+            with pytest.raises(UnwritableRunError, match=f"cannot write {run}") as raised:
+                Checkpointer(run, async_save=async_save)
+            assert "\n" not in str(raised.value) and "read_only=True" in str(raised.value)
+            assert isinstance(raised.value, CheckpointError)
+    assert files(run) == before
