@@ -493,6 +493,25 @@ def test_manifest_pointing_outside_the_run_is_refused(tmp_path: Path) -> None:
         assert ckpt.list() == []
 
 
+@pytest.mark.parametrize(("monitor", "mode"), [("val_acc", "max"), ("val_loss", "max")])
+def test_restoring_a_stopper_of_another_monitor_or_mode_is_refused(
+    tmp_path: Path, monitor: str, mode: str
+) -> None:
+    from haltpoint import EarlyStopping
+
+    stopper = EarlyStopping("val_loss", patience=2)
+    stopper.step({"val_loss": 1.0})
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"stopper": stopper})
+    other = EarlyStopping(monitor, mode=mode, patience=2)
+    with (
+        Checkpointer(tmp_path, read_only=True) as reader,
+        pytest.raises(StateMismatchError, match="saved by a stopper of monitor 'val_loss' in mode"),
+    ):
+        reader.restore({"stopper": other})
+    assert other.evaluations == 0
+
+
 def test_a_stopped_run_stays_stopped_after_restore(tmp_path: Path) -> None:
     from haltpoint import EarlyStopping, StopReason
 
