@@ -133,6 +133,30 @@ def test_demo_stops_early_and_a_stopped_run_stays_stopped(tmp_path: Path, capsys
     )
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_a_finished_run_resumed_with_fewer_or_as_many_epochs_says_how_many_it_trained(
+    tmp_path: Path, capsys, epochs: int
+):
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "3"]) == 0  # steps 0-2
+    capsys.readouterr()
+    code, out, _ = run_cli(capsys, "demo", "--run-dir", str(run), "--epochs", str(epochs))
+    assert code == 0 and "train_loss" not in out  # nothing trained
+    assert out.startswith(
+        f"resumed from step 2\nthe run had already trained 3 epochs (--epochs {epochs}); pass "
+        "--epochs N with N > 3 to train longer\n"
+    )
+    assert "epochs trained  3 (steps 0-2), did not stop early" in out
+    if epochs == 3:
+        assert "why it ended    reached the maximum of 3 epochs before early stopping" in out
+    else:
+        assert (
+            f"why it ended    had already trained 3 epochs, past the maximum of {epochs}, before "
+            "early stopping (patience 5 on val_loss) triggered; pass --epochs N with N > 3 to "
+            "train longer"
+        ) in out
+
+
 def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path, capsys, monkeypatch):
     run = tmp_path / "run"
     shown = _Display.epoch

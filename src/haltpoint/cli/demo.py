@@ -229,8 +229,9 @@ class _Display:
                 self.out.line(f"the run had already stopped: {stopper.reason}")
             elif info.step + 1 >= self.config.max_epochs:
                 self.out.line(
-                    f"the run had already trained its {self.config.max_epochs} epochs; "
-                    "pass --epochs N to train longer"
+                    f"the run had already trained {info.step + 1} epochs (--epochs "
+                    f"{self.config.max_epochs}); pass --epochs N with N > {info.step + 1} to "
+                    "train longer"
                 )
         if self.progress is not None and self.task is not None:
             done = 0 if info is None else info.step + 1
