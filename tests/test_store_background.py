@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import warnings
 
 import pytest
 
-from haltpoint.store.background import BackgroundWriter
+from haltpoint.store.background import BackgroundWriter, warn_user
 
 
 def test_close_waits_for_the_job_in_flight_and_it_completes() -> None:
@@ -48,3 +50,18 @@ def test_submit_waits_for_the_previous_job_first() -> None:
     assert order[0] == "first"  # back-pressure: the first was done before submit returned
     writer.close()
     assert order == ["first", "second"]
+
+
+def test_a_job_s_warning_points_at_the_line_that_submitted_it() -> None:
+    writer = BackgroundWriter(name="test-warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer.submit(lambda: warn_user("from the job"), "a warning job")
+        line = sys._getframe().f_lineno - 1
+        writer.close()
+        warn_user("from this thread")
+        here = sys._getframe().f_lineno - 1
+    assert [(str(w.message), w.filename, w.lineno) for w in caught] == [
+        ("from the job", __file__, line),
+        ("from this thread", __file__, here),
+    ]

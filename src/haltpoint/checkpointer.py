@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from datetime import timedelta
 from types import TracebackType
@@ -45,7 +44,7 @@ from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.modes import resolve_mode
-from haltpoint.store.background import BackgroundWriter
+from haltpoint.store.background import BackgroundWriter, warn_user
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
@@ -522,10 +521,7 @@ class Checkpointer:
                 try:
                     damage = self._reader.damage(entry)
                 except UnreadableCheckpointError as exc:  # not damage: remove nothing
-                    warnings.warn(
-                        f"{first_line(exc)}; retention removed no checkpoint this time",
-                        stacklevel=5,
-                    )
+                    warn_user(f"{first_line(exc)}; retention removed no checkpoint this time")
                     return
                 if damage is None:
                     self._intact.add(entry.step)
@@ -549,12 +545,11 @@ class Checkpointer:
         if said:
             self._said_rankings |= said
             theirs = ", ".join(f"{monitor} ({mode})" for monitor, mode in sorted(said))
-            warnings.warn(
+            warn_user(
                 f"{self.directory}: checkpoints there were ranked by {theirs}, this "
                 f"Checkpointer ranks by {self.monitor} ({self.mode}); retention keeps the best "
                 "by both, so the run's best is not lost (pass the same monitor and mode, or "
-                "remove the old ones with haltpoint gc)",
-                stacklevel=5,
+                "remove the old ones with haltpoint gc)"
             )
         return rules
 
@@ -578,11 +573,10 @@ class Checkpointer:
         where = self._run.quarantine(entry)
         self._intact.discard(entry.step)
         said = "" if damage is None else f"{damage}\n"
-        warnings.warn(
+        warn_user(
             f"{said}haltpoint: set the damaged checkpoint of step {entry.step} aside as "
             f"{self.directory.rstrip('/')}/{where} (its data stays; delete it when you no "
-            f"longer need it); step {entry.step} can be saved again",
-            stacklevel=5,
+            f"longer need it); step {entry.step} can be saved again"
         )
 
     # -- restoring ------------------------------------------------------------------------

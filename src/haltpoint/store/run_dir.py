@@ -22,13 +22,13 @@ no kept (or quarantined) manifest references.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.errors import CheckpointExistsError, CorruptCheckpointError
 from haltpoint.state.tree import check_tree
+from haltpoint.store.background import warn_user
 from haltpoint.store.history import HISTORY_NAME
 from haltpoint.store.lock import LOCK_NAME
 from haltpoint.store.manifest import (
@@ -298,7 +298,7 @@ class RunDirectory:
         result = []
         for entry in self.scan():
             if entry.error is not None:
-                warnings.warn(str(entry.error), stacklevel=3)
+                warn_user(str(entry.error))
             elif entry.committed:
                 result.append(entry)
         return result
@@ -423,12 +423,11 @@ class RunDirectory:
             and self.storage.exists(f"{name}/{MANIFEST_NAME}")
         ]
         if unknown:
-            warnings.warn(
+            warn_user(
                 f"{self.storage.url}: deleted no leftover files, since the manifest of "
                 f"{', '.join(unknown)} could not be read (unreadable, damaged or of a newer "
                 "format) and may reference them; fix or remove it, and the next writer "
-                "cleans up",
-                stacklevel=3,
+                "cleans up"
             )
             return []
         referenced = set().union(*(m.files() for m in kept))
