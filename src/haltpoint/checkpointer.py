@@ -50,7 +50,13 @@ from haltpoint.store.history import append_history, check_appendable, save_recor
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
-from haltpoint.store.run_dir import PINNED_NAME, Entry, RunDirectory, checkpoint_dirname
+from haltpoint.store.run_dir import (
+    PINNED_NAME,
+    TENSORS_NAME,
+    Entry,
+    RunDirectory,
+    checkpoint_dirname,
+)
 from haltpoint.store.space import full_disk_on_open
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
@@ -410,6 +416,7 @@ class Checkpointer:
                 self._write_history(step, history)
             finally:  # retention runs anyway: it may free the space the history needs
                 self._apply_retention(sorted([*committed, saved], key=lambda e: e.step))
+            self._remove_superseded(saved)
 
         if background:
             assert self._writer is not None
@@ -430,6 +437,20 @@ class Checkpointer:
             path=f"{self.directory}/{dirname}",
             pinned=pin,
         )
+
+    def _remove_superseded(self, entry: Entry) -> None:
+        """After `entry` was saved under a fresh tensor file name (its folder held an older
+        one): verify it, then delete its folder's tensor files that no manifest references."""
+        assert entry.manifest is not None
+        own = {f for f in entry.manifest.files() if f.startswith(f"{entry.dirname}/")}
+        if own <= {f"{entry.dirname}/{TENSORS_NAME}"}:
+            return  # the first name: no older file was there
+        try:
+            damage = self._reader.damage(entry)
+        except UnreadableCheckpointError:
+            return  # not verified: the older files stay, as they are harmless
+        if damage is None:
+            self._run.remove_superseded(entry.dirname)
 
     def _write_history(self, step: int, record: dict[str, Any]) -> None:
         """Append the history lines owed by earlier saves, then `record` (of `step`, just

@@ -37,9 +37,9 @@ from haltpoint.store.quarantine import QUARANTINE_DIR
 from haltpoint.store.run_dir import (
     DCP_NAME,
     ROOT_TEMP_OF,
-    STEP_NAMES,
     STEP_TEMP_OF,
     RunDirectory,
+    is_own_step_name,
     is_temp_name,
     parse_step,
 )
@@ -115,7 +115,7 @@ def _foreign_entry(path: str) -> str | None:
             if child == DCP_NAME and os.path.isdir(inner) and not os.path.islink(inner):
                 continue  # torch.distributed.checkpoint's own files
             if not _is_regular(inner) or not (
-                (child in STEP_NAMES and child != DCP_NAME) or is_temp_name(child, STEP_TEMP_OF)
+                (is_own_step_name(child) and child != DCP_NAME) or is_temp_name(child, STEP_TEMP_OF)
             ):
                 return inner
     return None
