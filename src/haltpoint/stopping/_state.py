@@ -10,21 +10,11 @@ from haltpoint.errors import StateMismatchError
 from haltpoint.stopping.decision import Decision
 from haltpoint.stopping.rules import Rule, StatefulRule
 
-__all__ = [
-    "ORIGIN_KEYS",
-    "STATE_KEYS",
-    "STATE_VERSION",
-    "SavedState",
-    "load_rule_states",
-    "parse_state",
-]
+__all__ = ["STATE_KEYS", "STATE_VERSION", "SavedState", "load_rule_states", "parse_state"]
 
 #: Version of the dict `EarlyStopping.state_dict()` returns.
 STATE_VERSION = 1
 STATE_KEYS = ("version", "evaluations", "best", "best_step", "wait", "last_decision", "rules")
-#: Recorded to check that a state loads into a stopper of the same metric and direction;
-#: optional, since states saved before they were recorded lack them.
-ORIGIN_KEYS = ("monitor", "mode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +96,8 @@ def parse_state(state: object, rules: Sequence[Rule], monitor: str | None, mode:
 
 
 def _check_origin(state: Mapping[str, Any], monitor: str | None, mode: str) -> None:
-    """Refuse a state recorded by a stopper of another monitor or mode (a state without the
-    record, saved by an older haltpoint, is not checked)."""
+    """Refuse a state recorded by a stopper of another monitor or mode. Both keys are
+    optional: a state saved before they were recorded (an older haltpoint) is not checked."""
     saved_monitor, saved_mode = state.get("monitor", monitor), state.get("mode", mode)
     if saved_monitor is not None and not isinstance(saved_monitor, str):
         raise ValueError(
