@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -493,6 +494,25 @@ def test_manifest_pointing_outside_the_run_is_refused(tmp_path: Path) -> None:
         assert ckpt.list() == []
 
 
+@pytest.mark.parametrize(("monitor", "mode"), [("val_acc", "max"), ("val_loss", "max")])
+def test_restoring_a_stopper_of_another_monitor_or_mode_is_refused(
+    tmp_path: Path, monitor: str, mode: str
+) -> None:
+    from haltpoint import EarlyStopping
+
+    stopper = EarlyStopping("val_loss", patience=2)
+    stopper.step({"val_loss": 1.0})
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"stopper": stopper})
+    other = EarlyStopping(monitor, mode=mode, patience=2)
+    with (
+        Checkpointer(tmp_path, read_only=True) as reader,
+        pytest.raises(StateMismatchError, match="saved by a stopper of monitor 'val_loss' in mode"),
+    ):
+        reader.restore({"stopper": other})
+    assert other.evaluations == 0
+
+
 def test_a_stopped_run_stays_stopped_after_restore(tmp_path: Path) -> None:
     from haltpoint import EarlyStopping, StopReason
 
@@ -829,3 +849,37 @@ def test_pin_must_be_a_bool(tmp_path: Path) -> None:
         with pytest.raises(TypeError, match="pin must be True or False, got 'no'"):
             ckpt.save(0, {"x": 1}, pin="no")  # type: ignore[arg-type]
         assert ckpt.list() == []
+
+
+def _ranked_by_val_acc(run: Path) -> None:
+    """A run whose checkpoints rank by val_acc: a writer ranking by val_loss is warned."""
+    with Checkpointer(run, monitor="val_acc", mode="max", keep_best=1, async_save=False) as ckpt:
+        for step in range(2):
+            ckpt.save(step, {"w": torch.zeros(3)}, {"val_acc": step, "val_loss": 1.0})
+
+
+def _damaged_step_0(run: Path) -> None:
+    """A run with a damaged manifest: every scan of a save warns about it."""
+    with Checkpointer(run, keep_last=5, async_save=False) as ckpt:
+        for step in range(2):
+            ckpt.save(step, {"w": torch.zeros(3)}, {"val_loss": 1.0})
+    (run / "step-000000000" / "manifest.json").write_text("{")
+
+
+@pytest.mark.parametrize("make_run", [_ranked_by_val_acc, _damaged_step_0])
+def test_warnings_of_a_background_save_point_at_the_line_that_called_save(
+    tmp_path: Path, make_run
+) -> None:
+    make_run(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = Checkpointer(tmp_path, monitor="val_loss", keep_best=1, keep_last=1)
+        opened = len(caught)
+        ckpt.save(2, {"w": torch.ones(3)}, {"val_acc": 0, "val_loss": 0.5})
+        line = sys._getframe().f_lineno - 1
+        ckpt.close()
+    from_save = caught[opened:]
+    assert from_save  # the save warned, from the writer thread
+    assert all((w.filename, w.lineno) == (__file__, line) for w in from_save), [
+        (w.filename, w.lineno) for w in from_save
+    ]

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
+import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from rich.text import Text
 
+from haltpoint import Checkpointer
 from haltpoint.cli import main
 from haltpoint.cli.demo import _Display, _test_rows
 from haltpoint.cli.output import Output
 from haltpoint.demo import DigitsNet, load_digits, split_digits
 from haltpoint.demo.scores import score
 from haltpoint.demo.train import DemoConfig, EpochResult, train_demo
+from haltpoint.errors import LockedError
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store import history
 from haltpoint.store.history import encode_record, read_history
@@ -125,6 +131,30 @@ def test_demo_stops_early_and_a_stopped_run_stays_stopped(tmp_path: Path, capsys
     assert (
         again.split("wall time")[0].split("\n\n")[1] == out.split("wall time")[0].split("\n\n")[1]
     )
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_a_finished_run_resumed_with_fewer_or_as_many_epochs_says_how_many_it_trained(
+    tmp_path: Path, capsys, epochs: int
+):
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "3"]) == 0  # steps 0-2
+    capsys.readouterr()
+    code, out, _ = run_cli(capsys, "demo", "--run-dir", str(run), "--epochs", str(epochs))
+    assert code == 0 and "train_loss" not in out  # nothing trained
+    assert out.startswith(
+        f"resumed from step 2\nthe run had already trained 3 epochs (--epochs {epochs}); pass "
+        "--epochs N with N > 3 to train longer\n"
+    )
+    assert "epochs trained  3 (steps 0-2), did not stop early" in out
+    if epochs == 3:
+        assert "why it ended    reached the maximum of 3 epochs before early stopping" in out
+    else:
+        assert (
+            f"why it ended    had already trained 3 epochs, past the maximum of {epochs}, before "
+            "early stopping (patience 5 on val_loss) triggered; pass --epochs N with N > 3 to "
+            "train longer"
+        ) in out
 
 
 def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path, capsys, monkeypatch):
@@ -261,3 +291,68 @@ def test_the_summary_counts_committed_checkpoints_not_folders(tmp_path: Path) ->
     (tmp_path / "step-000000009").mkdir()  # a leftover: no manifest
     size, checkpoints = _disk_usage(str(tmp_path))
     assert checkpoints == 2 and size > 0
+
+
+# -- --fresh and the writer lock ----------------------------------------------------------------
+
+HOLDER = """
+import sys
+from haltpoint import Checkpointer
+with Checkpointer(sys.argv[1], async_save=False):
+    print("ready", flush=True)
+    sys.stdin.read()  # hold the writer lock until the parent closes stdin
+"""
+
+
+@contextlib.contextmanager
+def writer_elsewhere(run: Path, where: str) -> Iterator[None]:
+    """A second writer open on `run`: a Checkpointer in this process or in another one."""
+    if where == "this process":
+        with Checkpointer(run, async_save=False):
+            yield
+        return
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            yield
+        finally:
+            proc.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("where", ["this process", "another process"])
+def test_fresh_refuses_while_a_writer_holds_the_run_and_deletes_nothing(
+    tmp_path: Path, capsys, where: str
+):
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with writer_elsewhere(run, where):
+        code, out, err = run_cli(capsys, "demo", "--run-dir", str(run), "--fresh")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1
+    assert f"--fresh cannot delete {run}: process " in err and "stop that process first" in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_fresh_holds_the_writer_lock_while_it_deletes(tmp_path: Path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    real_rmtree, refused = shutil.rmtree, []
+
+    def rmtree_racing_a_writer(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with pytest.raises(LockedError, match="is locked by process"):
+            Checkpointer(run, async_save=False)  # a trainer starting meanwhile
+        refused.append(path)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_racing_a_writer)
+    code, out, _ = run_cli(capsys, "demo", "--run-dir", str(run), "--epochs", "1", "--fresh")
+    assert code == 0 and out.startswith("training from scratch")
+    assert refused  # the deletion ran, and every writer that tried meanwhile was refused

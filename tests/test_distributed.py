@@ -21,6 +21,7 @@ from haltpoint import (
     CheckpointExistsError,
     DistributedEarlyStopping,
     EarlyStopping,
+    StateMismatchError,
     synced,
 )
 from haltpoint.distributed import Replicas, get_rank, get_world_size, is_distributed, strategy
@@ -143,6 +144,10 @@ def test_synced_is_the_plain_stopper_without_a_process_group() -> None:
     restored = synced(EarlyStopping(patience=1))
     restored.load_state_dict(wrapped.state_dict())
     assert restored.stopped and isinstance(restored, DistributedEarlyStopping)
+    opposite = synced(EarlyStopping(mode="max", patience=1))
+    with pytest.raises(StateMismatchError, match=r"in mode 'min', but this one .* mode 'max'"):
+        opposite.load_state_dict(wrapped.state_dict())
+    assert not opposite.stopped
 
 
 def test_synced_rejects_bad_arguments() -> None:

@@ -20,6 +20,7 @@ from haltpoint import (
     Decision,
     EarlyStopping,
     RelativeDelta,
+    StateMismatchError,
     StopReason,
     TimeBudget,
 )
@@ -449,8 +450,10 @@ def test_state_dict_holds_state_only_and_is_json() -> None:
     run(stopper, [4.0, 2.0, 2.5])
     state = stopper.state_dict()
     assert set(state) == {
-        "version", "evaluations", "best", "best_step", "wait", "last_decision", "rules"
+        "version", "monitor", "mode", "evaluations", "best", "best_step", "wait",
+        "last_decision", "rules"
     }  # fmt: skip
+    assert (state["monitor"], state["mode"]) == ("val_loss", "min")  # to check, never to load
     assert state["version"] == STATE_VERSION
     assert (state["evaluations"], state["best"], state["best_step"], state["wait"]) == (
         3,
@@ -505,6 +508,62 @@ def test_load_state_dict_errors() -> None:
     ):
         stopper.load_state_dict({**good, "rules": [None]})
     assert stopper.evaluations == 0  # nothing was half-loaded
+
+
+SAVED_BY = [  # (monitor, mode) of the stopper that saved, of the one that loads, the message
+    (("val_loss", "min"), ("val_acc", "max"), r"monitor 'val_loss' in mode 'min'.*'val_acc'"),
+    (("val_loss", "min"), ("train_loss", "min"), r"monitor 'val_loss'.* monitor 'train_loss'"),
+    (("val_loss", "min"), ("val_loss", "max"), r"in mode 'min'.* in mode 'max'"),
+    (("val_loss", "min"), (None, "min"), r"monitor 'val_loss'.* monitor None"),
+    ((None, "max"), ("score", "max"), r"monitor None.* monitor 'score'"),
+    ((None, "max"), (None, "min"), r"monitor None in mode 'max'.* monitor None in mode 'min'"),
+]
+
+
+@pytest.mark.parametrize(("saved_by", "loaded_by", "message"), SAVED_BY)
+def test_a_state_of_another_monitor_or_mode_is_refused(
+    saved_by: tuple[str | None, str], loaded_by: tuple[str | None, str], message: str
+) -> None:
+    old = EarlyStopping(saved_by[0], mode=saved_by[1], patience=3)
+    run(old, [1.0, 2.0])
+    new = EarlyStopping(loaded_by[0], mode=loaded_by[1], patience=3)
+    with pytest.raises(StateMismatchError, match=message):
+        new.load_state_dict(json_round_trip(old.state_dict()))
+    assert new.evaluations == 0 and new.best is None  # nothing was loaded
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"), [("val_loss", "min"), ("val_acc", "max"), (None, "max")]
+)
+def test_a_state_of_the_same_monitor_and_mode_loads(monitor: str | None, mode: str) -> None:
+    old = EarlyStopping(monitor, mode=mode, patience=3)
+    run(old, [1.0, 2.0])
+    new = EarlyStopping(monitor, mode="auto" if monitor == "val_acc" else mode, patience=5)
+    new.load_state_dict(json_round_trip(old.state_dict()))
+    assert (new.evaluations, new.best, new.patience) == (2, old.best, 5)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"), [("val_loss", "min"), ("val_acc", "max"), (None, "max")]
+)
+def test_a_state_saved_before_monitor_and_mode_were_recorded_still_loads(
+    monitor: str | None, mode: str
+) -> None:
+    old = EarlyStopping("val_loss", patience=3)
+    run(old, [1.0, 0.5, 0.75])
+    state = {k: v for k, v in old.state_dict().items() if k not in ("monitor", "mode")}
+    new = EarlyStopping(monitor, mode=mode, patience=3)
+    new.load_state_dict(json_round_trip(state))
+    assert (new.evaluations, new.best, new.best_step, new.wait) == (3, 0.5, 1, 1)
+
+
+def test_recorded_monitor_and_mode_must_be_well_formed() -> None:
+    stopper = EarlyStopping("val_loss", patience=1)
+    good = stopper.state_dict()
+    with pytest.raises(ValueError, match=r"'monitor' must be a str or None; got 3"):
+        stopper.load_state_dict({**good, "monitor": 3})
+    with pytest.raises(ValueError, match=r"'mode' must be 'min' or 'max'; got 'auto'"):
+        stopper.load_state_dict({**good, "mode": "auto"})
 
 
 def test_rule_state_must_fit_the_rules() -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import warnings
 import weakref
 
 import pytest
 
-from haltpoint.store.background import BackgroundWriter, _finish_at_exit
+from haltpoint.store.background import BackgroundWriter, _finish_at_exit, warn_user
 
 
 def test_close_waits_for_the_job_in_flight_and_it_completes() -> None:
@@ -81,3 +83,18 @@ def test_in_a_forked_child_the_job_in_flight_is_the_parent_s_and_nothing_waits_f
     writer.close()
     assert done[0] == pid, "the child hung"
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_a_job_s_warning_points_at_the_line_that_submitted_it() -> None:
+    writer = BackgroundWriter(name="test-warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer.submit(lambda: warn_user("from the job"), "a warning job")
+        line = sys._getframe().f_lineno - 1
+        writer.close()
+        warn_user("from this thread")
+        here = sys._getframe().f_lineno - 1
+    assert [(str(w.message), w.filename, w.lineno) for w in caught] == [
+        ("from the job", __file__, line),
+        ("from this thread", __file__, here),
+    ]

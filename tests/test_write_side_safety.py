@@ -503,3 +503,108 @@ def test_a_quarantine_move_failing_in_retention_warns_and_removes_nothing(
         k: v for k, v in before.items() if k.startswith("step-")
     }  # history.jsonl gained step 3's line
     assert (run / checkpoint_dirname(3) / "manifest.json").exists()
+
+
+# -- re-saved steps: numbered tensor files -------------------------------------------------------
+
+OWN_TENSOR_NAMES = ["tensors-1.safetensors", "tensors-2.safetensors", "tensors-12.safetensors"]
+LOOK_ALIKES = [
+    "tensors-0.safetensors",
+    "tensors-01.safetensors",
+    "tensors-1.safetensors.bak",
+    "tensors-a.safetensors",
+    "tensors--1.safetensors",
+    "tensors-1.SAFETENSORS",
+    "tensors-\u0661.safetensors",  # an Arabic-Indic one
+    "my-tensors-1.safetensors",
+]
+
+
+@pytest.mark.parametrize("name", OWN_TENSOR_NAMES)
+def test_clean_up_removes_an_unreferenced_numbered_tensor_file_and_its_folder(
+    tmp_path: Path, name: str
+):
+    run = tmp_path / "run"
+    make_run(run)
+    dead = run / checkpoint_dirname(0)
+    dead.mkdir()
+    (dead / name).write_bytes(b"left by a re-save of step 0")
+    with Checkpointer(run, keep_last=3, async_save=False):
+        pass
+    assert not dead.exists()
+
+
+@pytest.mark.parametrize("name", LOOK_ALIKES)
+def test_clean_up_keeps_a_file_that_only_looks_like_a_numbered_tensor_file(
+    tmp_path: Path, name: str
+):
+    run = tmp_path / "run"
+    make_run(run)
+    dead = run / checkpoint_dirname(0)
+    dead.mkdir()
+    (dead / name).write_bytes(b"someone's")
+    with Checkpointer(run, keep_last=3, async_save=False):
+        pass
+    assert (dead / name).read_bytes() == b"someone's"
+
+
+def _a_failed_then_repeated_save(run: Path, monkeypatch, async_save: bool) -> Checkpointer:
+    """Save step 1 once with the commit failing (its tensor file is written), then again."""
+    ckpt = Checkpointer(run, keep_last=3, async_save=async_save, capture_rng=False)
+    ckpt.save(0, {"w": torch.zeros(4)})
+    ckpt.wait()
+    real_commit = RunDirectory.commit
+
+    def failing_commit(self, manifest):  # type: ignore[no-untyped-def]
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(RunDirectory, "commit", failing_commit)
+    with pytest.raises(OSError, match="Input/output error"):
+        ckpt.save(1, {"w": torch.ones(4)})
+        ckpt.wait()
+    monkeypatch.setattr(RunDirectory, "commit", real_commit)
+    assert (run / checkpoint_dirname(1) / "tensors.safetensors").exists()
+    ckpt.save(1, {"w": torch.full((4,), 2.0)})
+    ckpt.wait()
+    return ckpt
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_re_saved_step_s_superseded_tensor_file_goes_once_the_new_one_is_committed(
+    tmp_path: Path, monkeypatch, async_save: bool
+):
+    run = tmp_path / "run"
+    ckpt = _a_failed_then_repeated_save(run, monkeypatch, async_save)
+    try:
+        folder = run / checkpoint_dirname(1)
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "manifest.json",
+            "tensors-1.safetensors",
+        ]
+        state = {"w": torch.zeros(4)}
+        assert ckpt.restore(state).step == 1 and torch.equal(state["w"], torch.full((4,), 2.0))
+    finally:
+        ckpt.close()
+
+
+def test_a_superseded_tensor_file_stays_while_the_new_checkpoint_does_not_verify(
+    tmp_path: Path, monkeypatch
+):
+    from haltpoint.reader import RunReader
+
+    monkeypatch.setattr(RunReader, "damage", lambda self, entry: "1 tensor(s) rotten")
+    run = tmp_path / "run"
+    ckpt = _a_failed_then_repeated_save(run, monkeypatch, async_save=False)
+    ckpt.close()
+    names = sorted(p.name for p in (run / checkpoint_dirname(1)).iterdir())
+    assert names == ["manifest.json", "tensors-1.safetensors", "tensors.safetensors"]
+
+
+def test_demo_fresh_deletes_a_run_with_a_re_saved_step(tmp_path: Path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    _a_failed_then_repeated_save(run, monkeypatch, async_save=False).close()
+    (run / checkpoint_dirname(1) / "tensors.safetensors").write_bytes(b"an older re-save's")
+    (run / checkpoint_dirname(1) / "tensors-2.safetensors").write_bytes(b"a later one's")
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 0
+    assert capsys.readouterr().out.startswith("training from scratch")
+    assert not (run / checkpoint_dirname(1)).exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from datetime import timedelta
 from types import TracebackType
@@ -46,13 +45,19 @@ from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.modes import resolve_mode
-from haltpoint.store.background import BackgroundWriter
+from haltpoint.store.background import BackgroundWriter, warn_user
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
-from haltpoint.store.run_dir import PINNED_NAME, Entry, RunDirectory, checkpoint_dirname
+from haltpoint.store.run_dir import (
+    PINNED_NAME,
+    TENSORS_NAME,
+    Entry,
+    RunDirectory,
+    checkpoint_dirname,
+)
 from haltpoint.store.space import full_disk_on_open, unwritable_on_open
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
@@ -421,6 +426,7 @@ class Checkpointer:
                     sorted([*committed, saved], key=lambda e: e.step),
                     beyond=[e for e in on_disk if e.step > step],
                 )
+            self._remove_superseded(saved)
 
         if background:
             assert self._writer is not None
@@ -441,6 +447,20 @@ class Checkpointer:
             path=f"{self.directory}/{dirname}",
             pinned=pin,
         )
+
+    def _remove_superseded(self, entry: Entry) -> None:
+        """After `entry` was saved under a fresh tensor file name (its folder held an older
+        one): verify it, then delete its folder's tensor files that no manifest references."""
+        assert entry.manifest is not None
+        own = {f for f in entry.manifest.files() if f.startswith(f"{entry.dirname}/")}
+        if own <= {f"{entry.dirname}/{TENSORS_NAME}"}:
+            return  # the first name: no older file was there
+        try:
+            damage = self._reader.damage(entry)
+        except UnreadableCheckpointError:
+            return  # not verified: the older files stay, as they are harmless
+        if damage is None:
+            self._run.remove_superseded(entry.dirname)
 
     def _write_history(self, step: int, record: dict[str, Any]) -> None:
         """Append the history lines owed by earlier saves, then `record` (of `step`, just
@@ -536,10 +556,7 @@ class Checkpointer:
                 try:
                     damage = self._reader.damage(entry)
                 except UnreadableCheckpointError as exc:  # not damage: remove nothing
-                    warnings.warn(
-                        f"{first_line(exc)}; retention removed no checkpoint this time",
-                        stacklevel=5,
-                    )
+                    warn_user(f"{first_line(exc)}; retention removed no checkpoint this time")
                     return
                 if damage is None:
                     self._intact.add(entry.step)
@@ -547,10 +564,9 @@ class Checkpointer:
                 try:
                     self._quarantine(entry, damage)
                 except OSError as exc:  # the save is committed: remove nothing this time
-                    warnings.warn(
+                    warn_user(
                         f"{self.directory}: retention could not set the damaged checkpoint of "
-                        f"step {entry.step} aside ({exc}); it removed no checkpoint this time",
-                        stacklevel=5,
+                        f"step {entry.step} aside ({exc}); it removed no checkpoint this time"
                     )
                     return
                 entries = [e for e in entries if e.step != entry.step]
@@ -560,10 +576,9 @@ class Checkpointer:
             self._run.remove(dropped, kept)
         except OSError as exc:  # the save is committed: what is left goes at a later pass
             steps = ", ".join(str(e.step) for e in dropped)
-            warnings.warn(
+            warn_user(
                 f"{self.directory}: retention could not remove step {steps} ({exc}); the "
-                "save is committed, and a later save or `haltpoint gc` removes what is left",
-                stacklevel=5,
+                "save is committed, and a later save or `haltpoint gc` removes what is left"
             )
         self._intact -= {e.step for e in dropped if self._run.removed(e.dirname)}
 
@@ -580,12 +595,11 @@ class Checkpointer:
         if said:
             self._said_rankings |= said
             theirs = ", ".join(f"{monitor} ({mode})" for monitor, mode in sorted(said))
-            warnings.warn(
+            warn_user(
                 f"{self.directory}: checkpoints there were ranked by {theirs}, this "
                 f"Checkpointer ranks by {self.monitor} ({self.mode}); retention keeps the best "
                 "by both, so the run's best is not lost (pass the same monitor and mode, or "
-                "remove the old ones with haltpoint gc)",
-                stacklevel=5,
+                "remove the old ones with haltpoint gc)"
             )
         return rules
 
@@ -609,11 +623,10 @@ class Checkpointer:
         where = self._run.quarantine(entry)
         self._intact.discard(entry.step)
         said = "" if damage is None else f"{damage}\n"
-        warnings.warn(
+        warn_user(
             f"{said}haltpoint: set the damaged checkpoint of step {entry.step} aside as "
             f"{self.directory.rstrip('/')}/{where} (its data stays; delete it when you no "
-            f"longer need it); step {entry.step} can be saved again",
-            stacklevel=5,
+            f"longer need it); step {entry.step} can be saved again"
         )
 
     # -- restoring ------------------------------------------------------------------------

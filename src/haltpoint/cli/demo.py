@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -31,14 +32,14 @@ from haltpoint.store.history import (
     read_history,
     read_history_file,
 )
-from haltpoint.store.lock import read_holder
+from haltpoint.store.lock import LOCK_NAME, WriterLock, read_holder
 from haltpoint.store.quarantine import QUARANTINE_DIR
 from haltpoint.store.run_dir import (
     DCP_NAME,
     ROOT_TEMP_OF,
-    STEP_NAMES,
     STEP_TEMP_OF,
     RunDirectory,
+    is_own_step_name,
     is_temp_name,
     parse_step,
 )
@@ -114,7 +115,7 @@ def _foreign_entry(path: str) -> str | None:
             if child == DCP_NAME and os.path.isdir(inner) and not os.path.islink(inner):
                 continue  # torch.distributed.checkpoint's own files
             if not _is_regular(inner) or not (
-                (child in STEP_NAMES and child != DCP_NAME) or is_temp_name(child, STEP_TEMP_OF)
+                (is_own_step_name(child) and child != DCP_NAME) or is_temp_name(child, STEP_TEMP_OF)
             ):
                 return inner
     return None
@@ -126,33 +127,68 @@ def _is_regular(path: str) -> bool:
 
 
 def _delete_run(path: str) -> None:
+    """Delete the run directory `path` for --fresh, holding its writer lock throughout.
+
+    The checks run first without the lock (so a folder that is no run gets no lock file),
+    then the lock is taken and the contents checked again: from then on a trainer that opens
+    the run is refused with `LockedError` until the folder is gone. The lock file goes last,
+    while still locked; a writer waiting on it then finds it deleted and starts a new one.
+
+    Raises:
+        ValueError: `path` is a symbolic link, no haltpoint run, or holds a foreign entry.
+        LockedError: a writer holds the run (naming it); nothing was deleted.
+    """
     if not os.path.lexists(path):
         return
-    if os.path.islink(path):
-        raise ValueError(
-            f"--fresh deletes {path}, but it is a symbolic link; delete the run it points to "
-            "yourself or pick another --run-dir"
-        )
+    _refuse_a_link(path)
     if not os.path.isdir(path) or not _looks_like_run(path):
         raise ValueError(
             f"--fresh deletes {path}, but it does not look like a haltpoint run (no "
             f"{HISTORY_NAME} and no committed checkpoint); delete it yourself or pick "
             "another --run-dir"
         )
-    foreign = _foreign_entry(path)
-    if foreign is not None:
-        raise ValueError(
-            f"--fresh deletes {path}, but it holds {foreign}, which haltpoint did not write; "
-            "move it out, or delete the folder yourself"
-        )
-    holder = read_holder(LocalStorage(path))
+    _refuse_foreign(path)
+    storage = LocalStorage(path, create=False)
+    holder = read_holder(storage)
     if holder is not None:
         raise LockedError(
             f"--fresh cannot delete {path}: {holder.describe()} is training in it; stop that "
             "process first",
             path=path,
         )
-    shutil.rmtree(path)
+    with WriterLock(storage):  # one that took the lock since read_holder: LockedError
+        _refuse_a_link(path)  # again: what changed before the lock was ours
+        _refuse_foreign(path)
+        for name in os.listdir(path):
+            if name != LOCK_NAME:
+                full = os.path.join(path, name)
+                if os.path.isdir(full) and not os.path.islink(full):
+                    shutil.rmtree(full)
+                else:
+                    os.unlink(full)
+        os.unlink(os.path.join(path, LOCK_NAME))
+        try:
+            os.rmdir(path)
+        except OSError as exc:  # a writer created a new lock file since: its run is empty
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+
+
+def _refuse_a_link(path: str) -> None:
+    if os.path.islink(path):
+        raise ValueError(
+            f"--fresh deletes {path}, but it is a symbolic link; delete the run it points to "
+            "yourself or pick another --run-dir"
+        )
+
+
+def _refuse_foreign(path: str) -> None:
+    foreign = _foreign_entry(path)
+    if foreign is not None:
+        raise ValueError(
+            f"--fresh deletes {path}, but it holds {foreign}, which haltpoint did not write; "
+            "move it out, or delete the folder yourself"
+        )
 
 
 def _disk_usage(path: str) -> tuple[int, int]:
@@ -193,8 +229,9 @@ class _Display:
                 self.out.line(f"the run had already stopped: {stopper.reason}")
             elif info.step + 1 >= self.config.max_epochs:
                 self.out.line(
-                    f"the run had already trained its {self.config.max_epochs} epochs; "
-                    "pass --epochs N to train longer"
+                    f"the run had already trained {info.step + 1} epochs (--epochs "
+                    f"{self.config.max_epochs}); pass --epochs N with N > {info.step + 1} to "
+                    "train longer"
                 )
         if self.progress is not None and self.task is not None:
             done = 0 if info is None else info.step + 1

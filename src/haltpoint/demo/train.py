@@ -215,8 +215,15 @@ def _train(
     test_loss, test_acc = evaluate(model, split.test)
     with torch.no_grad():
         predicted = model(split.test[0]).argmax(dim=1)
+    trained = last_epoch + 1
     if stopper.stopped:
         reason = str(stopper.reason)
+    elif trained > config.max_epochs:  # an earlier call trained it with a larger --epochs
+        reason = (
+            f"had already trained {trained} epochs, past the maximum of {config.max_epochs}, "
+            f"before early stopping (patience {config.patience} on {MONITOR}) triggered; pass "
+            f"--epochs N with N > {trained} to train longer"
+        )
     else:
         reason = (
             f"reached the maximum of {config.max_epochs} epochs before early stopping "

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from haltpoint.errors import StateMismatchError
 from haltpoint.stopping.decision import Decision
 from haltpoint.stopping.rules import Rule, StatefulRule
 
@@ -37,13 +38,15 @@ def _count(state: Mapping[str, Any], key: str, allow_none: bool = False) -> Any:
     return value
 
 
-def parse_state(state: object, rules: Sequence[Rule]) -> SavedState:
-    """Check a state dict against this version and these rules, and unpack it.
+def parse_state(state: object, rules: Sequence[Rule], monitor: str | None, mode: str) -> SavedState:
+    """Check a state dict against this version, these rules and the loading stopper's
+    `monitor` and `mode`, and unpack it.
 
     Raises:
         TypeError: when `state` is not a mapping.
         ValueError: for a missing key, another version, a value of the wrong type, or a rule
             list that does not match `rules`.
+        StateMismatchError: the state records another monitor or mode than `monitor`, `mode`.
     """
     if not isinstance(state, Mapping):
         raise TypeError(
@@ -60,6 +63,7 @@ def parse_state(state: object, rules: Sequence[Rule]) -> SavedState:
             f"EarlyStopping state has version {state['version']!r}; this haltpoint reads "
             f"version {STATE_VERSION}. Upgrade haltpoint to read it"
         )
+    _check_origin(state, monitor, mode)
     best = state["best"]
     if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
         raise ValueError(f"EarlyStopping state 'best' must be a number or None; got {best!r}")
@@ -89,6 +93,25 @@ def parse_state(state: object, rules: Sequence[Rule]) -> SavedState:
         last_decision=None if last is None else Decision.from_dict(last),
         rules=rule_states,
     )
+
+
+def _check_origin(state: Mapping[str, Any], monitor: str | None, mode: str) -> None:
+    """Refuse a state recorded by a stopper of another monitor or mode. Both keys are
+    optional: a state saved before they were recorded (an older haltpoint) is not checked."""
+    saved_monitor, saved_mode = state.get("monitor", monitor), state.get("mode", mode)
+    if saved_monitor is not None and not isinstance(saved_monitor, str):
+        raise ValueError(
+            f"EarlyStopping state 'monitor' must be a str or None; got {saved_monitor!r}"
+        )
+    if saved_mode not in ("min", "max"):
+        raise ValueError(f"EarlyStopping state 'mode' must be 'min' or 'max'; got {saved_mode!r}")
+    if (saved_monitor, saved_mode) != (monitor, mode):
+        raise StateMismatchError(
+            f"EarlyStopping state was saved by a stopper of monitor {saved_monitor!r} in mode "
+            f"{saved_mode!r}, but this one has monitor {monitor!r} in mode {mode!r}; construct "
+            "it with the monitor and mode of the run that saved the state, or do not load it "
+            "(a new metric or direction starts afresh)"
+        )
 
 
 def rule_states(rules: Sequence[Rule]) -> list[Any]:

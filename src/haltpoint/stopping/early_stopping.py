@@ -389,6 +389,8 @@ class EarlyStopping:
     def state_dict(self) -> dict[str, Any]:
         """Return the state (never the configuration) as JSON-able values.
 
+        `monitor` and `mode` are recorded only for `load_state_dict` to check: a state loads
+        into a stopper of the same metric and direction, never changing its configuration.
         Floats may be inf or nan (in `last_decision`); the checkpoint's state codec keeps them.
 
         Example:
@@ -399,6 +401,8 @@ class EarlyStopping:
         """
         state: dict[str, Any] = {
             "version": STATE_VERSION,
+            "monitor": self._monitor,
+            "mode": self._mode,
             "evaluations": self._evaluations,
             "best": self._best,
             "best_step": self._best_step,
@@ -419,8 +423,10 @@ class EarlyStopping:
             TypeError: when `state` is not a mapping.
             ValueError: for a missing key, another version, a value of the wrong type, or a
                 rule list that does not match this stopper's rules.
+            StateMismatchError: the state was saved by a stopper of another `monitor` or
+                `mode` (a state without them, from an older haltpoint, loads as before).
         """
-        saved = parse_state(state, self._rules)
+        saved = parse_state(state, self._rules, self._monitor, self._mode)
         if self._trend is not None:  # a state saved without it starts the fit afresh
             self._trend.load_state_dict(state.get("trend"))
         load_rule_states(self._rules, saved.rules)

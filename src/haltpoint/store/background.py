@@ -5,13 +5,57 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
-__all__ = ["BackgroundWriter"]
+__all__ = ["BackgroundWriter", "warn_user"]
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../haltpoint
+_job = threading.local()  # on a writer's thread: `site`, where the job in flight came from
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A line of the user's code, as `warnings.warn` would name it."""
+
+    filename: str
+    lineno: int
+    globals: dict[str, Any]
+
+
+def _user_site(frame: FrameType | None) -> _Site | None:
+    """The first frame from `frame` outward that is not haltpoint's own code, or None."""
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE + os.sep):
+        frame = frame.f_back
+    return (
+        None if frame is None else _Site(frame.f_code.co_filename, frame.f_lineno, frame.f_globals)
+    )
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """`warnings.warn(message, category)` pointing at the user's code: the first caller outside
+    haltpoint; on a `BackgroundWriter`'s thread, the line that submitted the job (that thread's
+    own callers are `concurrent.futures`)."""
+    site = getattr(_job, "site", None) or _user_site(sys._getframe(1))
+    if site is None:  # called from nothing but haltpoint (an atexit hook)
+        warnings.warn(message, category, stacklevel=2)
+        return
+    warnings.warn_explicit(
+        message,
+        category,
+        site.filename,
+        site.lineno,
+        module=site.globals.get("__name__", "<string>"),
+        registry=site.globals.setdefault("__warningregistry__", {}),
+        module_globals=site.globals,
+    )
 
 
 class BackgroundWriter:
@@ -19,7 +63,8 @@ class BackgroundWriter:
 
     At most one job is in flight: `submit` first waits for the previous one (back-pressure).
     An exception raised by a job is raised again by the next `submit`, `wait` or `close`. At
-    interpreter exit a job still running is finished, and a failure is printed to stderr.
+    interpreter exit a job still running is finished, and a failure is printed to stderr. A
+    job's `warn_user` warnings point at the line of the user's code that submitted it.
     The thread belongs to the process that made the writer: in a child made by `os.fork`,
     waiting for the parent's job raises `RuntimeError` (it would never finish there), and the
     child's exit leaves it to the parent.
@@ -53,12 +98,15 @@ class BackgroundWriter:
         if self._closed:
             raise RuntimeError("the background writer is closed; create a new Checkpointer")
         self.wait()
+        site = _user_site(sys._getframe(1))
 
         def timed() -> Any:
             start = time.perf_counter()
+            _job.site = site
             try:
                 return job()
             finally:
+                _job.site = None
                 self.last_seconds = time.perf_counter() - start
 
         self._pending = self._executor.submit(timed)

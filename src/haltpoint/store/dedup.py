@@ -16,7 +16,6 @@ checkpoint's own file, and the damaged file is left as it is (older manifests re
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from haltpoint.errors import CorruptCheckpointError, UnsupportedStateError
+from haltpoint.store.background import warn_user
 from haltpoint.store.hashing import StreamHasher, tensor_bytes
 from haltpoint.store.manifest import Manifest
 from haltpoint.store.storage import Storage
@@ -128,12 +128,11 @@ class ReferenceCheck:
             return
         self._warned.add(file)
         names = ", ".join(repr(k) for k in keys)
-        warnings.warn(
+        warn_user(
             f"{self.storage.url.rstrip('/')}/{file}: the bytes of {names} are missing or do not "
             "match the hash their manifest records (bit rot, or the file was changed); wrote "
             "them afresh instead of referencing them, and left the file as it is (older "
-            "checkpoints reference it: `haltpoint verify` names the damaged ones)",
-            stacklevel=4,
+            "checkpoints reference it: `haltpoint verify` names the damaged ones)"
         )
 
 

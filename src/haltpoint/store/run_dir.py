@@ -22,7 +22,6 @@ no kept (or quarantined) manifest references.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from haltpoint.errors import (
     UnreadableCheckpointError,
 )
 from haltpoint.state.tree import check_tree
+from haltpoint.store.background import warn_user
 from haltpoint.store.history import HISTORY_NAME
 from haltpoint.store.lock import LOCK_NAME
 from haltpoint.store.manifest import (
@@ -66,9 +66,12 @@ __all__ = [
     "checkpoint_dirname",
     "checkpoint_nbytes",
     "dcp_folder",
+    "is_own_step_name",
     "is_sharded",
     "is_temp_name",
+    "is_tensors_name",
     "parse_step",
+    "tensors_name",
 ]
 
 TENSORS_NAME = "tensors.safetensors"
@@ -80,7 +83,36 @@ _DIR_PATTERN = re.compile(r"^step-([0-9]{9,})$")
 
 # the names haltpoint writes into a run: clean-up deletes these and nothing else
 STEP_NAMES = frozenset({TENSORS_NAME, DCP_NAME, MANIFEST_NAME, PINNED_NAME})
-"""What a step folder of haltpoint's holds."""
+"""What a step folder of haltpoint's holds (and the numbered tensor files, `tensors_name`)."""
+_NUMBERED_TENSORS = re.compile(r"tensors-[1-9][0-9]*\.safetensors", re.ASCII)
+
+
+def tensors_name(n: int) -> str:
+    """The name of the `n`-th tensor file a step's folder got: a step saved again while its
+    folder still holds an older one (that newer or quarantined manifests reference, or an
+    interrupted save left) writes the first name not taken.
+
+    >>> tensors_name(0), tensors_name(2)
+    ('tensors.safetensors', 'tensors-2.safetensors')
+    """
+    return TENSORS_NAME if n == 0 else f"tensors-{n}.safetensors"
+
+
+def is_tensors_name(name: str) -> bool:
+    """Whether `name` is one `tensors_name` gives (ASCII digits, no leading zero).
+
+    >>> is_tensors_name("tensors-12.safetensors"), is_tensors_name("tensors-01.safetensors")
+    (True, False)
+    """
+    return name == TENSORS_NAME or _NUMBERED_TENSORS.fullmatch(name) is not None
+
+
+def is_own_step_name(name: str) -> bool:
+    """Whether `name` is a name haltpoint writes in a step folder (`STEP_NAMES`, or a numbered
+    tensor file)."""
+    return name in STEP_NAMES or is_tensors_name(name)
+
+
 STEP_TEMP_OF = frozenset({MANIFEST_NAME, PINNED_NAME})
 """The step-folder files written through a temporary file (`is_temp_name`)."""
 ROOT_TEMP_OF = frozenset({HISTORY_NAME, LOCK_NAME})
@@ -309,7 +341,7 @@ class RunDirectory:
         result = []
         for entry in self.scan():
             if entry.error is not None:
-                warnings.warn(str(entry.error), stacklevel=3)
+                warn_user(str(entry.error))
             elif entry.committed:
                 result.append(entry)
         return result
@@ -437,12 +469,11 @@ class RunDirectory:
             and (self.storage.exists(f"{name}/{MANIFEST_NAME}") or self._unlistable(name))
         ]
         if unknown:
-            warnings.warn(
+            warn_user(
                 f"{self.storage.url}: deleted no leftover files, since the manifest of "
                 f"{', '.join(unknown)} could not be read (unreadable, damaged or of a newer "
                 "format) and may reference them; fix or remove it, and the next writer "
-                "cleans up",
-                stacklevel=3,
+                "cleans up"
             )
             return []
         referenced = set().union(*(m.files() for m in kept))
@@ -470,13 +501,13 @@ class RunDirectory:
             for child in children:
                 rel = f"{name}/{child}"
                 unwanted = is_temp_name(child, STEP_TEMP_OF) or (
-                    child in STEP_NAMES
+                    is_own_step_name(child)
                     and not (live and (child in (MANIFEST_NAME, PINNED_NAME) or rel in referenced))
                 )
                 if unwanted and (child == DCP_NAME or not self.storage.is_folder(rel)):
                     files.append(rel)
                     removed.append(rel)
-                elif unwanted or child not in STEP_NAMES:  # not haltpoint's: never deleted
+                elif unwanted or not is_own_step_name(child):  # not haltpoint's: never deleted
                     foreign = True  # (a folder at one of its file names is not either)
             if not live and not foreign:
                 folders.append(name)
@@ -505,6 +536,33 @@ class RunDirectory:
             "permissions to use it)",
             path=where,
         )
+
+    def remove_superseded(self, dirname: str) -> list[str]:
+        """Delete the tensor files of checkpoint folder `dirname` that no manifest of the run
+        references (committed or quarantined); return them.
+
+        The writer calls it once it has committed and verified a save of that step under a
+        fresh tensor file name. Nothing is deleted while any manifest cannot be read (it may
+        reference them), nor while a quarantined manifest of this step does not decode.
+        """
+        entries = self.scan()
+        held = self.quarantined()
+        if any(e.error is not None for e in entries) or any(
+            q.manifest is None and checkpoint_dirname(q.step) == dirname for q in held
+        ):
+            return []
+        manifests = [e.manifest for e in entries if e.manifest is not None]
+        manifests += [q.manifest for q in held if q.manifest is not None]
+        referenced = set().union(*(m.files() for m in manifests))
+        stale = [
+            rel
+            for rel in (f"{dirname}/{name}" for name in self.storage.listdir(dirname))
+            if is_tensors_name(rel.rsplit("/", 1)[1])
+            and rel not in referenced
+            and not self.storage.is_folder(rel)
+        ]
+        self.storage.remove_many(stale)
+        return stale
 
     def _where(self, dirname: str) -> str:
         return f"{self.storage.url.rstrip('/')}/{dirname}/{MANIFEST_NAME}"

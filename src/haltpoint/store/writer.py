@@ -10,7 +10,7 @@ import torch
 
 from haltpoint.store.dedup import ReferenceCheck, plan_dedup
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.run_dir import TENSORS_NAME, RunDirectory, checkpoint_dirname
+from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname, tensors_name
 from haltpoint.store.space import check_free_space, translate_full_disk
 from haltpoint.store.staging import staged_nbytes
 from haltpoint.store.tensor_writer import write_tensor_file
@@ -30,16 +30,15 @@ def library_versions() -> dict[str, str]:
 
 
 def _tensor_file_name(run: RunDirectory, dirname: str) -> str:
-    """`dirname/tensors.safetensors`, or a fresh name if that file exists.
+    """`dirname/tensors.safetensors`, or the first `tensors_name` not taken.
 
     The file of a dropped checkpoint stays while newer manifests reference it; saving its
     step again must not overwrite it.
     """
-    rel, n = f"{dirname}/{TENSORS_NAME}", 1
-    while run.storage.exists(rel):
-        stem, ext = TENSORS_NAME.split(".", 1)
-        rel, n = f"{dirname}/{stem}-{n}.{ext}", n + 1
-    return rel
+    n = 0
+    while run.storage.exists(f"{dirname}/{tensors_name(n)}"):
+        n += 1
+    return f"{dirname}/{tensors_name(n)}"
 
 
 def write_checkpoint(
