@@ -427,6 +427,22 @@ def test_resume_mid_run_is_invisible(
     assert got == expected
 
 
+def test_resume_of_a_diverged_run_is_invisible() -> None:
+    """The log-scale sums of a diverged run are rebuilt after a resume: the same decisions."""
+    rng = random.Random(11)
+    stuck = [1.0] + [200.0 * math.exp(rng.gauss(0.0, 0.6)) for _ in range(299)]
+    for horizon in (None, 300):
+        straight = EarlyStopping("val_loss", horizon=horizon)
+        expected = [straight.step(v).to_dict() for v in stuck]
+        for split in (20, 45, 70, 130):
+            first = EarlyStopping("val_loss", horizon=horizon)
+            got = [first.step(v).to_dict() for v in stuck[:split]]
+            second = EarlyStopping("val_loss", horizon=horizon)
+            second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+            got += [second.step(v).to_dict() for v in stuck[split:]]
+            assert got == expected, (horizon, split)
+
+
 LEVELS = st.floats(-100.0, 100.0, allow_nan=False)
 
 

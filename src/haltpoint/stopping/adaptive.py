@@ -269,7 +269,7 @@ class TrendRule:
         self._settings = settings
         self._points: deque[tuple[int, float]] = deque()
         self._sums = _Sums()
-        self._logs = _Sums()  # the same over log(x), kept while every x in the window is > 0
+        self._logs: _Sums | None = None  # the same over log(x), from the first diverged fit on
         self._nonpositive = 0  # values in the window that have no logarithm
 
     @property
@@ -285,28 +285,34 @@ class TrendRule:
             x = self._sign * value
             points.append((index, x))
             sums.add(index, x, 1.0)
-            self._add_log(index, x, 1)
+            if self._logs is not None:
+                self._add_log(index, x, 1)
         first = index - window_size(index, self._settings)
         reset = index % self._settings.max_window == 0  # bounds rounding drift
         while points and points[0][0] <= first:
             t, x = points.popleft()
             reset = reset or sums.large(x)  # its square would swamp the sums once removed
             sums.add(t, x, -1.0)
-            self._add_log(t, x, -1)
+            if self._logs is not None:
+                self._add_log(t, x, -1)
         if reset or not sums.sound():
             sums.reset(points)
-            self._reset_logs()
+            if self._logs is not None:
+                self._reset_logs()
 
     def _add_log(self, t: int, x: float, w: int) -> None:
+        assert self._logs is not None
         if x > 0:
             self._logs.add(t, math.log(x), float(w))
         else:
             self._nonpositive += w
 
-    def _reset_logs(self) -> None:
+    def _reset_logs(self) -> _Sums:
+        """Sum `log(x)` over the window from scratch; from then on `observe` keeps it."""
         self._logs, self._nonpositive = _Sums(), 0
         for t, x in self._points:
             self._add_log(t, x, 1)
+        return self._logs
 
     def least_wait(self, index: int) -> int:
         """Evaluations without a new best the rule needs at evaluation `index` before it looks
@@ -348,9 +354,12 @@ class TrendRule:
         target = self._sign * best
         reachable = _reachable(level, slope, noise, se, ahead, noise_k, slope_z)
         worse = level - target
-        if worse > abs(target) and target > 0 and self._nonpositive == 0:
+        logs = None
+        if worse > abs(target) and target > 0:
+            logs = self._reset_logs() if self._logs is None else self._logs
+        if logs is not None and self._nonpositive == 0:
             # diverged, positive: project log(value), judged by the orders of magnitude left
-            fitted = self._logs.fit(len(points), points[-1][0])
+            fitted = logs.fit(len(points), points[-1][0])
             reachable = math.exp(min(_reachable(*fitted, ahead, noise_k, slope_z), 709.0))
         gain = (target - reachable) / abs(target) if target != 0 else math.inf
         descending = (
@@ -418,7 +427,7 @@ class TrendRule:
             )
         self._points = deque((int(t), self._sign * float(x)) for t, x in points)
         self._sums = _Sums.from_state(sums)
-        self._reset_logs()
+        self._logs = None
 
 
 class _Sums:
