@@ -50,7 +50,7 @@ from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
-from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
+from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking, next_sequence
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
 from haltpoint.store.run_dir import PINNED_NAME, Entry, RunDirectory, checkpoint_dirname
 from haltpoint.store.space import full_disk_on_open, unwritable_on_open
@@ -402,6 +402,7 @@ class Checkpointer:
                     metrics=metrics,
                     tree=flat.tree,
                     tensors=tensors,
+                    sequence=next_sequence(e.manifest for e in on_disk if e.manifest),
                     extra=None if extra is None else extra(),
                     previous=committed[-1].manifest if committed else None,
                     check=self._references,
