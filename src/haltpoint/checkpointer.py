@@ -35,6 +35,7 @@ from haltpoint.policies.interval import parse_every
 from haltpoint.policies.retention import (
     KeepBest,
     build_rules,
+    commit_order,
     contested_steps,
     recorded_best_rules,
     retained_steps,
@@ -50,7 +51,13 @@ from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
-from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking, next_sequence
+from haltpoint.store.manifest import (
+    RANKING_KEY,
+    DamagedManifestError,
+    Manifest,
+    Ranking,
+    next_sequence,
+)
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
 from haltpoint.store.run_dir import PINNED_NAME, Entry, RunDirectory, checkpoint_dirname
 from haltpoint.store.space import full_disk_on_open, unwritable_on_open
@@ -383,6 +390,7 @@ class Checkpointer:
             tensors = {k: t if t.device.type == "cpu" else t.cpu() for k, t in flat.tensors.items()}
         now = time.time()
         history = save_record(step, now, metrics, state)
+        written: list[Manifest] = []  # the manifest committed, once the job has run
 
         def job() -> None:
             try:
@@ -413,6 +421,7 @@ class Checkpointer:
                     self._staging.release()
             self._intact.add(step)
             self._last = step
+            written.append(manifest)
             # only this writer changes the run (it holds the lock): no second scan needed
             saved = Entry(step, dirname, manifest, None, pin)
             try:  # committed: an error from here on must say so
@@ -441,6 +450,7 @@ class Checkpointer:
             size=staged_nbytes(tensors),
             path=f"{self.directory}/{dirname}",
             pinned=pin,
+            sequence=None if background else written[0].sequence,  # async: not committed yet
         )
 
     def _write_history(self, step: int, record: dict[str, Any]) -> None:
@@ -497,13 +507,14 @@ class Checkpointer:
 
     def _check_ahead(self, step: int) -> None:
         """Refuse (StepBehindError) a save of a step older than this writer's last save or
-        restore, or, before either, than the newest committed checkpoint on disk: retention
-        would otherwise count the newer ones and may delete the new one, or they it."""
+        restore, or, before either, than the latest checkpoint on disk (the newest committed:
+        after a rewind, the branch saved last): steps go on from where training is."""
         floor = self._last
         where = "this Checkpointer's last save or restore"
         if floor is None:
-            floor = max((e.step for e in self._run.committed()), default=-1)
-            where = f"the newest checkpoint in {self.directory}"
+            latest = max(self._run.committed(), key=commit_order, default=None)
+            floor = -1 if latest is None else latest.step
+            where = f"the latest checkpoint in {self.directory}"
         if step < floor:
             raise StepBehindError(
                 f"cannot save step {step}: it is older than step {floor}, {where}; save a "

@@ -24,6 +24,7 @@ __all__ = [
     "RetentionRule",
     "best_record",
     "build_rules",
+    "commit_order",
     "contested_steps",
     "recorded_best_rules",
     "retained_steps",
@@ -43,6 +44,29 @@ class CheckpointRecord(Protocol):
 
     @property
     def pinned(self) -> bool: ...
+
+
+class _Ordered(Protocol):
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def sequence(self) -> int | None: ...
+
+
+def commit_order(record: _Ordered) -> tuple[int, int]:
+    """The key that sorts records (or manifests) oldest-committed first: by sequence, one without
+    it (written before haltpoint recorded it) before any with one, then by step.
+
+    After a rewind (saves 4, 5 after a restore of step 1, in a run that had reached 20) the
+    new branch sorts last, above the abandoned branch's higher steps:
+
+    >>> from types import SimpleNamespace as R
+    >>> records = [R(step=s, sequence=q) for s, q in [(5, 4), (20, 2), (1, None), (4, 3)]]
+    >>> [r.step for r in sorted(records, key=commit_order)]
+    [1, 20, 4, 5]
+    """
+    return (-1 if record.sequence is None else record.sequence, record.step)
 
 
 @runtime_checkable
