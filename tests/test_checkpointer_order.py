@@ -163,6 +163,51 @@ def test_restore_falls_back_in_commit_order_past_a_damaged_latest(tmp_path: Path
     assert torch.equal(model.weight, torch.full((2, 3), 15.0))
 
 
+# -- keep_last ranks by commit order ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_keep_last_after_a_rewind_evicts_the_abandoned_branch_first(
+    tmp_path: Path, async_save: bool
+):
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=async_save) as ckpt:
+        train(ckpt, model, OLD_BRANCH)
+    with Checkpointer(run, keep_last=2, async_save=async_save) as ckpt:
+        ckpt.restore({"model": model}, which=10)
+        train(ckpt, model, (15,))
+        ckpt.wait()
+        assert committed_steps(run) == [15, 30]  # 10 and 20 were committed before 30
+        train(ckpt, model, (16,))
+        ckpt.wait()
+        assert committed_steps(run) == [15, 16]  # the abandoned 30 goes before 15
+        train(ckpt, model, (17,))
+    assert committed_steps(run) == [16, 17]
+    assert not (run / checkpoint_dirname(30)).exists()  # its folder and files went too
+
+
+def test_keep_last_after_a_rewind_verifies_what_it_keeps_before_it_removes(tmp_path: Path):
+    """The abandoned branch's 30 is among the two newest committed, and damaged: retention
+    finds that before it removes anything, sets it aside and keeps 20 in its place."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        train(ckpt, model, OLD_BRANCH)
+    tensors = run / checkpoint_dirname(30) / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with (
+        pytest.warns(UserWarning, match="set the damaged checkpoint of step 30 aside"),
+        Checkpointer(run, keep_last=2, async_save=False) as ckpt,
+    ):
+        ckpt.restore({"model": model}, which=10)
+        train(ckpt, model, (15,))
+    assert committed_steps(run) == [15, 20]
+    assert [p.name for p in (run / "quarantine").iterdir()] == ["step-000000030-1.json"]
+
+
 # -- manifests without a sequence (older haltpoint) --------------------------------------------
 
 
@@ -226,7 +271,16 @@ def test_a_crafted_sequence_is_a_damaged_manifest(
     assert rows[30]["status"] == "damaged" and "latest" in rows[20]["tags"]
 
 
-# -- the other writer: import ---------------------------------------------------------------
+# -- the other writers: gc and import ---------------------------------------------------------
+
+
+def test_gc_keep_last_counts_in_commit_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run = tmp_path / "run"
+    rewound_run(run, async_save=False)
+    code, out, err = run_cli(capsys, "gc", str(run), "--keep-last", "2")
+    assert code == 0, err
+    assert "kept steps 15, 16" in out
+    assert committed_steps(run) == [15, 16]
 
 
 def test_an_import_after_a_rewind_is_the_latest(tmp_path: Path, capsys):

@@ -400,9 +400,10 @@ class Checkpointer:
                         copy_later()
                     finally:
                         self._gate.open()
-                # after a rewind, old-run steps above this one stay and are no dedup source
+                # this commit comes after every one on disk; after a rewind, the old run's
+                # steps above this one are no dedup source
                 on_disk = self._run.committed()
-                committed = [e for e in on_disk if e.step < step]
+                below = [e for e in on_disk if e.step < step]
                 manifest = write_checkpoint(
                     self._run,
                     step=step,
@@ -412,7 +413,7 @@ class Checkpointer:
                     tensors=tensors,
                     sequence=next_sequence(e.manifest for e in on_disk if e.manifest),
                     extra=None if extra is None else extra(),
-                    previous=committed[-1].manifest if committed else None,
+                    previous=below[-1].manifest if below else None,
                     check=self._references,
                     pinned=pin,  # the marker is written before the manifest
                 )
@@ -427,10 +428,7 @@ class Checkpointer:
             try:  # committed: an error from here on must say so
                 self._write_history(step, history)
             finally:  # retention runs anyway: it may free the space the history needs
-                self._apply_retention(
-                    sorted([*committed, saved], key=lambda e: e.step),
-                    beyond=[e for e in on_disk if e.step > step],
-                )
+                self._apply_retention([*on_disk, saved])
 
         if background:
             assert self._writer is not None
@@ -522,12 +520,10 @@ class Checkpointer:
                 path=self.directory,
             )
 
-    def _apply_retention(self, entries: list[Entry], beyond: list[Entry]) -> None:
-        """Remove the committed checkpoints (`entries`, oldest first) no rule keeps.
-
-        `beyond`: the committed checkpoints of steps above the one just saved (an old run's,
-        after a rewind): the rules do not judge them, and they are kept, with every file
-        their manifests reference.
+    def _apply_retention(self, entries: list[Entry]) -> None:
+        """Remove the committed checkpoints (`entries`: all of them, the one just saved
+        included) no rule keeps. keep_last counts in commit order, so after a rewind the old
+        run's checkpoints (above the step saved, too) are the oldest, and go first.
 
         Before anything is removed, every checkpoint that keep_last or keep_best keeps in its
         place is verified (once per writer): a damaged one is quarantined and the rules run
@@ -567,7 +563,6 @@ class Checkpointer:
                     return
                 entries = [e for e in entries if e.step != entry.step]
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
-        kept += [e.manifest for e in beyond if e.manifest]
         try:
             self._run.remove(dropped, kept)
         except OSError as exc:  # the save is committed: what is left goes at a later pass

@@ -51,6 +51,7 @@ class Record:
     step: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     pinned: bool = False
+    sequence: int | None = None  # its place in commit order (None: an older haltpoint's)
 
 
 def open_run(directory: str, *, must_exist: bool = True) -> RunDirectory:

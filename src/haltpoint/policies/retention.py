@@ -45,6 +45,11 @@ class CheckpointRecord(Protocol):
     @property
     def pinned(self) -> bool: ...
 
+    @property
+    def sequence(self) -> int | None:
+        """Its place in commit order (None: a manifest of an older haltpoint)."""
+        ...
+
 
 class _Ordered(Protocol):
     @property
@@ -120,12 +125,15 @@ def _ranked(
 
 @dataclass(frozen=True)
 class KeepLatest:
-    """Keep the `n` highest steps.
+    """Keep the `n` newest committed (`commit_order`; without sequences: the highest steps).
 
     >>> from types import SimpleNamespace as R
-    >>> records = [R(step=s, metrics={}, pinned=False) for s in (3, 1, 2)]
+    >>> records = [R(step=s, metrics={}, pinned=False, sequence=None) for s in (3, 1, 2)]
     >>> sorted(KeepLatest(2).select(records))
     [2, 3]
+    >>> rewound = [R(step=s, metrics={}, pinned=False, sequence=q) for s, q in [(9, 0), (4, 1)]]
+    >>> KeepLatest(1).select(rewound)
+    {4}
     """
 
     n: int
@@ -134,7 +142,7 @@ class KeepLatest:
         _check_count("KeepLatest.n", self.n, 1)
 
     def select(self, records: Sequence[CheckpointRecord]) -> set[int]:
-        return set(sorted({r.step for r in records}, reverse=True)[: self.n])
+        return {r.step for r in sorted(records, key=commit_order, reverse=True)[: self.n]}
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,7 @@ def contested_steps(
     were one of them damaged, another checkpoint would take its place.
 
     >>> from types import SimpleNamespace as R
-    >>> records = [R(step=s, metrics={}, pinned=s == 1) for s in (1, 2, 3)]
+    >>> records = [R(step=s, metrics={}, pinned=s == 1, sequence=None) for s in (1, 2, 3)]
     >>> sorted(contested_steps(records, [KeepLatest(1), KeepPinned()]))
     [3]
     """
