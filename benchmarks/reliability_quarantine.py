@@ -122,8 +122,12 @@ def _quarantine_trial(run: Path, rng: random.Random, report: QuarantineReport) -
         listed = {info.step for info in ckpt.list()}
         for which in ("latest", "best"):
             _restored(ckpt, which, listed & usable, report.wrong_restores)
-    # the steps the rules keep among the usable checkpoints must all be there
-    records = [SimpleNamespace(step=s, metrics={"loss": losses[s]}, pinned=False) for s in usable]
+    # the steps the rules keep among the usable checkpoints must all be there (saved in step
+    # order, with no rewind: the commit order is the step order, as without sequences)
+    records = [
+        SimpleNamespace(step=s, metrics={"loss": losses[s]}, pinned=False, sequence=None)
+        for s in usable
+    ]
     expected = retained_steps(records, _RULES)
     if not expected <= listed:
         report.intact_lost.append(f"{what}: kept {sorted(listed)}, expected {sorted(expected)}")

@@ -103,6 +103,12 @@ def test_rank0_writes_each_checkpoint_once_and_all_restore_the_same(
 
 
 @pytest.mark.slow
+def test_every_rank_resumes_the_branch_saved_last_after_a_rewind(ddp_run: dict[str, Any]) -> None:
+    r0, r1 = ddp_run["ranks"]
+    assert r0["rewound"] == r1["rewound"] == 15  # not 30, the abandoned branch's
+
+
+@pytest.mark.slow
 def test_a_background_failure_on_rank0_raises_on_every_rank(ddp_run: dict[str, Any]) -> None:
     r0, r1 = ddp_run["ranks"]
     assert r0["finished"] and r1["finished"]  # nobody hung after the failure

@@ -125,6 +125,16 @@ CRAFTED = [
         id="extra-900-deep",
     ),
     pytest.param(
+        _set(lambda body: body["extra"], "sequence", -1),
+        r"extra\['sequence'\] must be an int in \[0, 2\*\*63\)",
+        id="sequence-negative",
+    ),
+    pytest.param(
+        _set(lambda body: body["extra"], "sequence", "9"),
+        r"extra\['sequence'\] must be an int in \[0, 2\*\*63\).*got '9'",
+        id="sequence-a-string",
+    ),
+    pytest.param(
         _set_value("deep", nest(80)),
         r"containers nest deeper than 64 levels",
         id="tree-80-deep",

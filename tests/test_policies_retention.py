@@ -20,6 +20,7 @@ from haltpoint.policies.retention import (
     RetentionRule,
     best_record,
     build_rules,
+    commit_order,
     retained_steps,
 )
 
@@ -29,6 +30,7 @@ class Rec:
     step: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     pinned: bool = False
+    sequence: int | None = None
 
 
 def recs(*values: float | None, monitor: str = "loss") -> list[Rec]:
@@ -50,6 +52,27 @@ INF = float("inf")
         (KeepLatest(2), recs(0.1, 0.2, 0.3), {2, 3}),
         (KeepLatest(5), recs(0.1, 0.2), {1, 2}),
         (KeepLatest(3), [], set()),
+        # commit order: a rewind to 1 saved 4 and 5 after 10 and 20 (sequences 0..4)
+        (
+            KeepLatest(2),
+            [
+                Rec(1, sequence=0),
+                Rec(10, sequence=1),
+                Rec(20, sequence=2),
+                Rec(4, sequence=3),
+                Rec(5, sequence=4),
+            ],
+            {4, 5},
+        ),
+        (
+            KeepLatest(3),
+            [Rec(1, sequence=0), Rec(10, sequence=1), Rec(20, sequence=2), Rec(4, sequence=3)],
+            {4, 10, 20},
+        ),
+        # no sequence (an older haltpoint's): before any with one, then by step
+        (KeepLatest(1), [Rec(7), Rec(3, sequence=0)], {3}),
+        (KeepLatest(2), [Rec(7), Rec(9), Rec(3, sequence=0)], {3, 9}),
+        (KeepLatest(1), [Rec(2, sequence=5), Rec(1, sequence=5)], {2}),  # a tie: by step
         (KeepBest(1, "loss"), recs(0.5, 0.1, 0.3), {2}),
         (KeepBest(2, "loss"), recs(0.5, 0.1, 0.3), {2, 3}),
         (KeepBest(1, "loss", "max"), recs(0.5, 0.1, 0.3), {1}),
@@ -192,7 +215,8 @@ def record_lists(draw: st.DrawFn) -> list[Rec]:
             metrics["loss"] = draw(metric_values)
         if draw(st.booleans()):
             metrics["acc"] = draw(metric_values)
-        records.append(Rec(step, metrics, draw(st.booleans())))
+        sequence = draw(st.none() | st.integers(min_value=0, max_value=30))  # ties on purpose
+        records.append(Rec(step, metrics, draw(st.booleans()), sequence))
     return records
 
 
@@ -213,11 +237,15 @@ def _is_finite_metric(record: Rec, monitor: str) -> bool:
 
 
 @given(record_lists(), settings_st)
-def test_newest_step_is_always_kept(records: list[Rec], settings: dict) -> None:
+def test_the_newest_committed_are_always_kept(records: list[Rec], settings: dict) -> None:
+    """Whatever the other rules say, the keep_last newest by commit order stay (after a
+    rewind, never one of the new branch for one of the abandoned branch's higher steps)."""
     kept = retained_steps(records, build_rules(**settings))
-    if records:
-        assert max(r.step for r in records) in kept
+    newest = sorted(records, key=commit_order)[-settings["keep_last"] :]
+    assert {r.step for r in newest} <= kept
     assert kept <= {r.step for r in records}
+    dropped = [r for r in records if r.step not in kept]
+    assert all(commit_order(r) < commit_order(n) for r in dropped for n in newest)
 
 
 @given(record_lists(), settings_st)
@@ -279,7 +307,16 @@ def test_keep_best_picks_only_finite_and_the_best(records: list[Rec], k: int, mo
 
 
 @given(record_lists(), st.integers(min_value=1, max_value=8))
-def test_keep_latest_is_the_top_n_steps(records: list[Rec], n: int) -> None:
+def test_keep_latest_is_the_top_n_by_commit_order(records: list[Rec], n: int) -> None:
     chosen = KeepLatest(n).select(records)
-    steps = sorted(r.step for r in records)
+    ordered = sorted(records, key=lambda r: (-1 if r.sequence is None else r.sequence, r.step))
+    assert chosen == {r.step for r in ordered[-n:]}
+
+
+@given(record_lists(), st.integers(min_value=1, max_value=8))
+def test_keep_latest_without_sequences_is_the_top_n_steps(records: list[Rec], n: int) -> None:
+    """An older haltpoint's run (no manifest records a sequence) is kept as it always was."""
+    old = [Rec(r.step, r.metrics, r.pinned) for r in records]
+    chosen = KeepLatest(n).select(old)
+    steps = sorted(r.step for r in old)
     assert chosen == set(steps[-n:]) if steps else chosen == set()

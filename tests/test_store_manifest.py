@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 import haltpoint.store.manifest as manifest_module
 from haltpoint.errors import CorruptCheckpointError
-from haltpoint.store.manifest import FORMAT_VERSION, MANIFEST_NAME, RANKING_KEY, Manifest, Ranking
+from haltpoint.store.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    RANKING_KEY,
+    SEQUENCE_KEY,
+    Manifest,
+    Ranking,
+    next_sequence,
+)
 from haltpoint.store.tensor_file import TensorRecord
 
 FILE = "step-000000007/tensors.safetensors"
@@ -308,9 +316,10 @@ def records(draw: Callable[..., Any]) -> TensorRecord:
     )
 
 
-# `extra` is free JSON except for its "ranking" key, which is the writer's monitor and mode
-# (Hypothesis draws the key from the module's own string constants): any other value under it is
-# refused, so the strategy draws a well-formed ranking there or none.
+# `extra` is free JSON except for its "ranking" key, which is the writer's monitor and mode,
+# and its "sequence" key, the commit order (Hypothesis draws the keys from the module's own
+# string constants): any other value under them is refused, so the strategy draws a well-formed
+# value there or none.
 rankings = st.fixed_dictionaries(
     {
         "monitor": st.none() | st.text(min_size=1, max_size=8),
@@ -318,12 +327,14 @@ rankings = st.fixed_dictionaries(
     }
 )
 extras = st.builds(
-    lambda free, ranking: (
-        {k: v for k, v in free.items() if k != RANKING_KEY}
+    lambda free, ranking, sequence: (
+        {k: v for k, v in free.items() if k not in (RANKING_KEY, SEQUENCE_KEY)}
         | ({} if ranking is None else {RANKING_KEY: ranking})
+        | ({} if sequence is None else {SEQUENCE_KEY: sequence})
     ),
     json_objects,
     st.none() | rankings,
+    st.none() | st.integers(0, 2**63 - 1),
 )
 
 manifests = st.builds(
@@ -378,6 +389,53 @@ def test_a_malformed_ranking_is_a_damaged_manifest(ranking: object) -> None:
     data = mutated(extra={"ranking": ranking})
     with pytest.raises(CorruptCheckpointError, match=r"extra\['ranking'\] needs a monitor"):
         Manifest.decode(data, source="m")
+
+
+# -- the commit order --------------------------------------------------------------------------
+
+
+def test_the_sequence_is_read_from_extra_and_absent_in_older_manifests() -> None:
+    assert Manifest.decode(GOOD, source="m").sequence is None  # an older haltpoint's manifest
+    for sequence in (0, 41, 2**63 - 1):
+        data = make(extra={SEQUENCE_KEY: sequence}).encode()
+        assert Manifest.decode(data, source="m").sequence == sequence
+
+
+BAD_SEQUENCES = [-1, 2**63, True, False, 3.0, "3", None, [3], {"n": 3}]
+
+
+@pytest.mark.parametrize("sequence", BAD_SEQUENCES, ids=repr)
+def test_a_malformed_sequence_is_a_damaged_manifest(sequence: object) -> None:
+    data = mutated(extra={SEQUENCE_KEY: sequence})
+    with pytest.raises(
+        manifest_module.DamagedManifestError,
+        match=r"^manifest m: extra\['sequence'\] must be an int in \[0, 2\*\*63\)",
+    ):
+        Manifest.decode(data, source="m")
+
+
+@pytest.mark.parametrize("sequence", BAD_SEQUENCES, ids=repr)
+def test_encode_refuses_a_malformed_sequence(sequence: object) -> None:
+    with pytest.raises(ValueError, match=r"extra\['sequence'\] must be an int"):
+        make(extra={SEQUENCE_KEY: sequence}).encode()
+
+
+@pytest.mark.parametrize(
+    ("sequences", "expected"),
+    [
+        ([], 0),  # a fresh run
+        ([None, None], 0),  # an older haltpoint's run: the first recorded one is 0
+        ([0, 1, 2], 3),
+        ([None, 4, 1], 5),  # one more than the highest, whatever the step order
+    ],
+)
+def test_next_sequence_is_one_more_than_the_highest_recorded(
+    sequences: list[int | None], expected: int
+) -> None:
+    manifests = [
+        make(step=i, extra={} if s is None else {SEQUENCE_KEY: s}) for i, s in enumerate(sequences)
+    ]
+    assert next_sequence(manifests) == expected
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ from haltpoint.policies.interval import parse_every
 from haltpoint.policies.retention import (
     KeepBest,
     build_rules,
+    commit_order,
     contested_steps,
     recorded_best_rules,
     retained_steps,
@@ -49,7 +50,13 @@ from haltpoint.store.background import BackgroundWriter, warn_user
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
-from haltpoint.store.manifest import RANKING_KEY, DamagedManifestError, Ranking
+from haltpoint.store.manifest import (
+    RANKING_KEY,
+    DamagedManifestError,
+    Manifest,
+    Ranking,
+    next_sequence,
+)
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
 from haltpoint.store.run_dir import (
     PINNED_NAME,
@@ -388,6 +395,7 @@ class Checkpointer:
             tensors = {k: t if t.device.type == "cpu" else t.cpu() for k, t in flat.tensors.items()}
         now = time.time()
         history = save_record(step, now, metrics, state)
+        written: list[Manifest] = []  # the manifest committed, once the job has run
 
         def job() -> None:
             try:
@@ -397,9 +405,10 @@ class Checkpointer:
                         copy_later()
                     finally:
                         self._gate.open()
-                # after a rewind, old-run steps above this one stay and are no dedup source
+                # this commit comes after every one on disk; after a rewind, the old run's
+                # steps above this one are no dedup source
                 on_disk = self._run.committed()
-                committed = [e for e in on_disk if e.step < step]
+                below = [e for e in on_disk if e.step < step]
                 manifest = write_checkpoint(
                     self._run,
                     step=step,
@@ -407,8 +416,9 @@ class Checkpointer:
                     metrics=metrics,
                     tree=flat.tree,
                     tensors=tensors,
+                    sequence=next_sequence(e.manifest for e in on_disk if e.manifest),
                     extra=None if extra is None else extra(),
-                    previous=committed[-1].manifest if committed else None,
+                    previous=below[-1].manifest if below else None,
                     check=self._references,
                     pinned=pin,  # the marker is written before the manifest
                 )
@@ -417,15 +427,13 @@ class Checkpointer:
                     self._staging.release()
             self._intact.add(step)
             self._last = step
+            written.append(manifest)
             # only this writer changes the run (it holds the lock): no second scan needed
             saved = Entry(step, dirname, manifest, None, pin)
             try:  # committed: an error from here on must say so
                 self._write_history(step, history)
             finally:  # retention runs anyway: it may free the space the history needs
-                self._apply_retention(
-                    sorted([*committed, saved], key=lambda e: e.step),
-                    beyond=[e for e in on_disk if e.step > step],
-                )
+                self._apply_retention([*on_disk, saved])
             self._remove_superseded(saved)
 
         if background:
@@ -446,6 +454,7 @@ class Checkpointer:
             size=staged_nbytes(tensors),
             path=f"{self.directory}/{dirname}",
             pinned=pin,
+            sequence=None if background else written[0].sequence,  # async: not committed yet
         )
 
     def _remove_superseded(self, entry: Entry) -> None:
@@ -516,13 +525,14 @@ class Checkpointer:
 
     def _check_ahead(self, step: int) -> None:
         """Refuse (StepBehindError) a save of a step older than this writer's last save or
-        restore, or, before either, than the newest committed checkpoint on disk: retention
-        would otherwise count the newer ones and may delete the new one, or they it."""
+        restore, or, before either, than the latest checkpoint on disk (the newest committed:
+        after a rewind, the branch saved last): steps go on from where training is."""
         floor = self._last
         where = "this Checkpointer's last save or restore"
         if floor is None:
-            floor = max((e.step for e in self._run.committed()), default=-1)
-            where = f"the newest checkpoint in {self.directory}"
+            latest = max(self._run.committed(), key=commit_order, default=None)
+            floor = -1 if latest is None else latest.step
+            where = f"the latest checkpoint in {self.directory}"
         if step < floor:
             raise StepBehindError(
                 f"cannot save step {step}: it is older than step {floor}, {where}; save a "
@@ -530,12 +540,10 @@ class Checkpointer:
                 path=self.directory,
             )
 
-    def _apply_retention(self, entries: list[Entry], beyond: list[Entry]) -> None:
-        """Remove the committed checkpoints (`entries`, oldest first) no rule keeps.
-
-        `beyond`: the committed checkpoints of steps above the one just saved (an old run's,
-        after a rewind): the rules do not judge them, and they are kept, with every file
-        their manifests reference.
+    def _apply_retention(self, entries: list[Entry]) -> None:
+        """Remove the committed checkpoints (`entries`: all of them, the one just saved
+        included) no rule keeps. keep_last counts in commit order, so after a rewind the old
+        run's checkpoints (above the step saved, too) are the oldest, and go first.
 
         Before anything is removed, every checkpoint that keep_last or keep_best keeps in its
         place is verified (once per writer): a damaged one is quarantined and the rules run
@@ -571,7 +579,6 @@ class Checkpointer:
                     return
                 entries = [e for e in entries if e.step != entry.step]
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
-        kept += [e.manifest for e in beyond if e.manifest]
         try:
             self._run.remove(dropped, kept)
         except OSError as exc:  # the save is committed: what is left goes at a later pass

@@ -17,7 +17,7 @@ import torch
 
 from haltpoint.distributed.sharded import load_shards, verify_shards
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
-from haltpoint.policies.retention import best_record
+from haltpoint.policies.retention import best_record, commit_order
 from haltpoint.state.load import load_into, plan_load
 from haltpoint.state.optimizer import check_optimizer_state
 from haltpoint.state.rng import plan_rng
@@ -74,6 +74,7 @@ class RunReader:
             size=checkpoint_nbytes(manifest),
             path=f"{self.directory}/{entry.dirname}",
             pinned=entry.pinned,
+            sequence=manifest.sequence,
         )
 
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -98,8 +99,8 @@ class RunReader:
 
     def candidates(self, entries: list[Entry], which: str | int) -> list[Entry]:
         """The checkpoints `which` may mean, in the order to try them."""
-        if which == "latest":
-            return entries[::-1]
+        if which == "latest":  # the newest committed first (after a rewind: the new branch)
+            return sorted(entries, key=commit_order, reverse=True)
         if which == "best":
             if self.monitor is None:
                 raise ValueError(

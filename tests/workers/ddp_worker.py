@@ -1,8 +1,9 @@
 """One rank of a DDP run on CPU (gloo), launched by tests/test_distributed.py with torchrun.
 
 Trains a small DDP model, stops with `synced(EarlyStopping)` on a rank-dependent metric, saves
-every evaluation, restores the best, then makes rank 0's background write fail; it writes what
-it saw to `<out>/rank<N>.json` for the parent test to compare across ranks.
+every evaluation, restores the best, resumes the latest after a rewind (in `<run-dir>-rewind`),
+then makes rank 0's background write fail; it writes what it saw to `<out>/rank<N>.json` for
+the parent test to compare across ranks.
 """
 
 from __future__ import annotations
@@ -102,6 +103,19 @@ def main() -> None:
         "best_step": stopper.best_step,
     }
     result["rank0_reduce"] = {"stop": bool(second), "step": second.step, "best": by_rank0.best}
+
+    # a rewind (steps 10, 20, 30; restore 10, save 15), then a new job resumes "latest": the
+    # branch saved last (15) on every rank, not the abandoned branch's highest step
+    rewind_dir = args.run_dir + "-rewind"
+    with Checkpointer(rewind_dir, keep_last=10) as ckpt:
+        for step in (10, 20, 30):
+            ckpt.save(step, state)
+    with Checkpointer(rewind_dir, keep_last=10) as ckpt:
+        ckpt.restore(state, which=10)
+        ckpt.save(15, state)
+    with Checkpointer(rewind_dir, keep_last=10) as ckpt:
+        resumed = ckpt.restore(state)
+        result["rewound"] = None if resumed is None else resumed.step
 
     # a background write that fails on rank 0 only: every rank raises at wait()
     if rank == 0:

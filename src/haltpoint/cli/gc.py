@@ -85,7 +85,11 @@ def _plan(
         mode=mode or "min",
         keep_every=keep_every,
     )
-    records = [Record(e.step, e.manifest.metrics, e.pinned) for e in entries if e.manifest]
+    records = [
+        Record(e.step, e.manifest.metrics, e.pinned, e.manifest.sequence)
+        for e in entries
+        if e.manifest
+    ]
     kept_steps = retained_steps(records, rules)
     kept = [e for e in entries if e.step in kept_steps]
     dropped = [e for e in entries if e.step not in kept_steps]

@@ -24,6 +24,7 @@ from haltpoint.state.tree import flatten_state
 from haltpoint.stopping.inputs import shown
 from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
+from haltpoint.store.manifest import next_sequence
 from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.staging import staged_nbytes
 from haltpoint.store.storage import open_storage
@@ -261,7 +262,13 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
         run_dir.new_dirname(step)
         now = time.time()
         write_checkpoint(
-            run_dir, step=step, time=now, metrics={}, tree=flat.tree, tensors=flat.tensors
+            run_dir,
+            step=step,
+            time=now,
+            metrics={},
+            tree=flat.tree,
+            tensors=flat.tensors,
+            sequence=next_sequence(e.manifest for e in existing if e.manifest is not None),
         )
         append_history(run_dir.storage, save_record(step, now, {}, state))
     return staged_nbytes(flat.tensors), len(existing)

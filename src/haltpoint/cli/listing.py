@@ -17,7 +17,7 @@ from haltpoint.cli.runinfo import (
     referenced_dirs,
     resolve_monitor,
 )
-from haltpoint.policies.retention import best_record
+from haltpoint.policies.retention import best_record, commit_order
 from haltpoint.store.run_dir import RunDirectory, checkpoint_nbytes
 
 __all__ = ["CheckpointRow", "list_checkpoints", "register", "run"]
@@ -91,7 +91,7 @@ def list_checkpoints(
             if monitor is not None or mode is not None:
                 raise
             note = f"no checkpoint tagged best: {exc}"
-    latest = manifests[-1].step if manifests else None
+    latest = max(manifests, key=commit_order).step if manifests else None  # newest committed
     held = run.quarantined()
     referenced = referenced_dirs([*manifests, *(q.manifest for q in held if q.manifest)])
     rows = []

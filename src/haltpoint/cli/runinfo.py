@@ -16,7 +16,7 @@ from haltpoint.errors import (
     CorruptHistoryError,
     UnreadableCheckpointError,
 )
-from haltpoint.policies.retention import best_record
+from haltpoint.policies.retention import best_record, commit_order
 from haltpoint.stopping.modes import infer_mode
 from haltpoint.store.history import HISTORY_NAME, parse_history, read_history
 from haltpoint.store.manifest import Manifest, Ranking
@@ -51,6 +51,7 @@ class Record:
     step: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     pinned: bool = False
+    sequence: int | None = None  # its place in commit order (None: an older haltpoint's)
 
 
 def open_run(directory: str, *, must_exist: bool = True) -> RunDirectory:
@@ -349,8 +350,8 @@ def select_entry(
             f"no intact checkpoint in {run.storage.url}; run `haltpoint ls` to see what is there",
             path=run.storage.url,
         )
-    if which == "latest":
-        return entries[-1]
+    if which == "latest":  # the newest committed: after a rewind, the branch saved last
+        return max(entries, key=commit_order)
     if which == "best":
         manifests = [e.manifest for e in entries if e.manifest is not None]
         name, direction = resolve_monitor(manifests, monitor, mode, history=lambda: history_of(run))

@@ -24,6 +24,7 @@ __all__ = [
     "RetentionRule",
     "best_record",
     "build_rules",
+    "commit_order",
     "contested_steps",
     "recorded_best_rules",
     "retained_steps",
@@ -43,6 +44,34 @@ class CheckpointRecord(Protocol):
 
     @property
     def pinned(self) -> bool: ...
+
+    @property
+    def sequence(self) -> int | None:
+        """Its place in commit order (None: a manifest of an older haltpoint)."""
+        ...
+
+
+class _Ordered(Protocol):
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def sequence(self) -> int | None: ...
+
+
+def commit_order(record: _Ordered) -> tuple[int, int]:
+    """The key that sorts records (or manifests) oldest-committed first: by sequence, one without
+    it (written before haltpoint recorded it) before any with one, then by step.
+
+    After a rewind (saves 4, 5 after a restore of step 1, in a run that had reached 20) the
+    new branch sorts last, above the abandoned branch's higher steps:
+
+    >>> from types import SimpleNamespace as R
+    >>> records = [R(step=s, sequence=q) for s, q in [(5, 4), (20, 2), (1, None), (4, 3)]]
+    >>> [r.step for r in sorted(records, key=commit_order)]
+    [1, 20, 4, 5]
+    """
+    return (-1 if record.sequence is None else record.sequence, record.step)
 
 
 @runtime_checkable
@@ -96,12 +125,15 @@ def _ranked(
 
 @dataclass(frozen=True)
 class KeepLatest:
-    """Keep the `n` highest steps.
+    """Keep the `n` newest committed (`commit_order`; without sequences: the highest steps).
 
     >>> from types import SimpleNamespace as R
-    >>> records = [R(step=s, metrics={}, pinned=False) for s in (3, 1, 2)]
+    >>> records = [R(step=s, metrics={}, pinned=False, sequence=None) for s in (3, 1, 2)]
     >>> sorted(KeepLatest(2).select(records))
     [2, 3]
+    >>> rewound = [R(step=s, metrics={}, pinned=False, sequence=q) for s, q in [(9, 0), (4, 1)]]
+    >>> KeepLatest(1).select(rewound)
+    {4}
     """
 
     n: int
@@ -110,7 +142,7 @@ class KeepLatest:
         _check_count("KeepLatest.n", self.n, 1)
 
     def select(self, records: Sequence[CheckpointRecord]) -> set[int]:
-        return set(sorted({r.step for r in records}, reverse=True)[: self.n])
+        return {r.step for r in sorted(records, key=commit_order, reverse=True)[: self.n]}
 
 
 @dataclass(frozen=True)
@@ -195,7 +227,7 @@ def contested_steps(
     were one of them damaged, another checkpoint would take its place.
 
     >>> from types import SimpleNamespace as R
-    >>> records = [R(step=s, metrics={}, pinned=s == 1) for s in (1, 2, 3)]
+    >>> records = [R(step=s, metrics={}, pinned=s == 1, sequence=None) for s in (1, 2, 3)]
     >>> sorted(contested_steps(records, [KeepLatest(1), KeepPinned()]))
     [3]
     """

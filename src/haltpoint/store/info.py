@@ -29,6 +29,12 @@ class CheckpointInfo:
         size: bytes of tensor data the checkpoint references (DCP files included).
         path: where it lives (a folder path or URL).
         pinned: kept forever, whatever the retention rules say.
+        sequence: its place in the run's commit order (0 for the first commit, one more for
+            each commit after it), which ranks "latest" and `keep_last`: after a rewind, the
+            checkpoints saved since come after the abandoned run's higher steps. None for a
+            checkpoint of an older haltpoint (it sorts before every one with a sequence, and
+            by step among those without), and in what an async `save` returns (the sequence
+            is taken at the commit, in the background: `list()` has it).
         report: after `restore`, what did not match: entries of the checkpoint not asked
             for (`unexpected`), and in non-strict loads the names and keys missing or
             unexpected.
@@ -40,6 +46,7 @@ class CheckpointInfo:
     size: int
     path: str
     pinned: bool = False
+    sequence: int | None = None
     report: LoadReport | None = field(default=None, compare=False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +28,11 @@ __all__ = [
     "MAX_MANIFEST_DEPTH",
     "MAX_MANIFEST_VALUES",
     "RANKING_KEY",
+    "SEQUENCE_KEY",
     "DamagedManifestError",
     "Manifest",
     "Ranking",
+    "next_sequence",
 ]
 
 FORMAT_VERSION = 1
@@ -49,6 +52,7 @@ _INT64 = 2**63
 _FIELDS = ("extra", "format_version", "metrics", "step", "tensors", "time", "tree", "versions")
 _TAG = "$float"
 RANKING_KEY = "ranking"  # the manifest's `extra` key of the writer's monitor and mode
+SEQUENCE_KEY = "sequence"  # the manifest's `extra` key of its place in commit order
 _MODES = ("min", "max")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -153,6 +157,28 @@ class Ranking:
         return cls(monitor, value["mode"])
 
 
+def _check_sequence(value: Any) -> None:
+    """ValueError unless `value` is a commit sequence: an int in [0, 2**63)."""
+    if not _is_int(value) or not 0 <= value < _INT64:
+        raise ValueError(
+            f"extra[{SEQUENCE_KEY!r}] must be an int in [0, 2**63) (the checkpoint's place in "
+            f"commit order), got {value!r}"
+        )
+
+
+def next_sequence(manifests: Iterable[Manifest]) -> int:
+    """The sequence of the next commit: one more than the highest of `manifests` (those
+    committed in the run), or 0 when none records one.
+
+    >>> old = Manifest(step=9, time=0.0, metrics={}, tree={}, tensors={}, versions={})
+    >>> next_sequence([]), next_sequence([old]), next_sequence([Manifest(
+    ...     step=4, time=0.0, metrics={}, tree={}, tensors={}, versions={},
+    ...     extra={"sequence": 7}), old])
+    (0, 0, 8)
+    """
+    return 1 + max((m.sequence for m in manifests if m.sequence is not None), default=-1)
+
+
 def _over_limits(data: bytes) -> str | None:
     """What makes `data` too large to parse, counted without parsing (an over-count: the
     characters inside strings count too), or None."""
@@ -218,6 +244,17 @@ class Manifest:
         return {record.file for record in self.tensors.values()}
 
     @property
+    def sequence(self) -> int | None:
+        """Its place in the run's commit order (`extra["sequence"]`: each commit records one
+        more than the highest committed before it), or None for a manifest of an older
+        haltpoint, which sorts before every one that records it."""
+        if SEQUENCE_KEY not in self.extra:
+            return None
+        value: int = self.extra[SEQUENCE_KEY]
+        _check_sequence(value)  # decode has checked it; a Manifest made in memory may not be
+        return value
+
+    @property
     def ranking(self) -> Ranking | None:
         """The writer's monitor and mode, or None for a manifest that does not record them."""
         if RANKING_KEY not in self.extra:
@@ -245,6 +282,8 @@ class Manifest:
             raise TypeError(f"tensors[{bad[0]!r}] is not a TensorRecord")
         _check_json(self.tree, "tree")
         _check_json(self.extra, "extra")
+        if SEQUENCE_KEY in self.extra:
+            _check_sequence(self.extra[SEQUENCE_KEY])
         return {
             "extra": self.extra,
             "format_version": self.format_version,
@@ -334,6 +373,8 @@ class Manifest:
                 raise ValueError(f"{name} is not a JSON object")
         if RANKING_KEY in obj["extra"]:
             Ranking.parse(obj["extra"][RANKING_KEY], "the record")
+        if SEQUENCE_KEY in obj["extra"]:
+            _check_sequence(obj["extra"][SEQUENCE_KEY])
         for name in ("tree", "extra"):
             for key, value in obj[name].items():
                 _check_depth(value, f"{name}[{key!r}]", MAX_MANIFEST_DEPTH - 2)

@@ -286,6 +286,11 @@ class Entry:
     def committed(self) -> bool:
         return self.manifest is not None
 
+    @property
+    def sequence(self) -> int | None:
+        """Its manifest's place in commit order (`Manifest.sequence`); None without one."""
+        return None if self.manifest is None else self.manifest.sequence
+
 
 class RunDirectory:
     """Reads and changes the checkpoints of one run directory through a `Storage`.

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from haltpoint.store.dedup import ReferenceCheck, plan_dedup
-from haltpoint.store.manifest import Manifest
+from haltpoint.store.manifest import SEQUENCE_KEY, Manifest
 from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname, tensors_name
 from haltpoint.store.space import check_free_space, translate_full_disk
 from haltpoint.store.staging import staged_nbytes
@@ -49,12 +49,17 @@ def write_checkpoint(
     metrics: Mapping[str, float],
     tree: dict[str, Any],
     tensors: Mapping[str, torch.Tensor],
+    sequence: int,
     extra: Mapping[str, Any] | None = None,
     previous: Manifest | None = None,
     check: ReferenceCheck | None = None,
     pinned: bool = False,
 ) -> Manifest:
     """Write `tensors` (CPU tensors nobody changes meanwhile) durably, then commit the manifest.
+
+    `sequence` is the checkpoint's place in commit order, recorded as `extra["sequence"]`:
+    `next_sequence` of the manifests committed in the run (the writer holds the lock, so
+    nothing commits in between).
 
     With `previous` (the newest kept manifest), tensors whose bytes, dtype and shape equal its
     records are not written again: the new manifest references the same bytes, provided
@@ -87,7 +92,7 @@ def write_checkpoint(
             tree=tree,
             tensors={key: records[key] for key in tensors},
             versions=library_versions(),
-            extra=dict(extra or {}),
+            extra={**(extra or {}), SEQUENCE_KEY: sequence},
         )
         if pinned:
             run.set_pinned(step, True)
