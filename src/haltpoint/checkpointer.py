@@ -450,7 +450,8 @@ class Checkpointer:
 
     def _remove_superseded(self, entry: Entry) -> None:
         """After `entry` was saved under a fresh tensor file name (its folder held an older
-        one): verify it, then delete its folder's tensor files that no manifest references."""
+        one): verify it, then delete its folder's tensor files that no manifest references.
+        An OS error while deleting is a warning: the save is committed."""
         assert entry.manifest is not None
         own = {f for f in entry.manifest.files() if f.startswith(f"{entry.dirname}/")}
         if own <= {f"{entry.dirname}/{TENSORS_NAME}"}:
@@ -460,7 +461,14 @@ class Checkpointer:
         except UnreadableCheckpointError:
             return  # not verified: the older files stay, as they are harmless
         if damage is None:
-            self._run.remove_superseded(entry.dirname)
+            try:
+                self._run.remove_superseded(entry.dirname)
+            except OSError as exc:  # the save is committed: the next writer's clean-up retries
+                warn_user(
+                    f"{self.directory}: could not remove the superseded tensor file(s) of step "
+                    f"{entry.step} ({exc}); the save is committed, and the next writer's "
+                    "clean-up removes them"
+                )
 
     def _write_history(self, step: int, record: dict[str, Any]) -> None:
         """Append the history lines owed by earlier saves, then `record` (of `step`, just
