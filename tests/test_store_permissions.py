@@ -64,13 +64,20 @@ def deny_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     monkeypatch.setattr(builtins, "open", guard(builtins.open, under))
 
 
-def read_only_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+def read_only_folder(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, writable: Path | None = None
+) -> None:
     """What a read-only run directory (`chmod -R a-w`) does to a non-root user: nothing in
-    it can be created, opened for writing, renamed or removed; everything reads."""
+    it can be created, opened for writing, renamed or removed; everything reads. The file
+    `writable` (if given) still opens for writing, as a file left writable would."""
     inside = str(folder)
 
     def under(path: Any) -> bool:
-        return isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(inside)
+        return (
+            isinstance(path, (str, os.PathLike))
+            and os.path.abspath(path).startswith(inside)
+            and (writable is None or os.path.abspath(path) != str(writable))
+        )
 
     real_open, real_builtin = os.open, builtins.open
 
@@ -137,14 +144,17 @@ def unreadable(how: str, monkeypatch: pytest.MonkeyPatch, folder: Path) -> Itera
 
 
 @contextlib.contextmanager
-def read_only(how: str, monkeypatch: pytest.MonkeyPatch, folder: Path) -> Iterator[None]:
-    """`folder` and everything in it as `chmod -R a-w` leaves them, for the block."""
-    paths = [folder, *folder.rglob("*")]
+def read_only(
+    how: str, monkeypatch: pytest.MonkeyPatch, folder: Path, writable: Path | None = None
+) -> Iterator[None]:
+    """`folder` and everything in it but `writable` as `chmod -R a-w` leaves them, for the
+    block."""
+    paths = [p for p in [folder, *folder.rglob("*")] if p != writable]
     if how == "chmod":
         for path in paths:
             path.chmod(path.stat().st_mode & 0o555)
     else:
-        read_only_folder(monkeypatch, folder)
+        read_only_folder(monkeypatch, folder, writable)
     try:
         yield
     finally:
@@ -251,3 +261,27 @@ def test_a_read_only_run_reads_and_refuses_a_writer_in_one_line(
             assert "\n" not in str(raised.value) and "read_only=True" in str(raised.value)
             assert isinstance(raised.value, CheckpointError)
     assert files(run) == before
+
+
+# -- a read-only run directory whose lock file can still be written ---------------------
+
+
+def test_a_read_only_run_with_a_writable_lock_file_refuses_a_writer_at_open(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock can be taken, but no checkpoint could be written: said at open, in the
+    same one line as without a lock file, not as a bare `PermissionError` at the first
+    save."""
+    lock = run / ".haltpoint.lock"
+    assert lock.exists()
+    before = files(run)
+    with read_only(how, monkeypatch, run, writable=lock):
+        for async_save in (True, False):
+            with pytest.raises(UnwritableRunError, match=f"cannot write {run}") as raised:
+                Checkpointer(run, async_save=async_save)
+            assert "\n" not in str(raised.value) and "read_only=True" in str(raised.value)
+        with Checkpointer(run, read_only=True) as reader:
+            assert reader.restore({"model": torch.nn.Linear(2, 1)}).step == 3
+    assert files(run) == before
+    with Checkpointer(run, async_save=False) as writer:  # the lock was let go
+        writer.save(4, {"model": torch.nn.Linear(2, 1)})

@@ -58,7 +58,7 @@ from haltpoint.store.run_dir import (
     RunDirectory,
     checkpoint_dirname,
 )
-from haltpoint.store.space import full_disk_on_open, unwritable_on_open
+from haltpoint.store.space import check_creatable, full_disk_on_open, unwritable_on_open
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -212,6 +212,7 @@ class Checkpointer:
             self._lock = WriterLock(self._storage)
             self._lock.acquire()
             try:
+                check_creatable(self._storage)
                 check_appendable(self._storage)
                 self._run.collect_garbage(e.manifest for e in self._run.committed() if e.manifest)
                 if save_on_signal is not None:

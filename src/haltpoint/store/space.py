@@ -4,14 +4,18 @@ opening a writer, when the run directory cannot be written at all)."""
 from __future__ import annotations
 
 import errno
+import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from haltpoint.errors import InsufficientSpaceError, UnwritableRunError
-from haltpoint.store.storage import Storage
+from haltpoint.store.lock import LOCK_NAME
+from haltpoint.store.storage import Storage, open_unlinked
 
 __all__ = [
     "SLACK_BYTES",
+    "check_creatable",
     "check_free_space",
     "full_disk_on_open",
     "translate_full_disk",
@@ -89,3 +93,22 @@ def unwritable_on_open(url: str) -> Iterator[None]:
             "(or the haltpoint command) to restore and list",
             path=url,
         ) from exc
+
+
+def check_creatable(storage: Storage) -> None:
+    """Create and delete a file in a local run directory, so that a writer on a folder where
+    nothing can be created fails at open, not at its first save (a lock file left writable
+    in a read-only run is taken like any other). The file is named as a temporary of the
+    lock, which clean-up removes should a crash leave it. Object stores are not probed: the
+    lock is written there as an object.
+
+    Raises:
+        OSError: as creating the file raises it (`unwritable_on_open` turns permission
+            errors into `UnwritableRunError`).
+    """
+    lock = storage.write_path(LOCK_NAME)
+    if lock is None:
+        return
+    probe = f"{lock}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(open_unlinked(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    os.unlink(probe)
