@@ -18,10 +18,14 @@ from hypothesis import strategies as st
 from haltpoint import (
     ConsecutiveIncreases,
     Decision,
+    Divergence,
     EarlyStopping,
+    GeneralizationLoss,
+    ProgressQuotient,
     RelativeDelta,
     StateMismatchError,
     StopReason,
+    Target,
     TimeBudget,
 )
 from haltpoint.stopping import STATE_VERSION, default_patience
@@ -434,6 +438,157 @@ def test_relative_delta_errors() -> None:
         RelativeDelta(-0.01)
     with pytest.raises(TypeError, match=r"RelativeDelta fraction must be a float; got str '1%'"):
         RelativeDelta("1%")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ NumPy scalars as arguments
+
+# every real-valued argument of EarlyStopping and the rules, by the name its errors use:
+# (make from a value, read it back)
+REAL_ARGUMENTS = {
+    "min_delta": (lambda v: EarlyStopping("val_loss", min_delta=v), lambda s: s.min_delta),
+    "baseline": (lambda v: EarlyStopping("val_loss", baseline=v), lambda s: s.baseline),
+    "RelativeDelta fraction": (RelativeDelta, lambda d: d.fraction),
+    "Target value": (Target, lambda r: r.value),
+    "Divergence threshold": (Divergence, lambda r: r.threshold),
+    "seconds": (TimeBudget, lambda r: r.seconds),
+    "alpha": (GeneralizationLoss, lambda r: r.alpha),
+    "alpha ": (ProgressQuotient, lambda r: r.alpha),  # ProgressQuotient's
+}
+# every count, by the name its errors use: (make from a value, read it back)
+COUNT_ARGUMENTS = {
+    "patience": (lambda v: EarlyStopping("val_loss", patience=v), lambda s: s.patience),
+    "warmup": (lambda v: EarlyStopping("val_loss", patience=1, warmup=v), lambda s: s.warmup),
+    "horizon": (lambda v: EarlyStopping("val_loss", horizon=v), lambda s: s.horizon),
+    "strip": (lambda v: ProgressQuotient(1.0, strip=v), lambda r: r.strip),
+    "s": (ConsecutiveIncreases, lambda r: r.s),
+    "strip ": (lambda v: ConsecutiveIncreases(1, strip=v), lambda r: r.strip),  # its
+}
+NUMPY_REALS = [np.float64, np.float32, np.float16, np.longdouble, np.int64, np.int32, np.uint8]
+NUMPY_INTS = [np.int64, np.int32, np.int8, np.uint16, np.uint64]
+
+
+@pytest.mark.parametrize("kind", NUMPY_REALS, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("argument", REAL_ARGUMENTS)
+def test_every_real_argument_takes_a_numpy_scalar_as_a_plain_float(
+    argument: str, kind: type
+) -> None:
+    make, read = REAL_ARGUMENTS[argument]
+    got = read(make(kind(2)))
+    assert got == 2.0 and type(got) is float
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (np.bool_(True), TypeError),
+        (True, TypeError),
+        (np.array([2.0]), TypeError),
+        (np.float64("nan"), ValueError),
+        (np.float32("inf"), ValueError),
+        (np.longdouble("1e4000"), ValueError),  # beyond any float
+        (10**400, ValueError),
+    ],
+    ids=["np.bool_", "bool", "array", "np nan", "np inf", "np.longdouble 1e4000", "int 10**400"],
+)
+@pytest.mark.parametrize("argument", REAL_ARGUMENTS)
+def test_every_real_argument_refuses_bools_arrays_and_non_finite_numpy_scalars(
+    argument: str, value: Any, error: type
+) -> None:
+    make, _ = REAL_ARGUMENTS[argument]
+    with pytest.raises(error, match=f"^{argument.strip()} must be") as raised:
+        make(value)
+    assert "\n" not in str(raised.value) and str(raised.value).count("must be") == 1
+
+
+@pytest.mark.parametrize("kind", NUMPY_INTS, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("argument", COUNT_ARGUMENTS)
+def test_every_count_takes_a_numpy_integer_as_a_plain_int(argument: str, kind: type) -> None:
+    make, read = COUNT_ARGUMENTS[argument]
+    got = read(make(kind(3)))
+    assert got == 3 and type(got) is int
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (np.bool_(True), TypeError),
+        (True, TypeError),
+        (np.float64(3.0), TypeError),
+        (3.0, TypeError),
+        (np.array([3]), TypeError),
+        (np.int64(-1), ValueError),
+    ],
+    ids=["np.bool_", "bool", "np.float64", "float", "array", "np.int64 -1"],
+)
+@pytest.mark.parametrize("argument", COUNT_ARGUMENTS)
+def test_every_count_refuses_bools_floats_and_negative_numpy_integers(
+    argument: str, value: Any, error: type
+) -> None:
+    make, _ = COUNT_ARGUMENTS[argument]
+    with pytest.raises(error, match=f"^{argument.strip()} must be .*an int >= [01]") as raised:
+        make(value)
+    assert "\n" not in str(raised.value)
+
+
+# ------------------------------------------------------- values no float can represent
+
+ONE_SENTENCE = [
+    (np.longdouble("1e4000"), "value must be a number a float holds (at most about 1.8e308 in "
+     "size); got np.longdouble('1e+4000')"),
+    (np.longdouble("-1e4000"), "value must be a number a float holds (at most about 1.8e308 in "
+     "size); got np.longdouble('-1e+4000')"),
+    (np.array([np.longdouble("1e4000")]), "value must be a number a float holds (at most about "
+     "1.8e308 in size); got array([1.e+4000], dtype=float128)"),
+    (np.clongdouble(1 + 2j), "value must be a number (a float, an int, a NumPy scalar, or a "
+     "one-element array or tensor); got clongdouble np.clongdouble('1+2j')"),
+    (np.array([np.clongdouble(1)]), "value must be a number (a float, an int, a NumPy scalar, "
+     "or a one-element array or tensor); got ndarray array([1.+0.j], dtype=complex256)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "message"), ONE_SENTENCE)
+def test_a_value_no_float_represents_is_refused_in_one_sentence(value: Any, message: str) -> None:
+    stopper = EarlyStopping("val_loss", patience=1)
+    with pytest.raises((TypeError, ValueError)) as raised:
+        stopper.step(value)
+    assert str(raised.value) == message
+    with pytest.raises((TypeError, ValueError)) as raised:
+        stopper.step({"val_loss": value})
+    assert str(raised.value) == message.replace("value must", "metrics['val_loss'] must")
+    assert stopper.evaluations == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.longdouble("0.5"), np.array([np.longdouble("0.5")]), np.longdouble("1e-4000")],
+    ids=["longdouble", "longdouble array", "longdouble below a float's least"],
+)
+def test_a_longdouble_a_float_holds_is_a_value(value: Any) -> None:
+    decision = EarlyStopping("val_loss", patience=1).step(value)
+    assert decision.value == float(np.asarray(value).item()) and type(decision.value) is float
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda v: EarlyStopping(baseline=v), "baseline must be finite; got "
+         "baseline=np.longdouble('1e+4000')"),
+        (lambda v: EarlyStopping(min_delta=v), "min_delta must be a finite number >= 0; got "
+         "min_delta=np.longdouble('1e+4000'). (Keras silently takes its absolute value; "
+         "haltpoint refuses it)"),
+        (RelativeDelta, "RelativeDelta fraction must be a finite number >= 0 (0.01 means 1% of "
+         "|best|); got np.longdouble('1e+4000')"),
+        (Target, "Target value must be a finite number; got Target value="
+         "np.longdouble('1e+4000')"),
+        (TimeBudget, "seconds must be a finite number > 0; got seconds=np.longdouble('1e+4000')"),
+    ],
+)  # fmt: skip
+def test_an_argument_no_float_represents_is_refused_in_one_sentence(
+    make: Any, message: str
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        make(np.longdouble("1e4000"))
+    assert str(raised.value) == message
 
 
 # --------------------------------------------------------------------------- resume

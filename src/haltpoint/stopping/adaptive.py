@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.stopping.decision import StopReason
+from haltpoint.stopping.inputs import shown, whole_number
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -554,11 +555,12 @@ def check_horizon(horizon: object) -> int | None:
     """
     if horizon is None:
         return None
-    if isinstance(horizon, bool) or not isinstance(horizon, int):
+    count = whole_number(horizon)
+    if count is None:
         raise TypeError(
             f"horizon must be the planned number of evaluations (an int >= 1) or None; got "
-            f"{type(horizon).__name__} {horizon!r}"
+            f"{type(horizon).__name__} {shown(horizon)}"
         )
-    if horizon < 1:
-        raise ValueError(f"horizon must be an int >= 1; got horizon={horizon!r}")
-    return horizon
+    if count < 1:
+        raise ValueError(f"horizon must be an int >= 1; got horizon={shown(horizon)}")
+    return count

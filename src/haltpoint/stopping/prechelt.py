@@ -13,6 +13,7 @@ from typing import Any
 
 from haltpoint.stopping._text import evaluations, fmt
 from haltpoint.stopping.decision import StopReason
+from haltpoint.stopping.inputs import shown, whole_number
 from haltpoint.stopping.rules import Observation, Stop, check_number, is_better
 
 __all__ = [
@@ -52,10 +53,20 @@ def training_progress(strip: list[float]) -> float:
     return 1000.0 * (mean - lowest) / abs(lowest)
 
 
+def _check_at_least_one(value: object, name: str, what: str) -> int:
+    """An int >= 1 (a NumPy integer too, not a bool) as an int."""
+    count = whole_number(value)
+    if count is None:
+        raise TypeError(
+            f"{name} must be an int >= 1 ({what}); got {type(value).__name__} {shown(value)}"
+        )
+    if count < 1:
+        raise ValueError(f"{name} must be an int >= 1 ({what}); got {name}={shown(value)}")
+    return count
+
+
 def _check_strip(strip: object) -> int:
-    if isinstance(strip, bool) or not isinstance(strip, int) or strip < 1:
-        raise ValueError(f"strip must be an int >= 1 (evaluations per strip); got strip={strip!r}")
-    return strip
+    return _check_at_least_one(strip, "strip", "evaluations per strip")
 
 
 def _needs_min(rule: str, obs: Observation) -> None:
@@ -200,9 +211,7 @@ class ConsecutiveIncreases:
     """
 
     def __init__(self, s: int, *, strip: int = 5) -> None:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise ValueError(f"s must be an int >= 1 (successive worse strips); got s={s!r}")
-        self.s = s
+        self.s = _check_at_least_one(s, "s", "successive worse strips")
         self.strip = _check_strip(strip)
         self._previous: float | None = None
         self._count = 0
