@@ -217,7 +217,7 @@ def test_decision_from_dict_errors() -> None:
         Decision.from_dict({"stop": True})
     data = Decision(True, False, 1, 1.0, 1.0, 0, 1, StopReason.PATIENCE, "x").to_dict()
     data["code"] = "bored"
-    with pytest.raises(ValueError, match=r"decision code 'bored' is not a stop reason; allowed"):
+    with pytest.raises(ValueError, match=r"decision\['code'\] must be a stop reason .* 'bored'"):
         Decision.from_dict(data)
 
 
@@ -652,11 +652,11 @@ def test_load_state_dict_errors() -> None:
         stopper.load_state_dict({k: v for k, v in good.items() if k not in ("best", "wait")})
     with pytest.raises(ValueError, match=r"has version 2; this haltpoint reads version 1"):
         stopper.load_state_dict({**good, "version": 2})
-    with pytest.raises(ValueError, match=r"'wait' must be an int >= 0; got -1"):
+    with pytest.raises(ValueError, match=r"'wait' must be an int, 0 .*; got -1"):
         stopper.load_state_dict({**good, "wait": -1})
-    with pytest.raises(ValueError, match=r"'best' must be a number or None; got 'x'"):
+    with pytest.raises(ValueError, match=r"'best' must be a finite number or None; got 'x'"):
         stopper.load_state_dict({**good, "best": "x"})
-    with pytest.raises(ValueError, match=r"'last_decision' must be a dict or None; got 3"):
+    with pytest.raises(ValueError, match=r"'last_decision' must be None before the first .* 3"):
         stopper.load_state_dict({**good, "last_decision": 3})
     with pytest.raises(
         ValueError, match=r"'rules' holds \[None\], which does not match .* 0 rules"
@@ -820,3 +820,172 @@ def test_reset_restarts_the_default_rule() -> None:
         stopper.step(1.0 / (i + 1))
     stopper.reset()
     assert stopper.state_dict() == EarlyStopping("val_loss").state_dict()
+
+
+# ------------------------------------------------------- a crafted state, field by field
+
+
+def _stopper(kind: int) -> EarlyStopping:
+    """A stopper of each kind of state: 0, the default rule's trend; 1, patience and rules."""
+    if kind == 0:
+        return EarlyStopping("val_loss")
+    clock = FakeClock()
+    rules = [TimeBudget(1000.0, clock=clock), ProgressQuotient(1.0, strip=2)]
+    return EarlyStopping("val_loss", patience=2, rules=[*rules, ConsecutiveIncreases(2, strip=1)])
+
+
+def _saved_states() -> list[tuple[int, dict[str, Any]]]:
+    """(kind, state) of each kind after 0, 3 and 5 evaluations (kind 1 stopped after 5), as a
+    checkpoint gives them back."""
+    states = []
+    for kind in (0, 1):
+        for values in ([], [1.0, 0.5, 0.7], [1.0, 0.5, 0.7, 0.8, 0.9]):
+            stopper = _stopper(kind)
+            for v in values:
+                stopper.step({"val_loss": v, "train_loss": v})
+            states.append((kind, json_round_trip(stopper.state_dict())))
+    return states
+
+
+SAVED_STATES = _saved_states()
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([0, 1, -1, 2, 3, 2**63, 10**400])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+TOP_FIELDS = ["version", "monitor", "mode", "evaluations", "best", "best_step", "wait",
+              "last_decision", "rules", "trend"]  # fmt: skip
+DECISION_FIELDS = ["stop", "improved", "step", "value", "best", "best_step", "wait", "code",
+                   "reason"]  # fmt: skip
+FIELD_PATHS = (
+    [(f,) for f in TOP_FIELDS]
+    + [("last_decision", f) for f in DECISION_FIELDS]
+    + [("trend", "points"), ("trend", "sums")]
+)
+
+
+def _crafted(state: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any] | None:
+    """A copy of `state` with the field at `path` set to `value`; None where it has none."""
+    state = json.loads(json.dumps(state))
+    holder = state if len(path) == 1 else state.get(path[0])
+    if not isinstance(holder, dict):
+        return None
+    holder[path[-1]] = value
+    return state
+
+
+def _check_refusal(exc: BaseException, names: tuple[str, ...]) -> None:
+    assert isinstance(exc, (ValueError, StateMismatchError)), repr(exc)
+    text = str(exc)
+    assert "\n" not in text and len(text) < 1000, text
+    assert any(name in text for name in names), (names, text)
+
+
+def _load_or_refuse(kind: int, state: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Load `state` into a fresh stopper: refused in one line naming one of `names`, with
+    nothing loaded; or loaded, and the stopper goes on deciding and saving."""
+    stopper = _stopper(kind)
+    before = json.dumps(stopper.state_dict())
+    try:
+        stopper.load_state_dict(state)
+    except Exception as exc:  # the assertion says which
+        _check_refusal(exc, names)
+        assert json.dumps(stopper.state_dict()) == before  # nothing was half-loaded
+        return
+    for v in (0.4, 0.3, 0.9):
+        stopper.step({"val_loss": v, "train_loss": v})
+    json.dumps(stopper.state_dict(), allow_nan=True)
+
+
+@given(saved=st.sampled_from(SAVED_STATES), path=st.sampled_from(FIELD_PATHS), value=JSON)
+@settings(max_examples=600, deadline=None)
+def test_a_crafted_field_is_refused_in_one_line_or_loads_and_keeps_working(
+    saved: tuple[int, dict[str, Any]], path: tuple[str, ...], value: Any
+) -> None:
+    """Any JSON value at any field of a saved state: ValueError (StateMismatchError for
+    another monitor or mode) naming the field, or a state a stopper could have saved."""
+    kind, state = saved
+    crafted = _crafted(state, path, value)
+    if crafted is not None:
+        _load_or_refuse(kind, crafted, path)
+
+
+@given(
+    saved=st.sampled_from(SAVED_STATES),
+    rule=st.integers(0, 2),
+    key=st.sampled_from([None, "elapsed", "train", "previous", "count"]),
+    value=JSON,
+)
+@settings(max_examples=300, deadline=None)
+def test_a_crafted_rule_state_is_refused_in_one_line_or_loads_and_keeps_working(
+    saved: tuple[int, dict[str, Any]], rule: int, key: str | None, value: Any
+) -> None:
+    kind, state = saved
+    state = json.loads(json.dumps(state))
+    if rule >= len(state["rules"]):
+        return
+    if key is None:
+        state["rules"][rule] = value
+    elif isinstance(state["rules"][rule], dict):
+        state["rules"][rule][key] = value
+    _load_or_refuse(kind, state, ("rules",))
+
+
+def _decision(state: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {**state, "last_decision": {**state["last_decision"], **fields}}
+
+
+GOING = SAVED_STATES[1][1]  # the trend's, after 3 evaluations
+STOPPED = SAVED_STATES[5][1]  # patience 2 and rules, stopped
+assert not GOING["last_decision"]["stop"] and STOPPED["last_decision"]["stop"]
+CRAFTED = [  # (kind, the state, what the message says)
+    (0, {**GOING, "wait": -1}, r"'wait' must be an int"),
+    (0, {**GOING, "wait": GOING["wait"] + 1}, r"'wait' must be"),
+    (0, {**GOING, "evaluations": 2**70}, r"'evaluations' must be an int from 0 to"),
+    (0, {**GOING, "best_step": 1.0}, r"'best_step' must be an int"),
+    (0, {**GOING, "best_step": GOING["evaluations"]}, r"'best_step' must be"),
+    (0, {**GOING, "best": NAN}, r"'best' must be a finite number or None"),
+    (0, {**GOING, "best": INF}, r"'best' must be a finite number or None"),
+    (0, {**GOING, "best": None}, r"'best'"),
+    (0, {**GOING, "version": True}, r"version True"),
+    (0, {**GOING, "last_decision": None}, r"'last_decision'"),
+    (1, _decision(STOPPED, reason=None), r"'last_decision'\['reason'\] must be a str"),
+    (1, _decision(STOPPED, code=None), r"'last_decision'\['code'\]"),
+    (1, _decision(STOPPED, code="PATIENCE"), r"'last_decision'\['code'\] must be .*'patience'"),
+    (1, _decision(STOPPED, stop="yes"), r"'last_decision'\['stop'\] must be a bool"),
+    (0, _decision(GOING, reason="crafted"), r"'last_decision'\['reason'\] must be None"),
+    (0, _decision(GOING, step=[1]), r"'last_decision'\['step'\] must be"),
+    (0, _decision(GOING, value={"a": 1}), r"'last_decision'\['value'\] must be a number"),
+    (0, _decision(GOING, best=0.123), r"'last_decision'\['best'\] must be"),
+    (0, _decision(GOING, wait=2**64), r"'last_decision'\['wait'\] must be"),
+    (0, _decision(GOING, improved=True), r"'last_decision'\['improved'\]"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[0, 10**400]]}}, r"'trend' must be"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[-1, 1.0]]}}, r"'trend' must be"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[0, NAN]]}}, r"'trend' must be"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[1, 1.0], [0, 1.0]]}}, r"increasing"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[3, 1.0]]}}, r"from 0 to 2, increas"),
+    (0, {**GOING, "trend": {**GOING["trend"], "sums": [NAN] * 8}}, r"'trend' must be"),
+    (0, {**GOING, "monitor": {"a": [10**5000]}}, r"'monitor' must be a str or None; got a dict"),
+    (1, {**STOPPED, "rules": [{"elapsed": NAN}, *STOPPED["rules"][1:]]},
+     r"'rules'\[0\]: TimeBudget state needs 'elapsed', a finite number"),
+    (1, {**STOPPED, "rules": [*STOPPED["rules"][:2], {"previous": 10**400, "count": 0}]},
+     r"'rules'\[2\]: ConsecutiveIncreases state needs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "state", "message"), CRAFTED)
+def test_a_crafted_state_is_refused_naming_the_field(
+    kind: int, state: dict[str, Any], message: str
+) -> None:
+    stopper = _stopper(kind)
+    with pytest.raises(ValueError, match=message) as raised:
+        stopper.load_state_dict(state)
+    assert "\n" not in str(raised.value)
+    assert stopper.evaluations == 0

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 __all__ = [
     "as_float",
+    "json_number",
     "read_metric",
     "real_number",
     "shown",
@@ -48,7 +49,10 @@ def shown(value: object) -> str:
     """
     if isinstance(value, int) and too_large_for_a_float(value):
         return f"an int of {value.bit_length()} bits"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # it holds an int beyond Python's limit on int-to-str conversion
+        return f"a {type(value).__name__} holding an int too large to show"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -77,6 +81,22 @@ def real_number(value: object) -> float | None:
         return float(value)  # a longdouble beyond a float is inf already
     except OverflowError:  # an int (or a Fraction) beyond a float
         return math.inf if value > 0 else -math.inf  # type: ignore[operator]
+
+
+def json_number(value: object) -> float | None:
+    """`value` as a float when it is a number as a saved state holds one: an int or a float
+    (not a bool) that a float holds, inf and nan included; None for anything else (an int
+    beyond a float, a string, a list, ...).
+
+    >>> json_number(3), json_number(float("inf")), json_number(10**400), json_number("1")
+    (3.0, inf, None, None)
+    """
+    if type(value) is float:
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    number = real_number(value)
+    return None if number is None or (math.isinf(number) and value != number) else number
 
 
 def whole_number(value: object) -> int | None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from haltpoint.stopping._text import fmt, label
 from haltpoint.stopping.decision import StopReason
-from haltpoint.stopping.inputs import read_metric, real_number, shown
+from haltpoint.stopping.inputs import json_number, read_metric, real_number, shown
 from haltpoint.stopping.modes import Mode
 
 __all__ = [
@@ -268,14 +268,15 @@ class TimeBudget:
         """Go on counting from the saved elapsed time.
 
         Raises:
-            ValueError: when `elapsed` is missing or not a number >= 0.
+            ValueError: when `elapsed` is missing or not a finite number >= 0.
         """
-        elapsed = state.get("elapsed") if isinstance(state, Mapping) else None
-        if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or elapsed < 0:
+        elapsed = json_number(state.get("elapsed")) if isinstance(state, Mapping) else None
+        if elapsed is None or not (math.isfinite(elapsed) and elapsed >= 0):
             raise ValueError(
-                f"TimeBudget state needs 'elapsed', a number of seconds >= 0; got {state!r}"
+                "TimeBudget state needs 'elapsed', a finite number of seconds >= 0; got "
+                f"{shown(state)}"
             )
-        self._before = float(elapsed)
+        self._before = elapsed
         self._origin = self._clock()
 
     def __repr__(self) -> str:
