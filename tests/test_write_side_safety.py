@@ -474,6 +474,45 @@ def test_a_removal_failing_after_the_commit_warns_and_the_save_returns(
     ]
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize("listing", ["run directory", "quarantine"])
+def test_a_listing_failing_in_retention_after_the_commit_warns_and_the_save_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool, listing: str
+):
+    """Retention lists the quarantine and the run directory before it removes files: an OS
+    error there (an I/O error) is one warning line; the committed save returns."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    real_remove, real_listdir = RunDirectory.remove, LocalStorage.listdir
+    failing = {"on": False}
+
+    def remove(self: RunDirectory, *args, **kwargs):  # type: ignore[no-untyped-def]
+        failing["on"] = True
+        try:
+            return real_remove(self, *args, **kwargs)
+        finally:
+            failing["on"] = False
+
+    def listdir(self: LocalStorage, rel: str = "") -> list[str]:
+        wanted = "" if listing == "run directory" else "quarantine"
+        if failing["on"] and rel == wanted:
+            raise OSError(5, "Input/output error", str(run / rel))
+        return real_listdir(self, rel)
+
+    with Checkpointer(run, keep_last=1, async_save=async_save) as ckpt:
+        ckpt.save(1, {"model": model})
+        ckpt.wait()
+        (run / "quarantine").mkdir(exist_ok=True)
+        monkeypatch.setattr(RunDirectory, "remove", remove)
+        monkeypatch.setattr(LocalStorage, "listdir", listdir)
+        with pytest.warns(UserWarning, match="could not remove step 1") as said:
+            ckpt.save(2, {"model": model})
+            ckpt.wait()
+        monkeypatch.undo()
+        assert "Input/output error" in str(said[0].message) and "\n" not in str(said[0].message)
+        assert ckpt.restore({"model": model}).step == 2
+
+
 def test_a_quarantine_move_failing_in_retention_warns_and_removes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

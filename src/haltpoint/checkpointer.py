@@ -464,7 +464,7 @@ class Checkpointer:
         if damage is None:
             try:
                 self._run.remove_superseded(entry.dirname)
-            except OSError as exc:  # the save is committed: the next writer's clean-up retries
+            except (OSError, UnreadableCheckpointError) as exc:  # committed: clean-up retries
                 warn_user(
                     f"{self.directory}: could not remove the superseded tensor file(s) of step "
                     f"{entry.step} ({exc}); the save is committed, and the next writer's "
@@ -583,7 +583,7 @@ class Checkpointer:
         kept += [e.manifest for e in beyond if e.manifest]
         try:
             self._run.remove(dropped, kept)
-        except OSError as exc:  # the save is committed: what is left goes at a later pass
+        except (OSError, UnreadableCheckpointError) as exc:  # committed: a later pass retries
             steps = ", ".join(str(e.step) for e in dropped)
             warn_user(
                 f"{self.directory}: retention could not remove step {steps} ({exc}); the "

@@ -79,18 +79,22 @@ def full_disk_on_open(url: str) -> Iterator[None]:
 
 @contextmanager
 def unwritable_on_open(url: str) -> Iterator[None]:
-    """Turn EACCES/EPERM/EROFS raised while opening a writer (its folder, its lock file, the
-    clean-up) into `UnwritableRunError`, naming the directory and the reader's way in."""
+    """Turn an OS error raised while opening a writer (its folder, its lock file, the
+    clean-up) into `UnwritableRunError`, naming the directory and the reader's way in:
+    EACCES/EPERM/EROFS, or any other (a special file system such as /proc, where files
+    cannot be created; an I/O error). A full disk is left to `full_disk_on_open`."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" ({exc.filename})" if exc.filename else ""
+        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        fix = "fix its permissions" if denied else "pick a folder on an ordinary file system"
         raise UnwritableRunError(
-            f"cannot write {url}: {exc.strerror}{where}; a writer needs to create its lock "
-            "file and checkpoints there: fix its permissions, or open it with read_only=True "
-            "(or the haltpoint command) to restore and list",
+            f"cannot write {url}: {exc.strerror or exc}{where}; a writer needs to create its "
+            f"lock file and checkpoints there: {fix}, or open it with read_only=True (or the "
+            "haltpoint command) to restore and list",
             path=url,
         ) from exc
 
