@@ -883,3 +883,45 @@ def test_warnings_of_a_background_save_point_at_the_line_that_called_save(
     assert all((w.filename, w.lineno) == (__file__, line) for w in from_save), [
         (w.filename, w.lineno) for w in from_save
     ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("wait", -3, "'wait'"),
+        ("best_step", "1", "'best_step'"),
+        ("best", float("nan"), "'best'"),
+        ("evaluations", 2**70, "'evaluations'"),
+        ("last_decision", {"stop": True}, "'last_decision'"),
+        ("last_decision.reason", None, "'last_decision'['reason']"),
+        ("last_decision.code", "bored", "'last_decision'['code']"),
+        ("last_decision.step", {"nested": [1]}, "'last_decision'['step']"),
+    ],
+)
+def test_a_crafted_stopper_state_in_a_checkpoint_is_one_state_mismatch_line(
+    tmp_path: Path, field: str, value: object, named: str
+) -> None:
+    """A run directory whose checkpoint holds a stopper state no stopper could have saved:
+    restore says which field, in one line, and loads nothing."""
+    from haltpoint import EarlyStopping
+
+    stopper = EarlyStopping("val_loss", patience=1)
+    for loss in (1.0, 2.0):
+        stopper.step({"val_loss": loss})
+    assert stopper.stopped
+    crafted = json.loads(json.dumps(stopper.state_dict()))
+    holder, key = crafted, field
+    if "." in field:
+        parent, key = field.split(".")
+        holder = crafted[parent]
+    holder[key] = value
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {"stopper": crafted})
+    fresh = EarlyStopping("val_loss", patience=1)
+    with (
+        Checkpointer(tmp_path, read_only=True) as reader,
+        pytest.raises(StateMismatchError) as raised,
+    ):
+        reader.restore({"stopper": fresh})
+    assert named in str(raised.value) and "\n" not in str(raised.value)
+    assert fresh.evaluations == 0

@@ -171,7 +171,7 @@ def test_verify_flipped_byte_fails_naming_the_file(run_dir: Path, capsys):
     code, out, err = run_cli(capsys, "verify", str(run_dir))
     assert code == 1
     assert "1 of 4 checkpoints damaged:" in out
-    assert "step 1: step-000000001/tensors.safetensors: 1 tensor(s)" in out
+    assert "step 1: step-000000001/tensors.safetensors: bytes " in out
     assert "restore() never loads a damaged checkpoint, nor `haltpoint export` a damaged" in err
     code, out, _ = run_cli(capsys, "verify", str(run_dir), "--json")
     result = json.loads(out)
@@ -244,3 +244,70 @@ def test_a_removed_checkpoint_kept_for_its_data_is_data_only(tmp_path: Path, cap
     assert code == 0 and out.splitlines()[-1].split()[-2:] == ["latest", "committed"]
     code, out, _ = run_cli(capsys, "verify", str(tmp_path))
     assert code == 0 and "the checkpoint is intact (2.0 MiB" in out
+
+
+def _flip_tensor_byte(folder: Path) -> None:
+    flip_last_byte(folder / "tensors.safetensors")
+
+
+def _remove_tensor_file(folder: Path) -> None:
+    (folder / "tensors.safetensors").unlink()
+
+
+def _truncate_tensor_file(folder: Path) -> None:
+    path = folder / "tensors.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _folder_at_tensor_file(folder: Path) -> None:
+    (folder / "tensors.safetensors").unlink()
+    (folder / "tensors.safetensors").mkdir()
+
+
+def _header_without_a_tensor(folder: Path) -> None:
+    path = folder / "tensors.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name[:-1] + ("y" if name.endswith("x") else "x")] = header.pop(name)  # same length
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    path.write_bytes(data[:8] + text.ljust(n) + data[8 + n :])
+
+
+def _manifest_not_json(folder: Path) -> None:
+    (folder / "manifest.json").write_text('{"not json')
+
+
+DAMAGE = [  # (what is done to step 1, what verify says the cause is)
+    (_flip_tensor_byte, r"tensors\.safetensors: bytes \d+-\d+ do not match the tensor's hash \("),
+    (_remove_tensor_file, r"tensors\.safetensors: the file is missing \("),
+    (_truncate_tensor_file, r"tensors\.safetensors: the tensors end at byte \d+ but the file has"),
+    (_folder_at_tensor_file, r"tensors\.safetensors: .* is a folder, not a regular file"),
+    (_header_without_a_tensor, r"tensors\.safetensors: the file's header has no tensor '"),
+    (_manifest_not_json, r"manifest\.json: not valid strict JSON"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("damage", "cause"), DAMAGE, ids=[d.__name__[1:] for d, _ in DAMAGE])
+def test_verify_says_what_is_wrong_with_a_damaged_checkpoint(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], damage: object, cause: str
+) -> None:
+    """One line per damaged file, with the cause restore would give: which file, which
+    tensors and bytes, a hash mismatch or a missing file or bad JSON."""
+    import re
+
+    damage(run_dir / "step-000000001")  # type: ignore[operator]
+    code, out, _ = run_cli(capsys, "verify", str(run_dir))
+    assert code == 1
+    lines = [line for line in out.splitlines() if line.startswith("  step 1: ")]
+    assert len(lines) == 1 and re.search(cause, lines[0]), out
+    code, out, _ = run_cli(capsys, "verify", str(run_dir), "--json")
+    check = next(c for c in json.loads(out)["checkpoints"] if c["step"] == 1)
+    assert check["status"] == "damaged"
+    said = [check["error"]] if check["error"] else []
+    said += [
+        f"{file}: {check['causes'][k]} (" for file, keys in check["damaged"].items() for k in keys
+    ]
+    assert any(re.search(cause, s) for s in said), check

@@ -64,7 +64,7 @@ def removing_first(real: Callable[..., Any], run: Path, steps: list[int]) -> Cal
 def test_verify_calls_a_checkpoint_removed_mid_check_removed(
     run_dir: Path, monkeypatch, capsys
 ) -> None:
-    monkeypatch.setattr(verify, "verify_file", removing_first(verify.verify_file, run_dir, [1]))
+    monkeypatch.setattr(verify, "tensor_damage", removing_first(verify.tensor_damage, run_dir, [1]))
     code = main(["verify", str(run_dir)])
     captured = capsys.readouterr()
     assert code == 0
@@ -78,7 +78,7 @@ def test_verify_calls_a_checkpoint_removed_mid_check_removed(
 def test_verify_json_counts_a_removed_checkpoint_as_no_failure(
     run_dir: Path, monkeypatch, capsys
 ) -> None:
-    monkeypatch.setattr(verify, "verify_file", removing_first(verify.verify_file, run_dir, [2]))
+    monkeypatch.setattr(verify, "tensor_damage", removing_first(verify.tensor_damage, run_dir, [2]))
     assert main(["verify", str(run_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is True
@@ -94,7 +94,9 @@ def test_verify_of_a_run_whose_every_checkpoint_was_removed_mid_check(
     run_dir: Path, monkeypatch, capsys
 ) -> None:
     steps = list(range(len(LOSSES)))
-    monkeypatch.setattr(verify, "verify_file", removing_first(verify.verify_file, run_dir, steps))
+    monkeypatch.setattr(
+        verify, "tensor_damage", removing_first(verify.tensor_damage, run_dir, steps)
+    )
     assert main(["verify", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "every checkpoint was removed while being verified; run verify again" in out

@@ -18,10 +18,14 @@ from hypothesis import strategies as st
 from haltpoint import (
     ConsecutiveIncreases,
     Decision,
+    Divergence,
     EarlyStopping,
+    GeneralizationLoss,
+    ProgressQuotient,
     RelativeDelta,
     StateMismatchError,
     StopReason,
+    Target,
     TimeBudget,
 )
 from haltpoint.stopping import STATE_VERSION, default_patience
@@ -213,7 +217,7 @@ def test_decision_from_dict_errors() -> None:
         Decision.from_dict({"stop": True})
     data = Decision(True, False, 1, 1.0, 1.0, 0, 1, StopReason.PATIENCE, "x").to_dict()
     data["code"] = "bored"
-    with pytest.raises(ValueError, match=r"decision code 'bored' is not a stop reason; allowed"):
+    with pytest.raises(ValueError, match=r"decision\['code'\] must be a stop reason .* 'bored'"):
         Decision.from_dict(data)
 
 
@@ -436,6 +440,157 @@ def test_relative_delta_errors() -> None:
         RelativeDelta("1%")  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------------ NumPy scalars as arguments
+
+# every real-valued argument of EarlyStopping and the rules, by the name its errors use:
+# (make from a value, read it back)
+REAL_ARGUMENTS = {
+    "min_delta": (lambda v: EarlyStopping("val_loss", min_delta=v), lambda s: s.min_delta),
+    "baseline": (lambda v: EarlyStopping("val_loss", baseline=v), lambda s: s.baseline),
+    "RelativeDelta fraction": (RelativeDelta, lambda d: d.fraction),
+    "Target value": (Target, lambda r: r.value),
+    "Divergence threshold": (Divergence, lambda r: r.threshold),
+    "seconds": (TimeBudget, lambda r: r.seconds),
+    "alpha": (GeneralizationLoss, lambda r: r.alpha),
+    "alpha ": (ProgressQuotient, lambda r: r.alpha),  # ProgressQuotient's
+}
+# every count, by the name its errors use: (make from a value, read it back)
+COUNT_ARGUMENTS = {
+    "patience": (lambda v: EarlyStopping("val_loss", patience=v), lambda s: s.patience),
+    "warmup": (lambda v: EarlyStopping("val_loss", patience=1, warmup=v), lambda s: s.warmup),
+    "horizon": (lambda v: EarlyStopping("val_loss", horizon=v), lambda s: s.horizon),
+    "strip": (lambda v: ProgressQuotient(1.0, strip=v), lambda r: r.strip),
+    "s": (ConsecutiveIncreases, lambda r: r.s),
+    "strip ": (lambda v: ConsecutiveIncreases(1, strip=v), lambda r: r.strip),  # its
+}
+NUMPY_REALS = [np.float64, np.float32, np.float16, np.longdouble, np.int64, np.int32, np.uint8]
+NUMPY_INTS = [np.int64, np.int32, np.int8, np.uint16, np.uint64]
+
+
+@pytest.mark.parametrize("kind", NUMPY_REALS, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("argument", REAL_ARGUMENTS)
+def test_every_real_argument_takes_a_numpy_scalar_as_a_plain_float(
+    argument: str, kind: type
+) -> None:
+    make, read = REAL_ARGUMENTS[argument]
+    got = read(make(kind(2)))
+    assert got == 2.0 and type(got) is float
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (np.bool_(True), TypeError),
+        (True, TypeError),
+        (np.array([2.0]), TypeError),
+        (np.float64("nan"), ValueError),
+        (np.float32("inf"), ValueError),
+        (np.longdouble("1e4000"), ValueError),  # beyond any float
+        (10**400, ValueError),
+    ],
+    ids=["np.bool_", "bool", "array", "np nan", "np inf", "np.longdouble 1e4000", "int 10**400"],
+)
+@pytest.mark.parametrize("argument", REAL_ARGUMENTS)
+def test_every_real_argument_refuses_bools_arrays_and_non_finite_numpy_scalars(
+    argument: str, value: Any, error: type
+) -> None:
+    make, _ = REAL_ARGUMENTS[argument]
+    with pytest.raises(error, match=f"^{argument.strip()} must be") as raised:
+        make(value)
+    assert "\n" not in str(raised.value) and str(raised.value).count("must be") == 1
+
+
+@pytest.mark.parametrize("kind", NUMPY_INTS, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("argument", COUNT_ARGUMENTS)
+def test_every_count_takes_a_numpy_integer_as_a_plain_int(argument: str, kind: type) -> None:
+    make, read = COUNT_ARGUMENTS[argument]
+    got = read(make(kind(3)))
+    assert got == 3 and type(got) is int
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (np.bool_(True), TypeError),
+        (True, TypeError),
+        (np.float64(3.0), TypeError),
+        (3.0, TypeError),
+        (np.array([3]), TypeError),
+        (np.int64(-1), ValueError),
+    ],
+    ids=["np.bool_", "bool", "np.float64", "float", "array", "np.int64 -1"],
+)
+@pytest.mark.parametrize("argument", COUNT_ARGUMENTS)
+def test_every_count_refuses_bools_floats_and_negative_numpy_integers(
+    argument: str, value: Any, error: type
+) -> None:
+    make, _ = COUNT_ARGUMENTS[argument]
+    with pytest.raises(error, match=f"^{argument.strip()} must be .*an int >= [01]") as raised:
+        make(value)
+    assert "\n" not in str(raised.value)
+
+
+# ------------------------------------------------------- values no float can represent
+
+ONE_SENTENCE = [
+    (np.longdouble("1e4000"), "value must be a number a float holds (at most about 1.8e308 in "
+     "size); got np.longdouble('1e+4000')"),
+    (np.longdouble("-1e4000"), "value must be a number a float holds (at most about 1.8e308 in "
+     "size); got np.longdouble('-1e+4000')"),
+    (np.array([np.longdouble("1e4000")]), "value must be a number a float holds (at most about "
+     "1.8e308 in size); got array([1.e+4000], dtype=float128)"),
+    (np.clongdouble(1 + 2j), "value must be a number (a float, an int, a NumPy scalar, or a "
+     "one-element array or tensor); got clongdouble np.clongdouble('1+2j')"),
+    (np.array([np.clongdouble(1)]), "value must be a number (a float, an int, a NumPy scalar, "
+     "or a one-element array or tensor); got ndarray array([1.+0.j], dtype=complex256)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "message"), ONE_SENTENCE)
+def test_a_value_no_float_represents_is_refused_in_one_sentence(value: Any, message: str) -> None:
+    stopper = EarlyStopping("val_loss", patience=1)
+    with pytest.raises((TypeError, ValueError)) as raised:
+        stopper.step(value)
+    assert str(raised.value) == message
+    with pytest.raises((TypeError, ValueError)) as raised:
+        stopper.step({"val_loss": value})
+    assert str(raised.value) == message.replace("value must", "metrics['val_loss'] must")
+    assert stopper.evaluations == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.longdouble("0.5"), np.array([np.longdouble("0.5")]), np.longdouble("1e-4000")],
+    ids=["longdouble", "longdouble array", "longdouble below a float's least"],
+)
+def test_a_longdouble_a_float_holds_is_a_value(value: Any) -> None:
+    decision = EarlyStopping("val_loss", patience=1).step(value)
+    assert decision.value == float(np.asarray(value).item()) and type(decision.value) is float
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda v: EarlyStopping(baseline=v), "baseline must be finite; got "
+         "baseline=np.longdouble('1e+4000')"),
+        (lambda v: EarlyStopping(min_delta=v), "min_delta must be a finite number >= 0; got "
+         "min_delta=np.longdouble('1e+4000'). (Keras silently takes its absolute value; "
+         "haltpoint refuses it)"),
+        (RelativeDelta, "RelativeDelta fraction must be a finite number >= 0 (0.01 means 1% of "
+         "|best|); got np.longdouble('1e+4000')"),
+        (Target, "Target value must be a finite number; got Target value="
+         "np.longdouble('1e+4000')"),
+        (TimeBudget, "seconds must be a finite number > 0; got seconds=np.longdouble('1e+4000')"),
+    ],
+)  # fmt: skip
+def test_an_argument_no_float_represents_is_refused_in_one_sentence(
+    make: Any, message: str
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        make(np.longdouble("1e4000"))
+    assert str(raised.value) == message
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -497,11 +652,11 @@ def test_load_state_dict_errors() -> None:
         stopper.load_state_dict({k: v for k, v in good.items() if k not in ("best", "wait")})
     with pytest.raises(ValueError, match=r"has version 2; this haltpoint reads version 1"):
         stopper.load_state_dict({**good, "version": 2})
-    with pytest.raises(ValueError, match=r"'wait' must be an int >= 0; got -1"):
+    with pytest.raises(ValueError, match=r"'wait' must be an int, 0 .*; got -1"):
         stopper.load_state_dict({**good, "wait": -1})
-    with pytest.raises(ValueError, match=r"'best' must be a number or None; got 'x'"):
+    with pytest.raises(ValueError, match=r"'best' must be a finite number or None; got 'x'"):
         stopper.load_state_dict({**good, "best": "x"})
-    with pytest.raises(ValueError, match=r"'last_decision' must be a dict or None; got 3"):
+    with pytest.raises(ValueError, match=r"'last_decision' must be None before the first .* 3"):
         stopper.load_state_dict({**good, "last_decision": 3})
     with pytest.raises(
         ValueError, match=r"'rules' holds \[None\], which does not match .* 0 rules"
@@ -665,3 +820,172 @@ def test_reset_restarts_the_default_rule() -> None:
         stopper.step(1.0 / (i + 1))
     stopper.reset()
     assert stopper.state_dict() == EarlyStopping("val_loss").state_dict()
+
+
+# ------------------------------------------------------- a crafted state, field by field
+
+
+def _stopper(kind: int) -> EarlyStopping:
+    """A stopper of each kind of state: 0, the default rule's trend; 1, patience and rules."""
+    if kind == 0:
+        return EarlyStopping("val_loss")
+    clock = FakeClock()
+    rules = [TimeBudget(1000.0, clock=clock), ProgressQuotient(1.0, strip=2)]
+    return EarlyStopping("val_loss", patience=2, rules=[*rules, ConsecutiveIncreases(2, strip=1)])
+
+
+def _saved_states() -> list[tuple[int, dict[str, Any]]]:
+    """(kind, state) of each kind after 0, 3 and 5 evaluations (kind 1 stopped after 5), as a
+    checkpoint gives them back."""
+    states = []
+    for kind in (0, 1):
+        for values in ([], [1.0, 0.5, 0.7], [1.0, 0.5, 0.7, 0.8, 0.9]):
+            stopper = _stopper(kind)
+            for v in values:
+                stopper.step({"val_loss": v, "train_loss": v})
+            states.append((kind, json_round_trip(stopper.state_dict())))
+    return states
+
+
+SAVED_STATES = _saved_states()
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([0, 1, -1, 2, 3, 2**63, 10**400])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+TOP_FIELDS = ["version", "monitor", "mode", "evaluations", "best", "best_step", "wait",
+              "last_decision", "rules", "trend"]  # fmt: skip
+DECISION_FIELDS = ["stop", "improved", "step", "value", "best", "best_step", "wait", "code",
+                   "reason"]  # fmt: skip
+FIELD_PATHS = (
+    [(f,) for f in TOP_FIELDS]
+    + [("last_decision", f) for f in DECISION_FIELDS]
+    + [("trend", "points"), ("trend", "sums")]
+)
+
+
+def _crafted(state: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any] | None:
+    """A copy of `state` with the field at `path` set to `value`; None where it has none."""
+    state = json.loads(json.dumps(state))
+    holder = state if len(path) == 1 else state.get(path[0])
+    if not isinstance(holder, dict):
+        return None
+    holder[path[-1]] = value
+    return state
+
+
+def _check_refusal(exc: BaseException, names: tuple[str, ...]) -> None:
+    assert isinstance(exc, (ValueError, StateMismatchError)), repr(exc)
+    text = str(exc)
+    assert "\n" not in text and len(text) < 1000, text
+    assert any(name in text for name in names), (names, text)
+
+
+def _load_or_refuse(kind: int, state: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Load `state` into a fresh stopper: refused in one line naming one of `names`, with
+    nothing loaded; or loaded, and the stopper goes on deciding and saving."""
+    stopper = _stopper(kind)
+    before = json.dumps(stopper.state_dict())
+    try:
+        stopper.load_state_dict(state)
+    except Exception as exc:  # the assertion says which
+        _check_refusal(exc, names)
+        assert json.dumps(stopper.state_dict()) == before  # nothing was half-loaded
+        return
+    for v in (0.4, 0.3, 0.9):
+        stopper.step({"val_loss": v, "train_loss": v})
+    json.dumps(stopper.state_dict(), allow_nan=True)
+
+
+@given(saved=st.sampled_from(SAVED_STATES), path=st.sampled_from(FIELD_PATHS), value=JSON)
+@settings(max_examples=600, deadline=None)
+def test_a_crafted_field_is_refused_in_one_line_or_loads_and_keeps_working(
+    saved: tuple[int, dict[str, Any]], path: tuple[str, ...], value: Any
+) -> None:
+    """Any JSON value at any field of a saved state: ValueError (StateMismatchError for
+    another monitor or mode) naming the field, or a state a stopper could have saved."""
+    kind, state = saved
+    crafted = _crafted(state, path, value)
+    if crafted is not None:
+        _load_or_refuse(kind, crafted, path)
+
+
+@given(
+    saved=st.sampled_from(SAVED_STATES),
+    rule=st.integers(0, 2),
+    key=st.sampled_from([None, "elapsed", "train", "previous", "count"]),
+    value=JSON,
+)
+@settings(max_examples=300, deadline=None)
+def test_a_crafted_rule_state_is_refused_in_one_line_or_loads_and_keeps_working(
+    saved: tuple[int, dict[str, Any]], rule: int, key: str | None, value: Any
+) -> None:
+    kind, state = saved
+    state = json.loads(json.dumps(state))
+    if rule >= len(state["rules"]):
+        return
+    if key is None:
+        state["rules"][rule] = value
+    elif isinstance(state["rules"][rule], dict):
+        state["rules"][rule][key] = value
+    _load_or_refuse(kind, state, ("rules",))
+
+
+def _decision(state: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {**state, "last_decision": {**state["last_decision"], **fields}}
+
+
+GOING = SAVED_STATES[1][1]  # the trend's, after 3 evaluations
+STOPPED = SAVED_STATES[5][1]  # patience 2 and rules, stopped
+assert not GOING["last_decision"]["stop"] and STOPPED["last_decision"]["stop"]
+CRAFTED = [  # (kind, the state, what the message says)
+    (0, {**GOING, "wait": -1}, r"'wait' must be an int"),
+    (0, {**GOING, "wait": GOING["wait"] + 1}, r"'wait' must be"),
+    (0, {**GOING, "evaluations": 2**70}, r"'evaluations' must be an int from 0 to"),
+    (0, {**GOING, "best_step": 1.0}, r"'best_step' must be an int"),
+    (0, {**GOING, "best_step": GOING["evaluations"]}, r"'best_step' must be"),
+    (0, {**GOING, "best": NAN}, r"'best' must be a finite number or None"),
+    (0, {**GOING, "best": INF}, r"'best' must be a finite number or None"),
+    (0, {**GOING, "best": None}, r"'best'"),
+    (0, {**GOING, "version": True}, r"version True"),
+    (0, {**GOING, "last_decision": None}, r"'last_decision'"),
+    (1, _decision(STOPPED, reason=None), r"'last_decision'\['reason'\] must be a str"),
+    (1, _decision(STOPPED, code=None), r"'last_decision'\['code'\]"),
+    (1, _decision(STOPPED, code="PATIENCE"), r"'last_decision'\['code'\] must be .*'patience'"),
+    (1, _decision(STOPPED, stop="yes"), r"'last_decision'\['stop'\] must be a bool"),
+    (0, _decision(GOING, reason="crafted"), r"'last_decision'\['reason'\] must be None"),
+    (0, _decision(GOING, step=[1]), r"'last_decision'\['step'\] must be"),
+    (0, _decision(GOING, value={"a": 1}), r"'last_decision'\['value'\] must be a number"),
+    (0, _decision(GOING, best=0.123), r"'last_decision'\['best'\] must be"),
+    (0, _decision(GOING, wait=2**64), r"'last_decision'\['wait'\] must be"),
+    (0, _decision(GOING, improved=True), r"'last_decision'\['improved'\]"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[0, 10**400]]}}, r"'trend' must be"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[-1, 1.0]]}}, r"'trend' must be"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[0, NAN]]}}, r"'trend' must be"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[1, 1.0], [0, 1.0]]}}, r"increasing"),
+    (0, {**GOING, "trend": {**GOING["trend"], "points": [[3, 1.0]]}}, r"from 0 to 2, increas"),
+    (0, {**GOING, "trend": {**GOING["trend"], "sums": [NAN] * 8}}, r"'trend' must be"),
+    (0, {**GOING, "monitor": {"a": [10**5000]}}, r"'monitor' must be a str or None; got a dict"),
+    (1, {**STOPPED, "rules": [{"elapsed": NAN}, *STOPPED["rules"][1:]]},
+     r"'rules'\[0\]: TimeBudget state needs 'elapsed', a finite number"),
+    (1, {**STOPPED, "rules": [*STOPPED["rules"][:2], {"previous": 10**400, "count": 0}]},
+     r"'rules'\[2\]: ConsecutiveIncreases state needs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "state", "message"), CRAFTED)
+def test_a_crafted_state_is_refused_naming_the_field(
+    kind: int, state: dict[str, Any], message: str
+) -> None:
+    stopper = _stopper(kind)
+    with pytest.raises(ValueError, match=message) as raised:
+        stopper.load_state_dict(state)
+    assert "\n" not in str(raised.value)
+    assert stopper.evaluations == 0

@@ -162,7 +162,7 @@ RULE_ERRORS = [
     (lambda: ProgressQuotient(1.0, strip=0), ValueError, r"strip must be an int >= 1 .* strip=0"),
     (lambda: ProgressQuotient(1.0, train_key=3), TypeError, r"train_key must be a str; got int 3"),
     (lambda: ConsecutiveIncreases(0), ValueError, r"s must be an int >= 1 .* got s=0"),
-    (lambda: ConsecutiveIncreases(2, strip=1.5), ValueError, r"strip must be an int >= 1"),
+    (lambda: ConsecutiveIncreases(2, strip=1.5), TypeError, r"strip must be an int >= 1 .* float"),
 ]  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import errno
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,13 +65,20 @@ def deny_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     monkeypatch.setattr(builtins, "open", guard(builtins.open, under))
 
 
-def read_only_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+def read_only_folder(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, writable: Path | None = None
+) -> None:
     """What a read-only run directory (`chmod -R a-w`) does to a non-root user: nothing in
-    it can be created, opened for writing, renamed or removed; everything reads."""
+    it can be created, opened for writing, renamed or removed; everything reads. The file
+    `writable` (if given) still opens for writing, as a file left writable would."""
     inside = str(folder)
 
     def under(path: Any) -> bool:
-        return isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(inside)
+        return (
+            isinstance(path, (str, os.PathLike))
+            and os.path.abspath(path).startswith(inside)
+            and (writable is None or os.path.abspath(path) != str(writable))
+        )
 
     real_open, real_builtin = os.open, builtins.open
 
@@ -137,14 +145,17 @@ def unreadable(how: str, monkeypatch: pytest.MonkeyPatch, folder: Path) -> Itera
 
 
 @contextlib.contextmanager
-def read_only(how: str, monkeypatch: pytest.MonkeyPatch, folder: Path) -> Iterator[None]:
-    """`folder` and everything in it as `chmod -R a-w` leaves them, for the block."""
-    paths = [folder, *folder.rglob("*")]
+def read_only(
+    how: str, monkeypatch: pytest.MonkeyPatch, folder: Path, writable: Path | None = None
+) -> Iterator[None]:
+    """`folder` and everything in it but `writable` as `chmod -R a-w` leaves them, for the
+    block."""
+    paths = [p for p in [folder, *folder.rglob("*")] if p != writable]
     if how == "chmod":
         for path in paths:
             path.chmod(path.stat().st_mode & 0o555)
     else:
-        read_only_folder(monkeypatch, folder)
+        read_only_folder(monkeypatch, folder, writable)
     try:
         yield
     finally:
@@ -251,3 +262,139 @@ def test_a_read_only_run_reads_and_refuses_a_writer_in_one_line(
             assert "\n" not in str(raised.value) and "read_only=True" in str(raised.value)
             assert isinstance(raised.value, CheckpointError)
     assert files(run) == before
+
+
+# -- a read-only run directory whose lock file can still be written ---------------------
+
+
+def test_a_read_only_run_with_a_writable_lock_file_refuses_a_writer_at_open(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock can be taken, but no checkpoint could be written: said at open, in the
+    same one line as without a lock file, not as a bare `PermissionError` at the first
+    save."""
+    lock = run / ".haltpoint.lock"
+    assert lock.exists()
+    before = files(run)
+    with read_only(how, monkeypatch, run, writable=lock):
+        for async_save in (True, False):
+            with pytest.raises(UnwritableRunError, match=f"cannot write {run}") as raised:
+                Checkpointer(run, async_save=async_save)
+            assert "\n" not in str(raised.value) and "read_only=True" in str(raised.value)
+        with Checkpointer(run, read_only=True) as reader:
+            assert reader.restore({"model": torch.nn.Linear(2, 1)}).step == 3
+    assert files(run) == before
+    with Checkpointer(run, async_save=False) as writer:  # the lock was let go
+        writer.save(4, {"model": torch.nn.Linear(2, 1)})
+
+
+# -- any other OS error while reading a run directory; special file systems ------------
+
+
+def failing_listing(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) -> None:
+    """Listing `folder` fails with the OS error `code`, as on a special file system or a
+    failing disk (`os.listdir` and `os.scandir`)."""
+
+    def guard(real: Any) -> Any:
+        def guarded(path: Any = ".", *args: Any, **kwargs: Any) -> Any:
+            if isinstance(path, (str, os.PathLike)) and os.path.abspath(path) == str(folder):
+                raise OSError(code, os.strerror(code), os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return guarded
+
+    for name in ("listdir", "scandir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+
+
+OS_ERRORS = [errno.EIO, errno.EINVAL, errno.ELOOP, errno.EACCES]
+READS = {
+    "list": lambda run: Checkpointer(run, read_only=True).list(),
+    "restore": lambda run: Checkpointer(run, read_only=True).restore(
+        {"model": torch.nn.Linear(2, 1)}
+    ),
+    "restore step": lambda run: Checkpointer(run, read_only=True).restore(
+        {"model": torch.nn.Linear(2, 1)}, which=3
+    ),
+    "load_best": lambda run: load_best(run, torch.nn.Linear(2, 1), monitor="loss"),
+    "writer": lambda run: Checkpointer(run, async_save=False).close(),
+}
+
+
+@pytest.mark.parametrize("code", OS_ERRORS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("read", READS)
+def test_an_os_error_listing_the_run_directory_is_one_checkpoint_error_line(
+    run: Path, monkeypatch: pytest.MonkeyPatch, read: str, code: int
+) -> None:
+    before = files(run)
+    failing_listing(monkeypatch, run, code)
+    with pytest.raises(CheckpointError, match=re.escape(str(run))) as raised:
+        READS[read](run)
+    assert "\n" not in str(raised.value) and os.strerror(code) in str(raised.value)
+    monkeypatch.undo()
+    assert files(run) == before
+
+
+@pytest.mark.parametrize("code", OS_ERRORS, ids=errno.errorcode.get)
+def test_a_step_folder_that_cannot_be_listed_is_skipped_unread_and_kept(
+    run: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Like a `chmod 000` folder: not damage, never deleted, named in a warning."""
+    folder = run / checkpoint_dirname(3)
+    before = files(folder)
+    failing_listing(monkeypatch, folder, code)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Checkpointer(run, read_only=True) as reader:
+            assert [i.step for i in reader.list()] == [1, 2]
+            assert reader.restore({"model": torch.nn.Linear(2, 1)}).step == 2
+            with pytest.raises(UnreadableCheckpointError, match=checkpoint_dirname(3)) as raised:
+                reader.restore({"model": torch.nn.Linear(2, 1)}, which=3)
+            assert "\n" not in str(raised.value)
+        with Checkpointer(run, keep_last=1, async_save=False) as writer:
+            writer.save(4, {"model": torch.nn.Linear(2, 1)})
+    assert os.strerror(code) in said(caught) or "permission denied" in said(caught).lower()
+    monkeypatch.undo()
+    assert files(folder) == before  # nothing of step 3 deleted: it could not be verified
+
+
+CLI_READS = [
+    ["ls"],
+    ["show"],
+    ["verify"],
+    ["export", "-o", "{out}/model.safetensors"],
+    ["gc", "--keep-last", "1"],
+    ["replay"],
+    ["plot", "-o", "{out}/curves.png"],
+]
+
+
+@pytest.mark.parametrize("code", OS_ERRORS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("argv", CLI_READS, ids=lambda a: a[0])
+def test_the_command_line_says_an_os_error_in_one_line(
+    run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    code: int,
+) -> None:
+    failing_listing(monkeypatch, run, code)
+    args = [argv[0], str(run), *(a.format(out=tmp_path) for a in argv[1:])]
+    status = main(args)
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    lines = err.strip().splitlines()
+    assert status == 1 and lines, err
+    assert lines[-1].startswith("haltpoint: error: ") and str(run) in lines[-1], err
+    assert "unexpected" not in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("path", ["/proc/self", "/proc/self/fd", "/proc"])
+def test_a_writer_on_a_special_file_system_is_refused_at_open_in_one_line(path: str) -> None:
+    with pytest.raises(UnwritableRunError, match=f"cannot write {re.escape(path)}") as raised:
+        Checkpointer(path, async_save=False)
+    assert "\n" not in str(raised.value) and "read_only=True" in str(raised.value)
+    with Checkpointer(path, read_only=True) as reader:  # a reader finds no checkpoint there
+        assert reader.list() == []

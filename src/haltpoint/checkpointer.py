@@ -65,7 +65,7 @@ from haltpoint.store.run_dir import (
     RunDirectory,
     checkpoint_dirname,
 )
-from haltpoint.store.space import full_disk_on_open, unwritable_on_open
+from haltpoint.store.space import check_creatable, full_disk_on_open, unwritable_on_open
 from haltpoint.store.staging import StagingPool, staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -219,6 +219,7 @@ class Checkpointer:
             self._lock = WriterLock(self._storage)
             self._lock.acquire()
             try:
+                check_creatable(self._storage)
                 check_appendable(self._storage)
                 self._run.collect_garbage(e.manifest for e in self._run.committed() if e.manifest)
                 if save_on_signal is not None:
@@ -459,7 +460,8 @@ class Checkpointer:
 
     def _remove_superseded(self, entry: Entry) -> None:
         """After `entry` was saved under a fresh tensor file name (its folder held an older
-        one): verify it, then delete its folder's tensor files that no manifest references."""
+        one): verify it, then delete its folder's tensor files that no manifest references.
+        An OS error while deleting is a warning: the save is committed."""
         assert entry.manifest is not None
         own = {f for f in entry.manifest.files() if f.startswith(f"{entry.dirname}/")}
         if own <= {f"{entry.dirname}/{TENSORS_NAME}"}:
@@ -469,7 +471,14 @@ class Checkpointer:
         except UnreadableCheckpointError:
             return  # not verified: the older files stay, as they are harmless
         if damage is None:
-            self._run.remove_superseded(entry.dirname)
+            try:
+                self._run.remove_superseded(entry.dirname)
+            except (OSError, UnreadableCheckpointError) as exc:  # committed: clean-up retries
+                warn_user(
+                    f"{self.directory}: could not remove the superseded tensor file(s) of step "
+                    f"{entry.step} ({exc}); the save is committed, and the next writer's "
+                    "clean-up removes them"
+                )
 
     def _write_history(self, step: int, record: dict[str, Any]) -> None:
         """Append the history lines owed by earlier saves, then `record` (of `step`, just
@@ -581,7 +590,7 @@ class Checkpointer:
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
         try:
             self._run.remove(dropped, kept)
-        except OSError as exc:  # the save is committed: what is left goes at a later pass
+        except (OSError, UnreadableCheckpointError) as exc:  # committed: a later pass retries
             steps = ", ".join(str(e.step) for e in dropped)
             warn_user(
                 f"{self.directory}: retention could not remove step {steps} ({exc}); the "

@@ -90,13 +90,16 @@ class StepBehindError(CheckpointError):
 
 class UnreadableCheckpointError(CheckpointError):
     """A checkpoint's file (or the run's `history.jsonl`) cannot be read for lack of
-    permission: that is not damage, so nothing is quarantined or deleted because of it."""
+    permission, or the run directory (or a step folder in it) cannot be listed for lack of
+    permission or another OS error (an I/O error, a special file system): that is not
+    damage, so nothing is quarantined or deleted because of it."""
 
 
 class UnwritableRunError(CheckpointError):
     """A writer cannot be opened on the run directory: it (or its lock file) cannot be
-    written, for lack of permission or on a read-only file system. Readers still can
-    (`read_only=True`, the command line)."""
+    written, for lack of permission, on a read-only file system, or on one where files
+    cannot be created (/proc), or for another OS error. Readers still can (`read_only=True`,
+    the command line)."""
 
 
 class UnsupportedStateError(TypeError):

@@ -17,7 +17,7 @@ from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.reader import RunReader, check_payloads, payload_tensors
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes, is_sharded
 from haltpoint.store.tensor_file import TensorRecord
-from haltpoint.store.tensor_reader import read_tensors, verify_file
+from haltpoint.store.tensor_reader import read_tensors, tensor_damage
 
 __all__ = ["CheckpointCheck", "register", "run", "verify_run"]
 
@@ -38,12 +38,14 @@ class CheckpointCheck:
     retention removed it while it was being checked: not damage, and not a failure), or for
     a folder without a manifest (not a checkpoint) "data-only" (its files are checked through
     the manifests that use them) or "uncommitted". `damaged` maps each damaged tensor file to
-    the names of its tensors whose bytes are missing or do not match their hash.
+    the names of its tensors whose bytes are missing or do not match their hash; `causes`
+    says, by tensor name, what is wrong (as `restore` would say it).
 
     >>> check = CheckpointCheck(3, "step-000000003", "damaged",
-    ...                         damaged={"step-000000003/tensors.safetensors": ["model.bias"]})
+    ...                         damaged={"step-000000003/tensors.safetensors": ["model.bias"]},
+    ...                         causes={"model.bias": "bytes 0-8 do not match the tensor's hash"})
     >>> print(check.problems()[0])
-    step-000000003/tensors.safetensors: 1 tensor(s) missing or not matching their hash (model.bias)
+    step-000000003/tensors.safetensors: bytes 0-8 do not match the tensor's hash (model.bias)
     """
 
     step: int
@@ -53,15 +55,20 @@ class CheckpointCheck:
     size: int = 0
     damaged: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    causes: dict[str, str] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
-        """One line per damaged thing, naming the file."""
+        """One line per damaged thing, naming the file and what is wrong with it: each cause
+        with the tensors it hit (the first five causes, the first five tensors of each)."""
         lines = [] if self.error is None else [self.error]
         for file, keys in sorted(self.damaged.items()):
-            names = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            lines.append(
-                f"{file}: {len(keys)} tensor(s) missing or not matching their hash ({names})"
-            )
+            by_cause: dict[str, list[str]] = defaultdict(list)
+            for key in keys:
+                by_cause[self.causes.get(key, "missing or not matching its hash")].append(key)
+            said = [f"{cause} ({_some(names)})" for cause, names in list(by_cause.items())[:5]]
+            if len(by_cause) > 5:
+                said.append(f"and {len(by_cause) - 5} more causes")
+            lines.append(f"{file}: {'; '.join(said)}")
         return lines
 
     def to_json(self) -> dict[str, Any]:
@@ -73,8 +80,13 @@ class CheckpointCheck:
             "tensors": self.tensors,
             "size": self.size,
             "damaged": self.damaged,
+            "causes": self.causes,
             "error": self.error,
         }
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def verify_run(
@@ -88,8 +100,9 @@ def verify_run(
     is gone once a check of it failed was removed meanwhile by a writer: it is "removed", and
     its failed checks count for nothing.
     """
-    # by key and record: a record under another key must match that key's header entry
-    checked: dict[tuple[str, TensorRecord], bool] = {}
+    # by key and record (a record under another key must match that key's header entry):
+    # what is wrong with it, or None when it is intact
+    checked: dict[tuple[str, TensorRecord], str | None] = {}
     results = []
     entries = run.scan()
     referenced = referenced_dirs(e.manifest for e in entries if e.manifest is not None)
@@ -109,13 +122,16 @@ def verify_run(
             results.append(CheckpointCheck(entry.step, entry.dirname, status))
             continue
         todo = {k: r for k, r in manifest.tensors.items() if (k, r) not in checked}
-        bad = set(verify_file(run.storage, todo)) if todo else set()
+        bad = tensor_damage(run.storage, todo) if todo else {}
         for key, record in todo.items():
-            checked[key, record] = key not in bad
+            checked[key, record] = bad.get(key)
         damaged: dict[str, list[str]] = defaultdict(list)
+        causes: dict[str, str] = {}
         for key, record in sorted(manifest.tensors.items()):
-            if not checked[key, record]:
+            cause = checked[key, record]
+            if cause is not None:
                 damaged[record.file].append(key)
+                causes[key] = cause
         error = _shard_error(run, entry) if is_sharded(manifest) else None
         if not damaged and error is None:
             error = _payload_error(run, entry)
@@ -132,6 +148,7 @@ def verify_run(
             tensors=len(manifest.tensors),
             size=checkpoint_nbytes(manifest),
             damaged=dict(damaged),
+            causes=causes,
         )
         results.append(check)
         if on_progress is not None:

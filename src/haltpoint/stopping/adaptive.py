@@ -32,6 +32,7 @@ chosen by leave-one-problem-out cross-validation on DeepOBS curves of 20 to 351 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.stopping.decision import StopReason
+from haltpoint.stopping.inputs import json_number, shown, whole_number
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -403,11 +405,13 @@ class TrendRule:
             "sums": self._sums.state(),
         }
 
-    def load_state_dict(self, state: object) -> None:
+    def load_state_dict(self, state: object, evaluations: int = 2**53 + 1) -> None:
         """Restore the pairs and sums saved by `state_dict()`; None starts afresh.
 
         Raises:
-            ValueError: when `state` is not a list of `[int, number]` pairs.
+            ValueError: when `state` is not a list of `[int, number]` pairs of increasing
+                evaluations below `evaluations` (the stopper's count), finite values, and
+                8 finite sums.
         """
         if state is None:  # saved without the default rule's state: start the fit afresh
             self._points, self._sums = deque(), _Sums()
@@ -417,13 +421,17 @@ class TrendRule:
         if (
             not isinstance(points, list)
             or not all(_is_pair(p) for p in points)
+            or any(a[0] >= b[0] for a, b in itertools.pairwise(points))
+            or (points and points[-1][0] >= evaluations)
             or not isinstance(sums, list)
             or len(sums) != 8
             or not all(_is_pair([0, v]) for v in sums)
         ):
             raise ValueError(
-                "EarlyStopping state 'trend' must be {'points': [[evaluation, value], ...], "
-                f"'sums': [8 numbers]}}; got {state!r}"
+                "EarlyStopping state 'trend' must be {'points': [[evaluation, value], ...] "
+                f"(evaluations from 0 to {evaluations - 1}, increasing; finite values), 'sums': "
+                "[8 finite "
+                f"numbers]}}; got {shown(state)}"
             )
         self._points = deque((int(t), self._sign * float(x)) for t, x in points)
         self._sums = _Sums.from_state(sums)
@@ -513,13 +521,16 @@ def diverged(projection: Projection, best: float, sign: float) -> bool:
 
 
 def _is_pair(p: Any) -> bool:
+    """Whether `p` is `[evaluation, value]`: an int from 0 to 2**53, a finite number."""
+    if not (isinstance(p, (list, tuple)) and len(p) == 2):
+        return False
+    value = json_number(p[1])
     return (
-        isinstance(p, (list, tuple))
-        and len(p) == 2
-        and isinstance(p[0], int)
+        isinstance(p[0], int)
         and not isinstance(p[0], bool)
-        and isinstance(p[1], (int, float))
-        and not isinstance(p[1], bool)
+        and 0 <= p[0] <= 2**53
+        and value is not None
+        and math.isfinite(value)
     )
 
 
@@ -563,11 +574,12 @@ def check_horizon(horizon: object) -> int | None:
     """
     if horizon is None:
         return None
-    if isinstance(horizon, bool) or not isinstance(horizon, int):
+    count = whole_number(horizon)
+    if count is None:
         raise TypeError(
             f"horizon must be the planned number of evaluations (an int >= 1) or None; got "
-            f"{type(horizon).__name__} {horizon!r}"
+            f"{type(horizon).__name__} {shown(horizon)}"
         )
-    if horizon < 1:
-        raise ValueError(f"horizon must be an int >= 1; got horizon={horizon!r}")
-    return horizon
+    if count < 1:
+        raise ValueError(f"horizon must be an int >= 1; got horizon={shown(horizon)}")
+    return count

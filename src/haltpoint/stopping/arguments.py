@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from haltpoint.stopping.inputs import shown, too_large_for_a_float
+from haltpoint.stopping.inputs import real_number, shown, whole_number
 from haltpoint.stopping.rules import Rule
 
 __all__ = ["check_baseline", "check_count", "check_flag", "check_monitor", "check_rules"]
@@ -34,38 +34,40 @@ def check_flag(value: object, name: str) -> bool:
 
 
 def check_baseline(baseline: object) -> float | None:
-    """A finite number as a float, or None.
+    """A finite number (a NumPy scalar too) as a float, or None.
 
     >>> check_baseline(1), check_baseline(None)
     (1.0, None)
     """
     if baseline is None:
         return None
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
+    number = real_number(baseline)
+    if number is None:
         raise TypeError(
-            f"baseline must be a number or None; got {type(baseline).__name__} {baseline!r}"
+            f"baseline must be a number or None; got {type(baseline).__name__} {shown(baseline)}"
         )
-    if too_large_for_a_float(baseline):
-        raise ValueError(f"baseline must be finite; got {shown(baseline)}")
-    if not math.isfinite(baseline):
-        raise ValueError(f"baseline must be finite; got baseline={baseline!r}")
-    return float(baseline)
+    if not math.isfinite(number):
+        raise ValueError(f"baseline must be finite; got baseline={shown(baseline)}")
+    return number
 
 
 def check_count(value: object, name: str, allow_none: bool = False) -> int | None:
-    """An int >= 0 (not a bool), or None when `allow_none`.
+    """An int >= 0 (a NumPy integer too, not a bool) as an int, or None when `allow_none`.
 
     >>> check_count(3, "patience")
     3
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    count = whole_number(value)
+    if count is None:
         extra = " or None" if allow_none else ""
-        raise TypeError(f"{name} must be an int >= 0{extra}; got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be an int >= 0; got {name}={value!r}")
-    return value
+        raise TypeError(
+            f"{name} must be an int >= 0{extra}; got {type(value).__name__} {shown(value)}"
+        )
+    if count < 0:
+        raise ValueError(f"{name} must be an int >= 0; got {name}={shown(value)}")
+    return count
 
 
 def check_rules(rules: object) -> tuple[Rule, ...]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from haltpoint.stopping.inputs import json_number, shown
 
 __all__ = ["Decision", "StopReason"]
 
@@ -83,39 +86,65 @@ class Decision:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
-        """Rebuild a decision from `to_dict()` output.
+    def from_dict(cls, data: Mapping[str, Any], *, name: str = "decision") -> Decision:
+        """Rebuild a decision from `to_dict()` output, every field checked.
+
+        Args:
+            data: the dict.
+            name: what to call it in error messages.
 
         Raises:
-            ValueError: when keys are missing or `code` is not a `StopReason` value.
+            ValueError: when `data` is not a dict, lacks keys, or a field is not what a
+                decision holds (naming it: `decision['code'] must be ...`), e.g. a stop without
+                a reason, or a `code` that is not a `StopReason` value.
         """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{name} must be a dict from Decision.to_dict(); got {shown(data)}")
         missing = [k for k in _KEYS if k not in data]
         if missing:
             raise ValueError(
-                f"decision dict is missing keys {missing}; it has {sorted(data)}; "
+                f"{name} dict is missing keys {missing}; it has {sorted(map(str, data))}; "
                 "pass the output of Decision.to_dict()"
             )
-        code = data["code"]
-        if code is not None:
-            try:
-                code = StopReason(code)
-            except ValueError:
-                allowed = [r.value for r in StopReason]
-                raise ValueError(
-                    f"decision code {code!r} is not a stop reason; allowed: {allowed}"
-                ) from None
-        best = data["best"]
+
+        def bad(key: str, allowed: str) -> ValueError:
+            return ValueError(f"{name}[{key!r}] must be {allowed}; got {shown(data[key])}")
+
+        for key in ("stop", "improved"):
+            if not isinstance(data[key], bool):
+                raise bad(key, "a bool")
+        for key in ("step", "wait", "best_step"):
+            count = data[key]
+            if key == "best_step" and count is None:
+                continue
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise bad(key, "an int >= 0" + (" or None" if key == "best_step" else ""))
+        value = json_number(data["value"])
+        if value is None:
+            raise bad("value", "a number")
+        best = None if data["best"] is None else json_number(data["best"])
+        if data["best"] is not None and (best is None or not math.isfinite(best)):
+            raise bad("best", "a finite number or None")
+        code, reason = data["code"], data["reason"]
+        if data["stop"]:
+            if not isinstance(code, str) or code not in _CODES:
+                raise bad("code", f"a stop reason when it stops, one of {sorted(_CODES)}")
+            if not isinstance(reason, str):
+                raise bad("reason", "a str (the sentence saying why) when it stops")
+        elif code is not None or reason is not None:
+            raise bad("code" if code is not None else "reason", "None when it does not stop")
         return cls(
-            stop=bool(data["stop"]),
-            improved=bool(data["improved"]),
-            step=int(data["step"]),
-            value=float(data["value"]),
-            best=None if best is None else float(best),
-            best_step=None if data["best_step"] is None else int(data["best_step"]),
-            wait=int(data["wait"]),
-            code=code,
-            reason=data["reason"],
+            stop=data["stop"],
+            improved=data["improved"],
+            step=data["step"],
+            value=value,
+            best=best,
+            best_step=data["best_step"],
+            wait=data["wait"],
+            code=None if code is None else StopReason(code),
+            reason=reason,
         )
 
 
 _KEYS = ("stop", "improved", "step", "value", "best", "best_step", "wait", "code", "reason")
+_CODES = frozenset(r.value for r in StopReason)

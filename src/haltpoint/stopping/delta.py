@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from haltpoint.stopping.inputs import shown, too_large_for_a_float
+from haltpoint.stopping.inputs import real_number, shown
 from haltpoint.stopping.modes import Mode
 
 __all__ = ["Delta", "RelativeDelta", "beats", "by_more_than", "check_delta", "describe_delta"]
@@ -27,20 +27,18 @@ class RelativeDelta:
     fraction: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)):
+        fraction = real_number(self.fraction)
+        if fraction is None:
             raise TypeError(
                 f"RelativeDelta fraction must be a float; got {type(self.fraction).__name__} "
-                f"{self.fraction!r}"
+                f"{shown(self.fraction)}"
             )
-        if (
-            too_large_for_a_float(self.fraction)
-            or not math.isfinite(self.fraction)
-            or self.fraction < 0
-        ):
+        if not (math.isfinite(fraction) and fraction >= 0):
             raise ValueError(
                 "RelativeDelta fraction must be a finite number >= 0 (0.01 means 1% of |best|); "
                 f"got {shown(self.fraction)}"
             )
+        object.__setattr__(self, "fraction", fraction)  # a plain float, as from a NumPy scalar
 
     def threshold(self, best: float) -> float:
         """Return the absolute improvement needed over `best`."""
@@ -63,17 +61,18 @@ def check_delta(min_delta: object) -> Delta:
     """
     if isinstance(min_delta, RelativeDelta):
         return min_delta
-    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)):
+    number = real_number(min_delta)
+    if number is None:
         raise TypeError(
             "min_delta must be a float >= 0 or a RelativeDelta (e.g. RelativeDelta(0.01)); "
-            f"got {type(min_delta).__name__} {min_delta!r}"
+            f"got {type(min_delta).__name__} {shown(min_delta)}"
         )
-    if too_large_for_a_float(min_delta) or not (math.isfinite(min_delta) and min_delta >= 0):
+    if not (math.isfinite(number) and number >= 0):
         raise ValueError(
             f"min_delta must be a finite number >= 0; got min_delta={shown(min_delta)}. "
             "(Keras silently takes its absolute value; haltpoint refuses it)"
         )
-    return float(min_delta)
+    return number
 
 
 def beats(value: float, reference: float, mode: Mode, min_delta: Delta) -> bool:

@@ -427,9 +427,19 @@ class EarlyStopping:
                 `mode` (a state without them, from an older haltpoint, loads as before).
         """
         saved = parse_state(state, self._rules, self._monitor, self._mode)
-        if self._trend is not None:  # a state saved without it starts the fit afresh
-            self._trend.load_state_dict(state.get("trend"))
-        load_rule_states(self._rules, saved.rules)
+        before = (
+            None if self._trend is None else self._trend.state_dict(),
+            rule_states(self._rules),
+        )
+        try:
+            if self._trend is not None:  # a state saved without it starts the fit afresh
+                self._trend.load_state_dict(state.get("trend"), saved.evaluations)
+            load_rule_states(self._rules, saved.rules)
+        except ValueError:  # a rule's or the trend's state: put back what was loaded
+            if self._trend is not None:
+                self._trend.load_state_dict(before[0])
+            load_rule_states(self._rules, before[1])
+            raise
         self._evaluations = saved.evaluations
         self._best = saved.best
         self._best_step = saved.best_step

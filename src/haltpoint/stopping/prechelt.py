@@ -13,6 +13,7 @@ from typing import Any
 
 from haltpoint.stopping._text import evaluations, fmt
 from haltpoint.stopping.decision import StopReason
+from haltpoint.stopping.inputs import json_number, shown, whole_number
 from haltpoint.stopping.rules import Observation, Stop, check_number, is_better
 
 __all__ = [
@@ -52,10 +53,20 @@ def training_progress(strip: list[float]) -> float:
     return 1000.0 * (mean - lowest) / abs(lowest)
 
 
+def _check_at_least_one(value: object, name: str, what: str) -> int:
+    """An int >= 1 (a NumPy integer too, not a bool) as an int."""
+    count = whole_number(value)
+    if count is None:
+        raise TypeError(
+            f"{name} must be an int >= 1 ({what}); got {type(value).__name__} {shown(value)}"
+        )
+    if count < 1:
+        raise ValueError(f"{name} must be an int >= 1 ({what}); got {name}={shown(value)}")
+    return count
+
+
 def _check_strip(strip: object) -> int:
-    if isinstance(strip, bool) or not isinstance(strip, int) or strip < 1:
-        raise ValueError(f"strip must be an int >= 1 (evaluations per strip); got strip={strip!r}")
-    return strip
+    return _check_at_least_one(strip, "strip", "evaluations per strip")
 
 
 def _needs_min(rule: str, obs: Observation) -> None:
@@ -166,13 +177,13 @@ class ProgressQuotient:
             ValueError: when `train` is missing or not a list of numbers.
         """
         train = state.get("train") if isinstance(state, Mapping) else None
-        if not isinstance(train, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in train
-        ):
+        numbers = [json_number(x) for x in train] if isinstance(train, list) else [None]
+        if len(numbers) > self.strip or any(x is None for x in numbers):
             raise ValueError(
-                f"ProgressQuotient state needs 'train', a list of numbers; got {state!r}"
+                f"ProgressQuotient state needs 'train', a list of at most {self.strip} numbers "
+                f"(one strip); got {shown(state)}"
             )
-        self._train = deque((float(x) for x in train), maxlen=self.strip)
+        self._train = deque((x for x in numbers if x is not None), maxlen=self.strip)
 
     def __repr__(self) -> str:
         return (
@@ -200,9 +211,7 @@ class ConsecutiveIncreases:
     """
 
     def __init__(self, s: int, *, strip: int = 5) -> None:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise ValueError(f"s must be an int >= 1 (successive worse strips); got s={s!r}")
-        self.s = s
+        self.s = _check_at_least_one(s, "s", "successive worse strips")
         self.strip = _check_strip(strip)
         self._previous: float | None = None
         self._count = 0
@@ -237,15 +246,15 @@ class ConsecutiveIncreases:
         ok = isinstance(state, Mapping) and {"previous", "count"} <= set(state)
         if ok:
             previous, count = state["previous"], state["count"]
-            ok = (previous is None or isinstance(previous, (int, float))) and (
+            ok = (previous is None or json_number(previous) is not None) and (
                 isinstance(count, int) and not isinstance(count, bool) and count >= 0
             )
         if not ok:
             raise ValueError(
                 "ConsecutiveIncreases state needs 'previous' (a number or None) and 'count' "
-                f"(an int >= 0); got {state!r}"
+                f"(an int >= 0); got {shown(state)}"
             )
-        self._previous = None if state["previous"] is None else float(state["previous"])
+        self._previous = None if state["previous"] is None else json_number(state["previous"])
         self._count = state["count"]
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from haltpoint.stopping._text import fmt, label
 from haltpoint.stopping.decision import StopReason
-from haltpoint.stopping.inputs import read_metric
+from haltpoint.stopping.inputs import json_number, read_metric, real_number, shown
 from haltpoint.stopping.modes import Mode
 
 __all__ = [
@@ -43,22 +43,24 @@ def is_better(a: float, b: float, mode: Mode) -> bool:
 
 
 def check_number(value: object, name: str, *, positive: bool = False) -> float:
-    """Validate a finite real configuration number (not a bool) and return it as a float.
+    """Validate a finite real configuration number (a NumPy scalar too, not a bool) and
+    return it as a float.
 
     Raises:
-        TypeError: when `value` is not an int or float.
+        TypeError: when `value` is not a real number.
         ValueError: when it is not finite, or not > 0 with `positive=True`.
 
     Example:
         >>> check_number(3, "seconds", positive=True)
         3.0
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or (positive and value <= 0):
+    number = real_number(value)
+    if number is None:
+        raise TypeError(f"{name} must be a number; got {type(value).__name__} {shown(value)}")
+    if not math.isfinite(number) or (positive and number <= 0):
         allowed = "a finite number > 0" if positive else "a finite number"
-        raise ValueError(f"{name} must be {allowed}; got {name}={value!r}")
-    return float(value)
+        raise ValueError(f"{name} must be {allowed}; got {name}={shown(value)}")
+    return number
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +176,7 @@ class Target:
     value: float
 
     def __post_init__(self) -> None:
-        check_number(self.value, "Target value")
+        object.__setattr__(self, "value", check_number(self.value, "Target value"))
 
     def check(self, obs: Observation) -> Stop | None:
         """Stop when `obs.value` is at the target or better."""
@@ -201,7 +203,7 @@ class Divergence:
     threshold: float
 
     def __post_init__(self) -> None:
-        check_number(self.threshold, "Divergence threshold")
+        object.__setattr__(self, "threshold", check_number(self.threshold, "Divergence threshold"))
 
     def check(self, obs: Observation) -> Stop | None:
         """Stop when `obs.value` is worse than the threshold."""
@@ -266,14 +268,15 @@ class TimeBudget:
         """Go on counting from the saved elapsed time.
 
         Raises:
-            ValueError: when `elapsed` is missing or not a number >= 0.
+            ValueError: when `elapsed` is missing or not a finite number >= 0.
         """
-        elapsed = state.get("elapsed") if isinstance(state, Mapping) else None
-        if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or elapsed < 0:
+        elapsed = json_number(state.get("elapsed")) if isinstance(state, Mapping) else None
+        if elapsed is None or not (math.isfinite(elapsed) and elapsed >= 0):
             raise ValueError(
-                f"TimeBudget state needs 'elapsed', a number of seconds >= 0; got {state!r}"
+                "TimeBudget state needs 'elapsed', a finite number of seconds >= 0; got "
+                f"{shown(state)}"
             )
-        self._before = float(elapsed)
+        self._before = elapsed
         self._origin = self._clock()
 
     def __repr__(self) -> str:

@@ -272,8 +272,9 @@ class Entry:
     when its manifest was listed but gone by the time it was read (retention or `gc` of a
     writer removed it meanwhile: not damage). `error` says why a folder that may hold a
     checkpoint is none: a `CorruptCheckpointError` (damage), or an
-    `UnreadableCheckpointError` (no permission to list the folder or read its manifest:
-    not damage, and never removed, since it cannot be verified)."""
+    `UnreadableCheckpointError` (the folder cannot be listed, for lack of permission or
+    another OS error, or its manifest cannot be read for lack of permission: not damage,
+    and never removed, since it cannot be verified)."""
 
     step: int
     dirname: str
@@ -308,7 +309,7 @@ class RunDirectory:
         read is `removed` (a writer's retention raced this reader), not damaged.
         """
         entries = []
-        for name in self.storage.listdir():
+        for name in self._list_root():
             step = parse_step(name)
             if step is None or not self.storage.isdir(name):
                 continue
@@ -318,7 +319,7 @@ class RunDirectory:
             except CorruptCheckpointError as exc:  # a symlink out of the run
                 entries.append(Entry(step, name, None, exc, False))
                 continue
-            except PermissionError as exc:  # chmod 000: it may hold a checkpoint
+            except OSError as exc:  # chmod 000, an I/O error: it may hold a checkpoint
                 entries.append(Entry(step, name, None, self._unreadable(name, exc), False))
                 continue
             if not children and not self.storage.isdir(name):
@@ -410,8 +411,15 @@ class RunDirectory:
         return rel
 
     def quarantined(self) -> list[Quarantined]:
-        """The quarantined manifests, by step."""
-        return list_quarantined(self.storage)
+        """The quarantined manifests, by step.
+
+        Raises:
+            UnreadableCheckpointError: the quarantine folder cannot be listed (an OS error).
+        """
+        try:
+            return list_quarantined(self.storage)
+        except OSError as exc:
+            raise self._unlisted(QUARANTINE_DIR, exc) from None
 
     def clear_dcp_folder(self, step: int) -> None:
         """Remove what an interrupted sharded save of `step` left in its `dcp/` folder.
@@ -459,7 +467,7 @@ class RunDirectory:
         The files go in one `Storage.remove_many` (one request per 1,000 files on S3); the
         folders left empty are then removed one by one.
         """
-        top = self.storage.listdir()
+        top = self._list_root()
         if held is None:
             held = self.quarantined() if QUARANTINE_DIR in top else []
         kept = list(kept)
@@ -501,6 +509,8 @@ class RunDirectory:
                 self.storage.rmtree(name)
                 removed.append(name)
                 continue
+            except OSError:  # cannot be listed: a kept checkpoint's folder, left as it is
+                continue
             live = name in live_dirs
             foreign = False
             for child in children:
@@ -527,7 +537,7 @@ class RunDirectory:
         a manifest that references any file."""
         try:
             self.storage.listdir(dirname)
-        except PermissionError:
+        except OSError:  # no permission, an I/O error: it may hold any manifest
             return True
         except CorruptCheckpointError:  # a symlink out of the run: clean-up removes the link
             return False
@@ -535,10 +545,34 @@ class RunDirectory:
 
     def _unreadable(self, dirname: str, exc: OSError) -> UnreadableCheckpointError:
         where = f"{self.storage.url.rstrip('/')}/{dirname}"
+        if isinstance(exc, PermissionError):
+            why, fix = f"permission denied ({exc.strerror})", "fix its permissions to use it"
+        else:
+            why, fix = exc.strerror or str(exc), "check the disk or file system to use it"
         return UnreadableCheckpointError(
-            f"cannot read the checkpoint {where}: permission denied ({exc.strerror}); it is "
-            "skipped, not damage: nothing is set aside or deleted because of it (fix its "
-            "permissions to use it)",
+            f"cannot read the checkpoint {where}: {why}; it is skipped, not damage: nothing is "
+            f"set aside or deleted because of it ({fix})",
+            path=where,
+        )
+
+    def _list_root(self) -> list[str]:
+        """The names in the run directory.
+
+        Raises:
+            UnreadableCheckpointError: it cannot be listed (an OS error: no permission, a
+                special file system, a failing disk).
+        """
+        try:
+            return self.storage.listdir()
+        except OSError as exc:
+            raise self._unlisted("", exc) from None
+
+    def _unlisted(self, rel: str, exc: OSError) -> UnreadableCheckpointError:
+        where = f"{self.storage.url.rstrip('/')}/{rel}".rstrip("/")
+        return UnreadableCheckpointError(
+            f"cannot list {where}: {exc.strerror or exc}; no checkpoint in it can be read, "
+            "and nothing was set aside or deleted (pass a run directory on a file system "
+            "haltpoint can read, or fix its permissions)",
             path=where,
         )
 

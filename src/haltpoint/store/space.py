@@ -4,14 +4,18 @@ opening a writer, when the run directory cannot be written at all)."""
 from __future__ import annotations
 
 import errno
+import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from haltpoint.errors import InsufficientSpaceError, UnwritableRunError
-from haltpoint.store.storage import Storage
+from haltpoint.store.lock import LOCK_NAME
+from haltpoint.store.storage import Storage, open_unlinked
 
 __all__ = [
     "SLACK_BYTES",
+    "check_creatable",
     "check_free_space",
     "full_disk_on_open",
     "translate_full_disk",
@@ -75,17 +79,40 @@ def full_disk_on_open(url: str) -> Iterator[None]:
 
 @contextmanager
 def unwritable_on_open(url: str) -> Iterator[None]:
-    """Turn EACCES/EPERM/EROFS raised while opening a writer (its folder, its lock file, the
-    clean-up) into `UnwritableRunError`, naming the directory and the reader's way in."""
+    """Turn an OS error raised while opening a writer (its folder, its lock file, the
+    clean-up) into `UnwritableRunError`, naming the directory and the reader's way in:
+    EACCES/EPERM/EROFS, or any other (a special file system such as /proc, where files
+    cannot be created; an I/O error). A full disk is left to `full_disk_on_open`."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" ({exc.filename})" if exc.filename else ""
+        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        fix = "fix its permissions" if denied else "pick a folder on an ordinary file system"
         raise UnwritableRunError(
-            f"cannot write {url}: {exc.strerror}{where}; a writer needs to create its lock "
-            "file and checkpoints there: fix its permissions, or open it with read_only=True "
-            "(or the haltpoint command) to restore and list",
+            f"cannot write {url}: {exc.strerror or exc}{where}; a writer needs to create its "
+            f"lock file and checkpoints there: {fix}, or open it with read_only=True (or the "
+            "haltpoint command) to restore and list",
             path=url,
         ) from exc
+
+
+def check_creatable(storage: Storage) -> None:
+    """Create and delete a file in a local run directory, so that a writer on a folder where
+    nothing can be created fails at open, not at its first save (a lock file left writable
+    in a read-only run is taken like any other). The file is named as a temporary of the
+    lock, which clean-up removes should a crash leave it. Object stores are not probed: the
+    lock is written there as an object.
+
+    Raises:
+        OSError: as creating the file raises it (`unwritable_on_open` turns permission
+            errors into `UnwritableRunError`).
+    """
+    lock = storage.write_path(LOCK_NAME)
+    if lock is None:
+        return
+    probe = f"{lock}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(open_unlinked(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    os.unlink(probe)

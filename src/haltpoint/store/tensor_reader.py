@@ -41,6 +41,7 @@ __all__ = [
     "check_header_entry",
     "index_tensor_file",
     "read_tensors",
+    "tensor_damage",
     "verify_file",
 ]
 
@@ -409,7 +410,30 @@ def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[s
 
     Streams the data through one fixed-size buffer, so memory stays bounded for any file size.
     """
-    bad: list[str] = []
+    return sorted(tensor_damage(storage, records))
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, for a message that names the file already."""
+    if isinstance(exc, FileNotFoundError):
+        return "the file is missing"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"the file cannot be read ({exc.strerror})"  # without the errno and the path
+    return str(exc)
+
+
+def tensor_damage(storage: Storage, records: Mapping[str, TensorRecord]) -> dict[str, str]:
+    """What is wrong with each damaged tensor of `records`, by name: its file is missing or
+    unreadable or its header invalid ("No such file or directory"), its record disagrees
+    with the header, its bytes end early, or they do not match its hash ("bytes 128-640 do
+    not match the tensor's hash"), as `read_tensors` would say. Empty when all are intact.
+
+    Streams the data through one fixed-size buffer, so memory stays bounded for any file size.
+
+    Raises:
+        UnreadableCheckpointError: a file cannot be read for lack of permission (not damage).
+    """
+    bad: dict[str, str] = {}
     buf = bytearray(CHUNK)
     for file, items in _by_file(records).items():
         try:
@@ -423,8 +447,8 @@ def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[s
                 raise
         except PermissionError as exc:  # not damage: nothing may be set aside because of it
             raise _unreadable(storage, file, exc) from None
-        except (OSError, _Damage, CorruptCheckpointError):
-            bad.extend(key for key, _ in items)
+        except (OSError, _Damage, CorruptCheckpointError) as exc:
+            bad.update((key, _cause(exc)) for key, _ in items)
             continue
         with f:
             for key, rec in items:
@@ -434,9 +458,7 @@ def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[s
                     check_header_entry(header, key, rec)
                     for chunk in _stream(f, rec.offset, rec.nbytes, buf):
                         hasher.update(chunk)
-                except (OSError, EOFError, _Damage, CorruptCheckpointError):
-                    bad.append(key)
-                    continue
-                if hasher.hexdigest() != rec.hash:
-                    bad.append(key)
-    return sorted(bad)
+                    _check_hash(rec, hasher)
+                except (OSError, EOFError, _Damage, CorruptCheckpointError) as exc:
+                    bad[key] = _cause(exc)
+    return bad
