@@ -414,7 +414,7 @@ class TrendRule:
                 8 finite sums.
         """
         if state is None:  # saved without the default rule's state: start the fit afresh
-            self._points, self._sums = deque(), _Sums()
+            self._points, self._sums, self._logs = deque(), _Sums(), None
             return
         points = state.get("points") if isinstance(state, dict) else None
         sums = state.get("sums") if isinstance(state, dict) else None
@@ -429,9 +429,8 @@ class TrendRule:
         ):
             raise ValueError(
                 "EarlyStopping state 'trend' must be {'points': [[evaluation, value], ...] "
-                f"(evaluations from 0 to {evaluations - 1}, increasing; finite values), 'sums': "
-                "[8 finite "
-                f"numbers]}}; got {shown(state)}"
+                f"(evaluations from 0 to {evaluations - 1}, increasing; finite values), "
+                f"'sums': [8 finite numbers]}}; got {shown(state)}"
             )
         self._points = deque((int(t), self._sign * float(x)) for t, x in points)
         self._sums = _Sums.from_state(sums)
