@@ -557,32 +557,32 @@ LOOK_ALIKES = [
 ]
 
 
-@pytest.mark.parametrize("name", OWN_TENSOR_NAMES)
-def test_clean_up_removes_an_unreferenced_numbered_tensor_file_and_its_folder(
-    tmp_path: Path, name: str
-):
+def _planted_in_a_dead_folder(tmp_path: Path, name: str, data: bytes) -> Path:
+    """Plant `name` in the folder of a step with no manifest, then open a writer (clean-up)."""
     run = tmp_path / "run"
     make_run(run)
     dead = run / checkpoint_dirname(0)
     dead.mkdir()
-    (dead / name).write_bytes(b"left by a re-save of step 0")
+    (dead / name).write_bytes(data)
     with Checkpointer(run, keep_last=3, async_save=False):
         pass
-    assert not dead.exists()
+    return dead / name
+
+
+@pytest.mark.parametrize("name", OWN_TENSOR_NAMES)
+def test_clean_up_removes_an_unreferenced_numbered_tensor_file_and_its_folder(
+    tmp_path: Path, name: str
+):
+    planted = _planted_in_a_dead_folder(tmp_path, name, b"left by a re-save of step 0")
+    assert not planted.parent.exists()
 
 
 @pytest.mark.parametrize("name", LOOK_ALIKES)
 def test_clean_up_keeps_a_file_that_only_looks_like_a_numbered_tensor_file(
     tmp_path: Path, name: str
 ):
-    run = tmp_path / "run"
-    make_run(run)
-    dead = run / checkpoint_dirname(0)
-    dead.mkdir()
-    (dead / name).write_bytes(b"someone's")
-    with Checkpointer(run, keep_last=3, async_save=False):
-        pass
-    assert (dead / name).read_bytes() == b"someone's"
+    planted = _planted_in_a_dead_folder(tmp_path, name, b"someone's")
+    assert planted.read_bytes() == b"someone's"
 
 
 def _a_failed_then_repeated_save(run: Path, monkeypatch, async_save: bool) -> Checkpointer:
