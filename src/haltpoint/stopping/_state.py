@@ -56,12 +56,13 @@ def _decision_part(state: Mapping[str, Any]) -> tuple[int, float | None, int | N
             raise _bad("best", "a finite number or None", best)
         best = number
     if best_step is not None:
-        best_step = _count(
-            state,
-            "best_step",
-            evaluations - 1,
-            f"an int from 0 to {evaluations - 1} (an evaluation so far) or None",
+        so_far = f"the state's 'evaluations' is {evaluations}"
+        allowed = (
+            f"None ({so_far})"
+            if evaluations == 0
+            else f"an int from 0 to {evaluations - 1} (an evaluation so far: {so_far}) or None"
         )
+        best_step = _count(state, "best_step", evaluations - 1, allowed)
     if (best is None) != (best_step is None):
         raise ValueError(
             f"EarlyStopping state 'best' and 'best_step' must both be None (no finite value "
