@@ -71,7 +71,8 @@ def _decision_part(state: Mapping[str, Any]) -> tuple[int, float | None, int | N
     expected = evaluations if best_step is None else evaluations - 1 - best_step
     wait = state["wait"]
     if isinstance(wait, bool) or not isinstance(wait, int) or wait != expected:
-        raise _bad("wait", f"an int, {expected} (the evaluations since the best one)", wait)
+        since = f"the evaluations since the best one: 'evaluations' {evaluations}, 'best_step' "
+        raise _bad("wait", f"an int, {expected} ({since}{shown(best_step)})", wait)
     return evaluations, best, best_step, wait
 
 
@@ -98,7 +99,7 @@ def _last_decision(
         if value != want:
             raise ValueError(
                 f"EarlyStopping state 'last_decision'[{key!r}] must be {shown(want)}, as the "
-                f"state's evaluations, best and wait say; got {shown(value)}"
+                f"state's 'evaluations', 'best', 'best_step' and 'wait' say; got {shown(value)}"
             )
     return decision
 
