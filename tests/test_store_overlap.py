@@ -4,13 +4,15 @@ checkpoint is ever torn (tensors from two steps)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import haltpoint.checkpointer
 from haltpoint import Checkpointer, CheckpointError
@@ -32,23 +34,34 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: 
 
 
 @pytest.fixture
-def slow_copy(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Holds every overlapped copy back 0.3 s, so that training surely runs during it."""
+def slow_copy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """Holds every overlapped copy back until an optimizer's `step()` is called (or 0.3 s
+    when none is), so that training surely runs during it, however loaded the machine."""
     real = haltpoint.checkpointer.deferred_copy
     started: list[float] = []
+    stepping = threading.Event()
 
     def slowed(*args: Any) -> Callable[[], None]:
         run = real(*args)
+        stepping.clear()
 
         def later() -> None:
             started.append(time.monotonic())
-            time.sleep(0.3)
+            if stepping.wait(timeout=0.3):  # none comes in the tests that change in place
+                time.sleep(0.05)  # and the step reaches the gate, which then waits
             run()
 
         return later
 
+    def before_any_step(*_: Any) -> None:  # global hooks run before the gate's own hook
+        stepping.set()
+
     monkeypatch.setattr(haltpoint.checkpointer, "deferred_copy", slowed)
-    return started
+    handle = register_optimizer_step_pre_hook(before_any_step)
+    try:
+        yield started
+    finally:
+        handle.remove()
 
 
 def _hashes(run: Path, step: int) -> dict[str, str]:
