@@ -955,7 +955,6 @@ CRAFTED = [  # (kind, the state, what the message says)
     (0, {**GOING, "best": INF}, r"'best' must be a finite number or None"),
     (0, {**GOING, "best": None}, r"'best'"),
     (0, {**GOING, "version": True}, r"version True"),
-    (0, {**GOING, "last_decision": None}, r"'last_decision'"),
     (1, _decision(STOPPED, reason=None), r"'last_decision'\['reason'\] must be a str"),
     (1, _decision(STOPPED, code=None), r"'last_decision'\['code'\]"),
     (1, _decision(STOPPED, code="PATIENCE"), r"'last_decision'\['code'\] must be .*'patience'"),

@@ -79,10 +79,14 @@ def _decision_part(state: Mapping[str, Any]) -> tuple[int, float | None, int | N
 def _last_decision(
     last: object, evaluations: int, best: float | None, best_step: int | None, wait: int
 ) -> Decision | None:
-    """The decision of the latest evaluation, checked, and checked against the state."""
+    """The decision of the latest evaluation, checked, and checked against the state; None
+    when the state records none (before the first evaluation, or saved by a version that did
+    not record it: no stop then)."""
     if evaluations == 0:
         if last is not None:
             raise _bad("last_decision", "None before the first evaluation", last)
+        return None
+    if last is None:
         return None
     try:
         decision = Decision.from_dict(last, name="'last_decision'")  # type: ignore[arg-type]
