@@ -136,6 +136,8 @@ def test_the_command_line_tags_shows_and_exports_the_new_branch_as_latest(
     assert [r["step"] for r in json.loads(out) if "latest" in r["tags"]] == [16]
     code, out, _ = run_cli(capsys, "show", str(run))
     assert code == 0 and out.startswith("step:      16\n")
+    sequence = max(i.sequence or 0 for i in Checkpointer(run, read_only=True).list())
+    assert f"committed: #{sequence} in this run's commit order" in out and "extra:" not in out
     target = tmp_path / "latest.safetensors"
     code, out, _ = run_cli(capsys, "export", str(run), "--which", "latest", "-o", str(target))
     assert code == 0 and "from step 16" in out

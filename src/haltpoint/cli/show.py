@@ -13,7 +13,7 @@ from haltpoint.cli.output import Output, format_bytes, format_metrics, format_ti
 from haltpoint.cli.runinfo import open_run, ranking_text, select_entry
 from haltpoint.errors import CorruptCheckpointError
 from haltpoint.state.codec import TENSOR_TAG, decode_value
-from haltpoint.store.manifest import RANKING_KEY, Manifest
+from haltpoint.store.manifest import RANKING_KEY, SEQUENCE_KEY, Manifest
 from haltpoint.store.run_dir import ShardedRecord, checkpoint_nbytes
 from haltpoint.store.tensor_file import TensorRecord, torch_dtype
 
@@ -192,6 +192,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
     ]
     extra = dict(manifest.extra)
     extra.pop(RANKING_KEY, None)
+    sequence = extra.pop(SEQUENCE_KEY, None)
+    if sequence is not None:  # recorded at commit; older manifests lack it
+        header.append(("committed", f"#{sequence} in this run's commit order"))
     if manifest.ranking is not None:  # recorded by the writer; older manifests lack it
         header.append(("ranked by", ranking_text(manifest.ranking)))
     saved_by = extra.pop("saved_by", None)

@@ -82,12 +82,13 @@ def unwritable_on_open(url: str) -> Iterator[None]:
     """Turn an OS error raised while opening a writer (its folder, its lock file, the
     clean-up) into `UnwritableRunError`, naming the directory and the reader's way in:
     EACCES/EPERM/EROFS, or any other (a special file system such as /proc, where files
-    cannot be created; an I/O error). A full disk is left to `full_disk_on_open`."""
+    cannot be created; an I/O error). A full disk is left to `full_disk_on_open`, and an
+    error haltpoint raised itself with its own message (no errno) goes through as it is."""
     try:
         yield
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise
+        if exc.errno is None or exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # haltpoint's own (a file where the run's folder goes), or a full disk
         where = f" ({exc.filename})" if exc.filename else ""
         denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
         fix = "fix its permissions" if denied else "pick a folder on an ordinary file system"
