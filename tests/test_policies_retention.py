@@ -7,6 +7,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -187,6 +188,18 @@ def test_build_rules_refuses(overrides: dict[str, object], error: type, match: s
 def test_rule_constructors_refuse(make: object, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         make()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("kind", [np.int8, np.int32, np.int64, np.uint16])
+def test_counts_take_numpy_integers_as_plain_ints(kind: type) -> None:
+    rules = build_rules(keep_last=kind(2), keep_best=kind(1), monitor="loss", mode="min",
+                        keep_every=kind(3))  # fmt: skip
+    counts = [getattr(r, "n", getattr(r, "k", None)) for r in rules[:3]]
+    assert counts == [2, 1, 3] and all(type(c) is int for c in counts)
+    assert type(KeepLatest(kind(4)).n) is int and type(KeepBest(kind(1), "loss").k) is int
+    for bad in (np.bool_(True), np.float64(2.0)):
+        with pytest.raises(TypeError, match=r"keep_last must be an int >= 1"):
+            build_rules(**{**_GOOD, "keep_last": bad})  # type: ignore[arg-type]
 
 
 def test_rules_satisfy_the_protocol() -> None:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from haltpoint.stopping.inputs import whole_number
+
 __all__ = [
     "CheckpointRecord",
     "KeepBest",
@@ -81,12 +83,16 @@ class RetentionRule(Protocol):
     def select(self, records: Sequence[CheckpointRecord]) -> set[int]: ...
 
 
-def _check_count(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+def _check_count(name: str, value: object, minimum: int, allowed: str = "") -> int:
+    """`value` as a plain int (a NumPy integer is one; a bool is not), at least `minimum`;
+    `allowed` replaces the message's "an int >= minimum"."""
+    allowed = allowed or f"an int >= {minimum}"
+    count = whole_number(value)
+    if count is None:
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if count < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return count
 
 
 def _check_mode(mode: object) -> str:
@@ -139,7 +145,7 @@ class KeepLatest:
     n: int
 
     def __post_init__(self) -> None:
-        _check_count("KeepLatest.n", self.n, 1)
+        object.__setattr__(self, "n", _check_count("KeepLatest.n", self.n, 1))  # frozen
 
     def select(self, records: Sequence[CheckpointRecord]) -> set[int]:
         return {r.step for r in sorted(records, key=commit_order, reverse=True)[: self.n]}
@@ -166,7 +172,7 @@ class KeepBest:
     mode: str = "min"
 
     def __post_init__(self) -> None:
-        _check_count("KeepBest.k", self.k, 1)
+        object.__setattr__(self, "k", _check_count("KeepBest.k", self.k, 1))  # frozen
         _check_monitor(self.monitor)
         _check_mode(self.mode)
 
@@ -192,7 +198,7 @@ class KeepEvery:
     n: int
 
     def __post_init__(self) -> None:
-        _check_count("KeepEvery.n", self.n, 1)
+        object.__setattr__(self, "n", _check_count("KeepEvery.n", self.n, 1))  # frozen
 
     def select(self, records: Sequence[CheckpointRecord]) -> set[int]:
         return {r.step for r in records if r.step % self.n == 0}
@@ -300,22 +306,11 @@ def build_rules(
         ValueError: a count is out of range, `mode` is not "min"/"max", or `keep_best > 0`
             without a `monitor`.
     """
-    if not isinstance(keep_last, int) or isinstance(keep_last, bool):
-        raise TypeError(
-            f"keep_last must be an int >= 1 (the newest checkpoint is always kept: "
-            f"a resume needs it), got {keep_last!r}"
-        )
-    if keep_last < 1:
-        raise ValueError(
-            f"keep_last must be an int >= 1 (the newest checkpoint is always kept: "
-            f"a resume needs it), got {keep_last!r}"
-        )
-    _check_count("keep_best", keep_best, 0)
+    newest = "an int >= 1 (the newest checkpoint is always kept: a resume needs it)"
+    keep_last = _check_count("keep_last", keep_last, 1, newest)
+    keep_best = _check_count("keep_best", keep_best, 0)
     if keep_every is not None:
-        if not isinstance(keep_every, int) or isinstance(keep_every, bool):
-            raise TypeError(f"keep_every must be None or an int >= 1, got {keep_every!r}")
-        if keep_every < 1:
-            raise ValueError(f"keep_every must be None or an int >= 1, got {keep_every!r}")
+        keep_every = _check_count("keep_every", keep_every, 1, "None or an int >= 1")
     _check_mode(mode)
     if monitor is not None:
         _check_monitor(monitor)
