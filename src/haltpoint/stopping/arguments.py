@@ -51,8 +51,11 @@ def check_baseline(baseline: object) -> float | None:
     return number
 
 
-def check_count(value: object, name: str, allow_none: bool = False) -> int | None:
-    """An int >= 0 (a NumPy integer too, not a bool) as an int, or None when `allow_none`.
+def check_count(
+    value: object, name: str, allow_none: bool = False, *, minimum: int = 0, what: str = ""
+) -> int | None:
+    """An int >= `minimum` (a NumPy integer too, not a bool) as an int, or None when
+    `allow_none`; `what` says in the message what the count counts.
 
     >>> check_count(3, "patience")
     3
@@ -60,13 +63,14 @@ def check_count(value: object, name: str, allow_none: bool = False) -> int | Non
     if value is None and allow_none:
         return None
     count = whole_number(value)
+    allowed = f"an int >= {minimum}" + (f" ({what})" if what else "")
     if count is None:
         extra = " or None" if allow_none else ""
         raise TypeError(
-            f"{name} must be an int >= 0{extra}; got {type(value).__name__} {shown(value)}"
+            f"{name} must be {allowed}{extra}; got {type(value).__name__} {shown(value)}"
         )
-    if count < 0:
-        raise ValueError(f"{name} must be an int >= 0; got {name}={shown(value)}")
+    if count < minimum:
+        raise ValueError(f"{name} must be {allowed}; got {name}={shown(value)}")
     return count
 
 

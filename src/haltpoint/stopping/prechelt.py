@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from haltpoint.stopping._text import evaluations, fmt
+from haltpoint.stopping.arguments import check_count
 from haltpoint.stopping.decision import StopReason
-from haltpoint.stopping.inputs import json_number, shown, whole_number
+from haltpoint.stopping.inputs import json_number, shown
 from haltpoint.stopping.rules import Observation, Stop, check_number, is_better
 
 __all__ = [
@@ -55,13 +56,8 @@ def training_progress(strip: list[float]) -> float:
 
 def _check_at_least_one(value: object, name: str, what: str) -> int:
     """An int >= 1 (a NumPy integer too, not a bool) as an int."""
-    count = whole_number(value)
-    if count is None:
-        raise TypeError(
-            f"{name} must be an int >= 1 ({what}); got {type(value).__name__} {shown(value)}"
-        )
-    if count < 1:
-        raise ValueError(f"{name} must be an int >= 1 ({what}); got {name}={shown(value)}")
+    count = check_count(value, name, minimum=1, what=what)
+    assert count is not None  # None is refused without allow_none
     return count
 
 
