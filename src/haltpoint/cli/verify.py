@@ -214,15 +214,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         ["step", "status", "tensors", "size"],
         [[str(r.step), r.status, str(r.tensors), format_bytes(r.size)] for r in results],
         title=f"verify {args.directory}",
-        styles=[
-            {
-                "intact": "green",
-                "damaged": "bold red",
-                "unreadable": "yellow",
-                "removed": "dim",
-            }.get(r.status)
-            for r in results
-        ],
+        styles=[_STYLES.get(r.status) for r in results],
         numeric=["step", "tensors", "size"],
     )
     intact = [r for r in results if r.status == "intact"]
