@@ -53,7 +53,7 @@ def train(
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf_out"),
         eval_strategy=kwargs.pop("eval_strategy", "epoch"),
-        save_strategy="no",
+        save_strategy=kwargs.pop("save_strategy", "no"),
         logging_strategy="no",
         report_to=[],
         use_cpu=True,
@@ -191,8 +191,10 @@ def test_a_resumed_run_that_had_stopped_keeps_its_weights(
     reader.restore({"model": latest}, "latest", strict=False)
     model, stopper = make_model(), EarlyStopping("loss", patience=2)
     with Checkpointer(stopped.directory, monitor="eval_loss", keep_last=20) as ckpt:
-        train(tmp_path, model, [HaltpointCallback(stopper, ckpt, resume=True)], epochs=20)
+        callback = HaltpointCallback(stopper, ckpt, resume=True)
+        trainer, _ = train(tmp_path, model, [callback], epochs=20)
         assert [i.step for i in ckpt.list()] == stopped.steps  # nothing new saved
+    assert trainer.state.global_step == trainer.lr_scheduler.last_epoch == stopped.steps[-1]
     assert stopper.stopped and stopper.reason == stopped.stopper.reason
     assert torch.equal(model.classifier.weight, latest.classifier.weight)
 
@@ -329,10 +331,31 @@ def _files(directory: Path) -> dict[str, bytes]:
     }
 
 
+def _training_state(trainer: Any) -> tuple[int, float, int, list[torch.Tensor]]:
+    """The Trainer's position, its scheduler's step and the optimizer's moments."""
+    moments = [t for s in trainer.optimizer.state_dict()["state"].values() for t in s.values()]
+    return (
+        trainer.state.global_step,
+        trainer.state.epoch,
+        trainer.lr_scheduler.last_epoch,
+        [t.clone() for t in moments],
+    )
+
+
 @pytest.mark.parametrize("restore_best", [False, True])
 @pytest.mark.parametrize(
     "length",
-    [{"epochs": 2}, {"epochs": 20, "max_steps": 6, "eval_strategy": "steps", "eval_steps": 3}],
+    [
+        {"epochs": 2, "save_strategy": "epoch"},
+        {
+            "epochs": 20,
+            "max_steps": 6,
+            "eval_strategy": "steps",
+            "eval_steps": 3,
+            "save_strategy": "steps",
+            "save_steps": 3,
+        },
+    ],
     ids=["num_train_epochs", "max_steps"],
 )
 def test_a_rerun_of_a_completed_run_trains_saves_and_evicts_nothing(
@@ -342,8 +365,10 @@ def test_a_rerun_of_a_completed_run_trains_saves_and_evicts_nothing(
     restore_best: bool,
     length: dict[str, Any],
 ) -> None:
-    """A run that reached its planned length without stopping early, run again, is finished."""
-    directory = tmp_path / "run"
+    """A run that reached its planned length without stopping early, run again, is finished:
+    no optimizer, scheduler or position change survives, and neither haltpoint nor the Trainer
+    writes a checkpoint."""
+    directory, trainer_out = tmp_path / "run", tmp_path / "hf_out"
 
     def run() -> tuple[Any, Any, HaltpointCallback, EarlyStopping]:
         model, stopper = make_model(), EarlyStopping("eval_loss", patience=50)
@@ -355,12 +380,20 @@ def test_a_rerun_of_a_completed_run_trains_saves_and_evicts_nothing(
     trainer, first, callback, stopper = run()
     end = trainer.state.max_steps
     assert not stopper.stopped and trainer.state.global_step == end
-    files, state = _files(directory), stopper.state_dict()
+    files, state, trained = _files(directory), stopper.state_dict(), _training_state(trainer)
+    trainer_files = _files(trainer_out)
+    assert f"checkpoint-{end}/trainer_state.json" in trainer_files
     capsys.readouterr()
 
     recwarn.clear()
-    _, model, rerun, restopper = run()
+    retrainer, model, rerun, restopper = run()
     assert _files(directory) == files  # nothing committed, nothing evicted
+    assert _files(trainer_out) == trainer_files  # no checkpoint-<end + 1> from the Trainer
+    assert not any("eval_loss" in entry for entry in retrainer.state.log_history)
+    position, moments = _training_state(retrainer)[:3], _training_state(retrainer)[3]
+    assert position == trained[:3]
+    assert len(moments) == len(trained[3])
+    assert all(torch.equal(got, want) for got, want in zip(moments, trained[3], strict=True))
     assert [str(w.message) for w in recwarn if "haltpoint" in str(w.message)] == []
     assert restopper.state_dict() == state
     assert rerun.best_step == callback.best_step

@@ -196,10 +196,44 @@ class HaltpointCallback(TrainerCallback, ExportableState):
             control.should_training_stop = True  # the Trainer still runs one step first
             self._resumed_done = True
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """After a resume, count epochs from the resumed position (the Trainer restarts at 0)."""
-        if self._epoch_offset and state.epoch is not None:
+    def on_step_end(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """After a resume, count epochs from the resumed position (the Trainer restarts at 0);
+        on a finished run, undo the one step the Trainer takes before it stops."""
+        if self._resumed_done:
+            self._undo_step(state, control, model, optimizer, lr_scheduler)
+        elif self._epoch_offset and state.epoch is not None:
             state.epoch += self._epoch_offset
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """On a finished run, keep the Trainer from evaluating or saving at the epoch's end."""
+        if self._resumed_done:
+            _skip_evaluate_save_log(control)
+
+    def _undo_step(
+        self, state: Any, control: Any, model: Any, optimizer: Any, scheduler: Any
+    ) -> None:
+        """Put back the model, optimizer, scheduler and position of the finished run's
+        checkpoint, and cancel what the Trainer planned after the step (evaluate, save, log).
+
+        `control.should_training_stop` set at `on_train_begin` is only read after a step, so a
+        finished run, run again, would otherwise train one more step and save it as the
+        Trainer's `checkpoint-<N+1>` (its end-of-training save).
+        """
+        assert self.checkpointer is not None and self._last_step is not None
+        saved = self._state(state, model, optimizer, scheduler)
+        self.checkpointer.restore(saved, self._last_step)
+        state.global_step = int(saved["trainer"]["global_step"])
+        state.epoch = float(saved["trainer"]["epoch"])
+        _skip_evaluate_save_log(control)
 
     def on_evaluate(
         self,
@@ -272,9 +306,6 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         if self.restore_best and model is not None and ckpt.list():
             self.best_step = restore_best_weights(ckpt, model, self.stopper)
             log.info("haltpoint: restored the best weights, from step %d", self.best_step)
-        elif self._resumed_done and model is not None:
-            # Undo the one optimizer step the Trainer takes before it sees should_training_stop.
-            restore_best_weights(ckpt, model, self.stopper, which="latest")
 
 
 def _measurements(values: dict[str, float], keep: list[str | None]) -> dict[str, float]:
@@ -289,6 +320,11 @@ def _measurements(values: dict[str, float], keep: list[str | None]) -> dict[str,
         for name, value in values.items()
         if name in keep or not (name in _BOOKKEEPING_NAMES or name.endswith(_BOOKKEEPING_ENDS))
     }
+
+
+def _skip_evaluate_save_log(control: Any) -> None:
+    """Cancel the evaluation, save and log the Trainer's flow planned for this step or epoch."""
+    control.should_evaluate = control.should_save = control.should_log = False
 
 
 def _check_replicated(args: Any) -> None:
