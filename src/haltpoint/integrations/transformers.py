@@ -196,20 +196,11 @@ class HaltpointCallback(TrainerCallback, ExportableState):
             control.should_training_stop = True  # the Trainer still runs one step first
             self._resumed_done = True
 
-    def on_step_end(
-        self,
-        args: Any,
-        state: Any,
-        control: Any,
-        model: Any = None,
-        optimizer: Any = None,
-        lr_scheduler: Any = None,
-        **kwargs: Any,
-    ) -> None:
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After a resume, count epochs from the resumed position (the Trainer restarts at 0);
         on a finished run, undo the one step the Trainer takes before it stops."""
         if self._resumed_done:
-            self._undo_step(state, control, model, optimizer, lr_scheduler)
+            self._undo_step(state, control, kwargs)
         elif self._epoch_offset and state.epoch is not None:
             state.epoch += self._epoch_offset
 
@@ -218,9 +209,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         if self._resumed_done:
             _skip_evaluate_save_log(control)
 
-    def _undo_step(
-        self, state: Any, control: Any, model: Any, optimizer: Any, scheduler: Any
-    ) -> None:
+    def _undo_step(self, state: Any, control: Any, objects: dict[str, Any]) -> None:
         """Put back the model, optimizer, scheduler and position of the finished run's
         checkpoint, and cancel what the Trainer planned after the step (evaluate, save, log).
 
@@ -229,7 +218,9 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         Trainer's `checkpoint-<N+1>` (its end-of-training save).
         """
         assert self.checkpointer is not None and self._last_step is not None
-        saved = self._state(state, model, optimizer, scheduler)
+        saved = self._state(
+            state, objects.get("model"), objects.get("optimizer"), objects.get("lr_scheduler")
+        )
         self.checkpointer.restore(saved, self._last_step)
         state.global_step = int(saved["trainer"]["global_step"])
         state.epoch = float(saved["trainer"]["epoch"])
