@@ -27,17 +27,12 @@ from haltpoint.errors import (
     LockedError,
     NotRegularFileError,
     StepBehindError,
-    UnreadableCheckpointError,
-    first_line,
 )
+from haltpoint.eviction import Evictor
 from haltpoint.policies.interval import parse_every
 from haltpoint.policies.retention import (
-    KeepBest,
     build_rules,
     commit_order,
-    contested_steps,
-    recorded_best_rules,
-    retained_steps,
 )
 from haltpoint.preemption import SignalFlag
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
@@ -46,7 +41,7 @@ from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.modes import resolve_mode
-from haltpoint.store.background import BackgroundWriter, warn_user
+from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import append_history, check_appendable, save_record
 from haltpoint.store.lock import WriterLock
@@ -60,7 +55,6 @@ from haltpoint.store.manifest import (
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
 from haltpoint.store.run_dir import (
     PINNED_NAME,
-    TENSORS_NAME,
     Entry,
     RunDirectory,
     checkpoint_dirname,
@@ -164,7 +158,7 @@ class Checkpointer:
             )
         mode_given = mode is not None
         mode = resolve_mode(mode, monitor)
-        self._rules = build_rules(
+        rules = build_rules(
             keep_last=keep_last,
             keep_best=keep_best,
             monitor=monitor,
@@ -182,8 +176,7 @@ class Checkpointer:
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
         self._reader = RunReader(self._run, monitor, mode, mode_given)
         self._lock: WriterLock | None = None
-        self._intact: set[int] = set()  # steps this writer saved, restored or verified
-        self._said_rankings: set[tuple[str, str]] = set()  # other rankings it warned about
+        self._evictor = Evictor(self._run, self._reader, rules, monitor, mode)
         self._last: int | None = None  # the step last saved or restored: saves go on from it
         self._owed: dict[int, dict[str, Any]] = {}  # history lines of committed saves, unwritten
         self._writer: BackgroundWriter | None = None
@@ -426,7 +419,7 @@ class Checkpointer:
             finally:
                 if background:
                     self._staging.release()
-            self._intact.add(step)
+            self._evictor.intact.add(step)
             self._last = step
             written.append(manifest)
             # only this writer changes the run (it holds the lock): no second scan needed
@@ -434,8 +427,8 @@ class Checkpointer:
             try:  # committed: an error from here on must say so
                 self._write_history(step, history)
             finally:  # retention runs anyway: it may free the space the history needs
-                self._apply_retention([*on_disk, saved])
-            self._remove_superseded(saved)
+                self._evictor.apply_retention([*on_disk, saved])
+            self._evictor.remove_superseded(saved)
 
         if background:
             assert self._writer is not None
@@ -457,28 +450,6 @@ class Checkpointer:
             pinned=pin,
             sequence=None if background else written[0].sequence,  # async: not committed yet
         )
-
-    def _remove_superseded(self, entry: Entry) -> None:
-        """After `entry` was saved under a fresh tensor file name (its folder held an older
-        one): verify it, then delete its folder's tensor files that no manifest references.
-        An OS error while deleting is a warning: the save is committed."""
-        assert entry.manifest is not None
-        own = {f for f in entry.manifest.files() if f.startswith(f"{entry.dirname}/")}
-        if own <= {f"{entry.dirname}/{TENSORS_NAME}"}:
-            return  # the first name: no older file was there
-        try:
-            damage = self._reader.damage(entry)
-        except UnreadableCheckpointError:
-            return  # not verified: the older files stay, as they are harmless
-        if damage is None:
-            try:
-                self._run.remove_superseded(entry.dirname)
-            except (OSError, UnreadableCheckpointError) as exc:  # committed: clean-up retries
-                warn_user(
-                    f"{self.directory}: could not remove the superseded tensor file(s) of step "
-                    f"{entry.step} ({exc}); the save is committed, and the next writer's "
-                    "clean-up removes them"
-                )
 
     def _write_history(self, step: int, record: dict[str, Any]) -> None:
         """Append the history lines owed by earlier saves, then `record` (of `step`, just
@@ -549,76 +520,6 @@ class Checkpointer:
                 path=self.directory,
             )
 
-    def _apply_retention(self, entries: list[Entry]) -> None:
-        """Remove the committed checkpoints (`entries`: all of them, the one just saved
-        included) no rule keeps. keep_last counts in commit order, so after a rewind the old
-        run's checkpoints (above the step saved, too) are the oldest, and go first.
-
-        Before anything is removed, every checkpoint that keep_last or keep_best keeps in its
-        place is verified (once per writer): a damaged one is quarantined and the rules run
-        again, so a damaged checkpoint never costs an intact one.
-        """
-        rules = [*self._rules, *self._recorded_best(entries)]
-        while True:
-            records = [self._reader.info(e) for e in entries]
-            kept_steps = retained_steps(records, rules)
-            dropped = [e for e in entries if e.step not in kept_steps]
-            if not dropped:
-                return
-            contested = contested_steps(records, rules)
-            unchecked = [e for e in entries if e.step in contested - self._intact]
-            if not unchecked:
-                break
-            for entry in unchecked:
-                try:
-                    damage = self._reader.damage(entry)
-                except UnreadableCheckpointError as exc:  # not damage: remove nothing
-                    warn_user(f"{first_line(exc)}; retention removed no checkpoint this time")
-                    return
-                if damage is None:
-                    self._intact.add(entry.step)
-                    continue
-                try:
-                    self._quarantine(entry, damage)
-                except OSError as exc:  # the save is committed: remove nothing this time
-                    warn_user(
-                        f"{self.directory}: retention could not set the damaged checkpoint of "
-                        f"step {entry.step} aside ({exc}); it removed no checkpoint this time"
-                    )
-                    return
-                entries = [e for e in entries if e.step != entry.step]
-        kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
-        try:
-            self._run.remove(dropped, kept)
-        except (OSError, UnreadableCheckpointError) as exc:  # committed: a later pass retries
-            steps = ", ".join(str(e.step) for e in dropped)
-            warn_user(
-                f"{self.directory}: retention could not remove step {steps} ({exc}); the "
-                "save is committed, and a later save or `haltpoint gc` removes what is left"
-            )
-        self._intact -= {e.step for e in dropped if self._run.removed(e.dirname)}
-
-    def _recorded_best(self, entries: list[Entry]) -> list[KeepBest]:
-        """Keep-best rules for the rankings the run's checkpoints record other than this
-        writer's (said once): their best is never evicted by a ranking they were not kept by."""
-        recorded = {
-            (m.ranking.monitor, m.ranking.mode)
-            for m in (e.manifest for e in entries)
-            if m is not None and m.ranking is not None and m.ranking.monitor is not None
-        }
-        rules = recorded_best_rules(self._rules, recorded)
-        said = {(r.monitor, r.mode) for r in rules} - self._said_rankings
-        if said:
-            self._said_rankings |= said
-            theirs = ", ".join(f"{monitor} ({mode})" for monitor, mode in sorted(said))
-            warn_user(
-                f"{self.directory}: checkpoints there were ranked by {theirs}, this "
-                f"Checkpointer ranks by {self.monitor} ({self.mode}); retention keeps the best "
-                "by both, so the run's best is not lost (pass the same monitor and mode, or "
-                "remove the old ones with haltpoint gc)"
-            )
-        return rules
-
     def _passed(self, which: str | int, found: Found | None) -> list[Entry]:
         """The damaged checkpoints a restore of `which` passed over to reach `found` (and
         warned about): those whose data failed verification and, for "latest", every newer
@@ -632,18 +533,6 @@ class Checkpointer:
                 if isinstance(e.error, DamagedManifestError) and e.step > newest
             ]
         return passed
-
-    def _quarantine(self, entry: Entry, damage: str | None) -> None:
-        """Move a damaged checkpoint aside (the writer only), so its step can be saved again;
-        `damage` says what is wrong, None when that was already warned about."""
-        where = self._run.quarantine(entry)
-        self._intact.discard(entry.step)
-        said = "" if damage is None else f"{damage}\n"
-        warn_user(
-            f"{said}haltpoint: set the damaged checkpoint of step {entry.step} aside as "
-            f"{self.directory.rstrip('/')}/{where} (its data stays; delete it when you no "
-            f"longer need it); step {entry.step} can be saved again"
-        )
 
     # -- restoring ------------------------------------------------------------------------
 
@@ -697,11 +586,11 @@ class Checkpointer:
             found = self._reader.read(which, check_shards=check_shards, skip=skip)
             if self._writes_here():  # the writer moves the damage it fell back past aside
                 for entry in self._passed(which, found):
-                    self._quarantine(entry, None)
+                    self._evictor.quarantine(entry, None)
             return found
 
         def load(found: Found) -> CheckpointInfo:
-            self._intact.add(found.entry.step)
+            self._evictor.intact.add(found.entry.step)
             if self._writes_here():
                 self._last = found.entry.step
             return self._reader.load(
