@@ -77,6 +77,7 @@ def test_ls_json_parses_with_step_and_metrics(run_dir: Path, capsys):
     assert rows[1]["tags"] == ["best"] and rows[3]["tags"] == ["latest"]
     assert all(r["status"] == "committed" and r["size"] == 4 * (6 + 2) for r in rows)
     assert all(r["shared"] == 0 for r in rows)  # one tensor file per checkpoint
+    assert [r["sequence"] for r in rows] == [0, 1, 2, 3]  # the commit order
 
 
 def test_ls_monitor_option_changes_best(run_dir: Path, capsys):

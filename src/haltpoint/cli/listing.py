@@ -52,6 +52,8 @@ class CheckpointRow:
     shared: int = 0
     tags: list[str] = field(default_factory=list)
     error: str | None = None
+    sequence: int | None = None
+    """Its place in the run's commit order (None: a manifest of an older haltpoint)."""
 
     def to_json(self) -> dict[str, Any]:
         """The row as the object `ls --json` prints."""
@@ -65,6 +67,7 @@ class CheckpointRow:
             "shared": self.shared,
             "tags": self.tags,
             "error": self.error,
+            "sequence": self.sequence,
         }
 
 
@@ -103,7 +106,7 @@ def list_checkpoints(
             row.error = str(entry.error)
         manifest = entry.manifest
         if manifest is not None:
-            row.time = manifest.time
+            row.time, row.sequence = manifest.time, manifest.sequence
             row.metrics = dict(manifest.metrics)
             row.size = checkpoint_nbytes(manifest)
             row.shared = sum(r.nbytes for r in manifest.tensors.values() if uses[r.file] > 1)
