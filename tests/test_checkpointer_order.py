@@ -299,3 +299,30 @@ def test_an_import_after_a_rewind_is_the_latest(tmp_path: Path, capsys):
         model = {"model": {"weight": torch.zeros(2, 3)}}
         info = ckpt.restore(model, strict=False)
     assert info is not None and info.step == 31
+
+
+def _reranked_rewind(run: Path) -> None:
+    """Steps 10, 20, 30 ranked by score, higher better; a rewind to 10 whose writer ranks
+    15 and 16 by score, lower better (the new branch is the newer, at lower steps)."""
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, monitor="score", mode="max", keep_last=10) as ckpt:
+        for step in OLD_BRANCH:
+            ckpt.save(step, {"model": model}, {"score": float(step), "acc": 0.5})
+    with Checkpointer(run, monitor="score", mode="min", keep_last=10) as ckpt:
+        ckpt.restore({"model": model}, which=10)
+        for step in NEW_BRANCH:
+            ckpt.save(step, {"model": model}, {"score": float(step), "acc": 0.5})
+
+
+def test_the_ranking_recorded_last_in_commit_order_ranks_best(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    _reranked_rewind(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the change of mode is warned about
+        best = Checkpointer(run, monitor="score", read_only=True).restore(
+            {"model": torch.nn.Linear(3, 2)}, "best"
+        )
+        assert main(["ls", str(run), "--json"]) == 0
+    assert best is not None and best.step == 10  # by "min", the new branch's ranking
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in rows if "best" in r["tags"]] == [10]

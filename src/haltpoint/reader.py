@@ -122,10 +122,11 @@ class RunReader:
     def _best_mode(self, entries: list[Entry]) -> str:
         """The mode "best" ranks by: the recorded one for `monitor` when none was given (a
         run ranked by `score` "max" is not read the wrong way up), said when they differ."""
+        manifests = sorted((e.manifest for e in entries if e.manifest), key=commit_order)
         recorded = [
             m.ranking.mode
-            for m in (e.manifest for e in entries)
-            if m is not None and m.ranking is not None and m.ranking.monitor == self.monitor
+            for m in manifests  # the newest committed last: after a rewind, the new branch
+            if m.ranking is not None and m.ranking.monitor == self.monitor
         ]
         if not recorded or recorded[-1] == self.mode:
             return self.mode

@@ -187,13 +187,14 @@ def guess_monitor(history: Sequence[Mapping[str, Any]]) -> tuple[str, str] | Non
 
 
 def recorded_ranking(manifests: Sequence[Manifest]) -> Ranking | None:
-    """The monitor and mode recorded by the newest of `manifests` that names a monitor.
+    """The monitor and mode recorded by the newest committed of `manifests` that names one.
 
     A record without one (a writer that had none) gives way to an older one that has one;
     `Ranking(None, ...)` when none names one; None when none records any (checkpoints of an
     older haltpoint).
     """
-    recorded = [m.ranking for m in manifests if m.ranking is not None]
+    ordered = sorted(manifests, key=commit_order)  # after a rewind, the new branch last
+    recorded = [m.ranking for m in ordered if m.ranking is not None]
     named = [r for r in recorded if r.monitor is not None]
     return (named or recorded)[-1] if recorded else None
 
