@@ -58,3 +58,29 @@ def test_gc_never_removes_the_newest_intact_checkpoint_for_a_damaged_one(tmp_pat
     assert steps_on_disk(run) == [2, 3]  # the newest intact one stays; the damaged is not gc's
     code, out, _ = run_cli(capsys, "ls", str(run))
     assert "committed" in out and "intact" not in out  # ls has not read the data
+
+
+def test_gc_keep_best_after_a_monitor_change_keeps_the_best_the_writer_kept(tmp_path: Path, capsys):
+    """The writer's retention keeps the best by every ranking its run records; gc without
+    --monitor ranked by the newest alone and deleted the old monitor's best."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(run, monitor="val_loss", keep_last=1, keep_best=1, async_save=False) as c:
+        for step, loss in [(1, 0.5), (2, 0.1), (3, 0.4)]:
+            c.save(step, {"model": model}, {"val_loss": loss})
+    with (
+        pytest.warns(UserWarning, match="retention keeps the best by both"),
+        Checkpointer(
+            run, monitor="val_acc", mode="max", keep_last=1, keep_best=1, async_save=False
+        ) as c,
+    ):
+        for step, acc in [(4, 0.45), (5, 0.48), (6, 0.3)]:
+            c.save(step, {"model": model}, {"val_acc": acc})
+    assert steps_on_disk(run) == [2, 5, 6]  # the writer kept step 2, val_loss's best
+    code, out, err = run_cli(capsys, "gc", str(run), "--keep-best", "1")
+    assert code == 0, err
+    assert "kept steps 2, 5, 6" in out and "also keeps the best by each older one" in err
+    assert steps_on_disk(run) == [2, 5, 6]
+    code, out, _ = run_cli(capsys, "gc", str(run), "--keep-best", "1", "--monitor", "val_acc")
+    assert code == 0 and "kept steps 5, 6" in out  # asked for by name: the user's ranking
+    assert steps_on_disk(run) == [5, 6]

@@ -14,7 +14,13 @@ from haltpoint.cli.runinfo import (
     open_run,
     resolve_monitor,
 )
-from haltpoint.policies.retention import build_rules, retained_steps
+from haltpoint.policies.retention import (
+    KeepBest,
+    RetentionRule,
+    build_rules,
+    recorded_best_rules,
+    retained_steps,
+)
 from haltpoint.reader import RunReader
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes
@@ -44,19 +50,30 @@ def plan_gc(
     Only verified checkpoints count: every checkpoint the rules would keep has its data
     checked first, and a damaged one is set aside (neither counted nor removed) before the
     rules run again, so a damaged newest checkpoint never costs the newest intact one.
+    Without `monitor`, keep-best also keeps the best by every other ranking the manifests
+    record, as the writer's retention does: a monitor changed mid-run costs no run's best.
 
     Raises:
         ValueError, TypeError: the settings are invalid, or best cannot be ranked.
     """
     entries = all_entries = [e for e in run.scan() if e.manifest is not None]
     reader = RunReader(run, None, "min")
+    others: list[KeepBest] = []
     if keep_best > 0:  # ranked once, by what the manifests record (see resolve_monitor)
         manifests = [e.manifest for e in entries if e.manifest is not None]
+        given = monitor
         monitor, mode = resolve_monitor(manifests, monitor, mode, history=lambda: history_of(run))
+        if given is None:
+            recorded = {
+                (m.ranking.monitor, m.ranking.mode)
+                for m in manifests
+                if m.ranking is not None and m.ranking.monitor is not None
+            }
+            others = recorded_best_rules([KeepBest(keep_best, monitor, mode)], recorded)
     damaged: dict[int, str] = {}
     intact: set[int] = set()
     while True:
-        kept, dropped = _plan(entries, keep_last, keep_best, keep_every, monitor, mode)
+        kept, dropped = _plan(entries, keep_last, keep_best, keep_every, monitor, mode, others)
         unchecked = [e for e in kept if e.step not in intact]
         if not unchecked:
             found = [(e, damaged[e.step]) for e in all_entries if e.step in damaged]
@@ -77,14 +94,16 @@ def _plan(
     keep_every: int | None,
     monitor: str | None,
     mode: str | None,
+    others: list[KeepBest],
 ) -> tuple[list[Entry], list[Entry]]:
-    rules = build_rules(
+    rules: list[RetentionRule] = build_rules(
         keep_last=keep_last,
         keep_best=keep_best,
         monitor=monitor if keep_best > 0 else None,
         mode=mode or "min",
         keep_every=keep_every,
     )
+    rules += others
     records = [
         Record(e.step, e.manifest.metrics, e.pinned, e.manifest.sequence)
         for e in entries

@@ -209,8 +209,8 @@ def _warn_if_changed(manifests: Sequence[Manifest], newest: Ranking) -> None:
         before = "; ".join(f"step(s) {', '.join(s)} by {ranking_text(r)}" for r, s in older.items())
         warnings.warn(
             f"the run's monitor changed: {before}, the newer ones by {ranking_text(newest)}; "
-            "ranking by the newest, as the writer's retention does (pass --monitor and --mode "
-            "to choose)",
+            "ranking by the newest (gc --keep-best also keeps the best by each older one, as "
+            "the writer's retention does; pass --monitor and --mode to choose)",
             stacklevel=3,
         )
 
