@@ -369,19 +369,21 @@ def test_after_a_rewind_saves_go_on_and_the_old_runs_newer_steps_are_no_dedup_so
     assert all(not f.startswith((checkpoint_dirname(20), checkpoint_dirname(30))) for f in files)
 
 
-@pytest.mark.parametrize("kind", ["foreign", "symlink"])
+@pytest.mark.parametrize("kind", ["foreign", "symlink", "symlink/", "symlink/."])
 def test_demo_fresh_refuses_foreign_content_or_a_symlink(tmp_path: Path, capsys, kind: str):
+    """A link given as `link/` or `link/.` leads through it as well: that once emptied the
+    linked run, then failed with "Not a directory"."""
     run = tmp_path / "run"
     assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
     capsys.readouterr()
-    target = run
+    target = str(run)
     if kind == "foreign":
         (run / checkpoint_dirname(0) / "notes.txt").write_text("precious")
     else:
-        target = tmp_path / "link"
-        os.symlink(run, target)
+        os.symlink(run, tmp_path / "link")
+        target = str(tmp_path / "link") + kind.removeprefix("symlink")
     before = hashes(run)
-    assert main(["demo", "--run-dir", str(target), "--epochs", "1", "--fresh"]) == 1
+    assert main(["demo", "--run-dir", target, "--epochs", "1", "--fresh"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("haltpoint did not write" in err or "symbolic link" in err)
     assert hashes(run) == before
@@ -637,14 +639,65 @@ def test_a_superseded_tensor_file_stays_while_the_new_checkpoint_does_not_verify
     assert names == ["manifest.json", "tensors-1.safetensors", "tensors.safetensors"]
 
 
-def test_demo_fresh_deletes_a_run_with_a_re_saved_step(tmp_path: Path, monkeypatch, capsys):
+def test_demo_fresh_deletes_a_run_with_a_re_saved_step(tmp_path: Path, capsys):
+    """A demo step saved again leaves numbered tensor files: --fresh knows them for its own."""
     run = tmp_path / "run"
-    _a_failed_then_repeated_save(run, monkeypatch, async_save=False).close()
-    (run / checkpoint_dirname(1) / "tensors.safetensors").write_bytes(b"an older re-save's")
-    (run / checkpoint_dirname(1) / "tensors-2.safetensors").write_bytes(b"a later one's")
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    (run / checkpoint_dirname(0) / "tensors-1.safetensors").write_bytes(b"a re-save's")
+    (run / checkpoint_dirname(0) / "tensors-2.safetensors").write_bytes(b"a later one's")
+    capsys.readouterr()
     assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 0
     assert capsys.readouterr().out.startswith("training from scratch")
-    assert not (run / checkpoint_dirname(1)).exists()
+    assert sorted(p.name for p in (run / checkpoint_dirname(0)).iterdir()) == [
+        "manifest.json",
+        "tensors.safetensors",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["another run", "a damaged manifest"])
+def test_demo_fresh_refuses_a_run_the_demo_did_not_save(tmp_path: Path, capsys, kind: str):
+    """--fresh deletes the demo's own run: a training run of the user's (nothing but
+    haltpoint's files) was deleted whole, and so was a run whose manifest cannot be read."""
+    run = tmp_path / "run"
+    if kind == "another run":
+        make_run(run)
+    else:
+        assert main(["demo", "--run-dir", str(run), "--epochs", "2"]) == 0
+        manifest = run / checkpoint_dirname(0) / "manifest.json"
+        manifest.write_bytes(manifest.read_bytes()[:40])
+    capsys.readouterr()
+    before = hashes(run)
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing was deleted" in err, err
+    assert ("is not the demo's" if kind == "another run" else "cannot be read") in err
+    assert hashes(run) == before
+
+
+def test_demo_fresh_refuses_a_folder_at_a_quarantined_manifest_s_name(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    folder = run / "quarantine" / "step-000000000-1.json"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("precious")
+    capsys.readouterr()
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 1
+    assert f"holds {folder}, which haltpoint did not write" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "precious"
+
+
+def test_demo_fresh_on_the_current_folder_empties_it_and_trains(
+    tmp_path: Path, capsys, monkeypatch
+):
+    """`--run-dir .`: the folder cannot be removed (EINVAL); it was emptied, then the demo
+    failed with "Invalid argument" and trained nothing."""
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(run)
+    assert main(["demo", "--run-dir", ".", "--epochs", "1", "--fresh"]) == 0
+    assert capsys.readouterr().out.startswith("training from scratch")
+    assert (run / checkpoint_dirname(0) / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("async_save", [False, True])

@@ -22,8 +22,15 @@ from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.progress import Field, epoch_progress
 from haltpoint.cli.runinfo import open_run
 from haltpoint.demo.scores import score
-from haltpoint.demo.train import MONITOR, DemoConfig, DemoOutcome, EpochResult, train_demo
-from haltpoint.errors import LockedError
+from haltpoint.demo.train import (
+    MONITOR,
+    DemoConfig,
+    DemoOutcome,
+    EpochResult,
+    is_demo_checkpoint,
+    train_demo,
+)
+from haltpoint.errors import LockedError, first_line
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import (
@@ -105,8 +112,10 @@ def _foreign_entry(path: str) -> str | None:
                 return full
             continue
         if name == QUARANTINE_DIR and os.path.isdir(full):
-            if any(not _QUARANTINED.match(child) for child in os.listdir(full)):
-                return full
+            for child in sorted(os.listdir(full)):  # a folder at a manifest's name may hold any
+                inner = os.path.join(full, child)
+                if not _QUARANTINED.match(child) or not _is_regular(inner):
+                    return inner
             continue
         if parse_step(name) is None or not os.path.isdir(full):
             return full
@@ -135,7 +144,8 @@ def _delete_run(path: str) -> None:
     while still locked; a writer waiting on it then finds it deleted and starts a new one.
 
     Raises:
-        ValueError: `path` is a symbolic link, no haltpoint run, or holds a foreign entry.
+        ValueError: `path` is a symbolic link, no haltpoint run, holds a foreign entry, or a
+            checkpoint the demo did not save (or whose manifest cannot be read).
         LockedError: a writer holds the run (naming it); nothing was deleted.
     """
     if not os.path.lexists(path):
@@ -148,6 +158,7 @@ def _delete_run(path: str) -> None:
             "another --run-dir"
         )
     _refuse_foreign(path)
+    _refuse_other_runs(path)
     storage = LocalStorage(path, create=False)
     holder = read_holder(storage)
     if holder is not None:
@@ -159,6 +170,7 @@ def _delete_run(path: str) -> None:
     with WriterLock(storage):  # one that took the lock since read_holder: LockedError
         _refuse_a_link(path)  # again: what changed before the lock was ours
         _refuse_foreign(path)
+        _refuse_other_runs(path)
         for name in os.listdir(path):
             if name != LOCK_NAME:
                 full = os.path.join(path, name)
@@ -170,12 +182,12 @@ def _delete_run(path: str) -> None:
         try:
             os.rmdir(path)
         except OSError as exc:  # a writer created a new lock file since: its run is empty
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EINVAL, errno.EBUSY):
+                raise  # EINVAL: `.` (or `DIR/.`), EBUSY: a mount point; both left empty
 
 
 def _refuse_a_link(path: str) -> None:
-    if os.path.islink(path):
+    if os.path.islink(os.path.normpath(path)):  # `link/` and `link/.` lead through it too
         raise ValueError(
             f"--fresh deletes {path}, but it is a symbolic link; delete the run it points to "
             "yourself or pick another --run-dir"
@@ -189,6 +201,23 @@ def _refuse_foreign(path: str) -> None:
             f"--fresh deletes {path}, but it holds {foreign}, which haltpoint did not write; "
             "move it out, or delete the folder yourself"
         )
+
+
+def _refuse_other_runs(path: str) -> None:
+    """Refuse a run holding a checkpoint the demo did not save, or one it cannot read."""
+    for entry in RunDirectory(LocalStorage(path, create=False)).scan():
+        if entry.error is not None:
+            raise ValueError(
+                f"--fresh deletes {path}, but the manifest of {entry.dirname} cannot be read "
+                f"({first_line(entry.error)}), so it may be another run's; nothing was "
+                "deleted: delete the folder yourself or pick another --run-dir"
+            )
+        if entry.manifest is not None and not is_demo_checkpoint(entry.manifest):
+            raise ValueError(
+                f"--fresh deletes {path}, but its checkpoint of step {entry.step} is not the "
+                f"demo's (it holds {', '.join(sorted(entry.manifest.tree))}); nothing was "
+                "deleted: delete the folder yourself or pick another --run-dir"
+            )
 
 
 def _disk_usage(path: str) -> tuple[int, int]:

@@ -15,15 +15,36 @@ import numpy as np
 import torch
 from torch import nn
 
-from haltpoint.checkpointer import Checkpointer, CheckpointInfo
+from haltpoint.checkpointer import RNG_ENTRY, Checkpointer, CheckpointInfo
 from haltpoint.demo.data import split_digits
 from haltpoint.demo.model import DigitsNet
 from haltpoint.stopping import Decision, EarlyStopping
+from haltpoint.store.manifest import Manifest
 
-__all__ = ["MONITOR", "DemoConfig", "DemoOutcome", "EpochResult", "evaluate", "train_demo"]
+__all__ = [
+    "ENTRIES",
+    "MONITOR",
+    "DemoConfig",
+    "DemoOutcome",
+    "EpochResult",
+    "evaluate",
+    "is_demo_checkpoint",
+    "train_demo",
+]
 
 MONITOR = "val_loss"
 """The metric the demo's stopper and checkpointer watch (lower is better)."""
+ENTRIES = frozenset({"model", "optimizer", "stopper", "settings"})
+"""The entries of the state the demo saves."""
+
+
+def is_demo_checkpoint(manifest: Manifest) -> bool:
+    """Whether `manifest` is one the demo saves: its entries, and its model's tensors by name
+    and shape (a run of anybody else's is not the demo's to delete)."""
+    if set(manifest.tree) - {RNG_ENTRY} != ENTRIES:
+        return False
+    saved = {k: r.shape for k, r in manifest.tensors.items() if k.startswith("model.")}
+    return saved == {f"model.{k}": tuple(t.shape) for k, t in DigitsNet().state_dict().items()}
 
 
 @dataclass(frozen=True)
