@@ -4,14 +4,16 @@ field, or falls back to the next intact checkpoint; never another exception."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,12 @@ def craft(run: Path, step: int, change: Callable[[dict[str, Any]], None]) -> Non
     body = json.loads(path.read_bytes())
     change(body)
     path.write_bytes(seal(body))
+
+
+def colliding(count: int) -> list[Any]:
+    """`count` distinct ints of one hash (ints hash modulo 2**61 - 1, alike on every run),
+    tagged as `encode_value` tags ints beyond 64 bits."""
+    return [{"__hp__": "int", "v": hex(k * (2**61 - 1))} for k in range(count)]
 
 
 def nest(depth: int) -> Any:
@@ -180,6 +188,21 @@ CRAFTED = [
         id="dtype-a-module",
     ),
     pytest.param(
+        _set_value("keys", {"__hp__": "set", "items": colliding(1000)}),
+        r'\["keys"\].*1000 of its 1000 keys share one hash',
+        id="set-of-colliding-ints",
+    ),
+    pytest.param(
+        _set_value("keys", {"__hp__": "dict", "items": [[k, 0] for k in colliding(1000)]}),
+        r'\["keys"\].*1000 of its 1000 keys share one hash',
+        id="dict-of-colliding-keys",
+    ),
+    pytest.param(
+        _set_value("plain", 2**64),
+        r'\["plain"\].*an int of 65 bits written plain',
+        id="untagged-int-of-65-bits",
+    ),
+    pytest.param(
         _set(lambda body: body, "time", 1e300),
         r"time 1e\+300 is not a unix time",
         id="time-1e300",
@@ -270,7 +293,9 @@ def _torch_state(key: str) -> Callable[[dict[str, Any]], None]:
 
 
 CRAFTED_RNG = [
-    pytest.param(_rng_int(2**64), "python", id="python-beyond-64-bits"),
+    pytest.param(
+        _rng_int({"__hp__": "int", "v": hex(2**64)}), "python", id="python-beyond-64-bits"
+    ),
     pytest.param(_rng_int(2**40), "python.*ints in \\[0, 2\\*\\*32\\)", id="python-beyond-32-bits"),
     pytest.param(_rng_int(-1), "python", id="python-negative"),
     pytest.param(_drop_python_word, "python.*625 ints", id="python-624-words"),
@@ -633,3 +658,39 @@ def test_a_record_that_disagrees_with_its_file_header_is_damage_to_every_reader(
     assert re.search(damage, err) and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
     assert main(["ls", str(run)]) == 0  # ls reads no tensor file
+
+
+# -- reads that took time quadratic in what a crafted run holds, or failed on its way ----------
+
+
+class _Overdue(BaseException):
+    """Raised by `_deadline`: no `except Exception` of the code under test (the command line's
+    error boundary) turns it into an ordinary failure."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Fail the test, instead of hanging it, when the block runs longer than `seconds`."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _Overdue(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_keys_crafted_to_share_one_hash_are_refused_in_linear_time(run: Path) -> None:
+    """100,000 ints of one hash in a set: building it took time quadratic in their number (50 s
+    here, in every read of the manifest, `ls` too; days for the millions a manifest may hold)."""
+    craft(run, 2, _set_value("keys", {"__hp__": "set", "items": colliding(100_000)}))
+    model = torch.nn.Linear(3, 2)
+    with _deadline(30):
+        assert main(["ls", str(run)]) == 0
+        with pytest.warns(UserWarning, match="share one hash"):
+            info = Checkpointer(run, read_only=True).restore({"model": model}, strict=False)
+    assert info is not None and info.step == 1

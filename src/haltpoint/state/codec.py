@@ -39,7 +39,7 @@ import json
 import math
 import re
 import types
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -58,6 +58,9 @@ TENSOR_TAG = "__tensor__"
 
 _RESERVED = frozenset({TAG, TENSOR_TAG})
 _INT_LIMIT = 2**63
+_MAX_SHARED_HASH = 16
+"""The most keys of one decoded set or dict that may share a hash (a real state's share none,
+or a few: -1 and -2, ints that differ by 2**61 - 1)."""
 MAX_DEPTH = 64
 """The deepest nesting of containers `decode_value` accepts (real states nest under 10)."""
 _SAVE_DEPTH = MAX_DEPTH - 4
@@ -243,6 +246,11 @@ class _Decoder:
         self.depth = 0
 
     def decode(self, obj: Any, where: str) -> Any:
+        if type(obj) is int and not -_INT_LIMIT < obj < _INT_LIMIT:
+            _corrupt(
+                where,
+                f"an int of {obj.bit_length()} bits written plain (ints beyond 64 bits are tagged)",
+            )
         if obj is None or type(obj) in (bool, int, float, str):
             return obj
         if self.depth >= MAX_DEPTH:
@@ -292,6 +300,7 @@ class _Decoder:
             return torch.Size([_int64(item) for item in items])
         if tag in ("set", "frozenset"):
             decoded = [self.decode(item, where) for item in items]
+            _check_hashes(decoded)
             return set(decoded) if tag == "set" else frozenset(decoded)
         pairs = []
         for pair in items:
@@ -299,7 +308,17 @@ class _Decoder:
                 raise ValueError("each item of a dict must be a [key, value] pair")
             key = self.decode(pair[0], where)
             pairs.append((key, self.decode(pair[1], child_path(where, key))))
+        _check_hashes([key for key, _ in pairs])
         return dict(pairs) if tag == "dict" else OrderedDict(pairs)
+
+
+def _check_hashes(keys: list[Any]) -> None:
+    """ValueError when more than `_MAX_SHARED_HASH` of `keys` share one hash: a set or dict of
+    them would take time quadratic in their number to build (ints and tuples hash alike on
+    every run, so a crafted manifest can make them collide; no saved state does)."""
+    shared = max(Counter(map(hash, keys)).values(), default=0)
+    if shared > _MAX_SHARED_HASH:
+        raise ValueError(f"{shared} of its {len(keys)} keys share one hash (crafted to collide)")
 
 
 def _int64(value: Any) -> int:
