@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from haltpoint import Checkpointer
 from haltpoint.cli import main
 from haltpoint.errors import CorruptCheckpointError, StateMismatchError
+from haltpoint.store.hashing import hash_bytes
 
 # benchmarks/hostile.py crafts the manifests: `seal` gives one a valid checksum
 _spec = importlib.util.spec_from_file_location(
@@ -694,3 +695,31 @@ def test_keys_crafted_to_share_one_hash_are_refused_in_linear_time(run: Path) ->
         with pytest.warns(UserWarning, match="share one hash"):
             info = Checkpointer(run, read_only=True).restore({"model": model}, strict=False)
     assert info is not None and info.step == 1
+
+
+def test_a_manifest_of_300000_metric_names_is_read_in_linear_time(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ls`, `export --which best` and `gc --keep-best` gathered the metric names in a list,
+    testing each against all before it (a manifest may hold millions: hours)."""
+    craft(run, 2, _set(lambda body: body, "metrics", {f"m{i}": 0.5 for i in range(300_000)}))
+    out = tmp_path / "m.safetensors"
+    with _deadline(60):
+        assert main(["ls", str(run)]) == 0
+        best = ["--which", "best", "--monitor", "m7", "--mode", "min"]
+        assert main(["export", str(run), *best, "-o", str(out)]) == 0
+    assert "from step 2" in capsys.readouterr().out
+
+
+def test_a_history_of_50000_metric_names_is_replayed_in_linear_time(run: Path) -> None:
+    """`plot` and `replay` gathered the names in a list, then walked every step for each name:
+    names x steps (2.5 billion here)."""
+    lines = [
+        json.dumps(body, separators=(",", ":"))
+        for body in ({"step": i, "metrics": {f"m{i}": 0.5}} for i in range(50_000))
+    ]
+    (run / "history.jsonl").write_text(
+        "".join(f'{line[:-1]},"checksum":"{hash_bytes(line.encode())}"}}\n' for line in lines)
+    )
+    with _deadline(60):
+        assert main(["replay", str(run), "--metric", "m7", "--mode", "min"]) == 0

@@ -88,29 +88,27 @@ def curves(
         ValueError: a requested metric is in no record (the message lists the names found).
     """
     by_step: dict[int, Mapping[str, Any]] = {}
-    names: list[str] = []
+    names: dict[str, None] = {}  # first seen first; a dict, so that millions of names are cheap
     for record in records:
         step, values = _step(record.get("step")), record.get("metrics")
         if step is None or not isinstance(values, Mapping):
             continue
         by_step[step] = values
-        names.extend(name for name in values if name not in names)
-    wanted = list(metrics) if metrics else names
+        names.update(dict.fromkeys(values))
+    wanted = list(metrics) if metrics else list(names)
     missing = [name for name in wanted if name not in names]
     if missing:
         raise ValueError(
             f"metric {', '.join(map(repr, missing))} is not in the history; "
             f"it holds {', '.join(map(repr, names)) or 'no metrics'}"
         )
-    result: dict[str, tuple[list[int], list[float]]] = {}
-    for name in wanted:
-        steps, ys = [], []
-        for step in sorted(by_step):
-            value = _number(by_step[step].get(name))
-            if value is not None:
-                steps.append(step)
-                ys.append(value)
-        result[name] = (steps, ys)
+    result: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in wanted}
+    for step in sorted(by_step):  # one pass over the values: names x steps can be vast
+        for name, raw in by_step[step].items():
+            curve = result.get(name)
+            if curve is not None and (value := _number(raw)) is not None:
+                curve[0].append(step)
+                curve[1].append(value)
     return result
 
 
