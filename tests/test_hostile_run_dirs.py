@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from haltpoint import Checkpointer
 from haltpoint.cli import main
-from haltpoint.errors import CorruptCheckpointError, StateMismatchError
+from haltpoint.errors import CorruptCheckpointError, StateMismatchError, UnreadableCheckpointError
 from haltpoint.store.hashing import hash_bytes
 
 # benchmarks/hostile.py crafts the manifests: `seal` gives one a valid checksum
@@ -723,3 +723,23 @@ def test_a_history_of_50000_metric_names_is_replayed_in_linear_time(run: Path) -
     )
     with _deadline(60):
         assert main(["replay", str(run), "--metric", "m7", "--mode", "min"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "link-to-dev-null"])
+def test_a_run_directory_that_is_no_folder_is_refused_not_read_as_empty(
+    tmp_path: Path, kind: str
+) -> None:
+    """A reader given a file, a FIFO or a device read it as an empty run: `list()` gave [] and
+    `restore` None, so a script resumed from nothing, saying nothing."""
+    path = tmp_path / "run"
+    if kind == "file":
+        path.write_text("notes")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(os.devnull)
+    reader = Checkpointer(path, read_only=True)
+    for read in (reader.list, lambda: reader.restore({"model": torch.nn.Linear(3, 2)})):
+        with pytest.raises(UnreadableCheckpointError, match=rf"cannot list {path}: ") as raised:
+            read()
+        assert "\n" not in str(raised.value)

@@ -341,7 +341,11 @@ class LocalStorage:
     def listdir(self, rel: str = "") -> list[str]:
         try:
             return sorted(os.listdir(self._followed(rel)))
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
+            return []
+        except NotADirectoryError:
+            if not rel:  # the run directory itself is a file (or a FIFO, a device): no run
+                raise
             return []
 
     def makedirs(self, rel: str) -> None:
