@@ -240,6 +240,45 @@ def test_ls_and_verify_show_the_unreadable_step_as_unreadable(
         assert "step 2 was not verified" in capsys.readouterr().out
 
 
+def test_a_step_folder_listed_but_not_searchable_is_unreadable_not_removed(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`chmod 400` on a step folder: its names list, but nothing in it opens or stats, so
+    every lookup by name fails as if the manifest were gone. (It passed for a checkpoint a
+    writer removed meanwhile: `ls` said "removed", `restore(which=2)` "no intact checkpoint",
+    and "latest" passed over it without a warning.)"""
+    import json
+
+    folder = run / checkpoint_dirname(2)
+    if how == "chmod":
+        folder.chmod(0o400)
+    else:
+        inside = str(folder) + os.sep
+
+        def guard(real: Any) -> Any:
+            def guarded(path: Any, *args: Any, **kwargs: Any) -> Any:
+                if isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(
+                    inside
+                ):
+                    raise _denied(path)
+                return real(path, *args, **kwargs)
+
+            return guarded
+
+        for name in ("open", "stat", "lstat"):  # listdir and scandir of the folder still work
+            monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    try:
+        assert main(["ls", str(run), "--json"]) == 0
+        rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)}
+        assert rows[2]["status"] == "unreadable" and "permission denied" in rows[2]["error"]
+        reader = Checkpointer(run, read_only=True)
+        with pytest.raises(UnreadableCheckpointError, match="permission denied"):
+            reader.restore({"model": torch.nn.Linear(2, 1)}, which=2)
+    finally:
+        monkeypatch.undo()
+        folder.chmod(0o755)
+
+
 # -- a read-only run directory without a lock file --------------------------------------
 
 

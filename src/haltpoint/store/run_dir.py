@@ -354,8 +354,16 @@ class RunDirectory:
 
     def removed(self, dirname: str) -> bool:
         """Whether the checkpoint folder `dirname` has no manifest now: one a reader had
-        found, then failed to read, was removed meanwhile (by a writer's retention or `gc`)."""
-        return not self.storage.exists(f"{dirname}/{MANIFEST_NAME}")
+        found, then failed to read, was removed meanwhile (by a writer's retention or `gc`).
+
+        Told from the folder's listing, not a lookup by name: in a folder that may be listed
+        but not searched (read permission without execute) every lookup fails, as if the
+        manifest were gone, and an unreadable checkpoint would pass for a removed one.
+        """
+        try:
+            return MANIFEST_NAME not in self.storage.listdir(dirname)
+        except (OSError, CorruptCheckpointError):  # it cannot be listed: not known to be gone
+            return False
 
     def read_manifest(self, dirname: str) -> Manifest:
         """The manifest of a checkpoint folder, decoded and with its state tree checked.
