@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -743,3 +744,23 @@ def test_a_run_directory_that_is_no_folder_is_refused_not_read_as_empty(
         with pytest.raises(UnreadableCheckpointError, match=rf"cannot list {path}: ") as raised:
             read()
         assert "\n" not in str(raised.value)
+
+
+def test_a_damaged_checkpoint_passed_over_from_python_c_is_a_warning(run: Path) -> None:
+    """From `python -c`, stdin or the REPL, whose `__main__` has BuiltinImporter for loader,
+    the warning of the fall-back raised `ImportError: '__main__' is not a built-in module`
+    (warnings asked that loader for the line's source)."""
+    craft(run, 2, _set(lambda body: body, "time", 1e300))
+    script = (
+        "import torch; from haltpoint import Checkpointer; "
+        f"info = Checkpointer({str(run)!r}, read_only=True).restore("
+        "{'model': torch.nn.Linear(3, 2)}, strict=False); print(info.step)"
+    )
+    src = str(Path(importlib.util.find_spec("haltpoint").origin).parents[1])  # type: ignore[arg-type, union-attr]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "1\n"
+    assert "time 1e+300 is not a unix time" in done.stderr

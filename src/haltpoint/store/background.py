@@ -54,8 +54,8 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
         site.lineno,
         module=site.globals.get("__name__", "<string>"),
         registry=site.globals.setdefault("__warningregistry__", {}),
-        module_globals=site.globals,
-    )
+    )  # no module_globals: warnings asks its __loader__ for the source, and the loader of
+    # `python -c`, of stdin and of the REPL raises ImportError there instead of the warning
 
 
 class BackgroundWriter:
