@@ -124,6 +124,36 @@ def test_export_refuses_a_damaged_checkpoint(run_dir: Path, tmp_path: Path, caps
     assert not target.exists()
 
 
+@pytest.mark.parametrize(
+    ("weights", "name"),
+    [
+        ({"a.b": torch.zeros(2), "a": {"b": torch.ones(2)}}, "a.b"),
+        ({"__metadata__": torch.zeros(2)}, "__metadata__"),
+    ],
+    ids=["two-tensors-one-name", "the-header-field"],
+)
+def test_export_refuses_names_no_safetensors_file_can_hold(
+    tmp_path: Path, capsys, weights: dict, name: str
+):
+    with Checkpointer(tmp_path / "run", async_save=False, capture_rng=False) as ckpt:
+        ckpt.save(0, {"weights": weights})
+    target = tmp_path / "w.safetensors"
+    code, _, err = run_cli(
+        capsys,
+        "export",
+        str(tmp_path / "run"),
+        "--which",
+        "latest",
+        "--key",
+        "weights",
+        "-o",
+        str(target),
+    )
+    assert code == 1 and err.count("\n") == 1
+    assert f"cannot export a tensor named {name!r}" in err
+    assert not target.exists()  # no file that drops a tensor or that safetensors refuses
+
+
 # -- gc ---------------------------------------------------------------------------------------
 
 

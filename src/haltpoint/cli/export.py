@@ -46,9 +46,28 @@ def _refs(value: Any) -> Iterator[str]:
             yield from _refs(item)
 
 
+_RESERVED_NAME = "__metadata__"  # the safetensors header's own field: no tensor's name
+
+
 def _flat_tensors(value: Any, prefix: str, out: dict[str, torch.Tensor]) -> int:
-    """Collect tensors under dotted names; return how many non-tensor leaves were skipped."""
+    """Collect tensors under dotted names; return how many non-tensor leaves were skipped.
+
+    Raises:
+        ValueError: two tensors get the same dotted name (`{"a.b": x, "a": {"b": y}}`), or
+            one is named `__metadata__`: no safetensors file can hold them as named.
+    """
     if isinstance(value, torch.Tensor):
+        if prefix in out or prefix == _RESERVED_NAME:
+            why = (
+                "the safetensors header's own field"
+                if prefix == _RESERVED_NAME
+                else "the name of another of its tensors"
+            )
+            raise ValueError(
+                f"cannot export a tensor named {prefix!r}: it is {why}, so a safetensors "
+                "file cannot hold the entry as named; restore it with Checkpointer.restore "
+                "and save it under names of your own"
+            )
         out[prefix] = value
         return 0
     if isinstance(value, Mapping):
