@@ -22,6 +22,7 @@ from haltpoint.policies.retention import (
 )
 from haltpoint.reader import RunReader
 from haltpoint.store.background import warn_user
+from haltpoint.store.manifest import recorded_rankings
 from haltpoint.store.run_dir import TENSORS_NAME, Entry, RunDirectory
 
 __all__ = ["Evictor"]
@@ -125,11 +126,7 @@ class Evictor:
     def _recorded_best(self, entries: list[Entry]) -> list[KeepBest]:
         """Keep-best rules for the rankings the run's checkpoints record other than this
         writer's (said once): their best is never evicted by a ranking they were not kept by."""
-        recorded = {
-            (m.ranking.monitor, m.ranking.mode)
-            for m in (e.manifest for e in entries)
-            if m is not None and m.ranking is not None and m.ranking.monitor is not None
-        }
+        recorded = recorded_rankings(e.manifest for e in entries)
         rules = recorded_best_rules(self._rules, recorded)
         said = {(r.monitor, r.mode) for r in rules} - self._said_rankings
         if said:

@@ -23,6 +23,7 @@ from haltpoint.policies.retention import (
 )
 from haltpoint.reader import RunReader
 from haltpoint.store.lock import WriterLock
+from haltpoint.store.manifest import recorded_rankings
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes
 
 __all__ = ["plan_gc", "register", "run"]
@@ -64,11 +65,7 @@ def plan_gc(
         given = monitor
         monitor, mode = resolve_monitor(manifests, monitor, mode, history=lambda: history_of(run))
         if given is None:
-            recorded = {
-                (m.ranking.monitor, m.ranking.mode)
-                for m in manifests
-                if m.ranking is not None and m.ranking.monitor is not None
-            }
+            recorded = recorded_rankings(manifests)
             others = recorded_best_rules([KeepBest(keep_best, monitor, mode)], recorded)
     damaged: dict[int, str] = {}
     intact: set[int] = set()

@@ -33,6 +33,7 @@ __all__ = [
     "Manifest",
     "Ranking",
     "next_sequence",
+    "recorded_rankings",
 ]
 
 FORMAT_VERSION = 1
@@ -177,6 +178,22 @@ def next_sequence(manifests: Iterable[Manifest]) -> int:
     (0, 0, 8)
     """
     return 1 + max((m.sequence for m in manifests if m.sequence is not None), default=-1)
+
+
+def recorded_rankings(manifests: Iterable[Manifest | None]) -> set[tuple[str, str]]:
+    """The (monitor, mode) pairs that ranked `manifests` (None entries and writers without a
+    monitor name none): what retention keeps the best by, besides the current writer's own.
+
+    >>> ranked = Manifest(step=1, time=0.0, metrics={}, tree={}, tensors={}, versions={},
+    ...     extra={"ranking": {"monitor": "loss", "mode": "min"}})
+    >>> recorded_rankings([ranked, None])
+    {('loss', 'min')}
+    """
+    return {
+        (m.ranking.monitor, m.ranking.mode)
+        for m in manifests
+        if m is not None and m.ranking is not None and m.ranking.monitor is not None
+    }
 
 
 def _over_limits(data: bytes) -> str | None:
