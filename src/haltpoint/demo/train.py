@@ -6,6 +6,7 @@ knows nothing of the terminal: the command line passes callbacks to show progres
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,16 @@ def is_demo_checkpoint(manifest: Manifest) -> bool:
     if set(manifest.tree) - {RNG_ENTRY} != ENTRIES:
         return False
     saved = {k: r.shape for k, r in manifest.tensors.items() if k.startswith("model.")}
-    return saved == {f"model.{k}": tuple(t.shape) for k, t in DigitsNet().state_dict().items()}
+    return saved == _model_shapes()
+
+
+@functools.cache
+def _model_shapes() -> dict[str, tuple[int, ...]]:
+    """The demo model's tensors by checkpoint name, with their shapes (built once, on the meta
+    device: no memory, no draw from the random state)."""
+    with torch.device("meta"):
+        model = DigitsNet()
+    return {f"model.{k}": tuple(t.shape) for k, t in model.state_dict().items()}
 
 
 @dataclass(frozen=True)
