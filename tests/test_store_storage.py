@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from haltpoint import Checkpointer, CorruptCheckpointError, LinkedFileError
+from haltpoint import Checkpointer, CorruptCheckpointError, LinkedFileError, load_best
 from haltpoint.store.storage import (
     FsspecStorage,
     LocalStorage,
@@ -157,6 +157,24 @@ def test_a_writer_on_a_file_names_it_and_leaves_it_alone(tmp_path: Path) -> None
     with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder; pass"):
         Checkpointer(afile)
     assert afile.read_text() == "precious"
+
+
+def test_a_leading_tilde_is_the_home_folder_not_a_folder_named_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer("~/runs/exp1", monitor="val_loss") as ckpt:
+        assert ckpt.directory == str(home / "runs" / "exp1")
+        ckpt.save(0, {"model": model}, {"val_loss": 1.0})
+    assert (home / "runs" / "exp1" / "step-000000000" / "manifest.json").is_file()
+    assert not (cwd / "~").exists()
+    assert [i.step for i in Checkpointer("~/runs/exp1", read_only=True).list()] == [0]
+    assert load_best("~/runs/exp1", model, monitor="val_loss").step == 0
 
 
 @pytest.mark.parametrize("directory", [None, 3])

@@ -265,10 +265,12 @@ class LocalStorage:
     """A run directory on a local file system, written with fsync and atomic renames.
 
     `create=False` (for readers) never creates the folder: a missing one reads as empty.
+    A leading `~` or `~user` is the home folder, as in a shell (and in Lightning's and the
+    Hugging Face Trainer's output paths), never a folder named `~` in the current one.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         self.url = self.root
         if create:
             if os.path.exists(self.root) and not os.path.isdir(self.root):
