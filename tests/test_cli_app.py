@@ -115,3 +115,28 @@ def test_entry_points_run_as_processes(tmp_path: Path):
     assert failed.returncode == 1
     assert failed.stderr.startswith("haltpoint: error: run directory")
     assert "Traceback" not in failed.stderr
+
+
+def test_a_leading_tilde_in_any_path_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """A shell expands `~` in `-o ~/x`, not in `--run-dir=~/x` or a quoted `'~/x'`: the
+    command does, for every path it takes, as the library does for a run directory."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    make_run(home / "run")
+    for argv in (
+        ["ls", "~/run"],
+        ["show", "~/run"],
+        ["verify", "~/run"],
+        ["export", "~/run", "--key", "w", "-o", "~/model.safetensors"],
+        ["import", "~/model.safetensors", "-o", "~/imported"],
+        ["gc", "~/imported", "--keep-last", "1"],
+    ):
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
+    assert (home / "model.safetensors").is_file()
+    assert (home / "imported" / "step-000000000" / "manifest.json").is_file()
+    assert os.listdir(cwd) == []

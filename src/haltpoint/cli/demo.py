@@ -17,7 +17,7 @@ from rich.progress import Progress, TaskID
 
 from haltpoint.checkpointer import CheckpointInfo
 from haltpoint.cli.command import add_command
-from haltpoint.cli.flags import check_output_dir, count, seed
+from haltpoint.cli.flags import check_output_dir, count, seed, user_path
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.progress import Field, epoch_progress
 from haltpoint.cli.runinfo import open_run
@@ -377,6 +377,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "--run-dir",
+        type=user_path,
         default=DEFAULT_RUN_DIR,
         metavar="DIR",
         help=f"where checkpoints, history and the plot go (default: {DEFAULT_RUN_DIR})",

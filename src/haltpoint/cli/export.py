@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from haltpoint.cli.command import add_command
-from haltpoint.cli.flags import UsageError, check_output_file, count, write_failed
+from haltpoint.cli.flags import UsageError, check_output_file, count, user_path, write_failed
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import open_run, select_entry
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
@@ -222,7 +222,9 @@ def register(commands: Any) -> None:
             f"interrupted; {args.output} is the whole export or untouched, never half-written"
         ),
     )
-    parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
+    parser.add_argument(
+        "directory", type=user_path, metavar="DIR", help="the run directory (a path or URL)"
+    )
     parser.add_argument(
         "--which",
         type=_which,
@@ -232,7 +234,12 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("--key", default="model", help="the state entry to export (default: model)")
     parser.add_argument(
-        "-o", "--output", required=True, metavar="FILE.safetensors", help="the file to write"
+        "-o",
+        "--output",
+        type=user_path,
+        required=True,
+        metavar="FILE.safetensors",
+        help="the file to write",
     )
     parser.add_argument(
         "--monitor",

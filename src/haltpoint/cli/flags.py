@@ -25,6 +25,7 @@ __all__ = [
     "count",
     "finite_at_least",
     "seed",
+    "user_path",
     "write_failed",
 ]
 
@@ -115,6 +116,19 @@ def seed(text: str) -> int:
             f"must be an int from 0 to 2**32 - 1 (digits 0-9 only), got {text!r}"
         )
     return value
+
+
+def user_path(text: str) -> str:
+    """An argparse type: a path with a leading `~` or `~user` expanded to the home folder, as
+    the library's local run directories are; a URL as given.
+
+    A shell expands `~` in `-o ~/x` but not in `--run-dir=~/x` or a quoted `'~/x'`, which
+    would otherwise be a folder named `~` in the current one.
+
+    >>> user_path("s3://bucket/~x")
+    's3://bucket/~x'
+    """
+    return text if _is_url(text) else os.path.expanduser(text)
 
 
 def _is_url(path: str) -> bool:

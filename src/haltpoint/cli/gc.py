@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from haltpoint.cli.command import add_command
-from haltpoint.cli.flags import UsageError, count
+from haltpoint.cli.flags import UsageError, count, user_path
 from haltpoint.cli.output import Output, format_bytes, format_metrics
 from haltpoint.cli.runinfo import (
     Record,
@@ -183,7 +183,9 @@ def register(commands: Any) -> None:
         interrupted="interrupted; the checkpoints gc had not yet removed are intact (a removed "
         "one loses its manifest first); run gc again to finish",
     )
-    parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
+    parser.add_argument(
+        "directory", type=user_path, metavar="DIR", help="the run directory (a path or URL)"
+    )
     parser.add_argument("--keep-last", type=count(1), metavar="N", help="keep the N newest (>= 1)")
     parser.add_argument(
         "--keep-best", type=count(0), default=0, metavar="K", help="keep the K best by --monitor"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from haltpoint.cli.command import add_command
-from haltpoint.cli.flags import check_output_dir, count
+from haltpoint.cli.flags import check_output_dir, count, user_path
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.errors import first_line
 from haltpoint.state.tree import flatten_state
@@ -290,9 +290,14 @@ def register(commands: Any) -> None:
             f"{args.output}` shows whether it was"
         ),
     )
-    parser.add_argument("file", metavar="FILE", help="the file to convert")
+    parser.add_argument("file", type=user_path, metavar="FILE", help="the file to convert")
     parser.add_argument(
-        "-o", "--output", required=True, metavar="DIR", help="the run directory to write"
+        "-o",
+        "--output",
+        type=user_path,
+        required=True,
+        metavar="DIR",
+        help="the run directory to write",
     )
     parser.add_argument(
         "--step",

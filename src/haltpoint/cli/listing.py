@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import user_path
 from haltpoint.cli.output import Output, format_bytes, format_metrics, format_time
 from haltpoint.cli.runinfo import (
     Record,
@@ -180,7 +181,9 @@ def register(commands: Any) -> None:
     parser = add_command(
         commands, "ls", run, help="list the checkpoints of a run (read-only)", epilog=_EPILOG
     )
-    parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
+    parser.add_argument(
+        "directory", type=user_path, metavar="DIR", help="the run directory (a path or URL)"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
     parser.add_argument("--monitor", metavar="NAME", help="the metric that picks the best")
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher is better")

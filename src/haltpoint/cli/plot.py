@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from haltpoint.cli.command import add_command
-from haltpoint.cli.flags import UsageError, check_output_file, write_failed
+from haltpoint.cli.flags import UsageError, check_output_file, user_path, write_failed
 from haltpoint.cli.output import Output
 from haltpoint.cli.runinfo import check_mode, history_records, mode_of, open_run, watched_metric
 from haltpoint.errors import CheckpointNotFoundError
@@ -107,10 +107,13 @@ def register(commands: Any) -> None:
         interrupted="interrupted; the plot file may be incomplete (run plot again); nothing "
         "else was changed",
     )
-    parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
+    parser.add_argument(
+        "directory", type=user_path, metavar="DIR", help="the run directory (a path or URL)"
+    )
     parser.add_argument(
         "-o",
         "--output",
+        type=user_path,
         metavar="FILE.png",
         help="where to write; the suffix picks the format: .png, .svg, .pdf, ... "
         "(default: DIR/curves.png)",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.cli.command import add_command
-from haltpoint.cli.flags import UsageError, ascii_int, count, finite_at_least
+from haltpoint.cli.flags import UsageError, ascii_int, count, finite_at_least, user_path
 from haltpoint.cli.output import Output
 from haltpoint.cli.runinfo import check_mode, history_records, mode_of, open_run, watched_metric
 from haltpoint.errors import CheckpointNotFoundError
@@ -342,6 +342,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "source",
+        type=user_path,
         nargs="+",
         metavar="DIR|history.jsonl",
         help="a run directory or its history file; several: figures per run-length band",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from haltpoint.cli.command import add_command
-from haltpoint.cli.flags import count
+from haltpoint.cli.flags import count, user_path
 from haltpoint.cli.output import Output, format_bytes, format_metrics, format_time
 from haltpoint.cli.runinfo import open_run, ranking_text, select_entry
 from haltpoint.errors import CorruptCheckpointError
@@ -221,6 +221,8 @@ def register(commands: Any) -> None:
         help="show a checkpoint's state tree and metadata (default: the latest)",
         epilog=_EPILOG,
     )
-    parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
+    parser.add_argument(
+        "directory", type=user_path, metavar="DIR", help="the run directory (a path or URL)"
+    )
     parser.add_argument("--step", type=count(0), metavar="S", help="the checkpoint's step")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")

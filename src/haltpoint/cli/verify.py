@@ -11,6 +11,7 @@ from typing import Any
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from haltpoint.cli.command import add_command
+from haltpoint.cli.flags import user_path
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import folder_status, open_run, referenced_dirs
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
@@ -257,5 +258,7 @@ def register(commands: Any) -> None:
         help="check every hash of every checkpoint and every manifest of a run",
         epilog=_EPILOG,
     )
-    parser.add_argument("directory", metavar="DIR", help="the run directory (a path or URL)")
+    parser.add_argument(
+        "directory", type=user_path, metavar="DIR", help="the run directory (a path or URL)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
