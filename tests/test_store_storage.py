@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from haltpoint import Checkpointer, CorruptCheckpointError, LinkedFileError, load_best
+from haltpoint import (
+    Checkpointer,
+    CorruptCheckpointError,
+    LinkedFileError,
+    UnwritableRunError,
+    load_best,
+)
 from haltpoint.store.storage import (
     FsspecStorage,
     LocalStorage,
@@ -154,9 +160,16 @@ def test_open_storage_errors(directory, options, exc, pattern) -> None:
 def test_a_writer_on_a_file_names_it_and_leaves_it_alone(tmp_path: Path) -> None:
     afile = tmp_path / "notes.txt"
     afile.write_text("precious")
-    with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder; pass"):
+    with pytest.raises(UnwritableRunError, match=r"notes.txt is a file, not a folder; pass"):
         Checkpointer(afile)
     assert afile.read_text() == "precious"
+
+
+def test_a_writer_on_a_fifo_is_refused_as_an_unwritable_run(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UnwritableRunError, match=r"pipe is not a folder; pass a folder"):
+        Checkpointer(fifo)
 
 
 def test_a_leading_tilde_is_the_home_folder_not_a_folder_named_tilde(

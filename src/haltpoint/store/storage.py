@@ -29,7 +29,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Protocol
 
-from haltpoint.errors import CorruptCheckpointError, LinkedFileError, NotRegularFileError
+from haltpoint.errors import (
+    CorruptCheckpointError,
+    LinkedFileError,
+    NotRegularFileError,
+    UnwritableRunError,
+)
 from haltpoint.store.object_store import MAX_CONCURRENCY, PART_BYTES, MultipartWriter, is_s3
 
 __all__ = [
@@ -274,9 +279,11 @@ class LocalStorage:
         self.url = self.root
         if create:
             if os.path.exists(self.root) and not os.path.isdir(self.root):
-                raise NotADirectoryError(
-                    f"directory {self.root} is a file, not a folder; pass a folder for the "
-                    "run (it is created if missing)"
+                what = "a file, not a folder" if os.path.isfile(self.root) else "not a folder"
+                raise UnwritableRunError(
+                    f"directory {self.root} is {what}; pass a folder for the run (it is "
+                    "created if missing)",
+                    path=self.root,
                 )
             os.makedirs(self.root, exist_ok=True)
         self._real_root = os.path.realpath(self.root)
