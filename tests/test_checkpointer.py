@@ -925,3 +925,18 @@ def test_a_crafted_stopper_state_in_a_checkpoint_is_one_state_mismatch_line(
         reader.restore({"stopper": fresh})
     assert named in str(raised.value) and "\n" not in str(raised.value)
     assert fresh.evaluations == 0
+
+
+def test_steps_may_be_numpy_integers(tmp_path: Path) -> None:
+    # `for epoch in np.arange(n)` gives np.int64 steps: saved, scheduled and restored as ints
+    with Checkpointer(tmp_path, monitor="loss", every=1, keep_last=4, async_save=False) as ckpt:
+        for epoch in np.arange(3):
+            ckpt.maybe_save(epoch, {"x": torch.ones(1) * epoch}, {"loss": 1.0 / (epoch + 1)})
+        ckpt.save(np.int64(3), {"x": torch.ones(1) * 3}, {"loss": 0.1})
+        target = {"x": torch.zeros(1)}
+        info = ckpt.restore(target, np.int64(1))
+    assert info is not None and info.step == 1 and type(info.step) is int
+    assert target["x"].item() == 1.0
+    assert [r["step"] for r in map(json.loads, (tmp_path / "history.jsonl").open())] == [0, 1, 2, 3]
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(ValueError, match="step must be"):
+        ckpt.save(np.float64(4), {"x": torch.ones(1)})

@@ -8,21 +8,23 @@ from typing import Any
 import torch
 
 from haltpoint.errors import first_line
-from haltpoint.stopping.inputs import as_float
+from haltpoint.stopping.inputs import as_float, whole_number
 
 __all__ = ["check_device", "check_step", "coerce_metrics"]
 
 
 def check_step(step: Any) -> int:
-    """`step` if it is a non-negative int (not a bool) that a manifest holds (below 2**63),
-    else a ValueError naming it.
+    """`step` as an int if it is a non-negative int or NumPy integer (not a bool) that a
+    manifest holds (below 2**63), else a ValueError naming it.
 
-    >>> check_step(3)
-    3
+    >>> import numpy as np
+    >>> check_step(3), type(check_step(np.int64(4)))
+    (3, <class 'int'>)
     """
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+    count = whole_number(step)
+    if count is None or not 0 <= count < 2**63:
         raise ValueError(f"step must be a non-negative int below 2**63, got {step!r}")
-    return step
+    return count
 
 
 def check_device(map_location: Any) -> torch.device | None:

@@ -296,10 +296,11 @@ class Checkpointer:
                 '(steps), every="10min" (wall time) or every="auto"'
             )
         self._check_writable()
-        if check_step(step) == self._last:  # saved or restored already: nothing new
+        step = check_step(step)
+        if step == self._last:  # saved or restored already: nothing new
             return None
         saved_by = self._schedule.decide(
-            check_step(step), coerce_metrics(metrics, self.monitor), self.preempted
+            step, coerce_metrics(metrics, self.monitor), self.preempted
         )
         if saved_by is None:
             return None
@@ -318,7 +319,7 @@ class Checkpointer:
         saved_by: Mapping[str, str] | None,
     ) -> CheckpointInfo:
         self._check_writable()
-        check_step(step)
+        step = check_step(step)
         coerce_metrics(metrics, self.monitor)
 
         # every manifest says what ranks it, so readers never guess from the history

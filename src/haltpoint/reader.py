@@ -22,6 +22,7 @@ from haltpoint.state.load import load_into, plan_load
 from haltpoint.state.optimizer import check_optimizer_state
 from haltpoint.state.rng import plan_rng
 from haltpoint.state.tree import check_tree, referenced_tensors, unflatten_state
+from haltpoint.stopping.inputs import whole_number
 from haltpoint.store.info import CheckpointInfo, Found
 from haltpoint.store.run_dir import (
     Entry,
@@ -113,11 +114,12 @@ class RunReader:
                 remaining = [r for r in remaining if r.step != best.step]
             by_step = {e.step: e for e in entries}
             return [by_step[s] for s in ranked]
-        if isinstance(which, bool) or not isinstance(which, int) or which < 0:
+        step = whole_number(which)
+        if step is None or step < 0:
             raise ValueError(
                 f"which must be 'latest', 'best' or a step (an int >= 0), got {which!r}"
             )
-        return [self.entry(which, entries)]
+        return [self.entry(step, entries)]
 
     def _best_mode(self, entries: list[Entry]) -> str:
         """The mode "best" ranks by: the recorded one for `monitor` when none was given (a
@@ -154,7 +156,7 @@ class RunReader:
         candidates = self.candidates(entries, which)
         passed = [(e, skip[e.step]) for e in candidates if skip and e.step in skip]
         if skip:
-            if isinstance(which, int):
+            if which not in ("latest", "best"):  # a step asked for by number
                 raise CorruptCheckpointError(skip[which], path=self.directory)
             candidates = [e for e in candidates if e.step not in skip]
             damage = list(skip.values())[-1]
