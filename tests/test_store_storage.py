@@ -147,7 +147,7 @@ def test_open_storage_chooses_by_url(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("directory", "options", "exc", "pattern"),
     [
-        ("", None, TypeError, "directory must be a local path or an fsspec URL"),
+        ("", None, ValueError, "directory must be a local path or an fsspec URL"),
         (3, None, TypeError, "directory must be a local path or an fsspec URL"),
         ("runs/x", {"anon": True}, ValueError, "storage_options only apply to fsspec URLs"),
     ],

@@ -303,13 +303,14 @@ def _test_rows(outcome: DemoOutcome) -> list[list[str]]:
 def _summary(out: Output, run_dir: str, outcome: DemoOutcome, seconds: float, plot: str) -> None:
     size, checkpoints = _disk_usage(run_dir)
     stopped = "stopped early" if outcome.stopped_early else "did not stop early"
+    kept = f"{checkpoints} checkpoint" + ("" if checkpoints == 1 else "s")
     rows = [
         ["why it stopped" if outcome.stopped_early else "why it ended", outcome.reason],
         ["epochs trained", f"{outcome.last_epoch + 1} (steps 0-{outcome.last_epoch}), {stopped}"],
         ["best", f"step {outcome.best_epoch}: {MONITOR} {outcome.best_val_loss:.4f}"],
         *_test_rows(outcome),
         ["wall time", f"{seconds:.1f} s"],
-        ["disk used", f"{format_bytes(size)} in {run_dir} ({checkpoints} checkpoints kept)"],
+        ["disk used", f"{format_bytes(size)} in {run_dir} ({kept} kept)"],
         ["plot", plot],
     ]
     out.line()

@@ -639,7 +639,8 @@ def open_storage(
     if isinstance(directory, os.PathLike):
         directory = os.fspath(directory)
     if not isinstance(directory, str) or not directory:
-        raise TypeError(
+        error = ValueError if directory == "" else TypeError  # the right type, but empty
+        raise error(
             f"directory must be a local path or an fsspec URL such as 's3://bucket/run', "
             f"got {directory!r}"
         )
