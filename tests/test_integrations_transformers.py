@@ -347,6 +347,7 @@ def _training_state(trainer: Any) -> tuple[int, float, int, list[torch.Tensor]]:
     "length",
     [
         {"epochs": 2, "save_strategy": "epoch"},
+        {"epochs": 2, "save_strategy": "epoch", "eval_on_start": True},
         {
             "epochs": 20,
             "max_steps": 6,
@@ -356,7 +357,7 @@ def _training_state(trainer: Any) -> tuple[int, float, int, list[torch.Tensor]]:
             "save_steps": 3,
         },
     ],
-    ids=["num_train_epochs", "max_steps"],
+    ids=["num_train_epochs", "eval_on_start", "max_steps"],
 )
 def test_a_rerun_of_a_completed_run_trains_saves_and_evicts_nothing(
     tmp_path: Path,
@@ -390,6 +391,7 @@ def test_a_rerun_of_a_completed_run_trains_saves_and_evicts_nothing(
     assert _files(directory) == files  # nothing committed, nothing evicted
     assert _files(trainer_out) == trainer_files  # no checkpoint-<end + 1> from the Trainer
     assert not any("eval_loss" in entry for entry in retrainer.state.log_history)
+    assert retrainer.args.eval_on_start == length.get("eval_on_start", False)  # put back
     position, moments = _training_state(retrainer)[:3], _training_state(retrainer)[3]
     assert position == trained[:3]
     assert len(moments) == len(trained[3])

@@ -99,6 +99,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         self._last_step: int | None = None
         self._epoch_offset = 0.0
         self._resumed_done = False
+        self._eval_on_start: tuple[Any, bool] | None = None  # (args, value) to put back
 
     # -- the Trainer's own checkpoints (resume_from_checkpoint) keep the stopper too ---------
 
@@ -154,6 +155,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         **kwargs: Any,
     ) -> None:
         """Check the evaluation strategy; resume, or check that the directory is fresh."""
+        self._put_back_eval_on_start()  # an earlier train() that failed before its first epoch
         self._training, self._evaluations, self._epoch_offset = True, 0, 0.0
         self._last_step, self._resumed_done = None, False
         if self.stopper is not None and str(getattr(args, "eval_strategy", "no")) in (
@@ -195,6 +197,21 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         if finished is not None or (self.stopper is not None and self.stopper.stopped):
             control.should_training_stop = True  # the Trainer still runs one step first
             self._resumed_done = True
+            if getattr(args, "eval_on_start", False):
+                # The Trainer evaluates right after this hook, whatever `control` says: the
+                # flag is turned off for that moment and put back at `on_epoch_begin`.
+                self._eval_on_start = (args, args.eval_on_start)
+                args.eval_on_start = False
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Put back the `eval_on_start` a finished run's `on_train_begin` turned off."""
+        self._put_back_eval_on_start()
+
+    def _put_back_eval_on_start(self) -> None:
+        if self._eval_on_start is not None:
+            args, value = self._eval_on_start
+            self._eval_on_start = None
+            args.eval_on_start = value
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After a resume, count epochs from the resumed position (the Trainer restarts at 0);
@@ -279,6 +296,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
     ) -> None:
         """Warn when no evaluation ran; restore the best weights when asked."""
         self._training = False
+        self._put_back_eval_on_start()
         unchecked = self._evaluations == 0 and not self._resumed_done
         if unchecked and self.stopper is not None and not self.stopper.stopped:
             warnings.warn(
