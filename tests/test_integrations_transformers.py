@@ -349,6 +349,12 @@ def _training_state(trainer: Any) -> tuple[int, float, int, list[torch.Tensor]]:
         {"epochs": 2, "save_strategy": "epoch"},
         {"epochs": 2, "save_strategy": "epoch", "eval_on_start": True},
         {
+            "epochs": 3,
+            "save_strategy": "epoch",
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+        },
+        {
             "epochs": 20,
             "max_steps": 6,
             "eval_strategy": "steps",
@@ -357,7 +363,7 @@ def _training_state(trainer: Any) -> tuple[int, float, int, list[torch.Tensor]]:
             "save_steps": 3,
         },
     ],
-    ids=["num_train_epochs", "eval_on_start", "max_steps"],
+    ids=["num_train_epochs", "eval_on_start", "load_best_model_at_end", "max_steps"],
 )
 def test_a_rerun_of_a_completed_run_trains_saves_and_evicts_nothing(
     tmp_path: Path,

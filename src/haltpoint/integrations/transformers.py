@@ -6,6 +6,8 @@ Importing this module without `transformers` raises ImportError naming the extra
 from __future__ import annotations
 
 import logging
+import os
+import re
 import warnings
 from typing import Any
 
@@ -21,7 +23,8 @@ from haltpoint.integrations._common import (
 
 try:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import ExportableState
+    from transformers.trainer_callback import ExportableState, TrainerState
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError(
         "haltpoint.integrations.transformers needs the Hugging Face Trainer: "
@@ -189,6 +192,8 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         position = saved["trainer"]
         self._last_step = state.global_step = int(position["global_step"])
         self._epoch_offset = state.epoch = float(position["epoch"])
+        if getattr(args, "load_best_model_at_end", False):
+            _restore_trainer_best(args, state)
         finished = None
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             finished = f"it reached max_steps={state.max_steps}"
@@ -329,6 +334,37 @@ def _measurements(values: dict[str, float], keep: list[str | None]) -> dict[str,
         for name, value in values.items()
         if name in keep or not (name in _BOOKKEEPING_NAMES or name.endswith(_BOOKKEEPING_ENDS))
     }
+
+
+def _restore_trainer_best(args: Any, state: Any) -> None:
+    """Give a resumed `state` the Trainer's record of its best checkpoint, as its own
+    `resume_from_checkpoint` does, from the `trainer_state.json` of its newest checkpoint in
+    `output_dir` at or before the restored global step.
+
+    Without it `load_best_model_at_end` loads nothing at the end of a resumed run (a finished
+    run, run again, ended with its last weights where the first run ended with the best), or
+    only the best of the evaluations since the resume.
+    """
+    if state.best_model_checkpoint is not None or not os.path.isdir(args.output_dir):
+        return
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    steps = []
+    for name in os.listdir(args.output_dir):
+        match = pattern.fullmatch(name)
+        if match and int(match[1]) <= state.global_step:
+            steps.append(int(match[1]))
+    for step in sorted(steps, reverse=True):
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}", "trainer_state.json")
+        try:
+            saved = TrainerState.load_from_json(path)
+        except (OSError, ValueError):
+            continue  # no state there (a folder being written, or removed): an older one
+        best = saved.best_model_checkpoint
+        if best is not None and os.path.isdir(best):
+            state.best_model_checkpoint, state.best_metric = best, saved.best_metric
+            if hasattr(saved, "best_global_step"):
+                state.best_global_step = saved.best_global_step
+        return
 
 
 def _skip_evaluate_save_log(control: Any) -> None:
