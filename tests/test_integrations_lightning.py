@@ -510,3 +510,25 @@ def test_a_rerun_of_a_finished_fit_says_so_and_changes_nothing(
     assert lines == [
         f"haltpoint: resumed from step {step} in {tmp_path}; the run had already {ending}"
     ]
+
+
+def test_a_rerun_of_a_fit_that_ended_after_its_last_check_trains_those_batches_only(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """max_steps=10 with a validation every 4 steps: the run's last checkpoint is step 8, so a
+    rerun resumes there and trains steps 9 and 10 again (docs/integrations.md), saving
+    nothing, without warning that no validation ran (the run was checked before)."""
+
+    def run() -> tuple[Any, Any]:
+        module = make_module()
+        with Checkpointer(tmp_path, monitor="val_loss", keep_best=1) as ckpt:
+            callback = HaltpointCallback(EarlyStopping("val_loss", patience=50), ckpt, resume=True)
+            return module, fit(module, callback, max_epochs=-1, max_steps=10)
+
+    run()
+    files = _files(tmp_path)
+    recwarn.clear()
+    module, trainer = run()
+    assert [str(w.message) for w in recwarn if "haltpoint" in str(w.message)] == []
+    assert module.train_epochs == [2] and trainer.global_step == 10
+    assert _files(tmp_path) == files

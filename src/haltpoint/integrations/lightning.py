@@ -269,7 +269,9 @@ class HaltpointCallback(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Warn when no validation ran; restore the best weights when asked."""
         unchecked = self._validations == 0 and not self.check_on_train_epoch_end
-        unchecked = unchecked and not self._resumed_done
+        # a resumed fit was checked before (its checkpoint comes from a check): the batches
+        # after the run's last check, trained again, need no validation of their own
+        unchecked = unchecked and self._resumed_step is None
         if unchecked and self.stopper is not None:
             warnings.warn(
                 f"haltpoint: no validation ran during fit, so early stopping on "
