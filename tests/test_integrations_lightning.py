@@ -480,7 +480,7 @@ def test_a_rerun_of_a_finished_fit_says_so_and_changes_nothing(
     length: dict[str, Any],
     finished: str | None,
 ) -> None:
-    def run() -> tuple[Any, HaltpointCallback]:
+    def run() -> tuple[Any, HaltpointCallback, Any]:
         module = make_module()
         with Checkpointer(tmp_path, monitor="val_loss", keep_best=1) as ckpt:
             callback = HaltpointCallback(
@@ -489,16 +489,17 @@ def test_a_rerun_of_a_finished_fit_says_so_and_changes_nothing(
                 resume=True,
                 check_on_train_epoch_end=check_on_train_epoch_end,
             )
-            fit(module, callback, **length)
-        return module, callback
+            trainer = fit(module, callback, **length)
+        return module, callback, trainer
 
-    first, callback = run()
+    first, callback, trainer = run()
     assert callback.stopper is not None and callback.stopper.stopped == (finished is None)
     files, state = _files(tmp_path), callback.stopper.state_dict()
     capsys.readouterr()
     recwarn.clear()
-    module, rerun = run()
+    module, rerun, retrainer = run()
     assert [str(w.message) for w in recwarn if "haltpoint" in str(w.message)] == []
+    assert retrainer.current_epoch == trainer.current_epoch  # the epochs the run trained
     assert _files(tmp_path) == files
     assert module.train_epochs == []
     assert rerun.stopper is not None and rerun.stopper.state_dict() == state

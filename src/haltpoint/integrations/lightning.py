@@ -177,6 +177,11 @@ class HaltpointCallback(Callback):
             if finished is not None or (self.stopper is not None and self.stopper.stopped):
                 self._resumed_done = True
                 trainer.should_stop = True  # Lightning then trains nothing, nor calls on_train_end
+                # The checkpoint was saved inside its epoch, before Lightning counted it done;
+                # the first fit counted it when it ended, so trainer.current_epoch agrees.
+                progress = trainer.fit_loop.epoch_progress.current
+                progress.completed += 1
+                progress.processed = max(progress.processed, progress.completed)
                 if self.restore_best:
                     self._restore_best(pl_module)
         elif ckpt.list():
