@@ -156,8 +156,8 @@ class RunReader:
         candidates = self.candidates(entries, which)
         passed = [(e, skip[e.step]) for e in candidates if skip and e.step in skip]
         if skip:
-            if which not in ("latest", "best"):  # a step asked for by number
-                raise CorruptCheckpointError(skip[which], path=self.directory)
+            if which not in ("latest", "best") and candidates[0].step in skip:  # by number
+                raise CorruptCheckpointError(skip[candidates[0].step], path=self.directory)
             candidates = [e for e in candidates if e.step not in skip]
             damage = list(skip.values())[-1]
             if not candidates:  # every candidate is damaged: the last one's damage

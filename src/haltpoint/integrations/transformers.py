@@ -354,10 +354,11 @@ def _restore_trainer_best(args: Any, state: Any) -> None:
         if match and int(match[1]) <= state.global_step:
             steps.append(int(match[1]))
     for step in sorted(steps, reverse=True):
-        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}", "trainer_state.json")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        path = os.path.join(folder, "trainer_state.json")
         try:
             saved = TrainerState.load_from_json(path)
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):  # TypeError: keys of another version
             continue  # no state there (a folder being written, or removed): an older one
         best = saved.best_model_checkpoint
         if best is not None and os.path.isdir(best):
