@@ -155,9 +155,10 @@ class RunReader:
         entries = self.run.committed()
         candidates = self.candidates(entries, which)
         passed = [(e, skip[e.step]) for e in candidates if skip and e.step in skip]
-        if skip:
-            if which not in ("latest", "best") and candidates[0].step in skip:  # by number
-                raise CorruptCheckpointError(skip[candidates[0].step], path=self.directory)
+        if skip and which not in ("latest", "best"):  # a step asked for by number: no fallback
+            if passed:
+                raise CorruptCheckpointError(passed[0][1], path=self.directory)
+        elif skip:
             candidates = [e for e in candidates if e.step not in skip]
             damage = list(skip.values())[-1]
             if not candidates:  # every candidate is damaged: the last one's damage
