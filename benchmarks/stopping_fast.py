@@ -188,5 +188,9 @@ def trend_stops(p: Prepared, settings: TrendSettings, horizon: bool = False) -> 
         fast = np.maximum(np.ceil(s.fast_share * scale), s.min_points)
         evident = _gain(p, ahead, s.fast_noise_k, FAST_SLOPE_Z, diverged)
         opened = p.i >= s.fast_open * fast
+        if not horizon and math.isfinite(s.fast_calm):  # only a drift from the best, no swing
+            first = p.curves.x[p.curves.start][p.owner]
+            with np.errstate(invalid="ignore"):
+                opened &= p.level - p.best <= s.fast_calm * (first - p.best)
         mask |= can & (p.wait >= fast) & opened & (evident <= s.tolerance)
     return p.first(mask)

@@ -55,7 +55,7 @@ GRID: dict[str, tuple[Any, ...]] = {
     "noise_k": (0.75, 1.0),  # above 1 a noisy plateau never stops (docs/stopping.md)
     "tolerance": (0.0025, 0.005),
     "diverged_factor": (1.0, 2.0),
-    "fast_share": (0.0, 0.1, 0.15, 0.2),
+    "fast_share": (0.0, 0.1, 0.15, 0.2, 0.25, 0.3),
     "fast_open": (1.5, 2.0),
     "fast_noise_k": (2.0, 3.0, 4.0),
     "descent_z": (math.inf, 1.0, 3.0),  # the descent guard; inf: none (2: never chosen)

@@ -314,6 +314,34 @@ def test_the_fast_lane_stops_a_clear_rise_sooner_and_ignores_noise() -> None:
         )
 
 
+def test_without_a_horizon_a_run_that_overfits_after_its_midpoint_is_stopped() -> None:
+    """A 50-evaluation run whose loss turns at evaluation 30 and drifts up steadily (as a model
+    that overfits does) is stopped by the calm fast lane a few evaluations after its best; the
+    main test alone never could (its wait is half the evaluations so far)."""
+    shape = [3.0 + 2.0 * math.exp(-i / 5) - 0.002 * i for i in range(31)]
+    shape += [shape[-1] + 0.004 * (i - 30) for i in range(31, 50)]
+    for seed in range(5):
+        values = noisy(shape, 0.002, seed=seed)
+        best = min(range(len(values)), key=values.__getitem__)
+        at, code = stop_at(EarlyStopping(), values)
+        assert at is not None and code is StopReason.PATIENCE
+        assert best + DEFAULT_SETTINGS.fast_wait(at + 1) <= at < best + 15
+        assert rule_stop(values, replace(DEFAULT_SETTINGS, fast_share=0.0)) is None
+
+
+def test_the_calm_lane_leaves_a_swing_to_the_main_test() -> None:
+    """Without a horizon, a loss that swings far back up (a large share of what it had gained:
+    such runs often come back) is not stopped by the fast lane, only after the least wait; with
+    the calm condition off it would be."""
+    swing = [10.0 - 0.6 * i for i in range(11)] + [4.0 + 0.3 * (i - 10) for i in range(11, 40)]
+    swing = noisy(swing, 0.01)
+    best = min(range(len(swing)), key=swing.__getitem__)
+    at = rule_stop(swing, DEFAULT_SETTINGS)
+    assert at is not None and at - best >= DEFAULT_SETTINGS.least_wait(at + 1)
+    loose = rule_stop(swing, replace(DEFAULT_SETTINGS, fast_calm=math.inf))
+    assert loose is not None and loose < at
+
+
 def test_waits_scale_with_the_evaluations_so_far() -> None:
     """Without a plan, the least wait is a share of the evaluations so far: a plateau after a
     best at evaluation 200 waits several times longer than after a best at evaluation 20."""
@@ -377,7 +405,8 @@ def test_state_without_trend_loads_and_bad_trend_is_refused() -> None:
     for v in (1.0, 0.9, 0.95):
         stopper.step(v)
     state = stopper.state_dict()
-    assert set(state["trend"]) == {"points", "sums"}
+    assert set(state["trend"]) == {"points", "sums", "first"}
+    assert state["trend"]["first"] == 1.0
     old = {k: v for k, v in state.items() if k != "trend"}  # saved before the default rule
     fresh = EarlyStopping()
     fresh.load_state_dict(old)
@@ -385,6 +414,23 @@ def test_state_without_trend_loads_and_bad_trend_is_refused() -> None:
     with pytest.raises(ValueError, match=r"'trend' must be \{'points'"):
         fresh.load_state_dict({**state, "trend": [[0, "x"]]})
     assert "trend" not in EarlyStopping(patience=3).state_dict()
+    with pytest.raises(ValueError, match=r"'first': a finite number or null"):
+        fresh.load_state_dict({**state, "trend": {**state["trend"], "first": math.inf}})
+
+
+def test_a_trend_state_saved_without_the_first_value_takes_the_oldest_one_kept() -> None:
+    """A stopper saved by a haltpoint that did not keep the run's first value resumes with the
+    oldest value of its window in its place (less progress, so the calm lane opens later)."""
+    stopper = EarlyStopping()
+    for i in range(60):
+        stopper.step(2.0 - 0.01 * i)
+    state = stopper.state_dict()
+    assert state["trend"]["first"] == 2.0
+    older = {**state, "trend": {k: v for k, v in state["trend"].items() if k != "first"}}
+    resumed = EarlyStopping()
+    resumed.load_state_dict(older)
+    oldest = state["trend"]["points"][0][1]
+    assert oldest < 2.0 and resumed.state_dict()["trend"]["first"] == oldest
 
 
 VALUES = st.lists(

@@ -15,13 +15,17 @@ the best by no more than `TOLERANCE` of `|best|`, the run stops. A run that look
 as long, because runs that spike often recover, and is projected on the log scale when its
 values are positive: a run hundreds of times above its best whose noise is as large as its
 level is judged by how many orders of magnitude it must still fall, not by a linear fit whose
-noise alone would reach the best. Told the horizon, the rule plans with its own
-constants (`PLANNED_SETTINGS`), and has a fast lane: after a shorter wait (`fast_share` of the
-horizon; open once `fast_open` times that has passed since the start, so that a warm-up whose
-loss rises is not taken for a run past its best) it stops when even a far more optimistic projection
-(`FAST_NOISE_K` lucky draws, the slope `FAST_SLOPE_Z` standard errors steeper) cannot beat
-the best, the evidence that the run is past its best being then overwhelming (a diverged run
-is not held longer there). Whatever the
+noise alone would reach the best. Both rules have a fast lane: after a shorter wait
+(`FAST_SHARE` of the run; open once `FAST_OPEN` times that has passed since the start, so that
+a warm-up whose loss rises is not taken for a run past its best) it stops when even a far more
+optimistic projection (`FAST_NOISE_K` lucky draws, the slope `FAST_SLOPE_Z` standard errors
+steeper) cannot beat the best, the evidence that the run is past its best being then
+overwhelming. Without a horizon the lane is open only to a run that drifts from its best
+rather than swings: its fitted level within `FAST_CALM` of its progress (its first value less
+its best) above the best, as when a model overfits; this lets a run whose best comes after
+its midpoint stop at all. Told the horizon, the rule plans with its own constants
+(`PLANNED_SETTINGS`), and its fast lane is open to any run (a diverged one is not held
+longer there). Whatever the
 waits and the projection say, the rule never stops a run that is still clearly improving: while
 the window's fitted slope is more than `DESCENT_Z` standard errors below 0 and, kept up over
 the look-ahead, would gain more than `TOLERANCE` (the descent guard; `math.inf` turns it off,
@@ -46,6 +50,7 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "DESCENT_Z",
     "DIVERGED_FACTOR",
+    "FAST_CALM",
     "FAST_NOISE_K",
     "FAST_OPEN",
     "FAST_SHARE",
@@ -87,23 +92,27 @@ SLOPE_Z = 1.0
 #: The projected lucky draw is this many residual standard deviations times sqrt(2 ln n).
 NOISE_K = 1.0
 #: Stop when the projection beats the best by no more than this share of |best|.
-TOLERANCE = 0.005
+TOLERANCE = 0.0025
 #: A run that looks diverged (fitted level worse than the best by more than |best|) waits
 #: this many times the least wait: runs that spike often recover.
 DIVERGED_FACTOR = 2.0
 #: The fast lane's least wait, as a share of the run (0: no fast lane; the planned rule's 0.1).
-FAST_SHARE = 0.0
+FAST_SHARE = 0.25
 #: The fast lane opens once this many times its wait has passed since the start (a loss
 #: that rises early on may be a warm-up, not a run past its best).
-FAST_OPEN = 2.0
+FAST_OPEN = 1.5
 #: The fast lane's lucky draw, in the same units as `NOISE_K` ...
-FAST_NOISE_K = 3.0
+FAST_NOISE_K = 4.0
 #: ... and its slope, this many standard errors steeper than fitted.
 FAST_SLOPE_Z = 2.0
+#: Without a horizon, the fast lane is open only to a run whose fitted level sits within this
+#: share of its progress (its first value less its best) above its best: a drift away from the
+#: best, as when a model overfits, not a swing, which often comes back (`math.inf`: any run).
+FAST_CALM = 0.1
 #: Never stop while the window's slope is more than this many standard errors below 0 (and
 #: gains more than `TOLERANCE` over the look-ahead): the run is still clearly improving (the
 #: descent guard; `math.inf`: no guard).
-DESCENT_Z = 3.0
+DESCENT_Z = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,7 @@ class TrendSettings:
     fast_share: float = FAST_SHARE
     fast_open: float = FAST_OPEN
     fast_noise_k: float = FAST_NOISE_K
+    fast_calm: float = FAST_CALM
     descent_z: float = DESCENT_Z
 
     def least_wait(self, scale: int) -> int:
@@ -148,8 +158,10 @@ class TrendSettings:
         """The fast lane's least wait in a run of `scale` evaluations, or None without one.
 
         Example:
-            >>> TrendSettings(fast_share=0.1).fast_wait(100), TrendSettings().fast_wait(100)
-            (10, None)
+            >>> TrendSettings(fast_share=0.1).fast_wait(100)
+            10
+            >>> TrendSettings(fast_share=0).fast_wait(100) is None
+            True
         """
         if self.fast_share <= 0:
             return None
@@ -273,6 +285,7 @@ class TrendRule:
         self._sums = _Sums()
         self._logs: _Sums | None = None  # the same over log(x), from the first diverged fit on
         self._nonpositive = 0  # values in the window that have no logarithm
+        self._first: float | None = None  # the run's first finite value, as compared (sign * x)
 
     @property
     def settings(self) -> TrendSettings:
@@ -285,6 +298,8 @@ class TrendRule:
         points, sums = self._points, self._sums
         if math.isfinite(value):
             x = self._sign * value
+            if self._first is None:
+                self._first = x
             points.append((index, x))
             sums.add(index, x, 1.0)
             if self._logs is not None:
@@ -386,11 +401,23 @@ class TrendRule:
         held = wait < longer and diverged(projection, best, self._sign)  # may be a spike
         if wait >= least and not held and projection.gain <= tolerance:
             return projection
-        if fast is not None and wait >= fast:
+        if fast is not None and wait >= fast and self._calm(projection, best):
             evident = self.project(index, best, wait, fast=True)
             if evident.gain <= tolerance:
                 return evident
         return None
+
+    def _calm(self, projection: Projection, best: float) -> bool:
+        """Whether the fast lane is open to the run's state: told the horizon, always;
+        without it, only while the fitted level is within `fast_calm` of the run's progress
+        (its first value less its best) above the best."""
+        calm = self._settings.fast_calm
+        if self._horizon is not None or math.isinf(calm):
+            return True
+        if self._first is None:
+            return False
+        target = self._sign * best
+        return self._sign * projection.level - target <= calm * (self._first - target)
 
     @staticmethod
     def code(projection: Projection, best: float, sign: float) -> StopReason:
@@ -398,11 +425,13 @@ class TrendRule:
         else `PATIENCE`."""
         return StopReason.DIVERGENCE if diverged(projection, best, sign) else StopReason.PATIENCE
 
-    def state_dict(self) -> dict[str, list[Any]]:
-        """The remembered `[index, value]` pairs (values as watched) and the running sums."""
+    def state_dict(self) -> dict[str, Any]:
+        """The remembered `[index, value]` pairs (values as watched), the running sums and the
+        run's first finite value (None before one)."""
         return {
             "points": [[t, self._sign * x] for t, x in self._points],
             "sums": self._sums.state(),
+            "first": None if self._first is None else self._sign * self._first,
         }
 
     def load_state_dict(self, state: object, evaluations: int = 2**53 + 1) -> None:
@@ -415,11 +444,14 @@ class TrendRule:
         """
         if state is None:  # saved without the default rule's state: start the fit afresh
             self._points, self._sums, self._logs = deque(), _Sums(), None
+            self._first = None  # the next value stands in for the run's first
             return
         points = state.get("points") if isinstance(state, dict) else None
         sums = state.get("sums") if isinstance(state, dict) else None
+        first = state.get("first") if isinstance(state, dict) else None
         if (
-            not isinstance(points, list)
+            (first is not None and not _is_pair([0, first]))
+            or not isinstance(points, list)
             or not all(_is_pair(p) for p in points)
             or any(a[0] >= b[0] for a, b in itertools.pairwise(points))
             or (points and points[-1][0] >= evaluations)
@@ -430,11 +462,17 @@ class TrendRule:
             raise ValueError(
                 "EarlyStopping state 'trend' must be {'points': [[evaluation, value], ...] "
                 f"(evaluations from 0 to {evaluations - 1}, increasing; finite values), "
-                f"'sums': [8 finite numbers]}}; got {shown(state)}"
+                f"'sums': [8 finite numbers], 'first': a finite number or null}}; "
+                f"got {shown(state)}"
             )
         self._points = deque((int(t), self._sign * float(x)) for t, x in points)
         self._sums = _Sums.from_state(sums)
         self._logs = None
+        if first is not None:
+            self._first = self._sign * float(first)
+        else:  # none seen yet, or saved without it: the oldest value kept stands in (a later
+            # value: less progress, so the calm lane opens no sooner)
+            self._first = self._points[0][1] if self._points else None
 
 
 class _Sums:
@@ -542,16 +580,22 @@ def describe_default_rule(horizon: int | None = None) -> str:
     """
     s = DEFAULT_SETTINGS if horizon is None else PLANNED_SETTINGS
     scale = "the evaluations so far" if horizon is None else f"the horizon of {horizon}"
+    calm = (
+        ""
+        if horizon is not None or math.isinf(s.fast_calm)
+        else f" while the run sits within {s.fast_calm * 100:g}% of its progress above its best"
+    )
     fast = (
         ""
         if s.fast_share <= 0
         else f"; or no new best for {s.fast_share * 100:g}% of it and even "
-        f"{s.fast_noise_k:g}x the lucky draw projects no more"
+        f"{s.fast_noise_k:g}x the lucky draw projects no more{calm}"
     )
     guard = (
         ""
         if not math.isfinite(s.descent_z)
-        else f" and no clear descent (a slope over {s.descent_z:g} standard errors below 0)"
+        else f" and no clear descent (a slope over {s.descent_z:g} standard "
+        f"error{'' if s.descent_z == 1 else 's'} below 0)"
     )
     return (
         f"the default rule: no new best for {s.wait_share * 100:g}% of {scale} (at least "
