@@ -739,3 +739,24 @@ def test_a_superseded_tensor_file_that_cannot_be_removed_is_one_warning_not_an_e
         pass
     names = sorted(p.name for p in (run / checkpoint_dirname(1)).iterdir())
     assert names == ["manifest.json", "tensors-1.safetensors"]
+
+
+@pytest.mark.parametrize("inside", ["empty", "file", "nested"])
+def test_demo_fresh_refuses_a_dcp_folder_the_demo_never_writes(tmp_path: Path, capsys, inside: str):
+    """The demo saves no sharded state: a `dcp/` folder in one of its step folders is not its
+    own, whatever it holds (it was skipped unread and deleted with the run)."""
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    dcp = run / checkpoint_dirname(0) / "dcp"
+    dcp.mkdir()
+    if inside == "file":
+        (dcp / "notes.txt").write_text("precious")
+    elif inside == "nested":
+        (dcp / "a" / "b").mkdir(parents=True)
+        (dcp / "a" / "b" / "__0_0.distcp").write_bytes(b"precious shards")
+    capsys.readouterr()
+    before = hashes(run)
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"holds {dcp}, which haltpoint did not write" in err, err
+    assert hashes(run) == before and dcp.is_dir()

@@ -120,9 +120,7 @@ def _foreign_entry(path: str) -> str | None:
         if parse_step(name) is None or not os.path.isdir(full):
             return full
         for child in sorted(os.listdir(full)):
-            inner = os.path.join(full, child)
-            if child == DCP_NAME and os.path.isdir(inner) and not os.path.islink(inner):
-                continue  # torch.distributed.checkpoint's own files
+            inner = os.path.join(full, child)  # dcp/ too: the demo saves no sharded state
             if not _is_regular(inner) or not (
                 (is_own_step_name(child) and child != DCP_NAME) or is_temp_name(child, STEP_TEMP_OF)
             ):
