@@ -760,3 +760,42 @@ def test_demo_fresh_refuses_a_dcp_folder_the_demo_never_writes(tmp_path: Path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"holds {dcp}, which haltpoint did not write" in err, err
     assert hashes(run) == before and dcp.is_dir()
+
+
+@pytest.mark.parametrize("kind", ["another run's", "undecodable"])
+def test_demo_fresh_refuses_a_quarantined_manifest_it_cannot_prove_the_demo_s(
+    tmp_path: Path, capsys, kind: str
+):
+    """A quarantined manifest of another run (its data is in the run's step folders), or one
+    that does not decode, was deleted with the run: only the committed ones were checked.
+    (One of the demo's own is deleted: `test_demo_fresh_deletes_a_quarantined_demo_checkpoint`.)"""
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    quarantined = run / "quarantine" / "step-000000000-1.json"
+    quarantined.parent.mkdir()
+    if kind == "another run's":
+        other = tmp_path / "other"
+        make_run(other)
+        quarantined.write_bytes((other / checkpoint_dirname(3) / "manifest.json").read_bytes())
+    else:
+        quarantined.write_bytes(b'{"format_version": 1, "step": 0, "tensors": {')
+    capsys.readouterr()
+    before = hashes(run)
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing was deleted" in err, err
+    assert str(quarantined) in err
+    assert hashes(run) == before
+
+
+def test_demo_fresh_deletes_a_quarantined_demo_checkpoint(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "2"]) == 0
+    (run / "quarantine").mkdir()
+    (run / checkpoint_dirname(0) / "manifest.json").rename(
+        run / "quarantine" / "step-000000000-1.json"
+    )
+    capsys.readouterr()
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 0
+    assert capsys.readouterr().out.startswith("training from scratch")
+    assert not (run / "quarantine").exists()

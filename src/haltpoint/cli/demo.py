@@ -202,8 +202,26 @@ def _refuse_foreign(path: str) -> None:
 
 
 def _refuse_other_runs(path: str) -> None:
-    """Refuse a run holding a checkpoint the demo did not save, or one it cannot read."""
-    for entry in RunDirectory(LocalStorage(path, create=False)).scan():
+    """Refuse a run holding a checkpoint the demo did not save, or one it cannot read; and
+    so for a quarantined manifest (its data is in the run's step folders too)."""
+    run = RunDirectory(LocalStorage(path, create=False))
+    if os.path.isdir(os.path.join(path, QUARANTINE_DIR)):
+        for held in run.quarantined():
+            where = os.path.join(path, held.path)
+            if held.manifest is None:
+                raise ValueError(
+                    f"--fresh deletes {path}, but the quarantined manifest {where} cannot be "
+                    f"read ({first_line(held.error or ValueError())}), so it may be another "
+                    "run's; nothing was deleted: delete the folder yourself or pick another "
+                    "--run-dir"
+                )
+            if not is_demo_checkpoint(held.manifest):
+                raise ValueError(
+                    f"--fresh deletes {path}, but the quarantined manifest {where} is not the "
+                    f"demo's (it holds {', '.join(sorted(held.manifest.tree))}); nothing was "
+                    "deleted: delete the folder yourself or pick another --run-dir"
+                )
+    for entry in run.scan():
         if entry.error is not None:
             raise ValueError(
                 f"--fresh deletes {path}, but the manifest of {entry.dirname} cannot be read "
