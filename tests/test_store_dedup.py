@@ -208,3 +208,32 @@ def test_saving_a_step_again_never_overwrites_a_referenced_file(tmp_path: Path) 
         state = {"backbone": torch.zeros(BIG), "head": torch.zeros(BIG)}
         ckpt.restore(state, 3)
     assert torch.equal(state["backbone"], backbone) and torch.equal(state["head"], head)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PermissionError(13, "Permission denied")],
+    ids=["EACCES"],
+)
+def test_a_file_that_cannot_be_read_back_is_not_referenced_and_the_save_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError
+) -> None:
+    """The read-back raised `UnreadableCheckpointError` out of `save`: the tensor is written
+    afresh, with a warning that says why."""
+    storage = LocalStorage(tmp_path)
+    w = torch.randn(BIG)
+    records = write_tensor_file(storage, "a.safetensors", {"w": w})
+    previous = Manifest(step=0, time=0.0, metrics={}, tree={}, tensors=records, versions={})
+    real_open = os.open
+
+    def failing(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith("a.safetensors"):
+            raise type(error)(error.errno, error.strerror, str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing)
+    said = rf"cannot read .*a.safetensors: .*{error.strerror}.*not damage.*written afresh"
+    with pytest.warns(UserWarning, match=said) as seen:
+        plan = plan_dedup({"w": w}, previous, ReferenceCheck(storage))
+    assert plan.changed == ["w"] and plan.reused == {}
+    assert not any("do not match" in str(w.message) for w in seen)

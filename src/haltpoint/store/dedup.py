@@ -22,7 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from haltpoint.errors import CorruptCheckpointError, UnsupportedStateError
+from haltpoint.errors import (
+    CorruptCheckpointError,
+    UnreadableCheckpointError,
+    UnsupportedStateError,
+)
 from haltpoint.store.background import warn_user
 from haltpoint.store.hashing import StreamHasher, tensor_bytes
 from haltpoint.store.manifest import Manifest
@@ -113,7 +117,11 @@ class ReferenceCheck:
             if known is None or known[0] != stamp:
                 known = self._good[file] = (stamp, set())
             todo = {k: r for k, r in items.items() if _span(r) not in known[1]}
-            bad = set(verify_file(self.storage, todo)) if todo else set()
+            try:
+                bad = set(verify_file(self.storage, todo)) if todo else set()
+            except UnreadableCheckpointError as exc:  # no permission, EIO: not known intact
+                self._warn(file, sorted(items), exc)
+                continue
             self.bytes_read += sum(r.nbytes for r in todo.values())
             for key, record in items.items():
                 if key not in bad:
@@ -123,11 +131,19 @@ class ReferenceCheck:
                 self._warn(file, sorted(bad))
         return good
 
-    def _warn(self, file: str, keys: list[str]) -> None:
+    def _warn(
+        self, file: str, keys: list[str], unreadable: UnreadableCheckpointError | None = None
+    ) -> None:
         if file in self._warned:
             return
         self._warned.add(file)
         names = ", ".join(repr(k) for k in keys)
+        if unreadable is not None:  # it says which file, why, and that it is no damage
+            warn_user(
+                f"{unreadable}; so the bytes of {names} were written afresh instead of "
+                "referenced, and the file was left as it is"
+            )
+            return
         warn_user(
             f"{self.storage.url.rstrip('/')}/{file}: the bytes of {names} are missing or do not "
             "match the hash their manifest records (bit rot, or the file was changed); wrote "
