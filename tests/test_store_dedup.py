@@ -212,14 +212,14 @@ def test_saving_a_step_again_never_overwrites_a_referenced_file(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "error",
-    [PermissionError(13, "Permission denied")],
-    ids=["EACCES"],
+    [PermissionError(13, "Permission denied"), OSError(5, "Input/output error")],
+    ids=["EACCES", "EIO"],
 )
 def test_a_file_that_cannot_be_read_back_is_not_referenced_and_the_save_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError
 ) -> None:
-    """The read-back raised `UnreadableCheckpointError` out of `save`: the tensor is written
-    afresh, with a warning that says why."""
+    """The read-back raised `UnreadableCheckpointError` out of `save` (EACCES), or warned of
+    bit rot (EIO): the tensor is written afresh, with a warning that says why."""
     storage = LocalStorage(tmp_path)
     w = torch.randn(BIG)
     records = write_tensor_file(storage, "a.safetensors", {"w": w})

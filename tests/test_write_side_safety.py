@@ -6,6 +6,7 @@ checkpoint and no byte that haltpoint did not write; it succeeds or fails with o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -798,4 +799,98 @@ def test_demo_fresh_deletes_a_quarantined_demo_checkpoint(tmp_path: Path, capsys
     capsys.readouterr()
     assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 0
     assert capsys.readouterr().out.startswith("training from scratch")
+    assert not (run / "quarantine").exists()
+
+
+# -- an I/O error is not proof of damage: EIO, a timeout, a stale NFS handle, ... -------------
+
+IO_ERRORS = [errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.ENXIO, errno.ECONNRESET]
+
+
+def _fail_open(monkeypatch, target: str, code: int) -> None:
+    """Every open of a path ending in `target` fails with the OS error `code`."""
+    real_open, real_os_open = open, os.open
+
+    def failing(real):  # type: ignore[no-untyped-def]
+        def opened(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if str(file).endswith(target):
+                raise OSError(code, os.strerror(code), str(file))
+            return real(file, *args, **kwargs)
+
+        return opened
+
+    monkeypatch.setattr("builtins.open", failing(real_open))
+    monkeypatch.setattr(os, "open", failing(real_os_open))
+
+
+def _fail_reads(monkeypatch, code: int) -> None:
+    """Every positional read of a tensor file fails with `code`, after it opened fine (a disk
+    that fails while the data is read, not at the header)."""
+
+    def preadv(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "preadv", preadv)
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+@pytest.mark.parametrize("code", IO_ERRORS, ids=errno.errorcode.get)
+def test_an_io_error_reading_a_checkpoint_is_not_damage(
+    tmp_path: Path, monkeypatch, code: int, where: str
+):
+    """A writer's restore passed over the newest step as damaged and quarantined it (its
+    manifest moved aside, the step free to be overwritten) on an error that may pass."""
+    run = tmp_path / "run"
+    make_run(run)
+    before = hashes(run)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        if where == "open":
+            _fail_open(monkeypatch, f"{checkpoint_dirname(3)}/tensors.safetensors", code)
+        else:
+            _fail_reads(monkeypatch, code)
+        with pytest.raises(UnreadableCheckpointError, match=os.strerror(code)) as raised:
+            ckpt.restore({"model": torch.nn.Linear(3, 2)})
+        monkeypatch.undo()
+        assert "\n" not in str(raised.value) and "not damage" in str(raised.value)
+    assert not (run / "quarantine").exists()
+    assert hashes(run) == before
+
+
+@pytest.mark.parametrize("code", IO_ERRORS, ids=errno.errorcode.get)
+def test_retention_never_sets_a_checkpoint_aside_on_an_io_error(
+    tmp_path: Path, monkeypatch, code: int
+):
+    """Retention verifies the checkpoint it keeps in place of one it removes: an I/O error
+    there counted as damage, so step 3 was quarantined and step 1 removed."""
+    run = tmp_path / "run"
+    make_run(run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Checkpointer(run, keep_last=2, async_save=False) as ckpt:
+            _fail_open(monkeypatch, f"{checkpoint_dirname(3)}/tensors.safetensors", code)
+            ckpt.save(4, {"model": torch.nn.Linear(3, 2)})
+            monkeypatch.undo()
+    said = " ".join(str(w.message) for w in caught)
+    assert os.strerror(code) in said and "removed no checkpoint" in said, said
+    assert not (run / "quarantine").exists()
+    assert [e.step for e in RunDirectory(LocalStorage(run)).committed()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("code", IO_ERRORS, ids=errno.errorcode.get)
+def test_verify_and_ls_report_an_io_error_as_unreadable_not_damaged(
+    tmp_path: Path, monkeypatch, capsys, code: int
+):
+    run = tmp_path / "run"
+    make_run(run)
+    _fail_open(monkeypatch, f"{checkpoint_dirname(3)}/tensors.safetensors", code)
+    status = main(["verify", str(run)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1, err
+    assert os.strerror(code) in err and "damaged" not in err and "not damage" in err
+    _fail_open(monkeypatch, f"{checkpoint_dirname(3)}/manifest.json", code)
+    assert main(["ls", str(run), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    monkeypatch.undo()
+    assert [e["status"] for e in listed if e["step"] == 3] == ["unreadable"]
     assert not (run / "quarantine").exists()

@@ -7,6 +7,8 @@ what is allowed. Everything that goes wrong with a checkpoint on disk raises a s
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
@@ -24,6 +26,7 @@ __all__ = [
     "UnsupportedStateError",
     "UnwritableRunError",
     "first_line",
+    "not_damage",
 ]
 
 
@@ -90,9 +93,10 @@ class StepBehindError(CheckpointError):
 
 class UnreadableCheckpointError(CheckpointError):
     """A checkpoint's file (or the run's `history.jsonl`) cannot be read for lack of
-    permission, or the run directory (or a step folder in it) cannot be listed for lack of
-    permission or another OS error (an I/O error, a special file system): that is not
-    damage, so nothing is quarantined or deleted because of it."""
+    permission or for an OS error that says nothing of its bytes (an I/O error, a timeout, a
+    stale NFS handle, a lost connection: `not_damage`), or the run directory (or a step folder
+    in it) cannot be listed for lack of permission or another OS error (a special file
+    system): that is not damage, so nothing is quarantined or deleted because of it."""
 
 
 class UnwritableRunError(CheckpointError):
@@ -119,3 +123,32 @@ def first_line(exc: BaseException) -> str:
     """
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else ""
+
+
+_NOT_DAMAGE = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EACCES", "EPERM", "EIO", "ENXIO", "ENODEV", "ETIMEDOUT", "ESTALE", "EAGAIN", "EINTR",
+        "EBUSY", "ENOMEM", "ENOBUFS", "EMFILE", "ENFILE", "ENOLINK", "EREMOTEIO", "ECOMM",
+        "ENOTCONN", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "ENETDOWN", "ENETUNREACH",
+        "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH", "ESHUTDOWN",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
+
+
+def not_damage(exc: BaseException) -> bool:
+    """Whether `exc`, raised while reading a checkpoint's file, says nothing of its bytes: no
+    permission, an I/O error of the disk or the network file system (EIO, a timeout, a stale
+    NFS handle, a lost connection), too many open files. The same read may succeed later, so
+    it is no proof of damage: nothing may be set aside or deleted because of it. A missing
+    file, a folder or a link where a file should be, is damage.
+
+    >>> not_damage(OSError(errno.EIO, "Input/output error")), not_damage(TimeoutError())
+    (True, True)
+    >>> not_damage(FileNotFoundError(errno.ENOENT, "No such file or directory"))
+    False
+    """
+    if isinstance(exc, (PermissionError, TimeoutError, ConnectionError, InterruptedError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _NOT_DAMAGE

@@ -31,6 +31,7 @@ from haltpoint.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
     UnreadableCheckpointError,
+    not_damage,
 )
 from haltpoint.state.tree import check_tree
 from haltpoint.store.background import warn_user
@@ -369,16 +370,17 @@ class RunDirectory:
         """The manifest of a checkpoint folder, decoded and with its state tree checked.
 
         Raises:
-            UnreadableCheckpointError: no permission to read it (not damage).
+            UnreadableCheckpointError: no permission to read it, or an OS error that is no
+                damage (`not_damage`: an I/O error, a timeout).
             CorruptCheckpointError: unreadable otherwise, over the limits, damaged, or
                 malformed (naming the field).
         """
         rel, where = f"{dirname}/{MANIFEST_NAME}", self._where(dirname)
         try:
             data = self.storage.read_bytes(rel, MAX_MANIFEST_BYTES + 1)  # larger: refused unread
-        except PermissionError as exc:
-            raise self._unreadable(dirname, exc) from None
         except OSError as exc:
+            if not_damage(exc):  # no permission, an I/O error, a timeout: not damage
+                raise self._unreadable(dirname, exc) from None
             raise CorruptCheckpointError(f"cannot read {where}: {exc}", path=where) from exc
         manifest = Manifest.decode(data, source=where)
         try:

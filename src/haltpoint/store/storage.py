@@ -206,6 +206,8 @@ def open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
             found = os.stat(path).st_mode
         except OSError:
             raise exc from None
+        if stat.S_ISREG(found):  # a regular file on a device that went away: not damage
+            raise exc from None
         raise _not_regular(path, found) from None
     try:
         info = os.fstat(fd)

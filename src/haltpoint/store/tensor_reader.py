@@ -23,7 +23,12 @@ from typing import IO, Any
 
 import torch
 
-from haltpoint.errors import CorruptCheckpointError, UnreadableCheckpointError
+from haltpoint.errors import (
+    CorruptCheckpointError,
+    UnreadableCheckpointError,
+    first_line,
+    not_damage,
+)
 from haltpoint.store.hashing import StreamHasher, tensor_bytes
 from haltpoint.store.storage import Storage, check_relpath, open_regular
 from haltpoint.store.tensor_file import (
@@ -131,11 +136,18 @@ def _stream(f: IO[bytes], offset: int, nbytes: int, buf: bytearray) -> Iterator[
         yield chunk
 
 
-def _unreadable(storage: Storage, rel: str, exc: OSError) -> UnreadableCheckpointError:
+def _unreadable(storage: Storage, rel: str, exc: BaseException) -> UnreadableCheckpointError:
+    """The error of a file that cannot be read now, for a reason that is no damage
+    (`not_damage`: no permission, an I/O error, a timeout)."""
     where = f"{storage.url.rstrip('/')}/{rel}"
+    reason = getattr(exc, "strerror", None) or first_line(exc) or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        why, fix = f"permission denied ({reason})", "fix its permissions"
+    else:
+        why, fix = reason, "check the disk or file system"
     return UnreadableCheckpointError(
-        f"cannot read {where}: permission denied ({exc.strerror}); fix its permissions and "
-        "run again (an unreadable checkpoint is not damage: nothing was set aside or deleted)",
+        f"cannot read {where}: {why}; {fix} and run again (an unreadable checkpoint is not "
+        "damage: nothing was set aside or deleted)",
         path=where,
     )
 
@@ -396,10 +408,12 @@ def read_tensors(
                 for key, rec in items:
                     out[key] = _read_one(f, size, key, rec, verify, into)
         except _TensorDamage as e:
+            if not_damage(e.cause):  # an I/O error while the data was read
+                raise _unreadable(storage, file, e.cause) from None
             raise _corrupt(storage, file, f"tensor {e.key!r}: {e.cause}") from None
-        except PermissionError as e:  # not damage: no fall-back, nothing set aside
-            raise _unreadable(storage, file, e) from None
         except (OSError, EOFError, _Damage, CorruptCheckpointError) as e:
+            if not_damage(e):  # no permission, EIO, ...: no fall-back, nothing set aside
+                raise _unreadable(storage, file, e) from None
             raise _corrupt(storage, file, f"tensor {key!r}: {e}") from None
     return {key: out[key] for key in records}
 
@@ -445,9 +459,9 @@ def tensor_damage(storage: Storage, records: Mapping[str, TensorRecord]) -> dict
             except BaseException:
                 f.close()
                 raise
-        except PermissionError as exc:  # not damage: nothing may be set aside because of it
-            raise _unreadable(storage, file, exc) from None
         except (OSError, _Damage, CorruptCheckpointError) as exc:
+            if not_damage(exc):  # no permission, EIO, ...: nothing may be set aside for it
+                raise _unreadable(storage, file, exc) from None
             bad.update((key, _cause(exc)) for key, _ in items)
             continue
         with f:
@@ -460,5 +474,7 @@ def tensor_damage(storage: Storage, records: Mapping[str, TensorRecord]) -> dict
                         hasher.update(chunk)
                     _check_hash(rec, hasher)
                 except (OSError, EOFError, _Damage, CorruptCheckpointError) as exc:
+                    if not_damage(exc):
+                        raise _unreadable(storage, file, exc) from None
                     bad[key] = _cause(exc)
     return bad
