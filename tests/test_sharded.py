@@ -9,6 +9,7 @@ runs DCP itself), and a hang fails a launch after its timeout.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -346,3 +347,35 @@ def test_save_sharded_in_one_process_prepares_writes_then_commits_the_record(
     (folder.parent / "manifest.json").write_text("{}")  # step 4 is taken now
     with pytest.raises(CheckpointExistsError, match="a checkpoint for step 4 already exists"):
         save_sharded(run, 4, {"a": {}}, write, commit)
+
+
+@pytest.mark.parametrize("at", ["size", "read"])
+@pytest.mark.parametrize(
+    "code", [errno.EIO, errno.ETIMEDOUT, errno.ESTALE], ids=errno.errorcode.get
+)
+def test_an_io_error_reading_a_dcp_file_is_unreadable_not_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str, code: int
+) -> None:
+    """A DCP file that cannot be read now is no proof of damage (retention quarantined the
+    checkpoint); while it was hashed, the bare OSError came out of the check."""
+    from haltpoint.distributed.sharded import verify_shards
+    from haltpoint.errors import UnreadableCheckpointError
+    from haltpoint.store.hashing import StreamHasher
+    from haltpoint.store.run_dir import ShardFile
+    from haltpoint.store.storage import LocalStorage
+
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / "__0_0.distcp").write_bytes(b"shard bytes")
+    hasher = StreamHasher()
+    hasher.update(b"shard bytes")
+    files = {"__0_0.distcp": ShardFile(11, hasher.hexdigest())}
+    storage = LocalStorage(tmp_path)
+    verify_shards(storage, "dcp", files)  # intact
+
+    def failing(self: Any, rel: str, *args: Any) -> Any:
+        raise OSError(code, os.strerror(code), rel)
+
+    monkeypatch.setattr(LocalStorage, at if at == "size" else "open_read", failing)
+    with pytest.raises(UnreadableCheckpointError, match=os.strerror(code)) as raised:
+        verify_shards(storage, "dcp", files)
+    assert "\n" not in str(raised.value) and "not damage" in str(raised.value)

@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 import torch
 
 from haltpoint.distributed.ranks import initialized
-from haltpoint.errors import CheckpointError, CorruptCheckpointError, first_line
+from haltpoint.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    UnreadableCheckpointError,
+    first_line,
+    not_damage,
+)
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
 from haltpoint.store.run_dir import ShardFile
@@ -161,6 +167,8 @@ def verify_shards(
     Raises:
         CorruptCheckpointError: naming the first file missing, of the wrong size or hash,
             or metadata that is refused.
+        UnreadableCheckpointError: a file cannot be read for a reason that is no damage
+            (`not_damage`: no permission, EIO, a timeout).
     """
     from haltpoint.distributed.safe_metadata import METADATA_NAME
 
@@ -170,14 +178,17 @@ def verify_shards(
         try:
             size = storage.size(rel)
         except OSError as exc:
-            raise CorruptCheckpointError(f"{path}: {exc}", path=path) from exc
+            raise _read_failed(path, exc) from exc
         if size != record.size:
             raise CorruptCheckpointError(
                 f"{path} has {size} bytes, the manifest says {record.size}: the "
                 "sharded checkpoint is damaged",
                 path=path,
             )
-        digest = _file_record(storage, rel)["xxh3_128"]
+        try:
+            digest = _file_record(storage, rel)["xxh3_128"]
+        except OSError as exc:
+            raise _read_failed(path, exc) from exc
         if digest != record.xxh3_128:
             raise CorruptCheckpointError(
                 f"{path}: xxh3-128 {digest} differs from the manifest's "
@@ -199,7 +210,22 @@ def _check_metadata(storage: Storage, folder: str, files: Mapping[str, ShardFile
         with storage.open_read(rel) as f:
             return check_metadata(f, path, files)
     except OSError as exc:
-        raise CorruptCheckpointError(f"{path}: {exc}", path=path) from exc
+        raise _read_failed(path, exc) from exc
+
+
+def _read_failed(path: str, exc: OSError) -> CheckpointError:
+    """The error of a DCP file that could not be read: damage (a missing file), or, for an
+    OS error that says nothing of its bytes (`not_damage`: no permission, EIO, a timeout),
+    `UnreadableCheckpointError`, for which nothing is set aside or deleted."""
+    if not_damage(exc):
+        reason = exc.strerror or first_line(exc) or type(exc).__name__
+        return UnreadableCheckpointError(
+            f"cannot read {path}: {reason}; check its permissions, the disk or file system and "
+            "run again (an unreadable checkpoint is not damage: nothing was set aside or "
+            "deleted)",
+            path=path,
+        )
+    return CorruptCheckpointError(f"{path}: {exc}", path=path)
 
 
 def load_shards(
