@@ -5,6 +5,7 @@ on the command line one `haltpoint: error:` line, never a traceback."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -117,6 +118,29 @@ def test_permission_denied_is_unreadable_not_damage(
     with pytest.raises(UnreadableCheckpointError, match=r"history.jsonl: Permission denied; "):
         read_history(LocalStorage(tmp_path, create=False))
     with pytest.raises(UnreadableCheckpointError):
+        load_records(str(tmp_path / "history.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "code", [errno.EIO, errno.ETIMEDOUT, errno.ESTALE], ids=errno.errorcode.get
+)
+def test_an_io_error_is_unreadable_not_a_corrupt_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """An error that may pass (a failing disk, NFS) said the history was corrupt."""
+    (tmp_path / "history.jsonl").write_bytes(encode_record({"step": 0}))
+    real_read = os.read
+
+    def failing(fd: int, *args: Any) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("history.jsonl"):
+            raise OSError(code, os.strerror(code))
+        return real_read(fd, *args)
+
+    monkeypatch.setattr(os, "read", failing)
+    message = rf"history.jsonl: {os.strerror(code)}; this is not damage"
+    with pytest.raises(UnreadableCheckpointError, match=message):
+        read_history(LocalStorage(tmp_path, create=False))
+    with pytest.raises(UnreadableCheckpointError, match=message):
         load_records(str(tmp_path / "history.jsonl"))
 
 

@@ -33,7 +33,12 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from haltpoint.errors import CheckpointError, CorruptHistoryError, UnreadableCheckpointError
+from haltpoint.errors import (
+    CheckpointError,
+    CorruptHistoryError,
+    UnreadableCheckpointError,
+    not_damage,
+)
 from haltpoint.store.hashing import hash_bytes
 from haltpoint.store.storage import Storage, check_regular, fsync_dir, open_unlinked
 
@@ -349,7 +354,8 @@ def read_history(storage: Storage) -> list[dict[str, Any]]:
     Raises:
         CorruptHistoryError: the history is no regular file, is larger than
             `HISTORY_READ_LIMIT`, or cannot be read (`read_history_bytes`).
-        UnreadableCheckpointError: it cannot be read for lack of permission.
+        UnreadableCheckpointError: it cannot be read for lack of permission, or for an OS
+            error that is no damage (`not_damage`: EIO, a timeout).
         CorruptCheckpointError: it is a symlink that leads out of the run directory.
     """
     data = read_history_bytes(storage)
@@ -372,7 +378,8 @@ def read_history_bytes(storage: Storage) -> bytes | None:
     Raises:
         CorruptHistoryError: it is a folder or another non-regular file, larger than
             `HISTORY_READ_LIMIT`, or reading it fails (the message names the file and why).
-        UnreadableCheckpointError: it cannot be read for lack of permission.
+        UnreadableCheckpointError: it cannot be read for lack of permission, or for an OS
+            error that is no damage (`not_damage`: EIO, a timeout).
         CorruptCheckpointError: it is a symlink that leads out of the run directory.
     """
     source = f"{storage.url}/{HISTORY_NAME}"
@@ -397,7 +404,8 @@ def read_history_file(path: str, source: str | None = None) -> bytes:
     Raises:
         FileNotFoundError: `path` does not exist.
         CorruptHistoryError: it is no regular file, too large, or reading it fails.
-        UnreadableCheckpointError: it cannot be read for lack of permission.
+        UnreadableCheckpointError: it cannot be read for lack of permission, or for an OS
+            error that is no damage (`not_damage`: EIO, a timeout).
     """
     source = path if source is None else source
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -454,6 +462,12 @@ def _read_failed(source: str, exc: OSError) -> CheckpointError:
         return UnreadableCheckpointError(
             f"cannot read {source}: {reason}; this is not damage: give this user read "
             "permission on it",
+            path=source,
+        )
+    if not_damage(exc):  # an I/O error, a timeout, a stale NFS handle: it may pass
+        return UnreadableCheckpointError(
+            f"cannot read {source}: {reason}; this is not damage: check the disk or file "
+            "system and run again",
             path=source,
         )
     if isinstance(exc, IsADirectoryError):
