@@ -186,3 +186,19 @@ def test_a_step_whose_tensors_link_to_another_steps_is_not_intact_and_keeps_the_
     assert unchanged({p: b for p, b in before.items() if "step-000000002" in str(p)})
     with Checkpointer(run, read_only=True) as reader:
         assert reader.restore({"w": torch.zeros(1000)}, 2).step == 2  # read and verified
+
+
+def test_a_run_directory_at_the_file_system_root_is_read_not_called_a_link_out_of_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`haltpoint ls /` said "/quarantine is a symlink to /quarantine, outside the run
+    directory": below "/", every path was taken for one leading out of it."""
+    assert not any(p.name.startswith("step-") for p in Path("/").iterdir())
+    assert LocalStorage("/", create=False).local_path("quarantine") == "/quarantine"
+    assert main(["ls", "/"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "no checkpoints in /\n" and captured.out == ""
+    os.symlink(tmp_path, tmp_path / "link")  # a run reached through a link to it reads too
+    assert LocalStorage(tmp_path / "link", create=False).local_path("x") == str(
+        tmp_path / "link" / "x"
+    )

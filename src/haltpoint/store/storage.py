@@ -304,7 +304,8 @@ class LocalStorage:
         """
         path = self._path(rel)
         real = os.path.realpath(path)
-        if real != self._real_root and not real.startswith(self._real_root + os.sep):
+        inside = self._real_root.rstrip(os.sep) + os.sep  # "/" for a run at the root
+        if real != self._real_root and not real.startswith(inside):
             raise CorruptCheckpointError(
                 f"{path} is a symlink to {real}, outside the run directory; haltpoint never "
                 "reads or writes through links that leave the run (remove the link)",
