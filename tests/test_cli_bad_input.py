@@ -57,6 +57,7 @@ CASES = [
     ("export {run} -o {file}/m.safetensors", USAGE, "-o"),
     ("export {run} -o {dir_st}", USAGE, "-o"),
     ("export {run} -o {tmp}/m.pt", USAGE, "-o"),
+    ("export {run} -o {tmp}/.safetensors", USAGE, "-o"),  # `-o $NAME.safetensors`, no NAME
     ("export {run} -o {nothing}", USAGE, "-o"),
     ("export {run} -o {tmp}/{long}.safetensors", USAGE, "-o"),
     ("export {run} --which soon -o {tmp}/m.safetensors", USAGE, "--which"),
@@ -71,6 +72,7 @@ CASES = [
     ("plot {run} -o {file}/curves.png", USAGE, "-o"),
     ("plot {run} -o {dir_png}", USAGE, "-o"),
     ("plot {run} -o {tmp}/curves.txt", USAGE, "-o"),
+    ("plot {run} -o {tmp}/.png", USAGE, "-o"),  # matplotlib: no format (exit status 1 before)
     ("plot {run} -o {nothing}", USAGE, "-o"),
     ("plot {run} --metric nope", USAGE, "--metric"),
     ("plot {run} --monitor nope", USAGE, "--monitor"),

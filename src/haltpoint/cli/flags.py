@@ -153,13 +153,15 @@ def check_output_file(path: str, flag: str, suffixes: Sequence[str] = ()) -> Non
     """Refuse, before any work, a file `path` that cannot be written.
 
     Raises:
-        UsageError: `path` is empty, does not end with one of `suffixes`, is a folder, its
+        UsageError: `path` is empty, does not end with one of `suffixes` (after a name:
+            `.png` alone is a name without a suffix), is a folder, its
             folder does not exist or is not a folder, its name is too long, or it or its
             folder is not writable.
     """
     if not path:
         raise UsageError(f"{flag} must name a file, got ''")
-    if suffixes and not path.lower().endswith(tuple(suffixes)):
+    suffix = os.path.splitext(os.path.basename(path))[1].lower()  # ".png" alone: a name, no suffix
+    if suffixes and suffix not in {s.lower() for s in suffixes}:
         raise UsageError(f"{flag} must name a file ending with {', '.join(suffixes)}; got {path!r}")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; name a file in it")
