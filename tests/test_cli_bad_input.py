@@ -33,6 +33,7 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (root / "file").write_text("not a folder")
     (root / "notes.txt").write_text("dear diary\nnot json either\n")
     (root / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    os.mkfifo(root / "fifo")
     torch.save({"w": torch.ones(2)}, root / "weights.pt")
     return {
         "run": str(root / "run"),
@@ -40,6 +41,7 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "file": str(root / "file"),
         "notes": str(root / "notes.txt"),
         "binary": str(root / "binary.bin"),
+        "fifo": str(root / "fifo"),
         "weights": str(root / "weights.pt"),
         "dir_st": str(root / "dir.safetensors"),
         "dir_png": str(root / "dir.png"),
@@ -115,6 +117,8 @@ CASES = [
     ("replay {notes}", FAILURE, "is not a haltpoint history"),
     ("replay {binary}", FAILURE, "is not a haltpoint history"),
     ("replay {file}", FAILURE, "is not a haltpoint history"),
+    ("replay {fifo}", FAILURE, "is not a regular file (a FIFO"),  # was "run directory ..."
+    ("replay /dev/null", FAILURE, "is not a regular file"),
     ("replay {empty}", FAILURE, "history.jsonl"),
     ("replay {run} --metric nope", USAGE, "--metric"),
     ("replay {run} --patience x", USAGE, "--patience"),

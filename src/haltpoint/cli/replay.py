@@ -76,13 +76,13 @@ def load_records(source: str) -> list[dict[str, Any]]:
     """The history records of a run directory, or of a `history.jsonl` file.
 
     Raises:
-        FileNotFoundError: `source` is neither.
+        FileNotFoundError: `source` does not exist.
         CheckpointNotFoundError: the run has no history, or it is empty.
         CorruptHistoryError: the history is no regular file, cannot be read, or no line of
             it is a history record.
         UnreadableCheckpointError: it cannot be read for lack of permission.
     """
-    if os.path.isfile(source):
+    if os.path.exists(source) and not os.path.isdir(source):  # a FIFO or device: said so
         return history_records(
             read_history_file(source),
             source,
