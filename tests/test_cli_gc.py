@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from haltpoint import Checkpointer
 from haltpoint.cli import main
+from haltpoint.errors import CheckpointNotFoundError
 from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
 from haltpoint.store.storage import LocalStorage
 
@@ -84,3 +86,36 @@ def test_gc_keep_best_after_a_monitor_change_keeps_the_best_the_writer_kept(tmp_
     code, out, _ = run_cli(capsys, "gc", str(run), "--keep-best", "1", "--monitor", "val_acc")
     assert code == 0 and "kept steps 5, 6" in out  # asked for by name: the user's ranking
     assert steps_on_disk(run) == [5, 6]
+
+
+def _raised(argv: list[str]) -> BaseException:
+    """What the command raises, before the error boundary turns it into one line."""
+    from haltpoint.cli.app import build_parser
+    from haltpoint.cli.output import Output
+
+    args = build_parser().parse_args(argv)
+    with pytest.raises(Exception) as raised:
+        args.handler(args, Output(io.StringIO(), io.StringIO(), terminal=False))
+    return raised.value
+
+
+def test_gc_keep_best_of_checkpoints_without_metrics_says_what_gc_can_keep(tmp_path: Path, capsys):
+    """It said "choose latest or a step", which is export's --which: gc has none."""
+    run = tmp_path / "run"
+    with Checkpointer(run, keep_last=3, async_save=False, capture_rng=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"w": torch.ones(2)})
+    assert main(["gc", str(run), "--keep-best", "1", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hold no metrics" in err and "--keep-last" in err, err
+    assert "choose latest" not in err
+    assert isinstance(_raised(["gc", str(run), "--keep-best", "1"]), CheckpointNotFoundError)
+    assert main(["ls", str(run)]) == 0  # ls tags no best, and says why
+    assert "no checkpoint tagged best: the checkpoints hold no metrics" in capsys.readouterr().err
+
+
+def test_gc_of_a_folder_without_checkpoints_is_checkpoint_not_found(tmp_path: Path, capsys):
+    (tmp_path / "history.jsonl").write_text("")
+    error = _raised(["gc", str(tmp_path), "--keep-last", "1"])
+    assert isinstance(error, CheckpointNotFoundError) and "holds no checkpoint" in str(error)
+    assert not (tmp_path / ".haltpoint.lock").exists()

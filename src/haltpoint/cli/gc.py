@@ -14,6 +14,7 @@ from haltpoint.cli.runinfo import (
     open_run,
     resolve_monitor,
 )
+from haltpoint.errors import CheckpointNotFoundError
 from haltpoint.policies.retention import (
     KeepBest,
     RetentionRule,
@@ -55,7 +56,8 @@ def plan_gc(
     record, as the writer's retention does: a monitor changed mid-run costs no run's best.
 
     Raises:
-        ValueError, TypeError: the settings are invalid, or best cannot be ranked.
+        ValueError, TypeError: the settings are invalid.
+        CheckpointNotFoundError: best cannot be ranked (the checkpoints hold no metrics).
     """
     entries = all_entries = [e for e in run.scan() if e.manifest is not None]
     reader = RunReader(run, None, "min")
@@ -63,7 +65,13 @@ def plan_gc(
     if keep_best > 0:  # ranked once, by what the manifests record (see resolve_monitor)
         manifests = [e.manifest for e in entries if e.manifest is not None]
         given = monitor
-        monitor, mode = resolve_monitor(manifests, monitor, mode, history=lambda: history_of(run))
+        monitor, mode = resolve_monitor(
+            manifests,
+            monitor,
+            mode,
+            history=lambda: history_of(run),
+            remedy="keep checkpoints by --keep-last N or --keep-every N instead",
+        )
         if given is None:
             recorded = recorded_rankings(manifests)
             others = recorded_best_rules([KeepBest(keep_best, monitor, mode)], recorded)
@@ -121,9 +129,10 @@ def run(args: argparse.Namespace, out: Output) -> int:
         )
     run_dir = open_run(args.directory)
     if not any(e.manifest is not None or e.error is not None for e in run_dir.scan()):
-        raise ValueError(
+        raise CheckpointNotFoundError(
             f"{args.directory} holds no checkpoint: it is not a haltpoint run, or an empty "
-            "one; gc changes nothing in it (and creates no lock file there)"
+            "one; gc changes nothing in it (and creates no lock file there)",
+            path=args.directory,
         )
     lock = WriterLock(run_dir.storage)
     lock.acquire()  # LockedError names the live writer

@@ -18,6 +18,7 @@ from haltpoint.cli.runinfo import (
     referenced_dirs,
     resolve_monitor,
 )
+from haltpoint.errors import CheckpointNotFoundError
 from haltpoint.policies.retention import best_record, commit_order
 from haltpoint.store.run_dir import RunDirectory, checkpoint_nbytes
 
@@ -91,7 +92,7 @@ def list_checkpoints(
             records = [Record(m.step, m.metrics) for m in manifests]
             best = best_record(records, name, direction)
             best_step = None if best is None else best.step
-        except ValueError as exc:
+        except (ValueError, CheckpointNotFoundError) as exc:
             if monitor is not None or mode is not None:
                 raise
             note = f"no checkpoint tagged best: {exc}"

@@ -245,6 +245,7 @@ def resolve_monitor(
     mode: str | None,
     *,
     history: Callable[[], Sequence[Mapping[str, Any]]],
+    remedy: str = "choose latest or a step",
 ) -> tuple[str, str]:
     """The metric and mode that rank checkpoints: given, else the ones the run's writer
     recorded in its manifests, else the only metric there is.
@@ -255,7 +256,8 @@ def resolve_monitor(
     Raises:
         UsageError: `monitor` is not a metric there, or several are and none was given (the
             message lists the metrics and names --monitor).
-        ValueError: the checkpoints hold no metrics.
+        CheckpointNotFoundError: the checkpoints hold no metrics, so none is best (the
+            message ends with `remedy`: what the command can do instead).
     """
     names = metric_names(manifests)
     recorded = recorded_ranking(manifests)
@@ -276,9 +278,8 @@ def resolve_monitor(
     if monitor is None:
         unrecorded = "" if recorded is None else " (and their writer recorded no monitor)"
         if not names:
-            raise ValueError(
-                f"the checkpoints hold no metrics{unrecorded}, so none is best; "
-                "choose latest or a step"
+            raise CheckpointNotFoundError(
+                f"the checkpoints hold no metrics{unrecorded}, so none is best; {remedy}"
             )
         if len(names) > 1:
             raise UsageError(
@@ -343,7 +344,7 @@ def select_entry(
         CheckpointNotFoundError: no such intact checkpoint (the message lists the steps).
         CorruptCheckpointError: the step's manifest is damaged (the message says how).
         UsageError: `which` is malformed (it names --which).
-        ValueError: "best" cannot be ranked (see `resolve_monitor`).
+        CheckpointNotFoundError: "best" cannot be ranked (see `resolve_monitor`).
     """
     scanned = run.scan()
     entries = committed(scanned)
