@@ -17,6 +17,7 @@ process never loads a torn checkpoint while a writer's retention evicts under it
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
@@ -422,6 +423,33 @@ def again_gc(run: Path, tmp: Path) -> None:
     assert main(["gc", str(run), *GC_ARGS]) == 0
 
 
+# import: a torch.save file as step 11 of a run holding steps 1-3; run again after a kill, it
+# imports (nothing was committed) or is refused in one line (step 11 is there)
+def build_import(run: Path, tmp: Path) -> None:
+    build_save(run, tmp)
+    torch.save({**values(11), "epoch": 11}, tmp / "model.pt")
+
+
+def run_import(run: Path, tmp: Path) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["import", str(tmp / "model.pt"), "-o", str(run), "--step", "11"])
+    return code, err.getvalue()
+
+
+def op_import(run: Path, tmp: Path, counter: Mutations) -> None:
+    assert run_import(run, tmp)[0] == 0
+
+
+def again_import(run: Path, tmp: Path) -> None:
+    committed = 11 in survey(run).intact
+    code, err = run_import(run, tmp)
+    if committed:
+        assert code == 1 and err.count("\n") == 1 and "is not newer than" in err, err
+    else:
+        assert code == 0, err
+
+
 def dead_pid() -> int:
     """The id of a process that has exited."""
     pid = os.fork()
@@ -445,6 +473,7 @@ SCENARIOS = [
         ],
     ),
     Scenario("gc", build_gc, op_gc, again_gc, removes={1, 3, 4}),
+    Scenario("import", build_import, op_import, again_import, adds={11}),
 ]
 
 

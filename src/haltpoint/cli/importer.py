@@ -241,7 +241,8 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
     bytes and how many checkpoint folders the run already held.
 
     Import writes its own checkpoint and nothing else: no retention, no clean-up of other
-    folders, so it never deletes anything it did not write.
+    folders, so it never deletes anything it did not write. In the folder of `step` it
+    removes only what an import (or save) of that step killed before its commit left there.
 
     Raises:
         ValueError: the run already holds a checkpoint (intact, damaged or unreadable) at
@@ -259,7 +260,7 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
                 f"--step {newest + 1} or more, or import into a new run directory"
             )
         flat = flatten_state(state)
-        run_dir.new_dirname(step)
+        run_dir.remove_uncommitted(run_dir.new_dirname(step))
         now = time.time()
         write_checkpoint(
             run_dir,

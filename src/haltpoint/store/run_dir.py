@@ -613,5 +613,22 @@ class RunDirectory:
         self.storage.remove_many(stale)
         return stale
 
+    def remove_uncommitted(self, dirname: str) -> list[str]:
+        """Delete what a save of the step of `dirname`, killed before its commit, left in that
+        folder: its tensor files that no manifest references (`remove_superseded`) and the
+        temporary files of its manifest or pin marker; return them.
+
+        For a writer about to save into a folder that holds no manifest (`new_dirname`), as
+        `haltpoint import` does, which cleans up nothing else: run again after a kill, it
+        would otherwise leave the killed import's tensor file there beside its own.
+        """
+        temps = [
+            rel
+            for rel in (f"{dirname}/{name}" for name in self.storage.listdir(dirname))
+            if is_temp_name(rel.rsplit("/", 1)[1], STEP_TEMP_OF) and not self.storage.is_folder(rel)
+        ]
+        self.storage.remove_many(temps)
+        return self.remove_superseded(dirname) + temps
+
     def _where(self, dirname: str) -> str:
         return f"{self.storage.url.rstrip('/')}/{dirname}/{MANIFEST_NAME}"
