@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from haltpoint import Checkpointer, load_best
-from haltpoint.cli import main
+from haltpoint.cli import demo, main
 from haltpoint.errors import CheckpointError, LockedError
 from haltpoint.reader import RunReader
 from haltpoint.store.dedup import MIN_DEDUP_BYTES
@@ -785,3 +785,32 @@ def test_a_reader_process_never_loads_a_torn_checkpoint_while_a_writer_evicts(tm
         kept = [c.step for c in reader.list()]
     best = min(range(steps), key=loss)
     assert sorted(kept) == sorted({best, steps - 2, steps - 1}), kept
+
+
+@pytest.mark.parametrize("killed", ["demo --fresh before its last unlink", "a new writer"])
+def test_demo_fresh_deletes_a_folder_holding_only_a_killed_process_s_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], killed: str
+):
+    """All a --fresh killed just before it removed the lock file leaves is that lock file (a
+    writer killed before its first save leaves the same): --fresh again was refused, "it does
+    not look like a haltpoint run", and the user had to delete the folder by hand."""
+    run = tmp_path / "run"
+    if killed == "a new writer":
+
+        def kill(counter: Mutations) -> None:
+            writer(run)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        assert in_child(run, None, kill).killed
+    else:
+        assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+        first = tmp_path / "first"
+        shutil.copytree(run, first)
+        clean = in_child(first, None, lambda counter: demo._delete_run(str(first)))
+        n = clean.report["calls"].index(f"unlink {LOCK_NAME}") + 1
+        assert in_child(run, n, lambda counter: demo._delete_run(str(run))).killed
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
+    capsys.readouterr()
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 0
+    assert capsys.readouterr().out.startswith("training from scratch")
+    assert survey(run).intact == {0}

@@ -74,9 +74,13 @@ def _looks_like_run(path: str) -> bool:
 
     A stray `.haltpoint.lock` (left by `gc` or a writer opened on a wrong folder) is not
     evidence of a run, and neither is a `step-*` folder without a valid manifest, nor a
-    `history.jsonl` of another tool (JSON lines without haltpoint's checksum).
+    `history.jsonl` of another tool (JSON lines without haltpoint's checksum). A folder
+    holding nothing but the lock is as good as empty: a --fresh killed just before its end
+    leaves one (so does a writer killed before its first save), and the next --fresh must
+    finish the job.
     """
-    if not os.listdir(path) or _has_checked_history(os.path.join(path, HISTORY_NAME)):
+    names = os.listdir(path)
+    if names in ([], [LOCK_NAME]) or _has_checked_history(os.path.join(path, HISTORY_NAME)):
         return True
     return any(e.manifest is not None for e in RunDirectory(LocalStorage(path)).scan())
 
