@@ -38,7 +38,9 @@ import torch
 
 from haltpoint import Checkpointer, load_best
 from haltpoint.cli import demo, main
+from haltpoint.demo.model import DigitsNet
 from haltpoint.errors import CheckpointError, LockedError
+from haltpoint.plotting import MissingDependencyError
 from haltpoint.reader import RunReader
 from haltpoint.store.dedup import MIN_DEDUP_BYTES
 from haltpoint.store.history import read_history
@@ -450,6 +452,30 @@ def again_import(run: Path, tmp: Path) -> None:
         assert code == 0, err
 
 
+# demo --fresh: deletes a previous demo run whole (as asked: no step is to stay), then trains
+# from scratch. The kills come in the deletion (the training is the save scenario's), with the
+# folder listed in name order, so that the history goes before the step folder
+def build_fresh(run: Path, tmp: Path) -> None:
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+
+
+def op_fresh(run: Path, tmp: Path, counter: Mutations) -> None:
+    real_listdir = os.listdir
+    os.listdir = lambda path=".": sorted(real_listdir(path))  # type: ignore[assignment]
+    demo._delete_run(str(run))
+
+
+def again_fresh(run: Path, tmp: Path) -> None:
+    def no_plot(*args: Any, **kwargs: Any) -> None:
+        raise MissingDependencyError("no plot in this test")  # half the demo's time
+
+    real, demo.plot_history = demo.plot_history, no_plot  # type: ignore[assignment]
+    try:
+        assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 0
+    finally:
+        demo.plot_history = real  # type: ignore[assignment]
+
+
 def dead_pid() -> int:
     """The id of a process that has exited."""
     pid = os.fork()
@@ -474,6 +500,16 @@ SCENARIOS = [
     ),
     Scenario("gc", build_gc, op_gc, again_gc, removes={1, 3, 4}),
     Scenario("import", build_import, op_import, again_import, adds={11}),
+    Scenario(
+        "fresh",
+        build_fresh,
+        op_fresh,
+        again_fresh,
+        removes={0},
+        monitor="val_loss",
+        state=lambda: {"model": DigitsNet()},
+        compare=False,
+    ),
 ]
 
 

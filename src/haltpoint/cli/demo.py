@@ -40,6 +40,7 @@ from haltpoint.store.history import (
     read_history_file,
 )
 from haltpoint.store.lock import LOCK_NAME, WriterLock, read_holder
+from haltpoint.store.manifest import MANIFEST_NAME
 from haltpoint.store.quarantine import QUARANTINE_DIR
 from haltpoint.store.run_dir import (
     DCP_NAME,
@@ -142,8 +143,11 @@ def _delete_run(path: str) -> None:
 
     The checks run first without the lock (so a folder that is no run gets no lock file),
     then the lock is taken and the contents checked again: from then on a trainer that opens
-    the run is refused with `LockedError` until the folder is gone. The lock file goes last,
-    while still locked; a writer waiting on it then finds it deleted and starts a new one.
+    the run is refused with `LockedError` until the folder is gone. Each checkpoint loses
+    its manifest before its data, and the history goes after every checkpoint: a --fresh
+    killed midway leaves no damaged checkpoint, and a run the next --fresh recognises. The
+    lock file goes last, while still locked; a writer waiting on it then finds it deleted and
+    starts a new one.
 
     Raises:
         ValueError: `path` is a symbolic link, no haltpoint run, holds a foreign entry, or a
@@ -173,13 +177,16 @@ def _delete_run(path: str) -> None:
         _refuse_a_link(path)  # again: what changed before the lock was ours
         _refuse_foreign(path)
         _refuse_other_runs(path)
-        for name in os.listdir(path):
-            if name != LOCK_NAME:
-                full = os.path.join(path, name)
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full)
-                else:
-                    os.unlink(full)
+        names = sorted(name for name in os.listdir(path) if name != LOCK_NAME)
+        for name in sorted(names, key=lambda name: name == HISTORY_NAME):
+            full = os.path.join(path, name)
+            if os.path.isdir(full) and not os.path.islink(full):
+                if parse_step(name) is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(full, MANIFEST_NAME))
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)
         os.unlink(os.path.join(path, LOCK_NAME))
         try:
             os.rmdir(path)
