@@ -212,6 +212,9 @@ class Survey:
     sequence: dict[int, int] = field(default_factory=dict)
     contents: dict[int, dict[str, str]] = field(default_factory=dict)  # the tensors' hashes
     referenced: set[str] = field(default_factory=set)  # by a manifest, quarantined ones too
+    pinned: set[int] = field(default_factory=set)
+    manifests: dict[int, bytes] = field(default_factory=dict)  # the manifests' own bytes
+    held: set[bytes] = field(default_factory=set)  # the quarantined manifests' bytes
 
 
 def survey(run: Path) -> Survey:
@@ -225,6 +228,9 @@ def survey(run: Path) -> Survey:
             out.broken[entry.step] = str(entry.error)
         if entry.manifest is None:
             continue
+        out.manifests[entry.step] = (run / entry.dirname / MANIFEST_NAME).read_bytes()
+        if entry.pinned:
+            out.pinned.add(entry.step)
         out.committed[entry.step] = dict(entry.manifest.metrics)
         out.sequence[entry.step] = entry.manifest.sequence or 0
         out.contents[entry.step] = {k: r.hash for k, r in entry.manifest.tensors.items()}
@@ -235,6 +241,7 @@ def survey(run: Path) -> Survey:
         else:
             out.damaged[entry.step] = damage
     for held in run_dir.quarantined():
+        out.held.add((run / held.path).read_bytes())
         if held.manifest is not None:
             out.referenced |= set(held.manifest.files())
     return out
@@ -273,9 +280,9 @@ def values(step: int) -> dict[str, torch.Tensor]:
 SHAPES = tuple(values(0).items())
 
 
-def save_steps(ckpt: Checkpointer, steps: Iterable[int]) -> None:
+def save_steps(ckpt: Checkpointer, steps: Iterable[int], pin: Iterable[int] = ()) -> None:
     for step in steps:
-        ckpt.save(step, values(step), {"loss": LOSS[step]})
+        ckpt.save(step, values(step), {"loss": LOSS[step]}, pin=step in pin)
 
 
 def writer(run: Path, **kwargs: Any) -> Checkpointer:
@@ -307,7 +314,8 @@ class Scenario:
     operation is asked to remove; `adds`: the steps it commits; `kept_before`: the intact
     steps it starts from when `op` makes them itself; `keeps`: files besides the foreign ones
     whose bytes must survive; `state`: what a restore loads into; `compare`: whether loaded
-    tensors are compared with `values`."""
+    tensors are compared with `values`; `varies`: what of the end may differ from an
+    uninterrupted run's, and why."""
 
     name: str
     build: Callable[[Path, Path], None]
@@ -320,10 +328,11 @@ class Scenario:
     monitor: str = "loss"
     state: Callable[[], dict[str, Any]] = lambda: {k: torch.zeros_like(v) for k, v in SHAPES}
     compare: bool = True
+    varies: tuple[str, ...] = ()  # what of the `Outcome` may differ from an uninterrupted run
 
 
-# save + retention: steps 1-3 (2 the best); saving 4 with keep_last=2 evicts step 1, whose
-# tensor file holds "frozen" for all of them (the file stays)
+# save + retention: steps 1-3 (2 the best); saving 4 (pinned) with keep_last=2 evicts step 1,
+# whose tensor file holds "frozen" for all of them (the file stays)
 def build_save(run: Path, tmp: Path) -> None:
     with writer(run, keep_last=3) as ckpt:
         save_steps(ckpt, [1, 2, 3])
@@ -332,7 +341,7 @@ def build_save(run: Path, tmp: Path) -> None:
 
 def op_save(run: Path, tmp: Path, counter: Mutations) -> None:
     with writer(run) as ckpt:
-        save_steps(ckpt, [4])
+        save_steps(ckpt, [4], pin=[4])
 
 
 def again_save(run: Path, tmp: Path) -> None:
@@ -340,7 +349,28 @@ def again_save(run: Path, tmp: Path) -> None:
     with writer(run) as ckpt:
         info = ckpt.restore(values(0))
         assert info is not None
-        save_steps(ckpt, range(info.step + 1, 6))
+        save_steps(ckpt, range(info.step + 1, 6), pin=[4])
+
+
+# retention and restore set a damaged checkpoint aside: steps 1-3, step 3's tensors damaged;
+# saving 4 verifies 3 (keep_last keeps it in place of 1), moves its manifest to quarantine/,
+# and evicts 1; a writer's restore falls back past 3 to 2 and moves it aside too
+def build_damaged(run: Path, tmp: Path) -> None:
+    build_save(run, tmp)
+    tensors = run / checkpoint_dirname(3) / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0x10
+    tensors.write_bytes(bytes(data))
+
+
+def op_restore(run: Path, tmp: Path, counter: Mutations) -> None:
+    with writer(run) as ckpt:
+        info = ckpt.restore(values(0))
+        assert info is not None and info.step == 2
+
+
+def again_restore(run: Path, tmp: Path) -> None:
+    op_restore(run, tmp, Mutations(run, None))
 
 
 # a re-save: the commit of step 3 failed once (its tensor file stays), then step 3 is saved
@@ -487,6 +517,25 @@ def dead_pid() -> int:
 
 SCENARIOS = [
     Scenario("save", build_save, op_save, again_save, removes={1}, adds={4}),
+    Scenario(
+        "retention-quarantine",
+        build_damaged,
+        op_save,
+        again_save,
+        removes={1},
+        adds={4},
+        keeps=[f"{checkpoint_dirname(3)}/tensors.safetensors"],
+        # killed after step 4's commit, before it set 3 aside: the resumed run's save of 5
+        # keeps 4 and 5, not 3, and removes it (damaged, kept by no rule) instead
+        varies=("files",),
+    ),
+    Scenario(
+        "restore-quarantine",
+        build_damaged,
+        op_restore,
+        again_restore,
+        keeps=[f"{checkpoint_dirname(3)}/tensors.safetensors"],
+    ),
     Scenario("resave", build_resave, op_resave, again_resave, adds={3}, kept_before={2}),
     Scenario(
         "open",
@@ -541,9 +590,14 @@ def check_after_crash(scenario: Scenario, run: Path, before: Survey, foreign: di
     after = survey(run)
     # (a) nothing committed is half there; what was not to go is still intact
     assert not after.broken, after.broken
-    assert not after.damaged, after.damaged
+    assert set(after.damaged) <= set(before.damaged), after.damaged  # damaged before: stays
     kept_before = before.intact if scenario.kept_before is None else scenario.kept_before
     assert kept_before - scenario.removes <= after.intact, kept_before - after.intact
+    assert before.pinned <= after.pinned
+    # ... and every manifest not to go is in its folder, or set aside in quarantine/
+    for step, manifest in before.manifests.items():
+        if step not in scenario.removes:
+            assert manifest in {after.manifests.get(step), *after.held}, step
     # (b) no byte haltpoint did not write, nor a quarantined checkpoint's, is lost
     now = hashes(run) if run.exists() else {}
     assert {k: now.get(k) for k in foreign} == foreign
@@ -569,9 +623,10 @@ class Outcome:
     """Where a run ends up: compared between a recovered run and an uninterrupted one."""
 
     steps: dict[int, dict[str, float]]
+    pinned: set[int]
     contents: dict[int, dict[str, str]]  # step: the hash of each tensor
     garbage: list[str]
-    history: list[int]
+    history: set[int]  # the steps with a line (a resumed run may save a step twice)
     files: set[str]  # outside step folders (those hold tensor files under varying names)
 
 
@@ -581,9 +636,10 @@ def outcome(run: Path) -> Outcome:
     files = {k for k in (hashes(run) if run.exists() else {}) if not k.startswith("step-")}
     return Outcome(
         steps=found.committed,
+        pinned=found.pinned,
         contents={s: found.contents[s] for s in sorted(found.intact)},
         garbage=garbage(run),
-        history=[r["step"] for r in read_history(LocalStorage(run, create=False))],
+        history={r["step"] for r in read_history(LocalStorage(run, create=False))},
         files=files,
     )
 
@@ -613,10 +669,11 @@ def crash_and_recover(
     got = outcome(run)
     # a kill between a commit and its history line loses that line (the history is for plots
     # and replay: nothing that keeps or restores a checkpoint reads it)
-    lost = [s for s in reference.history if s not in got.history]
-    assert set(lost) <= scenario.adds, lost
-    if got.history == [s for s in reference.history if s not in lost]:
-        got.history = reference.history
+    lost = reference.history - got.history
+    assert lost <= scenario.adds and got.history <= reference.history, lost
+    got.history = reference.history
+    for name in scenario.varies:
+        setattr(got, name, getattr(reference, name))
     assert got == reference, (got, reference)
     shutil.rmtree(where)
 
