@@ -3,7 +3,8 @@
 Every write-side operation (save + retention, a re-save that supersedes a tensor file, the
 writer's clean-up at open, `haltpoint gc`, `haltpoint import`, `haltpoint demo --fresh`) runs
 in a forked child that is SIGKILLed just before its N-th file-system mutation, for every N
-(a write is torn: half of it lands first). After each crash the run directory, read directly,
+(a write is torn: half of it lands first; fsyncs are counted, but a kill before one is the
+kill before the next mutation). After each crash the run directory, read directly,
 still holds every intact checkpoint the operation was not asked to remove, no committed
 checkpoint that fails to verify, and every byte haltpoint did not write; readers load the
 right intact checkpoint or raise a `CheckpointError`; the dead process's lock blocks nobody;
@@ -185,17 +186,20 @@ def in_child(root: Path, crash_at: int | None, fn: Callable[[Mutations], Any]) -
     return ChildResult(killed, json.loads(data) if data else {})
 
 
-def crash_points(total: int) -> list[int]:
-    """1..total, or MAX_POINTS of them evenly spread (the first and the last included)."""
-    if total <= MAX_POINTS:
-        return list(range(1, total + 1))
-    return sorted({1 + round(i * (total - 1) / (MAX_POINTS - 1)) for i in range(MAX_POINTS)})
+def crash_points(calls: list[str]) -> list[int]:
+    """The mutations to kill before: every one but an fsync (a kill just before an fsync
+    leaves what a kill just before the next mutation leaves: the page cache outlives the
+    process), or MAX_POINTS of them evenly spread, the first and the last included."""
+    points = [n for n, call in enumerate(calls, 1) if not call.startswith("fsync ")]
+    if len(points) <= MAX_POINTS:
+        return points
+    return [points[round(i * (len(points) - 1) / (MAX_POINTS - 1))] for i in range(MAX_POINTS)]
 
 
-def test_crash_points_cover_every_mutation_or_an_even_sample():
-    assert crash_points(5) == [1, 2, 3, 4, 5]
-    sample = crash_points(400)
-    assert len(sample) == MAX_POINTS and sample[0] == 1 and sample[-1] == 400
+def test_crash_points_are_every_mutation_but_fsyncs_or_an_even_sample():
+    assert crash_points(["open a", "write a", "fsync a", "replace a"]) == [1, 2, 4]
+    sample = crash_points([f"unlink {n}" for n in range(400)])
+    assert len(set(sample)) == MAX_POINTS and sample[0] == 1 and sample[-1] == 400
 
 
 # -- reading a run directly ----------------------------------------------------------------------
@@ -696,7 +700,7 @@ def run_campaign(scenario: Scenario, tmp_path: Path, capsys: pytest.CaptureFixtu
     reference = outcome(run)
     assert reference.garbage == [], reference.garbage
     failures = []
-    for n in crash_points(len(calls)):
+    for n in crash_points(calls):
         try:
             crash_and_recover(
                 scenario, template, tmp_path / f"crash-{n}", n, before, foreign, reference
