@@ -894,3 +894,29 @@ def test_verify_and_ls_report_an_io_error_as_unreadable_not_damaged(
     monkeypatch.undo()
     assert [e["status"] for e in listed if e["step"] == 3] == ["unreadable"]
     assert not (run / "quarantine").exists()
+
+
+@pytest.mark.parametrize("kind", ["no run", "foreign", "another run", "link"])
+def test_demo_fresh_refusals_are_checkpoint_errors(tmp_path: Path, kind: str):
+    """What the run directory holds makes --fresh refuse: a `CheckpointError`, like every
+    other failure a run directory causes (they were bare `ValueError`s)."""
+    from haltpoint.cli.demo import _delete_run
+
+    run = tmp_path / "run"
+    if kind == "no run":
+        run.mkdir()
+        (run / "notes.txt").write_text("precious")
+    elif kind == "another run":
+        make_run(run)
+    else:
+        assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+        if kind == "foreign":
+            (run / "notes.txt").write_text("precious")
+        else:
+            os.symlink(run, tmp_path / "link")
+            run = tmp_path / "link"
+    before = hashes(tmp_path)
+    with pytest.raises(CheckpointError, match="--fresh deletes") as refused:
+        _delete_run(str(run))
+    assert refused.value.path == str(run) and "\n" not in str(refused.value)
+    assert hashes(tmp_path) == before

@@ -30,7 +30,7 @@ from haltpoint.demo.train import (
     is_demo_checkpoint,
     train_demo,
 )
-from haltpoint.errors import LockedError, first_line
+from haltpoint.errors import CheckpointError, LockedError, first_line
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import (
@@ -150,18 +150,19 @@ def _delete_run(path: str) -> None:
     starts a new one.
 
     Raises:
-        ValueError: `path` is a symbolic link, no haltpoint run, holds a foreign entry, or a
-            checkpoint the demo did not save (or whose manifest cannot be read).
+        CheckpointError: `path` is a symbolic link, no haltpoint run, holds a foreign entry,
+            or a checkpoint the demo did not save (or whose manifest cannot be read).
         LockedError: a writer holds the run (naming it); nothing was deleted.
     """
     if not os.path.lexists(path):
         return
     _refuse_a_link(path)
     if not os.path.isdir(path) or not _looks_like_run(path):
-        raise ValueError(
+        raise CheckpointError(
             f"--fresh deletes {path}, but it does not look like a haltpoint run (no "
             f"{HISTORY_NAME} and no committed checkpoint); delete it yourself or pick "
-            "another --run-dir"
+            "another --run-dir",
+            path=path,
         )
     _refuse_foreign(path)
     _refuse_other_runs(path)
@@ -197,18 +198,20 @@ def _delete_run(path: str) -> None:
 
 def _refuse_a_link(path: str) -> None:
     if os.path.islink(os.path.normpath(path)):  # `link/` and `link/.` lead through it too
-        raise ValueError(
+        raise CheckpointError(
             f"--fresh deletes {path}, but it is a symbolic link; delete the run it points to "
-            "yourself or pick another --run-dir"
+            "yourself or pick another --run-dir",
+            path=path,
         )
 
 
 def _refuse_foreign(path: str) -> None:
     foreign = _foreign_entry(path)
     if foreign is not None:
-        raise ValueError(
+        raise CheckpointError(
             f"--fresh deletes {path}, but it holds {foreign}, which haltpoint did not write; "
-            "move it out, or delete the folder yourself"
+            "move it out, or delete the folder yourself",
+            path=path,
         )
 
 
@@ -219,31 +222,35 @@ def _refuse_other_runs(path: str) -> None:
     if os.path.isdir(os.path.join(path, QUARANTINE_DIR)):
         for held in run.quarantined():
             where = os.path.join(path, held.path)
-            if held.manifest is None:
-                raise ValueError(
+            if held.manifest is None:  # `error` says why
+                raise CheckpointError(
                     f"--fresh deletes {path}, but the quarantined manifest {where} cannot be "
-                    f"read ({first_line(held.error or ValueError())}), so it may be another "
+                    f"read ({first_line(held.error) if held.error else ''}), so it may be another "
                     "run's; nothing was deleted: delete the folder yourself or pick another "
-                    "--run-dir"
+                    "--run-dir",
+                    path=path,
                 )
             if not is_demo_checkpoint(held.manifest):
-                raise ValueError(
+                raise CheckpointError(
                     f"--fresh deletes {path}, but the quarantined manifest {where} is not the "
                     f"demo's (it holds {', '.join(sorted(held.manifest.tree))}); nothing was "
-                    "deleted: delete the folder yourself or pick another --run-dir"
+                    "deleted: delete the folder yourself or pick another --run-dir",
+                    path=path,
                 )
     for entry in run.scan():
         if entry.error is not None:
-            raise ValueError(
+            raise CheckpointError(
                 f"--fresh deletes {path}, but the manifest of {entry.dirname} cannot be read "
                 f"({first_line(entry.error)}), so it may be another run's; nothing was "
-                "deleted: delete the folder yourself or pick another --run-dir"
+                "deleted: delete the folder yourself or pick another --run-dir",
+                path=path,
             )
         if entry.manifest is not None and not is_demo_checkpoint(entry.manifest):
-            raise ValueError(
+            raise CheckpointError(
                 f"--fresh deletes {path}, but its checkpoint of step {entry.step} is not the "
                 f"demo's (it holds {', '.join(sorted(entry.manifest.tree))}); nothing was "
-                "deleted: delete the folder yourself or pick another --run-dir"
+                "deleted: delete the folder yourself or pick another --run-dir",
+                path=path,
             )
 
 
