@@ -124,6 +124,17 @@ def test_export_refuses_a_damaged_checkpoint(run_dir: Path, tmp_path: Path, caps
     assert not target.exists()
 
 
+def test_a_missing_tensor_file_is_said_as_verify_says_it(run_dir: Path, tmp_path: Path, capsys):
+    """export (and restore) said "[Errno 2] No such file or directory: '...'", the path twice
+    and the errno that no other message shows."""
+    (run_dir / "step-000000001" / "tensors.safetensors").unlink()
+    target = tmp_path / "m.safetensors"
+    code, _, err = run_cli(capsys, "export", str(run_dir), "--which", "1", "-o", str(target))
+    assert code == 1 and err.count("\n") == 1, err
+    assert "step-000000001/tensors.safetensors: tensor 'model.bias': the file is missing;" in err
+    assert "Errno" not in err and not target.exists()
+
+
 @pytest.mark.parametrize(
     ("weights", "name"),
     [

@@ -410,11 +410,11 @@ def read_tensors(
         except _TensorDamage as e:
             if not_damage(e.cause):  # an I/O error while the data was read
                 raise _unreadable(storage, file, e.cause) from None
-            raise _corrupt(storage, file, f"tensor {e.key!r}: {e.cause}") from None
+            raise _corrupt(storage, file, f"tensor {e.key!r}: {_cause(e.cause)}") from None
         except (OSError, EOFError, _Damage, CorruptCheckpointError) as e:
             if not_damage(e):  # no permission, EIO, ...: no fall-back, nothing set aside
                 raise _unreadable(storage, file, e) from None
-            raise _corrupt(storage, file, f"tensor {key!r}: {e}") from None
+            raise _corrupt(storage, file, f"tensor {key!r}: {_cause(e)}") from None
     return {key: out[key] for key in records}
 
 
