@@ -920,3 +920,32 @@ def test_demo_fresh_refusals_are_checkpoint_errors(tmp_path: Path, kind: str):
         _delete_run(str(run))
     assert refused.value.path == str(run) and "\n" not in str(refused.value)
     assert hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("whose", ["another run's", "the demo's"])
+def test_demo_fresh_deletes_a_history_alone_only_when_it_is_the_demo_s(
+    tmp_path: Path, capsys, whose: str
+):
+    """A folder holding nothing but another run's history.jsonl (its checkpoints gone) looks
+    like a run, and --fresh deleted it: nothing in it was the demo's."""
+    run = tmp_path / "run"
+    if whose == "another run's":
+        with Checkpointer(run, keep_last=2, async_save=False, capture_rng=False) as ckpt:
+            for step in (1, 2):
+                ckpt.save(step, {"w": torch.ones(2)}, {"loss": 1.0 / step})
+    else:
+        assert main(["demo", "--run-dir", str(run), "--epochs", "2"]) == 0
+    for folder in run.glob("step-*"):
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()
+    capsys.readouterr()
+    before = hashes(run)
+    code = main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"])
+    err = capsys.readouterr().err
+    if whose == "the demo's":
+        assert code == 0, err
+        return
+    assert code == 1 and err.count("\n") == 1, err
+    assert "line 1 of its history.jsonl" in err and "nothing was deleted" in err
+    assert hashes(run) == before

@@ -35,6 +35,7 @@ from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import (
     HISTORY_NAME,
+    decode_record,
     is_checked_record,
     read_history,
     read_history_file,
@@ -58,6 +59,7 @@ __all__ = ["DEFAULT_RUN_DIR", "PLOT_NAME", "register", "run"]
 DEFAULT_RUN_DIR = os.path.join("runs", "demo")
 PLOT_NAME = "curves.png"
 _QUARANTINED = re.compile(r"^step-[0-9]{9,}-[0-9]+\.json$")
+_METRICS = frozenset({"train_loss", MONITOR, "val_acc"})  # what the demo saves every epoch
 
 _EPILOG = """\
   haltpoint demo                              train into runs/demo (about 20 s on a laptop)
@@ -217,7 +219,8 @@ def _refuse_foreign(path: str) -> None:
 
 def _refuse_other_runs(path: str) -> None:
     """Refuse a run holding a checkpoint the demo did not save, or one it cannot read; and
-    so for a quarantined manifest (its data is in the run's step folders too)."""
+    so for a quarantined manifest (its data is in the run's step folders too), and for a
+    history record of another run (a history may be all that is left of one)."""
     run = RunDirectory(LocalStorage(path, create=False))
     if os.path.isdir(os.path.join(path, QUARANTINE_DIR)):
         for held in run.quarantined():
@@ -249,6 +252,20 @@ def _refuse_other_runs(path: str) -> None:
             raise CheckpointError(
                 f"--fresh deletes {path}, but its checkpoint of step {entry.step} is not the "
                 f"demo's (it holds {', '.join(sorted(entry.manifest.tree))}); nothing was "
+                "deleted: delete the folder yourself or pick another --run-dir",
+                path=path,
+            )
+    history = os.path.join(path, HISTORY_NAME)
+    lines = read_history_file(history).split(b"\n") if os.path.isfile(history) else []
+    for number, line in enumerate(lines, 1):
+        if not is_checked_record(line):  # a torn line, or another tool's: no evidence
+            continue
+        metrics = decode_record(line).get("metrics")
+        if not isinstance(metrics, dict) or set(metrics) != _METRICS:
+            names = ", ".join(sorted(map(str, metrics))) if isinstance(metrics, dict) else ""
+            raise CheckpointError(
+                f"--fresh deletes {path}, but line {number} of its {HISTORY_NAME} is another "
+                f"run's (its metrics are {names or 'none'}, not the demo's); nothing was "
                 "deleted: delete the folder yourself or pick another --run-dir",
                 path=path,
             )
