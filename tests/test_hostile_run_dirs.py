@@ -764,3 +764,194 @@ def test_a_damaged_checkpoint_passed_over_from_python_c_is_a_warning(run: Path) 
     assert done.returncode == 0, done.stderr
     assert done.stdout == "1\n"
     assert "time 1e+300 is not a unix time" in done.stderr
+
+
+# -- every command over every kind of hostile run directory: one line, no hang, no code run ----
+
+_STEP = "step-000000002"  # make_run's newest step; step 1 stays intact
+
+
+def _replace(run: Path, rel: str, make: Callable[[Path], None]) -> None:
+    path = run / rel
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    make(path)
+
+
+def _truncate(size: int) -> Callable[[Path], None]:
+    def grow(path: Path) -> None:
+        with open(path, "r+b") as f:
+            f.truncate(size)  # sparse: no disk used
+
+    return grow
+
+
+def _append(data: bytes) -> Callable[[Path], None]:
+    def add(path: Path) -> None:
+        with open(path, "ab") as f:
+            f.write(data)
+
+    return add
+
+
+def _checked(body: dict[str, Any]) -> str:
+    line = json.dumps(body, separators=(",", ":"))
+    return f'{line[:-1]},"checksum":"{hash_bytes(line.encode())}"}}\n'
+
+
+def _odd_records(path: Path) -> None:
+    lines = [{"step": 3, "time": 1.0, "metrics": {"val_loss": v}} for v in ("NaN", "-Infinity")]
+    lines += [{"step": s, "time": 1.0, "metrics": {"val_loss": 1e308}} for s in (-1, 2**70, "4")]
+    lines += [{"step": 5, "time": "x", "metrics": [1]}, {"step": 6, "stopper": {"best": [1]}}]
+    with open(path, "a") as f:
+        f.write("".join(_checked(body) for body in lines))
+
+
+def _nested_folders(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(300):  # deeper than PATH_MAX allows to name from the top
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+
+
+def _pickle_claimed_as_shards(run: Path) -> None:
+    """A sharded record whose `.metadata` is a pickle that would create a file if run."""
+    import pickle
+
+    import xxhash
+
+    class Payload:
+        def __reduce__(self) -> Any:
+            return (os.mkdir, (str(run.parent / "PWNED"),))
+
+    data = pickle.dumps(Payload())
+    (run / _STEP / "dcp").mkdir()
+    (run / _STEP / "dcp" / ".metadata").write_bytes(data)
+    files = {".metadata": {"size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}}
+    record = {"world_size": 1, "entries": ["model"], "files": files}
+    craft(run, 2, _set(lambda body: body["extra"], "sharded", record))
+
+
+HOSTILE: dict[str, Callable[[Path], None]] = {
+    "manifest-fifo": lambda r: _replace(r, f"{_STEP}/manifest.json", os.mkfifo),
+    "manifest-folder": lambda r: _replace(r, f"{_STEP}/manifest.json", Path.mkdir),
+    "manifest-link-out": lambda r: _replace(
+        r, f"{_STEP}/manifest.json", lambda p: p.symlink_to("/etc/hostname")
+    ),
+    "manifest-3-GiB": lambda r: _truncate(3 << 30)(r / _STEP / "manifest.json"),
+    "manifest-empty": lambda r: (r / _STEP / "manifest.json").write_bytes(b""),
+    "manifest-binary": lambda r: (r / _STEP / "manifest.json").write_bytes(bytes(range(256))),
+    "manifest-json-bomb": lambda r: (r / _STEP / "manifest.json").write_bytes(
+        b"[" * 200_000 + b"]" * 200_000
+    ),
+    "tensors-fifo": lambda r: _replace(r, f"{_STEP}/tensors.safetensors", os.mkfifo),
+    "tensors-folder": lambda r: _replace(r, f"{_STEP}/tensors.safetensors", Path.mkdir),
+    "tensors-link-to-dev-zero": lambda r: _replace(
+        r, f"{_STEP}/tensors.safetensors", lambda p: p.symlink_to("/dev/zero")
+    ),
+    "tensors-3-GiB": lambda r: _truncate(3 << 30)(r / _STEP / "tensors.safetensors"),
+    "tensors-empty": lambda r: (r / _STEP / "tensors.safetensors").write_bytes(b""),
+    "tensors-missing": lambda r: (r / _STEP / "tensors.safetensors").unlink(),
+    "tensors-header-of-2**63": lambda r: (r / _STEP / "tensors.safetensors").write_bytes(
+        (2**63).to_bytes(8, "little") + b"{}"
+    ),
+    "history-fifo": lambda r: _replace(r, "history.jsonl", os.mkfifo),
+    "history-folder": lambda r: _replace(r, "history.jsonl", Path.mkdir),
+    "history-link-out": lambda r: _replace(
+        r, "history.jsonl", lambda p: p.symlink_to("/etc/hostname")
+    ),
+    "history-garbage": lambda r: _append(
+        b"garbage\n\xff\xfe\x00\n{}\n[1,2]\nnull\n" + b"{" * 10_000 + b"\n"
+    )(r / "history.jsonl"),
+    "history-json-bomb": lambda r: _append(b"[" * 500_000 + b"]" * 500_000 + b"\n")(
+        r / "history.jsonl"
+    ),
+    "history-8-MiB-line": lambda r: _append(b"x" * (8 << 20))(r / "history.jsonl"),
+    "history-only-bad-bytes": lambda r: (r / "history.jsonl").write_bytes(b"\xff\xfe\n" * 1000),
+    "history-nan-inf-odd-steps": lambda r: _odd_records(r / "history.jsonl"),
+    "non-utf8-names": lambda r: (
+        os.mkdir(os.path.join(os.fsencode(r), b"step-\xff\xfe")),
+        (r / _STEP / os.fsdecode(b"\xff.safetensors")).write_bytes(b"x"),
+    ),
+    "folders-300-deep": lambda r: _nested_folders(r / _STEP),
+    "step-link-out": lambda r: os.symlink("/etc", r / "step-000000009"),
+    "step-link-in": lambda r: os.symlink(r / "step-000000001", r / "step-000000009"),
+    "quarantine-file": lambda r: (r / "quarantine").write_text("x"),
+    "quarantine-fifo": lambda r: os.mkfifo(r / "quarantine"),
+    "quarantine-junk": lambda r: (
+        (r / "quarantine").mkdir(),
+        (r / "quarantine" / "step-000000002-1.json").write_bytes(b"junk"),
+        os.mkfifo(r / "quarantine" / "step-000000003-1.json"),
+    ),
+    "lock-fifo": lambda r: _replace(r, ".haltpoint.lock", os.mkfifo),
+    "lock-folder": lambda r: _replace(r, ".haltpoint.lock", Path.mkdir),
+    "lock-binary": lambda r: (r / ".haltpoint.lock").write_bytes(b"\xff" * 100),
+    "shards-claimed-by-a-pickle": _pickle_claimed_as_shards,
+    "dcp-folder-of-junk": lambda r: (
+        (r / _STEP / "dcp").mkdir(),
+        (r / _STEP / "dcp" / ".metadata").write_bytes(b"\x80\x04junk"),
+    ),
+    "pinned-fifo": lambda r: os.mkfifo(r / _STEP / "pinned"),
+    "2000-empty-step-folders": lambda r: [
+        (r / f"step-{i:09d}").mkdir() for i in range(10, 2010)
+    ],
+}  # fmt: skip
+
+COMMAND_LINES = [
+    "ls {run}",
+    "ls {run} --json",
+    "show {run}",
+    "show {run} --step 2 --json",
+    "verify {run} --json",
+    "export {run} -o {out}/m.safetensors",
+    "export {run} --which 2 -o {out}/m.safetensors",
+    "gc {run} --keep-last 1 --dry-run",
+    "gc {run} --keep-last 1",
+    "plot {run} -o {out}/c.png",
+    "replay {run} --json",
+    "replay {run}/history.jsonl",
+    "import {out}/w.pt -o {run} --step 100",
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("hostile-base")
+    make_run(base / "run")
+    torch.save({"w": torch.ones(2)}, base / "w.pt")
+    return base
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "line", COMMAND_LINES, ids=lambda line: line.replace("{run}", "DIR").replace("{out}/", "")
+)
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_every_command_on_a_hostile_run_is_one_line_and_never_hangs(
+    hostile_base: Path, tmp_path: Path, kind: str, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each command ends at once with its result, or with one `haltpoint: error:` line
+    (exit status 1 or 2), never a traceback or an "unexpected ... (a bug in haltpoint)"
+    error; nothing from the run
+    directory runs (a crafted pickle would create `PWNED`)."""
+    run = tmp_path / "run"
+    shutil.copytree(hostile_base / "run", run, symlinks=True)
+    shutil.copy(hostile_base / "w.pt", tmp_path / "w.pt")
+    HOSTILE[kind](run)
+    argv = line.format(run=run, out=tmp_path).split()
+    with _deadline(60):
+        code = main(argv)
+    err = capsys.readouterr().err
+    errors = [text for text in err.splitlines() if text.startswith("haltpoint: error: ")]
+    assert code in (0, 1, 2), err
+    assert "Traceback" not in err and "a bug in haltpoint" not in err, err
+    assert len(errors) <= 1 and (code != 2 or len(errors) == 1), err
+    assert not errors or err.splitlines()[-1] == errors[0], err
+    assert not (tmp_path / "PWNED").exists()
