@@ -437,3 +437,25 @@ def test_a_writer_on_a_special_file_system_is_refused_at_open_in_one_line(path: 
     assert "\n" not in str(raised.value) and "read_only=True" in str(raised.value)
     with Checkpointer(path, read_only=True) as reader:  # a reader finds no checkpoint there
         assert reader.list() == []
+
+
+def test_gc_and_import_on_a_read_only_run_say_so_as_a_writer_does(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They take the writer lock: its file could not be created, and the bare OSError came
+    out as `haltpoint: error: RUN/.haltpoint.lock: Permission denied`, without a remedy."""
+    (run / ".haltpoint.lock").unlink()
+    weights = run.parent / "w.pt"
+    torch.save({"w": torch.ones(2)}, weights)
+    before = files(run)
+    with read_only(how, monkeypatch, run):
+        monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)  # -o checks pass
+        for argv in (
+            ["gc", str(run), "--keep-last", "1"],
+            ["import", str(weights), "-o", str(run), "--step", "9"],
+        ):
+            assert main(argv) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith(f"haltpoint: error: cannot write {run}")
+            assert "Permission denied" in err and "lock file" in err, err
+    assert files(run) == before

@@ -26,6 +26,7 @@ from haltpoint.store.history import append_history, check_appendable, save_recor
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import next_sequence
 from haltpoint.store.run_dir import RunDirectory
+from haltpoint.store.space import unwritable_on_open
 from haltpoint.store.staging import staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -248,8 +249,11 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
         ValueError: the run already holds a checkpoint (intact, damaged or unreadable) at
             `step` or later; import never replaces one and never adds one behind the newest.
     """
-    run_dir = RunDirectory(open_storage(directory))
-    with WriterLock(run_dir.storage):
+    with unwritable_on_open(directory):  # a read-only run: said as a writer says it
+        run_dir = RunDirectory(open_storage(directory))
+        lock = WriterLock(run_dir.storage)
+        lock.acquire()
+    try:
         check_appendable(run_dir.storage)
         existing = [e for e in run_dir.scan() if e.manifest is not None or e.error is not None]
         newest = max((e.step for e in existing), default=None)
@@ -272,6 +276,8 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
             sequence=next_sequence(e.manifest for e in existing if e.manifest is not None),
         )
         append_history(run_dir.storage, save_record(step, now, {}, state))
+    finally:
+        lock.release()
     return staged_nbytes(flat.tensors), len(existing)
 
 
