@@ -949,3 +949,32 @@ def test_demo_fresh_deletes_a_history_alone_only_when_it_is_the_demo_s(
     assert code == 1 and err.count("\n") == 1, err
     assert "line 1 of its history.jsonl" in err and "nothing was deleted" in err
     assert hashes(run) == before
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO], ids=errno.errorcode.get)
+@pytest.mark.parametrize("where", ["run", "step"])
+def test_demo_fresh_on_a_run_it_cannot_read_says_nothing_was_deleted(
+    tmp_path: Path, monkeypatch, capsys, code: int, where: str
+):
+    """A folder that cannot be listed (chmod 000, a failing disk) cannot be checked: the bare
+    OSError came out as `haltpoint: error: RUN: Permission denied`."""
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    folder = run if where == "run" else run / checkpoint_dirname(0)
+    real = os.listdir
+
+    def listdir(path=".", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.path.abspath(path) == str(folder):
+            raise OSError(code, os.strerror(code), str(folder))
+        return real(path, *args, **kwargs)
+
+    before = hashes(run)
+    monkeypatch.setattr(os, "listdir", listdir)
+    status = main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1, err
+    assert f"--fresh deletes {run}, but cannot read {folder}" in err and os.strerror(code) in err
+    assert "nothing was deleted" in err
+    assert hashes(run) == before

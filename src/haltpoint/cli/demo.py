@@ -30,7 +30,7 @@ from haltpoint.demo.train import (
     is_demo_checkpoint,
     train_demo,
 )
-from haltpoint.errors import CheckpointError, LockedError, first_line
+from haltpoint.errors import CheckpointError, LockedError, UnreadableCheckpointError, first_line
 from haltpoint.plotting import MissingDependencyError, plot_history
 from haltpoint.stopping import EarlyStopping
 from haltpoint.store.history import (
@@ -155,19 +155,22 @@ def _delete_run(path: str) -> None:
         CheckpointError: `path` is a symbolic link, no haltpoint run, holds a foreign entry,
             or a checkpoint the demo did not save (or whose manifest cannot be read).
         LockedError: a writer holds the run (naming it); nothing was deleted.
+        UnreadableCheckpointError: what it holds cannot be listed or read to be checked;
+            nothing was deleted.
     """
     if not os.path.lexists(path):
         return
-    _refuse_a_link(path)
-    if not os.path.isdir(path) or not _looks_like_run(path):
-        raise CheckpointError(
-            f"--fresh deletes {path}, but it does not look like a haltpoint run (no "
-            f"{HISTORY_NAME} and no committed checkpoint); delete it yourself or pick "
-            "another --run-dir",
-            path=path,
-        )
-    _refuse_foreign(path)
-    _refuse_other_runs(path)
+    with _checking(path):
+        _refuse_a_link(path)
+        if not os.path.isdir(path) or not _looks_like_run(path):
+            raise CheckpointError(
+                f"--fresh deletes {path}, but it does not look like a haltpoint run (no "
+                f"{HISTORY_NAME} and no committed checkpoint); delete it yourself or pick "
+                "another --run-dir",
+                path=path,
+            )
+        _refuse_foreign(path)
+        _refuse_other_runs(path)
     storage = LocalStorage(path, create=False)
     holder = read_holder(storage)
     if holder is not None:
@@ -177,9 +180,10 @@ def _delete_run(path: str) -> None:
             path=path,
         )
     with WriterLock(storage):  # one that took the lock since read_holder: LockedError
-        _refuse_a_link(path)  # again: what changed before the lock was ours
-        _refuse_foreign(path)
-        _refuse_other_runs(path)
+        with _checking(path):  # again: what changed before the lock was ours
+            _refuse_a_link(path)
+            _refuse_foreign(path)
+            _refuse_other_runs(path)
         names = sorted(name for name in os.listdir(path) if name != LOCK_NAME)
         for name in sorted(names, key=lambda name: name == HISTORY_NAME):
             full = os.path.join(path, name)
@@ -196,6 +200,22 @@ def _delete_run(path: str) -> None:
         except OSError as exc:  # a writer created a new lock file since: its run is empty
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EINVAL, errno.EBUSY):
                 raise  # EINVAL: `.` (or `DIR/.`), EBUSY: a mount point; both left empty
+
+
+@contextlib.contextmanager
+def _checking(path: str) -> Iterator[None]:
+    """Turn an OS error of --fresh's checks (a folder that cannot be listed, a file that
+    cannot be read) into one line saying that nothing was deleted."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else path
+        raise UnreadableCheckpointError(
+            f"--fresh deletes {path}, but cannot read {where} to check that it is the demo's "
+            f"({exc.strerror or exc}); nothing was deleted: fix its permissions or the disk, "
+            "or delete the folder yourself",
+            path=path,
+        ) from None
 
 
 def _refuse_a_link(path: str) -> None:
