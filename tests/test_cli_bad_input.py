@@ -133,6 +133,8 @@ CASES = [
     ("import {weights} -o {tmp}/imported --step -1", USAGE, "--step"),
     ("import {notes} -o {tmp}/imported", FAILURE, "cannot read"),
     ("import {missing} -o {tmp}/imported", FAILURE, "does not exist"),
+    ("import {empty} -o {tmp}/imported", FAILURE, "is a folder, not a file; pass a torch.save"),
+    ("import {fifo} -o {tmp}/imported", FAILURE, "is a FIFO, not a file; pass a torch.save"),
     # numbers are the ASCII digits 0-9 only: int() and float() also take other scripts'
     # digits (Arabic-Indic five is step 5 to int()), a sign and underscores
     ("show {run} --step \u0665", USAGE, "--step"),

@@ -8,6 +8,7 @@ import argparse
 import os
 import pickle
 import re
+import stat
 import time
 import warnings
 import zipfile
@@ -61,7 +62,7 @@ def load_weights_only(path: str) -> Any:
         ValueError: the file is not something torch.load reads.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist or is not a file")
+        raise _not_a_file(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
@@ -93,6 +94,21 @@ def load_weights_only(path: str) -> Any:
             "files, Lightning .ckpt files, Hugging Face pytorch_model.bin files and "
             "safetensors files"
         ) from None
+
+
+def _not_a_file(path: str) -> FileNotFoundError:
+    """The error of a FILE to import that is missing, or a folder, FIFO or device."""
+    accepted = (
+        "pass a torch.save file, a Lightning .ckpt, a Hugging Face pytorch_model.bin or a "
+        "safetensors file"
+    )
+    if not os.path.exists(path):
+        return FileNotFoundError(f"{path} does not exist or is not a file; {accepted}")
+    mode = os.stat(path).st_mode
+    what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+    if stat.S_ISSOCK(mode):
+        what = "a socket"
+    return FileNotFoundError(f"{path} is {what}, not a file; {accepted}")
 
 
 def _is_safetensors(path: str) -> bool:
