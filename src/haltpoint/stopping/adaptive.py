@@ -470,8 +470,8 @@ class TrendRule:
         self._logs = None
         if first is not None:
             self._first = self._sign * float(first)
-        else:  # none seen yet, or saved without it: the oldest value kept stands in (a later
-            # value: less progress, so the calm lane opens no sooner)
+        else:  # none seen yet, or saved without it: the oldest value kept stands in (for a
+            # run that has been improving, a later value: less progress, a narrower calm lane)
             self._first = self._points[0][1] if self._points else None
 
 
