@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from haltpoint import EarlyStopping
 from haltpoint.demo import load_digits
 from haltpoint.stopping.adaptive import DEFAULT_SETTINGS, PLANNED_SETTINGS
 from haltpoint.stopping.bands import BANDS
@@ -157,17 +158,8 @@ def load_runs(count: int, jobs: int) -> list[dict[str, Any]]:
 
 def patience_stop(values: list[float], patience: int) -> int:
     """Where `EarlyStopping(patience=patience)` stops (or the last index)."""
-    best, wait = math.inf, 0
-    for i, x in enumerate(values):
-        if not math.isfinite(x):
-            return i
-        if x < best:
-            best, wait = x, 0
-        else:
-            wait += 1
-            if wait >= patience:
-                return i
-    return len(values) - 1
+    stopper = EarlyStopping(patience=patience)
+    return next((i for i, x in enumerate(values) if stopper.step(x)), len(values) - 1)
 
 
 #: The default without a horizon before its calm fast lane (stop 35), for comparison.

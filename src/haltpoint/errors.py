@@ -27,6 +27,7 @@ __all__ = [
     "UnwritableRunError",
     "first_line",
     "not_damage",
+    "unreadable",
 ]
 
 
@@ -152,3 +153,23 @@ def not_damage(exc: BaseException) -> bool:
     if isinstance(exc, (PermissionError, TimeoutError, ConnectionError, InterruptedError)):
         return True
     return isinstance(exc, OSError) and exc.errno in _NOT_DAMAGE
+
+
+def unreadable(where: str, exc: BaseException) -> UnreadableCheckpointError:
+    """The error of a checkpoint file at `where` that cannot be read now, for a reason that
+    is no damage (`not_damage`): it says why and what to fix, and that nothing was set aside.
+
+    >>> print(unreadable("run/step-1/x", OSError(errno.EIO, "Input/output error")))
+    cannot read run/step-1/x: Input/output error; check the disk or file system and run again \
+(an unreadable checkpoint is not damage: nothing was set aside or deleted)
+    """
+    reason = getattr(exc, "strerror", None) or first_line(exc) or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        why, fix = f"permission denied ({reason})", "fix its permissions"
+    else:
+        why, fix = reason, "check the disk or file system"
+    return UnreadableCheckpointError(
+        f"cannot read {where}: {why}; {fix} and run again (an unreadable checkpoint is not "
+        "damage: nothing was set aside or deleted)",
+        path=where,
+    )

@@ -184,8 +184,8 @@ def _delete_run(path: str) -> None:
             _refuse_a_link(path)
             _refuse_foreign(path)
             _refuse_other_runs(path)
-        names = sorted(name for name in os.listdir(path) if name != LOCK_NAME)
-        for name in sorted(names, key=lambda name: name == HISTORY_NAME):
+        names = [name for name in os.listdir(path) if name != LOCK_NAME]
+        for name in sorted(names, key=lambda name: (name == HISTORY_NAME, name)):  # history last
             full = os.path.join(path, name)
             if os.path.isdir(full) and not os.path.islink(full):
                 if parse_step(name) is not None:

@@ -105,9 +105,8 @@ def _not_a_file(path: str) -> FileNotFoundError:
     if not os.path.exists(path):
         return FileNotFoundError(f"{path} does not exist or is not a file; {accepted}")
     mode = os.stat(path).st_mode
-    what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
-    if stat.S_ISSOCK(mode):
-        what = "a socket"
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    what = next((name for test, name in kinds if test(mode)), "a device")
     return FileNotFoundError(f"{path} is {what}, not a file; {accepted}")
 
 

@@ -23,9 +23,9 @@ from haltpoint.distributed.ranks import initialized
 from haltpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
-    UnreadableCheckpointError,
     first_line,
     not_damage,
+    unreadable,
 )
 from haltpoint.state._common import is_stateful
 from haltpoint.store.hashing import StreamHasher
@@ -218,13 +218,7 @@ def _read_failed(path: str, exc: OSError) -> CheckpointError:
     OS error that says nothing of its bytes (`not_damage`: no permission, EIO, a timeout),
     `UnreadableCheckpointError`, for which nothing is set aside or deleted."""
     if not_damage(exc):
-        reason = exc.strerror or first_line(exc) or type(exc).__name__
-        return UnreadableCheckpointError(
-            f"cannot read {path}: {reason}; check its permissions, the disk or file system and "
-            "run again (an unreadable checkpoint is not damage: nothing was set aside or "
-            "deleted)",
-            path=path,
-        )
+        return unreadable(path, exc)
     return CorruptCheckpointError(f"{path}: {exc}", path=path)
 
 

@@ -26,8 +26,8 @@ import torch
 from haltpoint.errors import (
     CorruptCheckpointError,
     UnreadableCheckpointError,
-    first_line,
     not_damage,
+    unreadable,
 )
 from haltpoint.store.hashing import StreamHasher, tensor_bytes
 from haltpoint.store.storage import Storage, check_relpath, open_regular
@@ -139,17 +139,7 @@ def _stream(f: IO[bytes], offset: int, nbytes: int, buf: bytearray) -> Iterator[
 def _unreadable(storage: Storage, rel: str, exc: BaseException) -> UnreadableCheckpointError:
     """The error of a file that cannot be read now, for a reason that is no damage
     (`not_damage`: no permission, an I/O error, a timeout)."""
-    where = f"{storage.url.rstrip('/')}/{rel}"
-    reason = getattr(exc, "strerror", None) or first_line(exc) or type(exc).__name__
-    if isinstance(exc, PermissionError):
-        why, fix = f"permission denied ({reason})", "fix its permissions"
-    else:
-        why, fix = reason, "check the disk or file system"
-    return UnreadableCheckpointError(
-        f"cannot read {where}: {why}; {fix} and run again (an unreadable checkpoint is not "
-        "damage: nothing was set aside or deleted)",
-        path=where,
-    )
+    return unreadable(f"{storage.url.rstrip('/')}/{rel}", exc)
 
 
 def _open(storage: Storage, rel: str) -> IO[bytes]:
