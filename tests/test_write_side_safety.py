@@ -309,9 +309,10 @@ def test_verify_reports_a_permission_error_as_unreadable_not_damaged(
     _deny(monkeypatch, f"{checkpoint_dirname(3)}/tensors.safetensors")
     code = main(["verify", str(run)])
     monkeypatch.undo()
-    err = capsys.readouterr().err
-    assert code != 0
-    assert "permission denied" in err.lower() and "damaged" not in err.lower()
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "step 3 was not verified" in out and "permission denied" in out.lower()
+    assert "damaged" not in out.lower()
     assert not (run / "quarantine").exists()
     assert hashes(run) == before
 
@@ -880,14 +881,25 @@ def test_retention_never_sets_a_checkpoint_aside_on_an_io_error(
 def test_verify_and_ls_report_an_io_error_as_unreadable_not_damaged(
     tmp_path: Path, monkeypatch, capsys, code: int
 ):
+    """verify says which step it could not read, and still checks the others."""
     run = tmp_path / "run"
     make_run(run)
-    _fail_open(monkeypatch, f"{checkpoint_dirname(3)}/tensors.safetensors", code)
+    _fail_open(monkeypatch, f"{checkpoint_dirname(2)}/tensors.safetensors", code)
+    status = main(["verify", str(run), "--json"])
+    monkeypatch.undo()
+    checks = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert status == 1
+    assert [(c["step"], c["status"]) for c in checks] == [
+        (1, "intact"),
+        (2, "unreadable"),
+        (3, "intact"),
+    ]
+    assert os.strerror(code) in checks[1]["error"] and "not damage" in checks[1]["error"]
+    _fail_open(monkeypatch, f"{checkpoint_dirname(2)}/tensors.safetensors", code)
     status = main(["verify", str(run)])
     monkeypatch.undo()
-    err = capsys.readouterr().err
-    assert status == 1 and err.count("\n") == 1, err
-    assert os.strerror(code) in err and "damaged" not in err and "not damage" in err
+    out = capsys.readouterr().out
+    assert status == 1 and "step 2 was not verified" in out and "damaged" not in out, out
     _fail_open(monkeypatch, f"{checkpoint_dirname(3)}/manifest.json", code)
     assert main(["ls", str(run), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

@@ -14,7 +14,11 @@ from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import user_path
 from haltpoint.cli.output import Output, format_bytes
 from haltpoint.cli.runinfo import folder_status, open_run, referenced_dirs
-from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from haltpoint.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnreadableCheckpointError,
+)
 from haltpoint.reader import RunReader, check_payloads, payload_tensors
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes, is_sharded
 from haltpoint.store.tensor_file import TensorRecord
@@ -99,7 +103,8 @@ def verify_run(
     A tensor record shared by several manifests (under the same key) is read once.
     `on_progress` gets the bytes checked after each checkpoint. A checkpoint whose manifest
     is gone once a check of it failed was removed meanwhile by a writer: it is "removed", and
-    its failed checks count for nothing.
+    its failed checks count for nothing. One whose files cannot be read (an I/O error, no
+    permission: not damage) is "unreadable", and the others are still checked.
     """
     # by key and record (a record under another key must match that key's header entry):
     # what is wrong with it, or None when it is intact
@@ -123,7 +128,12 @@ def verify_run(
             results.append(CheckpointCheck(entry.step, entry.dirname, status))
             continue
         todo = {k: r for k, r in manifest.tensors.items() if (k, r) not in checked}
-        bad = tensor_damage(run.storage, todo) if todo else {}
+        try:
+            bad = tensor_damage(run.storage, todo) if todo else {}
+            error = _shard_error(run, entry) if is_sharded(manifest) else None
+        except UnreadableCheckpointError as exc:  # not checked (an I/O error): check the rest
+            results.append(CheckpointCheck(entry.step, entry.dirname, "unreadable", error=str(exc)))
+            continue
         for key, record in todo.items():
             checked[key, record] = bad.get(key)
         damaged: dict[str, list[str]] = defaultdict(list)
@@ -133,9 +143,14 @@ def verify_run(
             if cause is not None:
                 damaged[record.file].append(key)
                 causes[key] = cause
-        error = _shard_error(run, entry) if is_sharded(manifest) else None
         if not damaged and error is None:
-            error = _payload_error(run, entry)
+            try:
+                error = _payload_error(run, entry)
+            except UnreadableCheckpointError as exc:
+                results.append(
+                    CheckpointCheck(entry.step, entry.dirname, "unreadable", error=str(exc))
+                )
+                continue
         if (damaged or error) and run.removed(entry.dirname):  # retention raced this check
             for key in bad:
                 checked.pop((key, todo[key]), None)
