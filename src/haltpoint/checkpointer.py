@@ -43,7 +43,12 @@ from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.modes import resolve_mode
 from haltpoint.store.background import BackgroundWriter
 from haltpoint.store.dedup import ReferenceCheck
-from haltpoint.store.history import append_history, check_appendable, save_record
+from haltpoint.store.history import (
+    append_history,
+    check_appendable,
+    recover_history,
+    save_record,
+)
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import (
     RANKING_KEY,
@@ -214,7 +219,9 @@ class Checkpointer:
             try:
                 check_creatable(self._storage)
                 check_appendable(self._storage)
-                self._run.collect_garbage(e.manifest for e in self._run.committed() if e.manifest)
+                on_disk = [e.manifest for e in self._run.committed() if e.manifest]
+                self._run.collect_garbage(on_disk)
+                recover_history(self._storage, on_disk)
                 if save_on_signal is not None:
                     self._preemption = SignalFlag(save_on_signal)
             except BaseException:

@@ -23,7 +23,12 @@ from haltpoint.cli.output import Output, format_bytes
 from haltpoint.errors import first_line
 from haltpoint.state.tree import flatten_state
 from haltpoint.stopping.inputs import shown
-from haltpoint.store.history import append_history, check_appendable, save_record
+from haltpoint.store.history import (
+    append_history,
+    check_appendable,
+    recover_history,
+    save_record,
+)
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import next_sequence
 from haltpoint.store.run_dir import RunDirectory
@@ -271,6 +276,7 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
     try:
         check_appendable(run_dir.storage)
         existing = [e for e in run_dir.scan() if e.manifest is not None or e.error is not None]
+        recover_history(run_dir.storage, [e.manifest for e in existing if e.manifest is not None])
         newest = max((e.step for e in existing), default=None)
         if newest is not None and step <= newest:
             raise ValueError(

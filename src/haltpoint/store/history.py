@@ -30,7 +30,7 @@ import numbers
 import os
 import stat
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from haltpoint.errors import (
@@ -40,6 +40,7 @@ from haltpoint.errors import (
     not_damage,
 )
 from haltpoint.store.hashing import hash_bytes
+from haltpoint.store.manifest import Manifest
 from haltpoint.store.storage import Storage, check_regular, fsync_dir, open_unlinked
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "read_history",
     "read_history_bytes",
     "read_history_file",
+    "recover_history",
     "save_record",
 ]
 
@@ -305,6 +307,38 @@ def check_appendable(storage: Storage) -> None:
     path = storage.write_path(HISTORY_NAME)
     if path is not None:
         check_regular(path)
+
+
+def recover_history(storage: Storage, manifests: Iterable[Manifest]) -> list[int]:
+    """Append the lines of committed saves newer than the history's last line, from their
+    manifests (step, time, metrics; the stopper's decision is not in a manifest), and return
+    their steps. A writer killed between a commit and its history line, or one whose append
+    failed and that was never saved again, lost those lines; a writer that opens the run
+    writes them back, so plots and `replay` see every saved evaluation.
+
+    A history that cannot be read (unreadable, damaged, another tool's file) is left as it
+    is, and so is the rest when an append fails (a full disk): the next save's own append
+    says what is wrong, and nothing is guessed here.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bad lines are told by the commands that read them
+            records = read_history(storage)
+    except CheckpointError:
+        return []
+    steps = [r["step"] for r in records if type(r.get("step")) is int]
+    if records and not steps:
+        return []  # not a haltpoint history: never append to another tool's file
+    last = max(steps, default=-1)
+    written = []
+    for manifest in sorted((m for m in manifests if m.step > last), key=lambda m: m.step):
+        record = {"step": manifest.step, "time": manifest.time, "metrics": manifest.metrics}
+        try:
+            append_history(storage, record)
+        except (OSError, CheckpointError):  # a full disk: the next save's append says so
+            break
+        written.append(manifest.step)
+    return written
 
 
 def append_history(storage: Storage, record: Mapping[str, Any]) -> None:

@@ -1,0 +1,132 @@
+"""A writer that opens a run writes back the history lines a kill (or a failed append) lost:
+every committed save's step and metrics end up in `history.jsonl`."""
+
+from __future__ import annotations
+
+import errno
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer
+from haltpoint.store.history import HISTORY_NAME, read_history
+from haltpoint.store.storage import LocalStorage
+
+
+def make_run(run: Path, steps: tuple[int, ...] = (1, 2, 3)) -> None:
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(run, keep_last=2, async_save=False) as ckpt:
+        for step in steps:
+            ckpt.save(step, {"model": model}, metrics={"val_loss": 1.0 / step})
+
+
+def history(run: Path) -> list[dict]:
+    return read_history(LocalStorage(run, create=False))
+
+
+def drop_last_lines(run: Path, count: int) -> None:
+    """What a kill between a commit and its history append leaves (or `count` such saves)."""
+    path = run / HISTORY_NAME
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-count]))
+
+
+def test_opening_a_writer_writes_back_the_line_a_kill_lost(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    make_run(run)
+    drop_last_lines(run, 1)
+    assert [r["step"] for r in history(run)] == [1, 2]
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    records = history(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["metrics"] == {"val_loss": 1.0 / 3}
+    assert records[-1]["time"] > 0
+    with Checkpointer(run, keep_last=2, async_save=False):  # written once, not at every open
+        pass
+    assert [r["step"] for r in history(run)] == [1, 2, 3]
+
+
+def test_lines_of_removed_checkpoints_cannot_come_back_but_kept_ones_do(tmp_path: Path) -> None:
+    """keep_last=2 removed step 1: lines 2 and 3 come back from their manifests, in order."""
+    run = tmp_path / "run"
+    make_run(run)
+    drop_last_lines(run, 2)
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    assert [r["step"] for r in history(run)] == [1, 2, 3]
+
+
+def test_a_deleted_history_is_written_again_from_the_kept_checkpoints(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    make_run(run)
+    (run / HISTORY_NAME).unlink()
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    assert [(r["step"], r["metrics"]) for r in history(run)] == [
+        (2, {"val_loss": 0.5}),
+        (3, {"val_loss": 1.0 / 3}),
+    ]
+
+
+def test_a_reader_never_writes_the_history(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    make_run(run)
+    drop_last_lines(run, 1)
+    before = (run / HISTORY_NAME).read_bytes()
+    with Checkpointer(run, read_only=True):
+        pass
+    assert (run / HISTORY_NAME).read_bytes() == before
+
+
+def test_another_tools_file_under_the_name_is_left_alone(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    make_run(run)
+    (run / HISTORY_NAME).write_text('{"epoch": 1, "loss": 0.5}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a warning per line of another tool's file
+        with Checkpointer(run, keep_last=2, async_save=False):
+            pass
+    assert (run / HISTORY_NAME).read_text() == '{"epoch": 1, "loss": 0.5}\n'
+
+
+def test_an_unreadable_history_is_left_as_it_is_and_the_writer_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    make_run(run)
+    drop_last_lines(run, 1)
+    before = (run / HISTORY_NAME).read_bytes()
+    real_open = os.open
+
+    def failing(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith(HISTORY_NAME) and not (args and args[0] & os.O_WRONLY):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing)
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    monkeypatch.undo()
+    assert (run / HISTORY_NAME).read_bytes() == before
+
+
+def test_a_failed_append_leaves_the_run_openable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at open: the lines stay missing (the next save's own append reports it)."""
+    run = tmp_path / "run"
+    make_run(run)
+    drop_last_lines(run, 1)
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("haltpoint.store.history.append_history", full)
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    monkeypatch.undo()
+    assert [r["step"] for r in history(run)] == [1, 2]
