@@ -190,3 +190,19 @@ def test_leave_one_problem_out_chooses_without_the_scored_problem() -> None:
     chosen = tuning.leave_one_problem_out(table, curves)
     assert set(chosen[curves.problem == 1]) == {1}  # chosen on p0 alone
     assert set(chosen[curves.problem == 0]) == {0}
+
+
+def test_the_choice_is_made_on_the_judged_metric_not_on_the_test_loss() -> None:
+    """Setting 1 saves more and keeps the judged metric (test accuracy) intact while its test
+    loss regret is large everywhere: the targets are on the judged metric, so it is chosen;
+    once that harm shows on the judged metric too, it is not."""
+    curves = curves_module.build(synthetic_runs())
+    n = len(curves)
+    oracle = np.full(n, 0.5)
+    safe = fast.Outcomes(np.full(n, 0.4), np.zeros(n), np.zeros(n))
+    loss_only = fast.Outcomes(np.full(n, 0.5), np.full(n, 0.5), np.zeros(n))
+    table = tuning.Table([safe, loss_only], oracle, curves)
+    assert tuning.choose(table, list(range(len(curves.problems)))) == 1
+    judged_too = fast.Outcomes(np.full(n, 0.5), np.full(n, 0.5), np.full(n, 0.5))
+    table = tuning.Table([safe, judged_too], oracle, curves)
+    assert tuning.choose(table, list(range(len(curves.problems)))) == 0

@@ -102,7 +102,7 @@ FAST_SHARE = 0.25
 #: that rises early on may be a warm-up, not a run past its best).
 FAST_OPEN = 1.5
 #: The fast lane's lucky draw, in the same units as `NOISE_K` ...
-FAST_NOISE_K = 4.0
+FAST_NOISE_K = 2.0
 #: ... and its slope, this many standard errors steeper than fitted.
 FAST_SLOPE_Z = 2.0
 #: Without a horizon, the fast lane is open only to a run whose fitted level sits within this
@@ -170,17 +170,17 @@ class TrendSettings:
 
 #: The settings `EarlyStopping` uses without a horizon.
 DEFAULT_SETTINGS = TrendSettings()
-#: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits half
-#: the plan (at least 3 evaluations), looks ahead twice the run so far (never past the plan),
-#: stops at a projected gain of at most 0.25%, has no longer diverged wait, waits only 10% of
-#: the plan when a projection three times as lucky cannot beat the best (the fast lane, open
-#: from 15% of the plan), and has no descent guard.
+#: The settings `EarlyStopping` uses when told the horizon: it may plan, so it waits 30% of
+#: the plan (at least 3 evaluations; twice that when the run looks diverged), looks ahead
+#: twice the run so far (never past the plan), stops at a projected gain of at most 0.25%,
+#: waits only 10% of the plan when a projection three times as lucky cannot beat the best (the
+#: fast lane, open from 15% of the plan), and has no descent guard.
 PLANNED_SETTINGS = TrendSettings(
-    wait_share=0.5,
+    wait_share=0.3,
     min_points=3,
     lookahead=2.0,
     tolerance=0.0025,
-    diverged_factor=1.0,
+    diverged_factor=2.0,
     fast_share=0.1,
     fast_open=1.5,
     fast_noise_k=3.0,
