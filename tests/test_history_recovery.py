@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from haltpoint import Checkpointer
-from haltpoint.store.history import HISTORY_NAME, read_history
+from haltpoint.store.history import HISTORY_NAME, encode_record, read_history
 from haltpoint.store.storage import LocalStorage
 
 
@@ -130,3 +130,21 @@ def test_a_failed_append_leaves_the_run_openable(
         pass
     monkeypatch.undo()
     assert [r["step"] for r in history(run)] == [1, 2]
+
+
+def test_only_the_end_of_a_long_history_is_read_and_a_torn_last_line_is_passed_over(
+    tmp_path: Path,
+) -> None:
+    """A history of many megabytes (only its end is read at open), its last append torn."""
+    run = tmp_path / "run"
+    make_run(run)
+    drop_last_lines(run, 1)
+    path = run / HISTORY_NAME
+    kept = path.read_bytes()
+    padding = encode_record({"step": 0, "metrics": {"pad": 0.0}, "note": "x" * 1000})
+    count = 3 * (1 << 20) // len(padding)
+    path.write_bytes(padding * count + kept + b'{"step":3,"metr')  # torn mid-append
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    steps = [r["step"] for r in history(run)]
+    assert steps[count:] == [1, 2, 3] and len(steps) == count + 3

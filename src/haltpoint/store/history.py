@@ -309,6 +309,41 @@ def check_appendable(storage: Storage) -> None:
         check_regular(path)
 
 
+_TAIL_READ = 2 * TORN_LINE_LIMIT + 2  # holds a whole line of any length an append tears
+
+
+def _last_step(storage: Storage) -> int | None:
+    """The step of the history's last record (-1 when there is no history or it is blank),
+    or None when that cannot be told: the history cannot be read, or its end holds no line
+    with an int step (another tool's file, damage). On a local disk only its end is read, so
+    a writer's open stays fast however long the run."""
+    try:
+        local = storage.local_path(HISTORY_NAME)
+        if local is None:
+            data = read_history_bytes(storage)
+            whole = True
+        else:
+            data = read_history_file(local, tail=_TAIL_READ)
+            whole = data is not None and len(data) < _TAIL_READ
+    except FileNotFoundError:
+        return -1
+    except CheckpointError:
+        return None
+    if data is None or not data.strip():
+        return -1 if whole else None
+    lines = data.split(b"\n")
+    if not whole:
+        lines = lines[1:]  # the first may be the end of a line that began before the read
+    for line in reversed(lines):
+        try:
+            record = decode_record(line) if line.strip() else None
+        except ValueError:  # a torn or damaged line: look at the one before
+            continue
+        if record is not None and type(record.get("step")) is int:
+            return record["step"]
+    return None
+
+
 def recover_history(storage: Storage, manifests: Iterable[Manifest]) -> list[int]:
     """Append the lines of committed saves newer than the history's last line, from their
     manifests (step, time, metrics; the stopper's decision is not in a manifest), and return
@@ -320,16 +355,9 @@ def recover_history(storage: Storage, manifests: Iterable[Manifest]) -> list[int
     is, and so is the rest when an append fails (a full disk): the next save's own append
     says what is wrong, and nothing is guessed here.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bad lines are told by the commands that read them
-            records = read_history(storage)
-    except CheckpointError:
+    last = _last_step(storage)
+    if last is None:
         return []
-    steps = [r["step"] for r in records if type(r.get("step")) is int]
-    if records and not steps:
-        return []  # not a haltpoint history: never append to another tool's file
-    last = max(steps, default=-1)
     written = []
     for manifest in sorted((m for m in manifests if m.step > last), key=lambda m: m.step):
         record = {"step": manifest.step, "time": manifest.time, "metrics": manifest.metrics}
@@ -431,9 +459,10 @@ def read_history_bytes(storage: Storage) -> bytes | None:
     return data
 
 
-def read_history_file(path: str, source: str | None = None) -> bytes:
+def read_history_file(path: str, source: str | None = None, *, tail: int | None = None) -> bytes:
     """The bytes of the local history file `path` (`source` names it in errors; default
-    `path`), checked as `read_history_bytes` checks a run's.
+    `path`), checked as `read_history_bytes` checks a run's; with `tail`, only its last
+    `tail` bytes (any size of file then).
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -463,6 +492,9 @@ def read_history_file(path: str, source: str | None = None) -> bytes:
                 "reads only the regular file a Checkpointer writes",
                 path=source,
             )
+        if tail is not None:
+            start = max(0, info.st_size - tail)
+            return os.pread(fd, info.st_size - start, start)
         if info.st_size > HISTORY_READ_LIMIT:
             raise _too_large(source)
         chunks, left = [], HISTORY_READ_LIMIT + 1
