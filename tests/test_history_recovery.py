@@ -34,10 +34,17 @@ def drop_last_lines(run: Path, count: int) -> None:
     path.write_bytes(b"".join(lines[:-count]))
 
 
-def test_opening_a_writer_writes_back_the_line_a_kill_lost(tmp_path: Path) -> None:
+@pytest.fixture
+def lost_line(tmp_path: Path) -> Path:
+    """A run of steps 1-3 whose last save was killed between its commit and its line."""
     run = tmp_path / "run"
     make_run(run)
     drop_last_lines(run, 1)
+    return run
+
+
+def test_opening_a_writer_writes_back_the_line_a_kill_lost(lost_line: Path) -> None:
+    run = lost_line
     assert [r["step"] for r in history(run)] == [1, 2]
     with Checkpointer(run, keep_last=2, async_save=False):
         pass
@@ -72,10 +79,8 @@ def test_a_deleted_history_is_written_again_from_the_kept_checkpoints(tmp_path: 
     ]
 
 
-def test_a_reader_never_writes_the_history(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    make_run(run)
-    drop_last_lines(run, 1)
+def test_a_reader_never_writes_the_history(lost_line: Path) -> None:
+    run = lost_line
     before = (run / HISTORY_NAME).read_bytes()
     with Checkpointer(run, read_only=True):
         pass
@@ -94,11 +99,9 @@ def test_another_tools_file_under_the_name_is_left_alone(tmp_path: Path) -> None
 
 
 def test_an_unreadable_history_is_left_as_it_is_and_the_writer_opens(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lost_line: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = tmp_path / "run"
-    make_run(run)
-    drop_last_lines(run, 1)
+    run = lost_line
     before = (run / HISTORY_NAME).read_bytes()
     real_open = os.open
 
@@ -115,12 +118,10 @@ def test_an_unreadable_history_is_left_as_it_is_and_the_writer_opens(
 
 
 def test_a_failed_append_leaves_the_run_openable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lost_line: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full disk at open: the lines stay missing (the next save's own append reports it)."""
-    run = tmp_path / "run"
-    make_run(run)
-    drop_last_lines(run, 1)
+    run = lost_line
 
     def full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -133,12 +134,10 @@ def test_a_failed_append_leaves_the_run_openable(
 
 
 def test_only_the_end_of_a_long_history_is_read_and_a_torn_last_line_is_passed_over(
-    tmp_path: Path,
+    lost_line: Path,
 ) -> None:
     """A history of many megabytes (only its end is read at open), its last append torn."""
-    run = tmp_path / "run"
-    make_run(run)
-    drop_last_lines(run, 1)
+    run = lost_line
     path = run / HISTORY_NAME
     kept = path.read_bytes()
     padding = encode_record({"step": 0, "metrics": {"pad": 0.0}, "note": "x" * 1000})
