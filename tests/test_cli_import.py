@@ -12,6 +12,8 @@ import torch
 
 from haltpoint import Checkpointer
 from haltpoint.cli import main
+from haltpoint.cli.importer import _write_import
+from haltpoint.errors import CheckpointError, CheckpointExistsError, StepBehindError
 
 
 class Hostile:
@@ -98,6 +100,20 @@ def test_import_a_hugging_face_bin_with_a_step(tmp_path: Path, capsys):
     assert all(torch.equal(got[k], v) for k, v in weights.items())
     code, _, err = run_cli(capsys, *argv)  # the same step again: never overwritten
     assert code == 1 and "--step 7 is not newer than the newest checkpoint" in err
+
+
+@pytest.mark.parametrize(("step", "error"), [(3, CheckpointExistsError), (2, StepBehindError)])
+def test_an_import_not_newer_than_the_newest_step_is_a_checkpoint_error(
+    tmp_path: Path, step: int, error: type[CheckpointError]
+):
+    run = tmp_path / "run"
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for s in (1, 2, 3):
+            ckpt.save(s, {"w": torch.zeros(2)})
+    with pytest.raises(error, match=f"--step {step} is not newer") as raised:
+        _write_import(str(run), step, {"fc.weight": torch.ones(2, 2)})
+    assert raised.value.path == str(run)
+    assert [info.step for info in Checkpointer(run, read_only=True).list()] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])

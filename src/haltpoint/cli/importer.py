@@ -20,7 +20,7 @@ import torch
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import check_output_dir, count, user_path
 from haltpoint.cli.output import Output, format_bytes
-from haltpoint.errors import first_line
+from haltpoint.errors import CheckpointExistsError, StepBehindError, first_line
 from haltpoint.state.tree import flatten_state
 from haltpoint.stopping.inputs import shown
 from haltpoint.store.history import (
@@ -266,8 +266,9 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
     removes only what an import (or save) of that step killed before its commit left there.
 
     Raises:
-        ValueError: the run already holds a checkpoint (intact, damaged or unreadable) at
-            `step` or later; import never replaces one and never adds one behind the newest.
+        CheckpointExistsError: the run's newest checkpoint (intact, damaged or unreadable) is
+            at `step`; import never replaces one.
+        StepBehindError: it is later than `step`; import never adds one behind the newest.
     """
     with unwritable_on_open(directory):  # a read-only run: said as a writer says it
         run_dir = RunDirectory(open_storage(directory))
@@ -279,10 +280,12 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
         recover_history(run_dir.storage, [e.manifest for e in existing if e.manifest is not None])
         newest = max((e.step for e in existing), default=None)
         if newest is not None and step <= newest:
-            raise ValueError(
+            error = CheckpointExistsError if step == newest else StepBehindError
+            raise error(
                 f"--step {step} is not newer than the newest checkpoint of {directory} "
                 f"(step {newest}); import never replaces or prunes checkpoints: pass "
-                f"--step {newest + 1} or more, or import into a new run directory"
+                f"--step {newest + 1} or more, or import into a new run directory",
+                path=directory,
             )
         flat = flatten_state(state)
         run_dir.remove_uncommitted(run_dir.new_dirname(step))
