@@ -147,3 +147,29 @@ def test_only_the_end_of_a_long_history_is_read_and_a_torn_last_line_is_passed_o
         pass
     steps = [r["step"] for r in history(run)]
     assert steps[count:] == [1, 2, 3] and len(steps) == count + 3
+
+
+def test_after_a_rewind_the_old_runs_later_steps_are_not_taken_for_lost_lines(
+    tmp_path: Path,
+) -> None:
+    """Steps 1-5 (the best, step 2, kept), then a restore of step 2 and a save of step 3: the
+    history's last line is step 3, and step 5 of the old run, still on disk, lost no line."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    losses = {1: 0.5, 2: 0.1, 3: 0.4, 4: 0.3, 5: 0.2}
+    opts = {"monitor": "val_loss", "keep_best": 1, "keep_last": 1, "async_save": False}
+    with Checkpointer(run, **opts) as ckpt:
+        for step, loss in losses.items():
+            ckpt.save(step, {"model": model}, metrics={"val_loss": loss})
+    with Checkpointer(run, **opts) as ckpt:
+        ckpt.restore({"model": model}, which=2)
+        ckpt.save(3, {"model": model}, metrics={"val_loss": 0.05})
+    before = [r["step"] for r in history(run)]
+    assert before == [1, 2, 3, 4, 5, 3]
+    with Checkpointer(run, **opts):
+        pass
+    assert [r["step"] for r in history(run)] == before
+    drop_last_lines(run, 1)  # now the rewound save's line is lost: it comes back, alone
+    with Checkpointer(run, **opts):
+        pass
+    assert [r["step"] for r in history(run)] == before

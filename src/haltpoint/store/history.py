@@ -312,11 +312,11 @@ def check_appendable(storage: Storage) -> None:
 _TAIL_READ = 2 * TORN_LINE_LIMIT + 2  # holds a whole line of any length an append tears
 
 
-def _last_step(storage: Storage) -> int | None:
-    """The step of the history's last record (-1 when there is no history or it is blank),
-    or None when that cannot be told: the history cannot be read, or its end holds no line
-    with an int step (another tool's file, damage). On a local disk only its end is read, so
-    a writer's open stays fast however long the run."""
+def _last_record(storage: Storage) -> dict[str, Any] | None:
+    """The history's last record with an int step (`{}` when there is no history or it is
+    blank), or None when that cannot be told: the history cannot be read, or its end holds no
+    such line (another tool's file, damage). On a local disk only its end is read, so a
+    writer's open stays fast however long the run."""
     try:
         local = storage.local_path(HISTORY_NAME)
         if local is None:
@@ -324,13 +324,13 @@ def _last_step(storage: Storage) -> int | None:
             whole = True
         else:
             data = read_history_file(local, tail=_TAIL_READ)
-            whole = data is not None and len(data) < _TAIL_READ
+            whole = len(data) < _TAIL_READ
     except FileNotFoundError:
-        return -1
+        return {}
     except CheckpointError:
         return None
     if data is None or not data.strip():
-        return -1 if whole else None
+        return {} if whole else None
     lines = data.split(b"\n")
     if not whole:
         lines = lines[1:]  # the first may be the end of a line that began before the read
@@ -340,12 +340,28 @@ def _last_step(storage: Storage) -> int | None:
         except ValueError:  # a torn or damaged line: look at the one before
             continue
         if record is not None and type(record.get("step")) is int:
-            return record["step"]
+            return record
     return None
 
 
+def _committed_after(manifests: Iterable[Manifest], last: Mapping[str, Any]) -> list[Manifest]:
+    """The manifests committed after the save whose history line is `last`, oldest first.
+
+    A save's manifest and its line carry the same time, so those of a later time are the ones
+    whose lines are missing; after a rewind (a restore of an earlier step, then saves from
+    it), the old run's later steps still on disk are earlier saves, not lost lines. A line
+    without a finite time (not haltpoint's) falls back to the steps after its step.
+    """
+    when = last.get("time")
+    if isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when):
+        after = [m for m in manifests if m.time > when]
+    else:
+        after = [m for m in manifests if "step" not in last or m.step > last["step"]]
+    return sorted(after, key=lambda m: (m.time, m.step))
+
+
 def recover_history(storage: Storage, manifests: Iterable[Manifest]) -> list[int]:
-    """Append the lines of committed saves newer than the history's last line, from their
+    """Append the lines of the saves committed after the history's last line, from their
     manifests (step, time, metrics; the stopper's decision is not in a manifest), and return
     their steps. A writer killed between a commit and its history line, or one whose append
     failed and that was never saved again, lost those lines; a writer that opens the run
@@ -355,11 +371,11 @@ def recover_history(storage: Storage, manifests: Iterable[Manifest]) -> list[int
     is, and so is the rest when an append fails (a full disk): the next save's own append
     says what is wrong, and nothing is guessed here.
     """
-    last = _last_step(storage)
+    last = _last_record(storage)
     if last is None:
         return []
     written = []
-    for manifest in sorted((m for m in manifests if m.step > last), key=lambda m: m.step):
+    for manifest in _committed_after(manifests, last):
         record = {"step": manifest.step, "time": manifest.time, "metrics": manifest.metrics}
         try:
             append_history(storage, record)
