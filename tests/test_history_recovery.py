@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -173,3 +174,21 @@ def test_after_a_rewind_the_old_runs_later_steps_are_not_taken_for_lost_lines(
     with Checkpointer(run, **opts):
         pass
     assert [r["step"] for r in history(run)] == before
+
+
+def test_a_clock_behind_the_earlier_saves_does_not_bring_their_lines_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps 1-2 saved on a machine whose clock ran an hour ahead, step 3 on one with the
+    right time (a resume elsewhere, an NTP step back): every line is there, and an open must
+    not take the earlier saves, of a later time, for lines a kill lost."""
+    run = tmp_path / "run"
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600.0)
+    make_run(run, (1, 2))
+    monkeypatch.undo()
+    make_run(run, (3,))
+    assert [r["step"] for r in history(run)] == [1, 2, 3]
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    assert [r["step"] for r in history(run)] == [1, 2, 3]

@@ -347,17 +347,31 @@ def _last_record(storage: Storage) -> dict[str, Any] | None:
 def _committed_after(manifests: Iterable[Manifest], last: Mapping[str, Any]) -> list[Manifest]:
     """The manifests committed after the save whose history line is `last`, oldest first.
 
-    A save's manifest and its line carry the same time, so those of a later time are the ones
-    whose lines are missing; after a rewind (a restore of an earlier step, then saves from
-    it), the old run's later steps still on disk are earlier saves, not lost lines. A line
-    without a finite time (not haltpoint's) falls back to the steps after its step.
+    A save's manifest and its line carry the same step and time: when that manifest is still
+    on disk, the ones of a later commit sequence are those whose lines are missing (a clock
+    that ran ahead for earlier saves, a resume on another machine, does not bring theirs
+    back). Else those of a later time are; after a rewind (a restore of an earlier step, then
+    saves from it), the old run's later steps still on disk are earlier saves, not lost lines.
+    A line without a finite time (not haltpoint's) falls back to the steps after its step.
     """
+    manifests = list(manifests)
     when = last.get("time")
     if isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when):
-        after = [m for m in manifests if m.time > when]
+        own = [m.sequence for m in manifests if m.step == last.get("step") and m.time == when]
+        if len(own) == 1 and own[0] is not None:
+            after = [m for m in manifests if m.sequence is not None and m.sequence > own[0]]
+        else:
+            after = [m for m in manifests if m.time > when]
     else:
         after = [m for m in manifests if "step" not in last or m.step > last["step"]]
-    return sorted(after, key=lambda m: (m.time, m.step))
+    return sorted(after, key=_commit_order)
+
+
+def _commit_order(manifest: Manifest) -> tuple[int, float, int]:
+    """Sorts manifests as they were committed (one of an older haltpoint, without a
+    sequence, before every one with)."""
+    sequence = manifest.sequence
+    return (-1 if sequence is None else sequence, manifest.time, manifest.step)
 
 
 def recover_history(storage: Storage, manifests: Iterable[Manifest]) -> list[int]:
