@@ -192,3 +192,17 @@ def test_a_clock_behind_the_earlier_saves_does_not_bring_their_lines_back(
     with Checkpointer(run, keep_last=2, async_save=False):
         pass
     assert [r["step"] for r in history(run)] == [1, 2, 3]
+
+
+def test_a_last_line_whose_time_is_an_int_too_large_for_a_float_does_not_break_the_open(
+    lost_line: Path,
+) -> None:
+    """A crafted line's time of 400 digits (JSON reads it as an int): the open must not fail
+    with an OverflowError from comparing it as a float; nothing is written after it."""
+    run = lost_line
+    with (run / HISTORY_NAME).open("ab") as f:
+        f.write(b'{"step": 3, "time": 1' + b"0" * 400 + b"}\n")
+    before = (run / HISTORY_NAME).read_bytes()
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    assert (run / HISTORY_NAME).read_bytes() == before

@@ -356,7 +356,12 @@ def _committed_after(manifests: Iterable[Manifest], last: Mapping[str, Any]) -> 
     """
     manifests = list(manifests)
     when = last.get("time")
-    if isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when):
+    # not math.isfinite: an int of hundreds of digits (a crafted line) overflows a float
+    if (
+        isinstance(when, (int, float))
+        and not isinstance(when, bool)
+        and -math.inf < when < math.inf
+    ):
         own = [m.sequence for m in manifests if m.step == last.get("step") and m.time == when]
         if len(own) == 1 and own[0] is not None:
             after = [m for m in manifests if m.sequence is not None and m.sequence > own[0]]
