@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from haltpoint import Checkpointer
+from haltpoint import Checkpointer, checkpointer
+from haltpoint.errors import HistoryNotWrittenError
 from haltpoint.store.history import HISTORY_NAME, encode_record, read_history
 from haltpoint.store.storage import LocalStorage
 
@@ -206,3 +207,32 @@ def test_a_last_line_whose_time_is_an_int_too_large_for_a_float_does_not_break_t
     with Checkpointer(run, keep_last=2, async_save=False):
         pass
     assert (run / HISTORY_NAME).read_bytes() == before
+
+
+def test_a_line_owed_across_a_rewind_is_written_in_commit_order_and_not_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 5's line failed (a full disk), then a restore of step 2 and a save of step 3: the
+    owed line goes first (as it was committed), so the history does not end on the older
+    save and the next open does not append the rewound save's line a second time."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    opts = {"monitor": "val_loss", "keep_best": 1, "keep_last": 1, "async_save": False}
+    real = checkpointer.append_history
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with Checkpointer(run, **opts) as ckpt:
+        for step, loss in {1: 0.5, 2: 0.1, 3: 0.4, 4: 0.3}.items():
+            ckpt.save(step, {"model": model}, metrics={"val_loss": loss})
+        monkeypatch.setattr(checkpointer, "append_history", full)
+        with pytest.raises(HistoryNotWrittenError):
+            ckpt.save(5, {"model": model}, metrics={"val_loss": 0.2})
+        monkeypatch.setattr(checkpointer, "append_history", real)
+        ckpt.restore({"model": model}, which=2)
+        ckpt.save(3, {"model": model}, metrics={"val_loss": 0.05})
+    assert [r["step"] for r in history(run)] == [1, 2, 3, 4, 5, 3]
+    with Checkpointer(run, **opts):
+        pass
+    assert [r["step"] for r in history(run)] == [1, 2, 3, 4, 5, 3]

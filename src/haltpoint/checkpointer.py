@@ -461,9 +461,11 @@ class Checkpointer:
 
     def _write_history(self, step: int, record: dict[str, Any]) -> None:
         """Append the history lines owed by earlier saves, then `record` (of `step`, just
-        committed), in step order; one that fails stays owed for the next save."""
-        self._owed[step] = record
-        for owed in sorted(self._owed):
+        committed), in commit order (after a rewind an owed line of a later step was committed
+        first; the history's last line is the last commit's); one that fails stays owed for
+        the next save."""
+        self._owed[step] = record  # a step owed already keeps its place
+        for owed in list(self._owed):
             try:
                 append_history(self._storage, self._owed[owed])
             except (OSError, LinkedFileError, NotRegularFileError) as exc:
