@@ -236,3 +236,15 @@ def test_a_line_owed_across_a_rewind_is_written_in_commit_order_and_not_again(
     with Checkpointer(run, **opts):
         pass
     assert [r["step"] for r in history(run)] == [1, 2, 3, 4, 5, 3]
+
+
+def test_the_first_saves_line_torn_mid_append_is_written_back(tmp_path: Path) -> None:
+    """A kill tore the very first append: the history holds only that fragment, which is
+    haltpoint's (the next append drops it), so the open writes the line back."""
+    run = tmp_path / "run"
+    make_run(run, (1,))
+    path = run / HISTORY_NAME
+    path.write_bytes(path.read_bytes()[:20])  # b'{"step":1,"time":17...'
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    assert [(r["step"], r["metrics"]) for r in history(run)] == [(1, {"val_loss": 1.0})]

@@ -329,7 +329,12 @@ def _last_record(storage: Storage) -> dict[str, Any] | None:
         return {}
     except CheckpointError:
         return None
-    if data is None or not data.strip():
+    if data is None:
+        return {}
+    start = data.rfind(b"\n") + 1
+    if start < len(data) and (start or whole) and _is_torn_append(data[start:]):
+        data = data[:start]  # a torn append of ours (the next append drops it): no line
+    if not data.strip():
         return {} if whole else None
     lines = data.split(b"\n")
     if not whole:
