@@ -202,7 +202,7 @@ def test_a_last_line_whose_time_is_an_int_too_large_for_a_float_does_not_break_t
     with an OverflowError from comparing it as a float; nothing is written after it."""
     run = lost_line
     with (run / HISTORY_NAME).open("ab") as f:
-        f.write(b'{"step": 3, "time": 1' + b"0" * 400 + b"}\n")
+        f.write(b'{"step": 3, "metrics": {}, "time": 1' + b"0" * 400 + b"}\n")
     before = (run / HISTORY_NAME).read_bytes()
     with Checkpointer(run, keep_last=2, async_save=False):
         pass
@@ -248,3 +248,14 @@ def test_the_first_saves_line_torn_mid_append_is_written_back(tmp_path: Path) ->
     with Checkpointer(run, keep_last=2, async_save=False):
         pass
     assert [(r["step"], r["metrics"]) for r in history(run)] == [(1, {"val_loss": 1.0})]
+
+
+def test_another_tools_file_with_a_step_key_is_left_alone(tmp_path: Path) -> None:
+    """Many loggers write {"step": ..., "loss": ...} lines: without haltpoint's metrics the
+    line is not a save's, and nothing is appended to that file at open."""
+    run = tmp_path / "run"
+    make_run(run)
+    (run / HISTORY_NAME).write_text('{"step": 1, "loss": 0.5}\n')
+    with Checkpointer(run, keep_last=2, async_save=False):
+        pass
+    assert (run / HISTORY_NAME).read_text() == '{"step": 1, "loss": 0.5}\n'

@@ -344,7 +344,11 @@ def _last_record(storage: Storage) -> dict[str, Any] | None:
             record = decode_record(line) if line.strip() else None
         except ValueError:  # a torn or damaged line: look at the one before
             continue
-        if record is not None and type(record.get("step")) is int:
+        if (  # a save's line: another tool's {"step": ...} lines have no metrics mapping
+            record is not None
+            and type(record.get("step")) is int
+            and isinstance(record.get("metrics"), dict)
+        ):
             return record
     return None
 
