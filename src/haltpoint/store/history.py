@@ -313,10 +313,11 @@ _TAIL_READ = 2 * TORN_LINE_LIMIT + 2  # holds a whole line of any length an appe
 
 
 def _last_record(storage: Storage) -> dict[str, Any] | None:
-    """The history's last record with an int step (`{}` when there is no history or it is
-    blank), or None when that cannot be told: the history cannot be read, or its end holds no
-    such line (another tool's file, damage). On a local disk only its end is read, so a
-    writer's open stays fast however long the run."""
+    """The history's last save line (an int step and a metrics mapping; `{}` when there is
+    no history, or only blank text or the fragment of a torn first append), or None when that
+    cannot be told: the history cannot be read, or its end holds no such line (another tool's
+    file, damage). On a local disk only its end is read, so a writer's open stays fast however
+    long the run."""
     try:
         local = storage.local_path(HISTORY_NAME)
         if local is None:
