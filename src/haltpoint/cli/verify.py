@@ -127,49 +127,58 @@ def verify_run(
             status = folder_status(entry, referenced)
             results.append(CheckpointCheck(entry.step, entry.dirname, status))
             continue
-        todo = {k: r for k, r in manifest.tensors.items() if (k, r) not in checked}
         try:
-            bad = tensor_damage(run.storage, todo) if todo else {}
-            error = _shard_error(run, entry) if is_sharded(manifest) else None
+            check, nbytes = _check_committed(run, entry, checked)
         except UnreadableCheckpointError as exc:  # not checked (an I/O error): check the rest
             results.append(CheckpointCheck(entry.step, entry.dirname, "unreadable", error=str(exc)))
             continue
-        for key, record in todo.items():
-            checked[key, record] = bad.get(key)
-        damaged: dict[str, list[str]] = defaultdict(list)
-        causes: dict[str, str] = {}
-        for key, record in sorted(manifest.tensors.items()):
-            cause = checked[key, record]
-            if cause is not None:
-                damaged[record.file].append(key)
-                causes[key] = cause
-        if not damaged and error is None:
-            try:
-                error = _payload_error(run, entry)
-            except UnreadableCheckpointError as exc:
-                results.append(
-                    CheckpointCheck(entry.step, entry.dirname, "unreadable", error=str(exc))
-                )
-                continue
-        if (damaged or error) and run.removed(entry.dirname):  # retention raced this check
-            for key in bad:
-                checked.pop((key, todo[key]), None)
-            results.append(CheckpointCheck(entry.step, entry.dirname, "removed"))
-            continue
-        check = CheckpointCheck(
-            entry.step,
-            entry.dirname,
-            "damaged" if damaged or error else "intact",
-            error=error,
-            tensors=len(manifest.tensors),
-            size=checkpoint_nbytes(manifest),
-            damaged=dict(damaged),
-            causes=causes,
-        )
         results.append(check)
         if on_progress is not None:
-            on_progress(sum(r.nbytes for r in todo.values()))
+            on_progress(nbytes)
     return results
+
+
+def _check_committed(
+    run: RunDirectory, entry: Entry, checked: dict[tuple[str, TensorRecord], str | None]
+) -> tuple[CheckpointCheck, int]:
+    """Check the tensors (those not in `checked` yet, which it fills), DCP files and saved
+    values of a committed checkpoint; return the outcome and the tensor bytes read.
+
+    Raises:
+        UnreadableCheckpointError: a file of it cannot be read now (an I/O error, no
+            permission): it is not checked, and `checked` holds only what was read.
+    """
+    manifest = entry.manifest
+    assert manifest is not None
+    todo = {k: r for k, r in manifest.tensors.items() if (k, r) not in checked}
+    bad = tensor_damage(run.storage, todo) if todo else {}
+    error = _shard_error(run, entry) if is_sharded(manifest) else None
+    for key, record in todo.items():
+        checked[key, record] = bad.get(key)
+    damaged: dict[str, list[str]] = defaultdict(list)
+    causes: dict[str, str] = {}
+    for key, record in sorted(manifest.tensors.items()):
+        cause = checked[key, record]
+        if cause is not None:
+            damaged[record.file].append(key)
+            causes[key] = cause
+    if not damaged and error is None:
+        error = _payload_error(run, entry)
+    if (damaged or error) and run.removed(entry.dirname):  # retention raced this check
+        for key in bad:
+            checked.pop((key, todo[key]), None)
+        return CheckpointCheck(entry.step, entry.dirname, "removed"), 0
+    check = CheckpointCheck(
+        entry.step,
+        entry.dirname,
+        "damaged" if damaged or error else "intact",
+        error=error,
+        tensors=len(manifest.tensors),
+        size=checkpoint_nbytes(manifest),
+        damaged=dict(damaged),
+        causes=causes,
+    )
+    return check, sum(r.nbytes for r in todo.values())
 
 
 def _shard_error(run: RunDirectory, entry: Entry) -> str | None:
