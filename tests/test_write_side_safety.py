@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+import uuid
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from haltpoint.errors import (
     UnreadableCheckpointError,
 )
 from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
-from haltpoint.store.storage import LocalStorage
+from haltpoint.store.storage import LocalStorage, open_storage
 
 OPS = ["open", "save", "gc", "import", "fresh"]
 CONDITIONS = [
@@ -990,3 +991,78 @@ def test_demo_fresh_on_a_run_it_cannot_read_says_nothing_was_deleted(
     assert f"--fresh deletes {run}, but cannot read {folder}" in err and os.strerror(code) in err
     assert "nothing was deleted" in err
     assert hashes(run) == before
+
+
+def _fail_folder(monkeypatch, url: str, dirname: str, code: int) -> None:
+    """Listing the folder `dirname` of the run at `url`, and looking up any name in it, fail
+    with the OS error `code`; its files still open (a disk, an NFS server or an object store
+    that fails some requests, not all)."""
+    if url.startswith("memory://"):
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        real_ls, real_info = MemoryFileSystem.ls, MemoryFileSystem.info
+
+        def ls(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if path.rstrip("/").endswith(dirname):
+                raise OSError(code, os.strerror(code), path)
+            return real_ls(self, path, *args, **kwargs)
+
+        def info(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if f"{dirname}/" in path:
+                raise OSError(code, os.strerror(code), path)
+            return real_info(self, path, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryFileSystem, "ls", ls)
+        monkeypatch.setattr(MemoryFileSystem, "info", info)
+        return
+    folder = os.path.join(url, dirname)
+    real_listdir, real_lstat = os.listdir, os.lstat
+
+    def listdir(path=".", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.path.abspath(path) == folder:
+            raise OSError(code, os.strerror(code), folder)
+        return real_listdir(path, *args, **kwargs)
+
+    def lstat(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.path.abspath(path).startswith(f"{folder}{os.sep}"):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "lstat", lstat)
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+@pytest.mark.parametrize("restored", [True, False])
+@pytest.mark.parametrize("code", [errno.EACCES, *IO_ERRORS], ids=errno.errorcode.get)
+def test_a_save_never_overwrites_a_checkpoint_it_cannot_see(
+    tmp_path: Path, monkeypatch, code: int, restored: bool, where: str
+):
+    """The newest step's folder could not be read for a moment: restore passed over it (not
+    damage), and saving that step again took "cannot tell" for "no checkpoint there" (the
+    existence check, `os.path.lexists` or fsspec's `exists`, swallowed the error): it
+    truncated the step's tensor file and replaced its manifest, an intact checkpoint
+    overwritten by a different one."""
+    url = str(tmp_path / "run") if where == "local" else f"memory://w-{uuid.uuid4().hex}/run"
+    with Checkpointer(url, keep_last=3, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"model": torch.nn.Linear(3, 2)})
+    storage = open_storage(url)
+    files = [
+        f"{d}/{n}" for d in storage.listdir() if d.startswith("step-") for n in storage.listdir(d)
+    ]
+    before = {rel: storage.read_bytes(rel) for rel in files}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unreadable folder is warned about at open
+        with Checkpointer(url, keep_last=3, async_save=False) as ckpt:
+            _fail_folder(monkeypatch, url, checkpoint_dirname(3), code)
+            if restored:
+                assert ckpt.restore({"model": torch.nn.Linear(3, 2)}).step == 2
+            with pytest.raises(UnreadableCheckpointError, match=os.strerror(code)) as refused:
+                ckpt.save(3, {"model": torch.nn.Linear(3, 2)})
+            monkeypatch.undo()
+    message = str(refused.value)
+    assert "\n" not in message and checkpoint_dirname(3) in message, message
+    assert "nothing was written" in message, message
+    assert {rel: storage.read_bytes(rel) for rel in files} == before
+    assert [e.step for e in RunDirectory(storage).committed()] == [1, 2, 3]

@@ -395,13 +395,32 @@ class RunDirectory:
         `LinkedFileError` if the folder or its manifest is a symbolic link."""
         dirname = checkpoint_dirname(step)
         self.storage.write_path(f"{dirname}/{MANIFEST_NAME}")
-        if self.storage.exists(f"{dirname}/{MANIFEST_NAME}"):
+        if self.holds(f"{dirname}/{MANIFEST_NAME}"):
             raise CheckpointExistsError(
                 f"a checkpoint for step {step} already exists in {self.storage.url}; steps are "
                 "never overwritten: save under a new step, or remove it with `haltpoint gc`",
                 path=f"{self.storage.url}/{dirname}",
             )
         return dirname
+
+    def holds(self, rel: str) -> bool:
+        """Whether the run holds a file (or anything) at `rel`, for a writer about to create
+        one there.
+
+        Raises:
+            UnreadableCheckpointError: it cannot be told (no permission, an I/O error): a
+                checkpoint may be there, and nothing is ever written over one.
+        """
+        try:
+            return self.storage.exists(rel)
+        except OSError as exc:
+            where = f"{self.storage.url.rstrip('/')}/{rel}"
+            raise UnreadableCheckpointError(
+                f"cannot tell whether {where} exists ({exc.strerror or exc}); a checkpoint "
+                "there is never overwritten, so nothing was written: check the disk or the "
+                "folder's permissions, or save under a new step",
+                path=where,
+            ) from None
 
     def commit(self, manifest: Manifest) -> str:
         """Publish `manifest` atomically: from this moment the checkpoint exists."""
@@ -489,7 +508,7 @@ class RunDirectory:
             for name in top
             if parse_step(name) is not None
             and name not in kept_dirs
-            and (self.storage.exists(f"{name}/{MANIFEST_NAME}") or self._unlistable(name))
+            and (self._may_hold_manifest(name) or self._unlistable(name))
         ]
         if unknown:
             warn_user(
@@ -541,6 +560,13 @@ class RunDirectory:
         for name in folders:
             self.storage.rmtree(name)  # the folder itself, and anything nested in it
         return removed
+
+    def _may_hold_manifest(self, dirname: str) -> bool:
+        """Whether the folder `dirname` has a manifest, or may have one (it cannot be told)."""
+        try:
+            return self.storage.exists(f"{dirname}/{MANIFEST_NAME}")
+        except OSError:  # no permission, an I/O error: it may hold any manifest
+            return True
 
     def _unlistable(self, dirname: str) -> bool:
         """Whether the folder `dirname` cannot be listed for lack of permission: it may hold

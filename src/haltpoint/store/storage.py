@@ -98,7 +98,13 @@ class Storage(Protocol):
                 symbolic link.
         """
 
-    def exists(self, rel: str) -> bool: ...
+    def exists(self, rel: str) -> bool:
+        """Whether `rel` exists (a link counts, not its target).
+
+        Raises:
+            OSError: it cannot be told (no permission, an I/O error): never False for a file
+                that may be there, since writers check that they overwrite nothing.
+        """
 
     def isdir(self, rel: str) -> bool: ...
 
@@ -341,7 +347,11 @@ class LocalStorage:
         return False
 
     def exists(self, rel: str) -> bool:
-        return os.path.lexists(self._path(rel))
+        try:
+            os.lstat(self._path(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True  # any other OSError: it may be there (os.path.lexists says False)
 
     def isdir(self, rel: str) -> bool:
         return os.path.isdir(self._path(rel))
@@ -516,7 +526,11 @@ class FsspecStorage:
         return str(self.fs.unstrip_protocol(self._path(rel)))
 
     def exists(self, rel: str) -> bool:
-        return bool(self.fs.exists(self._fresh(rel)))
+        try:  # not fs.exists, which says False for any error (a timeout, no permission)
+            self.fs.info(self._fresh(rel))
+        except FileNotFoundError:
+            return False
+        return True
 
     def isdir(self, rel: str) -> bool:
         return bool(self.fs.isdir(self._fresh(rel)))

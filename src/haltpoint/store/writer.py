@@ -36,7 +36,7 @@ def _tensor_file_name(run: RunDirectory, dirname: str) -> str:
     step again must not overwrite it.
     """
     n = 0
-    while run.storage.exists(f"{dirname}/{tensors_name(n)}"):
+    while run.holds(f"{dirname}/{tensors_name(n)}"):  # cannot tell: refused
         n += 1
     return f"{dirname}/{tensors_name(n)}"
 
