@@ -202,3 +202,62 @@ def test_a_run_directory_at_the_file_system_root_is_read_not_called_a_link_out_o
     assert LocalStorage(tmp_path / "link", create=False).local_path("x") == str(
         tmp_path / "link" / "x"
     )
+
+
+def hard_linked(run: Path, name: str, target: str) -> dict[Path, bytes]:
+    """Make `name` in `run` another name (a hard link) of the file `target`; return the bytes
+    of every checkpoint file."""
+    (run / name).unlink(missing_ok=True)
+    os.link(run / target, run / name)
+    files = [p for p in run.rglob("*") if p.is_file() and p.name not in (".haltpoint.lock",)]
+    return {p: p.read_bytes() for p in files if p.name != "history.jsonl"}
+
+
+@pytest.mark.parametrize(
+    ("name", "op"),
+    [
+        (".haltpoint.lock", "writer"),
+        (".haltpoint.lock", "gc"),
+        (".haltpoint.lock", "import"),
+        ("history.jsonl", "writer"),
+        ("history.jsonl", "import"),  # gc writes no history
+    ],
+)
+def test_a_hard_linked_lock_or_history_is_refused_and_its_other_name_kept(
+    run: Path, tmp_path: Path, capsys, name: str, op: str
+) -> None:
+    """The lock and the history are changed in place (the lock truncated and rewritten, the
+    history appended to): at the name of one, a hard link to a checkpoint's tensor file (the
+    same file under two names, which no symbolic-link check sees) was truncated to 0 bytes by
+    every writer's open, `gc` and `import`, or had a history line appended; the writer's
+    retention then set the destroyed newest checkpoint aside."""
+    before = hard_linked(run, name, "step-000000002/tensors.safetensors")
+    if op == "writer":
+        refused = pytest.raises(LinkedFileError, match=rf"{name} has 2 names \(hard links\)")
+        with refused as info, writer(run) as ckpt:
+            ckpt.save(3, {"w": torch.zeros(1000)}, {"loss": 0.1})
+        assert "\n" not in str(info.value) and info.value.path == str(run / name)
+    else:
+        torch.save({"w": torch.zeros(3)}, tmp_path / "model.pt")
+        argv = (
+            ["gc", str(run), "--keep-last", "5"]
+            if op == "gc"
+            else ["import", str(tmp_path / "model.pt"), "-o", str(run), "--step", "3"]
+        )
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name} has 2 names (hard links)" in err, err
+    assert unchanged(before)
+    assert not (run / "step-000000003").exists()
+    with Checkpointer(run, read_only=True) as reader:
+        assert reader.restore({"w": torch.zeros(1000)}).step == 2  # read and verified
+
+
+def test_a_history_hard_linked_while_the_writer_is_open_is_not_written_through(
+    run: Path,
+) -> None:
+    with writer(run) as ckpt:
+        before = hard_linked(run, "history.jsonl", TENSORS)
+        with pytest.raises(HistoryNotWrittenError, match=r"step 3 is committed.*hard links"):
+            ckpt.save(3, {"w": torch.zeros(1000)}, {"loss": 0.1})
+    assert unchanged(before)

@@ -41,7 +41,13 @@ from haltpoint.errors import (
 )
 from haltpoint.store.hashing import hash_bytes
 from haltpoint.store.manifest import Manifest
-from haltpoint.store.storage import Storage, check_regular, fsync_dir, open_unlinked
+from haltpoint.store.storage import (
+    Storage,
+    check_one_name,
+    check_regular,
+    fsync_dir,
+    open_unlinked,
+)
 
 __all__ = [
     "HISTORY_NAME",
@@ -261,10 +267,17 @@ def _tail_start(fd: int, size: int) -> int | None:
     return 0 if start == 0 else None
 
 
+_OWN_HISTORY = (
+    "give it a file of its own (cp history.jsonl h.tmp && mv h.tmp history.jsonl), then "
+    "open the run again"
+)
+
+
 def _append_local(path: str, line: bytes) -> None:
     created = not os.path.exists(path)
     fd = open_unlinked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
+        check_one_name(path, os.fstat(fd), _OWN_HISTORY)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             start = _tail_start(fd, size)
@@ -307,6 +320,8 @@ def check_appendable(storage: Storage) -> None:
     path = storage.write_path(HISTORY_NAME)
     if path is not None:
         check_regular(path)
+        with contextlib.suppress(FileNotFoundError):
+            check_one_name(path, os.lstat(path), _OWN_HISTORY)
 
 
 _TAIL_READ = 2 * TORN_LINE_LIMIT + 2  # holds a whole line of any length an append tears

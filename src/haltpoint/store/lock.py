@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from haltpoint.errors import LockedError
-from haltpoint.store.storage import Storage, open_regular, open_unlinked
+from haltpoint.store.storage import Storage, check_one_name, open_regular, open_unlinked
 
 try:
     import fcntl
@@ -150,6 +150,24 @@ def _read_fd(fd: int) -> bytes:
     return os.pread(fd, size, 0) if size else b""
 
 
+def _check_one_name(fd: int, path: str) -> None:
+    """Refuse a lock file that is also another file (a hard link: a checkpoint's tensor file
+    under the lock's name would be truncated); the flock taken on it is dropped, its bytes
+    untouched."""
+    try:
+        check_one_name(
+            path,
+            os.fstat(fd),
+            "delete it while no writer runs (the next writer creates a lock file of its own)",
+        )
+    except BaseException:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        raise
+
+
 def _release_local(fd: int) -> None:
     """Clear the holder record, drop the flock, close the file (the finalizer of a lock)."""
     try:
@@ -249,6 +267,7 @@ class WriterLock:
             except BaseException:
                 os.close(fd)
                 raise
+            _check_one_name(fd, path)  # before the record is truncated
             try:
                 # Someone may have deleted the file between our open and our flock.
                 if os.path.samestat(os.fstat(fd), os.stat(path)):

@@ -41,6 +41,7 @@ __all__ = [
     "FsspecStorage",
     "LocalStorage",
     "Storage",
+    "check_one_name",
     "check_regular",
     "check_relpath",
     "fsync_dir",
@@ -191,6 +192,23 @@ def check_regular(path: str) -> None:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode) and not stat.S_ISLNK(info.st_mode):
             raise _not_regular(path, info.st_mode)
+
+
+def check_one_name(path: str, info: os.stat_result, remedy: str) -> None:
+    """Raise `LinkedFileError` if `info` (of the file at `path`) is a regular file with more
+    names than `path` (hard links): a file haltpoint changes in place (the lock, the history)
+    would change under its other names too, a checkpoint's tensor file among them.
+
+    Raises:
+        LinkedFileError: naming `path`, how many names it has, and `remedy`.
+    """
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        raise LinkedFileError(
+            f"{path} has {info.st_nlink} names (hard links): haltpoint changes it in place, "
+            f"which would change the same file under its other names (a checkpoint's tensor "
+            f"file, a snapshot's copy) too, so nothing was written; {remedy}",
+            path=path,
+        )
 
 
 def open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
