@@ -23,6 +23,7 @@ from haltpoint.cli import main
 from haltpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
+    LockedError,
     StepBehindError,
     UnreadableCheckpointError,
 )
@@ -1066,3 +1067,37 @@ def test_a_save_never_overwrites_a_checkpoint_it_cannot_see(
     assert "nothing was written" in message, message
     assert {rel: storage.read_bytes(rel) for rel in files} == before
     assert [e.step for e in RunDirectory(storage).committed()] == [1, 2, 3]
+
+
+def test_a_writer_whose_lock_file_was_deleted_commits_nothing(tmp_path: Path, monkeypatch):
+    """The lock file was deleted while the writer held it (by hand, as LockedError's advice
+    for a holder on another host says; a clean-up script): a second writer then took a lock
+    of its own and committed step 4 while the first was writing its own step 4, whose commit
+    (an atomic rename) replaced the second's manifest: a checkpoint that `save` had reported
+    committed was gone."""
+    import haltpoint.store.writer
+
+    run = tmp_path / "run"
+    make_run(run)
+    real_write = haltpoint.store.writer.write_tensor_file
+    theirs = torch.nn.Linear(3, 2)
+
+    def write(*args, **kwargs):  # type: ignore[no-untyped-def]
+        records = real_write(*args, **kwargs)  # this writer's data is written: then the other
+        monkeypatch.setattr(haltpoint.store.writer, "write_tensor_file", real_write)
+        with Checkpointer(run, keep_last=5, async_save=False) as other:
+            other.save(4, {"model": theirs})
+        return records
+
+    with Checkpointer(run, keep_last=5, async_save=False) as ckpt:
+        (run / ".haltpoint.lock").unlink()
+        monkeypatch.setattr(haltpoint.store.writer, "write_tensor_file", write)
+        with pytest.raises(LockedError, match=r"lock file .* was deleted or replaced") as lost:
+            ckpt.save(4, {"model": torch.nn.Linear(3, 2)})
+        monkeypatch.undo()
+    assert "\n" not in str(lost.value) and "nothing was committed" in str(lost.value)
+    assert intact_steps(run) == {1, 2, 3, 4}
+    with Checkpointer(run, read_only=True) as reader:
+        restored = torch.nn.Linear(3, 2)
+        assert reader.restore({"model": restored}, 4).step == 4
+    assert torch.equal(restored.weight, theirs.weight)  # the second writer's, as committed

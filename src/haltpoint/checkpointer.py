@@ -423,6 +423,7 @@ class Checkpointer:
                     previous=below[-1].manifest if below else None,
                     check=self._references,
                     pinned=pin,  # the marker is written before the manifest
+                    held=None if self._lock is None else self._lock.check,
                 )
             finally:
                 if background:

@@ -160,6 +160,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         leftovers: list[str] = []
         if not args.dry_run:  # a damaged checkpoint's files stay, as the checkpoint does
             protected = [e.manifest for e in [*kept, *(d for d, _ in damaged)] if e.manifest]
+            lock.check()  # another writer since (its lock file deleted)? it may be saving
             if dropped:
                 run_dir.remove(dropped, protected)
             else:

@@ -298,6 +298,7 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
             tree=flat.tree,
             tensors=flat.tensors,
             sequence=next_sequence(e.manifest for e in existing if e.manifest is not None),
+            held=lock.check,
         )
         append_history(run_dir.storage, save_record(step, now, {}, state))
     finally:

@@ -304,6 +304,37 @@ class WriterLock:
             raise _locked_error(storage, winner or _UNKNOWN)
         return me
 
+    def check(self) -> None:
+        """Raise `LockedError` unless the run's lock file is still the one this object holds:
+        deleted or replaced meanwhile (by hand, a clean-up script), it lets another writer
+        take a lock of its own, so a writer calls this before it commits.
+
+        Raises:
+            LockedError: the lock file at the run's path is gone, another file, or (behind
+                fsspec) names another holder; or this object does not hold the lock.
+        """
+        finalizer = self._finalizer
+        peeked = finalizer.peek() if finalizer is not None else None
+        ours = False
+        if peeked is not None:
+            _, release, args, _ = peeked
+            with contextlib.suppress(FileNotFoundError):
+                if release is _release_local:
+                    path = self.storage.write_path(LOCK_NAME)
+                    ours = path is not None and os.path.samestat(os.fstat(args[0]), os.stat(path))
+                else:
+                    data = self.storage.read_bytes(LOCK_NAME, _RECORD_LIMIT)
+                    ours = LockHolder.from_json(data) == args[1]
+        if not ours:
+            path = self.storage.local_path(LOCK_NAME) or _lock_path(self.storage)
+            raise LockedError(
+                f"the writer lock file {path} was deleted or replaced while process "
+                f"{os.getpid()} held it, so another writer may be using {self.storage.url}; "
+                "nothing was committed: stop every other writer of the run, then open it again "
+                "(never delete the lock file of a live writer)",
+                path=path,
+            )
+
     def release(self) -> None:
         """Let go of the lock; does nothing when it is not held."""
         finalizer, self._finalizer = self._finalizer, None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -54,6 +54,7 @@ def write_checkpoint(
     previous: Manifest | None = None,
     check: ReferenceCheck | None = None,
     pinned: bool = False,
+    held: Callable[[], None] | None = None,
 ) -> Manifest:
     """Write `tensors` (CPU tensors nobody changes meanwhile) durably, then commit the manifest.
 
@@ -65,9 +66,11 @@ def write_checkpoint(
     records are not written again: the new manifest references the same bytes, provided
     `check` (the writer session's; a new one when None) finds them intact on disk. With
     `pinned`, the pin marker is written before the manifest, so a committed checkpoint is
-    never left unpinned. The checkpoint exists from the moment `RunDirectory.commit`
-    publishes its manifest; a crash before that leaves only files that the next writer to
-    open the run removes.
+    never left unpinned. `held()`, when given, runs just before the pin and the commit: it
+    raises (`WriterLock.check`) when the writer lock is no longer this writer's, so a second
+    writer's checkpoint is never committed over. The checkpoint exists from the moment
+    `RunDirectory.commit` publishes its manifest; a crash before that leaves only files that
+    the next writer to open the run removes.
 
     Raises:
         InsufficientSpaceError: the storage reports less free space than the new data needs
@@ -94,6 +97,8 @@ def write_checkpoint(
             versions=library_versions(),
             extra={**(extra or {}), SEQUENCE_KEY: sequence},
         )
+        if held is not None:
+            held()
         if pinned:
             run.set_pinned(step, True)
         run.commit(manifest)
