@@ -424,6 +424,29 @@ def test_an_unexpected_exception_is_still_one_line_naming_it(
     assert "a bug in haltpoint" in err
 
 
+@pytest.mark.parametrize("package", ["botocore.exceptions", "google.auth.exceptions"])
+def test_a_storage_back_end_error_is_one_line_that_blames_the_storage(
+    package: str, tmp_path: Path, capsys, monkeypatch
+):
+    """s3fs passes botocore's own exceptions (no credentials, no endpoint) through as they
+    are: not OSErrors, not haltpoint's bugs."""
+    import haltpoint.cli.listing
+
+    error = type("NoCredentialsError", (Exception,), {"__module__": package})
+
+    def fail(*args: object) -> int:
+        raise error("Unable to locate credentials")
+
+    monkeypatch.setattr(haltpoint.cli.listing, "run", fail)
+    assert main(["ls", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"haltpoint: error: {package.partition('.')[0]} error NoCredentialsError: Unable to "
+        "locate credentials (from the storage, not haltpoint: check the URL, the credentials, "
+        "the endpoint and the network)\n"
+    )
+
+
 @pytest.mark.parametrize("ctrl_c", [True, False])
 def test_a_ctrl_c_that_an_import_turns_into_an_import_error_is_still_an_interruption(
     ctrl_c: bool, monkeypatch, capsys

@@ -128,12 +128,40 @@ def run(argv: Sequence[str] | None = None, out: Output | None = None) -> int:
     except (CheckpointError, ValueError, TypeError, ImportError) as exc:
         out.error(str(exc) or type(exc).__name__)
         return EXIT_FAILURE
-    except Exception as exc:  # none of the above: a bug, still said in one line
+    except Exception as exc:  # none of the above: the storage's own, or a bug; one line
+        backend = storage_backend(exc)
+        if backend is not None:
+            out.error(
+                f"{backend} error {type(exc).__name__}: {first_line(exc) or 'no message'} "
+                "(from the storage, not haltpoint: check the URL, the credentials, the "
+                "endpoint and the network)"
+            )
+            return EXIT_FAILURE
         out.error(
             f"unexpected {type(exc).__name__}: {first_line(exc) or 'no message'} (a bug in "
             "haltpoint; please report it with the command that caused it)"
         )
         return EXIT_FAILURE
+
+
+#: Packages whose own exceptions (not OSErrors) fsspec back ends pass through as they are:
+#: botocore's NoCredentialsError or EndpointConnectionError behind s3fs, Google's and Azure's.
+_STORAGE_PACKAGES = ("botocore", "aiobotocore", "s3fs", "fsspec", "gcsfs", "google", "azure")
+
+
+def storage_backend(exc: BaseException) -> str | None:
+    """The storage package that raised `exc` (an exception class of its own), else None.
+
+    >>> class NoCredentialsError(Exception): ...
+    >>> NoCredentialsError.__module__ = "botocore.exceptions"
+    >>> storage_backend(NoCredentialsError()), storage_backend(KeyError("x"))
+    ('botocore', None)
+    """
+    for cls in type(exc).__mro__:
+        package = cls.__module__.partition(".")[0]
+        if package in _STORAGE_PACKAGES:
+            return package
+    return None
 
 
 def _interrupted(args: argparse.Namespace | None) -> str:
