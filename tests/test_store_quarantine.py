@@ -81,6 +81,32 @@ def test_a_writer_quarantines_a_damaged_newest_checkpoint_and_saves_its_step_aga
     assert new.files() == {f"{checkpoint_dirname(15)}/tensors-1.safetensors"}
 
 
+def test_a_folder_at_a_damaged_checkpoints_pin_marker_is_refused_in_one_line_and_kept(
+    tmp_path: Path,
+) -> None:
+    """Quarantine removes a damaged checkpoint's pin marker; a folder there (someone's files)
+    is not the marker's to delete: a NotRegularFileError, never a bare IsADirectoryError."""
+    from haltpoint.errors import NotRegularFileError
+
+    url = str(tmp_path / "run")
+    save_10_14_15(url)
+    storage = open_storage(url)
+    flip_a_bit(storage, TENSORS_15)
+    theirs = tmp_path / "run" / checkpoint_dirname(15) / "pinned"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    state = {"w": torch.zeros(64)}
+    refused = pytest.raises(NotRegularFileError, match="pinned is a folder, not a regular file")
+    with writer(url) as ckpt, pytest.warns(UserWarning, match="damaged"), refused:
+        ckpt.restore(state)
+    assert (theirs / "notes.txt").read_text() == "mine"
+    (theirs / "notes.txt").unlink()
+    theirs.rmdir()
+    with writer(url) as ckpt:
+        info = ckpt.restore(state)
+    assert info is not None and info.step == 14 and torch.equal(state["w"], weights(14))
+
+
 def test_ls_shows_it_and_gc_keeps_the_newest_intact_checkpoint_and_the_quarantine(
     tmp_path: Path, capsys
 ) -> None:

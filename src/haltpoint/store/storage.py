@@ -453,11 +453,20 @@ class LocalStorage:
     def remove(self, rel: str) -> None:
         """Delete a file (or a link, never its target); a missing file is not an error, and a
         file reached through a linked folder is not deleted (`rmtree` of the folder removes
-        the link)."""
+        the link).
+
+        Raises:
+            NotRegularFileError: `rel` is a folder (nothing is deleted).
+        """
         if self._through_link(rel):
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(rel))
+        path = self._path(rel)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:  # a folder where haltpoint keeps a file: not its to delete
+            raise _not_regular(path, os.lstat(path).st_mode) from None
 
     def remove_many(self, rels: list[str]) -> None:
         for rel in rels:
