@@ -171,20 +171,46 @@ def said(caught: list[warnings.WarningMessage]) -> str:
 # -- one step folder that cannot be read ------------------------------------------------
 
 
-def test_restore_latest_falls_back_past_an_unreadable_step_with_a_warning(
+def test_a_reader_falls_back_past_an_unreadable_newest_step_with_a_warning(
     run: Path, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with unreadable(how, monkeypatch, run / checkpoint_dirname(3)):
-        for read_only_flag in (True, False):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                with Checkpointer(run, read_only=read_only_flag) as ckpt:
-                    info = ckpt.restore({"model": torch.nn.Linear(2, 1)})
-            assert info is not None and info.step == 2
-            assert "permission denied" in said(caught).lower()
-            assert checkpoint_dirname(3) in said(caught)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Checkpointer(run, read_only=True) as ckpt:
+                info = ckpt.restore({"model": torch.nn.Linear(2, 1)})
+        assert info is not None and info.step == 2
+        assert "permission denied" in said(caught).lower()
+        assert checkpoint_dirname(3) in said(caught)
     assert (run / checkpoint_dirname(3) / "manifest.json").exists()
     assert not (run / "quarantine").exists()
+
+
+def test_a_writer_never_resumes_behind_an_unreadable_newest_step(
+    run: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 3 may hold a stopped run: resuming from step 2 would train again what it holds
+    (and then find step 3 taken); an older step is restored only when asked for by number."""
+    model = torch.nn.Linear(2, 1)
+    warned = pytest.warns(UserWarning, match="(?i)permission denied")
+    with (
+        unreadable(how, monkeypatch, run / checkpoint_dirname(3)),
+        warned,
+        Checkpointer(run) as ckpt,
+    ):
+        with pytest.raises(UnreadableCheckpointError) as raised:
+            ckpt.restore({"model": model})
+        assert str(raised.value).startswith(f"cannot read {run / checkpoint_dirname(3)}")
+        assert "newer than step 2" in str(raised.value)
+        assert "restore which=2 to resume from step 2 on purpose" in str(raised.value)
+        assert "\n" not in str(raised.value)
+        info = ckpt.restore({"model": model}, which=2)
+        assert info is not None and info.step == 2
+    assert (run / checkpoint_dirname(3) / "manifest.json").exists()
+    assert not (run / "quarantine").exists()
+    with Checkpointer(run) as ckpt:  # readable again: the newest, as always
+        info = ckpt.restore({"model": model})
+        assert info is not None and info.step == 3
 
 
 def test_restore_of_the_unreadable_step_is_unreadable_not_damaged(

@@ -1039,9 +1039,10 @@ def _fail_folder(monkeypatch, url: str, dirname: str, code: int) -> None:
 def test_a_save_never_overwrites_a_checkpoint_it_cannot_see(
     tmp_path: Path, monkeypatch, code: int, restored: bool, where: str
 ):
-    """The newest step's folder could not be read for a moment: restore passed over it (not
-    damage), and saving that step again took "cannot tell" for "no checkpoint there" (the
-    existence check, `os.path.lexists` or fsspec's `exists`, swallowed the error): it
+    """The newest step's folder could not be read for a moment: a restore of step 2 passed
+    over it (before, "latest" did too: not damage), and saving that step again took "cannot
+    tell" for "no checkpoint there" (the existence check, `os.path.lexists` or fsspec's
+    `exists`, swallowed the error): it
     truncated the step's tensor file and replaced its manifest, an intact checkpoint
     overwritten by a different one."""
     url = str(tmp_path / "run") if where == "local" else f"memory://w-{uuid.uuid4().hex}/run"
@@ -1057,8 +1058,10 @@ def test_a_save_never_overwrites_a_checkpoint_it_cannot_see(
         warnings.simplefilter("ignore")  # the unreadable folder is warned about at open
         with Checkpointer(url, keep_last=3, async_save=False) as ckpt:
             _fail_folder(monkeypatch, url, checkpoint_dirname(3), code)
-            if restored:
-                assert ckpt.restore({"model": torch.nn.Linear(3, 2)}).step == 2
+            if restored:  # "latest" refuses to resume behind it; step 2 asked for by number
+                with pytest.raises(UnreadableCheckpointError, match="newer than step 2"):
+                    ckpt.restore({"model": torch.nn.Linear(3, 2)})
+                assert ckpt.restore({"model": torch.nn.Linear(3, 2)}, which=2).step == 2
             with pytest.raises(UnreadableCheckpointError, match=os.strerror(code)) as refused:
                 ckpt.save(3, {"model": torch.nn.Linear(3, 2)})
             monkeypatch.undo()

@@ -27,6 +27,7 @@ from haltpoint.errors import (
     LockedError,
     NotRegularFileError,
     StepBehindError,
+    UnreadableCheckpointError,
 )
 from haltpoint.eviction import Evictor
 from haltpoint.policies.interval import parse_every
@@ -537,13 +538,37 @@ class Checkpointer:
         one whose manifest's bytes are damaged (not one unreadable now, or of a newer format)."""
         passed = [entry for entry, _ in found.passed] if found is not None else []
         if which == "latest":
-            newest = -1 if found is None else found.entry.step
-            passed += [
-                e
-                for e in self._run.scan()
-                if isinstance(e.error, DamagedManifestError) and e.step > newest
-            ]
+            newer = self._newer_than(found)
+            passed += [e for e in newer if isinstance(e.error, DamagedManifestError)]
         return passed
+
+    def _newer_than(self, found: Found | None) -> list[Entry]:
+        """The checkpoint folders of steps after `found`'s (every one when None).
+
+        Raises:
+            UnreadableCheckpointError: one of them cannot be read now (no permission, an I/O
+                error): it may hold the run's newest checkpoint, a stopped stopper among it,
+                and a writer that resumed behind it would train that part again, then find
+                its step taken.
+        """
+        newest = -1 if found is None else found.entry.step
+        newer = [e for e in self._run.scan() if e.step > newest]
+        for entry in newer:
+            if isinstance(entry.error, UnreadableCheckpointError):
+                instead = (
+                    f", or restore which={newest} to resume from step {newest} on purpose"
+                    if found is not None
+                    else ""
+                )
+                raise UnreadableCheckpointError(
+                    f"cannot read {entry.error.path}, newer than "
+                    f"{'every readable checkpoint' if found is None else f'step {newest}'}: a "
+                    "writer does not resume behind a checkpoint it cannot read (it may hold the "
+                    "run's newest state); nothing was set aside or deleted: fix its permissions "
+                    f"or the disk and restore again{instead}",
+                    path=entry.error.path,
+                )
+        return newer
 
     # -- restoring ------------------------------------------------------------------------
 
