@@ -214,6 +214,11 @@ CRAFTED = [
         r"metric 'val_loss'.* is not a number",
         id="metric-int-of-400-digits",
     ),
+    pytest.param(
+        _set(lambda body: body["tensors"]["model.bias"], "file", "step-000000002/\ud800.bin"),
+        r"tensor 'model.bias'.*holds a character no file name can hold \(a lone surrogate\)",
+        id="tensor-file-with-a-lone-surrogate",
+    ),
 ]
 
 
@@ -744,6 +749,26 @@ def test_a_run_directory_that_is_no_folder_is_refused_not_read_as_empty(
         with pytest.raises(UnreadableCheckpointError, match=rf"cannot list {path}: ") as raised:
             read()
         assert "\n" not in str(raised.value)
+
+
+def test_a_dcp_file_name_no_file_system_can_hold_is_damage(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sharded record naming a DCP file `\\ud800` (a lone surrogate, valid JSON): the open
+    raised `UnicodeEncodeError` from `restore`, 'latest' included, instead of falling back."""
+    (run / "step-000000002" / "dcp").mkdir()
+    files = {"\ud800": {"size": 3, "xxh3_128": hash_bytes(b"abc")}}
+    record = {"world_size": 1, "entries": ["model"], "files": files}
+    craft(run, 2, _set(lambda body: body["extra"], "sharded", record))
+    damage = r"holds a character no file name can hold \(a lone surrogate\)"
+    with pytest.raises(CorruptCheckpointError, match=damage):
+        Checkpointer(run, read_only=True).restore({"model": torch.nn.Linear(3, 2)}, 2)
+    with pytest.warns(UserWarning, match=damage):
+        info = Checkpointer(run, read_only=True).restore({"model": torch.nn.Linear(3, 2)})
+    assert info is not None and info.step == 1
+    assert main(["verify", str(run), "--json"]) == 1
+    checks = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [c["status"] for c in checks] == ["intact", "damaged"]
 
 
 def test_a_damaged_checkpoint_passed_over_from_python_c_is_a_warning(run: Path) -> None:

@@ -56,7 +56,8 @@ READ_BLOCK_BYTES = 64 << 20
 
 
 def check_relpath(rel: str) -> str:
-    """Return `rel` normalised, or raise `CorruptCheckpointError` if it leaves the run directory.
+    """Return `rel` normalised, or raise `CorruptCheckpointError` if it leaves the run directory
+    (or names what no file system can: NUL, a lone surrogate).
 
     >>> check_relpath("step-000000001/data-0.safetensors")
     'step-000000001/data-0.safetensors'
@@ -80,6 +81,14 @@ def check_relpath(rel: str) -> str:
             "relative paths inside its run (the file was damaged or crafted)",
             path=rel,
         )
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file has the name
+        raise CorruptCheckpointError(
+            f"path {rel!r} holds a character no file name can hold (a lone surrogate); a "
+            "manifest names only files haltpoint wrote (the file was damaged or crafted)",
+            path=rel,
+        ) from None
     return rel
 
 
