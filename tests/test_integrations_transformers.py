@@ -15,7 +15,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from haltpoint import Checkpointer, CheckpointExistsError, EarlyStopping  # noqa: E402
+from haltpoint import (  # noqa: E402
+    Checkpointer,
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    EarlyStopping,
+)
 from haltpoint.integrations.transformers import HaltpointCallback  # noqa: E402
 from haltpoint.stopping.replay import replay  # noqa: E402
 from haltpoint.store.history import read_history  # noqa: E402
@@ -242,6 +247,66 @@ def test_sharded_training_is_refused_with_a_checkpointer(
         HaltpointCallback(EarlyStopping("eval_loss"), None).on_train_begin(  # stopping only
             args, SimpleNamespace(), SimpleNamespace()
         )
+
+
+def _sealed(body: dict[str, Any]) -> bytes:
+    """The manifest an attacker who knows the format writes for `body` (xxh3 is no signature)."""
+    from haltpoint.store.hashing import hash_bytes
+
+    def canonical(obj: Any) -> bytes:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+    body = {k: v for k, v in body.items() if k != "checksum"}
+    return canonical({**body, "checksum": hash_bytes(canonical(body))}) + b"\n"
+
+
+def _trainer(step: Any, epoch: Any = 1.0) -> dict[str, Any]:
+    """The `trainer` entry's content as the codec writes it (a dict whose keys are not in
+    sorted order is a list of pairs)."""
+    return {"__hp__": "dict", "items": [["global_step", step], ["epoch", epoch]]}
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        "x",
+        None,
+        [2],
+        {"epoch": 1.0},
+        _trainer("2"),
+        _trainer(10**12),
+        _trainer({"__hp__": "float", "v": "inf"}),
+        _trainer(2, {"__hp__": "float", "v": "nan"}),
+        _trainer(2, {"__hp__": "complex", "v": [1.0, 2.0]}),
+        _trainer(2, {"__hp__": "int", "v": "0x" + "f" * 4000}),
+        _trainer(2, -1.0),
+    ],
+    ids=[
+        "a-string", "null", "a-list", "no-global-step", "global-step-a-string",
+        "global-step-of-another-step", "global-step-inf", "epoch-nan", "epoch-complex",
+        "epoch-of-4800-digits", "epoch-negative",
+    ],
+)  # fmt: skip
+def test_a_crafted_trainer_position_is_a_corrupt_checkpoint(tmp_path: Path, position: Any) -> None:
+    """The restored `trainer` entry was trusted: a crafted checkpoint (checksum valid) made
+    resume raise TypeError, KeyError or OverflowError, or set the Trainer's global step to a
+    string or to another step's."""
+    from types import SimpleNamespace
+
+    model, run = torch.nn.Linear(3, 2), tmp_path / "run"
+    with Checkpointer(run, async_save=False) as ckpt:
+        ckpt.save(2, {"model": model, "trainer": {"global_step": 2, "epoch": 1.0}})
+    path = run / "step-000000002" / "manifest.json"
+    body = json.loads(path.read_bytes())
+    body["tree"]["trainer"]["content"] = position
+    path.write_bytes(_sealed(body))
+    args = SimpleNamespace(eval_strategy="epoch", fsdp=None, deepspeed=None)
+    state = SimpleNamespace(global_step=0, epoch=0.0, max_steps=10, stateful_callbacks=None)
+    with Checkpointer(run) as ckpt:
+        callback = HaltpointCallback(None, ckpt, resume=True)
+        with pytest.raises(CorruptCheckpointError, match=r"step 2 .* records the Trainer's pos"):
+            callback.on_train_begin(args, state, SimpleNamespace(), model=model)
+    assert (state.global_step, state.epoch) == (0, 0.0)
 
 
 def test_a_used_directory_needs_resume(stopped: StoppedRun, tmp_path: Path) -> None:

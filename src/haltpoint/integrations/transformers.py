@@ -6,12 +6,13 @@ Importing this module without `transformers` raises ImportError naming the extra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import warnings
 from typing import Any
 
-from haltpoint import Checkpointer, CheckpointExistsError, EarlyStopping
+from haltpoint import Checkpointer, CheckpointExistsError, CorruptCheckpointError, EarlyStopping
 from haltpoint.distributed import initialized
 from haltpoint.integrations._common import (
     announce_resume,
@@ -189,9 +190,8 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         info = ckpt.restore(saved)
         if info is None:
             return
-        position = saved["trainer"]
-        self._last_step = state.global_step = int(position["global_step"])
-        self._epoch_offset = state.epoch = float(position["epoch"])
+        self._last_step, self._epoch_offset = _position(saved, info.step, ckpt.directory)
+        state.global_step, state.epoch = self._last_step, self._epoch_offset
         if getattr(args, "load_best_model_at_end", False):
             _restore_trainer_best(args, state)
         finished = None
@@ -244,8 +244,8 @@ class HaltpointCallback(TrainerCallback, ExportableState):
             state, objects.get("model"), objects.get("optimizer"), objects.get("lr_scheduler")
         )
         self.checkpointer.restore(saved, self._last_step)
-        state.global_step = int(saved["trainer"]["global_step"])
-        state.epoch = float(saved["trainer"]["epoch"])
+        position = _position(saved, self._last_step, self.checkpointer.directory)
+        state.global_step, state.epoch = position
         _skip_evaluate_save_log(control)
 
     def on_evaluate(
@@ -334,6 +334,37 @@ def _measurements(values: dict[str, float], keep: list[str | None]) -> dict[str,
         for name, value in values.items()
         if name in keep or not (name in _BOOKKEEPING_NAMES or name.endswith(_BOOKKEEPING_ENDS))
     }
+
+
+def _position(saved: dict[str, Any], step: int, directory: str) -> tuple[int, float]:
+    """The Trainer's global step and epoch that the checkpoint of `step` restored into
+    `saved["trainer"]`, checked: the callback saves each step under its global step, with
+    the epoch a float >= 0 (a crafted manifest could hold anything there, its checksum valid).
+
+    Raises:
+        CorruptCheckpointError: the entry is not the position the callback saved.
+    """
+    position = saved.get("trainer")
+    fields = position if isinstance(position, dict) else {}
+    global_step, epoch = fields.get("global_step"), fields.get("epoch")
+    if (
+        type(global_step) is not int
+        or global_step != step
+        or type(epoch) is not float
+        or not (math.isfinite(epoch) and epoch >= 0)
+    ):
+        try:
+            shown = repr(position)
+        except ValueError:  # an int of more than 4,300 digits
+            shown = f"a {type(position).__name__} holding an int too long to print"
+        raise CorruptCheckpointError(
+            f"the checkpoint of step {step} in {directory} records the Trainer's position as "
+            f"{shown[:200]}, not the global step {step} and an epoch (a float >= 0) that "
+            "HaltpointCallback saves: the manifest was altered or written by other code; "
+            "resume from another step, or a new directory",
+            path=directory,
+        )
+    return global_step, float(epoch)
 
 
 def _restore_trainer_best(args: Any, state: Any) -> None:
