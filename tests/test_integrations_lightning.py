@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,12 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from haltpoint import Checkpointer, CheckpointExistsError, EarlyStopping  # noqa: E402
+from haltpoint import (  # noqa: E402
+    Checkpointer,
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    EarlyStopping,
+)
 from haltpoint.integrations.lightning import HaltpointCallback  # noqa: E402
 from haltpoint.stopping.replay import replay  # noqa: E402
 
@@ -149,6 +155,86 @@ def test_resumed_fit_continues_where_it_stopped_and_matches_a_straight_run(
     for got, want in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(got, want)
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
+
+
+def _sealed(body: dict[str, Any]) -> bytes:
+    """The manifest an attacker who knows the format writes for `body` (xxh3 is no signature)."""
+    from haltpoint.store.hashing import hash_bytes
+
+    def canonical(obj: Any) -> bytes:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+    body = {k: v for k, v in body.items() if k != "checksum"}
+    return canonical({**body, "checksum": hash_bytes(canonical(body))}) + b"\n"
+
+
+def _field(node: Any, key: str) -> Any:
+    """`node[key]` in the encoded tree, where a dict may be a tagged list of pairs."""
+    if node.get("__hp__") == "dict":
+        return next(pair for pair in node["items"] if pair[0] == key)
+    return [key, node[key]]
+
+
+def _crafted_loop(path: tuple[str, ...], value: Any) -> Callable[[dict[str, Any]], None]:
+    """Set the counter at `path` of the saved fit loop to `value`."""
+
+    def change(body: dict[str, Any]) -> None:
+        node = body["tree"]["loops"]["content"]
+        for key in path[:-1]:
+            node = _field(node, key)[1]
+        _field(node, path[-1])[1] = value
+
+    return change
+
+
+_STEPS = ("epoch_loop.automatic_optimization.optim_progress", "optimizer", "step", "total")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            _crafted_loop(("epoch_progress", "current", "ready"), "x"),
+            r"epoch_progress.current.ready is 'x', not an int >= 0",
+        ),
+        (
+            _crafted_loop(("epoch_loop.batch_progress", "total", "ready"), None),
+            r"epoch_loop.batch_progress.total.ready is None, not an int >= 0",
+        ),
+        (
+            _crafted_loop(("epoch_loop.batch_progress", "total", "started"), []),
+            r"batch_progress.total.started is \[\], not an int >= 0",
+        ),
+        (
+            _crafted_loop(("epoch_loop.batch_progress", "is_last_batch"), 1),
+            r"batch_progress.is_last_batch is 1, not a bool",
+        ),
+        (
+            _crafted_loop(("epoch_progress", "total", "completed"), -3),
+            r"epoch_progress.total.completed is -3, not an int >= 0",
+        ),
+        (_crafted_loop((*_STEPS, "completed"), 99), r"the global step it gives is 99, not 8"),
+    ],
+    ids=["ready-a-string", "ready-null", "started-a-list", "last-batch-an-int", "negative",
+         "global-step-of-another-step"],
+)  # fmt: skip
+def test_a_crafted_fit_loop_is_a_corrupt_checkpoint(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    """Lightning's loops take any value their checkpoint holds: resumed, such a crafted
+    manifest (checksum valid) made `fit` fail with a TypeError deep inside Lightning, or
+    carry on at another step's position."""
+    with Checkpointer(tmp_path) as ckpt:
+        fit(make_module(), HaltpointCallback(EarlyStopping("val_loss", patience=50), ckpt), 2)
+    path = tmp_path / f"step-{2 * BATCHES_PER_EPOCH:09d}" / "manifest.json"
+    body = json.loads(path.read_bytes())
+    change(body)
+    path.write_bytes(_sealed(body))
+    with (
+        Checkpointer(tmp_path) as ckpt,
+        pytest.raises(CorruptCheckpointError, match=rf"step 8 in .*fit loop .*run: .*{message}"),
+    ):
+        fit(make_module(), HaltpointCallback(None, ckpt, resume=True), max_epochs=4)
 
 
 def test_a_resumed_run_that_had_stopped_trains_no_further(

@@ -11,10 +11,10 @@ import functools
 import importlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from haltpoint import Checkpointer, CheckpointExistsError, EarlyStopping
+from haltpoint import Checkpointer, CheckpointExistsError, CorruptCheckpointError, EarlyStopping
 from haltpoint.integrations._common import (
     announce_resume,
     check_arguments,
@@ -165,9 +165,11 @@ class HaltpointCallback(Callback):
                     "HaltpointCallback(resume=True) restores from its checkpointer; do not also "
                     f"pass ckpt_path={trainer.ckpt_path!r} to fit()"
                 )
+            fresh = trainer.fit_loop.state_dict()
             info = ckpt.restore(self._state(trainer, pl_module))
             if info is None:
                 return
+            _check_loop(fresh, trainer, info.step, ckpt.directory)
             self._last_step = self._resumed_step = info.step
             if ckpt.capture_rng:
                 self._put_back_rng = snapshot_rng()
@@ -349,6 +351,53 @@ class _EpochEndCheck:
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """The owner's check, once the LightningModule's `on_train_epoch_end` has logged."""
         self.owner._check(trainer, pl_module, "at the end of the training epoch")
+
+
+def _check_loop(fresh: Mapping[str, Any], trainer: Any, step: int, directory: str) -> None:
+    """Check the fit loop's state restored from the checkpoint of `step`: each counter that a
+    fresh loop (`fresh`, its `state_dict()`) holds as an int or a bool (the progress
+    trackers, `is_last_batch`, `_batches_that_stepped`) is one again, the ints >= 0, and the
+    global step is `step`, under which the callback saved it. Lightning's loops take any
+    value (their `load_state_dict` updates `__dict__`): a crafted manifest, its checksum
+    valid, made `fit` fail later with a TypeError deep inside Lightning.
+
+    Raises:
+        CorruptCheckpointError: naming the step and the first counter that is wrong.
+    """
+    stack: list[tuple[str, Any, Any]] = [("", fresh, trainer.fit_loop.state_dict())]
+    while stack:
+        where, mine, theirs = stack.pop()
+        if isinstance(mine, Mapping):
+            if not isinstance(theirs, Mapping):
+                wrong = f"{where or 'the fit loop'} is a {type(theirs).__name__}, not a mapping"
+                break
+            stack.extend(
+                (f"{where}.{k}".lstrip("."), v, theirs[k]) for k, v in mine.items() if k in theirs
+            )
+        elif type(mine) in (int, bool) and (
+            type(theirs) is not type(mine) or (type(theirs) is int and theirs < 0)
+        ):
+            kind = "an int >= 0" if type(mine) is int else "a bool"
+            wrong = f"{where} is {_short(theirs)}, not {kind}"
+            break
+    else:
+        if trainer.global_step == step:
+            return
+        wrong = f"the global step it gives is {trainer.global_step}, not {step}"
+    raise CorruptCheckpointError(
+        f"the checkpoint of step {step} in {directory} restored a fit loop Lightning cannot "
+        f"run: {wrong}; the manifest was altered or written by other code: resume from "
+        "another step, or a new directory",
+        path=directory,
+    )
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4,300 digits
+        return f"a {type(value).__name__} too long to print"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _finished(trainer: Any) -> str | None:
