@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["child_path", "is_stateful", "type_name", "unwrap_module"]
+__all__ = ["child_path", "is_stateful", "short_repr", "type_name", "unwrap_module"]
 
 _MAX_REPR = 60
 
@@ -26,6 +26,21 @@ def child_path(path: str, key: Any) -> str:
         if len(text) > _MAX_REPR:
             text = text[: _MAX_REPR - 3] + "..."
     return f"{path}[{text}]"
+
+
+def short_repr(value: Any, limit: int = _MAX_REPR) -> str:
+    """``repr(value)``, cut to ``limit`` characters; a value holding an int too long to print
+    (more than 4,300 digits, which a checkpoint's tagged int may hold: repr raises
+    ValueError) is named by its type.
+
+    >>> short_repr((0.9, 10**5000)), short_repr("x" * 100, 10)
+    ('<a tuple holding an int too long to print>', "'xxxxxx...")
+    """
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<a {type_name(value)} holding an int too long to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def type_name(value: Any) -> str:

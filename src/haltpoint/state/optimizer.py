@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from haltpoint.errors import StateMismatchError
-from haltpoint.state._common import type_name
+from haltpoint.state._common import short_repr, type_name
 
 __all__ = ["PARAM_SHAPED", "SCALARS", "check_optimizer_fits", "check_optimizer_state"]
 
@@ -86,8 +86,9 @@ def check_optimizer_fits(
         for key, ours_value in live.items():
             if key != "params" and key in saved and not _same_kind(ours_value, saved[key]):
                 raise StateMismatchError(
-                    f"cannot load {path}: parameter group {index} has {key}={ours_value!r}, the "
-                    f"checkpoint {key}={saved[key]!r}, a value of another type"[:300]
+                    f"cannot load {path}: parameter group {index} has {key}="
+                    f"{short_repr(ours_value, 100)}, the checkpoint {key}="
+                    f"{short_repr(saved[key], 100)}, a value of another type"
                 )
     if not type(target).__module__.startswith("torch.optim."):
         return  # another optimizer's state is its own business
