@@ -167,6 +167,68 @@ def test_scheduler_round_trip(name: str) -> None:
     assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
 
 
+def _two_groups(model: nn.Module) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
+    return optimizer
+
+
+def _crafted_scheduler(name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """A real saved state of scheduler `name` with `changes` (a crafted manifest: a checksum
+    is no signature); for SequentialLR, of its first scheduler when a key starts with `0.`."""
+    saved = dict(SCHEDULERS[name](_two_groups(Net())).state_dict())
+    for key, value in changes.items():
+        if key.startswith("0."):
+            first, *rest = saved["_schedulers"]
+            saved["_schedulers"] = [{**first, key[2:]: value}, *rest]
+        else:
+            saved[key] = value
+    return saved
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "message"),
+    [
+        ("StepLR", {"optimizer": {"param_groups": []}}, "the key 'optimizer', which would replace"),
+        ("StepLR", {"step": 1}, "the key 'step', which would replace the .*StepLR's own attrib"),
+        ("StepLR", {"get_last_lr": None}, "the key 'get_last_lr', which would replace"),
+        ("StepLR", {"last_epoch": "x"}, "has last_epoch=0, the checkpoint last_epoch='x'"),
+        ("StepLR", {"_step_count": [1]}, r"has _step_count=1, the checkpoint _step_count=\[1\]"),
+        ("StepLR", {"base_lrs": [0.1]}, r"has base_lrs=\[0.1, 0.1\], the checkpoint base_lrs="),
+        ("StepLR", {"gamma": True}, "has gamma=0.5, the checkpoint gamma=True"),
+        ("StepLR", {"_get_lr_called_within_step": 1}, "_get_lr_called_within_step=False, the"),
+        ("StepLR", {"base_lrs": [10**5000]}, "base_lrs=<a list holding an int too long"),
+        ("ReduceLROnPlateau", {"optimizer": None}, "the key 'optimizer', which would replace"),
+        ("ReduceLROnPlateau", {"num_bad_epochs": "3"}, "has num_bad_epochs=0, the checkpoint"),
+        ("SequentialLR", {"0.optimizer": 1}, "scheduler 0: the checkpoint's state has the key"),
+        ("SequentialLR", {"0.factor": "x"}, "scheduler 0: the scheduler has factor=0.5, the"),
+        ("SequentialLR", {"_schedulers": "x"}, "has 2 schedulers, the checkpoint 'x'"),
+    ],
+    ids=[
+        "optimizer-replaced", "step-method-shadowed", "get-last-lr-shadowed", "last-epoch-a-string",
+        "step-count-a-list", "base-lrs-one-short", "gamma-a-bool", "flag-an-int",
+        "base-lrs-of-an-int-of-5000-digits", "plateau-optimizer", "plateau-count-a-string",
+        "sequential-inner-optimizer", "sequential-inner-factor", "sequential-schedulers-a-string",
+    ],
+)  # fmt: skip
+def test_a_crafted_scheduler_state_is_refused_before_anything_loads(
+    name: str, changes: dict[str, Any], message: str
+) -> None:
+    """torch's schedulers copy every key they are given into their `__dict__`: these loaded,
+    and the scheduler's `optimizer` (or its `step` method) was replaced, or its next `step()`
+    raised TypeError or AttributeError in the training loop."""
+    model = Net()
+    optimizer = _two_groups(model)
+    scheduler = SCHEDULERS[name](optimizer)
+    before = {k: v for k, v in scheduler.__dict__.items() if k != "optimizer"}
+    saved = {"model": Net().state_dict(), "scheduler": _crafted_scheduler(name, changes)}
+    with pytest.raises(StateMismatchError, match=rf'cannot load state\["scheduler"\].*{message}'):
+        load_into({"model": model, "scheduler": scheduler}, saved)
+    assert scheduler.optimizer is optimizer
+    assert {k: v for k, v in scheduler.__dict__.items() if k != "optimizer"} == before
+    assert not torch.equal(model.fc.weight, saved["model"]["fc.weight"])
+
+
 def test_full_state_round_trip() -> None:
     model = Net()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -14,7 +14,11 @@ from torch import nn
 
 from haltpoint.errors import StateMismatchError, first_line
 from haltpoint.state._common import child_path, is_stateful, type_name, unwrap_module
-from haltpoint.state.optimizer import check_optimizer_fits, check_optimizer_state
+from haltpoint.state.optimizer import (
+    check_optimizer_fits,
+    check_optimizer_state,
+    check_scheduler_fits,
+)
 from haltpoint.stopping.early_stopping import EarlyStopping
 
 __all__ = ["LoadReport", "load_into", "plan_load"]
@@ -145,6 +149,10 @@ def _plan(state: MutableMapping[str, Any], name: str, value: Any, strict: bool) 
             _check_optimizer(target, path, value)
         elif isinstance(target, EarlyStopping):  # plain Python, cheap to copy
             _dry_run(target, path, value, copy.deepcopy)
+        elif isinstance(target, torch.optim.lr_scheduler.LRScheduler) and type(
+            target
+        ).__module__.startswith("torch.optim."):  # another scheduler's state is its business
+            check_scheduler_fits(target, value, path)
         return _plan_stateful(target, path, value)
     if isinstance(target, torch.Tensor):
         _check_array(path, target, value, torch.Tensor)

@@ -1,9 +1,12 @@
-"""Checks of a saved optimizer state dict: its own structure, and its fit to a live optimizer.
+"""Checks of a saved optimizer state dict: its own structure, and its fit to a live optimizer;
+and of a saved learning-rate scheduler's state against a live scheduler.
 
 torch's `Optimizer.load_state_dict` trusts what it is given: a state keyed by a parameter that
 is not there is kept as junk, a per-parameter state of the wrong shape or type is loaded and
 fails at the next `step()`, and some failures come after the optimizer was half replaced. These
-checks run before anything is loaded.
+checks run before anything is loaded. torch's schedulers trust theirs even more: their
+`load_state_dict` updates the object's `__dict__` with whatever it is given (its `optimizer`,
+its `step` method), so a crafted one fails later, in the training loop.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import torch
 from haltpoint.errors import StateMismatchError
 from haltpoint.state._common import short_repr, type_name
 
-__all__ = ["PARAM_SHAPED", "SCALARS", "check_optimizer_fits", "check_optimizer_state"]
+__all__ = [
+    "PARAM_SHAPED",
+    "SCALARS",
+    "check_optimizer_fits",
+    "check_optimizer_state",
+    "check_scheduler_fits",
+]
 
 PARAM_SHAPED = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg"}
@@ -105,6 +114,83 @@ def check_optimizer_fits(
                     f"cannot load {path}: the state of parameter {saved_id} holds {key} "
                     f"{problem}; build the optimizer over the parameters it was saved with"
                 )
+
+
+def check_scheduler_fits(target: Any, value: Any, path: str) -> None:
+    """Check a saved state of one of torch's learning-rate schedulers against ``target``,
+    before its `load_state_dict` copies every key into the object's `__dict__`: no key names
+    what is not state (its `optimizer`, which `state_dict()` leaves out, or a method or
+    property of its class, which the key would shadow); each value the live scheduler's own
+    state holds has the same kind in the checkpoint (a number a number, a bool a bool, a
+    string a string, a list a list of the same length, item by item); and the schedulers of a
+    `SequentialLR` or `ChainedScheduler` each fit theirs.
+
+    Raises:
+        StateMismatchError: naming the first key that does not fit.
+
+    >>> opt = torch.optim.SGD([torch.zeros(1)], lr=0.1)
+    >>> check_scheduler_fits(torch.optim.lr_scheduler.StepLR(opt, 2), {"last_epoch": "x"}, "s")
+    Traceback (most recent call last):
+    ...
+    haltpoint.errors.StateMismatchError: cannot load s: the scheduler has last_epoch=0, the ...
+    """
+    if not isinstance(value, Mapping):
+        raise StateMismatchError(
+            f"cannot load {path}: the checkpoint holds a {type_name(value)}, not a scheduler's "
+            "state dict"
+        )
+    live = target.state_dict()
+    for key, saved in value.items():
+        attribute = getattr(type(target), key, None) if type(key) is str else None
+        if key == "optimizer" or callable(attribute) or isinstance(attribute, property):
+            what = "optimizer" if key == "optimizer" else "own attribute"
+            raise StateMismatchError(
+                f"cannot load {path}: the checkpoint's state has the key {short_repr(key)}, "
+                f"which would replace the {type_name(target)}'s {what}, not set its state"
+            )
+        if type(key) is not str:
+            raise StateMismatchError(
+                f"cannot load {path}: the checkpoint's state has the key {short_repr(key)}, a "
+                f"{type_name(key)}; a scheduler's keys are strings"
+            )
+        if key == "_schedulers" and isinstance(getattr(target, key, None), list):
+            _check_schedulers(target._schedulers, saved, path)
+        elif key in live and not _same_shape(live[key], saved):
+            raise StateMismatchError(
+                f"cannot load {path}: the scheduler has {key}={short_repr(live[key], 100)}, "
+                f"the checkpoint {key}={short_repr(saved, 100)}, a value of another type or "
+                "length"
+            )
+
+
+def _check_schedulers(schedulers: list[Any], saved: Any, path: str) -> None:
+    """The states of a `SequentialLR`'s or `ChainedScheduler`'s schedulers, each against its
+    own."""
+    if not isinstance(saved, list) or len(saved) != len(schedulers):
+        raise StateMismatchError(
+            f"cannot load {path}: the scheduler has {len(schedulers)} schedulers, the "
+            f"checkpoint {short_repr(saved, 100)}"
+        )
+    for index, (inner, state) in enumerate(zip(schedulers, saved, strict=True)):
+        check_scheduler_fits(inner, state, f"{path}, scheduler {index}")
+
+
+def _same_shape(ours: Any, theirs: Any) -> bool:
+    """`_same_kind`, and strings for strings, lists for lists of the same length item by
+    item, mappings for mappings key by key (a scheduler's state)."""
+    if isinstance(ours, str):
+        return isinstance(theirs, str)
+    if isinstance(ours, (list, tuple)):
+        return (
+            isinstance(theirs, (list, tuple))
+            and len(theirs) == len(ours)
+            and all(_same_shape(a, b) for a, b in zip(ours, theirs, strict=True))
+        )
+    if isinstance(ours, Mapping):
+        return isinstance(theirs, Mapping) and all(
+            _same_shape(v, theirs[k]) for k, v in ours.items() if k in theirs
+        )
+    return _same_kind(ours, theirs)
 
 
 def _same_kind(ours: Any, theirs: Any) -> bool:
