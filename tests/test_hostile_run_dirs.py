@@ -484,11 +484,15 @@ def test_a_malformed_optimizer_state_is_passed_over_like_damaged_tensors(
             _adam_hyper("lr", {"__hp__": "tuple", "items": [{"__hp__": "int", "v": "f" * 4000}]}),
             "lr=0.5, the checkpoint lr=<a tuple holding an int too long to print>",
         ),
+        (
+            _adam_hyper("lr", {"__hp__": "int", "v": "f" * 4000}),
+            "lr=0.5, the checkpoint lr=<an int of 16000 bits, too long to print>",
+        ),
     ],
     ids=[
         "exp-avg-of-the-bias", "exp-avg-sq-a-float", "step-a-string", "step-a-matrix",
         "state-untagged", "lr-a-string", "amsgrad-an-int", "betas-of-one",
-        "lr-a-tuple-of-an-int-of-4800-digits",
+        "lr-a-tuple-of-an-int-of-4800-digits", "lr-an-int-of-4800-digits",
     ],
 )  # fmt: skip
 def test_an_optimizer_state_that_does_not_fit_is_refused_before_anything_loads(

@@ -35,10 +35,14 @@ def short_repr(value: Any, limit: int = _MAX_REPR) -> str:
 
     >>> short_repr((0.9, 10**5000)), short_repr("x" * 100, 10)
     ('<a tuple holding an int too long to print>', "'xxxxxx...")
+    >>> short_repr(2**20000)
+    '<an int of 20001 bits, too long to print>'
     """
     try:
         text = repr(value)
     except ValueError:
+        if isinstance(value, int):
+            return f"<an int of {value.bit_length()} bits, too long to print>"
         return f"<a {type_name(value)} holding an int too long to print>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -194,13 +194,17 @@ def _same_shape(ours: Any, theirs: Any) -> bool:
 
 
 def _same_kind(ours: Any, theirs: Any) -> bool:
-    """Whether a saved hyper-parameter has the type of the live one (bool, number, tuple)."""
+    """Whether a saved hyper-parameter has the type of the live one (bool, number, tuple); an
+    int is a number within 64 bits (a tagged int may hold any, which torch's arithmetic on
+    floats then cannot convert)."""
     if isinstance(ours, bool):
         return isinstance(theirs, bool)
     if isinstance(ours, (int, float)):
         if isinstance(theirs, torch.Tensor):  # a tensor learning rate, say
             return theirs.dim() == 0
-        return isinstance(theirs, (int, float)) and not isinstance(theirs, bool)
+        if isinstance(theirs, int) and not isinstance(theirs, bool):
+            return -(2**63) <= theirs < 2**63  # beyond: no float holds it (OverflowError)
+        return isinstance(theirs, float)
     if isinstance(ours, tuple):
         return isinstance(theirs, (tuple, list)) and len(theirs) == len(ours)
     return True
