@@ -9,7 +9,7 @@ import collections
 import enum
 import json
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,6 +111,8 @@ CASES: list[Any] = [
     {"nested": {TAG: {TAG: 1}}},
     OrderedDict([("b", 1), ("a", 2)]),
     {"od": OrderedDict([(3, "x")])},
+    Counter({30: 1, 60: 2}),  # MultiStepLR's milestones
+    {"milestones": Counter()},
     {3, 1, 2},
     frozenset({"b", "a"}),
     {(1, 2), "x", None, b"y", 3},
@@ -223,6 +225,7 @@ def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
         | st.dictionaries(str_keys, inner, max_size=4)
         | st.dictionaries(hashables, inner, max_size=4)
         | st.dictionaries(str_keys, inner, max_size=4).map(lambda d: OrderedDict(d))
+        | st.dictionaries(hashables, inner, max_size=4).map(Counter)
         | st.sets(hashables, max_size=4)
         | st.frozensets(hashables, max_size=4)
     )

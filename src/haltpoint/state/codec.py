@@ -15,6 +15,7 @@ tuple, set, frozenset      ``{"__hp__": "tuple", "items": [...]}`` (sets sorted)
 dict, non-str or reserved  ``{"__hp__": "dict", "items": [[key, value], ...]}``
 keys, or keys out of       (in the dict's own order)
 sorted order; OrderedDict  ``{"__hp__": "OrderedDict", "items": [...]}``
+collections.Counter        ``{"__hp__": "Counter", "items": [...]}`` (MultiStepLR's milestones)
 bytes, bytearray           ``{"__hp__": "bytes", "b64": "..."}``
 torch.dtype/device/Size    ``{"__hp__": "torch.dtype", "v": "float32"}``
 numpy scalar               ``{"__hp__": "numpy", "dtype": "float32", "v": 1.5}``
@@ -78,7 +79,7 @@ _NUMPY_SCALARS = frozenset(
 )
 _SUPPORTED = (
     "bool, int, float, complex, str, None, bytes, bytearray, list, tuple, dict, set, "
-    "frozenset, torch.dtype, torch.device, torch.Size or a numpy scalar"
+    "frozenset, OrderedDict, Counter, torch.dtype, torch.device, torch.Size or a numpy scalar"
 )
 
 TensorHook = Callable[[Any, str, tuple[str, ...]], dict[str, Any]]
@@ -185,7 +186,7 @@ class _Encoder:
         if isinstance(value, np.generic) and value.dtype.name in _NUMPY_SCALARS:
             item = self.encode(value.item(), path, parts)
             return {TAG: "numpy", "dtype": value.dtype.name, "v": item}
-        if cls in (list, tuple, dict, OrderedDict, set, frozenset):
+        if cls in (list, tuple, dict, OrderedDict, Counter, set, frozenset):
             if id(value) in self.active:
                 raise UnsupportedStateError(
                     f"cannot save {path}: it contains itself (a reference cycle), which JSON "
@@ -231,7 +232,7 @@ class _Encoder:
             ]
             for k, v in value.items()
         ]
-        return {TAG: "dict" if cls is dict else "OrderedDict", "items": pairs}
+        return {TAG: cls.__name__, "items": pairs}
 
 
 def _encode_float(value: float) -> Any:
@@ -309,6 +310,8 @@ class _Decoder:
             key = self.decode(pair[0], where)
             pairs.append((key, self.decode(pair[1], child_path(where, key))))
         _check_hashes([key for key, _ in pairs])
+        if tag == "Counter":
+            return Counter(dict(pairs))  # from a mapping: Counter(pairs) would count them
         return dict(pairs) if tag == "dict" else OrderedDict(pairs)
 
 
@@ -399,7 +402,9 @@ def _check_numpy(dtype: np.dtype[Any], value: Any) -> None:
             raise ValueError(f"{value} is outside the range of {dtype.name}")
 
 
-_ITEM_TAGS = frozenset(["tuple", "set", "frozenset", "dict", "OrderedDict", "torch.Size"])
+_ITEM_TAGS = frozenset(
+    ["tuple", "set", "frozenset", "dict", "OrderedDict", "Counter", "torch.Size"]
+)
 _SCALAR_TAGS: dict[str, Callable[[_Decoder, dict[str, Any], str], Any]] = {
     "float": _decode_float,
     "int": _decode_int,
