@@ -12,6 +12,7 @@ import torch
 
 from haltpoint import Checkpointer, load_best
 from haltpoint.cli import main
+from haltpoint.errors import UnreadableCheckpointError
 from haltpoint.store.quarantine import list_quarantined
 from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
 from haltpoint.store.storage import FsspecStorage, LocalStorage, Storage, open_storage
@@ -266,7 +267,11 @@ def test_a_manifest_of_a_newer_format_or_one_unreadable_now_is_never_moved(
     newer = RunDirectory(LocalStorage(run)).read_manifest(checkpoint_dirname(15))
     manifest.write_bytes(dataclasses.replace(newer, format_version=2).encode())
     with pytest.warns(UserWarning, match="newer haltpoint"), writer(str(run)) as ckpt:
-        assert ckpt.restore({"w": torch.zeros(64)}).step == 14
+        with pytest.raises(UnreadableCheckpointError, match=r"upgrade haltpoint .* which=14"):
+            ckpt.restore({"w": torch.zeros(64)})  # a writer never resumes behind it
+        assert ckpt.restore({"w": torch.zeros(64)}, 14).step == 14
+    with pytest.warns(UserWarning, match="newer haltpoint"), Checkpointer(run, read_only=True) as r:
+        assert r.restore({"w": torch.zeros(64)}).step == 14
     manifest.write_bytes(original)
     real = LocalStorage.read_bytes
 
@@ -277,7 +282,9 @@ def test_a_manifest_of_a_newer_format_or_one_unreadable_now_is_never_moved(
 
     monkeypatch.setattr(LocalStorage, "read_bytes", denied)
     with pytest.warns(UserWarning, match="Permission denied"), writer(str(run)) as ckpt:
-        assert ckpt.restore({"w": torch.zeros(64)}).step == 14
+        with pytest.raises(UnreadableCheckpointError, match=r"fix its permissions .* which=14"):
+            ckpt.restore({"w": torch.zeros(64)})
+        assert ckpt.restore({"w": torch.zeros(64)}, 14).step == 14
     monkeypatch.undo()
     assert manifest.read_bytes() == original and not (run / "quarantine").exists()
 

@@ -55,6 +55,7 @@ from haltpoint.store.manifest import (
     RANKING_KEY,
     DamagedManifestError,
     Manifest,
+    NewerFormatError,
     Ranking,
     next_sequence,
 )
@@ -547,14 +548,19 @@ class Checkpointer:
 
         Raises:
             UnreadableCheckpointError: one of them cannot be read now (no permission, an I/O
-                error): it may hold the run's newest checkpoint, a stopped stopper among it,
-                and a writer that resumed behind it would train that part again, then find
-                its step taken.
+                error, a manifest of a newer format): it may hold the run's newest
+                checkpoint, a stopped stopper among it, and a writer that resumed behind it
+                would train that part again, then find its step taken.
         """
         newest = -1 if found is None else found.entry.step
         newer = [e for e in self._run.scan() if e.step > newest]
         for entry in newer:
-            if isinstance(entry.error, UnreadableCheckpointError):
+            if isinstance(entry.error, (UnreadableCheckpointError, NewerFormatError)):
+                remedy = (
+                    "upgrade haltpoint (pip install -U haltpoint)"
+                    if isinstance(entry.error, NewerFormatError)
+                    else "fix its permissions or the disk"
+                )
                 instead = (
                     f", or restore which={newest} to resume from step {newest} on purpose"
                     if found is not None
@@ -564,8 +570,8 @@ class Checkpointer:
                     f"cannot read {entry.error.path}, newer than "
                     f"{'every readable checkpoint' if found is None else f'step {newest}'}: a "
                     "writer does not resume behind a checkpoint it cannot read (it may hold the "
-                    "run's newest state); nothing was set aside or deleted: fix its permissions "
-                    f"or the disk and restore again{instead}",
+                    f"run's newest state); nothing was set aside or deleted: {remedy} and "
+                    f"restore again{instead}",
                     path=entry.error.path,
                 )
         return newer

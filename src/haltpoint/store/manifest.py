@@ -31,6 +31,7 @@ __all__ = [
     "SEQUENCE_KEY",
     "DamagedManifestError",
     "Manifest",
+    "NewerFormatError",
     "Ranking",
     "next_sequence",
     "recorded_rankings",
@@ -111,6 +112,11 @@ def _decode_metric(value: Any) -> float:
     if isinstance(value, dict) and list(value) == [_TAG] and value[_TAG] in _NONFINITE:
         return _NONFINITE[value[_TAG]]
     raise ValueError(f"{value!r} is not a number")
+
+
+class NewerFormatError(CorruptCheckpointError):
+    """The manifest has a newer `format_version` than this haltpoint reads: written by a
+    newer haltpoint, not damage."""
 
 
 class DamagedManifestError(CorruptCheckpointError):
@@ -355,7 +361,7 @@ class Manifest:
         version = obj.get("format_version")
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             damaged = "" if checksum == expected else " (or the manifest is damaged)"
-            raise CorruptCheckpointError(
+            raise NewerFormatError(
                 f"manifest {source} has format_version {version}, but this haltpoint reads up to "
                 f"{FORMAT_VERSION}: it was written by a newer haltpoint{damaged}; upgrade "
                 "haltpoint (pip install -U haltpoint) to read it",
