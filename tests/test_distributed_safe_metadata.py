@@ -189,6 +189,30 @@ def test_build_sets_only_the_fields_of_dcp_objects(data: bytes, message: str) ->
     assert not hasattr(Metadata, "poisoned") and not hasattr(_get_layout, "poisoned")
 
 
+def test_a_global_of_torch_that_is_no_dtype_is_refused_without_importing_it() -> None:
+    """`getattr(torch, name)` imports torch's lazy submodules (`torch._dynamo`, `torch.onnx`)
+    by name: a crafted `.metadata` would make every reader import them. In a fresh process,
+    where nothing imported them before."""
+    import subprocess
+    import sys
+
+    script = (
+        "import io, sys\n"
+        "from haltpoint.distributed.safe_metadata import check_metadata\n"
+        "for name in ('_dynamo', 'onnx', '_inductor'):\n"
+        "    try:\n"
+        "        check_metadata(io.BytesIO(b'ctorch\\n' + name.encode() + b'\\n.'), 'm')\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__, 'refused global torch.' + name in str(e))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch.onnx', 'torch._inductor')"
+        " if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert out.splitlines() == ["CorruptCheckpointError True"] * 3 + ["[]"], out
+
+
 def test_the_c_unpickler_would_have_poisoned_the_class() -> None:
     """Why the unpickler is pure Python: the C one lets a pickle setattr on a class."""
     from torch.distributed.checkpoint.metadata import Metadata

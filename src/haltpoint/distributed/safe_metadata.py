@@ -76,8 +76,9 @@ class _MetadataUnpickler(pickle._Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        found = vars(torch).get(name) if module == "torch" else None  # no lazy import
+        if isinstance(found, torch.dtype):
+            return found
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
     def load_build(self) -> None:
