@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,42 @@ def test_build_sets_only_the_fields_of_dcp_objects(data: bytes, message: str) ->
     with pytest.raises(CorruptCheckpointError, match=message):
         check_metadata(io.BytesIO(data), "m")
     assert not hasattr(Metadata, "poisoned") and not hasattr(_get_layout, "poisoned")
+
+
+COLLIDING = [k * (2**61 - 1) + 7 for k in range(1, 4001)]  # ints of one hash on every run
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (dict.fromkeys(COLLIDING), "more than 16 keys that share one hash"),
+        (OrderedDict.fromkeys(COLLIDING), "more than 16 keys that share one hash"),
+        ({1, 2}, "refused a set"),
+        (frozenset({1}), "refused a set"),
+    ],
+    ids=["dict", "OrderedDict", "set", "frozenset"],
+)
+def test_a_metadata_pickle_crafted_to_take_quadratic_time_is_refused_at_once(
+    value: Any, message: str
+) -> None:
+    """Keys that share a hash make building a dict quadratic: 8,000 took a third of a
+    second, so the 100,000 of a 1.3 MB `.metadata` take about a minute and a 13 MB one most
+    of a day, for every reader of the run."""
+    from haltpoint.distributed.safe_metadata import check_metadata
+
+    data = pickle.dumps(value, protocol=4)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        check_metadata(io.BytesIO(data), "m")
+
+
+def test_a_metadata_pickle_builds_an_ordered_dict_only_as_pickle_writes_one() -> None:
+    """OrderedDict([...]) from a list of pairs would insert them in C, unchecked."""
+    from haltpoint.distributed.safe_metadata import check_metadata
+
+    from_pairs = b"\x80\x02ccollections\nOrderedDict\n](X\x01\x00\x00\x00aK\x01\x86e\x85R."
+    assert pickle.loads(from_pairs) == OrderedDict(a=1)
+    with pytest.raises(CorruptCheckpointError, match="refused OrderedDict built from arg"):
+        check_metadata(io.BytesIO(from_pairs), "m")
 
 
 def test_a_global_of_torch_that_is_no_dtype_is_refused_without_importing_it() -> None:

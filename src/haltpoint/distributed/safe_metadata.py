@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import pickle
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import IO, Any, ClassVar
 
@@ -67,13 +68,34 @@ _BUILDABLE = {
 _PROPERTIES_STATE = (torch.dtype, torch.layout, bool, dcp_metadata._MEM_FORMAT_ENCODING, bool)
 
 
+#: The most keys of one dict in a metadata pickle that may share a hash (ints and tuples hash
+#: alike on every run, so a crafted pickle can make thousands collide: building the dict
+#: then takes time quadratic in their number; DCP's keys are strings and `MetadataIndex`es).
+_MAX_SHARED_HASH = 16
+
+
+def _ordered_dict(*args: Any) -> OrderedDict[Any, Any]:
+    """`collections.OrderedDict` as a metadata pickle may call it: with no arguments (its
+    items come by SETITEMS, where their hashes are checked), as `pickle` writes it."""
+    if args:
+        raise pickle.UnpicklingError("refused OrderedDict built from arguments")
+    return OrderedDict()
+
+
 class _MetadataUnpickler(pickle._Unpickler):
     """Pure Python, so that BUILD can be checked too: resolves only the globals in
-    `_ALLOWED` (and torch dtypes), and sets on an object only the fields its class has."""
+    `_ALLOWED` (and torch dtypes), sets on an object only the fields its class has, builds no
+    set, and no dict whose keys were crafted to share a hash."""
 
     dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
+    def __init__(self, file: IO[bytes]) -> None:
+        super().__init__(file)
+        self._hashes: dict[int, Counter[int]] = {}  # by id of the dict being filled
+
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return _ordered_dict
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
         found = vars(torch).get(name) if module == "torch" else None  # no lazy import
@@ -87,6 +109,37 @@ class _MetadataUnpickler(pickle._Unpickler):
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
     dispatch[pickle.BUILD[0]] = load_build
+
+    def _set(self, target: Any, pairs: list[Any]) -> None:
+        if type(target) not in (dict, OrderedDict):
+            raise pickle.UnpicklingError(f"refused to set items on a {type(target).__qualname__}")
+        counts = self._hashes.setdefault(id(target), Counter())
+        for key, value in zip(pairs[::2], pairs[1::2], strict=True):
+            shared = counts[hash(key)] = counts[hash(key)] + 1
+            if shared > _MAX_SHARED_HASH:
+                raise pickle.UnpicklingError(
+                    f"refused a dict with more than {_MAX_SHARED_HASH} keys that share one "
+                    "hash (crafted to collide)"
+                )
+            target[key] = value
+
+    def load_setitem(self) -> None:
+        stack = self.stack  # type: ignore[attr-defined]
+        value, key = stack.pop(), stack.pop()
+        self._set(stack[-1], [key, value])
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()  # type: ignore[attr-defined]
+        self._set(self.stack[-1], items)  # type: ignore[attr-defined]
+
+    def load_refused_set(self) -> None:
+        raise pickle.UnpicklingError("refused a set: DCP metadata holds none")
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    for _opcode in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
+        dispatch[_opcode[0]] = load_refused_set
+    del _opcode
 
 
 def _check_build(inst: Any, state: Any) -> None:
