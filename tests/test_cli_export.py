@@ -97,6 +97,33 @@ def test_export_best_without_a_stopper_needs_a_monitor(tmp_path: Path, capsys):
     assert code == 0 and "from step 1" in out  # val_acc is maximised: 0.7 at step 1
 
 
+def test_export_key_takes_numpy_arrays_as_tensors(tmp_path: Path, capsys):
+    """An entry of NumPy arrays (features, a codebook) holds weights too: it said "holds no
+    tensors"."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    codebook = {"centers": np.arange(6, dtype=np.float32).reshape(3, 2), "counts": [1, 2]}
+    with Checkpointer(tmp_path / "run", async_save=False) as ckpt:
+        ckpt.save(1, {"codebook": codebook, "model": torch.nn.Linear(2, 1)})
+    target = tmp_path / "codebook.safetensors"
+    code, out, _ = run_cli(
+        capsys,
+        "export",
+        str(tmp_path / "run"),
+        "--which",
+        "latest",
+        "--key",
+        "codebook",
+        "-o",
+        str(target),
+    )
+    assert code == 0, out
+    exported = load_file(target)
+    assert list(exported) == ["centers"]
+    assert torch.equal(exported["centers"], torch.arange(6, dtype=torch.float32).reshape(3, 2))
+
+
 def test_export_errors(run_dir: Path, tmp_path: Path, capsys):
     target = str(tmp_path / "m.safetensors")
     code, _, err = run_cli(capsys, "export", str(run_dir), "--key", "opt", "-o", target)

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from haltpoint.cli.command import add_command
@@ -56,6 +57,8 @@ def _flat_tensors(value: Any, prefix: str, out: dict[str, torch.Tensor]) -> int:
         ValueError: two tensors get the same dotted name (`{"a.b": x, "a": {"b": y}}`), or
             one is named `__metadata__`: no safetensors file can hold them as named.
     """
+    if isinstance(value, np.ndarray):  # saved as the array it was: exported as a tensor
+        value = torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, torch.Tensor):
         if prefix in out or prefix == _RESERVED_NAME:
             why = (
