@@ -110,6 +110,18 @@ def test_plot_and_replay_refuse_a_mode_alone_against_the_recorded_one(run_dir: P
         assert "--mode max contradicts the run's recorded monitor, val_loss (min)" in err
 
 
+def test_a_mode_alone_is_refused_naming_each_commands_own_metric_flag(run_dir: Path, capsys):
+    # replay has --metric, not --monitor: its remedy must be a command line that works
+    for command, flag in (("plot", "--monitor"), ("replay", "--metric")):
+        code, _, err = run_cli(capsys, command, str(run_dir), "--mode", "max")
+        assert code == 2, command
+        assert err.rstrip("\n").endswith(
+            f"name the metric it is meant for with {flag} NAME --mode max"
+        ), (command, err)
+    code, out, _ = run_cli(capsys, "replay", str(run_dir), "--metric", "val_acc", "--mode", "max")
+    assert code == 0 and out.startswith("val_acc (max)")
+
+
 def test_replay_horizon_without_the_default_row_is_refused(run_dir: Path, capsys):
     code, _, err = run_cli(capsys, "replay", str(run_dir), "--patience", "3", "--horizon", "10")
     assert code == 2

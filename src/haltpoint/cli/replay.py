@@ -211,7 +211,7 @@ def replay_source(
                 )
             monitor = names[0]
         else:
-            check_mode(mode, *guessed)
+            check_mode(mode, *guessed, flag="--metric")
             monitor = guessed[0]
     if monitor not in curves(records):
         raise UsageError(

@@ -297,16 +297,17 @@ def resolve_monitor(
     return monitor, mode if mode is not None else mode_of(monitor)
 
 
-def check_mode(mode: str | None, monitor: str, recorded: str) -> None:
+def check_mode(mode: str | None, monitor: str, recorded: str, flag: str = "--monitor") -> None:
     """Refuse a `--mode` given without `--monitor` that contradicts the mode recorded for the
-    run's `monitor`: it would take the worst checkpoint for the best.
+    run's `monitor`: it would take the worst checkpoint for the best. `flag` is the command's
+    own option naming the metric (`replay` calls it `--metric`).
 
     >>> check_mode(None, "val_loss", "min"); check_mode("min", "val_loss", "min")
     """
     if mode is not None and mode != recorded:
         raise UsageError(
             f"--mode {mode} contradicts the run's recorded monitor, {monitor} ({recorded}); "
-            f"name the metric it is meant for with --monitor NAME --mode {mode}"
+            f"name the metric it is meant for with {flag} NAME --mode {mode}"
         )
 
 
