@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -171,11 +172,32 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path, capsys, monkeypatch):
     assert code == 130
     assert err.endswith(
         "interrupted: the last committed checkpoint is step 1; resume with: haltpoint demo "
-        f"--run-dir {run}\n"
+        f"--run-dir {run} --epochs 4\n"
     )
     monkeypatch.undo()
     code, out, _ = run_cli(capsys, "demo", "--run-dir", str(run), "--epochs", "3")
     assert code == 0 and out.startswith("resumed from step 1\nstep   2 ")
+
+
+def test_the_resume_command_ctrl_c_prints_works_as_printed(tmp_path: Path, capsys, monkeypatch):
+    # --seed 3: the printed command without it is refused ("trained with seed 3 (not 0)");
+    # a path with a space is quoted for the shell
+    run = tmp_path / "my runs" / "d"
+    shown = _Display.epoch
+
+    def interrupt_after_step_0(self: _Display, result) -> None:  # type: ignore[no-untyped-def]
+        shown(self, result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Display, "epoch", interrupt_after_step_0)
+    argv = ["demo", "--run-dir", str(run), "--epochs", "3", "--seed", "3"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 130
+    printed = err.rstrip("\n").split("resume with: ")[1]
+    assert printed == f"haltpoint demo --run-dir {shlex.quote(str(run))} --epochs 3 --seed 3"
+    monkeypatch.undo()
+    code, out, _ = run_cli(capsys, *shlex.split(printed)[1:])
+    assert code == 0 and out.startswith("resumed from step 0\nstep   1 ")
 
 
 def test_fresh_deletes_only_runs(tmp_path: Path, capsys):

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import re
+import shlex
 import shutil
 import stat
 import time
@@ -429,12 +430,24 @@ def _interrupted(args: argparse.Namespace) -> str:
     if not steps:
         return (
             "interrupted before the first checkpoint; nothing saved; start again with: "
-            f"haltpoint demo --run-dir {run_dir}"
+            f"{_same_command(args)}"
         )
     return (
         f"interrupted: the last committed checkpoint is step {steps[-1]}; resume with: "
-        f"haltpoint demo --run-dir {run_dir}"
+        f"{_same_command(args)}"
     )
+
+
+def _same_command(args: argparse.Namespace) -> str:
+    """The command line that resumes the run of `args`, quoted for a shell: its --epochs and
+    --seed where not the defaults (without this --seed, the resume is refused; without this
+    --epochs, it trains to the default maximum), and never --fresh."""
+    words = ["haltpoint", "demo", "--run-dir", args.run_dir]
+    if args.epochs != DemoConfig.max_epochs:
+        words += ["--epochs", str(args.epochs)]
+    if args.seed != DemoConfig.seed:
+        words += ["--seed", str(args.seed)]
+    return shlex.join(words)
 
 
 def register(commands: Any) -> None:
