@@ -214,6 +214,25 @@ def test_fresh_deletes_only_runs(tmp_path: Path, capsys):
     assert (other / "chapter1.tex").read_text() == "precious"
 
 
+def test_fresh_says_what_it_deleted(tmp_path: Path, capsys):
+    # a finished run's best model goes with --fresh: the user is told which, before training
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "3"]) == 0
+    capsys.readouterr()
+    kept = sorted(int(p.name.split("-")[1]) for p in run.glob("step-*"))
+    best = min(metrics_by_step(run).items(), key=lambda item: item[1]["val_loss"])
+    code, out, err = run_cli(capsys, "demo", "--run-dir", str(run), "--epochs", "1", "--fresh")
+    assert code == 0 and out.startswith("training from scratch")
+    assert (
+        f"--fresh deleted {run}: {len(kept)} checkpoints (steps {kept[0]}-{kept[-1]}; best "
+        f"val_loss {best[1]['val_loss']:.4f} at step {best[0]}) and its history\n"
+    ) in err
+    code, _, err = run_cli(
+        capsys, "demo", "--run-dir", str(tmp_path / "new"), "--epochs", "1", "--fresh"
+    )
+    assert code == 0 and "--fresh deleted" not in err  # nothing was there
+
+
 def test_resuming_with_another_seed_is_refused(tmp_path: Path, capsys):
     run = tmp_path / "run"
     train_demo(str(run), DemoConfig(max_epochs=1))

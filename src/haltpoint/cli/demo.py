@@ -141,8 +141,9 @@ def _is_regular(path: str) -> bool:
     return stat.S_ISREG(os.lstat(path).st_mode)
 
 
-def _delete_run(path: str) -> None:
-    """Delete the run directory `path` for --fresh, holding its writer lock throughout.
+def _delete_run(path: str) -> str | None:
+    """Delete the run directory `path` for --fresh, holding its writer lock throughout, and
+    say what was deleted (None when there was nothing: no folder, or an empty one).
 
     The checks run first without the lock (so a folder that is no run gets no lock file),
     then the lock is taken and the contents checked again: from then on a trainer that opens
@@ -160,7 +161,7 @@ def _delete_run(path: str) -> None:
             nothing was deleted.
     """
     if not os.path.lexists(path):
-        return
+        return None
     with _checking(path):
         _refuse_a_link(path)
         if not os.path.isdir(path) or not _looks_like_run(path):
@@ -186,6 +187,7 @@ def _delete_run(path: str) -> None:
             _refuse_foreign(path)
             _refuse_other_runs(path)
         names = [name for name in os.listdir(path) if name != LOCK_NAME]
+        deleted = _what_is_deleted(path, names)
         for name in sorted(names, key=lambda name: (name == HISTORY_NAME, name)):  # history last
             full = os.path.join(path, name)
             if os.path.isdir(full) and not os.path.islink(full):
@@ -201,6 +203,34 @@ def _delete_run(path: str) -> None:
         except OSError as exc:  # a writer created a new lock file since: its run is empty
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EINVAL, errno.EBUSY):
                 raise  # EINVAL: `.` (or `DIR/.`), EBUSY: a mount point; both left empty
+    return deleted
+
+
+def _what_is_deleted(path: str, names: list[str]) -> str | None:
+    """One line naming what --fresh is about to delete of `path` (its checkpoints, the best
+    among them, its history), or None when `names` (its entries but the lock) is empty."""
+    if not names:
+        return None
+    entries = RunDirectory(LocalStorage(path, create=False)).committed()
+    parts = []
+    if entries:
+        count = f"{len(entries)} checkpoint" + ("" if len(entries) == 1 else "s")
+        steps = f"step {entries[0].step}"
+        if len(entries) > 1:
+            steps = f"steps {entries[0].step}-{entries[-1].step}"
+        scored = [
+            (e.manifest.metrics[MONITOR], e.step)
+            for e in entries
+            if e.manifest is not None and isinstance(e.manifest.metrics.get(MONITOR), int | float)
+        ]
+        if scored:
+            value, step = min(scored)
+            steps += f"; best {MONITOR} {value:.4f} at step {step}"
+        parts.append(f"{count} ({steps})")
+    if HISTORY_NAME in names:
+        parts.append("its history")
+    what = " and ".join(parts) if parts else "its leftovers (no committed checkpoint)"
+    return f"--fresh deleted {path}: {what}"
 
 
 @contextlib.contextmanager
@@ -394,14 +424,15 @@ def run(args: argparse.Namespace, out: Output) -> int:
     run_dir = args.run_dir
     check_output_dir(run_dir, "--run-dir")
     config = DemoConfig(max_epochs=args.epochs, seed=args.seed)
-    if args.fresh:
-        _delete_run(run_dir)
+    deleted = _delete_run(run_dir) if args.fresh else None
     display = _Display(out, run_dir, config)
     out.note(
         "haltpoint demo: a small conv net on 1,797 handwritten 8x8 digits "
         "(UCI, CC BY 4.0); each epoch N ends with one evaluation (early stopping on val_loss) "
         "and one checkpoint, saved as step N"
     )
+    if deleted is not None:
+        out.note(deleted)
     started = time.perf_counter()
     with display.live():  # Ctrl-C: the save in flight is committed, then `_interrupted` says so
         outcome = train_demo(run_dir, config, on_start=display.start, on_epoch=display.epoch)
