@@ -7,9 +7,11 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -940,3 +942,33 @@ def test_steps_may_be_numpy_integers(tmp_path: Path) -> None:
     assert [r["step"] for r in map(json.loads, (tmp_path / "history.jsonl").open())] == [0, 1, 2, 3]
     with Checkpointer(tmp_path) as ckpt, pytest.raises(ValueError, match="step must be"):
         ckpt.save(np.float64(4), {"x": torch.ones(1)})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"keep_last": 0},
+        {"keep_best": 2},
+        {"monitor": "val_loss", "mode": "maximize"},
+        {"every": -3},
+        {"every": "sometimes"},
+        {"every": "auto", "mtbf": "bad"},
+        {"overhead": 0.1},
+        {"overlap": True, "async_save": False},
+        {"max_staging_bytes": -5},
+        {"save_on_signal": "SIGTERM"},
+        {"save_on_signal": []},
+        {"save_on_signal": [signal.SIGTERM, signal.SIGKILL]},
+        {"read_only": True, "save_on_signal": signal.SIGTERM},
+    ],
+    ids=repr,
+)
+def test_a_bad_argument_creates_no_run_directory(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    # a typo in an argument must not leave an empty folder (or one holding a stray writer
+    # lock) at the run's path: the arguments are checked before anything is created
+    run = tmp_path / "exp1"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError):
+        Checkpointer(run, **kwargs)
+    assert not run.exists(), sorted(p.name for p in run.iterdir())
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -35,7 +35,7 @@ from haltpoint.policies.retention import (
     build_rules,
     commit_order,
 )
-from haltpoint.preemption import SignalFlag
+from haltpoint.preemption import SignalFlag, check_signals
 from haltpoint.reader import RNG_ENTRY, CheckpointInfo, Found, RunReader
 from haltpoint.schedule import SaveSchedule
 from haltpoint.state.rng import capture_rng
@@ -172,6 +172,25 @@ class Checkpointer:
             mode=mode,
             keep_every=keep_every,
         )
+        # every argument is checked before the run directory is created (a typo leaves no
+        # empty folder, nor one holding a writer lock, at the run's path)
+        if overlap and (not async_save or read_only):
+            raise ValueError(
+                "overlap=True overlaps the background copy of a save with training: it needs "
+                "async_save=True and a writer (not read_only)"
+            )
+        if save_on_signal is not None:
+            if read_only:
+                raise ValueError("save_on_signal needs a writer: do not combine it with read_only")
+            check_signals(save_on_signal)
+        staging = StagingPool(max_staging_bytes=max_staging_bytes)
+        schedule = (
+            None
+            if every is None and overhead is None and mtbf is None
+            else SaveSchedule(
+                parse_every(every, overhead=overhead, mtbf=mtbf), monitor=monitor, mode=mode
+            )
+        )
         self.monitor = monitor
         self.mode = mode
         self.capture_rng = capture_rng
@@ -187,15 +206,8 @@ class Checkpointer:
         self._last: int | None = None  # the step last saved or restored: saves go on from it
         self._owed: dict[int, dict[str, Any]] = {}  # history lines of committed saves, unwritten
         self._writer: BackgroundWriter | None = None
-        self._staging = StagingPool(max_staging_bytes=max_staging_bytes)
-        if overlap and (not async_save or read_only):
-            raise ValueError(
-                "overlap=True overlaps the background copy of a save with training: it needs "
-                "async_save=True and a writer (not read_only)"
-            )
+        self._staging = staging
         self._gate = OptimizerGate() if overlap else None
-        if save_on_signal is not None and read_only:
-            raise ValueError("save_on_signal needs a writer: do not combine it with read_only")
         self._preemption: SignalFlag | None = None
         # chosen once: one process, or ranks where rank 0 writes replicated state
         self._ranks = strategy_for(
@@ -207,13 +219,7 @@ class Checkpointer:
         )
         self._closed = False
         self._pid = os.getpid()  # the process that holds the lock and the writer thread
-        self._schedule = (
-            None
-            if every is None and overhead is None and mtbf is None
-            else SaveSchedule(
-                parse_every(every, overhead=overhead, mtbf=mtbf), monitor=monitor, mode=mode
-            )
-        )
+        self._schedule = schedule
 
         def open_writer() -> None:
             self._lock = WriterLock(self._storage)

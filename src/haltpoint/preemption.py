@@ -16,7 +16,46 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
-__all__ = ["SignalFlag"]
+__all__ = ["SignalFlag", "check_signals"]
+
+_UNCATCHABLE = frozenset({signal.SIGKILL, signal.SIGSTOP})  # no process may catch them
+
+
+def check_signals(signals: int | Iterable[int]) -> list[signal.Signals]:
+    """The signals `save_on_signal` names, checked without installing anything: each a
+    signal, at least one, none that cannot be caught, and from the main thread.
+
+    Raises:
+        ValueError: saying which of these does not hold.
+
+    >>> check_signals(signal.SIGTERM)
+    [<Signals.SIGTERM: 15>]
+    """
+    try:
+        wanted = [signal.Signals(s) for s in ([signals] if isinstance(signals, int) else signals)]
+    except (TypeError, ValueError):
+        raise ValueError(
+            "save_on_signal must be a signal or a list of signals such as "
+            f"[signal.SIGTERM, signal.SIGUSR1], got {signals!r}"
+        ) from None
+    if not wanted:
+        raise ValueError("save_on_signal must name at least one signal, got an empty list")
+    if threading.current_thread() is not threading.main_thread():
+        raise ValueError(
+            "save_on_signal needs the Checkpointer to be created in the main thread "
+            "(Python only lets the main thread install signal handlers)"
+        )
+    for sig in wanted:
+        if sig in _UNCATCHABLE:
+            raise _uncatchable(sig)
+    return wanted
+
+
+def _uncatchable(sig: signal.Signals) -> ValueError:
+    return ValueError(
+        f"save_on_signal names {sig.name}, which cannot be caught; pass signals a job is "
+        "warned with, such as signal.SIGTERM or signal.SIGUSR1"
+    )
 
 
 class SignalFlag:
@@ -35,33 +74,15 @@ class SignalFlag:
     """
 
     def __init__(self, signals: int | Iterable[int]) -> None:
-        try:
-            wanted = [
-                signal.Signals(s) for s in ([signals] if isinstance(signals, int) else signals)
-            ]
-        except (TypeError, ValueError):
-            raise ValueError(
-                "save_on_signal must be a signal or a list of signals such as "
-                f"[signal.SIGTERM, signal.SIGUSR1], got {signals!r}"
-            ) from None
-        if not wanted:
-            raise ValueError("save_on_signal must name at least one signal, got an empty list")
-        if threading.current_thread() is not threading.main_thread():
-            raise ValueError(
-                "save_on_signal needs the Checkpointer to be created in the main thread "
-                "(Python only lets the main thread install signal handlers)"
-            )
+        wanted = check_signals(signals)
         self.received: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
         for sig in wanted:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except (OSError, ValueError):  # SIGKILL, SIGSTOP: no process may catch them
+            except (OSError, ValueError):  # one this platform does not let a process catch
                 self.uninstall()  # the handlers installed so far, as if none had been
-                raise ValueError(
-                    f"save_on_signal names {sig.name}, which cannot be caught; pass signals "
-                    "a job is warned with, such as signal.SIGTERM or signal.SIGUSR1"
-                ) from None
+                raise _uncatchable(sig) from None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
