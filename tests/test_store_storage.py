@@ -14,6 +14,7 @@ from haltpoint import (
     Checkpointer,
     CorruptCheckpointError,
     LinkedFileError,
+    UnreadableCheckpointError,
     UnwritableRunError,
     load_best,
 )
@@ -162,6 +163,21 @@ def test_a_writer_on_a_file_names_it_and_leaves_it_alone(tmp_path: Path) -> None
     afile.write_text("precious")
     with pytest.raises(UnwritableRunError, match=r"notes.txt is a file, not a folder; pass"):
         Checkpointer(afile)
+    assert afile.read_text() == "precious"
+
+
+def test_a_reader_on_a_file_says_it_is_a_file_not_a_permission_problem(tmp_path: Path) -> None:
+    # load_best("train.py", ...) said "cannot list .../train.py: Not a directory; ... fix its
+    # permissions": the fix is another path, not permissions
+    afile = tmp_path / "train.py"
+    afile.write_text("precious")
+    model = torch.nn.Linear(2, 1)
+    expected = rf"cannot list {afile}: it is a file, not a folder, so it holds no checkpoint; pass"
+    with pytest.raises(UnreadableCheckpointError, match=expected) as caught:
+        load_best(afile, model, monitor="val_loss")
+    assert "permissions" not in str(caught.value)
+    with pytest.raises(UnreadableCheckpointError, match=expected):
+        Checkpointer(afile, read_only=True).list()
     assert afile.read_text() == "precious"
 
 

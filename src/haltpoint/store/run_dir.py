@@ -605,6 +605,13 @@ class RunDirectory:
 
     def _unlisted(self, rel: str, exc: OSError) -> UnreadableCheckpointError:
         where = f"{self.storage.url.rstrip('/')}/{rel}".rstrip("/")
+        if not rel and isinstance(exc, NotADirectoryError):  # a reader opened on a file
+            return UnreadableCheckpointError(
+                f"cannot list {where}: it is a file, not a folder, so it holds no checkpoint; "
+                "pass the run directory a Checkpointer wrote (it holds step-* folders and "
+                "history.jsonl)",
+                path=where,
+            )
         return UnreadableCheckpointError(
             f"cannot list {where}: {exc.strerror or exc}; no checkpoint in it can be read, "
             "and nothing was set aside or deleted (pass a run directory on a file system "
