@@ -81,6 +81,33 @@ def test_sigkill_mid_save_loses_nothing_committed(tmp_path: Path, seed: int) -> 
             assert torch.equal(state["w"], torch.full((size,), float(info.step)))
 
 
+def test_the_take_over_warning_of_a_killed_writers_lock_points_at_the_users_line(
+    tmp_path: Path,
+) -> None:
+    # it pointed at haltpoint/checkpointer.py ("self._lock.acquire()"), a line of no use to
+    # the person whose job was killed; like every other warning, it names their own line
+    run = tmp_path / "run"
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from haltpoint import Checkpointer; Checkpointer(sys.argv[1]); "
+            "print('open', flush=True); time.sleep(60)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+    holder.kill()
+    holder.wait(timeout=10)
+    with pytest.warns(UserWarning, match="taking over the writer lock") as caught:
+        Checkpointer(run).close()
+    assert [Path(w.filename).name for w in caught] == [Path(__file__).name]
+
+
 def readme_loop(run: Path, losses: list[float]) -> tuple[list[int], str | None, torch.nn.Module]:
     """The README's loop, as written there: the epochs it trained, what it printed, the model."""
     from haltpoint import EarlyStopping

@@ -24,13 +24,13 @@ import math
 import os
 import socket
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from haltpoint.errors import LockedError
+from haltpoint.store.background import warn_user
 from haltpoint.store.storage import Storage, check_one_name, open_regular, open_unlinked
 
 try:
@@ -138,10 +138,9 @@ def _locked_error(storage: Storage, holder: LockHolder) -> LockedError:
 
 
 def _took_over_warning(storage: Storage, previous: LockHolder) -> None:
-    warnings.warn(
+    warn_user(  # at the user's line that opened the writer, however deep the lock is taken
         f"taking over the writer lock of {storage.url}: its previous holder, "
-        f"{previous.describe()}, is gone without releasing it (it crashed or was killed)",
-        stacklevel=4,
+        f"{previous.describe()}, is gone without releasing it (it crashed or was killed)"
     )
 
 
