@@ -465,6 +465,27 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path: Path, how
     assert torch.equal(state["w"], torch.zeros(64))  # nothing half-loaded
 
 
+def test_restores_warnings_point_at_the_users_line(tmp_path: Path) -> None:
+    # the fall-back warning pointed at haltpoint/checkpointer.py ("return
+    # self._ranks.restore(which, read, load)"), and the mode warning at another line of
+    # haltpoint's, depending on the way in: each names the line of the user's code
+    with Checkpointer(tmp_path, monitor="loss", mode="min", keep_last=2) as ckpt:
+        ckpt.save(0, {"w": torch.zeros(64)}, {"loss": 0.5})
+        ckpt.save(1, {"w": torch.ones(64)}, {"loss": 0.4})
+    _damage(tmp_path / "step-000000001" / "tensors.safetensors", "flip")
+    reader = Checkpointer(tmp_path, read_only=True)
+    opened = Checkpointer(tmp_path, monitor="loss", mode="max", read_only=True)
+    calls = [
+        ("falling back", lambda: reader.restore({"w": torch.zeros(64)})),
+        ("choosing the best by mode='max'", lambda: opened.restore({"w": torch.zeros(64)}, "best")),
+    ]
+    for match, call in calls:
+        with pytest.warns(UserWarning, match=match) as caught:
+            call()
+        sites = {Path(w.filename).name for w in caught if re.search(match, str(w.message))}
+        assert sites == {Path(__file__).name}, (match, [w.filename for w in caught])
+
+
 def test_damaged_manifest_is_reported_and_skipped(tmp_path: Path) -> None:
     with Checkpointer(tmp_path, keep_last=2) as ckpt:
         ckpt.save(0, {"w": torch.zeros(2)})

@@ -23,6 +23,7 @@ from haltpoint.state.optimizer import check_optimizer_state
 from haltpoint.state.rng import plan_rng
 from haltpoint.state.tree import check_tree, referenced_tensors, unflatten_state
 from haltpoint.stopping.inputs import whole_number
+from haltpoint.store.background import warn_user
 from haltpoint.store.info import CheckpointInfo, Found
 from haltpoint.store.run_dir import (
     Entry,
@@ -134,10 +135,9 @@ class RunReader:
             return self.mode
         if not self.mode_given:
             return recorded[-1]
-        warnings.warn(
+        warn_user(
             f"{self.directory}: its checkpoints rank {self.monitor} by mode={recorded[-1]!r}; "
-            f"choosing the best by mode={self.mode!r}, as given",
-            stacklevel=4,
+            f"choosing the best by mode={self.mode!r}, as given"
         )
         return self.mode
 
@@ -338,9 +338,7 @@ def _plan_rng(random_state: Any, entry: Entry) -> Callable[[], None]:
 
 def _warn_falling_back(damage: str, step: int) -> None:
     """Say what is damaged and which checkpoint is tried instead (from `restore`'s caller)."""
-    warnings.warn(
-        f"{damage}\nhaltpoint: falling back to the checkpoint of step {step}", stacklevel=5
-    )
+    warn_user(f"{damage}\nhaltpoint: falling back to the checkpoint of step {step}")
 
 
 def _steps(entries: list[Entry]) -> str:
