@@ -26,6 +26,7 @@ from haltpoint import (
     CorruptCheckpointError,
     LockedError,
     StateMismatchError,
+    load_best,
 )
 from haltpoint.store.manifest import Manifest
 
@@ -340,8 +341,23 @@ def test_an_int_too_large_for_a_float_is_one_clear_error(tmp_path: Path, where: 
 def test_restore_best_without_metrics_says_what_to_do(tmp_path: Path) -> None:
     with Checkpointer(tmp_path, monitor="loss") as ckpt:
         ckpt.save(0, {"x": 1})
-        with pytest.raises(CheckpointNotFoundError, match="finite 'loss' metric"):
+        with pytest.raises(CheckpointNotFoundError, match="finite 'loss' metric") as raised:
             ckpt.restore({"x": 0}, "best")
+        assert "(they record no metrics)" in str(raised.value)
+
+
+def test_load_best_with_a_monitor_no_checkpoint_has_names_those_they_have(
+    tmp_path: Path,
+) -> None:
+    """A typo in the monitor (`val-loss`) said only that no checkpoint had it."""
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(0, {"model": torch.nn.Linear(2, 1)}, {"val_loss": 0.5, "val_acc": 0.9})
+    with pytest.raises(CheckpointNotFoundError) as raised:
+        load_best(tmp_path, torch.nn.Linear(2, 1), monitor="val-loss")
+    assert "no checkpoint in" in str(raised.value)
+    assert "finite 'val-loss' metric to rank by (their metrics: 'val_acc', 'val_loss')" in str(
+        raised.value
+    )
 
 
 def test_strict_restore_names_the_mismatch_and_non_strict_reports_it(tmp_path: Path) -> None:

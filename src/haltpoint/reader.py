@@ -175,7 +175,8 @@ class RunReader:
                 )
             raise CheckpointNotFoundError(
                 f"no checkpoint in {self.directory} has a finite {self.monitor!r} metric to "
-                f"rank by; restore 'latest' or a step ({_steps(entries)})",
+                f"rank by ({_metric_names(entries)}); restore 'latest' or a step "
+                f"({_steps(entries)})",
                 path=self.directory,
             )
         storage = self.run.storage
@@ -339,6 +340,19 @@ def _plan_rng(random_state: Any, entry: Entry) -> Callable[[], None]:
 def _warn_falling_back(damage: str, step: int) -> None:
     """Say what is damaged and which checkpoint is tried instead (from `restore`'s caller)."""
     warn_user(f"{damage}\nhaltpoint: falling back to the checkpoint of step {step}")
+
+
+def _metric_names(entries: list[Entry]) -> str:
+    """The metrics the checkpoints record, for a monitor none of them has (a typo, often).
+
+    >>> _metric_names([])
+    'they record no metrics'
+    """
+    names = sorted({name for e in entries if e.manifest for name in e.manifest.metrics})
+    if not names:
+        return "they record no metrics"
+    shown = ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
+    return f"their metrics: {shown}"
 
 
 def _steps(entries: list[Entry]) -> str:
