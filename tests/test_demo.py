@@ -127,6 +127,7 @@ def test_demo_stops_early_and_a_stopped_run_stays_stopped(tmp_path: Path, capsys
     assert again.startswith(
         f"resumed from step {last}\nthe run had already stopped: val_loss did not improve"
     )
+    assert "; nothing to train (--fresh deletes it and starts over)\n" in again
     assert "train_loss" not in again  # nothing trained
     assert max(metrics_by_step(run)) == last
     assert (

@@ -357,7 +357,10 @@ class _Display:
             self.resumed = True
             self.out.line(f"resumed from step {info.step}", style="bold")
             if stopper.stopped:
-                self.out.line(f"the run had already stopped: {stopper.reason}")
+                self.out.line(
+                    f"the run had already stopped: {stopper.reason}; nothing to train "
+                    "(--fresh deletes it and starts over)"
+                )
             elif info.step + 1 >= self.config.max_epochs:
                 self.out.line(
                     f"the run had already trained {info.step + 1} epochs (--epochs "
