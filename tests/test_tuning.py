@@ -186,3 +186,50 @@ def test_flipping_sign_and_mode_gives_the_same_verdict(others: dict, current: di
     low = judge(others, current, settings=ANY)
     high = judge(flipped, {s: -v for s, v in current.items()}, mode="max", settings=ANY)
     assert low.prune == high.prune
+
+
+@pytest.mark.parametrize(
+    ("others", "current", "error", "match"),
+    [
+        (OTHERS, {0: 3.0, True: 2.9, 2: 2.8}, TypeError, r"current: step True \(bool\)"),
+        (OTHERS, {-5: 3.0, -1: 2.8}, ValueError, r"current: step -5 is negative"),
+        (OTHERS, {0: 3.0, 2.5: 2.8}, TypeError, r"current: step 2.5 \(float\)"),
+        (OTHERS, {0: 3.0, "2": 2.8}, TypeError, r"current: step '2' \(str\)"),
+        (OTHERS, {0: 3.0, 2: "2.8"}, TypeError, r"current: the value at step 2 is '2.8' \(str\)"),
+        (OTHERS, {0: 3.0, 2: None}, TypeError, r"current: the value at step 2 is None"),
+        (OTHERS, [3.0, 2.9, 2.8], TypeError, r"current must be a mapping of step to value"),
+        ({**OTHERS, 7: {0: 1.0, -1: 1.0}}, {0: 3.0, 2: 2.8}, ValueError, r"others\[7\]: step -1"),
+        ({**OTHERS, 7: {False: 1.0}}, {0: 3.0, 2: 2.8}, TypeError, r"others\[7\]: step False"),
+        ({**OTHERS, 7: {0: "x"}}, {0: 3.0, 2: 2.8}, TypeError, r"others\[7\]: the value at step 0"),
+        ({**OTHERS, 7: [1.0]}, {0: 3.0, 2: 2.8}, TypeError, r"others\[7\] must be a mapping"),
+        ([LEADER, LEADER, LEADER], {0: 3.0, 2: 2.8}, TypeError, r"others must be a mapping"),
+        (None, {0: 3.0, 2: 2.8}, TypeError, r"others must be a mapping"),
+    ],
+)
+def test_bad_curves_are_named(others: object, current: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        judge(others, current)  # type: ignore[arg-type]
+
+
+def test_bad_settings_type_is_named() -> None:
+    with pytest.raises(TypeError, match="settings must be a PruneSettings, got dict"):
+        judge(OTHERS, {0: 1.0}, settings={"min_trials": 2})  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_and_0d_tensors_are_values() -> None:
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    hopeless = {0: 3.0, 1: 2.9, 2: 2.8}
+    expected = judge(OTHERS, hopeless)
+    others = {n: {np.int64(s): np.float32(v) for s, v in c.items()} for n, c in OTHERS.items()}
+    current = {s: torch.tensor(v) for s, v in hopeless.items()}
+    verdict = judge(others, current)
+    assert verdict.prune and verdict.reason.split(" by ")[0] == expected.reason.split(" by ")[0]
+    with pytest.raises(TypeError, match=r"current: the value at step 2 is tensor"):
+        judge(OTHERS, {**hopeless, 2: torch.tensor([2.8, 1.0])})
+
+
+def test_non_finite_values_in_other_curves_are_skipped() -> None:
+    diverged = {0: 1.0, 1: math.nan, 2: math.inf, 3: -math.inf}
+    assert judge({**OTHERS, 7: diverged}, {0: 3.0, 1: 2.9, 2: 2.8}).prune
+    assert not judge({**OTHERS, 7: diverged}, {0: 1.0, 1: 0.5, 2: 0.3}).prune

@@ -28,6 +28,7 @@ False
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,6 +106,40 @@ class Verdict:
     reason: str
 
 
+def _checked(curve: object, name: str, number: object = None) -> Curve:
+    """``curve`` itself when its steps are ints >= 0 and its values floats (what Optuna stores),
+    else a copy with numpy integers, numpy scalars and 0-d tensors converted; a TypeError or
+    ValueError naming the curve (``name``, ``others[number]``) and the step where it is neither."""
+    where = name if number is None else f"{name}[{number!r}]"
+    if not isinstance(curve, Mapping):
+        raise TypeError(f"{where} must be a mapping of step to value, got {type(curve).__name__}")
+    if not curve or (
+        set(map(type, curve)) <= {int}
+        and min(curve) >= 0
+        and set(map(type, curve.values())) <= {float}
+    ):
+        return curve
+    checked: dict[int, float] = {}
+    for step, value in curve.items():
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(
+                f"{where}: step {step!r} ({type(step).__name__}) is not an int; "
+                "steps must be ints >= 0"
+            )
+        if step < 0:
+            raise ValueError(f"{where}: step {step} is negative; steps must be ints >= 0")
+        try:
+            if isinstance(value, (str, bytes, bool)):
+                raise TypeError
+            checked[int(step)] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"{where}: the value at step {step} is {value!r} ({type(value).__name__}); "
+                "values must be real numbers (float, int, a numpy scalar or a 0-d tensor)"
+            ) from None
+    return checked
+
+
 def _best_up_to(curve: Curve, step: int, sign: float) -> float:
     """The best finite value of ``curve`` at steps <= ``step`` (signed so lower is better)."""
     values = [sign * v for s, v in curve.items() if s <= step and math.isfinite(v)]
@@ -165,10 +200,27 @@ def judge(
     ``settings.min_share`` of all other trials must have reached ``min(2 t, longest)`` (the
     last step of the longest other trial) and the current trial must be at
     ``settings.min_step`` or later before anything is pruned; a trial whose latest value is NaN
-    or infinite is pruned at once.
+    or infinite is pruned at once (NaN and infinite values of the other trials are skipped).
+    Steps must be ints >= 0 and values real numbers (numpy scalars and 0-d tensors are
+    converted); anything else is a TypeError or ValueError naming the curve and the step.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(settings, PruneSettings):
+        raise TypeError(f"settings must be a PruneSettings, got {type(settings).__name__}")
+    if not isinstance(others, Mapping):
+        raise TypeError(
+            f"others must be a mapping of trial number to curve, got {type(others).__name__}"
+        )
+    checked = {n: _checked(c, "others", n) for n, c in others.items()}
+    return _judge(checked, _checked(current, "current"), mode, settings, metric)
+
+
+def _judge(
+    others: Mapping[int, Curve], current: Curve, mode: str, settings: PruneSettings, metric: str
+) -> Verdict:
+    """`judge` on arguments already checked (Optuna's intermediate values: int steps >= 0,
+    float values)."""
     min_trials, min_step = settings.min_trials, settings.min_step
     if not current:
         return Verdict(False, "no value reported yet")

@@ -21,7 +21,7 @@ from optuna.pruners import BasePruner
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from haltpoint.tuning import DEFAULT_SETTINGS, PruneSettings, judge
+from haltpoint.tuning import DEFAULT_SETTINGS, PruneSettings, _judge
 
 REASON_ATTR = "haltpoint_prune_reason"
 
@@ -56,12 +56,8 @@ class HaltpointPruner(BasePruner):
             for t in study.get_trials(deepcopy=False, states=_COMPARED)
             if t.number != trial.number and t.intermediate_values
         }
-        verdict = judge(
-            others,
-            trial.intermediate_values,
-            mode=mode,
-            settings=self._settings,
-        )
+        # Optuna's report stores int steps >= 0 and float values: judge's checks are skipped.
+        verdict = _judge(others, trial.intermediate_values, mode, self._settings, "value")
         if verdict.prune:
             study._storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, verdict.reason)
         return verdict.prune
