@@ -233,3 +233,12 @@ def test_non_finite_values_in_other_curves_are_skipped() -> None:
     diverged = {0: 1.0, 1: math.nan, 2: math.inf, 3: -math.inf}
     assert judge({**OTHERS, 7: diverged}, {0: 3.0, 1: 2.9, 2: 2.8}).prune
     assert not judge({**OTHERS, 7: diverged}, {0: 1.0, 1: 0.5, 2: 0.3}).prune
+
+
+def test_huge_steps_are_judged() -> None:
+    """Steps are ints of any size (Optuna's in-memory storage keeps 10**400): the doublings
+    left to the longest trial no longer overflow a float division."""
+    far = {n: {**c, 10**400: c[9]} for n, c in OTHERS.items()}
+    assert not judge(far, {0: 3.0, 1: 2.9, 2: 2.8}).prune  # 1330 doublings of progress left
+    huge = {n: {s * 10**17: v for s, v in c.items()} for n, c in OTHERS.items()}
+    assert judge(huge, {0: 3.0, 10**17: 2.9, 2 * 10**17: 2.8}).prune

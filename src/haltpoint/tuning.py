@@ -257,7 +257,10 @@ def _judge(
     gap = mine - at_step[lead]
     best = sign * at_step[lead]
     progress = _best_up_to(current, step // 2, sign) - mine
-    doublings = max(0.0, math.log2(max(longest, 1) / max(step, 1)))
+    try:
+        doublings = max(0.0, math.log2(max(longest, 1) / max(step, 1)))
+    except OverflowError:  # a ratio of steps beyond a float (10**400 / 2): take logs first
+        doublings = max(0.0, math.log2(max(longest, 1)) - math.log2(max(step, 1)))
     ahead = settings.trend * doublings * (progress if math.isfinite(progress) else 0.0)
     share = "" if settings.margin == 1 else f"{settings.margin:g} x "
     if most_near is None or settings.overall == 1:
