@@ -78,6 +78,30 @@ def test_bad_settings_are_named(kwargs: dict[str, float], match: str) -> None:
         PruneSettings(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_trials": 1.5}, r"min_trials must be an int, got 1.5 \(float\)"),
+        ({"min_trials": True}, r"min_trials must be an int, got True \(bool\)"),
+        ({"min_trials": "3"}, r"min_trials must be an int, got '3' \(str\)"),
+        ({"min_step": None}, r"min_step must be an int, got None"),
+        ({"min_step": 2.5}, r"min_step must be an int, got 2.5"),
+        ({"margin": "1"}, r"margin must be a real number, got '1' \(str\)"),
+        ({"margin": None}, r"margin must be a real number, got None"),
+        ({"min_share": True}, r"min_share must be a real number, got True \(bool\)"),
+        ({"overall": [0.5]}, r"overall must be a real number, got \[0.5\]"),
+    ],
+)
+def test_settings_of_a_bad_type_are_named(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        PruneSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_settings_take_numpy_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    assert PruneSettings(min_trials=np.int64(2), margin=np.float64(0.5)).min_trials == 2
+
+
 def test_a_smaller_margin_prunes_a_gap_some_trial_recovered() -> None:
     late_bloomer = {0: 5.0, 1: 5.0, 2: 5.0, 3: 0.0}
     others = {**OTHERS, 9: late_bloomer}

@@ -76,6 +76,16 @@ class PruneSettings:
     overall: float = OVERALL
 
     def __post_init__(self) -> None:
+        for name in ("min_trials", "min_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        for name in ("margin", "tolerance", "min_share", "trend", "band", "overall"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"{name} must be a real number, got {value!r} ({type(value).__name__})"
+                )
         if self.min_trials < 1:
             raise ValueError(f"min_trials must be >= 1, got {self.min_trials}")
         if self.min_step < 0:
