@@ -111,3 +111,18 @@ def test_multi_objective_studies_are_refused() -> None:
 def test_settings_must_be_prune_settings() -> None:
     with pytest.raises(TypeError, match="settings must be a PruneSettings"):
         HaltpointPruner({"min_trials": 2})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("thing", [None, 0, "trial 3", [], "study"])
+def test_prune_reason_of_something_not_a_trial_is_named(thing: object) -> None:
+    if thing == "study":
+        thing = optuna.create_study()  # it has user_attrs too: it used to answer ''
+    with pytest.raises(TypeError, match="prune_reason takes a Trial or FrozenTrial"):
+        prune_reason(thing)  # type: ignore[arg-type]
+
+
+def test_prune_reason_of_study_trials_and_a_fixed_trial() -> None:
+    study = replayed(optuna.create_study(pruner=HaltpointPruner()))
+    study.optimize(objective, n_trials=len(RATES))
+    assert all(bool(prune_reason(t)) == (t in pruned(study)) for t in study.trials)
+    assert prune_reason(optuna.trial.FixedTrial({"rate": 1.0})) == ""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from optuna.pruners import BasePruner
 from optuna.study import Study, StudyDirection
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import FixedTrial, FrozenTrial, Trial, TrialState
 
 from haltpoint.tuning import DEFAULT_SETTINGS, PruneSettings, _judge
 
@@ -63,12 +63,17 @@ class HaltpointPruner(BasePruner):
         return verdict.prune
 
 
-def prune_reason(trial: Trial | FrozenTrial) -> str:
+def prune_reason(trial: Trial | FrozenTrial | FixedTrial) -> str:
     """The sentence `HaltpointPruner` stored when it pruned ``trial`` ('' if it did not)."""
     if isinstance(trial, Trial):
         attrs = trial.study._storage.get_trial(trial._trial_id).user_attrs
-    else:
+    elif isinstance(trial, (FrozenTrial, FixedTrial)):
         attrs = trial.user_attrs
+    else:
+        raise TypeError(
+            "prune_reason takes a Trial or FrozenTrial (the objective's trial, one of "
+            f"study.trials), got {type(trial).__name__}"
+        )
     return str(attrs.get(REASON_ATTR, ""))
 
 
