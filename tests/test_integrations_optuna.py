@@ -126,3 +126,25 @@ def test_prune_reason_of_study_trials_and_a_fixed_trial() -> None:
     study.optimize(objective, n_trials=len(RATES))
     assert all(bool(prune_reason(t)) == (t in pruned(study)) for t in study.trials)
     assert prune_reason(optuna.trial.FixedTrial({"rate": 1.0})) == ""
+
+
+def test_a_trial_completed_despite_a_verdict_to_prune_has_no_reason() -> None:
+    """ask/tell: should_prune said True, the loop went on and told a value, or a later
+    should_prune said False; the trial was not pruned, so prune_reason is '' (it returned the
+    stale sentence)."""
+    study = replayed(optuna.create_study(pruner=HaltpointPruner()), RATES[:4])
+    study.optimize(objective, n_trials=4)
+    trial = study.ask()
+    verdicts = []
+    for epoch in range(5):
+        trial.report(3.0, epoch)
+        verdicts.append(trial.should_prune())
+    assert verdicts[-1] and prune_reason(trial)
+    study.tell(trial, 3.0)
+    assert prune_reason(trial) == "" and prune_reason(study.trials[-1]) == ""
+    trial = study.ask()
+    for epoch in range(5):
+        trial.report(3.0, epoch)
+    assert trial.should_prune() and prune_reason(trial)
+    trial.report(0.0, 5)  # it leads now: the last verdict is to keep it
+    assert not trial.should_prune() and prune_reason(trial) == ""

@@ -43,6 +43,8 @@ class HaltpointPruner(BasePruner):
         if not isinstance(settings, PruneSettings):
             raise TypeError(f"settings must be a PruneSettings, got {type(settings).__name__}")
         self._settings = settings
+        #: Trials given a reason to prune (the FrozenTrial Optuna passes lacks it).
+        self._reasoned: set[int] = set()
 
     def prune(self, study: Study, trial: FrozenTrial) -> bool:
         """Optuna's hook: True when ``trial`` should stop now."""
@@ -60,14 +62,23 @@ class HaltpointPruner(BasePruner):
         verdict = _judge(others, trial.intermediate_values, mode, self._settings, "value")
         if verdict.prune:
             study._storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, verdict.reason)
+            self._reasoned.add(trial._trial_id)
+        elif trial._trial_id in self._reasoned:  # an earlier verdict no longer holds
+            study._storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, "")
+            self._reasoned.discard(trial._trial_id)
         return verdict.prune
 
 
 def prune_reason(trial: Trial | FrozenTrial | FixedTrial) -> str:
-    """The sentence `HaltpointPruner` stored when it pruned ``trial`` ('' if it did not)."""
+    """The sentence `HaltpointPruner` stored when it pruned ``trial`` ('' if it did not: a
+    trial completed or failed despite the verdict, or whose last verdict was to keep it)."""
     if isinstance(trial, Trial):
-        attrs = trial.study._storage.get_trial(trial._trial_id).user_attrs
-    elif isinstance(trial, (FrozenTrial, FixedTrial)):
+        trial = trial.study._storage.get_trial(trial._trial_id)
+    if isinstance(trial, FrozenTrial):
+        if trial.state not in (TrialState.PRUNED, TrialState.RUNNING):
+            return ""  # told a value (or failed) despite the verdict: it was not pruned
+        attrs = trial.user_attrs
+    elif isinstance(trial, FixedTrial):
         attrs = trial.user_attrs
     else:
         raise TypeError(
