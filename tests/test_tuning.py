@@ -266,3 +266,16 @@ def test_huge_steps_are_judged() -> None:
     assert not judge(far, {0: 3.0, 1: 2.9, 2: 2.8}).prune  # 1330 doublings of progress left
     huge = {n: {s * 10**17: v for s, v in c.items()} for n, c in OTHERS.items()}
     assert judge(huge, {0: 3.0, 10**17: 2.9, 2 * 10**17: 2.8}).prune
+
+
+def test_a_trial_that_went_on_reporting_nan_is_no_evidence_of_what_comes_later() -> None:
+    """Two trials that diverged at step 3 but reported NaN to step 99 (a loop that did not ask
+    the pruner, or a study run first without it) counted as having run on to twice the step:
+    they passed `min_share` for the one trial that did, and the slow learner was pruned."""
+    leader = {s: 0.5 + 0.5 / (s + 1) for s in range(100)}
+    short = {n: {s: 0.6 + 0.5 / (s + 1) + 0.01 * n for s in range(6)} for n in range(1, 5)}
+    nan_tail = {s: 2.0 if s < 3 else math.nan for s in range(100)}
+    slow = {s: 2.0 - 0.1 * s for s in range(5)}
+    verdict = judge({0: leader, **short, 5: nan_tail, 6: nan_tail}, slow)
+    assert not verdict.prune
+    assert "only 1 of 7 other trials ran on to step 8" in verdict.reason

@@ -150,6 +150,15 @@ def _checked(curve: object, name: str, number: object = None) -> Curve:
     return checked
 
 
+def _last_finite(curve: Curve) -> int:
+    """The last step of ``curve`` with a finite value (-1 if none): a NaN or infinite tail says
+    nothing of what the trial would have reached, so it did not run on to those steps."""
+    last = max(curve, default=-1)
+    if last < 0 or math.isfinite(curve[last]):
+        return last
+    return max((s for s, v in curve.items() if math.isfinite(v)), default=-1)
+
+
 def _best_up_to(curve: Curve, step: int, sign: float) -> float:
     """The best finite value of ``curve`` at steps <= ``step`` (signed so lower is better)."""
     values = [sign * v for s, v in curve.items() if s <= step and math.isfinite(v)]
@@ -248,9 +257,10 @@ def _judge(
     peers = [others[n] for n in names]
     if len(peers) < min_trials:
         return Verdict(False, f"only {len(peers)} other trials reached step {step}")
-    longest = max(max(c, default=-1) for c in others.values())
+    ends = [_last_finite(c) for c in others.values()]
+    longest = max(ends)
     far = min(2 * step, longest)
-    ran_on = sum(max(c, default=-1) >= far for c in others.values())
+    ran_on = sum(end >= far for end in ends)
     if ran_on < settings.min_share * len(others):
         return Verdict(
             False,
