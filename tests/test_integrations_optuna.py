@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,43 @@ def test_a_trial_completed_despite_a_verdict_to_prune_has_no_reason() -> None:
     assert trial.should_prune() and prune_reason(trial)
     trial.report(0.0, 5)  # it leads now: the last verdict is to keep it
     assert not trial.should_prune() and prune_reason(trial) == ""
+
+
+WORKER = """
+import sys
+import optuna
+from haltpoint.integrations.optuna import HaltpointPruner, prune_reason
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.create_study(
+    study_name="s", storage=sys.argv[1], load_if_exists=True, pruner=HaltpointPruner()
+)
+def objective(trial):
+    rate = trial.suggest_float("rate", 0.01, 1.0, log=True)
+    for epoch in range(20):
+        trial.report(1.0 / (1.0 + rate * epoch), epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(prune_reason(trial))
+    return 1.0 / (1.0 + rate * 19)
+study.optimize(objective, n_trials=10)
+"""
+
+
+def test_two_worker_processes_share_a_sqlite_study(tmp_path: Path) -> None:
+    """As docs/tuning.md says: the file's tables are made once (two processes making them at
+    once fail inside Optuna, optuna/optuna#1092), then both workers load the study."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="s", storage=storage)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    workers = [
+        subprocess.Popen([sys.executable, str(script), storage], env=env, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err.decode()
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert len(study.trials) == 20
+    assert all(prune_reason(t).startswith("at step") for t in pruned(study))
+    assert study.best_trial.state == optuna.trial.TrialState.COMPLETE
