@@ -279,3 +279,28 @@ def test_a_trial_that_went_on_reporting_nan_is_no_evidence_of_what_comes_later()
     verdict = judge({0: leader, **short, 5: nan_tail, 6: nan_tail}, slow)
     assert not verdict.prune
     assert "only 1 of 7 other trials ran on to step 8" in verdict.reason
+
+
+hostile = st.one_of(st.floats(-10, 10), st.sampled_from([math.nan, math.inf, -math.inf]))
+hostile_curves = st.dictionaries(st.integers(0, 12), hostile, min_size=1, max_size=12)
+
+
+@given(
+    st.dictionaries(st.integers(0, 20), hostile_curves, max_size=6),
+    curves,
+    st.sampled_from(["min", "max"]),
+)
+def test_non_finite_values_of_others_never_prune_the_leader(
+    others: dict, current: dict, mode: str
+) -> None:
+    sign = 1.0 if mode == "min" else -1.0
+    step = max(current)
+    mine = min(sign * v for s, v in current.items() if s <= step)
+    rivals = [
+        min((sign * v for s, v in c.items() if s <= step and math.isfinite(v)), default=math.inf)
+        for c in others.values()
+        if max(c) >= step
+    ]
+    if all(mine <= r for r in rivals):
+        assert not judge(others, current, mode=mode, settings=ANY).prune
+        assert not judge(others, current, mode=mode).prune
