@@ -90,14 +90,15 @@ class PruneSettings:
             raise ValueError(f"min_trials must be >= 1, got {self.min_trials}")
         if self.min_step < 0:
             raise ValueError(f"min_step must be >= 0, got {self.min_step}")
-        if not self.margin > 0:
-            raise ValueError(f"margin must be > 0, got {self.margin}")
-        if not self.tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        # margin, tolerance and trend multiply quantities that may be 0: inf x 0 is NaN
+        if not 0 < self.margin < math.inf:
+            raise ValueError(f"margin must be > 0 and finite, got {self.margin}")
+        if not 0 <= self.tolerance < math.inf:
+            raise ValueError(f"tolerance must be >= 0 and finite, got {self.tolerance}")
         if not 0 <= self.min_share <= 1:
             raise ValueError(f"min_share must be between 0 and 1, got {self.min_share}")
-        if not self.trend >= 0:
-            raise ValueError(f"trend must be >= 0, got {self.trend}")
+        if not 0 <= self.trend < math.inf:
+            raise ValueError(f"trend must be >= 0 and finite, got {self.trend}")
         if not self.band >= 0:
             raise ValueError(f"band must be >= 0, got {self.band}")
         if not 0 <= self.overall <= 1:
