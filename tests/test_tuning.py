@@ -307,3 +307,13 @@ def test_non_finite_values_of_others_never_prune_the_leader(
     if all(mine <= r for r in rivals):
         assert not judge(others, current, mode=mode, settings=ANY).prune
         assert not judge(others, current, mode=mode).prune
+
+
+def test_a_trial_that_diverged_before_the_step_does_not_lead_at_it() -> None:
+    """Three trials at 0.1 on step 0 that went on reporting NaN counted as having reached
+    step 2 with their step-0 value: one of them led, and a trial level with the only trial
+    that really reached step 2 was pruned 'worse than leading trial 1's 0.1'."""
+    tail = {s: 0.1 if s == 0 else math.nan for s in range(100)}
+    real = {s: 1.0 - 0.001 * s for s in range(100)}
+    verdict = judge({0: real, 1: tail, 2: tail, 3: tail}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert not verdict.prune and "only 1 other trials reached step 2" in verdict.reason

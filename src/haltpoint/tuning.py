@@ -250,18 +250,18 @@ def _judge(
         return Verdict(True, f"at step {step} {metric} is {current[step]}: the trial diverged")
     if step < min_step:
         return Verdict(False, f"step {step} is before min_step {min_step}")
+    ends = {n: _last_finite(c) for n, c in others.items()}
     names = [
         n
         for n, c in others.items()
-        if max(c, default=-1) >= step and math.isfinite(_best_up_to(c, step, sign))
+        if ends[n] >= step and math.isfinite(_best_up_to(c, step, sign))
     ]
     peers = [others[n] for n in names]
     if len(peers) < min_trials:
         return Verdict(False, f"only {len(peers)} other trials reached step {step}")
-    ends = [_last_finite(c) for c in others.values()]
-    longest = max(ends)
+    longest = max(ends.values())
     far = min(2 * step, longest)
-    ran_on = sum(end >= far for end in ends)
+    ran_on = sum(end >= far for end in ends.values())
     if ran_on < settings.min_share * len(others):
         return Verdict(
             False,
