@@ -129,6 +129,7 @@ def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]
     in order (every earlier trial finished), and whether it was pruned there, as the real
     pruner decides (checked in `main`)."""
     stops: list[int] = []
+    ends: list[int] = []  # each trial's last step with a finite value: how far it ran on
     pruned: list[bool] = []
     finals: list[float] = []
     longest = max(len(v) for v in prep.values)
@@ -149,22 +150,25 @@ def fast_stops(prep: Prepared, s: PruneSettings) -> tuple[list[int], list[bool]]
             bound = np.maximum(s.margin * gain, noise[lead, steps])
             enough = reached.sum(axis=0) >= s.min_trials
             bound = np.maximum(bound, s.tolerance * np.abs(np.where(enough, at_lead, 0.0)))
-            horizon = max(stops)
+            horizon = max(ends)
             progress = prep.best[i][steps // 2] - prep.best[i][: last + 1]
             progress = np.where(np.isfinite(progress), progress, 0.0)
             doublings = np.log2(max(horizon, 1) / np.maximum(steps, 1)).clip(0)
             bound = np.maximum(bound, s.trend * doublings * progress)
             far = np.minimum(2 * steps, horizon)
-            ran_on = (np.array(stops)[None, :] >= far[:, None]).sum(axis=1)
+            ran_on = (np.array(ends)[None, :] >= far[:, None]).sum(axis=1)
             enough &= ran_on >= s.min_share * i
             prune = (prep.best[i] - at_lead > bound) & (steps >= s.min_step) & enough
             hits = np.flatnonzero(prune)
             stop = int(hits[0]) if len(hits) else last
+        finite = np.flatnonzero(np.isfinite(values[: stop + 1]))
+        end = int(finite[-1]) if len(finite) else -1
         stops.append(stop)
+        ends.append(end)
         pruned.append(len(hits) > 0 or not np.isfinite(values[stop]))
         finals.append(float(prep.best[i][stop]))
-        seen_best[i, : stop + 1] = prep.best[i][: stop + 1]
-        seen_noise[i, : stop + 1] = prep.noise[i][: stop + 1]
+        seen_best[i, : end + 1] = prep.best[i][: end + 1]  # reached: a finite value there or later
+        seen_noise[i, : end + 1] = prep.noise[i][: end + 1]
     return stops, pruned
 
 
