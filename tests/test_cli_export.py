@@ -97,6 +97,11 @@ def test_export_best_without_a_stopper_needs_a_monitor(tmp_path: Path, capsys):
     assert code == 0 and "from step 1" in out  # val_acc is maximised: 0.7 at step 1
 
 
+def export_latest_key(capsys, run: Path, key: str, target: Path) -> tuple[int, str, str]:
+    """`haltpoint export RUN --which latest --key KEY -o TARGET`."""
+    return run_cli(capsys, "export", str(run), "--which", "latest", "--key", key, "-o", str(target))
+
+
 def test_export_key_takes_numpy_arrays_as_tensors(tmp_path: Path, capsys):
     """An entry of NumPy arrays (features, a codebook) holds weights too: it said "holds no
     tensors"."""
@@ -107,17 +112,7 @@ def test_export_key_takes_numpy_arrays_as_tensors(tmp_path: Path, capsys):
     with Checkpointer(tmp_path / "run", async_save=False) as ckpt:
         ckpt.save(1, {"codebook": codebook, "model": torch.nn.Linear(2, 1)})
     target = tmp_path / "codebook.safetensors"
-    code, out, _ = run_cli(
-        capsys,
-        "export",
-        str(tmp_path / "run"),
-        "--which",
-        "latest",
-        "--key",
-        "codebook",
-        "-o",
-        str(target),
-    )
+    code, out, _ = export_latest_key(capsys, tmp_path / "run", "codebook", target)
     assert code == 0, out
     exported = load_file(target)
     assert list(exported) == ["centers"]
@@ -176,17 +171,7 @@ def test_export_refuses_names_no_safetensors_file_can_hold(
     with Checkpointer(tmp_path / "run", async_save=False, capture_rng=False) as ckpt:
         ckpt.save(0, {"weights": weights})
     target = tmp_path / "w.safetensors"
-    code, _, err = run_cli(
-        capsys,
-        "export",
-        str(tmp_path / "run"),
-        "--which",
-        "latest",
-        "--key",
-        "weights",
-        "-o",
-        str(target),
-    )
+    code, _, err = export_latest_key(capsys, tmp_path / "run", "weights", target)
     assert code == 1 and err.count("\n") == 1
     assert f"cannot export a tensor named {name!r}" in err
     assert not target.exists()  # no file that drops a tensor or that safetensors refuses
