@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorP
 from torch.distributed.checkpoint.planner import ReadItem
 
 from haltpoint.errors import CorruptCheckpointError, first_line
+from haltpoint.state.codec import MAX_SHARED_HASH
 
 __all__ = ["METADATA_NAME", "SafeLoadPlanner", "check_metadata", "safe_reader"]
 
@@ -68,12 +69,6 @@ _BUILDABLE = {
 _PROPERTIES_STATE = (torch.dtype, torch.layout, bool, dcp_metadata._MEM_FORMAT_ENCODING, bool)
 
 
-#: The most keys of one dict in a metadata pickle that may share a hash (ints and tuples hash
-#: alike on every run, so a crafted pickle can make thousands collide: building the dict
-#: then takes time quadratic in their number; DCP's keys are strings and `MetadataIndex`es).
-_MAX_SHARED_HASH = 16
-
-
 def _ordered_dict(*args: Any) -> OrderedDict[Any, Any]:
     """`collections.OrderedDict` as a metadata pickle may call it: with no arguments (its
     items come by SETITEMS, where their hashes are checked), as `pickle` writes it."""
@@ -111,14 +106,18 @@ class _MetadataUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
     def _set(self, target: Any, pairs: list[Any]) -> None:
+        """Set `pairs` (key, value, key, value, ...) on a dict, refusing more than
+        `MAX_SHARED_HASH` keys of one hash (ints and tuples hash alike on every run, so a
+        crafted pickle can make thousands collide, and building the dict is then quadratic;
+        DCP's keys are strings and `MetadataIndex`es)."""
         if type(target) not in (dict, OrderedDict):
             raise pickle.UnpicklingError(f"refused to set items on a {type(target).__qualname__}")
         counts = self._hashes.setdefault(id(target), Counter())
         for key, value in zip(pairs[::2], pairs[1::2], strict=True):
             shared = counts[hash(key)] = counts[hash(key)] + 1
-            if shared > _MAX_SHARED_HASH:
+            if shared > MAX_SHARED_HASH:
                 raise pickle.UnpicklingError(
-                    f"refused a dict with more than {_MAX_SHARED_HASH} keys that share one "
+                    f"refused a dict with more than {MAX_SHARED_HASH} keys that share one "
                     "hash (crafted to collide)"
                 )
             target[key] = value

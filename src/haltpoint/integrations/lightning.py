@@ -23,6 +23,7 @@ from haltpoint.integrations._common import (
     scalar_metrics,
     snapshot_rng,
 )
+from haltpoint.state._common import short_repr
 
 try:
     from lightning.pytorch import Callback
@@ -378,7 +379,7 @@ def _check_loop(fresh: Mapping[str, Any], trainer: Any, step: int, directory: st
             type(theirs) is not type(mine) or (type(theirs) is int and theirs < 0)
         ):
             kind = "an int >= 0" if type(mine) is int else "a bool"
-            wrong = f"{where} is {_short(theirs)}, not {kind}"
+            wrong = f"{where} is {short_repr(theirs)}, not {kind}"
             break
     else:
         if trainer.global_step == step:
@@ -390,14 +391,6 @@ def _check_loop(fresh: Mapping[str, Any], trainer: Any, step: int, directory: st
         "another step, or a new directory",
         path=directory,
     )
-
-
-def _short(value: Any) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an int of more than 4,300 digits
-        return f"a {type(value).__name__} too long to print"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _finished(trainer: Any) -> str | None:

@@ -21,6 +21,7 @@ from haltpoint.integrations._common import (
     restore_best_weights,
     scalar_metrics,
 )
+from haltpoint.state._common import short_repr
 
 try:
     from transformers import TrainerCallback
@@ -353,15 +354,11 @@ def _position(saved: dict[str, Any], step: int, directory: str) -> tuple[int, fl
         or type(epoch) is not float
         or not (math.isfinite(epoch) and epoch >= 0)
     ):
-        try:
-            shown = repr(position)
-        except ValueError:  # an int of more than 4,300 digits
-            shown = f"a {type(position).__name__} holding an int too long to print"
         raise CorruptCheckpointError(
             f"the checkpoint of step {step} in {directory} records the Trainer's position as "
-            f"{shown[:200]}, not the global step {step} and an epoch (a float >= 0) that "
-            "HaltpointCallback saves: the manifest was altered or written by other code; "
-            "resume from another step, or a new directory",
+            f"{short_repr(position, 200)}, not the global step {step} and an epoch (a float "
+            ">= 0) that HaltpointCallback saves: the manifest was altered or written by other "
+            "code; resume from another step, or a new directory",
             path=directory,
         )
     return global_step, float(epoch)

@@ -50,7 +50,7 @@ import torch
 from haltpoint.errors import CorruptCheckpointError, UnsupportedStateError, first_line
 from haltpoint.state._common import child_path, is_stateful, type_name
 
-__all__ = ["TAG", "TENSOR_TAG", "decode_value", "encode_value"]
+__all__ = ["MAX_SHARED_HASH", "TAG", "TENSOR_TAG", "decode_value", "encode_value"]
 
 TAG = "__hp__"
 """The key that marks a tagged object in the encoded JSON."""
@@ -59,7 +59,7 @@ TENSOR_TAG = "__tensor__"
 
 _RESERVED = frozenset({TAG, TENSOR_TAG})
 _INT_LIMIT = 2**63
-_MAX_SHARED_HASH = 16
+MAX_SHARED_HASH = 16
 """The most keys of one decoded set or dict that may share a hash (a real state's share none,
 or a few: -1 and -2, ints that differ by 2**61 - 1)."""
 MAX_DEPTH = 64
@@ -316,11 +316,11 @@ class _Decoder:
 
 
 def _check_hashes(keys: list[Any]) -> None:
-    """ValueError when more than `_MAX_SHARED_HASH` of `keys` share one hash: a set or dict of
+    """ValueError when more than `MAX_SHARED_HASH` of `keys` share one hash: a set or dict of
     them would take time quadratic in their number to build (ints and tuples hash alike on
     every run, so a crafted manifest can make them collide; no saved state does)."""
     shared = max(Counter(map(hash, keys)).values(), default=0)
-    if shared > _MAX_SHARED_HASH:
+    if shared > MAX_SHARED_HASH:
         raise ValueError(f"{shared} of its {len(keys)} keys share one hash (crafted to collide)")
 
 

@@ -277,8 +277,9 @@ def _append_local(path: str, line: bytes) -> None:
     created = not os.path.exists(path)
     fd = open_unlinked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
-        check_one_name(path, os.fstat(fd), _OWN_HISTORY)
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        check_one_name(path, info, _OWN_HISTORY)
+        size = info.st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             start = _tail_start(fd, size)
             if start is not None and _is_torn_append(os.pread(fd, size - start, start)):
