@@ -418,6 +418,49 @@ def test_state_without_trend_loads_and_bad_trend_is_refused() -> None:
         fresh.load_state_dict({**state, "trend": {**state["trend"], "first": math.inf}})
 
 
+@pytest.mark.parametrize("field", range(8))
+@pytest.mark.parametrize("wrong", [-5.0, 0.0, 1.0, 1e300, -1e300])
+def test_trend_sums_that_are_not_the_points_sums_are_refused(field: int, wrong: float) -> None:
+    """Crafted running sums (a negative count, an index sum that makes the fit's variance
+    negative) once loaded and failed later, inside `step`, with 'math domain error'."""
+    stopper = EarlyStopping("val_loss")
+    for i in range(30):
+        stopper.step(1.0 / (i + 1) + 0.01 * (i % 3))
+    state = json.loads(json.dumps(stopper.state_dict()))
+    if state["trend"]["sums"][field] == wrong:
+        wrong = wrong + 3.0
+    state["trend"]["sums"][field] = wrong
+    resumed = EarlyStopping("val_loss")
+    with pytest.raises(ValueError, match=r"'trend' 'sums' must be the running sums of its 8"):
+        resumed.load_state_dict(state)
+    assert resumed.evaluations == 0
+
+
+SCALED = st.lists(
+    st.one_of(
+        st.floats(-1e6, 1e6, allow_nan=False),
+        st.floats(-1e-6, 1e-6, allow_nan=False),
+        st.sampled_from([0.0, 1.0, 1e12, -1e12]),
+    ),
+    min_size=1,
+    max_size=200,
+)
+
+
+@given(values=SCALED, mode=st.sampled_from(["min", "max"]))
+@settings(max_examples=60, deadline=None)
+def test_every_state_a_run_saves_loads_whatever_its_values_scale(
+    values: list[float], mode: str
+) -> None:
+    """The check on the trend's sums never refuses what `state_dict` saved: at every
+    evaluation of runs mixing tiny, huge and constant values, as the window slides."""
+    stopper = EarlyStopping("val_loss", mode=mode)
+    for value in values:
+        stopper.step(value)
+        state = json.loads(json.dumps(stopper.state_dict()))
+        EarlyStopping("val_loss", mode=mode).load_state_dict(state)
+
+
 def test_a_trend_state_saved_without_the_first_value_takes_the_oldest_one_kept() -> None:
     """A stopper saved by a haltpoint that did not keep the run's first value resumes with the
     oldest value of its window in its place (less progress, so the calm lane opens later)."""

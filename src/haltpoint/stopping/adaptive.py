@@ -465,8 +465,15 @@ class TrendRule:
                 f"'sums': [8 finite numbers], 'first': a finite number or null}}; "
                 f"got {shown(state)}"
             )
-        self._points = deque((int(t), self._sign * float(x)) for t, x in points)
-        self._sums = _Sums.from_state(sums)
+        kept = [(int(t), self._sign * float(x)) for t, x in points]
+        saved = _Sums.from_state(sums)
+        if not saved.sums_of(kept):
+            raise ValueError(
+                "EarlyStopping state 'trend' 'sums' must be the running sums of its "
+                f"{len(kept)} 'points' (as state_dict() saved them); got {shown(sums)}"
+            )
+        self._points = deque(kept)
+        self._sums = saved
         self._logs = None
         if first is not None:
             self._first = self._sign * float(first)
@@ -499,9 +506,10 @@ class _Sums:
         self.sxx += w * dx * dx
 
     def large(self, x: float) -> bool:
-        """Whether `x` is far outside the spread of the window (1000 standard deviations)."""
+        """Whether removing `x` would leave sums swamped by its rounding: its square is more
+        than a million times what the other values' squares add up to."""
         dx = x - self.x0
-        return dx * dx > 1e6 * (self.sxx / self.n + 1e-300) if self.n > 0 else False
+        return dx * dx > 1e6 * (self.sxx - dx * dx) if self.n > 0 else False
 
     def sound(self) -> bool:
         """Whether the sums are finite and not dominated by values that left the window."""
@@ -524,6 +532,31 @@ class _Sums:
         noise = math.sqrt(sse / (n - 2))
         level = self.x0 + sx / n + slope * (last - self.t0 - st / n)
         return level, slope, noise, 1.0 / math.sqrt(vtt)
+
+    def sums_of(self, points: Sequence[tuple[int, float]]) -> bool:
+        """Whether these are the running sums of `points` as `add` keeps them, however the
+        window slid: the count and the index sums exactly (they are sums of integers), the
+        value sums up to rounding. A state that passes cannot make `fit` fail."""
+        if self.n != len(points):
+            return False
+        if not points:
+            return self.state()[2:] == [0.0] * 6
+        if not 0 <= self.t0 <= points[0][0]:
+            return False
+        dts = [t - self.t0 for t, _ in points]
+        if self.st != sum(dts) or self.stt != sum(dt * dt for dt in dts):
+            return False
+        dxs = [x - self.x0 for _, x in points]
+        # rounding left by values that left the window is bounded by the run's own scale
+        unit = len(points) * (1.0 + abs(self.x0) + max(abs(x) for _, x in points))
+        return all(
+            abs(saved - sum(terms)) <= 1e-6 * math.fsum(map(abs, terms)) + 1e-9 * floor
+            for saved, terms, floor in (
+                (self.sx, dxs, unit),
+                (self.stx, [dt * dx for dt, dx in zip(dts, dxs, strict=True)], unit * dts[-1]),
+                (self.sxx, [dx * dx for dx in dxs], unit * unit),
+            )
+        )
 
     def state(self) -> list[float]:
         return [float(self.t0), self.x0, self.n, self.st, self.sx, self.stt, self.stx, self.sxx]
