@@ -20,6 +20,7 @@ from haltpoint import (  # noqa: E402
     CheckpointExistsError,
     CorruptCheckpointError,
     EarlyStopping,
+    StateMismatchError,
 )
 from haltpoint.integrations.transformers import HaltpointCallback  # noqa: E402
 from haltpoint.stopping.replay import replay  # noqa: E402
@@ -385,6 +386,33 @@ def test_restoring_callback_states_the_trainer_s_way_is_refused(tmp_path: Path) 
     )
     with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint=False"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "hf_own" / "checkpoint-4"))
+
+
+@pytest.mark.parametrize(
+    ("exported", "message"),
+    [
+        (5, r"stateful_callbacks\['HaltpointCallback'\] = 5, not the"),
+        ([], r"stateful_callbacks\['HaltpointCallback'\] = \[\], not the"),
+        ({"attributes": 3}, r"= \{'attributes': 3\}, not the"),
+        ({"attributes": {"stopper_state": "x"}}, r"cannot load: state must be a mapping"),
+        ({"attributes": {"stopper_state": {"version": 1}}}, r"cannot load: .* missing keys"),
+    ],
+)
+def test_a_crafted_stopper_state_in_trainer_state_json_is_one_state_mismatch_line(
+    tmp_path: Path, exported: Any, message: str
+) -> None:
+    """The Trainer hands the callback what the resumed checkpoint's trainer_state.json holds;
+    altered, it was an AttributeError, IndexError or TypeError from deep in the callback."""
+    _hf_run(tmp_path, HaltpointCallback(EarlyStopping("eval_loss", patience=2)), epochs=1).train()
+    path = tmp_path / "hf_own" / "checkpoint-4" / "trainer_state.json"
+    saved = json.loads(path.read_text())
+    saved["stateful_callbacks"]["HaltpointCallback"] = exported
+    path.write_text(json.dumps(saved))
+    stopper = EarlyStopping("eval_loss", patience=2)
+    trainer = _hf_run(tmp_path, HaltpointCallback(stopper), epochs=3)
+    with pytest.raises(StateMismatchError, match=message) as raised:
+        trainer.train(resume_from_checkpoint=str(path.parent))
+    assert "\n" not in str(raised.value) and stopper.evaluations == 0
 
 
 def _files(directory: Path) -> dict[str, bytes]:

@@ -12,7 +12,13 @@ import re
 import warnings
 from typing import Any
 
-from haltpoint import Checkpointer, CheckpointExistsError, CorruptCheckpointError, EarlyStopping
+from haltpoint import (
+    Checkpointer,
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    EarlyStopping,
+    StateMismatchError,
+)
 from haltpoint.distributed import initialized
 from haltpoint.integrations._common import (
     announce_resume,
@@ -124,11 +130,25 @@ class HaltpointCallback(TrainerCallback, ExportableState):
                 "pass TrainingArguments(restore_callback_states_from_checkpoint=False), since "
                 "the Trainer would rebuild the callback without its stopper and checkpointer"
             )
-        if isinstance(exported, list):
+        if isinstance(exported, list) and exported:
             exported = exported[0]
-        saved = exported.get("attributes", {}).get("stopper_state")
+        attributes = exported.get("attributes") if isinstance(exported, dict) else None
+        if not isinstance(attributes, dict):
+            raise StateMismatchError(
+                "the resumed checkpoint's trainer_state.json holds stateful_callbacks"
+                f"['{type(self).__name__}'] = {short_repr(exported)}, not the "
+                "{'attributes': {'stopper_state': ...}} HaltpointCallback saves: it was altered "
+                "or written by other code; resume from another checkpoint"
+            )
+        saved = attributes.get("stopper_state")
         if saved is not None and self.stopper is not None:
-            self.stopper.load_state_dict(saved)
+            try:
+                self.stopper.load_state_dict(saved)
+            except (TypeError, ValueError) as exc:
+                raise StateMismatchError(
+                    f"the resumed checkpoint's trainer_state.json holds a stopper state this "
+                    f"stopper cannot load: {exc}"
+                ) from None
 
     # -- what is saved ----------------------------------------------------------------------
 
