@@ -18,6 +18,7 @@ from haltpoint import (  # noqa: E402
     CheckpointExistsError,
     CorruptCheckpointError,
     EarlyStopping,
+    StateMismatchError,
 )
 from haltpoint.integrations.lightning import HaltpointCallback  # noqa: E402
 from haltpoint.stopping.replay import replay  # noqa: E402
@@ -368,6 +369,25 @@ def test_the_stopper_rides_in_lightnings_own_checkpoints() -> None:
     fresh = EarlyStopping("val_loss", patience=3)
     HaltpointCallback(fresh).load_state_dict(json.loads(json.dumps(saved)))
     assert fresh.state_dict() == stopper.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [
+        (5, r"is 5, not the \{'stopper': ...\} it saves"),
+        ({"stopper": "x"}, r"state must be a mapping"),
+        ({"stopper": {"version": 1}}, r"missing keys"),
+    ],
+)
+def test_a_crafted_stopper_state_in_a_lightning_checkpoint_is_one_state_mismatch_line(
+    saved: Any, message: str
+) -> None:
+    """What a Lightning checkpoint holds for the callback was an AttributeError or a
+    TypeError from inside the callback when altered."""
+    fresh = EarlyStopping("val_loss", patience=3)
+    with pytest.raises(StateMismatchError, match=message) as raised:
+        HaltpointCallback(fresh).load_state_dict(saved)
+    assert "\n" not in str(raised.value) and fresh.evaluations == 0
 
 
 def test_module_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,13 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from haltpoint import Checkpointer, CheckpointExistsError, CorruptCheckpointError, EarlyStopping
+from haltpoint import (
+    Checkpointer,
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    EarlyStopping,
+    StateMismatchError,
+)
 from haltpoint.integrations._common import (
     announce_resume,
     check_arguments,
@@ -319,10 +325,25 @@ class HaltpointCallback(Callback):
         return {"stopper": None if self.stopper is None else self.stopper.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the stopper's state from a Lightning checkpoint."""
+        """Restore the stopper's state from a Lightning checkpoint.
+
+        Raises:
+            StateMismatchError: the checkpoint holds something else than this callback saved,
+                or a stopper state this stopper cannot load.
+        """
+        where = f"the Lightning checkpoint's state of {type(self).__name__}"
+        if not isinstance(state_dict, Mapping):
+            raise StateMismatchError(
+                f"{where} is {short_repr(state_dict)}, not the {{'stopper': ...}} it saves"
+            )
         saved = state_dict.get("stopper")
-        if saved is not None and self.stopper is not None:
+        if saved is None or self.stopper is None:
+            return
+        try:
             self.stopper.load_state_dict(saved)
+        except (TypeError, ValueError) as exc:
+            message = f"{where} holds a stopper state it cannot load: {exc}"
+            raise StateMismatchError(message) from None
 
 
 class _EpochEndCheck:
