@@ -10,10 +10,14 @@ haltpoint's documented behaviour and says so.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
+import torch
 
-from haltpoint import EarlyStopping, StopReason
+from haltpoint import Checkpointer, EarlyStopping, StopReason
 
 
 def stop_index(stopper: EarlyStopping, values: list[float], key: str | None = None) -> int | None:
@@ -154,3 +158,43 @@ def test_min_delta_is_a_strict_margin(best: float | None, value: float, improved
     if best is not None:
         stopper.step(best)
     assert stopper.step(value).improved is improved
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "losses", "stop_after", "epochs_trained"),
+    [
+        ({"patience": 2}, [0.2, 0.15, 0.1, 0.11, 0.12], None, 5),
+        ({"patience": 5, "baseline": 0.5}, [0.9, 0.8, 0.7, 0.71, 0.72, 0.73], None, 5),
+        ({"patience": 5, "baseline": 0.5}, [0.9, 0.8, 0.7, 0.71, 0.72, 0.73], 3, 4),
+    ],
+    ids=["patience", "baseline_never_beaten", "stopped_by_another_callback"],
+)
+def test_final_weights_when_restoring_model_weights(
+    tmp_path: Path,
+    kwargs: dict[str, Any],
+    losses: list[float],
+    stop_after: int | None,
+    epochs_trained: int,
+) -> None:
+    """Ports test_early_stopping_final_weights_when_restoring_model_weights, weights and all.
+
+    Keras' `restore_best_weights=True` keeps the best epoch's weights in memory; haltpoint
+    keeps them on disk (`keep_best=1`) and `restore(state, "best")` brings them back however
+    the loop ended: stopped by the stopper, by another callback, or never beating the
+    baseline. The model's weights are set to the epoch number, as Keras' DummyModel does.
+    """
+    model = torch.nn.Linear(1, 1)
+    stopper = EarlyStopping("val_loss", **kwargs)
+    trained = 0
+    with Checkpointer(tmp_path, monitor="val_loss", keep_best=1, async_save=False) as ckpt:
+        for epoch, loss in enumerate(losses):
+            trained += 1
+            with torch.no_grad():
+                model.weight.fill_(epoch)
+            decision = stopper.step({"val_loss": loss})
+            ckpt.save(epoch, {"model": model}, {"val_loss": loss})
+            if decision or epoch == stop_after:
+                break
+        ckpt.restore({"model": model}, "best")
+    assert trained == epochs_trained
+    assert model.weight.item() == 2.0
