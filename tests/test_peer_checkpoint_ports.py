@@ -339,6 +339,74 @@ def test_transformers_resume_from_a_missing_checkpoint_raises(tmp_path: Path) ->
         ckpt.restore(make_state(), 7)
 
 
+def test_transformers_save_best_checkpoint(tmp_path: Path) -> None:
+    """test_save_best_checkpoint: save_strategy="best" saves only at a new best.
+
+    The Trainer saves when `metric_for_best_model` strictly improves; `maybe_save` always
+    saves at an improvement of `monitor`, so with an interval no run reaches it saves exactly
+    there: evaluations 1, 2 and 4 of [0.5, 0.6, 0.55, 0.7, 0.7] (the tie at 0.7 is no gain).
+    """
+    state = make_state()
+    options: dict[str, Any] = {"monitor": "accuracy", "mode": "max", "every": 10**9}
+    with Checkpointer(tmp_path, keep_last=100, async_save=False, **options) as ckpt:
+        values = [0.5, 0.6, 0.55, 0.7, 0.7]
+        saved = [
+            step
+            for step, value in enumerate(values, start=1)
+            if ckpt.maybe_save(step, state, {"accuracy": value}) is not None
+        ]
+        assert saved == [1, 2, 4]
+        assert [i.step for i in ckpt.list()] == [1, 2, 4]
+
+
+def test_transformers_save_best_checkpoint_metric_not_found(tmp_path: Path) -> None:
+    """test_save_best_checkpoint: a metric_for_best_model the evaluation does not report is
+    an error naming it and the metrics there were; nothing is saved."""
+    options: dict[str, Any] = {"monitor": "accuracy", "mode": "max", "every": 10**9}
+    with Checkpointer(tmp_path, async_save=False, **options) as ckpt:
+        with pytest.raises(ValueError, match=r"no 'accuracy'.*\['loss'\]"):
+            ckpt.maybe_save(1, make_state(), {"loss": 0.5})
+        assert ckpt.list() == []
+
+
+def test_transformers_resume_training_with_frozen_params(tmp_path: Path) -> None:
+    """test_resume_training_with_frozen_params: with the first layer frozen (not in the
+    optimizer), a resumed run ends where a straight run does, the frozen layer unchanged."""
+
+    def build() -> dict[str, Any]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+        model[0].requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return {"model": model, "optimizer": torch.optim.AdamW(trainable, lr=0.1)}
+
+    def train(state: dict[str, Any], steps: int) -> None:
+        for _ in range(steps):
+            state["optimizer"].zero_grad()
+            state["model"](torch.randn(4, 3)).pow(2).sum().backward()
+            state["optimizer"].step()
+
+    straight = build()
+    frozen = [p.detach().clone() for p in straight["model"][0].parameters()]
+    torch.manual_seed(1)
+    train(straight, 4)
+
+    first = build()
+    torch.manual_seed(1)
+    train(first, 2)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(2, first)
+    resumed = build()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.restore(resumed)
+    train(resumed, 2)
+    pairs = zip(straight["model"].parameters(), resumed["model"].parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert all(
+        torch.equal(a, b) for a, b in zip(resumed["model"][0].parameters(), frozen, strict=True)
+    )
+
+
 # -- ignite Checkpoint / ModelCheckpoint --------------------------------------------------
 
 
