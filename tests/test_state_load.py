@@ -232,6 +232,36 @@ def test_a_crafted_scheduler_state_is_refused_before_anything_loads(
     assert not torch.equal(model.fc.weight, saved["model"]["fc.weight"])
 
 
+@pytest.mark.parametrize(
+    ("saved_as", "loaded_into"),
+    [
+        ("StepLR", "ReduceLROnPlateau"),
+        ("StepLR", "MultiStepLR"),
+        ("CosineAnnealingLR", "OneCycleLR"),
+        ("ReduceLROnPlateau", "LinearLR"),
+        ("LinearLR", "PolynomialLR"),
+    ],
+)
+def test_another_kind_of_scheduler_s_state_is_refused(saved_as: str, loaded_into: str) -> None:
+    """torch copies the keys in beside the live ones: a StepLR's state "loaded" into a
+    ReduceLROnPlateau left its patience, factor and counts as they were, silently."""
+    scheduler = SCHEDULERS[loaded_into](_two_groups(Net()))
+    before = {k: v for k, v in scheduler.__dict__.items() if k != "optimizer"}
+    saved = {"scheduler": dict(SCHEDULERS[saved_as](_two_groups(Net())).state_dict())}
+    with pytest.raises(StateMismatchError, match=r"another kind of scheduler's state, with "):
+        load_into({"scheduler": scheduler}, saved)
+    assert {k: v for k, v in scheduler.__dict__.items() if k != "optimizer"} == before
+
+
+def test_a_scheduler_state_with_settings_on_one_side_only_loads() -> None:
+    """A key only one side has is how torch versions differ (a newer torch's setting): it
+    loads, as torch loads it."""
+    scheduler = lr_scheduler.StepLR(_two_groups(Net()), step_size=2)
+    saved = {**scheduler.state_dict(), "last_epoch": 3, "a_newer_setting": 1.0}
+    load_into({"scheduler": scheduler}, {"scheduler": saved})
+    assert scheduler.last_epoch == 3
+
+
 def test_full_state_round_trip() -> None:
     model = Net()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -140,6 +140,7 @@ def check_scheduler_fits(target: Any, value: Any, path: str) -> None:
             "state dict"
         )
     live = target.state_dict()
+    _check_same_kind_of_scheduler(target, live, value, path)
     for key, saved in value.items():
         attribute = getattr(type(target), key, None) if type(key) is str else None
         if key == "optimizer" or callable(attribute) or isinstance(attribute, property):
@@ -161,6 +162,23 @@ def check_scheduler_fits(target: Any, value: Any, path: str) -> None:
                 f"the checkpoint {key}={short_repr(saved, 100)}, a value of another type or "
                 "length"
             )
+
+
+def _check_same_kind_of_scheduler(
+    target: Any, live: Mapping[str, Any], value: Mapping[Any, Any], path: str
+) -> None:
+    """Refuse another scheduler's state: each side has settings the other lacks (a StepLR's
+    `step_size` where a ReduceLROnPlateau has `factor`), which `load_state_dict` would copy in
+    beside the live ones, leaving the live settings as they were and saying nothing. A key
+    on one side only is a torch version's change, and loads."""
+    ours = {key for key in live if not key.startswith("_")}
+    theirs = {key for key in value if type(key) is str and not key.startswith("_")}
+    if ours - theirs and theirs - ours:
+        raise StateMismatchError(
+            f"cannot load {path}: the checkpoint holds another kind of scheduler's state, "
+            f"with {', '.join(sorted(theirs - ours))} where the {type_name(target)} has "
+            f"{', '.join(sorted(ours - theirs))}; restore it into the scheduler it was saved from"
+        )
 
 
 def _check_schedulers(schedulers: list[Any], saved: Any, path: str) -> None:
