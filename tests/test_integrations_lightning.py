@@ -639,3 +639,51 @@ def test_a_rerun_of_a_fit_that_ended_after_its_last_check_trains_those_batches_o
     assert [str(w.message) for w in recwarn if "haltpoint" in str(w.message)] == []
     assert module.train_epochs == [2] and trainer.global_step == 10
     assert _files(tmp_path) == files
+
+
+@pytest.mark.parametrize("again", ["ckpt_path", "second_fit"])
+def test_a_stopped_run_resumed_by_lightning_or_fit_again_trains_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+    again: str,
+) -> None:
+    """The stopper rides in Lightning's own checkpoint: `fit(ckpt_path=last.ckpt)` of a run it
+    stopped trained one more epoch (and wrote its checkpoint) before the check stopped it
+    again; so did a second `fit` with the stopped stopper. Now neither trains, and one line
+    says why."""
+
+    def saver() -> Any:
+        return pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "pl", save_last=True, save_top_k=-1)
+
+    callback = HaltpointCallback(EarlyStopping("val_loss", patience=1))
+    first = make_module()
+    trainer = fit(first, [callback, saver()], 20, enable_checkpointing=True)
+    assert callback.stopper is not None and callback.stopper.stopped
+    files, state = _files(tmp_path / "pl"), callback.stopper.state_dict()
+    capsys.readouterr()
+    recwarn.clear()
+    module = make_module()
+    if again == "ckpt_path":
+        callback = HaltpointCallback(EarlyStopping("val_loss", patience=1))
+        options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+        retrainer = pl.Trainer(max_epochs=20, callbacks=[callback, saver()], **options)
+        retrainer.fit(module, make_data(1.0), make_data(-1.0), ckpt_path=tmp_path / "pl/last.ckpt")
+        where = f"resumed from {tmp_path / 'pl/last.ckpt'}; "
+        ending = ""
+    else:
+        retrainer = fit(module, [callback, saver()], 20, enable_checkpointing=True)
+        where, ending = "", "; nothing to train (stopper.reset() forgets the stop to train again)"
+    assert module.train_epochs == []
+    assert retrainer.global_step == (trainer.global_step if again == "ckpt_path" else 0)
+    # no epoch's checkpoint is new (Lightning's ModelCheckpoint writes its last.ckpt at the
+    # end of every fit, trained or not)
+    assert [n for n in _files(tmp_path / "pl") if n.startswith("epoch=")] == [
+        n for n in files if n.startswith("epoch=")
+    ]
+    assert callback.stopper is not None and callback.stopper.state_dict() == state
+    assert [str(w.message) for w in recwarn if "haltpoint" in str(w.message)] == []
+    lines = [line for line in capsys.readouterr().err.splitlines() if "haltpoint" in line]
+    assert lines == [
+        f"haltpoint: {where}the run had already stopped: {callback.stopper.reason}{ending}"
+    ]

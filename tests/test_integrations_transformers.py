@@ -505,3 +505,29 @@ def test_a_rerun_of_a_completed_run_trains_saves_and_evicts_nothing(
         f"haltpoint: resumed from step {end} in {directory}; the run had already finished: it "
         f"reached max_steps={end}"
     ]
+
+
+def test_a_stopped_run_resumed_from_the_trainer_s_own_checkpoint_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """resume_from_checkpoint of the Trainer's last checkpoint of a run the stopper ended
+    restored the stopped stopper, then trained a whole epoch and wrote checkpoint-<N+4> before
+    the next evaluation stopped it again. Now it stops at once, saves nothing, and says so."""
+    first = EarlyStopping("eval_loss", patience=2)
+    trainer = _hf_run(tmp_path, HaltpointCallback(first), epochs=20)
+    trainer.train()
+    assert first.stopped
+    step, files = trainer.state.global_step, _files(tmp_path / "hf_own")
+    capsys.readouterr()
+
+    stopper = EarlyStopping("eval_loss", patience=2)
+    trainer = _hf_run(tmp_path, HaltpointCallback(stopper), epochs=20)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf_own" / f"checkpoint-{step}"))
+    assert stopper.state_dict() == first.state_dict()
+    assert trainer.state.global_step == step
+    assert _files(tmp_path / "hf_own") == files
+    lines = [line for line in capsys.readouterr().err.splitlines() if "haltpoint" in line]
+    assert lines == [
+        f"haltpoint: resumed from the Trainer's checkpoint of step {step}; the run had already "
+        f"stopped: {first.reason}"
+    ]

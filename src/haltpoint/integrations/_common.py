@@ -87,22 +87,26 @@ def scalar_metrics(raw: Mapping[str, Any]) -> dict[str, float]:
 
 
 def announce_resume(
-    step: int, directory: str, stopper: EarlyStopping | None, finished: str | None = None
+    where: str | None, stopper: EarlyStopping | None, finished: str | None = None
 ) -> None:
     """Print one line on stderr saying where the run resumed, as `haltpoint demo` does.
 
     A resume changes what training does, so it is said whether or not logging is set up.
-    `finished` says why a run that did not stop early has nothing left to train, if so.
+    `where` names what was restored (`step 12 in runs/x`, a trainer's checkpoint file), None
+    for a stopper that stopped in an earlier fit of this process; `finished` says why a run
+    that did not stop early has nothing left to train, if so.
 
-    >>> announce_resume(12, "runs/x", None)  # doctest: +SKIP
+    >>> announce_resume("step 12 in runs/x", None)  # doctest: +SKIP
     haltpoint: resumed from step 12 in runs/x
     """
-    line = f"haltpoint: resumed from step {step} in {directory}"
+    parts = [] if where is None else [f"resumed from {where}"]
     if stopper is not None and stopper.stopped:
-        line += f"; the run had already stopped: {stopper.reason}"
+        parts.append(f"the run had already stopped: {stopper.reason}")
+        if where is None:
+            parts.append("nothing to train (stopper.reset() forgets the stop to train again)")
     elif finished is not None:
-        line += f"; the run had already finished: {finished}"
-    print(line, file=sys.stderr, flush=True)
+        parts.append(f"the run had already finished: {finished}")
+    print("haltpoint: " + "; ".join(parts), file=sys.stderr, flush=True)
 
 
 def missing_metric_error(name: str, keys: Iterable[str], where: str, hint: str) -> ValueError:

@@ -182,7 +182,7 @@ class HaltpointCallback(Callback):
                 self._put_back_rng = snapshot_rng()
             finished = _finished(trainer)
             if trainer.is_global_zero:
-                announce_resume(info.step, ckpt.directory, self.stopper, finished)
+                announce_resume(f"step {info.step} in {ckpt.directory}", self.stopper, finished)
             if finished is not None or (self.stopper is not None and self.stopper.stopped):
                 self._resumed_done = True
                 trainer.should_stop = True  # Lightning then trains nothing, nor calls on_train_end
@@ -200,6 +200,21 @@ class HaltpointCallback(Callback):
                 "HaltpointCallback(..., resume=True) to continue that run, or use a new directory",
                 path=ckpt.directory,
             )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """A fit whose stopper had already stopped trains nothing, and says so.
+
+        `resume=True` found that in `on_fit_start`. This catches the others, once every
+        state is restored: Lightning's own `fit(ckpt_path=...)` of a stopped run (the stopper
+        rides in its checkpoint, `load_state_dict`), or a second `fit` with a stopper that
+        stopped in the first. Lightning would train on until the next check.
+        """
+        if self._resumed_done or self.stopper is None or not self.stopper.stopped:
+            return
+        self._resumed_done = True
+        if trainer.is_global_zero:
+            announce_resume(getattr(trainer, "ckpt_path", None), self.stopper)
+        trainer.should_stop = True
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """After a resume, put the restored random state back if this epoch makes its iterator.
@@ -285,7 +300,7 @@ class HaltpointCallback(Callback):
         unchecked = self._validations == 0 and not self.check_on_train_epoch_end
         # a resumed fit was checked before (its checkpoint comes from a check): the batches
         # after the run's last check, trained again, need no validation of their own
-        unchecked = unchecked and self._resumed_step is None
+        unchecked = unchecked and self._resumed_step is None and not self._resumed_done
         if unchecked and self.stopper is not None:
             warnings.warn(
                 f"haltpoint: no validation ran during fit, so early stopping on "

@@ -110,6 +110,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         self._last_step: int | None = None
         self._epoch_offset = 0.0
         self._resumed_done = False
+        self._position: tuple[int, float | None] = (0, None)  # where a finished run stands
         self._eval_on_start: tuple[Any, bool] | None = None  # (args, value) to put back
 
     # -- the Trainer's own checkpoints (resume_from_checkpoint) keep the stopper too ---------
@@ -119,11 +120,12 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         saved = None if self.stopper is None else self.stopper.state_dict()
         return {"args": {}, "attributes": {"stopper_state": saved}}
 
-    def _restore_exported(self, args: Any, state: Any) -> None:
-        """Load the stopper's state from the Trainer's checkpoint being resumed, if any."""
+    def _restore_exported(self, args: Any, state: Any) -> bool:
+        """Load the stopper's state from the Trainer's checkpoint being resumed, if any;
+        whether it had stopped."""
         exported = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
         if exported is None or not state.global_step:
-            return
+            return False
         if getattr(args, "restore_callback_states_from_checkpoint", False):
             raise ValueError(
                 "HaltpointCallback restores its stopper from the Trainer's checkpoint itself; "
@@ -141,14 +143,16 @@ class HaltpointCallback(TrainerCallback, ExportableState):
                 "or written by other code; resume from another checkpoint"
             )
         saved = attributes.get("stopper_state")
-        if saved is not None and self.stopper is not None:
-            try:
-                self.stopper.load_state_dict(saved)
-            except (TypeError, ValueError) as exc:
-                raise StateMismatchError(
-                    f"the resumed checkpoint's trainer_state.json holds a stopper state this "
-                    f"stopper cannot load: {exc}"
-                ) from None
+        if saved is None or self.stopper is None:
+            return False
+        try:
+            self.stopper.load_state_dict(saved)
+        except (TypeError, ValueError) as exc:
+            raise StateMismatchError(
+                f"the resumed checkpoint's trainer_state.json holds a stopper state this "
+                f"stopper cannot load: {exc}"
+            ) from None
+        return self.stopper.stopped
 
     # -- what is saved ----------------------------------------------------------------------
 
@@ -191,8 +195,12 @@ class HaltpointCallback(TrainerCallback, ExportableState):
                 "HaltpointCallback with a stopper needs evaluations: pass "
                 "TrainingArguments(eval_strategy='steps' or 'epoch') and an eval_dataset"
             )
-        if not self.resume:
-            self._restore_exported(args, state)
+        if not self.resume and self._restore_exported(args, state):
+            # the Trainer's own checkpoint of a stopped run (resume_from_checkpoint)
+            if state.is_world_process_zero:
+                where = f"the Trainer's checkpoint of step {state.global_step}"
+                announce_resume(where, self.stopper)
+            self._finish(args, state, control)
         ckpt = self.checkpointer
         if ckpt is None:
             return
@@ -219,15 +227,19 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             finished = f"it reached max_steps={state.max_steps}"
         if state.is_world_process_zero:
-            announce_resume(info.step, ckpt.directory, self.stopper, finished)
+            announce_resume(f"step {info.step} in {ckpt.directory}", self.stopper, finished)
         if finished is not None or (self.stopper is not None and self.stopper.stopped):
-            control.should_training_stop = True  # the Trainer still runs one step first
-            self._resumed_done = True
-            if getattr(args, "eval_on_start", False):
-                # The Trainer evaluates right after this hook, whatever `control` says: the
-                # flag is turned off for that moment and put back at `on_epoch_begin`.
-                self._eval_on_start = (args, args.eval_on_start)
-                args.eval_on_start = False
+            self._finish(args, state, control)
+
+    def _finish(self, args: Any, state: Any, control: Any) -> None:
+        """Train nothing more: the run restored had stopped or finished."""
+        control.should_training_stop = True  # the Trainer still runs one step first
+        self._resumed_done, self._position = True, (state.global_step, state.epoch)
+        if getattr(args, "eval_on_start", False):
+            # The Trainer evaluates right after this hook, whatever `control` says: the
+            # flag is turned off for that moment and put back at `on_epoch_begin`.
+            self._eval_on_start = (args, args.eval_on_start)
+            args.eval_on_start = False
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Put back the `eval_on_start` a finished run's `on_train_begin` turned off."""
@@ -242,8 +254,11 @@ class HaltpointCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After a resume, count epochs from the resumed position (the Trainer restarts at 0);
         on a finished run, undo the one step the Trainer takes before it stops."""
-        if self._resumed_done:
+        if self._resumed_done and self._last_step is not None:
             self._undo_step(state, control, kwargs)
+        elif self._resumed_done:  # no checkpoint of ours to put back the weights from
+            state.global_step, state.epoch = self._position
+            _skip_evaluate_save_log(control)
         elif self._epoch_offset and state.epoch is not None:
             state.epoch += self._epoch_offset
 
