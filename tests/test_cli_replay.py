@@ -309,3 +309,29 @@ def test_plot_and_replay_default_to_the_metric_the_manifests_rank_by(tmp_path: P
     assert code == 0 and json.loads(out)["metric"] == "val_acc"
     code, out, _ = run_cli(capsys, "replay", str(run / "history.jsonl"), "--json")
     assert code == 0 and json.loads(out)["metric"] == "val_loss"  # no manifests to ask
+
+
+def test_replay_and_plot_follow_the_branch_saved_last_after_a_rewind(tmp_path: Path, capsys):
+    """Steps 0, 10, 20, 30, then restore(which=10) and saves of 15 and 16: the history ends
+    with the abandoned steps 20 and 30 before 15 and 16. Replay and plot sorted the records by
+    step and kept 20 and 30 after 16, a curve no run went through; they now read the branch
+    saved last (what "latest" resumes)."""
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(tmp_path / "run", keep_last=9, async_save=False, capture_rng=False) as ckpt:
+        for step, value in [(0, 0.5), (10, 0.4), (20, 0.05), (30, 0.9)]:
+            ckpt.save(step, {"model": model}, {"val_loss": value})
+        ckpt.restore({"model": model}, 10)
+        for step, value in [(15, 0.2), (16, 0.3)]:
+            ckpt.save(step, {"model": model}, {"val_loss": value})
+    code, out, _ = run_cli(capsys, "replay", str(tmp_path / "run"), "--patience", "1", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["evaluations"] == 4 and result["best_step"] == 15
+    assert result["settings"][0]["stop_step"] == 16
+    code, out, _ = run_cli(capsys, "replay", str(tmp_path / "run"), "--patience", "1")
+    assert (
+        out.splitlines()[0] == "val_loss (min) over 4 evaluations, steps 0-16; best 0.2 at step 15"
+    )
+    pytest.importorskip("matplotlib")
+    code, out, _ = run_cli(capsys, "plot", str(tmp_path / "run"), "--monitor", "val_loss")
+    assert code == 0 and "(best val_loss 0.2 at step 15)" in out

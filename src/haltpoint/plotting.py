@@ -21,6 +21,7 @@ __all__ = [
     "PlotSummary",
     "curves",
     "image_formats",
+    "last_branch",
     "plot_history",
     "require_matplotlib",
 ]
@@ -76,10 +77,11 @@ def curves(
 ) -> dict[str, tuple[list[int], list[float]]]:
     """`{metric: (steps, values)}` from history records, in step order.
 
-    A later record for the same step (a step logged again after a resume) replaces the
-    earlier one. `metrics` picks and orders the names; default: every name, first seen first.
-    A value that is no number (or an int too large for a float), or a record whose step is no
-    int in [0, 2**63) (what a manifest holds), is passed over.
+    The records are the run's last branch (`last_branch`): a record of a step at or before
+    an earlier one (saved after `restore(which=N)` rewound the run) drops the records of the
+    abandoned steps from it on. `metrics` picks and orders the names; default: every name,
+    first seen first. A value that is no number (or an int too large for a float), or a
+    record whose step is no int in [0, 2**63) (what a manifest holds), is passed over.
 
     >>> curves([{"step": 0, "metrics": {"loss": 1.0}}, {"step": 1, "metrics": {"loss": 0.5}}])
     {'loss': ([0, 1], [1.0, 0.5])}
@@ -89,12 +91,11 @@ def curves(
     """
     by_step: dict[int, Mapping[str, Any]] = {}
     names: dict[str, None] = {}  # first seen first; a dict, so that millions of names are cheap
-    for record in records:
-        step, values = _step(record.get("step")), record.get("metrics")
-        if step is None or not isinstance(values, Mapping):
-            continue
-        by_step[step] = values
-        names.update(dict.fromkeys(values))
+    for step, record in last_branch(records):
+        values = record.get("metrics")
+        if isinstance(values, Mapping):
+            by_step[step] = values
+            names.update(dict.fromkeys(values))
     wanted = list(metrics) if metrics else list(names)
     missing = [name for name in wanted if name not in names]
     if missing:
@@ -127,11 +128,33 @@ def _plottable(value: float) -> float:
     return value if abs(value) <= _LARGEST else math.nan
 
 
-def _stop_step(records: Sequence[Mapping[str, Any]]) -> int | None:
+def last_branch(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, Mapping[str, Any]]]:
+    """The `(step, record)` pairs of the branch a run saved last, in step order.
+
+    A history is in commit order. A step at or before an earlier one was saved after a
+    rewind (`restore(which=N)`, or a step logged again): from it on, the earlier records
+    belong to the abandoned branch and are dropped, as "latest" follows the branch saved
+    last. A record whose step is no int in [0, 2**63) is passed over.
+
+    >>> [s for s, _ in last_branch([{"step": s} for s in (0, 1, 2, 3, 1, 2)])]
+    [0, 1, 2]
+    """
+    kept: list[tuple[int, Mapping[str, Any]]] = []
     for record in records:
+        step = _step(record.get("step"))
+        if step is None:
+            continue
+        while kept and kept[-1][0] >= step:
+            kept.pop()
+        kept.append((step, record))
+    return kept
+
+
+def _stop_step(records: Sequence[Mapping[str, Any]]) -> int | None:
+    for step, record in last_branch(records):
         stopper = record.get("stopper")
         if isinstance(stopper, Mapping) and stopper.get("stop") is True:
-            return _step(record.get("step"))
+            return step
     return None
 
 
