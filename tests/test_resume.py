@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -10,12 +11,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
 import torch
 
-from haltpoint import Checkpointer
+from haltpoint import (
+    Checkpointer,
+    ConsecutiveIncreases,
+    Divergence,
+    EarlyStopping,
+    GeneralizationLoss,
+    ProgressQuotient,
+    RelativeDelta,
+    Target,
+    TimeBudget,
+)
 
 WORKERS = Path(__file__).parent / "workers"
 
@@ -146,3 +158,113 @@ def test_a_rerun_of_the_readme_loop_on_a_stopped_run_trains_nothing(tmp_path: Pa
         assert again == [] and reason_again == reason
         assert [info.step for info in Checkpointer(tmp_path, read_only=True).list()] == steps
         assert torch.equal(rerun_model.weight, model.weight)  # the best, epoch 1's, weights
+
+
+# -- a stopper resumed at every evaluation decides as one that never stopped ---------------
+
+
+def _case(seed: int) -> tuple[list[tuple[float, float]], dict[str, Any]]:
+    """A run and a stopper configuration drawn from `seed`: a loss that falls, then rises or
+    wanders, on a grid of eighths (ties at min_delta happen), now and then NaN or inf, with a
+    training loss that levels off (so ProgressQuotient can stop); and any mix of the settings
+    and rules."""
+    rng = random.Random(seed)
+    mode = rng.choice(["min", "max"])
+    rise, noise, length = rng.uniform(-1, 2), rng.choice([0.0, 0.1, 0.4]), rng.randint(1, 40)
+    values = []
+    for i in range(length):
+        level = 1.0 + 2.0 * 0.8**i + rise * i / 20 + rng.gauss(0, noise)
+        value = round(max(level, 0.125) * 8) / 8
+        value = value if mode == "min" else 5.0 - value
+        if rng.random() < 0.03:
+            value = rng.choice([math.nan, math.inf, -math.inf])
+        values.append((value, 1.0 + 0.5 * 0.5**i + rng.choice([0.0, 0.0, 0.001])))
+    config = {
+        "mode": mode,
+        "patience": rng.choice([None, None, 0, 1, 3]),
+        "horizon": rng.choice([None, length, 2 * length]),
+        "min_delta": rng.choice([0.0, 0.125, RelativeDelta(0.05)]),
+        "warmup": rng.choice([0, 0, 2, 5]),
+        "baseline": rng.choice([None, None, 1.5, 3.5]),
+        "check_finite": rng.random() < 0.8,
+        "rules": rng.sample(range(7), rng.randint(0, 3)),
+    }
+    return values, config
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _stopper(config: dict[str, Any], clock: _Clock) -> EarlyStopping:
+    maker = {
+        0: lambda: TimeBudget(12.0, clock=clock),
+        1: lambda: ConsecutiveIncreases(2, strip=2),
+        2: lambda: ProgressQuotient(0.5, strip=2),  # "min" only, as GL
+        3: lambda: GeneralizationLoss(20.0),
+        4: lambda: Target(1.0 if config["mode"] == "min" else 4.0),
+        5: lambda: Divergence(3.5 if config["mode"] == "min" else 1.5),
+        6: lambda: TimeBudget(1e9, clock=clock),
+    }
+    rules = [maker[k]() for k in config["rules"] if config["mode"] == "min" or k not in (2, 3)]
+    kwargs = {k: v for k, v in config.items() if k != "rules"}
+    if kwargs["patience"] is not None:
+        kwargs["horizon"] = None  # the horizon is for the default rule only
+    return EarlyStopping("val_loss", rules=rules, **kwargs)
+
+
+def _run(values: list[tuple[float, float]], config: dict[str, Any], hop: Any = None) -> list[str]:
+    """Every decision of one stopper (`hop` None), or with the stopper handed on by `hop` to
+    a fresh one, created at the time of the save, after each evaluation (`hop(stopper,
+    successor, i)`)."""
+    clock = _Clock()
+    stopper = _stopper(config, clock)
+    decisions = []
+    for i, (value, train) in enumerate(values):
+        clock.now = 1.5 * i
+        decision = stopper.step({"val_loss": value, "train_loss": train})
+        decisions.append(json.dumps(decision.to_dict()))
+        if hop is not None:
+            successor = _stopper(config, clock)
+            hop(stopper, successor, i)
+            stopper = successor
+    return decisions
+
+
+@pytest.mark.parametrize("seed", range(400))
+def test_a_stopper_resumed_through_json_at_every_evaluation_decides_as_one_run(seed: int) -> None:
+    """The default rule (with and without horizon), patience, warmup, baseline, relative
+    deltas and every rule: state saved after each evaluation, round-tripped through JSON
+    (inf and nan allowed, as the checkpoint's codec keeps them), loaded into a fresh stopper."""
+    values, config = _case(seed)
+    straight = _run(values, config)
+
+    def through_json(stopper: EarlyStopping, successor: EarlyStopping, _: int) -> None:
+        state = json.loads(json.dumps(stopper.state_dict(), allow_nan=True))
+        successor.load_state_dict(state)
+        assert json.dumps(successor.state_dict()) == json.dumps(state)
+
+    assert _run(values, config, through_json) == straight
+
+
+@pytest.mark.parametrize("seed", range(0, 400, 20))
+def test_a_stopper_resumed_through_a_checkpointer_at_every_evaluation_decides_as_one_run(
+    tmp_path: Path, seed: int
+) -> None:
+    """As above, through a real save and restore of the checkpoint (a new Checkpointer each
+    time, as a rerun of the job opens one)."""
+    values, config = _case(seed)
+    directory = tmp_path
+    straight = _run(values, config)
+
+    def through_a_checkpoint(stopper: EarlyStopping, successor: EarlyStopping, i: int) -> None:
+        with Checkpointer(directory, keep_last=1, async_save=False, capture_rng=False) as ckpt:
+            ckpt.save(i, {"stopper": stopper})
+        with Checkpointer(directory, keep_last=1, capture_rng=False) as ckpt:
+            info = ckpt.restore({"stopper": successor})
+        assert info is not None and info.step == i
+
+    assert _run(values, config, through_a_checkpoint) == straight
