@@ -160,6 +160,71 @@ def test_a_rerun_of_the_readme_loop_on_a_stopped_run_trains_nothing(tmp_path: Pa
         assert torch.equal(rerun_model.weight, model.weight)  # the best, epoch 1's, weights
 
 
+def design_loop(run: Path, losses: list[float]) -> tuple[list[int], list[str], torch.nn.Module]:
+    """DESIGN.md's loop, as written there: it trains and saves before it asks the stopper.
+    The epochs it trained, what it printed, the model after `restore(state, "best")`."""
+    from haltpoint import EarlyStopping
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stopper = EarlyStopping("val_loss", mode="min", patience=2)
+    ckpt = Checkpointer(run, monitor="val_loss", mode="min", keep_best=3, keep_last=2)
+    state = {"model": model, "optimizer": optimizer, "stopper": stopper}
+    trained, printed = [], []
+    info = ckpt.restore(state)
+    for epoch in range(info.step + 1 if info else 0, len(losses)):
+        trained.append(epoch)
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        metrics = {"val_loss": losses[epoch]}
+        decision = stopper.step(metrics)
+        ckpt.save(epoch, state, metrics)
+        if decision:
+            printed.append(decision.reason)
+            break
+    ckpt.restore(state, "best")
+    ckpt.close()
+    return trained, printed, model
+
+
+def test_a_rerun_of_the_design_loop_on_a_stopped_run_saves_nothing_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """The loop trains one epoch before the restored stopper says stop again; that epoch's
+    save wrote a checkpoint past the stop (and its retention evicted one) on every rerun."""
+    losses = [1.0, 0.5, 0.7, 0.8, 0.9, 0.2, 0.1]
+    trained, printed, model = design_loop(tmp_path, losses)
+    assert trained == [0, 1, 2, 3] and len(printed) == 1
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "lock"}
+    for _ in range(2):  # a scheduler reruns the finished job, twice
+        with pytest.warns(
+            UserWarning,
+            match=r"step 4 not saved: the run restored from step 3 "
+            r"had already stopped \(val_loss did not improve",
+        ) as caught:
+            again, printed_again, rerun_model = design_loop(tmp_path, losses)
+        assert [Path(w.filename).name for w in caught] == [Path(__file__).name]
+        assert again == [4] and printed_again == printed
+        now = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "lock"}
+        assert now == files
+        assert torch.equal(rerun_model.weight, model.weight)  # the best, epoch 1's, weights
+
+
+def test_a_stopper_reset_after_the_restore_of_a_stopped_run_saves_again(tmp_path: Path) -> None:
+    from haltpoint import EarlyStopping
+
+    design_loop(tmp_path, [1.0, 0.5, 0.7, 0.8])
+    stopper = EarlyStopping("val_loss", patience=2)
+    with Checkpointer(tmp_path, monitor="val_loss") as ckpt:
+        state = {"model": torch.nn.Linear(3, 1), "stopper": stopper}
+        info = ckpt.restore(state, strict=False)
+        assert info is not None and stopper.stopped
+        stopper.reset()
+        stopper.step({"val_loss": 0.4})
+        assert ckpt.save(info.step + 1, state, {"val_loss": 0.4}).step == info.step + 1
+
+
 # -- a stopper resumed at every evaluation decides as one that never stopped ---------------
 
 

@@ -42,7 +42,7 @@ from haltpoint.state.rng import capture_rng
 from haltpoint.state.tree import flatten_state
 from haltpoint.stopping import EarlyStopping
 from haltpoint.stopping.modes import resolve_mode
-from haltpoint.store.background import BackgroundWriter
+from haltpoint.store.background import BackgroundWriter, warn_user
 from haltpoint.store.dedup import ReferenceCheck
 from haltpoint.store.history import (
     append_history,
@@ -204,6 +204,8 @@ class Checkpointer:
         self._lock: WriterLock | None = None
         self._evictor = Evictor(self._run, self._reader, rules, monitor, mode)
         self._last: int | None = None  # the step last saved or restored: saves go on from it
+        # the checkpoint restored, with the stoppers in its state that had stopped
+        self._restored: tuple[CheckpointInfo, list[EarlyStopping]] | None = None
         self._owed: dict[int, dict[str, Any]] = {}  # history lines of committed saves, unwritten
         self._writer: BackgroundWriter | None = None
         self._staging = staging
@@ -272,6 +274,11 @@ class Checkpointer:
         the background write are raised by the next `save`, `wait` or `close`), else once the
         checkpoint is committed. Retention runs after the commit, never before.
 
+        After `restore` loaded a stopper that had stopped, and while it stays stopped, nothing
+        is saved: the step trained past the stop (a rerun of a finished job whose loop trains
+        before it asks the stopper), so `save` warns once a call, leaves the run as it was and
+        returns the checkpoint restored (`maybe_save` returns None).
+
         Under a process group, entries whose state dict holds `DTensor` shards (FSDP2; save a
         model with its optimizers as `ShardedState(model, optimizer)`) are written by every
         rank through `torch.distributed.checkpoint` into the checkpoint's `dcp/` folder, and
@@ -289,7 +296,27 @@ class Checkpointer:
         """
         if not isinstance(pin, bool):
             raise TypeError(f"pin must be True or False, got {pin!r}")
+        restored = self._past_the_stop(step, state)
+        if restored is not None:
+            return restored
         return self._submit(step, state, metrics, pin, None)
+
+    def _past_the_stop(self, step: int, state: Mapping[str, Any]) -> CheckpointInfo | None:
+        """The checkpoint restored, when its stopper had stopped and still has: the steps
+        since trained past the stop (a rerun of a finished job whose loop trains before it
+        asks the stopper), so they are not saved and the run stays as it was; else None."""
+        if self._restored is None or not isinstance(state, Mapping):
+            return None
+        info, stopped = self._restored
+        for value in state.values():
+            if any(value is s for s in stopped) and value.stopped:
+                warn_user(
+                    f"haltpoint: step {step} not saved: the run restored from step {info.step} "
+                    f"had already stopped ({value.reason}); the checkpoints stay as they were "
+                    "(stopper.reset() forgets the stop to train on)"
+                )
+                return info
+        return None
 
     def maybe_save(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
@@ -313,6 +340,8 @@ class Checkpointer:
         self._check_writable()
         step = check_step(step)
         if step == self._last:  # saved or restored already: nothing new
+            return None
+        if self._past_the_stop(step, state) is not None:
             return None
         saved_by = self._schedule.decide(
             step, coerce_metrics(metrics, self.monitor), self.preempted
@@ -641,9 +670,12 @@ class Checkpointer:
             self._evictor.intact.add(found.entry.step)
             if self._writes_here():
                 self._last = found.entry.step
-            return self._reader.load(
+            info = self._reader.load(
                 found, state, strict=strict, device=device, rng=self.capture_rng
             )
+            stopped = [v for v in state.values() if isinstance(v, EarlyStopping) and v.stopped]
+            self._restored = (info, stopped) if stopped else None
+            return info
 
         return self._ranks.restore(which, read, load)
 
