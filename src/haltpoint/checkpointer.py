@@ -276,7 +276,7 @@ class Checkpointer:
 
         After `restore` loaded a stopper that had stopped, and while it stays stopped, nothing
         is saved: the step trained past the stop (a rerun of a finished job whose loop trains
-        before it asks the stopper), so `save` warns once a call, leaves the run as it was and
+        before it asks the stopper), so `save` warns, leaves the run as it was and
         returns the checkpoint restored (`maybe_save` returns None).
 
         Under a process group, entries whose state dict holds `DTensor` shards (FSDP2; save a
@@ -296,7 +296,8 @@ class Checkpointer:
         """
         if not isinstance(pin, bool):
             raise TypeError(f"pin must be True or False, got {pin!r}")
-        restored = self._past_the_stop(step, state)
+        self._check_writable()
+        restored = self._past_the_stop(check_step(step), state)
         if restored is not None:
             return restored
         return self._submit(step, state, metrics, pin, None)
