@@ -22,7 +22,9 @@ from haltpoint.store.storage import Storage
 __all__ = ["QUARANTINE_DIR", "Quarantined", "list_quarantined", "move_to_quarantine"]
 
 QUARANTINE_DIR = "quarantine"
-_NAME = re.compile(r"^step-([0-9]{9,})-([0-9]+)\.json$")  # not \d: it takes any script's digits
+# not \d: it takes any script's digits; at most 19 of them (a step is below 2**63, and a
+# longer name, which an object store's key may be, would cost int() a ValueError)
+_NAME = re.compile(r"step-([0-9]{9,19})-([0-9]{1,19})\.json")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ def list_quarantined(storage: Storage) -> list[Quarantined]:
     """The quarantined manifests of the run, by step, then in the order they were set aside."""
     found = []
     for name in storage.listdir(QUARANTINE_DIR):
-        match = _NAME.match(name)
+        match = _NAME.fullmatch(name)
         if match is None:
             continue
         rel = f"{QUARANTINE_DIR}/{name}"

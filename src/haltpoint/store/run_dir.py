@@ -79,7 +79,9 @@ TENSORS_NAME = "tensors.safetensors"
 PINNED_NAME = "pinned"
 DCP_NAME = "dcp"
 SHARDED_KEY = "sharded"  # the manifest's `extra` key of a checkpoint with a DCP folder
-_DIR_PATTERN = re.compile(r"^step-([0-9]{9,})$")
+# 9 to 19 digits: a step is below 2**63, and a longer name (an object store's keys have no
+# length limit) would cost int() a ValueError past 4,300 digits, failing every read of the run
+_DIR_PATTERN = re.compile(r"step-([0-9]{9,19})")
 
 
 # the names haltpoint writes into a run: clean-up deletes these and nothing else
@@ -148,8 +150,10 @@ def parse_step(name: str) -> int | None:
 
     >>> parse_step("step-000000012"), parse_step("step-0000000012"), parse_step("history.jsonl")
     (12, None, None)
+    >>> parse_step("step-" + "9" * 5000), parse_step("step-000000012\\n")
+    (None, None)
     """
-    match = _DIR_PATTERN.match(name)
+    match = _DIR_PATTERN.fullmatch(name)
     if match is None:
         return None
     step = int(match.group(1))

@@ -1,0 +1,62 @@
+"""Crafted run directories at the edges the earlier campaigns left: names an object store
+allows and a local disk does not, lock records, temporary-file names, and the files the
+adapters read beside a run. Every read gives a `CheckpointError` (or skips what is not
+haltpoint's), never another exception, and no writer deletes what is not its own."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Iterator
+
+import fsspec
+import pytest
+import torch
+
+from haltpoint import Checkpointer
+from haltpoint.cli import main
+
+
+@pytest.fixture
+def memory_run() -> Iterator[str]:
+    """A `memory://` run of two checkpoints (steps 1 and 2, loss 1.0 and 0.5)."""
+    url = f"memory://hostile-{uuid.uuid4().hex}/run"
+    with Checkpointer(url, monitor="loss", keep_last=3) as ckpt:
+        ckpt.save(1, {"w": torch.ones(3)}, {"loss": 1.0})
+        ckpt.save(2, {"w": torch.full((3,), 2.0)}, {"loss": 0.5})
+    yield url
+    fsspec.filesystem("memory").rm(url[len("memory://") :].split("/")[0], recursive=True)
+
+
+def _put(url: str, rel: str, data: bytes) -> None:
+    fsspec.filesystem("memory").pipe(f"{url[len('memory://') :]}/{rel}", data)
+
+
+LONG = "9" * 5000  # an object store's key has no length limit; int() refuses 4,301 digits
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        f"step-{LONG}/manifest.json",
+        f"quarantine/step-{LONG}-1.json",
+        f"quarantine/step-000000001-{LONG}.json",
+    ],
+    ids=["step-folder", "quarantined-step", "quarantined-count"],
+)
+def test_a_name_of_thousands_of_digits_is_no_checkpoint_to_any_reader_or_writer(
+    memory_run: str, rel: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # was: ValueError ('Exceeds the limit (4300 digits) for integer string conversion') from
+    # list, restore, a writer's open, and every command: one crafted name denied the run
+    _put(memory_run, rel, b"{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reader = Checkpointer(memory_run, read_only=True)
+        assert [info.step for info in reader.list()] == [1, 2]
+        info = reader.restore({"w": torch.zeros(3)})
+        assert info is not None and info.step == 2
+        Checkpointer(memory_run, monitor="loss", keep_last=3).close()
+    for command in (["ls"], ["verify"], ["show"], ["gc", "--keep-last", "2"]):
+        assert main([command[0], memory_run, *command[1:]]) == 0, capsys.readouterr()
+    assert "4300" not in capsys.readouterr().err
