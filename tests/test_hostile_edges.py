@@ -5,9 +5,12 @@ haltpoint's), never another exception, and no writer deletes what is not its own
 
 from __future__ import annotations
 
+import json
+import socket
 import uuid
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 import pytest
@@ -15,6 +18,7 @@ import torch
 
 from haltpoint import Checkpointer
 from haltpoint.cli import main
+from haltpoint.errors import LockedError
 
 
 @pytest.fixture
@@ -60,3 +64,30 @@ def test_a_name_of_thousands_of_digits_is_no_checkpoint_to_any_reader_or_writer(
     for command in (["ls"], ["verify"], ["show"], ["gc", "--keep-last", "2"]):
         assert main([command[0], memory_run, *command[1:]]) == 0, capsys.readouterr()
     assert "4300" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"pid": 10**30, "host": socket.gethostname(), "since": 0},
+        {"pid": 2**63, "host": socket.gethostname(), "since": 0},
+        {"pid": 7, "host": "gpu-3\nhaltpoint: all clear", "since": 0},
+        {"pid": 7, "host": "\ud800", "since": 0},
+    ],
+    ids=["pid-10**30", "pid-2**63", "host-with-newline", "host-lone-surrogate"],
+)
+def test_a_crafted_lock_record_on_an_object_store_is_one_locked_error_line(
+    memory_run: str, record: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # was: OverflowError from os.kill for a pid beyond a C int (a writer's open, gc, import);
+    # a host name with a newline or a lone surrogate made the LockedError two lines, or one
+    # that print() cannot write
+    _put(memory_run, ".haltpoint.lock", json.dumps(record).encode())
+    with pytest.raises(LockedError, match="unidentified process") as caught:
+        Checkpointer(memory_run)
+    message = str(caught.value)
+    assert "\n" not in message and message.encode("utf-8")
+    assert main(["gc", memory_run, "--keep-last", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "unidentified process" in err and len(err.strip().splitlines()) == 1
+    assert [info.step for info in Checkpointer(memory_run, read_only=True).list()] == [1, 2]

@@ -48,6 +48,8 @@ _BUSY_GRACE_S = 0.25
 _POLL_S = 0.01
 #: The most of a lock file read: a holder record is under 200 bytes; more is not one.
 _RECORD_LIMIT = 4096
+#: Process ids are C ints (pid_t): `os.kill` raises OverflowError beyond them.
+_PID_LIMIT = 2**31
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,17 @@ class LockHolder:
 
     @classmethod
     def from_json(cls, data: bytes) -> LockHolder | None:
-        """The holder recorded in `data`, or None when it holds no valid record."""
+        """The holder recorded in `data`, or None when it holds no valid record: a pid that
+        is no process id (an int in [1, 2**31), what `os.kill` takes), or a host name with a
+        control character or a lone surrogate (it would break the one line naming it).
+
+        >>> LockHolder.from_json(b'{"pid": 1e0, "host": "h", "since": 0}') is None
+        True
+        >>> [LockHolder.from_json(b'{"pid": %d, "host": "h", "since": 0}' % p) for p in (0, 2**31)]
+        [None, None]
+        >>> LockHolder.from_json(b'{"pid": 7, "host": "a\\nb", "since": 0}') is None
+        True
+        """
         try:
             value = json.loads(data)
         except (ValueError, RecursionError):  # garbage, or nesting deeper than the parser's stack
@@ -91,9 +103,11 @@ class LockHolder:
         if not isinstance(value, dict):
             return None
         pid, host, since = value.get("pid"), value.get("host"), value.get("since")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < _PID_LIMIT:
             return None
-        if not isinstance(host, str) or not isinstance(since, (int, float)):
+        if not isinstance(host, str) or not host.isprintable():
+            return None
+        if not isinstance(since, (int, float)):
             return None
         if isinstance(since, bool) or not math.isfinite(since):
             return None
