@@ -10,6 +10,7 @@ import socket
 import uuid
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from haltpoint import Checkpointer
-from haltpoint.cli import main
+from haltpoint.cli import demo, main
 from haltpoint.errors import LockedError
 
 
@@ -91,3 +92,31 @@ def test_a_crafted_lock_record_on_an_object_store_is_one_locked_error_line(
     err = capsys.readouterr().err
     assert "unidentified process" in err and len(err.strip().splitlines()) == 1
     assert [info.step for info in Checkpointer(memory_run, read_only=True).list()] == [1, 2]
+
+
+def test_names_that_end_in_a_newline_are_not_haltpoints_to_clean_up(tmp_path: Path) -> None:
+    # `$` matches before a trailing "\n": a writer's clean-up at open took another tool's
+    # "history.jsonl.0a1b2c3d.tmp\n" (and a step folder's "manifest.json.0a1b2c3d.tmp\n")
+    # for its own temporary file and deleted it; --fresh took "step-...-1.json\n" in
+    # quarantine/ for a quarantined manifest of its own
+    run = tmp_path / "run"
+    with Checkpointer(run) as ckpt:
+        ckpt.save(1, {"w": torch.ones(3)})
+    foreign = [
+        run / "history.jsonl.0a1b2c3d.tmp\n",
+        run / ".haltpoint.lock.0a1b2c3d.tmp\n",
+        run / "step-000000001" / "manifest.json.0a1b2c3d.tmp\n",
+        run / "step-000000001" / "pinned.0a1b2c3d.tmp\n",
+    ]
+    for path in foreign:
+        path.write_bytes(b"someone else's")
+    Checkpointer(run).close()  # clean-up at open
+    assert all(path.read_bytes() == b"someone else's" for path in foreign)
+    assert main(["gc", str(run), "--keep-last", "1"]) == 0
+    assert all(path.read_bytes() == b"someone else's" for path in foreign)
+    assert demo._foreign_entry(str(run)) == str(foreign[1])
+    for path in foreign:
+        path.unlink()
+    (run / "quarantine").mkdir()
+    (run / "quarantine" / "step-000000001-1.json\n").write_bytes(b"someone else's")
+    assert demo._foreign_entry(str(run)) == str(run / "quarantine" / "step-000000001-1.json\n")

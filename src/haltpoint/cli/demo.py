@@ -59,7 +59,7 @@ __all__ = ["DEFAULT_RUN_DIR", "PLOT_NAME", "register", "run"]
 
 DEFAULT_RUN_DIR = os.path.join("runs", "demo")
 PLOT_NAME = "curves.png"
-_QUARANTINED = re.compile(r"^step-[0-9]{9,}-[0-9]+\.json$")
+_QUARANTINED = re.compile(r"step-[0-9]{9,}-[0-9]+\.json")  # fullmatch: `$` matches before "\n"
 _METRICS = frozenset({"train_loss", MONITOR, "val_acc"})  # what the demo saves every epoch
 
 _EPILOG = """\
@@ -122,7 +122,7 @@ def _foreign_entry(path: str) -> str | None:
         if name == QUARANTINE_DIR and os.path.isdir(full):
             for child in sorted(os.listdir(full)):  # a folder at a manifest's name may hold any
                 inner = os.path.join(full, child)
-                if not _QUARANTINED.match(child) or not _is_regular(inner):
+                if not _QUARANTINED.fullmatch(child) or not _is_regular(inner):
                     return inner
             continue
         if parse_step(name) is None or not os.path.isdir(full):

@@ -120,7 +120,7 @@ STEP_TEMP_OF = frozenset({MANIFEST_NAME, PINNED_NAME})
 """The step-folder files written through a temporary file (`is_temp_name`)."""
 ROOT_TEMP_OF = frozenset({HISTORY_NAME, LOCK_NAME})
 """The run-root files written through a temporary file (`is_temp_name`)."""
-_TEMP_PATTERN = re.compile(r"^(.+)\.[0-9a-f]{8}\.tmp$")
+_TEMP_PATTERN = re.compile(r"(.+)\.[0-9a-f]{8}\.tmp")  # fullmatch: `$` matches before a "\n"
 
 
 def is_temp_name(name: str, of: frozenset[str]) -> bool:
@@ -130,8 +130,10 @@ def is_temp_name(name: str, of: frozenset[str]) -> bool:
     >>> own = frozenset({"manifest.json"})
     >>> is_temp_name("manifest.json.0a1b2c3d.tmp", own), is_temp_name("notes.tmp", own)
     (True, False)
+    >>> is_temp_name("manifest.json.0a1b2c3d.tmp\\n", own)  # a name haltpoint never writes
+    False
     """
-    match = _TEMP_PATTERN.match(name)
+    match = _TEMP_PATTERN.fullmatch(name)
     return match is not None and match.group(1) in of
 
 
