@@ -6,11 +6,14 @@ haltpoint's), never another exception, and no writer deletes what is not its own
 from __future__ import annotations
 
 import json
+import os
 import socket
+import threading
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import fsspec
@@ -120,3 +123,79 @@ def test_names_that_end_in_a_newline_are_not_haltpoints_to_clean_up(tmp_path: Pa
     (run / "quarantine").mkdir()
     (run / "quarantine" / "step-000000001-1.json\n").write_bytes(b"someone else's")
     assert demo._foreign_entry(str(run)) == str(run / "quarantine" / "step-000000001-1.json\n")
+
+
+def _trainer_output(tmp_path: Path, content: Callable[[Path], None]) -> tuple[Any, Any]:
+    pytest.importorskip("transformers")
+    from transformers.trainer_callback import TrainerState
+
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-1").mkdir()
+    content(tmp_path / "out" / "checkpoint-3" / "trainer_state.json")
+    state = TrainerState()
+    state.global_step = 5
+    return SimpleNamespace(output_dir=str(tmp_path / "out")), state
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "best"),
+    [
+        (_fifo, None),
+        (lambda path: path.write_text("[" * 100_000 + "]" * 100_000), None),
+        (lambda path: path.write_bytes(b"\xff\xfe{}"), None),
+        (lambda path: path.write_text('{"best_model_checkpoint": "/etc"}'), None),
+        (lambda path: path.write_text('{"best_model_checkpoint": 7}'), None),
+        (lambda path: path.write_text('{"best_model_checkpoint": "OUT/../.."}'), None),
+        (
+            lambda path: path.write_text(
+                '{"best_model_checkpoint": "OUT/checkpoint-1", "best_metric": "low"}'
+            ),
+            None,
+        ),
+        (lambda path: path.write_text('{"best_model_checkpoint": "OUT/checkpoint-1"}'), "1"),
+    ],
+    ids=[
+        "fifo",
+        "deep",
+        "not-utf8",
+        "best-outside",
+        "best-a-number",
+        "best-dotdot",
+        "metric-a-string",
+        "intact",
+    ],
+)
+def test_the_trainer_state_a_resumed_hf_run_reads_is_read_safely(
+    tmp_path: Path, content: Callable[[Path], None], best: str | None
+) -> None:
+    # the HF adapter reads the newest checkpoint-N/trainer_state.json of output_dir for the
+    # Trainer's best checkpoint. Was: a FIFO there hung train() forever, nesting raised
+    # RecursionError out of on_train_begin, and a best_model_checkpoint anywhere on the disk
+    # ("/etc") was handed to the Trainer, which loads the best model from it at the end
+    from haltpoint.integrations import transformers as adapter
+
+    def write(path: Path) -> None:
+        content(path)
+        if path.is_file() and not path.is_symlink():
+            path.write_text(path.read_text(errors="replace").replace("OUT", str(path.parents[1])))
+
+    args, state = _trainer_output(tmp_path, write)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def restore() -> None:
+        try:
+            adapter._restore_trainer_best(args, state)
+        except BaseException as exc:
+            errors.append(exc)
+        done.set()
+
+    threading.Thread(target=restore, daemon=True).start()
+    assert done.wait(20), "reading trainer_state.json hung"
+    assert errors == []
+    expected = None if best is None else str(tmp_path / "out" / f"checkpoint-{best}")
+    assert state.best_model_checkpoint == expected

@@ -5,6 +5,7 @@ Importing this module without `transformers` raises ImportError naming the extra
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ from typing import Any
 
 from haltpoint import (
     Checkpointer,
+    CheckpointError,
     CheckpointExistsError,
     CorruptCheckpointError,
     EarlyStopping,
@@ -28,6 +30,7 @@ from haltpoint.integrations._common import (
     scalar_metrics,
 )
 from haltpoint.state._common import short_repr
+from haltpoint.store.storage import open_regular
 
 try:
     from transformers import TrainerCallback
@@ -410,25 +413,50 @@ def _restore_trainer_best(args: Any, state: Any) -> None:
     """
     if state.best_model_checkpoint is not None or not os.path.isdir(args.output_dir):
         return
-    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-([0-9]{{1,19}})")  # not \d: any script's
     steps = []
     for name in os.listdir(args.output_dir):
         match = pattern.fullmatch(name)
         if match and int(match[1]) <= state.global_step:
             steps.append(int(match[1]))
+    inside = os.path.join(os.path.realpath(args.output_dir), "")
     for step in sorted(steps, reverse=True):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        path = os.path.join(folder, "trainer_state.json")
-        try:
-            saved = TrainerState.load_from_json(path)
-        except (OSError, ValueError, TypeError):  # TypeError: keys of another version
+        saved = _read_trainer_state(os.path.join(folder, "trainer_state.json"))
+        if saved is None:
             continue  # no state there (a folder being written, or removed): an older one
         best = saved.best_model_checkpoint
-        if best is not None and os.path.isdir(best):
+        metric, best_step = saved.best_metric, getattr(saved, "best_global_step", None)
+        if (  # the Trainer's own checkpoint: a folder in output_dir, never one elsewhere
+            isinstance(best, str)
+            and os.path.realpath(best).startswith(inside)
+            and os.path.isdir(best)
+            and (metric is None or type(metric) in (int, float))  # compared with each metric
+            and (best_step is None or type(best_step) is int)
+        ):
             state.best_model_checkpoint, state.best_metric = best, saved.best_metric
             if hasattr(saved, "best_global_step"):
                 state.best_global_step = saved.best_global_step
         return
+
+
+_STATE_LIMIT = 64 << 20
+"""The most of a `trainer_state.json` read (its log history grows by ~200 bytes a log)."""
+
+
+def _read_trainer_state(path: str) -> Any:
+    """The `TrainerState` saved at `path`, or None when there is none that reads: missing, no
+    regular file (a FIFO is never waited on), over 64 MiB, not JSON (nesting beyond the
+    parser's stack included), or not the fields of this Trainer's version."""
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            data = f.read(_STATE_LIMIT + 1)
+        if len(data) > _STATE_LIMIT:
+            return None
+        fields = json.loads(data.decode("utf-8"))
+        return TrainerState(**fields) if isinstance(fields, dict) else None
+    except (OSError, CheckpointError, ValueError, TypeError, RecursionError):
+        return None  # TypeError: keys of another version
 
 
 def _skip_evaluate_save_log(control: Any) -> None:
