@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 import warnings
@@ -199,3 +201,57 @@ def test_the_trainer_state_a_resumed_hf_run_reads_is_read_safely(
     assert errors == []
     expected = None if best is None else str(tmp_path / "out" / f"checkpoint-{best}")
     assert state.best_model_checkpoint == expected
+
+
+def _laughs(depth: int, build: bytes) -> bytes:
+    """A DCP `.metadata` pickle of about 20 bytes a level: L0 = [], L{i} = [L{i-1}, L{i-1}]
+    (by memo references), then `build` (which may fetch L{depth} from memo `depth`)."""
+    out = bytearray(b"\x80\x02]r\x00\x00\x00\x00")  # PROTO 2, EMPTY_LIST, LONG_BINPUT 0
+    for i in range(1, depth + 1):
+        get = b"j" + (i - 1).to_bytes(4, "little")  # LONG_BINGET
+        out += b"(" + get + get + b"l" + b"r" + i.to_bytes(4, "little")  # MARK .. LIST, PUT
+    return bytes(out) + b"0" + build  # POP: the last list stays in the memo only
+
+
+_META = b"ctorch.distributed.checkpoint.metadata\nMetadata\n)\x81"  # GLOBAL, (), NEWOBJ
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        _META + b"}X\x03\x00\x00\x00zzzj\x3c\x00\x00\x00sb.",  # a refused state, repr'd
+        _META + b"}X\x0c\x00\x00\x00storage_dataj\x3c\x00\x00\x00sb.",  # walked after load
+        b"}j\x3c\x00\x00\x00\x85K\x01s.",  # a key: a tuple of it, hashed
+        b"]2.",  # DUP
+    ],
+    ids=["refused-state", "storage-data", "dict-key", "dup"],
+)
+def test_dcp_metadata_that_shares_containers_is_refused_at_once(
+    build: bytes, tmp_path: Path
+) -> None:
+    # was: 2**60 elements to repr (a refused BUILD state), hash (a dict key) or walk: a
+    # 1 KB `.metadata` hung restore and verify of a sharded checkpoint, eating memory (in C,
+    # holding the GIL: so it is read in a child process, killed if it hangs)
+    path = tmp_path / ".metadata"
+    path.write_bytes(_laughs(60, build))
+    script = (
+        "import sys\n"
+        "from haltpoint.distributed.safe_metadata import check_metadata\n"
+        "from haltpoint.errors import CorruptCheckpointError\n"
+        "try:\n"
+        "    check_metadata(open(sys.argv[1], 'rb'), 'run/dcp/.metadata', {})\n"
+        "except CorruptCheckpointError as exc:\n"
+        "    print('refused' in str(exc) and '\\n' not in str(exc))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading the metadata hung")
+    assert done.stdout.strip() == "True", done.stderr[-2000:]

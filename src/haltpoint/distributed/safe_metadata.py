@@ -14,8 +14,11 @@ and refuses rank-local `__N.metadata`; `SafeLoadPlanner` reads every non-tensor 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import io
 import pickle
+import reprlib
+import types
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import IO, Any, ClassVar
@@ -77,6 +80,41 @@ def _ordered_dict(*args: Any) -> OrderedDict[Any, Any]:
     return OrderedDict()
 
 
+_ATOMS: tuple[type, ...] = (str, bytes, float, bool, type(None), type, torch.dtype, torch.layout)
+_ATOMS += (enum.Enum, types.FunctionType, types.BuiltinFunctionType)
+
+
+def _bounded(value: Any) -> bool:
+    """Whether `value` may be referenced again from the memo: a leaf whose hash, repr and
+    equality cost a bounded time (strings and bytes cache their hash), or a `torch.Size` or
+    `TensorProperties` of such leaves. A shared list, dict or tuple lets a 1 KB pickle be a
+    list of two references to a list of two references ... 60 levels down: 2**60 elements to
+    any repr, hash or walk (DCP metadata shares only strings, classes, dtypes, layouts and
+    memory formats: measured)."""
+    if isinstance(value, _ATOMS):
+        return True
+    if type(value) is int:
+        return value.bit_length() <= 64
+    if type(value) is torch.Size:
+        return len(value) <= 64
+    return type(value) is TensorProperties  # its state is checked to hold leaves (BUILD)
+
+
+def _shared_only_if_bounded(load_get: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A memo fetch (GET, BINGET, LONG_BINGET) that refuses a second reference to anything
+    but a bounded leaf (`_bounded`), so that what the pickle builds is a tree."""
+
+    def load(self: Any) -> None:
+        load_get(self)
+        if not _bounded(self.stack[-1]):
+            raise pickle.UnpicklingError(
+                f"refused a second reference to a {type(self.stack[-1]).__qualname__} (DCP "
+                "metadata shares none, and shared containers can expand exponentially)"
+            )
+
+    return load
+
+
 class _MetadataUnpickler(pickle._Unpickler):
     """Pure Python, so that BUILD can be checked too: resolves only the globals in
     `_ALLOWED` (and torch dtypes), sets on an object only the fields its class has, builds no
@@ -134,8 +172,14 @@ class _MetadataUnpickler(pickle._Unpickler):
     def load_refused_set(self) -> None:
         raise pickle.UnpicklingError("refused a set: DCP metadata holds none")
 
+    def load_refused_dup(self) -> None:
+        raise pickle.UnpicklingError("refused DUP: pickle writes none, and it shares objects")
+
     dispatch[pickle.SETITEM[0]] = load_setitem
     dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DUP[0]] = load_refused_dup
+    for _opcode in (pickle.GET, pickle.BINGET, pickle.LONG_BINGET):
+        dispatch[_opcode[0]] = _shared_only_if_bounded(pickle._Unpickler.dispatch[_opcode[0]])
     for _opcode in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
         dispatch[_opcode[0]] = load_refused_set
     del _opcode
@@ -160,8 +204,16 @@ def _check_build(inst: Any, state: Any) -> None:
         raise pickle.UnpicklingError(f"refused state {_short(state)} for {cls.__qualname__}")
 
 
+_REPR = reprlib.Repr()  # a few levels and items of each container: bounded work
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A bounded repr of what a crafted pickle built (a few levels and items of it)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception as exc:  # a repr of the value's own that fails
+        text = f"<a {type(value).__qualname__} ({type(exc).__name__} in its repr)>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
