@@ -219,6 +219,21 @@ CRAFTED = [
         r"tensor 'model.bias'.*holds a character no file name can hold \(a lone surrogate\)",
         id="tensor-file-with-a-lone-surrogate",
     ),
+    *(
+        pytest.param(
+            _set(lambda body: body["tensors"]["model.bias"], "file", file),
+            rf"tensor 'model.bias' lives in '{re.escape(file)}', which is not a tensor file of",
+            id=f"tensor-in-{name}",
+        )
+        for name, file in (
+            ("a-dcp-shard", "step-000000002/dcp/__0_0.distcp"),
+            ("the-history", "history.jsonl"),
+            ("the-lock", "lock"),
+            ("a-newer-step", "step-000000009/tensors.safetensors"),
+            ("another-file-of-its-folder", "step-000000002/notes.safetensors"),
+            ("a-numbered-name-with-a-leading-zero", "step-000000002/tensors-01.safetensors"),
+        )
+    ),
 ]
 
 

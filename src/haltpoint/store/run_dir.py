@@ -146,6 +146,21 @@ def checkpoint_dirname(step: int) -> str:
     return f"step-{step:09d}"
 
 
+def _check_tensor_files(manifest: Manifest) -> None:
+    """Every tensor lives where haltpoint writes tensors: a tensor file (`is_tensors_name`)
+    of the folder of this step or of an earlier one (dedup refers back, never ahead). Any
+    other file (a DCP shard, the history, the lock, a newer step's tensors) is refused, so
+    that no file a writer's clean-up may remove is ever part of an intact checkpoint."""
+    for key, record in manifest.tensors.items():
+        folder, _, name = record.file.partition("/")
+        owner = parse_step(folder)
+        if owner is None or owner > manifest.step or not is_tensors_name(name):
+            raise CorruptCheckpointError(
+                f"tensor {key!r} lives in {record.file!r}, which is not a tensor file of the "
+                f"folder of step {manifest.step} or of an earlier one"
+            )
+
+
 def parse_step(name: str) -> int | None:
     """The step of a checkpoint folder name, exactly as `checkpoint_dirname` writes it, or
     None for anything else (a name with more zeros, or other digits, would alias a step).
@@ -392,6 +407,7 @@ class RunDirectory:
         try:
             dtypes = {key: torch_dtype(r.dtype) for key, r in manifest.tensors.items()}
             check_tree(manifest.tree, dtypes)
+            _check_tensor_files(manifest)
         except CorruptCheckpointError as exc:
             raise DamagedManifestError(f"manifest {where}: {exc}", path=where) from None
         return manifest
