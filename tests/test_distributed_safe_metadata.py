@@ -147,6 +147,46 @@ def test_a_hostile_non_tensor_value_runs_nothing(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def _shared(depth: int) -> list[Any]:
+    nested: list[Any] = []
+    for _ in range(depth):
+        nested = [nested, nested]
+    return nested
+
+
+def _cyclic() -> list[Any]:
+    loop: list[Any] = [1.0]
+    loop.append(loop)
+    return loop
+
+
+@pytest.mark.parametrize("value", [_shared(60), _cyclic()], ids=["2**60-values", "cycle"])
+def test_a_non_tensor_value_that_expands_without_end_is_refused_at_once(value: Any) -> None:
+    """`weights_only=True` builds shared references as the pickle says: 1.6 KB stood for 2**60
+    values (or a list held itself), and the optimizer's load (a deep copy), or any walk, then
+    never ended. (DCP's own save walks the value, so the bytes are handed to the planner.)"""
+    from types import SimpleNamespace
+
+    from haltpoint.distributed.safe_metadata import SafeLoadPlanner
+
+    data = io.BytesIO()
+    torch.save(value, data)
+    item = SimpleNamespace(dest_index=SimpleNamespace(fqn="train.optim.param_groups.0.lr"))
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=r"'train\.optim\.param_groups\.0\.lr' "
+        r"shares its containers so that it stands for more than 10,000,000",
+    ):
+        SafeLoadPlanner().load_bytes(item, io.BytesIO(data.getvalue()))  # type: ignore[arg-type]
+
+
+def test_a_non_tensor_value_that_shares_a_small_part_loads() -> None:
+    from haltpoint.distributed.safe_metadata import expanded_size
+
+    betas = (0.9, 0.999)  # what optimizers share across their param groups
+    assert expanded_size([{"betas": betas}, {"betas": betas}], 11) == 11
+
+
 def test_dcp_failures_are_one_corrupt_checkpoint_error(tmp_path: Path) -> None:
     from haltpoint.distributed.sharded import load_shards, write_shards
 

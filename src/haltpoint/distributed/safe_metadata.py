@@ -297,12 +297,67 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     first: a value other than plain data (numbers, strings, containers, tensors) is refused."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
         try:
-            torch.load(value, weights_only=True)
+            plain = torch.load(value, weights_only=True)
         except Exception as exc:  # anything a crafted pickle raises is damage
             raise CorruptCheckpointError(
-                f"the DCP value {read_item.dest_index.fqn!r} is not plain data: "
-                f"{type(exc).__name__}: {first_line(exc)}"
+                f"the DCP value {fqn!r} is not plain data: {type(exc).__name__}: {first_line(exc)}"
             ) from exc
+        size = expanded_size(plain, MAX_EXPANDED)
+        if size > MAX_EXPANDED:
+            raise CorruptCheckpointError(
+                f"the DCP value {fqn!r} shares its containers so that it stands for more than "
+                f"{MAX_EXPANDED:,} values (or holds itself): any walk of it would not end"
+            )
         value.seek(0)
         super().load_bytes(read_item, value)
+
+
+#: The most values a non-tensor DCP value may stand for, its shared parts counted each time.
+MAX_EXPANDED = 10**7
+
+
+def expanded_size(value: Any, limit: int) -> int:
+    """How many values `value` stands for, a container shared by reference counted at each
+    place it appears (what a walk, a copy or a repr visits), in time linear in the distinct
+    objects; more than `limit` (or a container holding itself) gives `limit + 1`.
+
+    A pickle shares by memo references: 1 KB of lists of two references to the list below,
+    60 levels deep, stands for 2**60 values.
+
+    >>> shared = [1, 2]
+    >>> expanded_size([shared, shared], 100)
+    7
+    >>> nested = []
+    >>> for _ in range(60):
+    ...     nested = [nested, nested]
+    >>> expanded_size(nested, 10**7)
+    10000001
+    """
+    sizes: dict[int, int] = {}
+    pending: list[tuple[Any, bool]] = [(value, False)]
+    open_ids: set[int] = set()
+    while pending:
+        node, children_done = pending.pop()
+        if not isinstance(node, (dict, list, tuple)):
+            continue
+        key = id(node)
+        parts = [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
+        if not children_done:
+            if key in sizes:
+                continue
+            if key in open_ids:
+                return limit + 1  # a container holding itself
+            open_ids.add(key)
+            pending.append((node, True))
+            pending.extend((part, False) for part in parts)
+            continue
+        open_ids.discard(key)
+        total = 1
+        for part in parts:
+            total += sizes.get(id(part), 1) if isinstance(part, (dict, list, tuple)) else 1
+        if total > limit:
+            return limit + 1
+        sizes[key] = total
+    return sizes.get(id(value), 1)
