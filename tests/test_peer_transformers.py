@@ -1,5 +1,6 @@
 """Hugging Face's own early-stopping tests, ported (tests/trainer/test_trainer.py
-`test_early_stopping_callback`, tests/trainer/test_trainer_callback.py `StatefulCallbackTest`).
+`test_early_stopping_callback`, tests/trainer/test_trainer_callback.py `StatefulCallbackTest`
+and `EarlyStoppingCallbackTest`).
 
 Each case runs `haltpoint.integrations.transformers.HaltpointCallback` inside a real
 `transformers.Trainer` on CPU: a one-layer regression model, four optimizer steps an epoch, and
@@ -279,3 +280,41 @@ def test_resume_without_the_callback_warns_naming_it(tmp_path: Path) -> None:
     finally:
         hf_logger.removeHandler(handler)
     assert any("not included" in line and "HaltpointCallback" in line for line in warned)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"), [("loss", "min"), ("accuracy", "max")], ids=["two_metrics", "one_metric"]
+)
+def test_two_callbacks_each_resume_their_own_stopper(
+    tmp_path: Path, monitor: str, mode: str
+) -> None:
+    """Ports StatefulCallbackTest.test_multiple_instances_of_same_stateful_callback.
+
+    Two HaltpointCallbacks (as HF's two StatefulTestCallbacks, "first" and "second") share a
+    Trainer; resumed through `resume_from_checkpoint`, each stopper gets its own state back, as
+    it was at that checkpoint: with the second on another metric, and on the same metric with
+    another patience. The Trainer keeps both under the one class name, as a list to which every
+    save appends both states again, so its first entries are the states at the start of
+    training, not at the checkpoint.
+    """
+    steps = {"save_strategy": "steps", "save_steps": 4, "eval_strategy": "steps", "eval_steps": 4}
+
+    def stoppers() -> tuple[EarlyStopping, EarlyStopping]:
+        first = EarlyStopping("accuracy", mode="max", patience=5)
+        return first, EarlyStopping(monitor, mode=mode, patience=7)
+
+    first, second = stoppers()
+    callbacks = [HaltpointCallback(first), HaltpointCallback(second)]
+    make_trainer(tmp_path, callbacks, [0.5, 0.6, 0.7], epochs=3, **steps).train()
+    assert (first.evaluations, second.evaluations) == (3, 3)
+
+    again_first, again_second = stoppers()
+    callbacks = [HaltpointCallback(again_first), HaltpointCallback(again_second)]
+    trainer = make_trainer(tmp_path, callbacks, [0.55], epochs=3, **steps)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf_out" / "checkpoint-8"))
+    # Two evaluations restored (steps 4 and 8), one more at step 12.
+    assert (again_first.evaluations, again_second.evaluations) == (3, 3)
+    assert (again_first.best, again_first.best_step) == (0.6, 1)
+    assert (again_second.monitor, again_second.patience) == (monitor, 7)
+    if monitor == "accuracy":
+        assert (again_second.best, again_second.best_step) == (0.6, 1)

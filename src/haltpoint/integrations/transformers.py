@@ -118,10 +118,56 @@ class HaltpointCallback(TrainerCallback, ExportableState):
 
     # -- the Trainer's own checkpoints (resume_from_checkpoint) keep the stopper too ---------
 
+    @property
+    def state_key(self) -> str:
+        """Which of several HaltpointCallbacks in one Trainer a state in the Trainer's
+        checkpoint belongs to: the stopper's monitor, mode, patience and min_delta, and the
+        checkpoint directory (as the Lightning adapter's `state_key`)."""
+        s, ckpt = self.stopper, self.checkpointer
+        settings = {
+            "monitor": None if s is None else s.monitor,
+            "mode": None if s is None else s.mode,
+            "patience": None if s is None else s.patience,
+            "min_delta": None if s is None else repr(s.min_delta),
+            "directory": None if ckpt is None else str(ckpt.directory),
+        }
+        return f"{type(self).__name__}{settings}"
+
     def state(self) -> dict[str, Any]:
-        """The stopper's state, for the Trainer's checkpoints (`trainer_state.json`)."""
+        """The stopper's state, for the Trainer's checkpoints (`trainer_state.json`), with
+        this callback's `state_key` to find it among several HaltpointCallbacks' states."""
         saved = None if self.stopper is None else self.stopper.state_dict()
-        return {"args": {}, "attributes": {"stopper_state": saved}}
+        return {"args": {}, "attributes": {"stopper_state": saved, "key": self.state_key}}
+
+    def _own_entry(self, entries: list[Any]) -> Any:
+        """This callback's newest state among several HaltpointCallbacks' in the Trainer's
+        checkpoint.
+
+        The Trainer keeps the states of several callbacks of one class as a list: their states
+        at the start of training, to which every save appends each callback's state again, in
+        the callbacks' order. So the newest state of a callback is the last entry with its
+        `state_key`; failing that (settings changed on resume, or a state saved before the
+        key was), the last whose stopper has this stopper's monitor and mode; failing that,
+        the last entry, which then fails to load with a message naming the mismatch.
+        """
+
+        def attributes(entry: Any) -> dict[str, Any]:
+            found = entry.get("attributes") if isinstance(entry, dict) else None
+            return found if isinstance(found, dict) else {}
+
+        for entry in reversed(entries):
+            if attributes(entry).get("key") == self.state_key:
+                return entry
+        if self.stopper is not None:
+            for entry in reversed(entries):
+                saved = attributes(entry).get("stopper_state")
+                if (
+                    isinstance(saved, dict)
+                    and saved.get("monitor") == self.stopper.monitor
+                    and saved.get("mode") == self.stopper.mode
+                ):
+                    return entry
+        return entries[-1]
 
     def _restore_exported(self, args: Any, state: Any) -> bool:
         """Load the stopper's state from the Trainer's checkpoint being resumed, if any;
@@ -136,7 +182,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
                 "the Trainer would rebuild the callback without its stopper and checkpointer"
             )
         if isinstance(exported, list) and exported:
-            exported = exported[0]
+            exported = self._own_entry(exported)
         attributes = exported.get("attributes") if isinstance(exported, dict) else None
         if not isinstance(attributes, dict):
             raise StateMismatchError(
