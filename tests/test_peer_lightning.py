@@ -107,10 +107,19 @@ def test_patience_train(
 
 
 def test_one_check_per_validation(tmp_path: Path) -> None:
-    """Ports test_early_stopping_no_extraneous_invocations: one check per epoch, 4 in 4 epochs."""
+    """Ports test_early_stopping_no_extraneous_invocations: one check per epoch, 4 in 4 epochs.
+
+    Differs by design in its other assertion: Lightning's `trainer.early_stopping_callback(s)`
+    lists instances of its own `EarlyStopping` class, which HaltpointCallback is not (as it is
+    not a Lightning `Checkpoint`; docs/integrations.md), so they stay empty; the callback is in
+    `trainer.callbacks`.
+    """
     stopper = EarlyStopping("val_loss", patience=10)
-    fit(Scripted([4.0, 3.0, 2.0, 1.0]), [HaltpointCallback(stopper)], tmp_path, max_epochs=4)
+    callback = HaltpointCallback(stopper)
+    trainer = fit(Scripted([4.0, 3.0, 2.0, 1.0]), [callback], tmp_path, max_epochs=4)
     assert stopper.evaluations == 4
+    assert callback in trainer.callbacks
+    assert trainer.early_stopping_callback is None and trainer.early_stopping_callbacks == []
 
 
 def test_stopper_state_rides_in_lightnings_own_checkpoint(tmp_path: Path) -> None:
@@ -145,14 +154,28 @@ def test_stopper_state_rides_in_lightnings_own_checkpoint(tmp_path: Path) -> Non
     trainer.fit(Scripted(losses), ckpt_path=saver.best_model_path)
     assert restored.stopper.state_dict() == states[3]  # type: ignore[union-attr]
 
+    # As Lightning's: resuming that checkpoint into a Trainer of max_epochs=1 is refused.
+    short = pl.Trainer(
+        max_epochs=1,
+        callbacks=[HaltpointCallback(EarlyStopping("val_loss", patience=3))],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(Exception, match="You restored a checkpoint with current_epoch"):
+        short.fit(Scripted(losses), ckpt_path=saver.best_model_path)
 
-def test_pickling() -> None:
-    """Ports test_pickling: the callback and its stopper survive pickle."""
+
+@pytest.mark.parametrize("dumps", ["pickle", "cloudpickle"])
+def test_pickling(dumps: str) -> None:
+    """Ports test_pickling: the callback and its stopper survive pickle and cloudpickle."""
+    module = pytest.importorskip(dumps)
     callback = HaltpointCallback(EarlyStopping("foo", patience=2))
     callback.stopper.step({"foo": 1.0})  # type: ignore[union-attr]
-    loaded = pickle.loads(pickle.dumps(callback))
+    loaded = pickle.loads(module.dumps(callback))
     assert repr(loaded.stopper) == repr(callback.stopper)
     assert loaded.stopper.state_dict() == callback.stopper.state_dict()  # type: ignore[union-attr]
+    assert loaded.state_key == callback.state_key
 
 
 @pytest.mark.parametrize(
@@ -177,6 +200,7 @@ def test_non_finite_monitor(tmp_path: Path, bad: float) -> None:
     trainer = fit(Scripted([4, 3, bad, 2, 1]), [HaltpointCallback(stopper)], tmp_path)
     assert trainer.current_epoch - 1 == 2
     assert stopper.code is StopReason.NON_FINITE
+    assert stopper.last_decision is not None and stopper.last_decision.step == 2  # stopped_epoch
 
 
 @pytest.mark.parametrize(
