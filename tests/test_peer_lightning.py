@@ -235,6 +235,46 @@ def test_min_epochs_and_min_steps(
     assert trainer.global_step == stop_step
 
 
+@pytest.mark.parametrize("train_epoch_end", [False, True], ids=["default", "train_epoch_end"])
+def test_min_epochs_and_min_steps_as_lightning_logs(
+    tmp_path: Path, train_epoch_end: bool, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Ports test_min_epochs_min_steps_global_step (limit_train_batches=5, min_epochs=3,
+    min_steps=10) as Lightning writes it: `foo` logged in training_step, no validation.
+
+    Differs by design: Lightning's EarlyStopping (check_on_train_epoch_end=None) checks at the
+    end of every training epoch when validation runs once an epoch or not at all; haltpoint's
+    callback checks after each validation unless told check_on_train_epoch_end=True
+    (docs/integrations.md, "When"). Without it nothing is checked and the fit says so, naming
+    the flag; with it the stop waits for min_epochs and min_steps, as Lightning's.
+    """
+
+    class TrainFoo(BoringModel):  # type: ignore[misc]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            self.log("foo", float(batch_idx))
+            return super().training_step(batch, batch_idx)
+
+    stopper = EarlyStopping("foo", patience=0, rules=[Target(100.0)])  # stops at every check
+    callback = HaltpointCallback(stopper, check_on_train_epoch_end=train_epoch_end)
+    trainer = fit(
+        TrainFoo(),
+        [callback],
+        tmp_path,
+        max_epochs=20,
+        limit_train_batches=5,
+        limit_val_batches=0,
+        min_epochs=3,
+        min_steps=10,
+    )
+    unchecked = [str(w.message) for w in recwarn if "never checked" in str(w.message)]
+    if train_epoch_end:
+        assert unchecked == [] and trainer.should_stop
+        assert (trainer.current_epoch, trainer.global_step) == (3, 15)
+    else:
+        assert len(unchecked) == 1 and "check_on_train_epoch_end=True" in unchecked[0]
+        assert stopper.evaluations == 0 and trainer.current_epoch == 20
+
+
 def test_mode_options() -> None:
     """Ports test_early_stopping_mode_options: an unknown mode is refused, naming it."""
     with pytest.raises(ValueError, match="unknown_option"):

@@ -306,7 +306,10 @@ class HaltpointCallback(Callback):
                 f"haltpoint: no validation ran during fit, so early stopping on "
                 f"{self.stopper.monitor!r} was never checked and nothing was saved; define "
                 "validation_step and pass a val dataloader, or check limit_val_batches and "
-                "check_val_every_n_epoch",
+                "check_val_every_n_epoch; for a metric logged in training, pass "
+                "HaltpointCallback(..., check_on_train_epoch_end=True) to check at the end of "
+                "every training epoch (Lightning's EarlyStopping does so by default when "
+                "validation runs once an epoch or not at all)",
                 stacklevel=2,
             )
         ckpt = self.checkpointer
