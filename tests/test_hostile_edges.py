@@ -255,3 +255,15 @@ def test_dcp_metadata_that_shares_containers_is_refused_at_once(
     except subprocess.TimeoutExpired:
         pytest.fail("reading the metadata hung")
     assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a\rb", "a\u2028b", "a\x85b", "a\ud800b", "a\x00b"])
+def test_a_checkpoint_error_quoting_a_crafted_name_is_one_printable_line(name: str) -> None:
+    """A file name read from a run directory ends up in messages: a line break split a library
+    error in two, and a lone surrogate made one that print() cannot write."""
+    from haltpoint.errors import CorruptCheckpointError
+
+    message = str(CorruptCheckpointError(f"cannot read {name}: damaged", path=name))
+    assert len(message.splitlines()) == 1 and message.isprintable()
+    assert message.startswith("cannot read a\\") and message.endswith("b: damaged")
+    print(message)  # writable

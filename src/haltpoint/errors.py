@@ -32,11 +32,28 @@ __all__ = [
 
 
 class CheckpointError(Exception):
-    """Base class of every checkpoint problem: the message names the path and the remedy."""
+    """Base class of every checkpoint problem: the message names the path and the remedy.
+
+    The message is one line whatever it quotes: a character that is not printable (a line
+    break or a lone surrogate in a file name read from the run) is written as its escape.
+
+    >>> str(CheckpointError("cannot read 'step-1/a\\nb': gone"))
+    "cannot read 'step-1/a\\\\nb': gone"
+    """
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(_one_line(str(message)))
         self.path = path
+
+
+def _one_line(text: str) -> str:
+    """`text` with every character that is not printable, space aside, as its escape."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode()
+        for ch in text
+    )
 
 
 class CheckpointNotFoundError(CheckpointError):
