@@ -235,6 +235,31 @@ def test_an_output_inside_a_checkpoint_folder_is_refused(tmp_path: Path, capsys)
     assert main(["verify", str(run)]) == 0
 
 
+@pytest.mark.parametrize("command", ["ls", "show", "verify", "plot", "replay", "gc", "export"])
+def test_a_checkpoint_folder_given_as_the_run_is_one_line_naming_the_run(
+    command: str, tmp_path: Path, capsys, monkeypatch
+):
+    """The path `ls --json` and `show` print for a checkpoint is its step folder; given as DIR
+    it was read as a run holding nothing (`ls`: `no checkpoints in ...`, status 0; `show`:
+    `no intact checkpoint`): now one line says it is a checkpoint's folder and names the run."""
+    run = tmp_path / "run"
+    with Checkpointer(run, async_save=False, capture_rng=False) as ckpt:
+        ckpt.save(3, {"model": {"w": torch.ones(3)}}, {"loss": 0.5})
+    extra = {"gc": ["--keep-last", "1"], "export": ["-o", str(tmp_path / "m.safetensors")]}
+    monkeypatch.chdir(run / "step-000000003")
+    for folder in (str(run / "step-000000003"), str(run / "step-000000003") + "/", "."):
+        assert main([command, folder, *extra.get(command, [])]) == FAILURE
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert "is the folder of one checkpoint (step 3), not a run directory" in err
+        assert f"that holds it, {run} (" in err
+    assert sorted(p.name for p in (run / "step-000000003").iterdir()) == [
+        "manifest.json",
+        "tensors.safetensors",
+    ]
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def weights_file(folder: Path) -> Path:
     torch.save({"w": torch.ones(2)}, folder / "weights.pt")
     return folder / "weights.pt"

@@ -19,8 +19,8 @@ from haltpoint.errors import (
 from haltpoint.policies.retention import best_record, commit_order
 from haltpoint.stopping.modes import infer_mode
 from haltpoint.store.history import HISTORY_NAME, parse_history, read_history
-from haltpoint.store.manifest import Manifest, Ranking
-from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname
+from haltpoint.store.manifest import MANIFEST_NAME, Manifest, Ranking
+from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname, parse_step
 from haltpoint.store.storage import open_storage
 
 __all__ = [
@@ -71,10 +71,35 @@ def open_run(directory: str, *, must_exist: bool = True) -> RunDirectory:
             f"run directory {directory} {what}; pass the folder a Checkpointer wrote "
             "(it holds step-* folders and history.jsonl)"
         )
+    if must_exist and "://" not in local:
+        _refuse_step_folder(directory, local)
     try:
         return RunDirectory(open_storage(directory, create=False))
     except (ValueError, ImportError) as exc:  # fsspec: an unknown protocol, a missing package
         raise ValueError(f"cannot open run directory {directory}: {exc}") from None
+
+
+def _refuse_step_folder(directory: str, local: str) -> None:
+    """Refuse a local `directory` that is one checkpoint's `step-*` folder (what `ls --json`
+    and `show` print as a checkpoint's path): read as a run, it holds no checkpoint, and
+    `ls` said `no checkpoints` with status 0.
+
+    Raises:
+        ValueError: `local` is a step folder with a manifest, naming the run that holds it.
+    """
+    normal = os.path.normpath(local)
+    absolute = os.path.abspath(normal)
+    step = parse_step(os.path.basename(absolute))
+    if step is None or not os.path.isfile(os.path.join(absolute, MANIFEST_NAME)):
+        return
+    parent = os.path.dirname(normal)
+    if os.path.basename(normal) != os.path.basename(absolute) or not parent:  # '.', '..'
+        parent = os.path.dirname(absolute)
+    raise ValueError(
+        f"{directory} is the folder of one checkpoint (step {step}), not a run directory; "
+        f"pass the run directory that holds it, {parent} (show --step {step} and export "
+        f"--which {step} pick this checkpoint there)"
+    )
 
 
 def history_of(run: RunDirectory) -> list[dict[str, Any]]:
