@@ -243,6 +243,26 @@ def test_resuming_with_another_seed_is_refused(tmp_path: Path, capsys):
     assert err.endswith("or start again with --fresh\n")
 
 
+def test_resuming_another_run_is_one_line_naming_it_and_leaves_it_as_it_was(tmp_path: Path, capsys):
+    """`--run-dir` of a user's own run: the restore failed with the library's advice
+    (`missing from the checkpoint: 'settings'; ... pass strict=False`), which the command
+    cannot follow; now one line says the folder holds another run, before it is opened."""
+    run = tmp_path / "exp1"
+    with Checkpointer(run, monitor="val_loss", async_save=False) as ckpt:
+        ckpt.save(4, {"model": torch.nn.Linear(2, 2), "epoch": 4}, {"val_loss": 0.5})
+    before = sorted(p.name for p in run.iterdir())
+    code, out, err = run_cli(capsys, "demo", "--run-dir", str(run), "--epochs", "1")
+    assert code == 1 and out == ""
+    assert err == (
+        f"haltpoint: error: --run-dir {run} holds another run: its checkpoint of step 4 is not "
+        "the demo's (it holds __rng__, epoch, model); the demo resumes only its own runs: pick "
+        "another --run-dir\n"
+    )
+    assert "strict=False" not in err
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert main(["verify", str(run)]) == 0
+
+
 def test_fresh_refuses_a_folder_whose_only_haltpoint_file_is_a_stray_lock(tmp_path: Path, capsys):
     other = tmp_path / "thesis"
     other.mkdir()

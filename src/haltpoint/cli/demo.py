@@ -322,6 +322,23 @@ def _refuse_other_runs(path: str) -> None:
             )
 
 
+def _refuse_to_resume_another_run(path: str) -> None:
+    """Refuse to resume a run directory holding a checkpoint the demo did not save: its
+    restore failed with the library's advice (`missing from the checkpoint: 'settings'; ...
+    pass strict=False`), which no flag of the command can follow. Checked before the writer
+    opens the folder, so another run's directory is left as it was."""
+    if not os.path.isdir(path):
+        return
+    for entry in RunDirectory(LocalStorage(path, create=False)).scan():
+        if entry.manifest is not None and not is_demo_checkpoint(entry.manifest):
+            raise CheckpointError(
+                f"--run-dir {path} holds another run: its checkpoint of step {entry.step} is "
+                f"not the demo's (it holds {', '.join(sorted(entry.manifest.tree))}); the demo "
+                "resumes only its own runs: pick another --run-dir",
+                path=path,
+            )
+
+
 def _disk_usage(path: str) -> tuple[int, int]:
     """Bytes under `path`, and how many committed checkpoints it holds (not folders: a
     quarantined checkpoint's data, or a leftover, is no checkpoint)."""
@@ -428,6 +445,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
     check_output_dir(run_dir, "--run-dir")
     config = DemoConfig(max_epochs=args.epochs, seed=args.seed)
     deleted = _delete_run(run_dir) if args.fresh else None
+    if not args.fresh:
+        _refuse_to_resume_another_run(run_dir)
     display = _Display(out, run_dir, config)
     out.note(
         "haltpoint demo: a small conv net on 1,797 handwritten 8x8 digits "
