@@ -988,3 +988,24 @@ def test_a_crafted_state_is_refused_naming_the_field(
         stopper.load_state_dict(state)
     assert "\n" not in str(raised.value)
     assert stopper.evaluations == 0
+
+
+@pytest.mark.parametrize("patience", [None, 2])
+def test_clear_stop_forgets_only_the_stop(patience: int | None) -> None:
+    stopper = EarlyStopping("val_loss", patience=patience)
+    values = [2.0 - 0.1 * i for i in range(10)] + [1.5 + 0.01 * i for i in range(60)]
+    for value in values:
+        if stopper.step(value):
+            break
+    assert stopper.stopped
+    before = stopper.state_dict()
+    stopper.clear_stop()
+    after = stopper.state_dict()
+    assert not stopper.stopped and stopper.reason is None and after["last_decision"] is None
+    assert {k: v for k, v in after.items() if k != "last_decision"} == {
+        k: v for k, v in before.items() if k != "last_decision"
+    }
+    resumed = EarlyStopping("val_loss", patience=patience)
+    resumed.load_state_dict(after)  # a state saved after clear_stop loads, not stopped
+    assert not resumed.stopped and resumed.best == stopper.best
+    assert bool(resumed.step(10.0)) == bool(stopper.step(10.0))  # decided afresh, alike

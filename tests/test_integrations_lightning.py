@@ -673,7 +673,7 @@ def test_a_stopped_run_resumed_by_lightning_or_fit_again_trains_nothing(
         ending = ""
     else:
         retrainer = fit(module, [callback, saver()], 20, enable_checkpointing=True)
-        where, ending = "", "; nothing to train (stopper.reset() forgets the stop to train again)"
+        where, ending = "", "; nothing to train (stopper.clear_stop() trains on past the stop)"
     assert module.train_epochs == []
     assert retrainer.global_step == (trainer.global_step if again == "ckpt_path" else 0)
     # no epoch's checkpoint is new (Lightning's ModelCheckpoint writes its last.ckpt at the

@@ -211,7 +211,10 @@ def test_a_rerun_of_the_design_loop_on_a_stopped_run_saves_nothing_and_says_so(
         assert torch.equal(rerun_model.weight, model.weight)  # the best, epoch 1's, weights
 
 
-def test_a_stopper_reset_after_the_restore_of_a_stopped_run_saves_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("forget", ["clear_stop", "reset"])
+def test_a_stopper_that_forgets_the_stop_after_the_restore_saves_again(
+    tmp_path: Path, forget: str
+) -> None:
     from haltpoint import EarlyStopping
 
     design_loop(tmp_path, [1.0, 0.5, 0.7, 0.8])
@@ -220,9 +223,34 @@ def test_a_stopper_reset_after_the_restore_of_a_stopped_run_saves_again(tmp_path
         state = {"model": torch.nn.Linear(3, 1), "stopper": stopper}
         info = ckpt.restore(state, strict=False)
         assert info is not None and stopper.stopped
-        stopper.reset()
+        getattr(stopper, forget)()
         stopper.step({"val_loss": 0.4})
         assert ckpt.save(info.step + 1, state, {"val_loss": 0.4}).step == info.step + 1
+
+
+def test_a_stopped_run_resumed_with_more_patience_trains_on_after_clear_stop(
+    tmp_path: Path,
+) -> None:
+    """The way on past a stop with a new configuration: the best and the wait stay, so the
+    larger patience counts from where the run stood (reset() would forget the best)."""
+    from haltpoint import EarlyStopping
+
+    losses = [1.0, 0.5, 0.7, 0.8, 0.9, 0.4, 0.45, 0.5, 0.6]
+    design_loop(tmp_path, losses)  # patience 2: stops at epoch 3, best 0.5 at epoch 1
+    stopper = EarlyStopping("val_loss", mode="min", patience=4)
+    with Checkpointer(tmp_path, monitor="val_loss", mode="min", keep_best=3) as ckpt:
+        state = {"model": torch.nn.Linear(3, 1), "stopper": stopper}
+        info = ckpt.restore(state, strict=False)
+        assert info is not None and info.step == 3 and stopper.stopped
+        stopper.clear_stop()
+        assert (stopper.best, stopper.best_step, stopper.wait) == (0.5, 1, 2)
+        stops = []
+        for epoch in range(info.step + 1, len(losses)):
+            stops.append(bool(stopper.step({"val_loss": losses[epoch]})))
+            ckpt.save(epoch, state, {"val_loss": losses[epoch]})
+        # 0.9 (wait 3), 0.4 best, then 0.45, 0.5, 0.6: wait 3 < 4, no stop
+        assert stops == [False] * 5 and stopper.best == 0.4
+        assert [i.step for i in ckpt.list()][-1] == len(losses) - 1
 
 
 # -- a stopper resumed at every evaluation decides as one that never stopped ---------------

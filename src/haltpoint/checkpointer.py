@@ -314,7 +314,7 @@ class Checkpointer:
                 warn_user(
                     f"haltpoint: step {step} not saved: the run restored from step {info.step} "
                     f"had already stopped ({value.reason}); the checkpoints stay as they were "
-                    "(stopper.reset() forgets the stop to train on)"
+                    "(stopper.clear_stop() trains on past it)"
                 )
                 return info
         return None

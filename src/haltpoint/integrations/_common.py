@@ -103,7 +103,7 @@ def announce_resume(
     if stopper is not None and stopper.stopped:
         parts.append(f"the run had already stopped: {stopper.reason}")
         if where is None:
-            parts.append("nothing to train (stopper.reset() forgets the stop to train again)")
+            parts.append("nothing to train (stopper.clear_stop() trains on past the stop)")
     elif finished is not None:
         parts.append(f"the run had already finished: {finished}")
     print("haltpoint: " + "; ".join(parts), file=sys.stderr, flush=True)

@@ -386,6 +386,29 @@ class EarlyStopping:
         self._wait = 0
         self._last = None
 
+    def clear_stop(self) -> None:
+        """Forget only the stop decision, to train on past it: with a new configuration after
+        a resume (a larger `patience`, a longer `TimeBudget`), or on purpose.
+
+        The best, the wait, the evaluation count, the default rule's trend and the rules'
+        state stay, so the next evaluation is decided by this stopper's configuration from
+        where the run stood: with the configuration that stopped it, a run that does not
+        improve stops again at once. `reset()` forgets everything instead.
+
+        Example:
+            >>> stopper = EarlyStopping(patience=1)
+            >>> [bool(stopper.step(v)) for v in (1.0, 2.0)]
+            [False, True]
+            >>> resumed = EarlyStopping(patience=3)          # more patience on a resume
+            >>> resumed.load_state_dict(stopper.state_dict())
+            >>> resumed.stopped, bool(resumed.step(3.0))      # still the stop it saved
+            (True, True)
+            >>> resumed.clear_stop()
+            >>> [bool(resumed.step(v)) for v in (3.0, 4.0)], resumed.best, resumed.wait
+            ([False, True], 1.0, 3)
+        """
+        self._last = None
+
     def state_dict(self) -> dict[str, Any]:
         """Return the state (never the configuration) as JSON-able values.
 
