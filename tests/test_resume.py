@@ -120,8 +120,9 @@ def test_the_take_over_warning_of_a_killed_writers_lock_points_at_the_users_line
     assert [Path(w.filename).name for w in caught] == [Path(__file__).name]
 
 
-def readme_loop(run: Path, losses: list[float]) -> tuple[list[int], str | None, torch.nn.Module]:
-    """The README's loop, as written there: the epochs it trained, what it printed, the model."""
+def _loop_objects(run: Path) -> tuple[torch.nn.Module, Any, Any, Checkpointer, dict[str, Any]]:
+    """The objects the README's and DESIGN.md's loops build: model, optimizer, stopper,
+    checkpointer and the state that holds them."""
     from haltpoint import EarlyStopping
 
     torch.manual_seed(0)
@@ -130,6 +131,12 @@ def readme_loop(run: Path, losses: list[float]) -> tuple[list[int], str | None, 
     stopper = EarlyStopping("val_loss", mode="min", patience=2)
     ckpt = Checkpointer(run, monitor="val_loss", mode="min", keep_best=3, keep_last=2)
     state = {"model": model, "optimizer": optimizer, "stopper": stopper}
+    return model, optimizer, stopper, ckpt, state
+
+
+def readme_loop(run: Path, losses: list[float]) -> tuple[list[int], str | None, torch.nn.Module]:
+    """The README's loop, as written there: the epochs it trained, what it printed, the model."""
+    model, optimizer, stopper, ckpt, state = _loop_objects(run)
     trained, printed = [], None
     info = ckpt.restore(state)
     for epoch in range(info.step + 1 if info else 0, len(losses)):
@@ -163,14 +170,7 @@ def test_a_rerun_of_the_readme_loop_on_a_stopped_run_trains_nothing(tmp_path: Pa
 def design_loop(run: Path, losses: list[float]) -> tuple[list[int], list[str], torch.nn.Module]:
     """DESIGN.md's loop, as written there: it trains and saves before it asks the stopper.
     The epochs it trained, what it printed, the model after `restore(state, "best")`."""
-    from haltpoint import EarlyStopping
-
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stopper = EarlyStopping("val_loss", mode="min", patience=2)
-    ckpt = Checkpointer(run, monitor="val_loss", mode="min", keep_best=3, keep_last=2)
-    state = {"model": model, "optimizer": optimizer, "stopper": stopper}
+    model, optimizer, stopper, ckpt, state = _loop_objects(run)
     trained, printed = [], []
     info = ckpt.restore(state)
     for epoch in range(info.step + 1 if info else 0, len(losses)):

@@ -48,6 +48,7 @@ from haltpoint.store.run_dir import (
     DCP_NAME,
     ROOT_TEMP_OF,
     STEP_TEMP_OF,
+    Entry,
     RunDirectory,
     is_own_step_name,
     is_temp_name,
@@ -299,11 +300,11 @@ def _refuse_other_runs(path: str) -> None:
                 "deleted: delete the folder yourself or pick another --run-dir",
                 path=path,
             )
-        if entry.manifest is not None and not is_demo_checkpoint(entry.manifest):
+        foreign = _not_the_demos(entry)
+        if foreign is not None:
             raise CheckpointError(
-                f"--fresh deletes {path}, but its checkpoint of step {entry.step} is not the "
-                f"demo's (it holds {', '.join(sorted(entry.manifest.tree))}); nothing was "
-                "deleted: delete the folder yourself or pick another --run-dir",
+                f"--fresh deletes {path}, but {foreign}; nothing was deleted: delete the "
+                "folder yourself or pick another --run-dir",
                 path=path,
             )
     history = os.path.join(path, HISTORY_NAME)
@@ -330,13 +331,22 @@ def _refuse_to_resume_another_run(path: str) -> None:
     if not os.path.isdir(path):
         return
     for entry in RunDirectory(LocalStorage(path, create=False)).scan():
-        if entry.manifest is not None and not is_demo_checkpoint(entry.manifest):
+        foreign = _not_the_demos(entry)
+        if foreign is not None:
             raise CheckpointError(
-                f"--run-dir {path} holds another run: its checkpoint of step {entry.step} is "
-                f"not the demo's (it holds {', '.join(sorted(entry.manifest.tree))}); the demo "
-                "resumes only its own runs: pick another --run-dir",
+                f"--run-dir {path} holds another run: {foreign}; the demo resumes only its "
+                "own runs: pick another --run-dir",
                 path=path,
             )
+
+
+def _not_the_demos(entry: Entry) -> str | None:
+    """What says that `entry` is another run's checkpoint, or None when it is the demo's (or
+    holds no manifest that reads)."""
+    if entry.manifest is None or is_demo_checkpoint(entry.manifest):
+        return None
+    entries = ", ".join(sorted(entry.manifest.tree))
+    return f"its checkpoint of step {entry.step} is not the demo's (it holds {entries})"
 
 
 def _disk_usage(path: str) -> tuple[int, int]:
