@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import errno
 import os
-import re
 import shlex
 import shutil
 import stat
@@ -43,7 +42,7 @@ from haltpoint.store.history import (
 )
 from haltpoint.store.lock import LOCK_NAME, WriterLock, read_holder
 from haltpoint.store.manifest import MANIFEST_NAME
-from haltpoint.store.quarantine import QUARANTINE_DIR
+from haltpoint.store.quarantine import QUARANTINE_DIR, is_quarantined_name
 from haltpoint.store.run_dir import (
     DCP_NAME,
     ROOT_TEMP_OF,
@@ -60,7 +59,6 @@ __all__ = ["DEFAULT_RUN_DIR", "PLOT_NAME", "register", "run"]
 
 DEFAULT_RUN_DIR = os.path.join("runs", "demo")
 PLOT_NAME = "curves.png"
-_QUARANTINED = re.compile(r"step-[0-9]{9,}-[0-9]+\.json")  # fullmatch: `$` matches before "\n"
 _METRICS = frozenset({"train_loss", MONITOR, "val_acc"})  # what the demo saves every epoch
 
 _EPILOG = """\
@@ -123,7 +121,7 @@ def _foreign_entry(path: str) -> str | None:
         if name == QUARANTINE_DIR and os.path.isdir(full):
             for child in sorted(os.listdir(full)):  # a folder at a manifest's name may hold any
                 inner = os.path.join(full, child)
-                if not _QUARANTINED.fullmatch(child) or not _is_regular(inner):
+                if not is_quarantined_name(child) or not _is_regular(inner):
                     return inner
             continue
         if parse_step(name) is None or not os.path.isdir(full):

@@ -19,7 +19,13 @@ from haltpoint.errors import CorruptCheckpointError
 from haltpoint.store.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from haltpoint.store.storage import Storage
 
-__all__ = ["QUARANTINE_DIR", "Quarantined", "list_quarantined", "move_to_quarantine"]
+__all__ = [
+    "QUARANTINE_DIR",
+    "Quarantined",
+    "is_quarantined_name",
+    "list_quarantined",
+    "move_to_quarantine",
+]
 
 QUARANTINE_DIR = "quarantine"
 # not \d: it takes any script's digits; at most 19 of them (a step is below 2**63, and a
@@ -36,6 +42,17 @@ class Quarantined:
     path: str  # relative to the run: quarantine/step-000000015-1.json
     manifest: Manifest | None
     error: CorruptCheckpointError | None
+
+
+def is_quarantined_name(name: str) -> bool:
+    """Whether `name` is one a quarantined manifest gets in `quarantine/` (step, then the
+    number of the move), exactly: nothing else there is haltpoint's.
+
+    >>> name = "step-000000015-1.json"
+    >>> is_quarantined_name(name), is_quarantined_name(name + "\\n")
+    (True, False)
+    """
+    return _NAME.fullmatch(name) is not None
 
 
 def list_quarantined(storage: Storage) -> list[Quarantined]:
