@@ -805,6 +805,20 @@ def test_demo_fresh_deletes_a_quarantined_demo_checkpoint(tmp_path: Path, capsys
     assert not (run / "quarantine").exists()
 
 
+def test_demo_fresh_refuses_a_quarantine_name_the_quarantine_never_reads(tmp_path: Path, capsys):
+    """A name of 20 digits looks like a quarantined manifest but is none haltpoint wrote (a
+    step is below 2**63): it is another tool's file, so --fresh deletes nothing."""
+    run = tmp_path / "run"
+    assert main(["demo", "--run-dir", str(run), "--epochs", "2"]) == 0
+    (run / "quarantine").mkdir()
+    foreign = run / "quarantine" / ("step-" + "9" * 20 + "-1.json")
+    foreign.write_text("{}")
+    capsys.readouterr()
+    assert main(["demo", "--run-dir", str(run), "--epochs", "1", "--fresh"]) == 1
+    assert f"it holds {foreign}, which haltpoint did not write" in capsys.readouterr().err
+    assert foreign.exists() and (run / checkpoint_dirname(1) / "manifest.json").exists()
+
+
 # -- an I/O error is not proof of damage: EIO, a timeout, a stale NFS handle, ... -------------
 
 IO_ERRORS = [errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.ENXIO, errno.ECONNRESET]
