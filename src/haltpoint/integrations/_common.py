@@ -20,6 +20,7 @@ from haltpoint import Checkpointer, EarlyStopping, StateMismatchError
 __all__ = [
     "announce_resume",
     "check_arguments",
+    "load_stopper_state",
     "missing_metric_error",
     "restore_best_weights",
     "scalar_metrics",
@@ -107,6 +108,17 @@ def announce_resume(
     elif finished is not None:
         parts.append(f"the run had already finished: {finished}")
     print("haltpoint: " + "; ".join(parts), file=sys.stderr, flush=True)
+
+
+def load_stopper_state(stopper: EarlyStopping, saved: Any, where: str) -> None:
+    """Load `saved`, read from a trainer's own checkpoint (`where` names it), into `stopper`;
+    a state the stopper refuses is one `StateMismatchError` line, never its TypeError or
+    ValueError from inside a callback."""
+    try:
+        stopper.load_state_dict(saved)
+    except (TypeError, ValueError) as exc:
+        message = f"{where} holds a stopper state this stopper cannot load: {exc}"
+        raise StateMismatchError(message) from None
 
 
 def missing_metric_error(name: str, keys: Iterable[str], where: str, hint: str) -> ValueError:

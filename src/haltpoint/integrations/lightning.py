@@ -24,6 +24,7 @@ from haltpoint import (
 from haltpoint.integrations._common import (
     announce_resume,
     check_arguments,
+    load_stopper_state,
     missing_metric_error,
     restore_best_weights,
     scalar_metrics,
@@ -355,13 +356,8 @@ class HaltpointCallback(Callback):
                 f"{where} is {short_repr(state_dict)}, not the {{'stopper': ...}} it saves"
             )
         saved = state_dict.get("stopper")
-        if saved is None or self.stopper is None:
-            return
-        try:
-            self.stopper.load_state_dict(saved)
-        except (TypeError, ValueError) as exc:
-            message = f"{where} holds a stopper state it cannot load: {exc}"
-            raise StateMismatchError(message) from None
+        if saved is not None and self.stopper is not None:
+            load_stopper_state(self.stopper, saved, where)
 
 
 class _EpochEndCheck:

@@ -25,6 +25,7 @@ from haltpoint.distributed import initialized
 from haltpoint.integrations._common import (
     announce_resume,
     check_arguments,
+    load_stopper_state,
     missing_metric_error,
     restore_best_weights,
     scalar_metrics,
@@ -194,13 +195,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         saved = attributes.get("stopper_state")
         if saved is None or self.stopper is None:
             return False
-        try:
-            self.stopper.load_state_dict(saved)
-        except (TypeError, ValueError) as exc:
-            raise StateMismatchError(
-                f"the resumed checkpoint's trainer_state.json holds a stopper state this "
-                f"stopper cannot load: {exc}"
-            ) from None
+        load_stopper_state(self.stopper, saved, "the resumed checkpoint's trainer_state.json")
         return self.stopper.stopped
 
     # -- what is saved ----------------------------------------------------------------------
