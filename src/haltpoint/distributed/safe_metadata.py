@@ -335,28 +335,24 @@ def expanded_size(value: Any, limit: int) -> int:
     >>> expanded_size(nested, 10**7)
     10000001
     """
-    sizes: dict[int, int] = {}
-    pending: list[tuple[Any, bool]] = [(value, False)]
-    open_ids: set[int] = set()
+    sizes: dict[int, int] = {}  # of each container done, by id
+    open_ids: set[int] = set()  # containers whose parts are still being counted
+    pending: list[tuple[Any, list[Any] | None]] = [(value, None)]  # parts: once opened
     while pending:
-        node, children_done = pending.pop()
-        if not isinstance(node, (dict, list, tuple)):
-            continue
+        node, parts = pending.pop()
         key = id(node)
-        parts = [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
-        if not children_done:
-            if key in sizes:
+        if parts is None:  # first reached
+            if not isinstance(node, (dict, list, tuple)) or key in sizes:
                 continue
             if key in open_ids:
                 return limit + 1  # a container holding itself
+            parts = [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
             open_ids.add(key)
-            pending.append((node, True))
-            pending.extend((part, False) for part in parts)
+            pending.append((node, parts))
+            pending.extend((part, None) for part in parts)
             continue
-        open_ids.discard(key)
-        total = 1
-        for part in parts:
-            total += sizes.get(id(part), 1) if isinstance(part, (dict, list, tuple)) else 1
+        open_ids.discard(key)  # every part counted: its size
+        total = 1 + sum(sizes.get(id(part), 1) for part in parts)
         if total > limit:
             return limit + 1
         sizes[key] = total
