@@ -191,3 +191,34 @@ def test_two_worker_processes_share_a_sqlite_study(tmp_path: Path) -> None:
     assert len(study.trials) == 20
     assert all(prune_reason(t).startswith("at step") for t in pruned(study))
     assert study.best_trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_a_failed_trial_never_sets_the_bar() -> None:
+    """Trials that crashed (state FAIL) are not compared: their fast curves prune no one, while
+    the same curve, told as a COMPLETE trial, prunes the slow rate."""
+
+    def run(final_state: optuna.trial.TrialState) -> list[float]:
+        study = optuna.create_study(pruner=HaltpointPruner())
+        for rate in (1.0, 0.9, 0.8, 0.7):
+            fast = study.ask()
+            for epoch in range(30):
+                fast.report(curve(rate, epoch), epoch)
+            if final_state == optuna.trial.TrialState.FAIL:
+                study.tell(fast, state=final_state)
+            else:
+                study.tell(fast, curve(rate, 29))
+        stopped = []
+        for rate in (0.01, 0.01):
+            trial = study.ask()
+            for epoch in range(30):
+                trial.report(curve(rate, epoch), epoch)
+                if trial.should_prune():
+                    stopped.append(rate)
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    break
+            else:
+                study.tell(trial, curve(rate, 29))
+        return stopped
+
+    assert run(optuna.trial.TrialState.COMPLETE) == [0.01, 0.01]
+    assert run(optuna.trial.TrialState.FAIL) == []
