@@ -35,6 +35,14 @@ PARAM_SHAPED = frozenset(
 SCALARS = frozenset({"step", "eta", "mu", "mu_product"})
 """Per-parameter state of torch's own optimizers that is one number (a 0-d tensor, or a
 Python number in checkpoints of older torch)."""
+NUMBER_DTYPES = frozenset(
+    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    | {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+)
+"""The dtypes of a 0-d tensor that torch's optimizers compute with as one number: they load
+a 0-d tensor of any dtype, and then their `step()` raised on a complex, bool, float8 or
+wide unsigned one (`result type ComplexFloat can't be cast ...`, `"add_stub" not
+implemented for 'Float8_e4m3fn'`)."""
 
 
 def check_optimizer_state(value: Any) -> None:
@@ -219,12 +227,16 @@ def _same_kind(ours: Any, theirs: Any) -> bool:
         return isinstance(theirs, bool)
     if isinstance(ours, (int, float)):
         if isinstance(theirs, torch.Tensor):  # a tensor learning rate, say
-            return theirs.dim() == 0
+            return theirs.dim() == 0 and theirs.dtype in NUMBER_DTYPES
         if isinstance(theirs, int) and not isinstance(theirs, bool):
             return -(2**63) <= theirs < 2**63  # beyond: no float holds it (OverflowError)
         return isinstance(theirs, float)
-    if isinstance(ours, tuple):
-        return isinstance(theirs, (tuple, list)) and len(theirs) == len(ours)
+    if isinstance(ours, tuple):  # betas: each item of its kind, not only as many
+        return (
+            isinstance(theirs, (tuple, list))
+            and len(theirs) == len(ours)
+            and all(_same_kind(a, b) for a, b in zip(ours, theirs, strict=True))
+        )
     return True
 
 
@@ -236,7 +248,15 @@ def _per_param_problem(key: str, item: Any, param: torch.Tensor) -> str | None:
             return f"of shape {tuple(item.shape)}, the parameter has shape {tuple(param.shape)}"
     if key in SCALARS:
         if isinstance(item, torch.Tensor):
-            return None if item.dim() == 0 else f"of shape {tuple(item.shape)}, not one number"
-        if not isinstance(item, (int, float)) or isinstance(item, bool):
+            if item.dim() != 0:
+                return f"of shape {tuple(item.shape)}, not one number"
+            if item.dtype not in NUMBER_DTYPES:
+                return f"as a 0-d tensor of {item.dtype}, not a number torch's step() counts with"
+            number = item.item()
+        elif not isinstance(item, (int, float)) or isinstance(item, bool):
             return f"as a {type_name(item)}, not a number"
+        else:
+            number = item
+        if key == "step" and not number >= 0:  # NaN included: every parameter became NaN
+            return f"{short_repr(number, 40)}, not a count of steps >= 0"
     return None

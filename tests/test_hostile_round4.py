@@ -1,0 +1,128 @@
+"""Crafted run directories, round 4: what earlier campaigns left. An optimizer state that
+restores and then fails the next `step()` in the training loop, and a history that makes
+`haltpoint plot` draw for hours. Each is refused (or bounded) with one line."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer
+from haltpoint.errors import StateMismatchError
+
+
+class _Saved:
+    """A stateful object whose `state_dict()` is whatever a crafted checkpoint holds."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+def _adam() -> tuple[torch.nn.Linear, torch.optim.Adam]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _per_param(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(state: dict[str, Any]) -> None:
+        for per_param in state["state"].values():
+            per_param[key] = value
+
+    return change
+
+
+def _group(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(state: dict[str, Any]) -> None:
+        state["param_groups"][0][key] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_per_param("step", torch.tensor(1 + 1j)), r"holds step as a 0-d tensor of torch.complex64"),
+        (_per_param("step", torch.tensor(True)), r"holds step as a 0-d tensor of torch.bool"),
+        (
+            _per_param("step", torch.tensor(1.0).to(torch.float8_e4m3fn)),
+            r"holds step as a 0-d tensor of torch.float8_e4m3fn",
+        ),
+        (
+            _per_param("step", torch.tensor(1, dtype=torch.uint64)),
+            r"holds step as a 0-d tensor of torch.uint64",
+        ),
+        (_per_param("step", torch.tensor(-1.0)), r"holds step -1.0, not a count of steps >= 0"),
+        (_per_param("step", torch.tensor(float("nan"))), r"holds step nan, not a count"),
+        (_per_param("step", -3), r"holds step -3, not a count of steps >= 0"),
+        (_group("lr", torch.tensor(1 + 1j)), r"has lr=0.001, the checkpoint lr=tensor\(1.\+1.j\)"),
+        (_group("lr", torch.tensor(True)), r"has lr=0.001, the checkpoint lr=tensor\(True\)"),
+        (_group("betas", ("a", "b")), r"betas=\(0.9, 0.999\), the checkpoint betas=\('a', 'b'\)"),
+        (
+            _group("betas", (torch.tensor(0.9), torch.tensor([0.9, 0.1]))),
+            r"the checkpoint betas=\(tensor\(0.9000\), tensor\(\[0.9000, 0.1000\]\)\)",
+        ),
+    ],
+    ids=[
+        "step-complex", "step-bool", "step-float8", "step-uint64", "step-minus-1", "step-nan",
+        "step-int-minus-3", "lr-complex-tensor", "lr-bool-tensor", "betas-strings",
+        "betas-a-vector",
+    ],
+)  # fmt: skip
+def test_an_optimizer_state_whose_next_step_would_raise_is_refused_at_restore(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    """torch loads these and says nothing; the next `optimizer.step()` raised in the
+    training loop (`RuntimeError: result type ComplexFloat can't be cast ...`,
+    `NotImplementedError: "add_stub" not implemented for 'Float8_e4m3fn'`, `TypeError:
+    unsupported operand type(s) for -: 'int' and 'str'`, `ZeroDivisionError` for a step of
+    -1), or made every parameter NaN (a step of NaN). Refused before anything loads."""
+    model, optimizer = _adam()
+    crafted = copy.deepcopy(optimizer.state_dict())
+    change(crafted)
+    with Checkpointer(tmp_path / "run", async_save=False) as ckpt:
+        ckpt.save(1, {"model": model, "optimizer": _Saved(crafted)})
+    live_model, live_optimizer = _adam()
+    live_model.weight.data.fill_(7.0)
+    before = copy.deepcopy(live_optimizer.state_dict())
+    with pytest.raises(StateMismatchError, match=message) as refused:
+        Checkpointer(tmp_path / "run", read_only=True).restore(
+            {"model": live_model, "optimizer": live_optimizer}, 1
+        )
+    assert "\n" not in str(refused.value)
+    assert bool((live_model.weight == 7.0).all())  # nothing loaded
+    assert str(live_optimizer.state_dict()) == str(before)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [torch.tensor(3.0), torch.tensor(3, dtype=torch.int64), torch.tensor(3, dtype=torch.uint8), 3],
+    ids=["float32", "int64", "uint8", "a-python-int"],
+)
+def test_a_step_torch_can_count_from_still_restores(tmp_path: Path, value: Any) -> None:
+    model, optimizer = _adam()
+    crafted = copy.deepcopy(optimizer.state_dict())
+    _per_param("step", value)(crafted)
+    with Checkpointer(tmp_path / "run", async_save=False) as ckpt:
+        ckpt.save(1, {"model": model, "optimizer": _Saved(crafted)})
+    live_model, live_optimizer = _adam()
+    Checkpointer(tmp_path / "run", read_only=True).restore(
+        {"model": live_model, "optimizer": live_optimizer}, 1
+    )
+    live_model(torch.ones(1, 3)).sum().backward()
+    live_optimizer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in live_model.parameters())
