@@ -5,6 +5,8 @@ restores and then fails the next `step()` in the training loop, and a history th
 from __future__ import annotations
 
 import copy
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,10 @@ import pytest
 import torch
 
 from haltpoint import Checkpointer
+from haltpoint.cli import main
 from haltpoint.errors import StateMismatchError
+from haltpoint.plotting import MAX_CURVES, plot_history
+from haltpoint.store.history import encode_record
 
 
 class _Saved:
@@ -126,3 +131,55 @@ def test_a_step_torch_can_count_from_still_restores(tmp_path: Path, value: Any) 
     live_model(torch.ones(1, 3)).sum().backward()
     live_optimizer.step()
     assert all(bool(torch.isfinite(p).all()) for p in live_model.parameters())
+
+
+# -- a history that makes `plot` draw for hours -----------------------------------------------
+
+
+def _history(run: Path, records: list[dict[str, Any]]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "history.jsonl", "wb") as f:
+        for record in records:
+            f.write(encode_record(record))
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [{"step": s, "metrics": {"x" * 2_000_000: 1.0 / (s + 1)}} for s in range(2)],
+        [{"step": s, "metrics": {f"m{i}": i + s for i in range(20_000)}} for s in range(2)],
+    ],
+    ids=["a-name-of-2-million-characters", "20000-metrics"],
+)
+def test_plot_of_a_crafted_history_ends_in_seconds(
+    tmp_path: Path, records: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """matplotlib laid out a legend label of 2 million characters for minutes (100,000 took
+    11 s), and drew 20,000 curves and their legend for longer (5,000 took 40 s): a history of
+    a few MB held `plot` for hours. Labels are cut, and by default at most
+    `MAX_CURVES` curves are drawn, the rest named in the line `plot` prints."""
+    run = tmp_path / "run"
+    _history(run, records)
+    started = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # matplotlib's layout of a crowded legend
+        code = main(["plot", str(run), "-o", str(tmp_path / "c.png")])
+    assert time.monotonic() - started < 30
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+    names = len(records[0]["metrics"])
+    if names > MAX_CURVES:
+        assert f"{names - MAX_CURVES} more metrics not plotted" in captured.out
+
+
+def test_plot_draws_the_monitor_among_the_curves_it_keeps(tmp_path: Path) -> None:
+    records = [
+        {"step": s, "metrics": {**{f"m{i}": i + s for i in range(100)}, "val_loss": 1 / (s + 1)}}
+        for s in range(3)
+    ]
+    summary = plot_history(records, tmp_path / "c.png", monitor="val_loss")
+    assert len(summary.metrics) == MAX_CURVES and "val_loss" in summary.metrics
+    assert summary.best_step == 2 and summary.not_plotted == 101 - MAX_CURVES
+    chosen = plot_history(records, tmp_path / "c.png", metrics=[f"m{i}" for i in range(60)])
+    assert len(chosen.metrics) == 60 and chosen.not_plotted == 0  # asked for: all drawn

@@ -17,6 +17,8 @@ from haltpoint.stopping.modes import infer_mode
 from haltpoint.store.storage import replace_file
 
 __all__ = [
+    "LABEL_LIMIT",
+    "MAX_CURVES",
     "MissingDependencyError",
     "PlotSummary",
     "curves",
@@ -29,6 +31,12 @@ __all__ = [
 _INSTALL = "pip install 'haltpoint[plot]'"
 _LARGEST = 1e300
 """The largest finite magnitude plotted: from about 1e307 on, matplotlib's ticks overflow."""
+MAX_CURVES = 40
+"""The most curves `plot_history` draws when not told which metrics: matplotlib took 40 s
+for 5,000 curves and their legend, and a crafted history of a few MB names millions."""
+LABEL_LIMIT = 80
+"""The longest legend label drawn (longer metric names are cut): matplotlib took 11 s to lay
+out one of 100,000 characters, and a history line may hold hundreds of millions."""
 
 
 class MissingDependencyError(ImportError):
@@ -70,6 +78,8 @@ class PlotSummary:
     stop_step: int | None
     left_out: int = 0
     """Finite values beyond +-1e300 (a diverged run), left out of the curves like NaN."""
+    not_plotted: int = 0
+    """Metrics with values that were not drawn: beyond `MAX_CURVES`, when not told which."""
 
 
 def curves(
@@ -182,6 +192,8 @@ def _label(text: str) -> str:
     >>> _label("$\\frac{$ \ud800")
     '\\$\\frac{\\$ \\ud800'
     """
+    if len(text) > LABEL_LIMIT:
+        text = text[: LABEL_LIMIT - 3] + "..."
     plain = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return plain.replace("$", r"\$")
 
@@ -230,10 +242,6 @@ def plot_history(
         )
     series = curves(records, metrics)
     series = {name: s for name, s in series.items() if s[0]}
-    left_out = sum(abs(v) > _LARGEST for _, values in series.values() for v in values)
-    series = {
-        name: (steps, [_plottable(v) for v in values]) for name, (steps, values) in series.items()
-    }
     if not series:
         raise ValueError("the history holds no metric values to plot; save with metrics=...")
     if monitor is not None and monitor not in series:
@@ -241,6 +249,16 @@ def plot_history(
             f"monitor {monitor!r} is not among the plotted metrics {sorted(series)}; "
             "pass one of them"
         )
+    not_plotted = 0
+    if metrics is None and len(series) > MAX_CURVES:  # the first seen, and the monitor
+        first = [name for name in series if name != monitor][: MAX_CURVES - (monitor is not None)]
+        kept = set(first) | ({monitor} if monitor is not None else set())
+        not_plotted = len(series) - len(kept)
+        series = {name: s for name, s in series.items() if name in kept}
+    left_out = sum(abs(v) > _LARGEST for _, values in series.values() for v in values)
+    series = {
+        name: (steps, [_plottable(v) for v in values]) for name, (steps, values) in series.items()
+    }
     best_step, best_value = None, None
     if monitor is not None:
         mode = mode or infer_mode(monitor)
@@ -288,4 +306,6 @@ def plot_history(
     if title:
         fig.suptitle(_label(title))
     replace_file(out, lambda tmp: fig.savefig(tmp, format=suffix))  # never through a link
-    return PlotSummary(out, tuple(series), monitor, best_step, best_value, stop_step, left_out)
+    return PlotSummary(
+        out, tuple(series), monitor, best_step, best_value, stop_step, left_out, not_plotted
+    )

@@ -91,6 +91,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
         marks.append(f"stopped at step {summary.stop_step}")
     if summary.left_out:
         marks.append(f"{summary.left_out} values beyond +-1e300 left out")
+    if summary.not_plotted:
+        marks.append(f"{summary.not_plotted} more metrics not plotted: pick them with --metric")
     detail = f" ({'; '.join(marks)})" if marks else ""
     out.line(f"wrote {summary.path}: {', '.join(summary.metrics)}{detail}")
     return 0
