@@ -5,6 +5,9 @@ restores and then fails the next `step()` in the training loop, and a history th
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -16,9 +19,19 @@ import torch
 
 from haltpoint import Checkpointer
 from haltpoint.cli import main
-from haltpoint.errors import StateMismatchError
+from haltpoint.errors import CorruptCheckpointError, StateMismatchError
 from haltpoint.plotting import MAX_CURVES, plot_history
 from haltpoint.store.history import encode_record
+
+# benchmarks/hostile.py seals a crafted manifest with a valid checksum
+_spec = importlib.util.spec_from_file_location(
+    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
+)
+assert _spec is not None and _spec.loader is not None
+hostile = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = hostile  # its dataclasses look their module up
+_spec.loader.exec_module(hostile)
+seal = hostile.seal
 
 
 class _Saved:
@@ -183,3 +196,31 @@ def test_plot_draws_the_monitor_among_the_curves_it_keeps(tmp_path: Path) -> Non
     assert summary.best_step == 2 and summary.not_plotted == 101 - MAX_CURVES
     chosen = plot_history(records, tmp_path / "c.png", metrics=[f"m{i}" for i in range(60)])
     assert len(chosen.metrics) == 60 and chosen.not_plotted == 0  # asked for: all drawn
+
+
+# -- a commit sequence that leaves no room for the next one -----------------------------------
+
+
+def test_a_sequence_at_the_end_of_commit_order_is_one_checkpoint_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest may record a sequence up to 2**63 - 1; the next save computed 2**63 and
+    every save after it raised a bare `ValueError` from the manifest's own check ("must be an
+    int in [0, 2**63)"), naming nothing to remove. Now one `CorruptCheckpointError` line
+    naming the step, from a save and from `import`; nothing is committed."""
+    run = tmp_path / "run"
+    with Checkpointer(run, async_save=False) as ckpt:
+        ckpt.save(1, {"w": torch.ones(2)})
+    path = run / "step-000000001" / "manifest.json"
+    body = json.loads(path.read_bytes())
+    body["extra"]["sequence"] = 2**63 - 1
+    path.write_bytes(seal(body))
+    with Checkpointer(run, async_save=False) as ckpt:
+        with pytest.raises(CorruptCheckpointError, match="step 1 records commit sequence") as e:
+            ckpt.save(2, {"w": torch.ones(2)})
+        assert "\n" not in str(e.value)
+        assert [info.step for info in ckpt.list()] == [1]
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    assert main(["import", str(tmp_path / "w.pt"), "-o", str(run), "--step", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("haltpoint: error: ") == 1 and "step 1 records commit sequence" in err

@@ -182,8 +182,28 @@ def next_sequence(manifests: Iterable[Manifest]) -> int:
     ...     step=4, time=0.0, metrics={}, tree={}, tensors={}, versions={},
     ...     extra={"sequence": 7}), old])
     (0, 0, 8)
+
+    Raises:
+        CorruptCheckpointError: one of `manifests` records the last sequence there is
+            (2**63 - 1, which no writer counts to: it was crafted), so nothing can follow it.
     """
-    return 1 + max((m.sequence for m in manifests if m.sequence is not None), default=-1)
+    last = max(
+        (m for m in manifests if m.sequence is not None),
+        key=lambda m: m.sequence or 0,
+        default=None,
+    )
+    if last is None:
+        return 0
+    assert last.sequence is not None
+    if last.sequence >= _INT64 - 1:
+        raise CorruptCheckpointError(
+            f"cannot commit a checkpoint: step {last.step} records commit sequence "
+            f"{last.sequence} (extra[{SEQUENCE_KEY!r}]), the last place in commit order, so "
+            "none can come after it (no writer counts that far: the manifest was crafted); "
+            f"move its folder step-{last.step:09d} out of the run directory, then save again",
+            path=f"step-{last.step:09d}",
+        )
+    return last.sequence + 1
 
 
 def recorded_rankings(manifests: Iterable[Manifest | None]) -> set[tuple[str, str]]:
