@@ -74,7 +74,7 @@ def _group(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (_per_param("step", torch.tensor(1 + 1j)), r"holds step as a 0-d tensor of torch.complex64"),
+        (_per_param("step", torch.tensor(1 + 1j)), r"holds step as a 0-d tensor of torch.complex"),
         (_per_param("step", torch.tensor(True)), r"holds step as a 0-d tensor of torch.bool"),
         (
             _per_param("step", torch.tensor(1.0).to(torch.float8_e4m3fn)),
