@@ -240,14 +240,24 @@ class RunReader:
         return replace(self.info(entry), report=report)
 
     def damage(self, entry: Entry) -> str | None:
-        """What is wrong with a committed checkpoint's data (every hash checked), or None."""
+        """What is wrong with a committed checkpoint's data (every hash checked, and the saved
+        values restore checks before it loads: `check_payloads`), or None. What retention
+        and `haltpoint gc` keep in place of another checkpoint passes this, so it is one that
+        `restore` loads, never one it refuses as damaged.
+
+        Raises:
+            UnreadableCheckpointError: a file of it cannot be read now (not damage).
+        """
         assert entry.manifest is not None
-        bad = verify_file(self.run.storage, entry.manifest.tensors)
+        records = entry.manifest.tensors
+        bad = verify_file(self.run.storage, records)
         if bad:
             names = ", ".join(bad[:5])
             return f"{len(bad)} tensor(s) missing or not matching their hash ({names})"
         try:
             self.check_shards(entry)
+            keys = {k: records[k] for k in payload_tensors(entry) if k in records}
+            check_payloads(entry, read_tensors(self.run.storage, keys, verify=True))
         except (CorruptCheckpointError, ValueError) as exc:
             return str(exc)
         return None

@@ -1,0 +1,114 @@
+"""Write-side safety, second round: what `haltpoint gc`, a writer's retention and clean-up,
+`import` and `demo --fresh` must not lose, on run directories the first round did not try
+(tests/test_write_side_safety.py, tests/test_write_side_crashes.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer
+from haltpoint.cli import main
+
+# benchmarks/hostile.py crafts manifests: `seal` gives one a valid checksum (xxh3 is no signature)
+_spec = importlib.util.spec_from_file_location(
+    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
+)
+assert _spec is not None and _spec.loader is not None
+hostile = sys.modules.get("hostile") or importlib.util.module_from_spec(_spec)
+if "hostile" not in sys.modules:
+    sys.modules["hostile"] = hostile  # its dataclasses look their module up
+    _spec.loader.exec_module(hostile)
+
+
+def craft(run: Path, step: int, change: Callable[[dict[str, Any]], None]) -> None:
+    path = hostile.manifest_path(run, step)
+    body = json.loads(path.read_bytes())
+    change(body)
+    path.write_bytes(hostile.seal(body))
+
+
+def _numpy_position(value: int) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        pairs = body["tree"]["__rng__"]["content"]["items"]
+        numpy = next(v for k, v in pairs if k == "numpy")
+        dict(numpy["items"])["state"]["pos"] = value
+
+    return change
+
+
+def _adam_state_of(value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        adam = dict(body["tree"]["optimizer"]["content"]["items"])
+        adam["state"]["items"][0][1] = value  # the state of the first parameter
+
+    return change
+
+
+# checkpoints whose tensors all match their hashes, but that restore refuses as damaged
+# (`reader.check_payloads`): `haltpoint verify` reports them damaged
+REFUSED = [
+    pytest.param(_numpy_position(-1), id="random-state"),
+    pytest.param(_adam_state_of(True), id="optimizer-state"),
+]
+
+
+def _restore(run: Path, which: str = "latest") -> int:
+    model = torch.nn.Linear(3, 2)
+    with pytest.warns(UserWarning):  # falling back past the crafted step
+        info = Checkpointer(run, read_only=True, monitor="val_loss").restore(
+            {"model": model}, which, strict=False
+        )
+    assert info is not None
+    return info.step
+
+
+@pytest.mark.parametrize("change", REFUSED)
+def test_gc_never_removes_the_last_loadable_checkpoint_for_one_restore_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: Any
+) -> None:
+    """gc's check of what it keeps is restore's: before, it checked the tensor hashes only,
+    kept the crafted step 2 as the newest intact one and removed step 1, the only checkpoint
+    restore could load (it then raised CorruptCheckpointError)."""
+    run = tmp_path / "run"
+    hostile.make_run(run)
+    craft(run, 2, change)
+    assert main(["gc", str(run), "--keep-last", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "step 2 is damaged" in captured.err
+    assert "removed 0 checkpoint(s)" in captured.out
+    assert _restore(run) == 1
+
+
+@pytest.mark.parametrize("change", REFUSED)
+def test_retention_never_evicts_the_best_for_a_best_restore_refuses(
+    tmp_path: Path, change: Any
+) -> None:
+    """A writer's retention checks what it keeps as restore does: the crafted step 2 (the
+    best by val_loss) is set aside, not kept in place of step 1, the best restore can load.
+    Before, step 1 was evicted and restore("best") gave step 3, the worst."""
+    run = tmp_path / "run"
+    hostile.make_run(run)  # steps 1 and 2, val_loss 1.0 and 0.5
+    craft(run, 2, change)
+    model = torch.nn.Linear(3, 2)
+    with (
+        pytest.warns(UserWarning, match="set the damaged checkpoint of step 2 aside"),
+        Checkpointer(run, monitor="val_loss", keep_last=2, keep_best=1, async_save=False) as ckpt,
+    ):
+        ckpt.save(3, {"model": model}, {"val_loss": 2.0})
+    assert _steps(run) == [1, 3]
+    info = Checkpointer(run, read_only=True, monitor="val_loss").restore(
+        {"model": model}, "best", strict=False
+    )
+    assert info is not None and info.step == 1
+
+
+def _steps(run: Path) -> list[int]:
+    return [c.step for c in Checkpointer(run, read_only=True).list()]
