@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -15,7 +17,13 @@ import pytest
 import torch
 
 from haltpoint import Checkpointer
-from haltpoint.cli import main
+from haltpoint.cli import importer, main
+from haltpoint.cli.app import build_parser
+from haltpoint.cli.output import Output
+from haltpoint.errors import HistoryNotWrittenError, InsufficientSpaceError
+from haltpoint.store import history
+from haltpoint.store import lock as lock_module
+from haltpoint.store.storage import LocalStorage
 
 # benchmarks/hostile.py crafts manifests: `seal` gives one a valid checksum (xxh3 is no signature)
 _spec = importlib.util.spec_from_file_location(
@@ -112,3 +120,50 @@ def test_retention_never_evicts_the_best_for_a_best_restore_refuses(
 
 def _steps(run: Path) -> list[int]:
     return [c.step for c in Checkpointer(run, read_only=True).list()]
+
+
+def _full(*args: Any, **kwargs: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_import_whose_history_line_fails_says_it_is_committed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the history line, after the import's commit: one line saying the
+    checkpoint is committed (`HistoryNotWrittenError`), not to import it again, and the next
+    writer writes the line back. Before, the bare `...history.jsonl: No space left on device`
+    read as a failed import, and importing again was refused: "--step 5 is not newer than
+    the newest checkpoint (step 5)"."""
+    run = tmp_path / "run"
+    with Checkpointer(run, async_save=False) as ckpt:
+        ckpt.save(1, {"model": torch.nn.Linear(2, 1)})
+    torch.save(torch.nn.Linear(2, 1).state_dict(), tmp_path / "model.pt")
+    monkeypatch.setattr(history, "_append_local", _full)
+    assert main(["import", str(tmp_path / "model.pt"), "-o", str(run), "--step", "5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "step 5" in err and "is committed" in err, err
+    with pytest.raises(HistoryNotWrittenError, match="is committed"):
+        importer._write_import(str(run), 6, {"model": torch.nn.Linear(2, 1).state_dict()})
+    monkeypatch.undo()
+    assert _steps(run) == [1, 5, 6]
+    Checkpointer(run).close()  # a writer's open writes the lines back
+    assert [r["step"] for r in history.read_history(LocalStorage(run))] == [1, 5, 6]
+
+
+def test_import_and_gc_on_a_full_disk_at_the_lock_are_insufficient_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking the lock (its file created, its record written) on a full disk: one
+    `InsufficientSpaceError`, as a writer's open says it; before, a bare OSError."""
+    run = tmp_path / "run"
+    with Checkpointer(run, async_save=False) as ckpt:
+        ckpt.save(1, {"model": torch.nn.Linear(2, 1)})
+    (run / ".haltpoint.lock").unlink()
+    monkeypatch.setattr(lock_module, "open_unlinked", _full)
+    with pytest.raises(InsufficientSpaceError, match="disk is full"):
+        importer._write_import(str(run), 2, {"model": torch.nn.Linear(2, 1).state_dict()})
+    args = build_parser().parse_args(["gc", str(run), "--keep-last", "1"])
+    with pytest.raises(InsufficientSpaceError, match="disk is full"):
+        args.handler(args, Output(io.StringIO(), io.StringIO(), terminal=False))
+    monkeypatch.undo()
+    assert _steps(run) == [1]

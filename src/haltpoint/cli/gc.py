@@ -26,7 +26,7 @@ from haltpoint.reader import RunReader
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import recorded_rankings
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_nbytes
-from haltpoint.store.space import unwritable_on_open
+from haltpoint.store.space import full_disk_on_open, unwritable_on_open
 
 __all__ = ["plan_gc", "register", "run"]
 
@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
             path=args.directory,
         )
     lock = WriterLock(run_dir.storage)
-    with unwritable_on_open(run_dir.storage.url):  # a read-only run: said as a writer says it
+    # a read-only run or a full disk: said as a writer says it
+    with full_disk_on_open(run_dir.storage.url), unwritable_on_open(run_dir.storage.url):
         lock.acquire()  # LockedError names the live writer
     try:
         kept, dropped, damaged = plan_gc(

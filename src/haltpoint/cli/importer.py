@@ -20,7 +20,14 @@ import torch
 from haltpoint.cli.command import add_command
 from haltpoint.cli.flags import check_output_dir, count, user_path
 from haltpoint.cli.output import Output, format_bytes
-from haltpoint.errors import CheckpointExistsError, StepBehindError, first_line
+from haltpoint.errors import (
+    CheckpointExistsError,
+    HistoryNotWrittenError,
+    LinkedFileError,
+    NotRegularFileError,
+    StepBehindError,
+    first_line,
+)
 from haltpoint.state.tree import flatten_state
 from haltpoint.stopping.inputs import shown
 from haltpoint.store.history import (
@@ -32,7 +39,7 @@ from haltpoint.store.history import (
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import next_sequence
 from haltpoint.store.run_dir import RunDirectory
-from haltpoint.store.space import unwritable_on_open
+from haltpoint.store.space import full_disk_on_open, unwritable_on_open
 from haltpoint.store.staging import staged_nbytes
 from haltpoint.store.storage import open_storage
 from haltpoint.store.writer import write_checkpoint
@@ -269,8 +276,11 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
         CheckpointExistsError: the run's newest checkpoint (intact, damaged or unreadable) is
             at `step`; import never replaces one.
         StepBehindError: it is later than `step`; import never adds one behind the newest.
+        HistoryNotWrittenError: the checkpoint is committed, its history line is not.
+        InsufficientSpaceError: the disk is full; nothing was committed.
     """
-    with unwritable_on_open(directory):  # a read-only run: said as a writer says it
+    # a read-only run or a full disk: said as a writer says it
+    with full_disk_on_open(directory), unwritable_on_open(directory):
         run_dir = RunDirectory(open_storage(directory))
         lock = WriterLock(run_dir.storage)
         lock.acquire()
@@ -300,7 +310,17 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
             sequence=next_sequence(e.manifest for e in existing if e.manifest is not None),
             held=lock.check,
         )
-        append_history(run_dir.storage, save_record(step, now, {}, state))
+        try:  # committed: an error from here on must say so
+            append_history(run_dir.storage, save_record(step, now, {}, state))
+        except (OSError, LinkedFileError, NotRegularFileError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            raise HistoryNotWrittenError(
+                f"the import is committed as step {step} of {directory}, but its "
+                f"history.jsonl line was not written ({why}); do not import "
+                "it again: free some space (or fix that), and the next writer or import that "
+                "opens the run writes the line back from the checkpoint",
+                path=directory,
+            ) from exc
     finally:
         lock.release()
     return staged_nbytes(flat.tensors), len(existing)
