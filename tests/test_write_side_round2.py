@@ -8,6 +8,7 @@ import errno
 import importlib.util
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -167,3 +168,43 @@ def test_import_and_gc_on_a_full_disk_at_the_lock_are_insufficient_space(
         args.handler(args, Output(io.StringIO(), io.StringIO(), terminal=False))
     monkeypatch.undo()
     assert _steps(run) == [1]
+
+
+def _plant_quarantine_link(run: Path, where: str) -> None:
+    if where == "inside":
+        (run / "inner").mkdir()
+        os.symlink("inner", run / "quarantine")
+    else:
+        (run.parent / "outside").mkdir()
+        os.symlink(run.parent / "outside", run / "quarantine")
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+@pytest.mark.parametrize("damaged", [False, True], ids=["plain", "damaged"])
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_quarantine_link_planted_while_a_writer_is_open_never_fails_a_committed_save(
+    tmp_path: Path, where: str, damaged: bool, async_save: bool
+) -> None:
+    """Retention meets a link at `quarantine` (planted after the writer opened): it warns and
+    removes nothing, and the committed save returns. Before, the save raised the link's
+    CorruptCheckpointError (listing the quarantine) or LinkedFileError (setting the damaged
+    step 2 aside), read as a failed save, and saving it again was CheckpointExistsError."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(2, 1)
+    saved = [1, 2] if damaged else [1]
+    keep = len(saved)
+    with Checkpointer(run, keep_last=keep, async_save=False) as ckpt:
+        for step in saved:
+            ckpt.save(step, {"model": model})
+    if damaged:
+        tensors = run / "step-000000002" / "tensors.safetensors"
+        data = bytearray(tensors.read_bytes())
+        data[-2] ^= 0x01
+        tensors.write_bytes(bytes(data))
+    ckpt = Checkpointer(run, keep_last=keep, async_save=async_save)
+    _plant_quarantine_link(run, where)
+    with pytest.warns(UserWarning, match="the save is committed|removed no checkpoint"):
+        info = ckpt.save(3, {"model": model})
+        ckpt.close()
+    assert info.step == 3
+    assert _steps(run) == [*saved, 3]  # nothing removed, nothing set aside: committed

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from haltpoint.errors import UnreadableCheckpointError, first_line
+from haltpoint.errors import CheckpointError, UnreadableCheckpointError, first_line
 from haltpoint.policies.retention import (
     KeepBest,
     RetentionRule,
@@ -67,7 +67,8 @@ class Evictor:
         if damage is None:
             try:
                 self._run.remove_superseded(entry.dirname)
-            except (OSError, UnreadableCheckpointError) as exc:  # committed: clean-up retries
+            # committed: clean-up retries (a CheckpointError: a link planted meanwhile)
+            except (OSError, CheckpointError) as exc:
                 warn_user(
                     f"{self._directory}: could not remove the superseded tensor file(s) of step "
                     f"{entry.step} ({exc}); the save is committed, and the next writer's "
@@ -105,7 +106,9 @@ class Evictor:
                     continue
                 try:
                     self.quarantine(entry, damage)
-                except OSError as exc:  # the save is committed: remove nothing this time
+                # the save is committed: remove nothing this time (a CheckpointError: a link
+                # planted at the quarantine folder since the writer opened the run)
+                except (OSError, CheckpointError) as exc:
                     warn_user(
                         f"{self._directory}: retention could not set the damaged checkpoint of "
                         f"step {entry.step} aside ({exc}); it removed no checkpoint this time"
@@ -115,7 +118,9 @@ class Evictor:
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
         try:
             self._run.remove(dropped, kept)
-        except (OSError, UnreadableCheckpointError) as exc:  # committed: a later pass retries
+        # committed: a later pass retries (a CheckpointError: a quarantine folder that cannot
+        # be listed, a link planted there since the writer opened the run)
+        except (OSError, CheckpointError) as exc:
             steps = ", ".join(str(e.step) for e in dropped)
             warn_user(
                 f"{self._directory}: retention could not remove step {steps} ({exc}); the "
