@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,11 @@ from haltpoint import Checkpointer
 from haltpoint.cli import importer, main
 from haltpoint.cli.app import build_parser
 from haltpoint.cli.output import Output
-from haltpoint.errors import HistoryNotWrittenError, InsufficientSpaceError
+from haltpoint.errors import (
+    HistoryNotWrittenError,
+    InsufficientSpaceError,
+    UnreadableCheckpointError,
+)
 from haltpoint.store import history
 from haltpoint.store import lock as lock_module
 from haltpoint.store.storage import LocalStorage
@@ -208,3 +213,54 @@ def test_a_quarantine_link_planted_while_a_writer_is_open_never_fails_a_committe
         ckpt.close()
     assert info.step == 3
     assert _steps(run) == [*saved, 3]  # nothing removed, nothing set aside: committed
+
+
+def _fail_stat_of(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) -> None:
+    """`os.stat` and `os.lstat` of `folder` itself, and of anything in it, fail with `code`
+    (an NFS stale handle, a failing disk): the folder is listed in its parent, nothing more."""
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def failing(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(path, int):
+                full = os.path.abspath(os.fspath(path))
+                if full == str(folder) or full.startswith(f"{folder}{os.sep}"):
+                    raise OSError(code, os.strerror(code), full)
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "stat", failing(real_stat))
+    monkeypatch.setattr(os, "lstat", failing(real_lstat))
+
+
+@pytest.mark.parametrize("code", [errno.ESTALE, errno.EIO], ids=errno.errorcode.get)
+def test_a_step_folder_that_cannot_be_looked_up_is_unreadable_not_absent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """The newest step's folder cannot even be stat'd: it may hold the run's newest
+    checkpoint. Before, `isdir` read the error as "not a folder" and the step vanished: a
+    writer's restore("latest") resumed from step 2 without a word, `verify` said "all 2
+    checkpoints are intact" (exit 0) and `ls` did not list it."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(run, keep_last=3, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"model": model})
+    _fail_stat_of(monkeypatch, run / "step-000000003", code)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unreadable folder is warned about at open
+        with (
+            Checkpointer(run, keep_last=3) as ckpt,
+            pytest.raises(UnreadableCheckpointError, match="newer than step 2"),
+        ):
+            ckpt.restore({"model": model})
+    assert main(["verify", str(run), "--json"]) == 1
+    checks = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [(c["step"], c["status"]) for c in checks] == [
+        (1, "intact"),
+        (2, "intact"),
+        (3, "unreadable"),
+    ]
+    monkeypatch.undo()
+    assert _steps(run) == [1, 2, 3]

@@ -327,13 +327,20 @@ class RunDirectory:
     def scan(self) -> list[Entry]:
         """Every checkpoint folder, oldest step first; damaged manifests carry their error.
 
-        A folder gone by the time it is listed is left out; a manifest gone by the time it is
-        read is `removed` (a writer's retention raced this reader), not damaged.
+        A folder gone by the time it is listed is left out, and one that cannot be looked up
+        (a stale handle, an I/O error) is unreadable; a manifest gone by the time it is read is
+        `removed` (a writer's retention raced this reader), not damaged.
         """
         entries = []
         for name in self._list_root():
             step = parse_step(name)
-            if step is None or not self.storage.isdir(name):
+            if step is None:
+                continue
+            if not self.storage.isdir(name):  # a file, gone, or it cannot be looked up
+                try:
+                    self.storage.exists(name)  # raises when it cannot be told
+                except OSError as exc:  # an I/O error, a stale handle: it may hold one
+                    entries.append(Entry(step, name, None, self._unreadable(name, exc), False))
                 continue
             manifest, error = None, None
             try:
