@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +27,11 @@ from haltpoint.errors import (
     HistoryNotWrittenError,
     InsufficientSpaceError,
     UnreadableCheckpointError,
+    UnwritableRunError,
 )
 from haltpoint.store import history
 from haltpoint.store import lock as lock_module
-from haltpoint.store.storage import LocalStorage
+from haltpoint.store.storage import LocalStorage, open_storage
 
 # benchmarks/hostile.py crafts manifests: `seal` gives one a valid checksum (xxh3 is no signature)
 _spec = importlib.util.spec_from_file_location(
@@ -264,3 +266,42 @@ def test_a_step_folder_that_cannot_be_looked_up_is_unreadable_not_absent(
     ]
     monkeypatch.undo()
     assert _steps(run) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("url", ["local", "memory"])
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [(errno.ENOSPC, InsufficientSpaceError), (errno.EIO, UnwritableRunError)],
+    ids=["ENOSPC", "EIO"],
+)
+def test_a_writer_s_restore_that_cannot_set_damage_aside_is_one_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, code: int, error: type
+) -> None:
+    """A writer's restore falls back past the damaged step 2, and moving its manifest into
+    quarantine/ fails (a full disk: on an object store the move is a copy; an I/O error):
+    one CheckpointError saying nothing was loaded or deleted. Before, a bare OSError."""
+    where = str(tmp_path / "run") if url == "local" else f"memory://q-{uuid.uuid4().hex}/run"
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(where, keep_last=3, async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"model": model})
+    storage = open_storage(where)
+    data = bytearray(storage.read_bytes("step-000000002/tensors.safetensors"))
+    data[-2] ^= 0x01
+    with storage.open_write("step-000000002/tensors.safetensors") as f:
+        f.write(bytes(data))
+
+    def rename(self: Any, rel: str, new: str) -> None:
+        raise OSError(code, os.strerror(code))
+
+    with Checkpointer(where, keep_last=3) as ckpt:
+        monkeypatch.setattr(type(ckpt._storage), "rename", rename)
+        with (
+            pytest.warns(UserWarning, match="falling back"),
+            pytest.raises(error, match="could not set it aside") as raised,
+        ):
+            ckpt.restore({"model": model})
+        monkeypatch.undo()
+    message = str(raised.value)
+    assert "\n" not in message and "step 2" in message and os.strerror(code) in message
+    assert _steps(where) == [1, 2]  # nothing moved, nothing deleted

@@ -7,6 +7,7 @@ run, another process or a copied directory sees the same answers.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -23,11 +24,13 @@ from haltpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
     HistoryNotWrittenError,
+    InsufficientSpaceError,
     LinkedFileError,
     LockedError,
     NotRegularFileError,
     StepBehindError,
     UnreadableCheckpointError,
+    UnwritableRunError,
 )
 from haltpoint.eviction import Evictor
 from haltpoint.policies.interval import parse_every
@@ -643,6 +646,9 @@ class Checkpointer:
         Raises:
             CheckpointNotFoundError: `which` names no intact checkpoint.
             CorruptCheckpointError: the checkpoint asked for by step is damaged.
+            InsufficientSpaceError, UnwritableRunError: a writer fell back past a damaged
+                checkpoint and could not set it aside (a full disk, an OS error); nothing
+                was loaded.
 
         A damaged checkpoint is never loaded: for "latest" and "best" haltpoint warns and falls
         back to the next newest (or next best) intact one. A writer (not `read_only`) also
@@ -664,7 +670,10 @@ class Checkpointer:
             found = self._reader.read(which, check_shards=check_shards, skip=skip)
             if self._writes_here():  # the writer moves the damage it fell back past aside
                 for entry in self._passed(which, found):
-                    self._evictor.quarantine(entry, None)
+                    try:
+                        self._evictor.quarantine(entry, None)
+                    except OSError as exc:
+                        raise self._not_set_aside(entry, exc) from exc
             return found
 
         def load(found: Found) -> CheckpointInfo:
@@ -679,6 +688,20 @@ class Checkpointer:
             return info
 
         return self._ranks.restore(which, read, load)
+
+    def _not_set_aside(self, entry: Entry, exc: OSError) -> CheckpointError:
+        """The error of a restore that fell back past the damaged checkpoint `entry` and
+        could not move its manifest into quarantine/ (so its step could not be saved again)."""
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        kind = InsufficientSpaceError if full else UnwritableRunError
+        fix = "free some space" if full else "fix the disk or the folder's permissions"
+        return kind(
+            f"{self.directory}: restore passed over the damaged checkpoint of step {entry.step} "
+            f"but could not set it aside in quarantine/ ({exc.strerror or exc}); nothing was "
+            f"loaded or deleted: {fix} and restore again (read_only=True restores "
+            "without setting it aside)",
+            path=self.directory,
+        )
 
     # -- listing --------------------------------------------------------------------------
 
