@@ -97,6 +97,7 @@ CASES = [
     ("gc {run} --keep-best -1", USAGE, "--keep-best"),
     ("gc {run} --keep-every 0", USAGE, "--keep-every"),
     ("gc {run}", USAGE, "--keep-last"),
+    ("gc {run} --keep-best 0", USAGE, "--keep-best 0 keeps no checkpoint"),
     ("gc {run} --keep-best 1 --monitor nope", USAGE, "--monitor"),
     ("gc {empty} --keep-last 1", FAILURE, "holds no checkpoint"),
     ("gc {missing} --keep-last 1", FAILURE, "does not exist"),

@@ -123,7 +123,13 @@ def _plan(
 
 def run(args: argparse.Namespace, out: Output) -> int:
     """Remove (or with --dry-run list) the checkpoints the rules do not keep."""
-    if args.keep_last is None and args.keep_best == 0 and args.keep_every is None:
+    if args.keep_last is None and not args.keep_best and args.keep_every is None:
+        if args.keep_best == 0:  # given, not left out: it keeps nothing by rank
+            raise UsageError(
+                "--keep-best 0 keeps no checkpoint (it turns the best-K rule off), and no other "
+                "rule is given; say what to keep: --keep-best K with K >= 1, --keep-last N or "
+                "--keep-every N; gc never guesses, since it deletes"
+            )
         raise UsageError(
             "say what to keep: --keep-last N, --keep-best K (with --monitor) or --keep-every N; "
             "gc never guesses, since it deletes"
@@ -143,7 +149,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         kept, dropped, damaged = plan_gc(
             run_dir,
             keep_last=1 if args.keep_last is None else args.keep_last,
-            keep_best=args.keep_best,
+            keep_best=args.keep_best or 0,
             keep_every=args.keep_every,
             monitor=args.monitor,
             mode=args.mode,
@@ -201,7 +207,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("--keep-last", type=count(1), metavar="N", help="keep the N newest (>= 1)")
     parser.add_argument(
-        "--keep-best", type=count(0), default=0, metavar="K", help="keep the K best by --monitor"
+        "--keep-best", type=count(0), metavar="K", help="keep the K best by --monitor (0: none)"
     )
     parser.add_argument(
         "--keep-every", type=count(1), metavar="N", help="keep steps divisible by N"
