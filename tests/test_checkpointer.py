@@ -358,6 +358,22 @@ def test_load_best_with_a_monitor_no_checkpoint_has_names_those_they_have(
     assert "finite 'val-loss' metric to rank by (their metrics: 'val_acc', 'val_loss')" in str(
         raised.value
     )
+    # a step or 'latest' would not help a typo (load_best takes neither): name the fix
+    assert "pass monitor= one of those" in str(raised.value)
+    assert "'latest'" not in str(raised.value)
+
+
+def test_restore_best_when_every_value_of_the_monitor_is_nan_offers_latest(
+    tmp_path: Path,
+) -> None:
+    """The monitor is there but never finite: no best exists, 'latest' or a step does."""
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (0, 1):
+            ckpt.save(step, {"model": torch.nn.Linear(2, 1)}, {"val_loss": float("nan")})
+    with pytest.raises(CheckpointNotFoundError) as raised:
+        load_best(tmp_path, torch.nn.Linear(2, 1), monitor="val_loss")
+    assert "every 'val_loss' recorded is NaN or infinite" in str(raised.value)
+    assert "restore(state, 'latest') or a step (1)" in str(raised.value)
 
 
 def test_strict_restore_names_the_mismatch_and_non_strict_reports_it(tmp_path: Path) -> None:

@@ -173,10 +173,18 @@ class RunReader:
                     "pass the folder a Checkpointer wrote",
                     path=self.directory,
                 )
+            if not any(e.manifest and self.monitor in e.manifest.metrics for e in entries):
+                raise CheckpointNotFoundError(  # a typo, or another run's name: no step helps
+                    f"no checkpoint in {self.directory} has a finite {self.monitor!r} metric to "
+                    f"rank by ({_metric_names(entries)}); pass monitor= one of those, the name "
+                    "the metrics were saved under",
+                    path=self.directory,
+                )
             raise CheckpointNotFoundError(
                 f"no checkpoint in {self.directory} has a finite {self.monitor!r} metric to "
-                f"rank by ({_metric_names(entries)}); restore 'latest' or a step "
-                f"({_steps(entries)})",
+                f"rank by (every {self.monitor!r} recorded is NaN or infinite); no checkpoint "
+                f"is the best by it: restore(state, 'latest') or a step ({_steps(entries)}) "
+                "instead",
                 path=self.directory,
             )
         storage = self.run.storage
