@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,40 @@ def test_a_stopped_run_resumed_with_more_patience_trains_on_after_clear_stop(
         # 0.9 (wait 3), 0.4 best, then 0.45, 0.5, 0.6: wait 3 < 4, no stop
         assert stops == [False] * 5 and stopper.best == 0.4
         assert [i.step for i in ckpt.list()][-1] == len(losses) - 1
+
+
+def test_a_run_trained_on_past_clear_stop_saves_its_new_stop_and_a_rerun_trains_nothing(
+    tmp_path: Path,
+) -> None:
+    """The save of the evaluation that stopped the run again (after clear_stop and a larger
+    patience) was refused as 'past the stop' of the restored run: the run's last checkpoint
+    then held a stopper that had not stopped, and every rerun trained that epoch again."""
+    from haltpoint import EarlyStopping
+
+    losses = [1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 1.1]
+    design_loop(tmp_path, losses)  # patience 2: stops at epoch 3, best 0.5 at epoch 1
+
+    def resumed(clear: bool) -> tuple[list[int], int | None]:
+        stopper = EarlyStopping("val_loss", mode="min", patience=4)
+        with Checkpointer(tmp_path, monitor="val_loss", mode="min", keep_best=3) as ckpt:
+            state = {"model": torch.nn.Linear(3, 1), "stopper": stopper}
+            info = ckpt.restore(state, strict=False)
+            assert info is not None
+            if clear:
+                stopper.clear_stop()
+            trained = []
+            for epoch in range(info.step + 1, len(losses)):
+                if stopper.stopped:
+                    break
+                trained.append(epoch)
+                stopper.step({"val_loss": losses[epoch]})
+                ckpt.save(epoch, state, {"val_loss": losses[epoch]})
+            return trained, ckpt.list()[-1].step
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "step 5 not saved" warning
+        assert resumed(clear=True) == ([4, 5], 5)  # wait 3, then 4 >= 4: stops at 5, saved
+        assert resumed(clear=False) == ([], 5)  # the rerun: stopped at 5, nothing to train
 
 
 # -- a stopper resumed at every evaluation decides as one that never stopped ---------------

@@ -207,8 +207,9 @@ class Checkpointer:
         self._lock: WriterLock | None = None
         self._evictor = Evictor(self._run, self._reader, rules, monitor, mode)
         self._last: int | None = None  # the step last saved or restored: saves go on from it
-        # the checkpoint restored, with the stoppers in its state that had stopped
-        self._restored: tuple[CheckpointInfo, list[EarlyStopping]] | None = None
+        # the checkpoint restored, with the stoppers in its state that had stopped and their
+        # evaluation count then: a stop decided after it (past clear_stop) is a new one
+        self._restored: tuple[CheckpointInfo, list[tuple[EarlyStopping, int]]] | None = None
         self._owed: dict[int, dict[str, Any]] = {}  # history lines of committed saves, unwritten
         self._writer: BackgroundWriter | None = None
         self._staging = staging
@@ -306,14 +307,17 @@ class Checkpointer:
         return self._submit(step, state, metrics, pin, None)
 
     def _past_the_stop(self, step: int, state: Mapping[str, Any]) -> CheckpointInfo | None:
-        """The checkpoint restored, when its stopper had stopped and still has: the steps
-        since trained past the stop (a rerun of a finished job whose loop trains before it
-        asks the stopper), so they are not saved and the run stays as it was; else None."""
+        """The checkpoint restored, when its stopper had stopped and still holds that stop:
+        the steps since trained past the stop (a rerun of a finished job whose loop trains
+        before it asks the stopper), so they are not saved and the run stays as it was; else
+        None. A stopper that `clear_stop()` let evaluate on and that stopped again has a new
+        stop, decided by an evaluation since the restore: that save goes on."""
         if self._restored is None or not isinstance(state, Mapping):
             return None
         info, stopped = self._restored
         for value in state.values():
-            if any(value is s for s in stopped) and value.stopped:
+            same = [n for s, n in stopped if value is s]
+            if same and value.stopped and value.evaluations == same[0]:
                 warn_user(
                     f"haltpoint: step {step} not saved: the run restored from step {info.step} "
                     f"had already stopped ({value.reason}); the checkpoints stay as they were "
@@ -683,7 +687,11 @@ class Checkpointer:
             info = self._reader.load(
                 found, state, strict=strict, device=device, rng=self.capture_rng
             )
-            stopped = [v for v in state.values() if isinstance(v, EarlyStopping) and v.stopped]
+            stopped = [
+                (v, v.evaluations)
+                for v in state.values()
+                if isinstance(v, EarlyStopping) and v.stopped
+            ]
             self._restored = (info, stopped) if stopped else None
             return info
 
