@@ -189,6 +189,8 @@ def test_time_budget_stops_at_the_first_evaluation_past_the_budget() -> None:
         assert decision.stop is expected
     assert stopper.code is StopReason.TIME_BUDGET
     assert stopper.reason is not None and "60 s is spent (60.0 s elapsed" in stopper.reason
+    # a rerun prints this saved reason: raising the budget alone trains nothing there
+    assert "raise the budget and, resuming this run, call stopper.clear_stop()" in stopper.reason
 
 
 def test_time_budget_counts_across_resumes() -> None:

@@ -254,8 +254,9 @@ class TimeBudget:
         if elapsed >= self.seconds:
             return Stop(
                 f"the time budget of {self.seconds:g} s is spent ({elapsed:.1f} s elapsed, "
-                f"counted across resumes) at evaluation {obs.step}; raise the budget to train "
-                "longer",
+                f"counted across resumes) at evaluation {obs.step}; to train longer, raise the "
+                "budget and, resuming this run, call stopper.clear_stop() after the restore (a "
+                "stopped run stays stopped)",
                 StopReason.TIME_BUDGET,
             )
         return None
