@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -531,3 +532,70 @@ def test_a_stopped_run_resumed_from_the_trainer_s_own_checkpoint_trains_nothing(
         f"haltpoint: resumed from the Trainer's checkpoint of step {step}; the run had already "
         f"stopped: {first.reason}"
     ]
+
+
+def _logged_run(directory: Path, out: Path, stopper: EarlyStopping, epochs: int) -> tuple[Any, Any]:
+    """A run through the checkpointer (resume=True) that logs the loss at every step."""
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=32,
+        num_train_epochs=epochs,
+        learning_rate=5e-3,
+        disable_tqdm=True,
+        seed=0,
+    )
+    with Checkpointer(directory, monitor="eval_loss", keep_best=1) as ckpt:
+        trainer = transformers.Trainer(
+            model=make_model(),
+            args=args,
+            train_dataset=make_data(1.0),
+            eval_dataset=make_data(-1.0),
+            callbacks=[HaltpointCallback(stopper, ckpt, resume=True)],
+        )
+        output = trainer.train()
+    return trainer, output
+
+
+def test_the_loss_logged_after_a_resume_counts_the_steps_trained_and_a_rerun_none(
+    tmp_path: Path,
+) -> None:
+    """The Trainer divides the loss by the steps since the global step it started at (0), not
+    the one the callback resumed at: after a resume at step 8 the first `loss` line was that
+    step's loss / 9 and `train_loss` the sum / 12 for 4 steps trained; a finished run, run
+    again, logged the loss of the step it cancels, over 12 steps, as its `train_loss`."""
+    directory, out = tmp_path / "run", tmp_path / "hf_out"
+    _logged_run(directory, out, EarlyStopping("eval_loss", patience=50), epochs=2)
+    trainer, output = _logged_run(directory, out, EarlyStopping("eval_loss", patience=50), 3)
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    assert [step for step, _ in losses] == [9, 10, 11, 12]
+    mean = sum(loss for _, loss in losses) / 4
+    assert output.metrics["train_loss"] == pytest.approx(mean, rel=1e-9)
+    assert trainer.state.log_history[-1]["train_loss"] == pytest.approx(mean, rel=1e-9)
+    assert losses[0][1] > 0.5 * mean  # not a ninth of the step's loss
+
+    trainer, output = _logged_run(directory, out, EarlyStopping("eval_loss", patience=50), 3)
+    assert not [e for e in trainer.state.log_history if "loss" in e]
+    end = trainer.state.log_history[-1]
+    assert math.isnan(output.metrics["train_loss"]) and math.isnan(end["train_loss"])
+    assert end["train_steps_per_second"] == end["train_samples_per_second"] == 0.0
+
+
+def test_a_stopped_run_rerun_from_the_trainer_s_own_checkpoint_logs_no_train_loss(
+    tmp_path: Path,
+) -> None:
+    """The cancelled step's loss came out divided by 0.001 (the Trainer's guard for no steps)."""
+    first = EarlyStopping("eval_loss", patience=2)
+    trainer = _hf_run(tmp_path, HaltpointCallback(first), epochs=20)
+    trainer.train()
+    step = trainer.state.global_step
+    trainer = _hf_run(tmp_path, HaltpointCallback(EarlyStopping("eval_loss", patience=2)), 20)
+    output = trainer.train(resume_from_checkpoint=str(tmp_path / "hf_own" / f"checkpoint-{step}"))
+    assert math.isnan(output.metrics["train_loss"])
+    assert math.isnan(trainer.state.log_history[-1]["train_loss"])

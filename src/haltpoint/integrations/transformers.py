@@ -116,6 +116,10 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         self._resumed_done = False
         self._position: tuple[int, float | None] = (0, None)  # where a finished run stands
         self._eval_on_start: tuple[Any, bool] | None = None  # (args, value) to put back
+        # the step the Trainer counts this train()'s steps from, and the one training resumed
+        # at (ours, when restored from the checkpointer): its end-of-training figures differ
+        self._counted_from, self._trained_from = 0, 0
+        self._logged_from = 0  # the Trainer's step of its last loss line (it divides by since)
 
     # -- the Trainer's own checkpoints (resume_from_checkpoint) keep the stopper too ---------
 
@@ -231,6 +235,8 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         self._put_back_eval_on_start()  # an earlier train() that failed before its first epoch
         self._training, self._evaluations, self._epoch_offset = True, 0, 0.0
         self._last_step, self._resumed_done = None, False
+        start = getattr(state, "global_step", 0) or 0  # what the Trainer counts steps from
+        self._counted_from = self._trained_from = self._logged_from = start
         if self.stopper is not None and str(getattr(args, "eval_strategy", "no")) in (
             "no",
             "IntervalStrategy.NO",
@@ -265,6 +271,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
             return
         self._last_step, self._epoch_offset = _position(saved, info.step, ckpt.directory)
         state.global_step, state.epoch = self._last_step, self._epoch_offset
+        self._trained_from = self._last_step
         if getattr(args, "load_best_model_at_end", False):
             _restore_trainer_best(args, state)
         finished = None
@@ -327,6 +334,52 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         position = _position(saved, self._last_step, self.checkpointer.directory)
         state.global_step, state.epoch = position
         _skip_evaluate_save_log(control)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Put right the Trainer's loss figures for the steps this train() trained.
+
+        The Trainer divides by the steps since the global step it started at, before this
+        callback's resume moved it: after a resume from the checkpointer the first `loss`
+        line and the end-of-training `train_loss` (and speeds) came out divided by every step
+        of the run, and a finished run, run again, logged the loss of the one step it cancels.
+        Now they count the steps trained, and a finished run's end line says it trained none
+        (`train_loss` NaN, 0 per second), in the printed line, `log_history` and the metrics
+        `train()` returns (not its `training_loss`, which the callback cannot reach, nor
+        loggers that ran before this callback).
+        """
+        if not self._training or not logs:
+            return
+        key = "train_loss" if "train_runtime" in logs else "loss"
+        if key not in logs:
+            return
+        entries = [logs]
+        last = state.log_history[-1] if state.log_history else None
+        if isinstance(last, dict) and last.get(key) == logs[key]:
+            entries.append(last)  # the copy the Trainer appended just before on_log
+        if key == "loss":
+            counted = state.global_step - self._logged_from
+            trained = state.global_step - max(self._logged_from, self._trained_from)
+            self._logged_from = state.global_step
+            if 0 < trained < counted:
+                for entry in entries:
+                    entry["loss"] = entry["loss"] * counted / trained
+            return
+        counted = state.global_step - self._counted_from
+        trained = 0 if self._resumed_done else state.global_step - self._trained_from
+        if trained > 0 and (trained == counted or counted <= 0):
+            return  # counted right, or nothing to scale from
+        for entry in entries:
+            speeds = [k for k in ("train_samples_per_second", "train_steps_per_second")]
+            if trained <= 0:
+                entry["train_loss"] = math.nan
+                entry.update({key: 0.0 for key in speeds if key in entry})
+                continue
+            entry["train_loss"] = entry["train_loss"] * counted / trained
+            for key in speeds:
+                if isinstance(entry.get(key), (int, float)):
+                    entry[key] = round(entry[key] * trained / counted, 3)
 
     def on_evaluate(
         self,
