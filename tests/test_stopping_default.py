@@ -606,3 +606,25 @@ def test_a_state_saved_before_the_rule_scaled_loads_and_decides_as_now() -> None
     for v in head:
         straight.step(v)
     assert stop_at(resumed, tail) == stop_at(straight, tail)
+
+
+RISING_WARMUP = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5] + [1.5 - 0.1 * k for k in range(1, 25)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "stops_at"),
+    [
+        ({}, 5),
+        ({"warmup": 6}, 6),  # ends at the top of the rise: stops at the first evaluation after
+        ({"warmup": 7}, None),  # covers one falling evaluation too
+        ({"horizon": 30}, 5),  # the rise is over 15% of the plan: the fast lane
+        ({"horizon": 40}, None),
+    ],
+)
+def test_a_rising_warm_up_stops_as_the_known_limits_say(
+    settings: dict[str, Any], stops_at: int | None
+) -> None:
+    """docs/stopping.md, "Known limits": the numbers it gives for a warm-up whose loss rises."""
+    stopper = EarlyStopping("val_loss", mode="min", **settings)
+    stopped = [i for i, v in enumerate(RISING_WARMUP) if stopper.step(v)]
+    assert (stopped[0] if stopped else None) == stops_at
