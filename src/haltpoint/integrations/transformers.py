@@ -370,16 +370,16 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         trained = 0 if self._resumed_done else state.global_step - self._trained_from
         if trained > 0 and (trained == counted or counted <= 0):
             return  # counted right, or nothing to scale from
+        speeds = ("train_samples_per_second", "train_steps_per_second")
         for entry in entries:
-            speeds = [k for k in ("train_samples_per_second", "train_steps_per_second")]
             if trained <= 0:
                 entry["train_loss"] = math.nan
-                entry.update({key: 0.0 for key in speeds if key in entry})
+                entry.update({speed: 0.0 for speed in speeds if speed in entry})
                 continue
             entry["train_loss"] = entry["train_loss"] * counted / trained
-            for key in speeds:
-                if isinstance(entry.get(key), (int, float)):
-                    entry[key] = round(entry[key] * trained / counted, 3)
+            for speed in speeds:
+                if isinstance(entry.get(speed), (int, float)):
+                    entry[speed] = round(entry[speed] * trained / counted, 3)
 
     def on_evaluate(
         self,
