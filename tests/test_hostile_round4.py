@@ -5,9 +5,7 @@ restores and then fails the next `step()` in the training loop, and a history th
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from crafted import hostile
 from haltpoint import Checkpointer
 from haltpoint.cli import main
 from haltpoint.errors import CorruptCheckpointError, StateMismatchError
@@ -24,13 +23,6 @@ from haltpoint.plotting import MAX_CURVES, plot_history
 from haltpoint.store.history import encode_record
 
 # benchmarks/hostile.py seals a crafted manifest with a valid checksum
-_spec = importlib.util.spec_from_file_location(
-    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
-)
-assert _spec is not None and _spec.loader is not None
-hostile = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = hostile  # its dataclasses look their module up
-_spec.loader.exec_module(hostile)
 seal = hostile.seal
 
 

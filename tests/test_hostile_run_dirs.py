@@ -23,19 +23,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crafted import hostile
 from haltpoint import Checkpointer
 from haltpoint.cli import main
 from haltpoint.errors import CorruptCheckpointError, StateMismatchError, UnreadableCheckpointError
 from haltpoint.store.hashing import hash_bytes
 
 # benchmarks/hostile.py crafts the manifests: `seal` gives one a valid checksum
-_spec = importlib.util.spec_from_file_location(
-    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
-)
-assert _spec is not None and _spec.loader is not None
-hostile = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = hostile  # its dataclasses look their module up
-_spec.loader.exec_module(hostile)
 seal = hostile.seal
 make_run = hostile.make_run
 manifest_path = hostile.manifest_path

@@ -5,11 +5,9 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import io
 import json
 import os
-import sys
 import uuid
 import warnings
 from collections.abc import Callable
@@ -19,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from crafted import hostile
 from haltpoint import Checkpointer
 from haltpoint.cli import importer, main
 from haltpoint.cli.app import build_parser
@@ -32,16 +31,6 @@ from haltpoint.errors import (
 from haltpoint.store import history
 from haltpoint.store import lock as lock_module
 from haltpoint.store.storage import LocalStorage, open_storage
-
-# benchmarks/hostile.py crafts manifests: `seal` gives one a valid checksum (xxh3 is no signature)
-_spec = importlib.util.spec_from_file_location(
-    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
-)
-assert _spec is not None and _spec.loader is not None
-hostile = sys.modules.get("hostile") or importlib.util.module_from_spec(_spec)
-if "hostile" not in sys.modules:
-    sys.modules["hostile"] = hostile  # its dataclasses look their module up
-    _spec.loader.exec_module(hostile)
 
 
 def craft(run: Path, step: int, change: Callable[[dict[str, Any]], None]) -> None:
