@@ -54,24 +54,30 @@ def make_data(sign: float) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids[i], "attention_mask": mask, "labels": y[i]} for i in range(32)]
 
 
+def training_args(out: Path, epochs: int, **kwargs: Any) -> Any:
+    """The tests' TrainingArguments: CPU, small batches, an evaluation each epoch; `kwargs`
+    override any of them."""
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "eval_strategy": "epoch",
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 32,
+        "num_train_epochs": epochs,
+        "learning_rate": 5e-3,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return transformers.TrainingArguments(**{**settings, **kwargs})
+
+
 def train(
     tmp_path: Path, model: Any, callbacks: list[Any], epochs: int, **kwargs: Any
 ) -> tuple[Any, list[float]]:
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf_out"),
-        eval_strategy=kwargs.pop("eval_strategy", "epoch"),
-        save_strategy=kwargs.pop("save_strategy", "no"),
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=32,
-        num_train_epochs=epochs,
-        learning_rate=5e-3,
-        disable_tqdm=True,
-        seed=0,
-        **kwargs,
-    )
+    args = training_args(tmp_path / "hf_out", epochs, **kwargs)
     trainer = transformers.Trainer(
         model=model,
         args=args,
@@ -333,21 +339,7 @@ def test_module_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _hf_run(tmp_path: Path, callback: HaltpointCallback, epochs: int, **kwargs: Any) -> Any:
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf_own"),
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=32,
-        num_train_epochs=epochs,
-        learning_rate=5e-3,
-        disable_tqdm=True,
-        seed=0,
-        **kwargs,
-    )
+    args = training_args(tmp_path / "hf_own", epochs, **{"save_strategy": "epoch", **kwargs})
     return transformers.Trainer(
         model=make_model(),
         args=args,
@@ -536,21 +528,7 @@ def test_a_stopped_run_resumed_from_the_trainer_s_own_checkpoint_trains_nothing(
 
 def _logged_run(directory: Path, out: Path, stopper: EarlyStopping, epochs: int) -> tuple[Any, Any]:
     """A run through the checkpointer (resume=True) that logs the loss at every step."""
-    args = transformers.TrainingArguments(
-        output_dir=str(out),
-        eval_strategy="epoch",
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=32,
-        num_train_epochs=epochs,
-        learning_rate=5e-3,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = training_args(out, epochs, logging_strategy="steps", logging_steps=1)
     with Checkpointer(directory, monitor="eval_loss", keep_best=1) as ckpt:
         trainer = transformers.Trainer(
             model=make_model(),
