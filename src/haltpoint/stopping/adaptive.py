@@ -41,7 +41,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from haltpoint.stopping.decision import StopReason
 from haltpoint.stopping.inputs import json_number, shown, whole_number
@@ -66,6 +66,7 @@ __all__ = [
     "WAIT_SHARE",
     "WINDOW",
     "Projection",
+    "TrendCheck",
     "TrendRule",
     "TrendSettings",
     "check_horizon",
@@ -214,6 +215,38 @@ class Projection:
     descending: bool = False
 
 
+class TrendCheck(NamedTuple):
+    """What the default rule's latest look at the trend found, for `EarlyStopping.explain()`.
+
+    Kept by `TrendRule.check` (a tuple of what it computed anyway) and never saved: after a
+    resume the next check fills it in again.
+
+    Attributes:
+        evaluation: the index of the evaluation it was made at.
+        main: the main test's finding: `"stop"`; `"guard"` (the descent guard holds the run,
+            and nothing else was tried); `"short"` (the wait is under the least wait: only the
+            fast lane could stop it); `"held"` (the run looks diverged and waits longer); or
+            `"gain"` (the projection gains more than the tolerance).
+        projection: the main test's projection.
+        fast: the fast lane's finding, or None when it was not tried: `"stop"`, `"swing"`
+            (closed to a run this far above its best, without a horizon) or `"gain"`.
+        evident: the fast lane's projection, when it made one.
+
+    Example:
+        >>> rule = TrendRule(1.0)
+        >>> for i in range(6):
+        ...     rule.observe(i, 1.0)
+        >>> rule.check(5, best=1.0, wait=5) is not None, rule.last_check.main
+        (True, 'stop')
+    """
+
+    evaluation: int
+    main: str
+    projection: Projection
+    fast: str | None = None
+    evident: Projection | None = None
+
+
 def fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float, float, float]:
     """Least-squares line through `(t, x)` points (at least 3, two distinct t): (level at the
     last t, slope, residual standard deviation, standard error of the slope per unit of noise).
@@ -286,11 +319,23 @@ class TrendRule:
         self._logs: _Sums | None = None  # the same over log(x), from the first diverged fit on
         self._nonpositive = 0  # values in the window that have no logarithm
         self._first: float | None = None  # the run's first finite value, as compared (sign * x)
+        self._checked: TrendCheck | None = None  # the latest check's finding, never saved
 
     @property
     def settings(self) -> TrendSettings:
         """The constants in force."""
         return self._settings
+
+    @property
+    def horizon(self) -> int | None:
+        """The planned number of evaluations, or None."""
+        return self._horizon
+
+    @property
+    def last_check(self) -> TrendCheck | None:
+        """What the latest `check` that looked at the trend found, or None (none yet, or
+        none since `load_state_dict`)."""
+        return self._checked
 
     def observe(self, index: int, value: float) -> None:
         """Remember a finite value (non-finite ones are left out of the fit), and forget the
@@ -395,16 +440,26 @@ class TrendRule:
         least, fast = self.least_wait(index), self.fast_wait(index)
         tolerance = self._settings.tolerance
         projection = self.project(index, best, wait)
-        if projection.descending:
-            return None  # still clearly improving: the descent guard holds it open
+        if projection.descending:  # still clearly improving: the descent guard holds it open
+            self._checked = TrendCheck(index, "guard", projection)
+            return None
         longer = math.ceil(self._settings.diverged_factor * least)
         held = wait < longer and diverged(projection, best, self._sign)  # may be a spike
         if wait >= least and not held and projection.gain <= tolerance:
+            self._checked = TrendCheck(index, "stop", projection)
             return projection
-        if fast is not None and wait >= fast and self._calm(projection, best):
+        main = "short" if wait < least else "held" if held else "gain"
+        if fast is not None and wait >= fast:
+            if not self._calm(projection, best):
+                self._checked = TrendCheck(index, main, projection, "swing")
+                return None
             evident = self.project(index, best, wait, fast=True)
             if evident.gain <= tolerance:
+                self._checked = TrendCheck(index, main, projection, "stop", evident)
                 return evident
+            self._checked = TrendCheck(index, main, projection, "gain", evident)
+            return None
+        self._checked = TrendCheck(index, main, projection)
         return None
 
     def _calm(self, projection: Projection, best: float) -> bool:
@@ -444,6 +499,7 @@ class TrendRule:
         """
         if state is None:  # saved without the default rule's state: start the fit afresh
             self._points, self._sums, self._logs = deque(), _Sums(), None
+            self._checked = None
             self._first = None  # the next value stands in for the run's first
             return
         points = state.get("points") if isinstance(state, dict) else None
@@ -475,6 +531,7 @@ class TrendRule:
         self._points = deque(kept)
         self._sums = saved
         self._logs = None
+        self._checked = None  # not saved: the next check says what the loaded trend projects
         if first is not None:
             self._first = self._sign * float(first)
         else:  # none seen yet, or saved without it: the oldest value kept stands in (for a

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from haltpoint.stopping._explain import explain
 from haltpoint.stopping._state import STATE_VERSION, load_rule_states, parse_state, rule_states
 from haltpoint.stopping._text import evaluations, fmt, label
 from haltpoint.stopping.adaptive import TrendRule, check_horizon, describe_default_rule
@@ -201,6 +202,29 @@ class EarlyStopping:
         if self._trend is None:
             return self._patience  # type: ignore[return-value]
         return self._trend.least_wait(max(self._evaluations - 1, 0))
+
+    def explain(self) -> str:
+        """Say in one line where the stopper stands after its latest evaluation: why it
+        stopped, or why it has not stopped yet.
+
+        Stopped, it is the stop reason. Else: with a patience, how long the run has gone
+        without improvement against the patience; with the default rule, before its wait the
+        wait (a share of the run) it needs, past it what its latest look at the trend found
+        (the possible gain against the tolerance, the descent guard holding a run that still
+        falls clearly, or a run that looks diverged waiting longer). Warmup, baseline and
+        rules are named where they apply. A pure read: it changes no decision. After a
+        resume the default rule's latest look is not known until the next evaluation, and
+        the line says so.
+
+        Example:
+            >>> stopper = EarlyStopping("val_loss", patience=5, min_delta=0.001)
+            >>> for v in (0.30, 0.25, 0.2495, 0.26, 0.251):
+            ...     _ = stopper.step(v)
+            >>> print(stopper.explain())  # doctest: +NORMALIZE_WHITESPACE
+            val_loss has not improved by more than 0.001 for 3 evaluations; it stops after 5
+            (best 0.2500 at evaluation 1)
+        """
+        return explain(self, self._trend)
 
     # the decision ------------------------------------------------------------------------
 
