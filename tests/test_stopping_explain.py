@@ -365,3 +365,34 @@ def test_after_a_resume_explain_is_one_printable_line(
     resumed.load_state_dict(json.loads(json.dumps(stopper.state_dict())))
     line = resumed.explain()
     assert line and line.isprintable()
+
+
+# -- the default rule's stop reason -----------------------------------------------------------
+
+
+def test_the_default_rules_stop_reason_says_which_wait_stopped_it_in_under_400_characters() -> None:
+    """The docs' examples: the main test, the calm fast lane, and a diverging run told the
+    horizon; each names the wait it passed, the projection against the tolerance and the best."""
+    main = fed(EarlyStopping("val_loss"), [1.0] * 40).reason
+    calm = [1.0 - 0.01 * i for i in range(30)] + [0.71 + 0.001 * i for i in range(40)]
+    fast = fed(EarlyStopping("val_loss"), calm).reason
+    diverging = [1.0, 0.8, 0.6] + [0.6 * 1.3**i for i in range(1, 50)]
+    told = fed(EarlyStopping("val_loss", horizon=len(diverging)), diverging).reason
+    assert main == (
+        "val_loss has levelled off: no new best for 5 evaluations (the default rule's wait: half "
+        "of the 6 evaluations so far, at least 5), and its trend over the last 5 (at 1.0000, no "
+        "clear descent) projects at most 0.00% more improvement in the next 12 (it stops at "
+        "0.25% or less); best 1.0000 at evaluation 0"
+    )
+    assert fast is not None and fast.startswith(
+        "val_loss has levelled off: no new best for 10 evaluations (the default rule's fast "
+        "lane: a quarter of the 40 evaluations so far, while the run sits within 10% of its "
+        "progress above its best), and even with 2x the lucky draw its trend "
+    )
+    assert told == (
+        "val_loss is diverging: no new best for 7 evaluations (the default rule's fast lane: 10% "
+        "of the horizon of 52), and even with 3x the lucky draw its trend over the last 5 (at "
+        "3.5993) projects at most 0.00% more improvement in the next 20 (it stops at 0.25% or "
+        "less); best 0.6000 at evaluation 2"
+    )
+    assert all(len(r) < 400 for r in (main, fast, told))

@@ -1,4 +1,5 @@
-"""The sentence that says where a stopper stands: `EarlyStopping.explain()`.
+"""The sentences that say where a stopper stands: `EarlyStopping.explain()` and the default
+rule's stop reason.
 
 Everything here reads state the stopper and its `TrendRule` already keep (the rule's
 `last_check` is what its latest look at the trend computed anyway); nothing changes a
@@ -12,12 +13,13 @@ from typing import TYPE_CHECKING
 
 from haltpoint.stopping._text import evaluations, fmt, label
 from haltpoint.stopping.adaptive import Projection, TrendCheck, TrendRule
+from haltpoint.stopping.decision import StopReason
 from haltpoint.stopping.delta import beats, by_more_than
 
 if TYPE_CHECKING:
     from haltpoint.stopping.early_stopping import EarlyStopping
 
-__all__ = ["explain", "one_line"]
+__all__ = ["explain", "one_line", "trend_stop_reason"]
 
 
 def one_line(text: str) -> str:
@@ -65,6 +67,56 @@ def _gain(projection: Projection) -> str:
 
 def _tolerance(trend: TrendRule) -> str:
     return f"{trend.settings.tolerance * 100:.2f}%"
+
+
+def trend_stop_reason(
+    name: str, trend: TrendRule, checked: TrendCheck, code: StopReason, wait: int, best: str
+) -> str:
+    """The default rule's stop reason: what the run did, which wait it passed, what its trend
+    projects against the tolerance, and the best (`best`: "best 0.2310 at evaluation 12").
+
+    Example:
+        >>> rule = TrendRule(1.0)
+        >>> for i in range(6):
+        ...     rule.observe(i, 1.0)
+        >>> _ = rule.check(5, best=1.0, wait=5)
+        >>> code = StopReason.PATIENCE
+        >>> print(trend_stop_reason("loss", rule, rule.last_check, code, 5, "best 1.0000 at 0"))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        loss has levelled off: no new best for 5 evaluations (the default rule's wait: half of
+        the 6 evaluations so far, at least 5), and its trend over the last 5 (at 1.0000, no clear
+        descent) projects at most 0.00% more improvement in the next 12 (it stops at 0.25% or
+        less); best 1.0000 at 0
+    """
+    s = trend.settings
+    what = "is diverging" if code is StopReason.DIVERGENCE else "has levelled off"
+    if checked.fast == "stop":
+        projection = checked.evident or checked.projection
+        calm = (
+            ""
+            if trend.horizon is not None or math.isinf(s.fast_calm)
+            else f", while the run sits within {s.fast_calm * 100:g}% of its progress above its "
+            "best"
+        )
+        share = _of_the_run(trend, s.fast_share, checked.evaluation)
+        which = f"the default rule's fast lane: {share}{calm}"
+        lucky = f"even with {s.fast_noise_k:g}x the lucky draw "
+    else:
+        projection = checked.projection
+        share = _of_the_run(trend, s.wait_share, checked.evaluation)
+        which = (
+            f"{s.diverged_factor:g}x the default rule's wait ({share}), as the run looks diverged"
+            if code is StopReason.DIVERGENCE and s.diverged_factor != 1
+            else f"the default rule's wait: {share}"
+        )
+        lucky = ""
+    guard = ", no clear descent" if math.isfinite(s.descent_z) else ""
+    return (
+        f"{name} {what}: no new best for {evaluations(wait)} ({which}), and {lucky}its trend "
+        f"over the last {projection.window} (at {fmt(projection.level)}{guard}) projects at "
+        f"most {_gain(projection)} more improvement in the next {projection.lookahead} (it "
+        f"stops at {_tolerance(trend)} or less); {best}"
+    )
 
 
 def explain(stopper: EarlyStopping, trend: TrendRule | None) -> str:

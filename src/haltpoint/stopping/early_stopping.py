@@ -6,10 +6,10 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from haltpoint.stopping._explain import explain
+from haltpoint.stopping._explain import explain, trend_stop_reason
 from haltpoint.stopping._state import STATE_VERSION, load_rule_states, parse_state, rule_states
 from haltpoint.stopping._text import evaluations, fmt, label
-from haltpoint.stopping.adaptive import TrendRule, check_horizon, describe_default_rule
+from haltpoint.stopping.adaptive import TrendRule, check_horizon
 from haltpoint.stopping.arguments import (
     check_baseline,
     check_count,
@@ -363,14 +363,11 @@ class EarlyStopping:
         if projection is None:
             return None
         code = trend.code(projection, best, 1.0 if self._mode == "min" else -1.0)
-        what = "is diverging" if code is StopReason.DIVERGENCE else "has levelled off"
+        checked = trend.last_check
+        assert checked is not None and checked.evaluation == index
+        found = f"best {fmt(best)} at evaluation {self._best_step}"
         return Stop(
-            f"{label(self._monitor)} {what}: no new best for {evaluations(self._wait)}, and its "
-            f"trend over the last {projection.window} (at {fmt(projection.level)}) projects at "
-            f"most {max(projection.gain, 0.0) * 100:.2f}% more improvement in the next "
-            f"{projection.lookahead} ({describe_default_rule(self._horizon)}); best {fmt(best)} "
-            f"at evaluation {self._best_step}",
-            code,
+            trend_stop_reason(label(self._monitor), trend, checked, code, self._wait, found), code
         )
 
     def _non_finite(self, x: float, index: int) -> Stop:
