@@ -79,7 +79,11 @@ def test_demo_trains_summarises_plots_and_resumes(tmp_path: Path, capsys):
     assert "handwritten 8x8 digits" in err
     assert out.startswith(f"training from scratch into {run}\nstep   0  train_loss ")
     assert "step   1  train_loss" in out
-    assert "why it ended    reached the maximum of 2 epochs before early stopping" in out
+    assert (
+        "why it ended    reached the maximum of 2 epochs before early stopping triggered: "
+        "val_loss improved to "
+    ) in out  # the stopper's explain(): how far it was from stopping
+    assert "it stops after 5 evaluations without improvement; pass --epochs N to train" in out
     assert "epochs trained  2 (steps 0-1), did not stop early" in out
     assert "test accuracy   " in out and "disk used       " in out and "wall time       " in out
     assert re.search(r"test macro avg  precision \d+\.\d\d%, recall \d+\.\d\d%, F1 \d+\.\d\d%", out)

@@ -256,9 +256,9 @@ def _train(
             f"--epochs N with N > {trained} to train longer"
         )
     else:
-        reason = (
+        reason = (  # where the stopper stood says how far it was from stopping
             f"reached the maximum of {config.max_epochs} epochs before early stopping "
-            f"(patience {config.patience} on {MONITOR}) triggered; pass --epochs N to train longer"
+            f"triggered: {stopper.explain()}; pass --epochs N to train longer"
         )
     return DemoOutcome(
         resumed_from=None if info is None else info.step,
