@@ -63,6 +63,20 @@ def test_replay_table_says_where_each_patience_stops(run_dir: Path, capsys):
     assert "regret: how much worse" in err
 
 
+def test_replay_says_why_the_default_rule_ran_to_the_end_of_the_record(run_dir: Path, capsys):
+    code, out, _ = run_cli(capsys, "replay", str(run_dir), "--patience", "default,1")
+    assert code == 0
+    assert out.splitlines()[-1] == (
+        "default at the end of the record (evaluation 7, step 7): val_loss has had no new best "
+        "for 3 evaluations; the default rule looks at the trend after 5 (half of the 8 "
+        "evaluations so far, at least 5); best 0.2500 at evaluation 4"
+    )
+    code, out, _ = run_cli(capsys, "replay", str(run_dir), "--patience", "default,1", "--json")
+    default, one = json.loads(out)["settings"]
+    assert default["explain"].startswith("val_loss has had no new best for 3 evaluations")
+    assert one["explain"].startswith("val_loss did not improve for 1 evaluation")  # its reason
+
+
 def test_replay_json_and_history_file(run_dir: Path, capsys):
     argv = ["replay", str(run_dir / "history.jsonl"), "--patience", "1", "--json"]
     code, out, _ = run_cli(capsys, *argv)

@@ -46,7 +46,9 @@ have gone on longer shows "end of record" (its true stop is later and unknown)."
 class ReplayRow:
     """One setting replayed over the curve, with indices turned into steps.
 
-    `patience` None is haltpoint's default rule (no fixed patience).
+    `patience` None is haltpoint's default rule (no fixed patience). `explanation` is the
+    stopper's `explain()` after the last evaluation replayed: its stop reason, or, at the end
+    of the record, why it had not stopped.
     """
 
     patience: int | None
@@ -57,6 +59,7 @@ class ReplayRow:
     best_value: float | None
     saving: float
     regret: float
+    explanation: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The object `replay --json` prints for this setting."""
@@ -69,6 +72,7 @@ class ReplayRow:
             "best_value": self.best_value,
             "saving": self.saving,
             "regret": self.regret,
+            "explain": self.explanation,
         }
 
 
@@ -117,11 +121,15 @@ def replay_patiences(
     """
     rows = []
     for patience in patiences:
+        made: list[EarlyStopping] = []
 
-        def make(p: int | None = patience) -> EarlyStopping:
+        def make(p: int | None = patience, made: list[EarlyStopping] = made) -> EarlyStopping:
             if p is None:
-                return EarlyStopping(monitor, mode=mode, min_delta=min_delta, horizon=horizon)
-            return EarlyStopping(monitor, mode=mode, patience=p, min_delta=min_delta)
+                stopper = EarlyStopping(monitor, mode=mode, min_delta=min_delta, horizon=horizon)
+            else:
+                stopper = EarlyStopping(monitor, mode=mode, patience=p, min_delta=min_delta)
+            made.append(stopper)
+            return stopper
 
         result: ReplayResult = replay(make, values, judge_mode=mode)
         best = result.best_index
@@ -135,6 +143,7 @@ def replay_patiences(
                 best_value=None if best is None else values[best],
                 saving=result.saving,
                 regret=result.regret,
+                explanation=made[-1].explain(),
             )
         )
     return rows
@@ -276,6 +285,12 @@ def run(args: argparse.Namespace, out: Output) -> int:
         title=f"replay of {args.source[0]} (min_delta {args.min_delta:g})",
         numeric=["patience", "best step", f"best {monitor}", "saved", "regret"],
     )
+    for row in one.rows:  # why the default rule ran to the end, the question users ask
+        if row.patience is None and row.stop_step is None:
+            out.line(
+                f"default at the end of the record (evaluation {len(values) - 1}, step "
+                f"{steps[-1]}): {row.explanation}"
+            )
     out.note(
         "saved: share of the recorded evaluations not run; regret: how much worse the best "
         "checkpoint at that stop is than the run's best (relative)"
