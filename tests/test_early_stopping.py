@@ -971,6 +971,7 @@ CRAFTED = [  # (kind, the state, what the message says)
     (0, {**GOING, "trend": {**GOING["trend"], "points": [[1, 1.0], [0, 1.0]]}}, r"increasing"),
     (0, {**GOING, "trend": {**GOING["trend"], "points": [[3, 1.0]]}}, r"from 0 to 2, increas"),
     (0, {**GOING, "trend": {**GOING["trend"], "sums": [NAN] * 8}}, r"'trend' must be"),
+    (0, {**GOING, "trend": {**GOING["trend"], "sums": [0.0] * 7 + [NAN]}}, r"'sums' must be the"),
     (0, {**GOING, "monitor": {"a": [10**5000]}}, r"'monitor' must be a str or None; got a dict"),
     (1, {**STOPPED, "rules": [{"elapsed": NAN}, *STOPPED["rules"][1:]]},
      r"'rules'\[0\]: TimeBudget state needs 'elapsed', a finite number"),

@@ -438,7 +438,7 @@ SCALED = st.lists(
     st.one_of(
         st.floats(-1e6, 1e6, allow_nan=False),
         st.floats(-1e-6, 1e-6, allow_nan=False),
-        st.sampled_from([0.0, 1.0, 1e12, -1e12]),
+        st.sampled_from([0.0, 1.0, 1e12, -1e12, 1.34e154, -1e200, 1.7e308]),
     ),
     min_size=1,
     max_size=200,
@@ -451,12 +451,33 @@ def test_every_state_a_run_saves_loads_whatever_its_values_scale(
     values: list[float], mode: str
 ) -> None:
     """The check on the trend's sums never refuses what `state_dict` saved: at every
-    evaluation of runs mixing tiny, huge and constant values, as the window slides."""
+    evaluation of runs mixing tiny, huge and constant values, as the window slides (values
+    beyond about 1e154 overflow the sums of squares: a diverged run's state holds inf)."""
     stopper = EarlyStopping("val_loss", mode=mode)
     for value in values:
         stopper.step(value)
         state = json.loads(json.dumps(stopper.state_dict()))
         EarlyStopping("val_loss", mode=mode).load_state_dict(state)
+
+
+def test_a_diverged_run_whose_sums_overflow_resumes_and_decides_as_if_never_stopped() -> None:
+    """A run beyond 1e154 saves sums of squares that are inf: that state was refused as 'not 8
+    finite numbers', so its checkpoint could not be resumed; it now loads, and the resumed
+    stopper takes the uninterrupted one's decisions."""
+    values = [0.5, 0.4, 1.34e154, 1e200, 3e200] + [2e200 - 1e198 * i for i in range(40)]
+    whole = EarlyStopping("val_loss")
+    for value in values[:5]:
+        whole.step(value)
+    state = json.loads(json.dumps(whole.state_dict()))
+    assert math.isinf(state["trend"]["sums"][-1])
+    resumed = EarlyStopping("val_loss")
+    resumed.load_state_dict(state)
+    for value in values[5:]:
+        assert resumed.step(value).to_dict() == whole.step(value).to_dict()
+    crafted = json.loads(json.dumps(state))
+    crafted["trend"]["sums"][-1] = -math.inf  # not what these points sum to
+    with pytest.raises(ValueError, match=r"'trend' 'sums' must be the running sums of its"):
+        EarlyStopping("val_loss").load_state_dict(crafted)
 
 
 def test_a_trend_state_saved_without_the_first_value_takes_the_oldest_one_kept() -> None:

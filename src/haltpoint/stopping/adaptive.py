@@ -495,7 +495,7 @@ class TrendRule:
         Raises:
             ValueError: when `state` is not a list of `[int, number]` pairs of increasing
                 evaluations below `evaluations` (the stopper's count), finite values, and
-                8 finite sums.
+                8 sums that are theirs.
         """
         if state is None:  # saved without the default rule's state: start the fit afresh
             self._points, self._sums, self._logs = deque(), _Sums(), None
@@ -513,17 +513,21 @@ class TrendRule:
             or (points and points[-1][0] >= evaluations)
             or not isinstance(sums, list)
             or len(sums) != 8
-            or not all(_is_pair([0, v]) for v in sums)
+            or not all(json_number(v) is not None for v in sums)
+            # the reference point, the count and the index sums are finite; the value sums
+            # may overflow to inf (a run beyond 1e154): `overflowed_sums_of` checks those
+            or not all(_is_pair([0, sums[k]]) for k in (0, 1, 2, 3, 5))
         ):
             raise ValueError(
                 "EarlyStopping state 'trend' must be {'points': [[evaluation, value], ...] "
                 f"(evaluations from 0 to {evaluations - 1}, increasing; finite values), "
-                f"'sums': [8 finite numbers], 'first': a finite number or null}}; "
+                f"'sums': [8 numbers, the first four and the sixth finite], 'first': a finite "
+                f"number or null}}; "
                 f"got {shown(state)}"
             )
         kept = [(int(t), self._sign * float(x)) for t, x in points]
         saved = _Sums.from_state(sums)
-        if not saved.sums_of(kept):
+        if not (saved.sums_of(kept) or saved.overflowed_sums_of(kept)):
             raise ValueError(
                 "EarlyStopping state 'trend' 'sums' must be the running sums of its "
                 f"{len(kept)} 'points' (as state_dict() saved them); got {shown(sums)}"
@@ -594,7 +598,7 @@ class _Sums:
         """Whether these are the running sums of `points` as `add` keeps them, however the
         window slid: the count and the index sums exactly (they are sums of integers), the
         value sums up to rounding. A state that passes cannot make `fit` fail."""
-        if self.n != len(points):
+        if not all(map(math.isfinite, self.state())) or self.n != len(points):
             return False
         if not points:
             return self.state()[2:] == [0.0] * 6
@@ -607,12 +611,28 @@ class _Sums:
         # rounding left by values that left the window is bounded by the run's own scale
         unit = len(points) * (1.0 + abs(self.x0) + max(abs(x) for _, x in points))
         return all(
-            abs(saved - sum(terms)) <= 1e-6 * math.fsum(map(abs, terms)) + 1e-9 * floor
+            # sum, not fsum: fsum raises on an overflow of finite values (runs beyond 1e308)
+            abs(saved - sum(terms)) <= 1e-6 * sum(map(abs, terms)) + 1e-9 * floor
             for saved, terms, floor in (
                 (self.sx, dxs, unit),
-                (self.stx, [dt * dx for dt, dx in zip(dts, dxs, strict=True)], unit * dts[-1]),
+                (
+                    self.stx,
+                    [dt * dx for dt, dx in zip(dts, dxs, strict=True)],
+                    unit * dts[-1] if dts[-1] else 0.0,  # inf * 0 would be nan
+                ),
                 (self.sxx, [dx * dx for dx in dxs], unit * unit),
             )
+        )
+
+    def overflowed_sums_of(self, points: Sequence[tuple[int, float]]) -> bool:
+        """Whether these are the sums of `points` whose squares or products overflow a float
+        (values beyond about 1e154, a diverged run): `observe` then sums them afresh at every
+        evaluation, so they are exactly what `reset` gives, inf (or nan) included."""
+        fresh = _Sums()
+        fresh.reset(points)
+        return not fresh.sound() and all(
+            a == b or (math.isnan(a) and math.isnan(b))
+            for a, b in zip(fresh.state(), self.state(), strict=True)
         )
 
     def state(self) -> list[float]:
