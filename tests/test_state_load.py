@@ -15,10 +15,10 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from haltpoint.errors import StateMismatchError
-from haltpoint.state.load import LoadReport, load_into
+from haltpoint.state.load import LoadReport, check_claims, load_into
 from haltpoint.state.optimizer import PARAM_SHAPED, SCALARS
 from haltpoint.state.rng import capture_rng, restore_rng
-from haltpoint.state.tree import flatten_state, unflatten_state
+from haltpoint.state.tree import claimed_state, flatten_state, unflatten_state
 from test_state_codec import assert_same
 
 
@@ -728,3 +728,39 @@ def test_resume_matches_training_straight_through() -> None:
     assert resumed["step"] == straight["step"] == 8
     for name in ("model", "optimizer", "scheduler"):
         assert_same(resumed[name].state_dict(), straight[name].state_dict(), name)
+
+
+def _claims(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    flat = flatten_state(state)
+    return flat.tree, {k: (tuple(t.shape), t.dtype) for k, t in flat.tensors.items()}
+
+
+def test_claims_give_the_mismatch_errors_of_a_load_before_reading() -> None:
+    """`check_claims` on meta placeholders raises what `load_into` raises once the tensors are
+    read, for modules, optimizers' per-parameter state, tensors and numpy arrays."""
+    big = nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(big.parameters())
+    big(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    saved = {"model": big, "opt": optimizer, "t": torch.zeros(5), "a": np.zeros(3, np.int16)}
+    tree, claims = _claims(saved)
+    claimed = claimed_state(tree, claims)
+    assert claimed["model"]["weight"].is_meta and claimed["a"].dtype == np.int16
+    small = nn.Linear(3, 2)
+    cases = [
+        {"model": small},
+        {"opt": torch.optim.Adam(small.parameters())},
+        {"t": torch.zeros(4)},
+        {"a": np.zeros(3, np.int32)},
+        {"missing": 1},
+    ]
+    for live in cases:
+        values = unflatten_state(tree, flatten_state(saved).tensors)
+        with pytest.raises(StateMismatchError) as after:
+            load_into(live, values)
+        with pytest.raises(StateMismatchError) as before:
+            check_claims(live, tree, claims)
+        assert str(before.value) == str(after.value)
+    check_claims({"missing": 1}, tree, claims, strict=False)  # to the report, as in a load
+    live_opt = torch.optim.Adam(big.parameters())
+    check_claims({"model": big, "opt": live_opt}, tree, claims)  # a step is a claim: unchecked

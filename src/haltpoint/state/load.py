@@ -19,9 +19,10 @@ from haltpoint.state.optimizer import (
     check_optimizer_state,
     check_scheduler_fits,
 )
+from haltpoint.state.tree import claimed_state
 from haltpoint.stopping.early_stopping import EarlyStopping
 
-__all__ = ["LoadReport", "load_into", "plan_load"]
+__all__ = ["LoadReport", "check_claims", "load_into", "plan_load"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 _STRICT_HINT = "pass strict=False to load what matches and get the rest in the returned report"
@@ -91,22 +92,10 @@ def plan_load(
 
     For loading something else in between (sharded state) only once this one is known to fit.
     """
-    if not isinstance(state, MutableMapping):
-        raise TypeError(f"state must be a mutable mapping of names, got {type_name(state)}")
-    if not isinstance(saved, Mapping):
-        raise TypeError(f"saved must be a mapping of names, got {type_name(saved)}")
-    if type(strict) is not bool:
-        raise TypeError(f"strict must be True or False, got {strict!r}")
     report = LoadReport(
-        missing=[name for name in state if name not in saved],
+        missing=_check_names(state, saved, strict),
         unexpected=[name for name in saved if name not in state],
     )
-    if strict and report.missing:
-        raise StateMismatchError(
-            "the checkpoint does not match the state: "
-            + _listing(report.missing, [])
-            + "; restore only the entries it holds, or pass strict=False to skip them"
-        )
     plans = [
         (name, _plan(state, name, saved[name], strict))
         for name in list(state)
@@ -128,6 +117,78 @@ def plan_load(
         return report
 
     return apply_all
+
+
+def check_claims(
+    state: MutableMapping[str, Any],
+    tree: Mapping[str, Any],
+    claims: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    strict: bool = True,
+) -> None:
+    """The checks of `plan_load` that the shapes and dtypes of the saved tensors decide, made
+    on what a checkpoint claims (its ``tree`` and the shape and dtype of each tensor, by key:
+    `tree.claimed_state`) before any tensor is read, so one that cannot fit its live target
+    is never read: the names (with ``strict``), each module's keys and tensors, an
+    optimizer's structure, its groups and the shapes of its per-parameter state
+    (`check_optimizer_fits`), top-level tensors and numpy arrays. A mismatch raises the
+    `StateMismatchError` that `plan_load` raises for it once the tensors are read; what needs
+    their values, and the other objects' checks, are left to `plan_load`, which runs every
+    check again after reading.
+
+    Raises:
+        StateMismatchError: the claims do not fit ``state``.
+        CorruptCheckpointError: an entry of ``tree`` that ``state`` names is malformed.
+
+    >>> from haltpoint.state.tree import flatten_state
+    >>> flat = flatten_state({"model": torch.nn.Linear(4, 1)})
+    >>> claims = {k: (tuple(t.shape), t.dtype) for k, t in flat.tensors.items()}
+    >>> check_claims({"model": torch.nn.Linear(2, 1)}, flat.tree, claims)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    haltpoint.errors.StateMismatchError: cannot load model.weight: the model has shape (1, 2), ...
+    """
+    _check_args(state, strict)
+    claimed = claimed_state({name: tree[name] for name in state if name in tree}, claims)
+    _check_names(state, claimed, strict)
+    for name in list(state):
+        if name not in claimed:
+            continue
+        target, value, path = state[name], claimed[name], child_path("state", name)
+        if isinstance(target, nn.Module):
+            _check_module(unwrap_module(target), name, value)
+        elif is_stateful(target):  # in the order of `_plan`
+            if isinstance(target, torch.optim.Optimizer):
+                _check_optimizer_structure(target, path, value)
+                check_optimizer_fits(target, value, path)
+        elif isinstance(target, torch.Tensor):
+            _check_array(path, target, value, torch.Tensor)
+        elif isinstance(target, np.ndarray):
+            _check_array(path, target, value, np.ndarray)
+
+
+def _check_args(state: Any, strict: Any) -> None:
+    if not isinstance(state, MutableMapping):
+        raise TypeError(f"state must be a mutable mapping of names, got {type_name(state)}")
+    if type(strict) is not bool:
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+
+
+def _check_names(state: Any, saved: Any, strict: Any) -> list[str]:
+    """The arguments' types, and the names of `state` that `saved` lacks (an error if strict)."""
+    if not isinstance(state, MutableMapping):
+        raise TypeError(f"state must be a mutable mapping of names, got {type_name(state)}")
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"saved must be a mapping of names, got {type_name(saved)}")
+    _check_args(state, strict)
+    missing = [name for name in state if name not in saved]
+    if strict and missing:
+        raise StateMismatchError(
+            "the checkpoint does not match the state: "
+            + _listing(missing, [])
+            + "; restore only the entries it holds, or pass strict=False to skip them"
+        )
+    return missing
 
 
 def _listing(missing: list[str], unexpected: list[str]) -> str:
@@ -206,11 +267,15 @@ def _plan_stateful(target: Any, path: str, value: Any) -> Apply:
     return load
 
 
-def _check_optimizer(target: torch.optim.Optimizer, path: str, value: Any) -> None:
+def _check_optimizer_structure(target: torch.optim.Optimizer, path: str, value: Any) -> None:
     try:
         check_optimizer_state(value)
     except ValueError as exc:
         raise StateMismatchError(f"cannot load {path} into a {type_name(target)}: {exc}") from None
+
+
+def _check_optimizer(target: torch.optim.Optimizer, path: str, value: Any) -> None:
+    _check_optimizer_structure(target, path, value)
     check_optimizer_fits(target, value, path)
     if type(target).load_state_dict is torch.optim.Optimizer.load_state_dict:
         loaded = _dry_run(target, path, value, copy.copy)
@@ -243,20 +308,7 @@ def _dry_run(target: Any, path: str, value: Any, duplicate: Callable[[Any], Any]
 
 def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Apply:
     path = child_path("state", name)
-    if not isinstance(value, Mapping):
-        raise StateMismatchError(
-            f"cannot load {path} into a {type_name(module)}: the checkpoint holds a "
-            f"{type_name(value)}, not a state dict"
-        )
-    odd = [k for k in value if not isinstance(k, str)]
-    if odd:  # torch meets it only after loading the keys before it
-        raise StateMismatchError(
-            f"cannot load {path}: the checkpoint has the key {odd[0]!r}, a "
-            f"{type_name(odd[0])}; a module's keys are strings"[:300]
-        )
-    expected = module.state_dict()
-    state_dict = _strip_prefixes(value, list(expected))
-    _check_tensors(name, expected, state_dict)
+    expected, state_dict = _check_module(module, name, value)
     keys_differ = list(expected) != [k for k in state_dict if k in expected] or any(
         k not in expected for k in state_dict
     )
@@ -285,6 +337,29 @@ def _plan_module(module: nn.Module, name: str, value: Any, strict: bool) -> Appl
         report.unexpected.extend(unexpected)
 
     return load
+
+
+def _check_module(
+    module: nn.Module, name: str, value: Any
+) -> tuple[dict[str, Any], OrderedDict[str, Any]]:
+    """A module's saved state dict against the module (its type, keys, tensors' shapes and
+    dtypes); the module's own state dict and the saved one with its prefixes stripped."""
+    path = child_path("state", name)
+    if not isinstance(value, Mapping):
+        raise StateMismatchError(
+            f"cannot load {path} into a {type_name(module)}: the checkpoint holds a "
+            f"{type_name(value)}, not a state dict"
+        )
+    odd = [k for k in value if not isinstance(k, str)]
+    if odd:  # torch meets it only after loading the keys before it
+        raise StateMismatchError(
+            f"cannot load {path}: the checkpoint has the key {odd[0]!r}, a "
+            f"{type_name(odd[0])}; a module's keys are strings"[:300]
+        )
+    expected = module.state_dict()
+    state_dict = _strip_prefixes(value, list(expected))
+    _check_tensors(name, expected, state_dict)
+    return expected, state_dict
 
 
 def _copy(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:

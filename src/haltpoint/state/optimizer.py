@@ -88,6 +88,10 @@ def check_optimizer_fits(
     the sizes of its parameter groups, the types of their numbers, and, for torch's own
     optimizers, the shapes and types of the per-parameter state.
 
+    A meta tensor in ``value`` stands for a tensor not read yet (`tree.claimed_state`): its
+    shape and dtype are checked, what needs its value (a step count; the kind of a tensor
+    hyper-parameter, whose message shows it) is left to the check once it is read.
+
     Raises:
         StateMismatchError: naming the first thing that does not fit.
     """
@@ -101,7 +105,9 @@ def check_optimizer_fits(
         )
     for index, (live, saved) in enumerate(zip(target.param_groups, groups, strict=True)):
         for key, ours_value in live.items():
-            if key != "params" and key in saved and not _same_kind(ours_value, saved[key]):
+            if key == "params" or key not in saved or _holds_claim(saved[key]):
+                continue
+            if not _same_kind(ours_value, saved[key]):
                 raise StateMismatchError(
                     f"cannot load {path}: parameter group {index} has {key}="
                     f"{short_repr(ours_value, 100)}, the checkpoint {key}="
@@ -240,6 +246,13 @@ def _same_kind(ours: Any, theirs: Any) -> bool:
     return True
 
 
+def _holds_claim(value: Any) -> bool:
+    """Whether a saved hyper-parameter is, or holds, a meta tensor (one not read yet)."""
+    if isinstance(value, torch.Tensor):
+        return value.is_meta
+    return isinstance(value, (tuple, list)) and any(_holds_claim(v) for v in value)
+
+
 def _per_param_problem(key: str, item: Any, param: torch.Tensor) -> str | None:
     if key in PARAM_SHAPED:
         if not isinstance(item, torch.Tensor):
@@ -252,6 +265,8 @@ def _per_param_problem(key: str, item: Any, param: torch.Tensor) -> str | None:
                 return f"of shape {tuple(item.shape)}, not one number"
             if item.dtype not in NUMBER_DTYPES:
                 return f"as a 0-d tensor of {item.dtype}, not a number torch's step() counts with"
+            if item.is_meta:  # claimed, not read yet: its value is checked once read
+                return None
             number = item.item()
         elif not isinstance(item, (int, float)) or isinstance(item, bool):
             return f"as a {type_name(item)}, not a number"

@@ -37,6 +37,7 @@ __all__ = [
     "TENSOR_TAG",
     "FlatState",
     "check_tree",
+    "claimed_state",
     "flatten_state",
     "referenced_tensors",
     "unflatten_state",
@@ -142,6 +143,29 @@ def check_tree(tree: Mapping[str, Any], dtypes: Mapping[str, torch.dtype]) -> di
         raise CorruptCheckpointError(f"the state tree must be a JSON object, got {type_name(tree)}")
     refs = _RefCheck(dtypes)
     return {name: _entry_value(name, entry, refs) for name, entry in tree.items()}
+
+
+def claimed_state(
+    tree: Mapping[str, Any], claims: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+) -> dict[str, Any]:
+    """The saved values `unflatten_state` would rebuild from ``tree``, before any tensor is
+    read: in place of each tensor a meta tensor (no data) of the shape and dtype that
+    ``claims`` (by key) says the checkpoint holds, in place of each numpy array a read-only
+    one of that shape and dtype that takes no memory (a broadcast zero). For checking what a
+    checkpoint claims against the live objects before reading it (`state.load.check_claims`).
+
+    Raises:
+        CorruptCheckpointError: as `unflatten_state`.
+
+    >>> flat = flatten_state({"model": torch.nn.Linear(2, 1)})
+    >>> claims = {k: (tuple(t.shape), t.dtype) for k, t in flat.tensors.items()}
+    >>> claimed_state(flat.tree, claims)["model"]["weight"]
+    tensor(..., device='meta', size=(1, 2))
+    """
+    if not isinstance(tree, Mapping):
+        raise CorruptCheckpointError(f"the state tree must be a JSON object, got {type_name(tree)}")
+    resolver = _Claims(claims)
+    return {name: _entry_value(name, entry, resolver) for name, entry in tree.items()}
 
 
 def referenced_tensors(value: Any) -> set[str]:
@@ -374,6 +398,28 @@ class _Resolver:
                 array = array.astype(want)
             self.arrays[key, dtype] = array
         return self.arrays[key, dtype]
+
+
+class _Claims:
+    """Resolves tensor references to placeholders of the claimed shape and dtype (one object
+    per key, as `_Resolver` gives one tensor per key)."""
+
+    def __init__(self, claims: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        self.claims = claims
+        self.made: dict[tuple[str, np.dtype[Any] | None], Any] = {}
+
+    def __call__(self, ref: Mapping[str, Any], where: str) -> Any:
+        key = _ref_key(ref, where, self.claims)
+        shape, dtype = self.claims[key]
+        want = None if _NUMPY_KEY not in ref else _numpy_dtype(ref[_NUMPY_KEY], dtype, key, where)
+        made = self.made.get((key, want))
+        if made is None:
+            if want is None:
+                made = torch.empty(shape, dtype=dtype, device="meta")
+            else:
+                made = np.broadcast_to(np.zeros((), dtype=want), shape)
+            self.made[key, want] = made
+        return made
 
 
 class _Ref:
