@@ -634,8 +634,9 @@ class Checkpointer:
         Args:
             state: the names to restore (all of those saved for a resume, or only some:
                 `{"model": model}` to evaluate); objects are loaded in place, plain values
-                are replaced in the mapping. What the checkpoint holds beyond them is left
-                unread and named in the returned info's `report.unexpected`.
+                are replaced in the mapping. What the checkpoint holds beyond them is
+                verified (streamed, not held in memory) but not loaded, and named in the
+                returned info's `report.unexpected`.
             which: "latest", "best" (by `monitor`) or a step.
             strict: refuse a name of `state` the checkpoint lacks, and module keys on one
                 side only; with False they are reported in the returned info's `report`.
@@ -671,7 +672,9 @@ class Checkpointer:
 
         def read(which: str | int, skip: dict[int, str], check_shards: bool) -> Found | None:
             self._wait()  # this instance's save in flight commits first
-            found = self._reader.read(which, check_shards=check_shards, skip=skip)
+            found = self._reader.read(
+                which, check_shards=check_shards, skip=skip, state=state, strict=strict
+            )
             if self._writes_here():  # the writer moves the damage it fell back past aside
                 for entry in self._passed(which, found):
                     try:

@@ -18,7 +18,8 @@ import torch
 from haltpoint.distributed.sharded import load_shards, verify_shards
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.policies.retention import best_record, commit_order
-from haltpoint.state.load import load_into, plan_load
+from haltpoint.state._common import type_name
+from haltpoint.state.load import check_claims, load_into, plan_load
 from haltpoint.state.optimizer import check_optimizer_state
 from haltpoint.state.rng import plan_rng
 from haltpoint.state.tree import check_tree, referenced_tensors, unflatten_state
@@ -34,13 +35,31 @@ from haltpoint.store.run_dir import (
     dcp_folder,
     is_sharded,
 )
-from haltpoint.store.tensor_file import torch_dtype
-from haltpoint.store.tensor_reader import read_tensors, verify_file
+from haltpoint.store.tensor_file import TensorRecord, torch_dtype
+from haltpoint.store.tensor_reader import (
+    check_headers,
+    read_tensors,
+    verify_file,
+    verify_tensors,
+)
 
-__all__ = ["RNG_ENTRY", "CheckpointInfo", "Found", "RunReader", "check_payloads", "payload_tensors"]
+__all__ = [
+    "RNG_ENTRY",
+    "RNG_MAX_BYTES",
+    "CheckpointInfo",
+    "Found",
+    "RunReader",
+    "check_payloads",
+    "check_structure",
+    "payload_tensors",
+]
 
 RNG_ENTRY = "__rng__"
 """The name under which random-number state is stored beside the user's entries."""
+RNG_MAX_BYTES = 1 << 20
+"""The most bytes the tensors of a saved random state may claim: torch's CPU state is 5,056
+bytes, NumPy's key 2,496 and each CUDA device's 16, so 1 MiB is far beyond any real one."""
+_NOT_READ = object()  # in place of a saved entry restore was not asked for, and did not read
 
 
 class RunReader:
@@ -142,9 +161,23 @@ class RunReader:
         return self.mode
 
     def read(
-        self, which: str | int, check_shards: bool = True, skip: Mapping[int, str] | None = None
+        self,
+        which: str | int,
+        check_shards: bool = True,
+        skip: Mapping[int, str] | None = None,
+        *,
+        state: MutableMapping[str, Any] | None = None,
+        strict: bool = True,
     ) -> Found | None:
         """Find the checkpoint `which` names and read its tensors, verified.
+
+        With `state` (the live objects `load` is given next), what each candidate claims is
+        checked against them before any tensor is read (`state.load.check_claims`: a tensor
+        whose shape or dtype cannot fit its target raises the `StateMismatchError` the load
+        would, and no memory is taken for it), and only the tensors of the entries `state`
+        names are read into memory, with the random state's; the others are verified as
+        they stream through a fixed buffer (a checkpoint with any damaged tensor is passed
+        over, as `haltpoint verify` reports it). Without `state`, every tensor is read.
 
         Damaged candidates of "latest" or "best" are warned about and skipped. A sharded
         checkpoint's DCP files are checked too, unless `check_shards` is false (under a process
@@ -191,8 +224,11 @@ class RunReader:
         for index, entry in enumerate(candidates):
             assert entry.manifest is not None
             try:
-                tensors = read_tensors(storage, entry.manifest.tensors, verify=True)
-                check_payloads(entry, tensors)
+                records = self._to_read(entry, state, strict)
+                tensors = read_tensors(storage, records, verify=True)
+                rest = {k: r for k, r in entry.manifest.tensors.items() if k not in records}
+                verify_tensors(storage, rest)  # not asked for, but part of the checkpoint
+                _check_random_state(entry, tensors)
                 if check_shards and is_sharded(entry.manifest):
                     self.check_shards(entry)
             except CorruptCheckpointError as exc:
@@ -212,6 +248,36 @@ class RunReader:
             return Found(entry, tensors, tuple(passed))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _to_read(
+        self, entry: Entry, state: MutableMapping[str, Any] | None, strict: bool
+    ) -> dict[str, TensorRecord]:
+        """The records of the tensors restore reads into memory for `state` (all, without
+        one), once the checks that need none of them have passed: the saved values'
+        structure and the random state's size (`CorruptCheckpointError`), their records
+        against their files' headers, then what the entries of `state` claim against its
+        objects (`StateMismatchError`)."""
+        manifest = entry.manifest
+        assert manifest is not None
+        keys = payload_tensors(entry)
+        check_structure(entry)
+        if state is None:
+            return dict(manifest.tensors)
+        if not isinstance(state, MutableMapping):
+            raise TypeError(f"state must be a mutable mapping of names, got {type_name(state)}")
+        record = self._shards(entry)
+        tree = {k: v for k, v in manifest.tree.items() if k != RNG_ENTRY}
+        if record is not None:  # the sharded entries load through DCP: not in the tree
+            tree = {k: v for k, v in tree.items() if k not in record.entries}
+            state = {k: v for k, v in state.items() if k not in record.entries}
+        for name in state:
+            if name in tree:
+                keys |= referenced_tensors(tree[name])
+        records = {k: r for k, r in manifest.tensors.items() if k in keys}
+        check_headers(self.run.storage, records)  # a record at odds with its file is damage
+        claims = {k: (r.shape, torch_dtype(r.dtype)) for k, r in records.items()}
+        check_claims(state, tree, claims, strict=strict)
+        return records
+
     def load(
         self,
         found: Found,
@@ -227,8 +293,12 @@ class RunReader:
         assert entry.manifest is not None
         if device is not None:
             tensors = {k: t.to(device) for k, t in tensors.items()}
-        saved = unflatten_state(entry.manifest.tree, tensors)
+        tree = entry.manifest.tree
+        read = {k: v for k, v in tree.items() if k in state or k == RNG_ENTRY}
+        saved = unflatten_state(read, tensors)
         random_state = saved.pop(RNG_ENTRY, None)
+        # the entries not asked for are not read: plan_load names them in report.unexpected
+        saved = {k: saved.get(k, _NOT_READ) for k in tree if k != RNG_ENTRY}
         put_rng = _plan_rng(random_state, entry) if random_state is not None and rng else None
         record = self._shards(entry)
         if record is not None:
@@ -304,13 +374,19 @@ class RunReader:
 def check_payloads(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> None:
     """The checks of a checkpoint's saved values that need no live object, made by `restore`
     while it chooses a checkpoint (so a checkpoint failing them is passed over like damaged
-    tensors) and by `haltpoint verify`: the random state (`plan_rng`, which `load` runs again
-    to restore it) and the structure of each optimizer state dict (`check_optimizer_state`).
-    `tensors` holds at least the tensors `payload_tensors` names.
+    tensors) and by `haltpoint verify`: the structure of each optimizer state dict
+    (`check_structure`) and the random state (`plan_rng`, which `load` runs again to restore
+    it). `tensors` holds at least the tensors `payload_tensors` names.
 
     Raises:
         CorruptCheckpointError: naming the entry and what is wrong with it.
     """
+    check_structure(entry)
+    _check_random_state(entry, tensors)
+
+
+def _check_random_state(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> None:
+    """`plan_rng` on the saved random state, if there is one (its tensors in `tensors`)."""
     manifest = entry.manifest
     assert manifest is not None
     if RNG_ENTRY in manifest.tree:
@@ -318,6 +394,17 @@ def check_payloads(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _plan_rng(random_state[RNG_ENTRY], entry)
+
+
+def check_structure(entry: Entry) -> None:
+    """The part of `check_payloads` that reads no tensor: the structure of each optimizer
+    state dict saved (`check_optimizer_state`), which `restore` checks before it reads.
+
+    Raises:
+        CorruptCheckpointError: naming the entry and what is wrong with it.
+    """
+    manifest = entry.manifest
+    assert manifest is not None
     stateful = {
         name: node
         for name, node in manifest.tree.items()
@@ -339,9 +426,24 @@ def check_payloads(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def payload_tensors(entry: Entry) -> set[str]:
-    """The tensors `check_payloads` reads: those of the saved random state."""
-    assert entry.manifest is not None
-    return referenced_tensors(entry.manifest.tree.get(RNG_ENTRY, {}))
+    """The tensors `check_payloads` reads: those of the saved random state, once their size
+    is known to be one a random state has (at most `RNG_MAX_BYTES`), so that reading them
+    takes little memory.
+
+    Raises:
+        CorruptCheckpointError: the random state's tensors claim more.
+    """
+    manifest = entry.manifest
+    assert manifest is not None
+    keys = referenced_tensors(manifest.tree.get(RNG_ENTRY, {}))
+    claimed = sum(manifest.tensors[k].nbytes for k in keys if k in manifest.tensors)
+    if claimed > RNG_MAX_BYTES:
+        raise CorruptCheckpointError(
+            f"the random state saved in step {entry.step} ({RNG_ENTRY}) is damaged: its "
+            f"tensors claim {claimed} bytes, where a random state takes a few KiB",
+            path=entry.dirname,
+        )
+    return keys
 
 
 def _plan_rng(random_state: Any, entry: Entry) -> Callable[[], None]:

@@ -52,8 +52,9 @@ class CheckpointInfo:
 
 @dataclass(frozen=True)
 class Found:
-    """A checkpoint chosen for restore, with its tensors read and verified, and the damaged
-    checkpoints passed over to reach it (each with what is wrong with it)."""
+    """A checkpoint chosen for restore, every tensor of it verified and those restore loads
+    read (`tensors`), and the damaged checkpoints passed over to reach it (each with what
+    is wrong with it)."""
 
     entry: Entry
     tensors: dict[str, torch.Tensor]

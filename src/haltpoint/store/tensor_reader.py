@@ -44,10 +44,12 @@ from haltpoint.store.tensor_file import (
 __all__ = [
     "DIRECT_MIN_BYTES",
     "check_header_entry",
+    "check_headers",
     "index_tensor_file",
     "read_tensors",
     "tensor_damage",
     "verify_file",
+    "verify_tensors",
 ]
 
 DIRECT_MIN_BYTES = 1 << 20
@@ -397,15 +399,120 @@ def read_tensors(
                 _check_records(_parse_header(f, size), items)
                 for key, rec in items:
                     out[key] = _read_one(f, size, key, rec, verify, into)
-        except _TensorDamage as e:
-            if not_damage(e.cause):  # an I/O error while the data was read
-                raise _unreadable(storage, file, e.cause) from None
-            raise _corrupt(storage, file, f"tensor {e.key!r}: {_cause(e.cause)}") from None
-        except (OSError, EOFError, _Damage, CorruptCheckpointError) as e:
-            if not_damage(e):  # no permission, EIO, ...: no fall-back, nothing set aside
-                raise _unreadable(storage, file, e) from None
-            raise _corrupt(storage, file, f"tensor {key!r}: {_cause(e)}") from None
+        except (_TensorDamage, OSError, EOFError, _Damage, CorruptCheckpointError) as e:
+            raise _read_error(storage, file, key, e) from None
     return {key: out[key] for key in records}
+
+
+def check_headers(storage: Storage, records: Mapping[str, TensorRecord]) -> None:
+    """What `read_tensors` checks of `records` before it reads any tensor's bytes: each file's
+    safetensors header, and that it agrees with each record (`check_header_entry`), whose
+    byte range then lies inside the file. So what the records claim (dtype, shape, size)
+    is what their files say, and can be checked against what they will be loaded into
+    before any memory is taken for them.
+
+    Raises:
+        CorruptCheckpointError, UnreadableCheckpointError: as `read_tensors` says them.
+    """
+    for file, items in _by_file(records).items():
+        try:
+            check_relpath(file)
+            size = storage.size(file)
+            with _open(storage, file) as f:
+                _check_records(_parse_header(f, size), items)
+        except (_TensorDamage, OSError, EOFError, _Damage, CorruptCheckpointError) as e:
+            raise _read_error(storage, file, items[0][0], e) from None
+
+
+def verify_tensors(storage: Storage, records: Mapping[str, TensorRecord]) -> None:
+    """Check `records` as `read_tensors` does (header, byte range, hash), without keeping
+    their bytes: they stream through one fixed-size buffer, so memory stays bounded for any
+    size. For tensors that must be intact but are not needed in memory.
+
+    Raises:
+        CorruptCheckpointError: naming the first damaged tensor, as `read_tensors` would.
+        UnreadableCheckpointError: a file cannot be read now (not damage).
+    """
+    for file, items in _by_file(records).items():
+        local = storage.local_path(file)
+        if local is None:
+            bad = tensor_damage(storage, dict(items))
+            if bad:
+                key, cause = next(iter(bad.items()))
+                raise _corrupt(storage, file, f"tensor {key!r}: {cause}")
+            continue
+        key = items[0][0]
+        try:
+            check_relpath(file)
+            size = storage.size(file)
+            with os.fdopen(open_regular(local), "rb") as f:
+                _check_records(_parse_header(f, size), items)
+            _verify_local(local, size, items)
+        except (_TensorDamage, OSError, EOFError, _Damage, CorruptCheckpointError) as e:
+            raise _read_error(storage, file, key, e) from None
+
+
+_STREAM_BUFFERS = _READERS + 1  # reads in flight while the calling thread hashes one
+
+
+def _verify_local(path: str, size: int, items: list[tuple[str, TensorRecord]]) -> None:
+    """Hash the tensors `items` of a local file through a few reusable page-aligned buffers
+    (O_DIRECT where the file system allows: no page-cache copy), reads overlapping hashing
+    as in `_read_local`; `_TensorDamage` for the first that is damaged."""
+    reader = _LocalReader(path)
+    buffers = [memoryview(mmap.mmap(-1, _READ_CHUNK)) for _ in range(_STREAM_BUFFERS)]
+    try:
+        for key, rec in items:
+            try:
+                _check(rec, size)
+            except (_Damage, CorruptCheckpointError) as e:
+                raise _TensorDamage(key, e) from None
+            pad = rec.offset % _ALIGN if reader.direct else 0
+            span = pad + rec.nbytes
+            starts = iter(range(0, span, _READ_CHUNK))
+            hasher = StreamHasher()
+            flight: list[tuple[_Job, memoryview, int, int]] = []
+            for index, start in zip(range(_STREAM_BUFFERS), starts, strict=False):
+                flight.append(_stream_job(reader, buffers[index], rec, pad, span, start))
+            while flight:
+                job, buffer, skip, need = flight.pop(0)
+                job.done.wait()
+                if job.error is not None:
+                    raise _TensorDamage(key, job.error)
+                hasher.update(buffer[skip:need])
+                following = next(starts, None)
+                if following is not None:
+                    flight.append(_stream_job(reader, buffer, rec, pad, span, following))
+            try:
+                _check_hash(rec, hasher)
+            except _Damage as e:
+                raise _TensorDamage(key, e) from None
+    finally:
+        reader.close()  # waits for the reads in flight
+
+
+def _stream_job(
+    reader: _LocalReader, buffer: memoryview, rec: TensorRecord, pad: int, span: int, start: int
+) -> tuple[_Job, memoryview, int, int]:
+    """Queue the read of bytes [start, start + _READ_CHUNK) of `rec`'s range, counted from
+    `pad` bytes before it (its aligned start), into `buffer`; the job, the buffer, and the
+    part of the buffer that holds `rec`'s bytes."""
+    need = min(_READ_CHUNK, span - start)
+    direct = reader.direct
+    length = -need % _ALIGN + need if direct else need  # O_DIRECT reads whole blocks
+    job = reader.submit(_Job(buffer[:length], rec.offset - pad + start, need, direct=direct))
+    return job, buffer, pad if start == 0 else 0, need
+
+
+def _read_error(storage: Storage, file: str, key: str, exc: BaseException) -> Exception:
+    """The error `read_tensors` raises for `exc`, met reading `file` (at tensor `key`)."""
+    if isinstance(exc, _TensorDamage):
+        if not_damage(exc.cause):  # an I/O error while the data was read
+            return _unreadable(storage, file, exc.cause)
+        return _corrupt(storage, file, f"tensor {exc.key!r}: {_cause(exc.cause)}")
+    if not_damage(exc):  # no permission, EIO, ...: no fall-back, nothing set aside
+        return _unreadable(storage, file, exc)
+    return _corrupt(storage, file, f"tensor {key!r}: {_cause(exc)}")
 
 
 def verify_file(storage: Storage, records: Mapping[str, TensorRecord]) -> list[str]:
