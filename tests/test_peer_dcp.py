@@ -385,3 +385,15 @@ def test_a_tampered_dcp_folder_falls_back_on_every_rank(ranks: dict[str, Any], h
     assert "falling back to the checkpoint of step 0" in warned[1]
     if how == "swapped":
         assert "differs from the manifest's" in warned[0]
+
+
+@pytest.mark.slow
+def test_maybe_save_takes_the_same_decision_on_every_rank(ranks: dict[str, Any]) -> None:
+    """`maybe_save(every=100)` with its improvement trigger, each rank's own metric: rank 1's
+    improves at step 2, rank 0's does not. Each rank decided alone: rank 1 saved step 2 while
+    rank 0 went on (in a DDP loop, into the next gradient all-reduce: a hang). Every rank's
+    decision is gathered and a save due on any rank is made by all (rank 0's reason first):
+    steps 1 and 2 on both."""
+    assert both(ranks, "maybe_save") is None
+    assert both(ranks, "maybe_save_saved") == [1, 2]
+    assert both(ranks, "maybe_save_listed") == [2]  # keep_last=1

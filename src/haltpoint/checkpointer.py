@@ -337,6 +337,10 @@ class Checkpointer:
         latest step). The policy and its reason are recorded in the manifest (`haltpoint
         show` prints them).
 
+        Under a process group every rank decides (its own clock, metrics and preemption
+        signal) and one all-gather per call shares the decisions: a save due on any rank is
+        made by every rank, so the ranks never part at a save.
+
         Raises:
             ValueError: the Checkpointer was made without `every`.
         """
@@ -351,11 +355,18 @@ class Checkpointer:
             return None
         if self._past_the_stop(step, state) is not None:
             return None
-        saved_by = self._schedule.decide(
-            step, coerce_metrics(metrics, self.monitor), self.preempted
-        )
-        if saved_by is None:
+        schedule = self._schedule
+
+        def decide() -> dict[str, str] | None:
+            return schedule.decide(step, coerce_metrics(metrics, self.monitor), self.preempted)
+
+        # each rank decides on its own clock, metrics and signals: a save due on any rank is
+        # made by every rank (rank 0's reason first), so no rank is left in the save's
+        # collectives while another trains on
+        due = [d for d in self._ranks.gather(decide, f"maybe_save({step})") if d is not None]
+        if not due:
             return None
+        saved_by = due[0]
         start = time.perf_counter()
         info = self._submit(step, state, metrics, False, saved_by)
         write = None if self._writer is None else self._writer.last_seconds

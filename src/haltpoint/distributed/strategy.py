@@ -51,6 +51,10 @@ class OneProcess:
         """Run `fn` where the writer is (here) and return its result."""
         return fn()
 
+    def gather(self, fn: Callable[[], T], what: str) -> list[T]:
+        """Every rank's `fn()`, by rank: here, this process's."""
+        return [fn()]
+
     def save(self, step: int, state: Mapping[str, Any], commit: Commit) -> CheckpointInfo:
         """Save `state` as `step`: the manager's `commit`, straight."""
         return commit(state, None)
@@ -91,6 +95,11 @@ class Ranks:
         """Run `fn` on rank 0; every rank returns its result or raises its error."""
         result: T = collectives.on_writer(self.group, fn, what)
         return result
+
+    def gather(self, fn: Callable[[], T], what: str) -> list[T]:
+        """Run `fn` on every rank; every rank gets every rank's (picklable) result, by rank,
+        or the same error (`collectives.all_results`)."""
+        return collectives.all_results(self.group, fn, what)
 
     def save(self, step: int, state: Mapping[str, Any], commit: Commit) -> CheckpointInfo:
         """Save `state` as `step`: sharded entries by every rank, the rest by rank 0."""
