@@ -397,3 +397,46 @@ def test_maybe_save_takes_the_same_decision_on_every_rank(ranks: dict[str, Any])
     assert both(ranks, "maybe_save") is None
     assert both(ranks, "maybe_save_saved") == [1, 2]
     assert both(ranks, "maybe_save_listed") == [2]  # keep_last=1
+
+
+@pytest.mark.slow
+def test_a_failed_sharded_save_on_memory_url_does_not_lock_the_run_out(
+    one_rank_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ports test_fsspec.py::TestFileSystem::test_remove_on_fail to haltpoint's side: a
+    sharded save that fails after DCP wrote its files leaves `dcp/` (a real folder on fsspec's
+    memory file system, as on SFTP or HDFS) in an uncommitted step. The next writer removes
+    it; before, its cleanup deleted the folder without `recursive` and every later writer's
+    open raised UnwritableRunError 'Directory not empty'."""
+    import fsspec
+    from torch.distributed.fsdp import fully_shard
+
+    from haltpoint import CheckpointError
+    from haltpoint.distributed import strategy
+
+    url, fs = "memory://haltpoint-test-peer-dcp/leftover", fsspec.filesystem("memory")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    fully_shard(model)
+    state = {"train": ShardedState(model)}
+    real = strategy.write_shards
+
+    def fails_after_writing(*args: Any) -> Any:
+        real(*args)
+        raise CheckpointError("the connection dropped after the write")
+
+    try:
+        with Checkpointer(url, async_save=False) as ckpt:
+            ckpt.save(0, state)
+            monkeypatch.setattr(strategy, "write_shards", fails_after_writing)
+            with pytest.raises(CheckpointError, match="the connection dropped"):
+                ckpt.save(1, state)
+        monkeypatch.undo()
+        assert fs.isdir("/haltpoint-test-peer-dcp/leftover/step-000000001/dcp")
+        with Checkpointer(url, async_save=False) as ckpt:  # removes the leftover
+            assert [i.step for i in ckpt.list()] == [0]
+            ckpt.save(1, state)
+        assert not fs.exists("/haltpoint-test-peer-dcp/leftover/step-000000001/dcp/x")
+        with Checkpointer(url, read_only=True) as reader:
+            assert [i.step for i in reader.list()] == [1]  # keep_last=1
+    finally:
+        fs.rm("/haltpoint-test-peer-dcp", recursive=True)

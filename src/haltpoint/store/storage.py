@@ -656,14 +656,22 @@ class FsspecStorage:
             self.fs.rm(self._path(rel))
 
     def remove_many(self, rels: list[str]) -> None:
-        """One `fs.rm` of all of them: on S3 one `DeleteObjects` request per 1,000 files."""
+        """One `fs.rm` of all of them: on S3 one `DeleteObjects` request per 1,000 files.
+
+        A folder among them (a `dcp/` left by an interrupted sharded save) is removed whole,
+        as on a local disk: on a file system with real folders (memory://, SFTP, HDFS) a plain
+        `rm` of it raises 'Directory not empty'. On S3 a folder is only a key prefix, which
+        the removal of its step folder deletes (`rmtree`).
+        """
         if rels:
             paths = [self._path(rel) for rel in rels]
+            folders = not self._s3
             try:
-                self.fs.rm(paths)  # S3 and GCS: missing keys are not errors
+                self.fs.rm(paths, recursive=folders)  # S3 and GCS: missing keys are not errors
             except FileNotFoundError:  # file systems that stop at the first missing file
-                for rel in rels:
-                    self.remove(rel)
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm(path, recursive=folders)
             for path in paths:
                 self.fs.invalidate_cache(path)
 
