@@ -400,6 +400,22 @@ def test_maybe_save_takes_the_same_decision_on_every_rank(ranks: dict[str, Any])
 
 
 @pytest.mark.slow
+def test_a_run_directory_the_ranks_do_not_share_commits_nothing(ranks: dict[str, Any]) -> None:
+    """Ports test_fsspec.py::test_fsspec onto 2 ranks, where haltpoint must differ: memory://
+    is each process's own, as a node-local disk is each node's, so rank 1's shards land where
+    rank 0 cannot see them. Rank 0 committed a manifest naming rank 1's file anyway: the save
+    went well on both ranks and only the restore said that step 0 cannot be read (and
+    retention would have dropped the older, readable steps for it). Rank 0 now checks that it
+    sees every rank's files before it commits: one line on both ranks, naming rank 1's file
+    and the remedy, and nothing committed."""
+    message = one_line_error(ranks, "memory_save", "CheckpointError")
+    assert "__1_0.distcp" in message and "written by rank 1" in message
+    assert "every rank must see the run directory" in message
+    assert both(ranks, "memory_listed") == []
+    assert both(ranks, "memory_restore") is None  # nothing to restore, on either rank
+
+
+@pytest.mark.slow
 def test_a_failed_sharded_save_on_memory_url_does_not_lock_the_run_out(
     one_rank_group: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

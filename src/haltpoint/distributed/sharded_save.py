@@ -168,7 +168,9 @@ def save_sharded(
             group, lambda: write(shards, rank, None), f"{what}: writing shards"
         )
         info = collectives.on_writer(
-            group, lambda: commit(lambda: _extra(shards, parts)), f"{what}: commit"
+            group,
+            lambda: commit(lambda: _extra(shards, _seen(run, step, parts))),
+            f"{what}: commit",
         )
         return replace(
             info, size=info.size + sum(int(r["size"]) for p in parts for r in p.values())
@@ -182,9 +184,41 @@ def save_sharded(
     copied = collectives.all_results(group, stage, f"{what}: copying shards")
     writer.submit(write, staged[0], f"{what}: writing shards")
     info = collectives.on_writer(
-        group, lambda: commit(lambda: _extra(shards, writer.result())), f"{what}: commit"
+        group,
+        lambda: commit(lambda: _extra(shards, _seen(run, step, writer.result()))),
+        f"{what}: commit",
     )
     return replace(info, size=info.size + sum(copied))
+
+
+def _seen(run: RunDirectory, step: int, parts: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """`parts`, once rank 0 sees every other rank's files where they were written, of the size
+    recorded: the manifest it commits must name only files a restore can read. A run
+    directory the ranks do not share (memory://, a node's own disk) is refused here.
+
+    Raises:
+        CheckpointError: naming the first file rank 0 does not see, and the remedy.
+        OSError: rank 0 cannot look the file up (no permission, an I/O error).
+    """
+    folder = dcp_folder(checkpoint_dirname(step))
+    for rank, part in enumerate(parts):
+        for name, record in sorted(part.items()) if rank else ():
+            rel = f"{folder}/{name}"
+            try:
+                size: int | None = run.storage.size(rel)
+            except FileNotFoundError:
+                size = None
+            if size != int(record["size"]):
+                where = run.storage.local_path(rel) or f"{run.storage.url}/{rel}"
+                seen = "does not exist" if size is None else f"has {size} bytes"
+                raise CheckpointError(
+                    f"{where}, written by rank {rank} ({record['size']} bytes), "
+                    f"{seen} for rank 0: every rank must see the run directory (a shared "
+                    "file system or an object store; memory:// and a node's own disk are "
+                    "not shared); nothing was committed",
+                    path=where,
+                )
+    return parts
 
 
 def _extra(shards: Mapping[str, Any], parts: list[Mapping[str, Any]]) -> dict[str, Any]:
