@@ -71,9 +71,10 @@ def both(ranks: dict[str, Any], key: str) -> Any:
 
 
 def one_line_error(ranks: dict[str, Any], key: str, kind: str) -> str:
-    """The error both ranks got at `key`: the same class `kind`, the same single line, and
-    raised by haltpoint (no raw torch or gloo error)."""
+    """The error both ranks got at `key` (or at its "outcome"): the same class `kind`, the
+    same single line, and raised by haltpoint (no raw torch or gloo error)."""
     got = both(ranks, key)
+    got = got.get("outcome", got) if isinstance(got, dict) else got
     assert isinstance(got, dict) and not got.get("raw"), got
     assert got["error"] == kind, got
     assert "\n" not in got["message"]
@@ -456,3 +457,30 @@ def test_a_failed_sharded_save_on_memory_url_does_not_lock_the_run_out(
             assert [i.step for i in reader.list()] == [1]  # keep_last=1
     finally:
         fs.rm("/haltpoint-test-peer-dcp", recursive=True)
+
+
+@pytest.mark.slow
+def test_a_load_into_a_model_that_does_not_fit_is_a_state_mismatch(ranks: dict[str, Any]) -> None:
+    """Ports test_state_dict.py's strict loads and test_file_system_checkpoint_cpu.py::
+    test_dtype_mismatch_casting. haltpoint differs from DCP on purpose, as for its own
+    entries: it never converts dtypes (DCP silently cast a float16 checkpoint into a float32
+    template), and a model that does not fit is StateMismatchError, checked on every rank
+    before DCP reads a byte (DCP's 'Size mismatch' and 'Missing key' came out as
+    CorruptCheckpointError, 'the checkpoint is damaged', and strict=False did not skip the
+    missing layer). Nothing is loaded; strict=False loads what the checkpoint holds and
+    reports the rest as missing."""
+    shape = one_line_error(ranks, "mismatch_shape", "StateMismatchError")
+    assert "train.model.0.weight" in shape and "(32, 8)" in shape and "(16, 8)" in shape
+    extra = one_line_error(ranks, "mismatch_extra_layer", "StateMismatchError")
+    assert "train.model.3.weight" in extra and "strict=False" in extra
+    for key in ("mismatch_shape", "mismatch_extra_layer"):
+        assert both(ranks, key)["unchanged"] is True
+    lax = both(ranks, "mismatch_extra_layer_lax")
+    assert lax["outcome"] == "loaded" and lax["loaded_saved"] is True
+    assert "train.model.3.weight" in lax["missing"] and "train.model.3.bias" in lax["missing"]
+    dtype = both(ranks, "dtype_mismatch")
+    assert dtype["outcome"]["error"] == "StateMismatchError", dtype
+    assert "tensors.f16" in dtype["outcome"]["message"]
+    assert "torch.float32" in dtype["outcome"]["message"]
+    assert "torch.float16" in dtype["outcome"]["message"]
+    assert dtype["changed"] is False

@@ -307,8 +307,10 @@ class RunReader:
             saved_rest = {k: v for k, v in saved.items() if k not in record.entries}
             load_rest = plan_load(rest, saved_rest, strict=strict)  # checked before DCP loads
             targets = {n: state[n] for n in names}
-            load_shards(self.run.storage, dcp_folder(entry.dirname), targets, record.files)
+            folder = dcp_folder(entry.dirname)
+            missing = load_shards(self.run.storage, folder, targets, record.files, strict)
             report = load_rest()
+            report.missing.extend(missing)
             report.unexpected.extend(n for n in record.entries if n not in state)
             state.update(rest)  # plain values were replaced in `rest`
         else:

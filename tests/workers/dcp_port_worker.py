@@ -281,6 +281,8 @@ def mismatch(root: str, r: dict[str, Any]) -> None:
         return {
             "outcome": got if isinstance(got, dict) else "loaded",
             "unchanged": same(before, after),
+            "missing": None if isinstance(got, dict) or got.report is None else got.report.missing,
+            "loaded_saved": all(same(after["model"].get(k), v) for k, v in saved["model"].items()),
         }
 
     r["mismatch_shape"] = into(shard(build(1, hidden=32)))

@@ -23,6 +23,7 @@ from haltpoint.distributed.ranks import initialized
 from haltpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
+    StateMismatchError,
     first_line,
     not_damage,
     unreadable,
@@ -223,10 +224,20 @@ def _read_failed(path: str, exc: OSError) -> CheckpointError:
 
 
 def load_shards(
-    storage: Storage, folder: str, entries: Mapping[str, Any], files: Mapping[str, ShardFile]
-) -> None:
+    storage: Storage,
+    folder: str,
+    entries: Mapping[str, Any],
+    files: Mapping[str, ShardFile],
+    strict: bool = True,
+) -> list[str]:
     """Load the DCP checkpoint in `folder` of `storage` into `entries`, resharding to this
-    world size.
+    world size; return the values of `entries` that the checkpoint does not hold (dotted,
+    as DCP names them), which a non-`strict` load leaves as they were.
+
+    Every tensor of `entries` must have the checkpoint's (global) shape and dtype: DCP
+    would convert dtypes silently, haltpoint never does (as for its own entries). That,
+    and with `strict` that the checkpoint holds every value, is checked before DCP reads
+    anything.
 
     Objects with `load_state_dict` get their own state dict filled by DCP (FSDP2 modules
     their shards, plain modules the full tensors); tensors are filled in place. Under a
@@ -236,6 +247,7 @@ def load_shards(
     rank-local one (`safe_reader`), and reads non-tensor values through `SafeLoadPlanner`.
 
     Raises:
+        StateMismatchError: `entries` do not fit the checkpoint.
         CorruptCheckpointError: the metadata or a value is refused, or DCP fails to load
             (its `CheckpointException`, translated).
     """
@@ -244,8 +256,9 @@ def load_shards(
 
     from haltpoint.distributed.safe_metadata import SafeLoadPlanner, safe_reader
 
-    _check_metadata(storage, folder, files)  # a clear error before DCP starts
+    metadata = _check_metadata(storage, folder, files)  # a clear error before DCP starts
     targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
+    missing = _check_fit(targets, metadata, strict)
     reader = safe_reader(
         _dcp_io(storage, folder, False), lambda: _check_metadata(storage, folder, files)
     )
@@ -253,7 +266,7 @@ def load_shards(
         dcp.load(
             targets,
             storage_reader=reader,
-            planner=SafeLoadPlanner(),
+            planner=SafeLoadPlanner(allow_partial_load=not strict),
             no_dist=initialized() is None,
         )
     except CheckpointException as exc:
@@ -263,6 +276,52 @@ def load_shards(
             value.load_state_dict(targets[name])
         elif isinstance(value, torch.Tensor) and targets[name] is not value:
             value.copy_(targets[name])
+    return missing
+
+
+def _check_fit(targets: dict[str, Any], metadata: Any, strict: bool) -> list[str]:
+    """The values of `targets` (by DCP's dotted names) that `metadata` does not hold.
+
+    Raises:
+        StateMismatchError: a tensor whose global shape or dtype differs from the
+            checkpoint's, a tensor where the checkpoint holds another value, or (`strict`)
+            a value the checkpoint does not hold.
+    """
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    flat, _ = flatten_state_dict(targets)
+    saved = metadata.state_dict_metadata
+    missing = [fqn for fqn in flat if fqn not in saved]
+    wrong: list[str] = []
+    for fqn, value in flat.items():
+        record = saved.get(fqn)
+        if record is None or not isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(record, TensorStorageMetadata):
+            wrong.append(f"{fqn}: the state holds a tensor, the checkpoint another value")
+        elif tuple(record.size) != tuple(value.shape) or record.properties.dtype != value.dtype:
+            wrong.append(
+                f"{fqn}: the state has shape {tuple(value.shape)} and dtype {value.dtype}, "
+                f"the checkpoint shape {tuple(record.size)} and dtype "
+                f"{record.properties.dtype}"
+            )
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise StateMismatchError(
+            f"cannot load the sharded state: {wrong[0]}{more}; haltpoint does not convert "
+            "dtypes or reshape: build the model (and optimizer) as they were saved, then "
+            "restore"
+        )
+    if strict and missing:
+        names = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise StateMismatchError(
+            f"the sharded checkpoint does not hold {names}; restore only the entries it "
+            "holds, or pass strict=False to skip them"
+        )
+    return missing
 
 
 def _dcp_error(kind: type[E], doing: str, folder: str, exc: Any) -> E:
