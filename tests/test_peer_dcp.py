@@ -347,9 +347,11 @@ def test_ranks_whose_stoppers_disagree_around_a_sharded_save(
 @pytest.mark.slow
 def test_rank0s_full_disk_during_a_sharded_save(ranks: dict[str, Any]) -> None:
     """Ports test_save_error_handling's fail_write_data on the coordinator: rank 0's DCP write
-    hits ENOSPC. Both ranks raise the same line naming rank 0 and the full disk; nothing is
-    committed and step 0 restores."""
-    message = one_line_error(ranks, "disk_full", "CheckpointError")
+    hits ENOSPC. Both ranks raise the same line naming rank 0 and the full disk, as the
+    InsufficientSpaceError a full disk is in every other save (it was the bare
+    CheckpointError); nothing is committed and step 0 restores."""
+    message = one_line_error(ranks, "disk_full", "InsufficientSpaceError")
+    assert "nothing was committed" in message
     assert "DCP failed to save on rank 0: OSError: [Errno 28] No space left on device" in message
     assert both(ranks, "disk_full_listed") == [0]
     assert both(ranks, "disk_full_previous") is True
@@ -360,9 +362,12 @@ def test_a_rank_raising_inside_dcps_read_fails_the_restore_on_every_rank(
     ranks: dict[str, Any],
 ) -> None:
     """Ports test_checkpoint.py::test_load_error_handling (fail_read_data on one rank): DCP's
-    `read_data` raises EIO on rank 1 only. Both ranks raise the same line naming rank 1; the
-    checkpoint is not set aside (an I/O error is no damage) and the next restore loads it."""
-    message = one_line_error(ranks, "restore_raise", "CorruptCheckpointError")
+    `read_data` raises EIO on rank 1 only. Both ranks raise the same line naming rank 1: an
+    UnreadableCheckpointError, as for any file that cannot be read now (it said
+    CorruptCheckpointError, 'damaged', of an intact checkpoint); the checkpoint is not set
+    aside and the next restore loads it."""
+    message = one_line_error(ranks, "restore_raise", "UnreadableCheckpointError")
+    assert "not damage" in message
     assert "DCP failed to load on rank 1: OSError: [Errno 5] Input/output error" in message
     assert both(ranks, "restore_raise_listed") == [0]
     assert both(ranks, "restore_raise_quarantine") is False

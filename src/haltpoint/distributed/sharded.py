@@ -14,6 +14,7 @@ and loading them onto any world size (`load_shards`).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -23,7 +24,9 @@ from haltpoint.distributed.ranks import initialized
 from haltpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
+    InsufficientSpaceError,
     StateMismatchError,
+    UnreadableCheckpointError,
     first_line,
     not_damage,
     unreadable,
@@ -324,20 +327,33 @@ def _check_fit(targets: dict[str, Any], metadata: Any, strict: bool) -> list[str
     return missing
 
 
-def _dcp_error(kind: type[E], doing: str, folder: str, exc: Any) -> E:
+def _dcp_error(kind: type[E], doing: str, folder: str, exc: Any) -> CheckpointError:
     """DCP's `CheckpointException` (a BaseException holding every failed rank's exception)
-    as one line of `kind`; a refusal of ours raised inside DCP keeps its own message."""
+    as one line of `kind`; a refusal of ours raised inside DCP keeps its own message. A full
+    disk is `InsufficientSpaceError`, and a read that fails for a reason that is no damage
+    (`not_damage`: EIO, no permission, a timeout) `UnreadableCheckpointError`, as for the
+    checkpoint's other files."""
     failures = sorted(exc.failures.items())
     if not failures:
         return kind(f"{folder}: DCP failed to {doing}: {exc}", path=folder)
     rank, (cause, _trace) = failures[0]
     if isinstance(cause, CheckpointError):
         return kind(f"{folder}: {cause}", path=folder)
-    return kind(
+    message = (
         f"{folder}: DCP failed to {doing} on rank {rank}: {type(cause).__name__}: "
-        f"{first_line(cause)}",
-        path=folder,
+        f"{first_line(cause)}"
     )
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpaceError(
+            f"{message}; free space and save again (nothing was committed)", path=folder
+        )
+    if doing == "load" and not_damage(cause):
+        return UnreadableCheckpointError(
+            f"{message}; check the disk or file system and restore again (an unreadable "
+            "checkpoint is not damage: nothing was set aside or deleted)",
+            path=folder,
+        )
+    return kind(message, path=folder)
 
 
 class ShardedState:
