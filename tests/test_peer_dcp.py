@@ -298,25 +298,43 @@ def test_a_rank_raising_inside_dcps_write_fails_the_save_on_every_rank(
 
 
 @pytest.mark.slow
-def test_a_rank_killed_inside_dcps_write_fails_the_survivor_at_once(tmp_path: Path) -> None:
-    """Rank 1 exits (os._exit) in the middle of DCP's write of step 1. Rank 0's save raises
-    one line, 'the ranks lost contact', within seconds (gloo sees the closed socket), and so
-    does its `close()` (no hang); step 1 is not committed and step 0 restores in a later
-    process, which also removes the dead save's leftover folder when it opens a writer.
-    (tests/test_multinode.py kills a whole node of 2 ranks with SIGKILL.)"""
+@pytest.mark.parametrize(
+    ("case", "call"),
+    [
+        ("save", "save(1)"),
+        ("async", "wait()"),
+        ("restore", "restore('latest')"),
+        ("hang", "save(1)"),
+    ],
+)
+def test_a_rank_dying_inside_dcp_fails_the_survivor_at_once(
+    tmp_path: Path, case: str, call: str
+) -> None:
+    """Rank 1 exits (os._exit) in the middle of DCP's write of step 1 (`save`: synchronous;
+    `async`: in the background, so rank 0's `save` returned and `wait()` raises), or of its
+    read in `restore`; or (`hang`) it stops answering, past the process group's timeout (3 s
+    here), before it exits. Rank 0 raises one line, 'the ranks lost contact', at once (gloo
+    sees the closed socket) or at the timeout, and so does its `close()` (no hang). Step 1 is
+    not committed and step 0 restores in a later process, which also removes the dead save's
+    leftover folder when it opens a writer. (tests/test_multinode.py kills a whole node of 2
+    ranks with SIGKILL.)"""
     root, out = tmp_path / "runs", tmp_path / "out"
     out.mkdir()
-    _launch("kill", root, out)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={free_port()}", str(WORKER), "--mode", "kill", "--case", case,
+        "--root", str(root), "--out", str(out),
+    ]  # fmt: skip
+    run_checked(command, what=f"dcp_port_worker kill {case}", timeout=TIMEOUT_S)
     got = json.loads((out / "kill-rank0.json").read_text())
     assert not (out / "kill-rank1.json").exists()
-    for key, call in (("kill", "save(1)"), ("kill_close", "close()")):
+    for key, at in (("kill", call), ("kill_close", "close()")):
         assert got[key]["error"] == "CheckpointError" and not got[key].get("raw"), got[key]
-        assert got[key]["message"].startswith(f"{call}")
+        assert got[key]["message"].startswith(at), got[key]
         assert "the ranks lost contact" in got[key]["message"]
         assert "\n" not in got[key]["message"]
-    assert got["kill_seconds"] < 20
-    run = root / "kill"
-    assert (run / "step-000000001" / "dcp").is_dir()
+    assert got["kill_seconds"] < (10 if case == "hang" else 5)
+    run = root / f"kill-{case}"
     assert not (run / "step-000000001" / "manifest.json").exists()
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     with Checkpointer(run, read_only=True) as reader:

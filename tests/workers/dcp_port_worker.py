@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from haltpoint import Checkpointer, CheckpointError, EarlyStopping, ShardedState
 
 TIMEOUT = datetime.timedelta(seconds=30)
+TIMEOUT_HANG = datetime.timedelta(seconds=3)  # the process group's, for --case hang
 
 
 def build(seed: int, hidden: int = 16, extra: bool = False) -> torch.nn.Module:
@@ -416,8 +417,13 @@ def rank_raises_in_restore(root: str, r: dict[str, Any]) -> None:
 
         fresh = shard(build(4))
         back = ShardedState(fresh, torch.optim.AdamW(fresh.parameters()))
+        before = {k: v.to_local().clone() for k, v in fresh.state_dict().items()}
         with Patch(FileSystemReader, "read_data", read_data, (1,)):
             r["restore_raise"] = outcome(lambda: done(ckpt.restore({"train": back})))
+        after = fresh.state_dict()
+        r["restore_raise_unchanged"] = all(
+            torch.equal(v, after[k].to_local()) for k, v in before.items()
+        )
         r["restore_raise_listed"] = [i.step for i in ckpt.list()]
         r["restore_raise_quarantine"] = os.path.isdir(f"{run}/quarantine")
         again = outcome(lambda: ckpt.restore({"train": back}).step)
@@ -549,26 +555,41 @@ def port(args: argparse.Namespace) -> None:
 
 
 def kill(args: argparse.Namespace) -> None:
-    """Rank 1 exits in the middle of DCP's write of step 1."""
+    """Rank 1 exits (or, `--case hang`, stops answering) in the middle of DCP's write of
+    step 1 (`save`: synchronous; `async`: in the background), or of its read (`restore`)."""
     rank = dist.get_rank()
-    run = f"{args.root}/kill"
+    run = f"{args.root}/kill-{args.case}"
     model, optimizer = trained()
     r: dict[str, Any] = {}
-    ckpt = Checkpointer(run, async_save=False)
+    ckpt = Checkpointer(run, async_save=args.case == "async")
     ckpt.save(0, {"train": ShardedState(model, optimizer)})
+    ckpt.wait()
     train_step(model, optimizer, 5)
-    real = FileSystemWriter.write_data
+    owner, name = (
+        (FileSystemReader, "read_data")
+        if args.case == "restore"
+        else (FileSystemWriter, "write_data")
+    )
+    real = getattr(owner, name)
 
     def dies(self: Any, plan: Any, planner: Any) -> Any:
         if rank == 1:
+            if args.case == "hang":  # silent past the process group's timeout, then gone
+                time.sleep(2 * TIMEOUT_HANG.total_seconds())
             os._exit(0)
         return real(self, plan, planner)
 
-    FileSystemWriter.write_data = dies  # type: ignore[method-assign]
+    setattr(owner, name, dies)
     start = time.monotonic()
-    r["kill"] = outcome(lambda: done(ckpt.save(1, {"train": ShardedState(model, optimizer)})))
+    if args.case == "restore":
+        fresh = shard(build(4))
+        call = lambda: done(ckpt.restore({"train": ShardedState(fresh)}))  # noqa: E731
+    else:
+        state = {"train": ShardedState(model, optimizer)}
+        call = lambda: done(ckpt.save(1, state), ckpt.wait())  # noqa: E731
+    r["kill"] = outcome(call)
     r["kill_seconds"] = time.monotonic() - start
-    FileSystemWriter.write_data = real  # type: ignore[method-assign]
+    setattr(owner, name, real)
     r["kill_close"] = outcome(ckpt.close)  # a collective too: it raises, it does not hang
     with open(f"{args.out}/kill-rank{rank}.json", "w") as f:
         json.dump(r, f, default=str)
@@ -597,8 +618,9 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="")
+    parser.add_argument("--case", choices=("save", "async", "restore", "hang"), default="save")
     args = parser.parse_args()
-    dist.init_process_group("gloo", timeout=TIMEOUT)
+    dist.init_process_group("gloo", timeout=TIMEOUT_HANG if args.case == "hang" else TIMEOUT)
     {"port": port, "kill": kill, "restore1": restore1}[args.mode](args)
     dist.barrier()
     end_rank()
