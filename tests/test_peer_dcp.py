@@ -386,6 +386,12 @@ def test_a_rank_raising_inside_dcps_read_fails_the_restore_on_every_rank(
     aside and the next restore loads it."""
     message = one_line_error(ranks, "restore_raise", "UnreadableCheckpointError")
     assert "not damage" in message
+    # DCP loads in place: rank 0 read its shards before rank 1 failed, so the ranks now
+    # hold different weights; the line says so (it did not) and what to do
+    r0, r1 = ranks["r"]
+    assert r0["restore_raise_unchanged"] is False and r1["restore_raise_unchanged"] is True
+    assert "may already hold part of the checkpoint" in message
+    assert "build them afresh before restoring again" in message
     assert "DCP failed to load on rank 1: OSError: [Errno 5] Input/output error" in message
     assert both(ranks, "restore_raise_listed") == [0]
     assert both(ranks, "restore_raise_quarantine") is False

@@ -337,11 +337,18 @@ def _dcp_error(kind: type[E], doing: str, folder: str, exc: Any) -> CheckpointEr
     if not failures:
         return kind(f"{folder}: DCP failed to {doing}: {exc}", path=folder)
     rank, (cause, _trace) = failures[0]
+    # DCP loads in place, each rank as its reads arrive: some may hold part of it by now
+    partial = (
+        "; the sharded entries may already hold part of the checkpoint on some ranks: build "
+        "them afresh before restoring again"
+        if doing == "load"
+        else ""
+    )
     if isinstance(cause, CheckpointError):
-        return kind(f"{folder}: {cause}", path=folder)
+        return kind(f"{folder}: {cause}{partial}", path=folder)
     message = (
         f"{folder}: DCP failed to {doing} on rank {rank}: {type(cause).__name__}: "
-        f"{first_line(cause)}"
+        f"{first_line(cause)}{partial}"
     )
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientSpaceError(
