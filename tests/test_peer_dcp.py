@@ -513,3 +513,14 @@ def test_a_load_into_a_model_that_does_not_fit_is_a_state_mismatch(ranks: dict[s
     assert "torch.float32" in dtype["outcome"]["message"]
     assert "torch.float16" in dtype["outcome"]["message"]
     assert dtype["changed"] is False
+
+
+@pytest.mark.slow
+def test_ranks_passing_different_sharded_entries_commit_nothing(ranks: dict[str, Any]) -> None:
+    """Ports e2e's test_different_ordered_state_dict_keys to keys that differ, not only their
+    order: rank 1 passes one more sharded entry (an EMA copy) than rank 0. DCP's global plan
+    sees that entry's shards cover half of it and refuses; both ranks raise the same line and
+    nothing is committed."""
+    message = one_line_error(ranks, "different_entries", "CheckpointError")
+    assert "DCP failed to save on rank 0" in message and "ema.0.weight" in message
+    assert both(ranks, "different_entries_listed") == []

@@ -519,6 +519,19 @@ def maybe_save_decisions(root: str, r: dict[str, Any]) -> None:
     r["maybe_save_listed"] = steps(run)
 
 
+def different_entries(root: str, r: dict[str, Any]) -> None:
+    """Rank 1 passes one more sharded entry than rank 0 (an EMA copy of the weights)."""
+    run = f"{root}/different-entries"
+    model, optimizer = trained()
+    state: dict[str, Any] = {"train": ShardedState(model, optimizer)}
+    if dist.get_rank() == 1:
+        state["ema"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with Checkpointer(run, async_save=False) as ckpt:
+        r["different_entries"] = outcome(lambda: done(ckpt.save(0, state)))
+    dist.barrier()
+    r["different_entries_listed"] = steps(run)
+
+
 # -- modes ------------------------------------------------------------------------------------
 
 
@@ -538,6 +551,7 @@ def port(args: argparse.Namespace) -> None:
         ("diverge_0", lambda: diverging_stoppers(args.root, r, 0)),
         ("diverge_1", lambda: diverging_stoppers(args.root, r, 1)),
         ("maybe_save", lambda: maybe_save_decisions(args.root, r)),
+        ("different_entries", lambda: different_entries(args.root, r)),
     ]
     only = set(args.only.split(",")) if args.only else None
     for name, case in cases:
