@@ -141,7 +141,7 @@ def test_reshard_saved_on_2_ranks_loaded_in_one_process(
     optimizer = torch.optim.AdamW(model.parameters())
     state = {"train": ShardedState(model, optimizer), "epoch": None}
     with Checkpointer(run, read_only=True) as reader:
-        info = reader.restore(state, strict=False)
+        info = reader.restore(state)
     assert info is not None and info.step == 0 and state["epoch"] == 2
     saved = torch.load(ranks["out"] / "round-trip-full.pt", weights_only=True)
     got = state["train"].state_dict()
@@ -302,18 +302,20 @@ def test_a_rank_raising_inside_dcps_write_fails_the_save_on_every_rank(
     ("case", "call"),
     [
         ("save", "save(1)"),
-        ("async", "wait()"),
+        ("async", ("save(1)", "wait()")),  # as rank 1's thread dies, before or after save
         ("restore", "restore('latest')"),
         ("hang", "save(1)"),
+        ("writer", "save(1)"),
     ],
 )
 def test_a_rank_dying_inside_dcp_fails_the_survivor_at_once(
-    tmp_path: Path, case: str, call: str
+    tmp_path: Path, case: str, call: str | tuple[str, ...]
 ) -> None:
     """Rank 1 exits (os._exit) in the middle of DCP's write of step 1 (`save`: synchronous;
     `async`: in the background, so rank 0's `save` returned and `wait()` raises), or of its
     read in `restore`; or (`hang`) it stops answering, past the process group's timeout (3 s
-    here), before it exits. Rank 0 raises one line, 'the ranks lost contact', at once (gloo
+    here), before it exits; or (`writer`) rank 0, the writer, exits in its write and rank 1
+    survives. The survivor raises one line, 'the ranks lost contact', at once (gloo
     sees the closed socket) or at the timeout, and so does its `close()` (no hang). Step 1 is
     not committed and step 0 restores in a later process, which also removes the dead save's
     leftover folder when it opens a writer. (tests/test_multinode.py kills a whole node of 2
@@ -326,11 +328,12 @@ def test_a_rank_dying_inside_dcp_fails_the_survivor_at_once(
         "--root", str(root), "--out", str(out),
     ]  # fmt: skip
     run_checked(command, what=f"dcp_port_worker kill {case}", timeout=TIMEOUT_S)
-    got = json.loads((out / "kill-rank0.json").read_text())
-    assert not (out / "kill-rank1.json").exists()
+    survivor = 1 if case == "writer" else 0
+    got = json.loads((out / f"kill-rank{survivor}.json").read_text())
+    assert not (out / f"kill-rank{1 - survivor}.json").exists()
     for key, at in (("kill", call), ("kill_close", "close()")):
         assert got[key]["error"] == "CheckpointError" and not got[key].get("raw"), got[key]
-        assert got[key]["message"].startswith(at), got[key]
+        assert got[key]["message"].startswith(at), got[key]  # a str, or a tuple of them
         assert "the ranks lost contact" in got[key]["message"]
         assert "\n" not in got[key]["message"]
     assert got["kill_seconds"] < (10 if case == "hang" else 5)
@@ -524,3 +527,26 @@ def test_ranks_passing_different_sharded_entries_commit_nothing(ranks: dict[str,
     message = one_line_error(ranks, "different_entries", "CheckpointError")
     assert "DCP failed to save on rank 0" in message and "ema.0.weight" in message
     assert both(ranks, "different_entries_listed") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "failed"),
+    [
+        ("plan", "DCP failed to save on rank 1: OSError: injected"),
+        ("finish", "DCP failed to save on rank 0: OSError: injected"),
+        ("stage", "save(1): copying shards failed on rank 1: OSError: injected"),
+    ],
+)
+def test_dcps_other_save_steps_failing_on_one_rank(
+    ranks: dict[str, Any], key: str, failed: str
+) -> None:
+    """Ports test_checkpoint.py::test_save_error_handling's other failure points: the local
+    plan (`prepare_local_plan`) on rank 1, the coordinator's `finish` (DCP's `.metadata`) on
+    rank 0, and (async) the copy of rank 1's shards. Both ranks raise the same line; nothing
+    is committed; saving step 1 again works."""
+    message = one_line_error(ranks, f"dcp_step_{key}", "CheckpointError")
+    assert failed in message
+    assert both(ranks, f"dcp_step_{key}_listed") == [0]
+    assert both(ranks, f"dcp_step_{key}_again") is None
+    assert both(ranks, f"dcp_step_{key}_listed_after") == [1]

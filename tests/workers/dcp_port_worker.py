@@ -519,6 +519,39 @@ def maybe_save_decisions(root: str, r: dict[str, Any]) -> None:
     r["maybe_save_listed"] = steps(run)
 
 
+def dcp_steps_failing(root: str, r: dict[str, Any]) -> None:
+    """DCP's other steps of a save failing on one rank: rank 1's local plan, rank 0's
+    `finish` (the `.metadata` write), and (async) rank 1's copy of its shards."""
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    model, optimizer = trained()
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("injected")
+
+    points = (
+        ("plan", FileSystemWriter, "prepare_local_plan", 1, False),
+        ("finish", FileSystemWriter, "finish", 0, False),
+        ("stage", DefaultStager, "stage", 1, True),
+    )
+    for key, owner, name, rank, async_save in points:
+        run = f"{root}/dcp-step-{key}"
+        with Checkpointer(run, async_save=async_save) as ckpt:
+            ckpt.save(0, {"train": ShardedState(model, optimizer)})
+            ckpt.wait()
+            with Patch(owner, name, fails, (rank,)):
+                r[f"dcp_step_{key}"] = outcome(
+                    lambda c=ckpt: done(
+                        c.save(1, {"train": ShardedState(model, optimizer)}), c.wait()
+                    )
+                )
+            r[f"dcp_step_{key}_listed"] = [i.step for i in ckpt.list()]
+            r[f"dcp_step_{key}_again"] = outcome(
+                lambda c=ckpt: done(c.save(1, {"train": ShardedState(model, optimizer)}), c.wait())
+            )
+            r[f"dcp_step_{key}_listed_after"] = [i.step for i in ckpt.list()]
+
+
 def different_entries(root: str, r: dict[str, Any]) -> None:
     """Rank 1 passes one more sharded entry than rank 0 (an EMA copy of the weights)."""
     run = f"{root}/different-entries"
@@ -552,6 +585,7 @@ def port(args: argparse.Namespace) -> None:
         ("diverge_1", lambda: diverging_stoppers(args.root, r, 1)),
         ("maybe_save", lambda: maybe_save_decisions(args.root, r)),
         ("different_entries", lambda: different_entries(args.root, r)),
+        ("dcp_steps", lambda: dcp_steps_failing(args.root, r)),
     ]
     only = set(args.only.split(",")) if args.only else None
     for name, case in cases:
@@ -570,7 +604,8 @@ def port(args: argparse.Namespace) -> None:
 
 def kill(args: argparse.Namespace) -> None:
     """Rank 1 exits (or, `--case hang`, stops answering) in the middle of DCP's write of
-    step 1 (`save`: synchronous; `async`: in the background), or of its read (`restore`)."""
+    step 1 (`save`: synchronous; `async`: in the background), or of its read (`restore`);
+    `--case writer`: rank 0 exits in the middle of its synchronous write."""
     rank = dist.get_rank()
     run = f"{args.root}/kill-{args.case}"
     model, optimizer = trained()
@@ -586,8 +621,10 @@ def kill(args: argparse.Namespace) -> None:
     )
     real = getattr(owner, name)
 
+    dying = 0 if args.case == "writer" else 1
+
     def dies(self: Any, plan: Any, planner: Any) -> Any:
-        if rank == 1:
+        if rank == dying:
             if args.case == "hang":  # silent past the process group's timeout, then gone
                 time.sleep(2 * TIMEOUT_HANG.total_seconds())
             os._exit(0)
@@ -632,7 +669,9 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="")
-    parser.add_argument("--case", choices=("save", "async", "restore", "hang"), default="save")
+    parser.add_argument(
+        "--case", choices=("save", "async", "restore", "hang", "writer"), default="save"
+    )
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=TIMEOUT_HANG if args.case == "hang" else TIMEOUT)
     {"port": port, "kill": kill, "restore1": restore1}[args.mode](args)
