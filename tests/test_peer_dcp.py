@@ -128,6 +128,18 @@ def test_dtensor_dtypes_uneven_and_empty_shards(ranks: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("into", ["colwise", "replicate", "rowwise"])
+def test_load_rowwise_to_colwise_and_replicated(ranks: dict[str, Any], into: str) -> None:
+    """Ports test_file_system_checkpoint_cpu.py::TestDistributedReshardOnLoad::
+    test_load_rowwise_to_colwise and test_dedup_tensors.py: a DTensor saved row-wise
+    (Shard(0)) and one replicated, loaded column-wise (Shard(1)), replicated and row-wise on
+    the same 2 ranks, exactly; DCP recorded the replicated one as one chunk (written once)."""
+    got = both(ranks, "placements")[into]
+    assert got == {"outcome": 0, "rows": True, "replicated": True}
+    assert both(ranks, "placements_chunks") == {"tensors.rows": 2, "tensors.replicated": 1}
+
+
+@pytest.mark.slow
 def test_reshard_saved_on_2_ranks_loaded_in_one_process(
     ranks: dict[str, Any], tmp_path: Path
 ) -> None:

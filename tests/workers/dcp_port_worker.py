@@ -242,6 +242,47 @@ def dtypes_and_empty(root: str, r: dict[str, Any]) -> None:
     }
 
 
+def placements(root: str, r: dict[str, Any]) -> None:
+    """Saved row-wise (Shard(0)) and replicated (Replicate(): DCP writes it once), loaded
+    column-wise (Shard(1)), replicated, and row-wise."""
+    from torch.distributed.tensor import Replicate
+
+    run = f"{root}/placements"
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(9)
+    rows, same_everywhere = torch.randn(4, 6), torch.randn(3, 5)
+    saved = {
+        "rows": distribute_tensor(rows, mesh, [Shard(0)]),
+        "replicated": distribute_tensor(same_everywhere, mesh, [Replicate()]),
+    }
+    with Checkpointer(run, async_save=False) as ckpt:
+        ckpt.save(0, {"tensors": saved})
+    result = {}
+    for name, placement in (
+        ("colwise", Shard(1)),
+        ("replicate", Replicate()),
+        ("rowwise", Shard(0)),
+    ):
+        target = {
+            "rows": distribute_tensor(torch.zeros(4, 6), mesh, [placement]),
+            "replicated": distribute_tensor(torch.zeros(3, 5), mesh, [placement]),
+        }
+        with Checkpointer(run, read_only=True) as reader:
+            got = outcome(lambda t=target: reader.restore({"tensors": t}).step)
+        result[name] = {
+            "outcome": got,
+            "rows": torch.equal(target["rows"].full_tensor(), rows),
+            "replicated": torch.equal(target["replicated"].full_tensor(), same_everywhere),
+        }
+    r["placements"] = result
+
+    from haltpoint.distributed.safe_metadata import check_metadata
+
+    with open(f"{run}/step-000000000/dcp/.metadata", "rb") as f:
+        metadata = check_metadata(f, "m")
+    r["placements_chunks"] = {k: len(v.chunks) for k, v in metadata.state_dict_metadata.items()}
+
+
 def overwrite(root: str, r: dict[str, Any]) -> None:
     """A committed step is never written again: the second save raises on every rank and
     the checkpoint keeps the first save's values."""
@@ -573,6 +614,7 @@ def port(args: argparse.Namespace) -> None:
     cases: list[tuple[str, Callable[[], None]]] = [
         ("round_trip", lambda: round_trip(args.root, args.out, r)),
         ("dtypes", lambda: dtypes_and_empty(args.root, r)),
+        ("placements", lambda: placements(args.root, r)),
         ("overwrite", lambda: overwrite(args.root, r)),
         ("mismatch", lambda: mismatch(args.root, r)),
         ("memory", lambda: memory_url(args.root, r)),
