@@ -562,3 +562,23 @@ def test_dcps_other_save_steps_failing_on_one_rank(
     assert both(ranks, f"dcp_step_{key}_listed") == [0]
     assert both(ranks, f"dcp_step_{key}_again") is None
     assert both(ranks, f"dcp_step_{key}_listed_after") == [1]
+
+
+@pytest.mark.slow
+def test_a_model_that_does_not_fit_on_one_rank_only_fails_the_restore_at_once(
+    ranks: dict[str, Any],
+) -> None:
+    """Ports test_checkpoint.py::test_load_error_handling's fail_prepare_local_plan on rank
+    1, as haltpoint meets it: only rank 1's model does not fit the checkpoint. Every rank's
+    checks are agreed on before any rank enters DCP's collective load, so both ranks raise the
+    same StateMismatchError line at once, nothing is loaded and the process group still
+    works. Before, rank 1 failed its check and went on to the outcome all-gather while rank 0
+    sat in DCP's load: both waited out the process group's timeout (30 s here, 30 minutes by
+    default), then said 'the ranks lost contact ... a rank or node died', and every later
+    call failed the same way."""
+    message = one_line_error(ranks, "local_mismatch", "StateMismatchError")
+    assert "train.model.0.weight" in message and "(32, 8)" in message
+    r0, r1 = ranks["r"]
+    assert r0["local_mismatch_seconds"] < 10 and r1["local_mismatch_seconds"] < 10
+    assert both(ranks, "local_mismatch_unchanged") is True
+    assert both(ranks, "local_mismatch_then") == [0]

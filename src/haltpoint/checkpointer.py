@@ -694,22 +694,27 @@ class Checkpointer:
                         raise self._not_set_aside(entry, exc) from exc
             return found
 
-        def load(found: Found) -> CheckpointInfo:
-            self._evictor.intact.add(found.entry.step)
-            if self._writes_here():
-                self._last = found.entry.step
-            info = self._reader.load(
+        def prepare(found: Found) -> Callable[[], CheckpointInfo]:
+            apply = self._reader.plan(
                 found, state, strict=strict, device=device, rng=self.capture_rng
             )
-            stopped = [
-                (v, v.evaluations)
-                for v in state.values()
-                if isinstance(v, EarlyStopping) and v.stopped
-            ]
-            self._restored = (info, stopped) if stopped else None
-            return info
 
-        return self._ranks.restore(which, read, load)
+            def load() -> CheckpointInfo:
+                self._evictor.intact.add(found.entry.step)
+                if self._writes_here():
+                    self._last = found.entry.step
+                info = apply()
+                stopped = [
+                    (v, v.evaluations)
+                    for v in state.values()
+                    if isinstance(v, EarlyStopping) and v.stopped
+                ]
+                self._restored = (info, stopped) if stopped else None
+                return info
+
+            return load
+
+        return self._ranks.restore(which, read, prepare)
 
     def _not_set_aside(self, entry: Entry, exc: OSError) -> CheckpointError:
         """The error of a restore that fell back past the damaged checkpoint `entry` and

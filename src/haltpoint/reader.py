@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from haltpoint.distributed.sharded import load_shards, verify_shards
+from haltpoint.distributed.sharded import plan_shards, verify_shards
 from haltpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from haltpoint.policies.retention import best_record, commit_order
 from haltpoint.state._common import type_name
-from haltpoint.state.load import check_claims, load_into, plan_load
+from haltpoint.state.load import check_claims, plan_load
 from haltpoint.state.optimizer import check_optimizer_state
 from haltpoint.state.rng import plan_rng
 from haltpoint.state.tree import check_tree, referenced_tensors, unflatten_state
@@ -289,6 +289,20 @@ class RunReader:
     ) -> CheckpointInfo:
         """Load what `read` found into `state` (sharded entries through DCP, on every rank);
         with `rng`, restore the saved random state last."""
+        return self.plan(found, state, strict=strict, device=device, rng=rng)()
+
+    def plan(
+        self,
+        found: Found,
+        state: MutableMapping[str, Any],
+        *,
+        strict: bool,
+        device: torch.device | None,
+        rng: bool,
+    ) -> Callable[[], CheckpointInfo]:
+        """Every check of `load` (the sharded entries' against DCP's metadata too); the
+        returned function loads. Under a process group every rank checks before any rank
+        loads, since the load of sharded entries may be collective (DCP)."""
         entry, tensors = found.entry, found.tensors
         assert entry.manifest is not None
         if device is not None:
@@ -301,23 +315,35 @@ class RunReader:
         saved = {k: saved.get(k, _NOT_READ) for k in tree if k != RNG_ENTRY}
         put_rng = _plan_rng(random_state, entry) if random_state is not None and rng else None
         record = self._shards(entry)
-        if record is not None:
-            names = [n for n in record.entries if n in state]  # the others are not asked for
-            rest = {k: v for k, v in state.items() if k not in names}
-            saved_rest = {k: v for k, v in saved.items() if k not in record.entries}
-            load_rest = plan_load(rest, saved_rest, strict=strict)  # checked before DCP loads
-            targets = {n: state[n] for n in names}
-            folder = dcp_folder(entry.dirname)
-            missing = load_shards(self.run.storage, folder, targets, record.files, strict)
+        if record is None:
+            load_all = plan_load(state, saved, strict=strict)
+
+            def load_plain() -> CheckpointInfo:
+                report = load_all()
+                if put_rng is not None:
+                    put_rng()
+                return replace(self.info(entry), report=report)
+
+            return load_plain
+        names = [n for n in record.entries if n in state]  # the others are not asked for
+        rest = {k: v for k, v in state.items() if k not in names}
+        saved_rest = {k: v for k, v in saved.items() if k not in record.entries}
+        load_rest = plan_load(rest, saved_rest, strict=strict)  # checked before DCP loads
+        targets = {n: state[n] for n in names}
+        folder = dcp_folder(entry.dirname)
+        load_sharded = plan_shards(self.run.storage, folder, targets, record.files, strict)
+
+        def load_both() -> CheckpointInfo:
+            missing = load_sharded()
             report = load_rest()
             report.missing.extend(missing)
             report.unexpected.extend(n for n in record.entries if n not in state)
             state.update(rest)  # plain values were replaced in `rest`
-        else:
-            report = load_into(state, saved, strict=strict)
-        if put_rng is not None:
-            put_rng()
-        return replace(self.info(entry), report=report)
+            if put_rng is not None:
+                put_rng()
+            return replace(self.info(entry), report=report)
+
+        return load_both
 
     def damage(self, entry: Entry) -> str | None:
         """What is wrong with a committed checkpoint's data (every hash checked, and the saved

@@ -606,6 +606,27 @@ def different_entries(root: str, r: dict[str, Any]) -> None:
     r["different_entries_listed"] = steps(run)
 
 
+def one_rank_does_not_fit(root: str, r: dict[str, Any]) -> None:
+    """The writer's restore where only rank 1's model does not fit the checkpoint (another
+    hidden size): rank 1 fails its checks while rank 0 would go on into DCP's load."""
+    run = f"{root}/rank-local-mismatch"
+    model, optimizer = trained()
+    with Checkpointer(run, async_save=False) as ckpt:
+        ckpt.save(0, {"train": ShardedState(model, optimizer), "epoch": 0})
+        fresh = shard(build(1, hidden=32 if dist.get_rank() == 1 else 16))
+        before = {k: v.to_local().clone() for k, v in fresh.state_dict().items()}
+        start = time.monotonic()
+        state = {"train": ShardedState(fresh), "epoch": None}
+        r["local_mismatch"] = outcome(lambda: done(ckpt.restore(state)))
+        r["local_mismatch_seconds"] = time.monotonic() - start
+        after = fresh.state_dict()
+        r["local_mismatch_unchanged"] = (
+            all(torch.equal(v, after[k].to_local()) for k, v in before.items())
+            and state["epoch"] is None
+        )
+        r["local_mismatch_then"] = outcome(lambda: [i.step for i in ckpt.list()])
+
+
 # -- modes ------------------------------------------------------------------------------------
 
 
@@ -628,6 +649,7 @@ def port(args: argparse.Namespace) -> None:
         ("maybe_save", lambda: maybe_save_decisions(args.root, r)),
         ("different_entries", lambda: different_entries(args.root, r)),
         ("dcp_steps", lambda: dcp_steps_failing(args.root, r)),
+        ("local_mismatch", lambda: one_rank_does_not_fit(args.root, r)),
     ]
     only = set(args.only.split(",")) if args.only else None
     for name, case in cases:

@@ -58,9 +58,16 @@ def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
 def _failure(what: str, exc: BaseException) -> tuple[bool, str, str, str | None]:
     """What rank 0 broadcasts when `what` failed: the message, error class (the nearest one
     of `haltpoint.errors`) and path."""
+    return False, f"on rank 0, {what} failed: {type(exc).__name__}: {exc}", _kind(exc), _path(exc)
+
+
+def _kind(exc: BaseException) -> str:
+    """The name of the class every rank raises for `exc`: the nearest `CheckpointError`
+    class of `haltpoint.errors`, else `CheckpointError`."""
+    if not isinstance(exc, CheckpointError):
+        return "CheckpointError"
     public = [c for c in type(exc).__mro__ if getattr(errors, c.__name__, None) is c]
-    kind = public[0].__name__ if isinstance(exc, CheckpointError) else "CheckpointError"
-    return False, f"on rank 0, {what} failed: {type(exc).__name__}: {exc}", kind, _path(exc)
+    return public[0].__name__
 
 
 def _path(exc: BaseException) -> str | None:
@@ -111,8 +118,10 @@ def on_writer(
 def all_succeed(group: Replicas | None, fn: Callable[[], T], what: str) -> T:
     """Run `fn` on every rank; if it fails on any, raise the same error on all.
 
-    That is a `CheckpointError` naming the first rank that failed or, when every rank
-    failed with the same message (a bad argument), each rank's own error.
+    That is an error naming the first rank that failed and its error, of that error's
+    `CheckpointError` class (`StateMismatchError`, ...; `CheckpointError` for any other
+    error) or, when every rank failed with the same message (a bad argument), each rank's
+    own error.
     """
     return _everywhere(group, fn, what, gather=False)[0]
 
@@ -132,14 +141,14 @@ def _everywhere(group: Replicas | None, fn: Callable[[], T], what: str, gather: 
     except Exception as exc:
         error = exc
     message = None if error is None else f"{type(error).__name__}: {error}"
-    gathered = exchange(group, what, (message, result if gather else None))
-    failed = [rank for rank, (said, _) in enumerate(gathered) if said is not None]
-    if error is not None and all(said == message for said, _ in gathered):
+    kind = None if error is None else _kind(error)
+    gathered = exchange(group, what, ((message, kind), result if gather else None))
+    failed = [rank for rank, ((said, _), _) in enumerate(gathered) if said is not None]
+    if error is not None and all(said == message for (said, _), _ in gathered):
         raise error  # the same failure on every rank (a bad argument): keep its type
     if failed:
-        raise CheckpointError(
-            f"{what} failed on rank {failed[0]}: {gathered[failed[0]][0]}"
-        ) from error
+        said, kind = gathered[failed[0]][0]
+        raise getattr(errors, kind)(f"{what} failed on rank {failed[0]}: {said}") from error
     return [value for _, value in gathered] if gather else [result]
 
 
@@ -147,11 +156,11 @@ def restore_agreed(
     group: Replicas,
     read: Callable[[str | int, dict[int, str]], Any],
     check: Callable[[Any, int, int], str | None],
-    load: Callable[[Any], T],
+    prepare: Callable[[Any], Callable[[], T]],
     which: str | int,
 ) -> T | None:
     """Rank 0 chooses the checkpoint; every rank reads that step, the ranks check its other
-    files together, then every rank loads it.
+    files together, every rank checks its state against it, then every rank loads it.
 
     `read(which, skip)` finds and reads (verifying) a checkpoint: rank 0 calls it to resolve
     `which` ("latest", "best", a step; with its fall-backs over damaged checkpoints, passing
@@ -161,9 +170,10 @@ def restore_agreed(
     rank's share of the checkpoint's other files (a sharded checkpoint's DCP files) and says
     what is damaged, or None: every rank reads only its share. Damage found by any rank sends
     rank 0 back to choose past that step (or raises on every rank, for a step or when no
-    checkpoint is left). Every round ends with a collective that carries failures, so every
-    rank enters the load (which may be collective: DCP) or none does. Returns None on every
-    rank when rank 0 found no checkpoint.
+    checkpoint is left). `prepare(found)` checks this rank's state against it (a model that
+    does not fit, on one rank only) and returns the load. Every round and the checks end with
+    a collective that carries failures, so every rank enters the load (which may be
+    collective: DCP) or none does. Returns None on every rank when rank 0 found no checkpoint.
     """
     what = f"restore({which!r})"
     skip: dict[int, str] = {}
@@ -179,7 +189,10 @@ def restore_agreed(
         )
         damage = next((r for r in reports if r is not None), None)
         if damage is None:
-            return all_succeed(group, partial(load, found), f"{what}: loading step {step}")
+            load = all_succeed(
+                group, partial(prepare, found), f"{what}: checking the state against step {step}"
+            )
+            return all_succeed(group, load, f"{what}: loading step {step}")
         skip[step] = damage  # rank 0 chooses again, past it, or raises
 
 

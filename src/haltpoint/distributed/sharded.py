@@ -15,7 +15,7 @@ and loading them onto any world size (`load_shards`).
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -41,6 +41,7 @@ E = TypeVar("E", bound=CheckpointError)
 __all__ = [
     "ShardedState",
     "load_shards",
+    "plan_shards",
     "split_sharded",
     "verify_shards",
     "write_shards",
@@ -233,53 +234,85 @@ def load_shards(
     files: Mapping[str, ShardFile],
     strict: bool = True,
 ) -> list[str]:
-    """Load the DCP checkpoint in `folder` of `storage` into `entries`, resharding to this
-    world size; return the values of `entries` that the checkpoint does not hold (dotted,
-    as DCP names them), which a non-`strict` load leaves as they were.
+    """`plan_shards(...)()`: check, then load, in one go."""
+    return plan_shards(storage, folder, entries, files, strict)()
 
-    Every tensor of `entries` must have the checkpoint's (global) shape and dtype: DCP
-    would convert dtypes silently, haltpoint never does (as for its own entries). That,
-    and with `strict` that the checkpoint holds every value, is checked before DCP reads
-    anything.
+
+def plan_shards(
+    storage: Storage,
+    folder: str,
+    entries: Mapping[str, Any],
+    files: Mapping[str, ShardFile],
+    strict: bool = True,
+) -> Callable[[], list[str]]:
+    """Check that the DCP checkpoint in `folder` of `storage` fits `entries`; the returned
+    function loads it into them, resharding to this world size, and returns the values of
+    `entries` that the checkpoint does not hold (dotted, as DCP names them), which a
+    non-`strict` load leaves as they were.
+
+    The checks read only the checked `.metadata`: every tensor of `entries` must have the
+    checkpoint's (global) shape and dtype (DCP would convert dtypes silently, haltpoint never
+    does, as for its own entries), and with `strict` the checkpoint must hold every value.
+    Under a process group every rank checks before any rank loads (DCP's load is collective:
+    a rank that failed its check alone would leave the others in it).
 
     Objects with `load_state_dict` get their own state dict filled by DCP (FSDP2 modules
     their shards, plain modules the full tensors); tensors are filled in place. Under a
-    process group every rank calls it; without one DCP reads everything in this process.
-    DCP reads no pickle unchecked: it gets the `.metadata` that `check_metadata` unpickled
-    (its storage records inside `files`, the DCP files the manifest hashed) and no
-    rank-local one (`safe_reader`), and reads non-tensor values through `SafeLoadPlanner`.
+    process group every rank loads; without one DCP reads everything in this process. DCP
+    reads no pickle unchecked: it gets
+    the `.metadata` that `check_metadata` unpickled (its storage records inside `files`, the
+    DCP files the manifest hashed) and no rank-local one (`safe_reader`), and reads
+    non-tensor values through `SafeLoadPlanner`.
 
     Raises:
         StateMismatchError: `entries` do not fit the checkpoint.
-        CorruptCheckpointError: the metadata or a value is refused, or DCP fails to load
-            (its `CheckpointException`, translated).
+        CorruptCheckpointError: the metadata or a value is refused, or (from the returned
+            function) DCP fails to load (its `CheckpointException`, translated).
     """
+    metadata = _check_metadata(storage, folder, files)  # a clear error before DCP starts
+    targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
+    missing = _check_fit(targets, metadata, strict)
+    alone = initialized() is None
+
+    def load() -> list[str]:
+        _dcp_load(storage, folder, files, targets, strict, alone)
+        for name, value in entries.items():
+            if is_stateful(value):
+                value.load_state_dict(targets[name])
+            elif isinstance(value, torch.Tensor) and targets[name] is not value:
+                value.copy_(targets[name])
+        return missing
+
+    return load
+
+
+def _dcp_load(
+    storage: Storage,
+    folder: str,
+    files: Mapping[str, ShardFile],
+    targets: dict[str, Any],
+    strict: bool,
+    alone: bool,
+) -> None:
+    """`dcp.load` of `folder` into `targets` (in this process alone, or with every rank)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     from haltpoint.distributed.safe_metadata import SafeLoadPlanner, safe_reader
 
-    metadata = _check_metadata(storage, folder, files)  # a clear error before DCP starts
-    targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
-    missing = _check_fit(targets, metadata, strict)
     reader = safe_reader(
         _dcp_io(storage, folder, False), lambda: _check_metadata(storage, folder, files)
     )
+    where = _where(storage, folder)
     try:
         dcp.load(
             targets,
             storage_reader=reader,
             planner=SafeLoadPlanner(allow_partial_load=not strict),
-            no_dist=initialized() is None,
+            no_dist=alone,
         )
     except CheckpointException as exc:
-        raise _dcp_error(CorruptCheckpointError, "load", _where(storage, folder), exc) from exc
-    for name, value in entries.items():
-        if is_stateful(value):
-            value.load_state_dict(targets[name])
-        elif isinstance(value, torch.Tensor) and targets[name] is not value:
-            value.copy_(targets[name])
-    return missing
+        raise _dcp_error(CorruptCheckpointError, "load", where, exc) from exc
 
 
 def _check_fit(targets: dict[str, Any], metadata: Any, strict: bool) -> list[str]:

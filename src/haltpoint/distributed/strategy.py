@@ -21,7 +21,7 @@ from haltpoint.distributed.sharded_save import ShardWriter, save_sharded, split_
 from haltpoint.store.info import CheckpointInfo, Found
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname, dcp_folder
 
-__all__ = ["CheckPart", "Commit", "OneProcess", "Ranks", "Read", "strategy_for"]
+__all__ = ["CheckPart", "Commit", "OneProcess", "Prepare", "Ranks", "Read", "strategy_for"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,10 @@ Commit = Callable[[Mapping[str, Any], Callable[[], Mapping[str, Any]] | None], C
 
 Read = Callable[[str | int, dict[int, str], bool], Found | None]
 """`read(which, skip, check_shards)`: the reader finds and verifies a checkpoint."""
+
+Prepare = Callable[[Found], Callable[[], CheckpointInfo]]
+"""`prepare(found)`: every check of loading `found` into the state; the function it returns
+loads (on every rank only once every rank's checks passed: the load may be collective)."""
 
 CheckPart = Callable[[Entry, int, int], str | None]
 """`check_part(entry, rank, world_size)`: the reader checks one rank's share of the DCP files,
@@ -59,12 +63,11 @@ class OneProcess:
         """Save `state` as `step`: the manager's `commit`, straight."""
         return commit(state, None)
 
-    def restore(
-        self, which: str | int, read: Read, load: Callable[[Found], CheckpointInfo]
-    ) -> CheckpointInfo | None:
-        """Read `which` (checking every file), then `load` it; None when there is none."""
+    def restore(self, which: str | int, read: Read, prepare: Prepare) -> CheckpointInfo | None:
+        """Read `which` (checking every file), check the state against it (`prepare`), then
+        load it; None when there is none."""
         found = read(which, {}, True)
-        return None if found is None else load(found)
+        return None if found is None else prepare(found)()
 
     def wait(self) -> None:
         """Wait for the save in flight; raise its error."""
@@ -115,19 +118,17 @@ class Ranks:
         finish = lambda extra: commit(rest, extra)  # noqa: E731
         return save_sharded(self._run, step, shards, write, finish, self._shard_writer)
 
-    def restore(
-        self, which: str | int, read: Read, load: Callable[[Found], CheckpointInfo]
-    ) -> CheckpointInfo | None:
+    def restore(self, which: str | int, read: Read, prepare: Prepare) -> CheckpointInfo | None:
         """Rank 0 chooses, every rank reads that step, the ranks check the DCP files together
-        (each its share), then every rank loads it."""
+        (each its share), every rank checks its state against it, then every rank loads it."""
         if self.group is None:
-            return OneProcess(self._wait).restore(which, read, load)
+            return OneProcess(self._wait).restore(which, read, prepare)
         check = self._check_part
         return collectives.restore_agreed(
             self.group,
             lambda which, skip: read(which, skip, False),
             lambda found, rank, world_size: check(found.entry, rank, world_size),
-            load,
+            prepare,
             which,
         )
 
