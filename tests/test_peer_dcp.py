@@ -582,3 +582,17 @@ def test_a_model_that_does_not_fit_on_one_rank_only_fails_the_restore_at_once(
     assert r0["local_mismatch_seconds"] < 10 and r1["local_mismatch_seconds"] < 10
     assert both(ranks, "local_mismatch_unchanged") is True
     assert both(ranks, "local_mismatch_then") == [0]
+
+
+@pytest.mark.slow
+def test_rank0_alone_restores_sharded_state_into_a_plain_model(ranks: dict[str, Any]) -> None:
+    """Ports test_fsdp_tp_checkpoint_conversion.py's load into a plain model, from one rank
+    of a job: rank 0 alone opens a reader and restores the sharded checkpoint into an
+    unsharded model (to evaluate or export the best weights) while rank 1 waits at a
+    barrier. A load into objects holding no DTensor needs no other rank: DCP reads it in this
+    process (no_dist). Before, it ran DCP's collectives, which met rank 1's barrier: both
+    waited out the timeout and rank 0 got a raw gloo RuntimeError."""
+    r0, r1 = ranks["r"]
+    assert r0["alone"] == 0 and r0["alone_equal"] is True
+    assert r0["alone_barrier"] is None and r1["alone_barrier"] is None
+    assert r0["alone_seconds"] < 10 and r1["alone_seconds"] < 10

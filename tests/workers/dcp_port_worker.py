@@ -627,6 +627,22 @@ def one_rank_does_not_fit(root: str, r: dict[str, Any]) -> None:
         r["local_mismatch_then"] = outcome(lambda: [i.step for i in ckpt.list()])
 
 
+def rank0_reads_alone(root: str, r: dict[str, Any]) -> None:
+    """Rank 0 alone restores a sharded checkpoint read-only into a plain model (to evaluate
+    or export the best weights) while rank 1 waits at a barrier."""
+    run = f"{root}/round-trip"  # saved by round_trip
+    saved = torch.load(f"{os.path.dirname(root)}/out/round-trip-full.pt", weights_only=True)
+    start = time.monotonic()
+    if dist.get_rank() == 0:
+        plain = build(5)
+        with Checkpointer(run, read_only=True) as reader:
+            got = outcome(lambda: reader.restore({"train": ShardedState(plain)}).step)
+        r["alone"] = got
+        r["alone_equal"] = same(saved["model"], full(plain.state_dict()))
+    r["alone_barrier"] = outcome(lambda: done(dist.barrier()))
+    r["alone_seconds"] = time.monotonic() - start
+
+
 # -- modes ------------------------------------------------------------------------------------
 
 
@@ -650,6 +666,7 @@ def port(args: argparse.Namespace) -> None:
         ("different_entries", lambda: different_entries(args.root, r)),
         ("dcp_steps", lambda: dcp_steps_failing(args.root, r)),
         ("local_mismatch", lambda: one_rank_does_not_fit(args.root, r)),
+        ("alone", lambda: rank0_reads_alone(args.root, r)),
     ]
     only = set(args.only.split(",")) if args.only else None
     for name, case in cases:

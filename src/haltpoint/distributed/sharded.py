@@ -257,9 +257,10 @@ def plan_shards(
     a rank that failed its check alone would leave the others in it).
 
     Objects with `load_state_dict` get their own state dict filled by DCP (FSDP2 modules
-    their shards, plain modules the full tensors); tensors are filled in place. Under a
-    process group every rank loads; without one DCP reads everything in this process. DCP
-    reads no pickle unchecked: it gets
+    their shards, plain modules the full tensors); tensors are filled in place. Into objects
+    holding DTensors every rank of the process group loads together; into objects holding
+    none, and without a process group, DCP reads everything in this process (`no_dist`), so
+    one rank may restore alone into an unsharded model. DCP reads no pickle unchecked: it gets
     the `.metadata` that `check_metadata` unpickled (its storage records inside `files`, the
     DCP files the manifest hashed) and no rank-local one (`safe_reader`), and reads
     non-tensor values through `SafeLoadPlanner`.
@@ -268,11 +269,13 @@ def plan_shards(
         StateMismatchError: `entries` do not fit the checkpoint.
         CorruptCheckpointError: the metadata or a value is refused, or (from the returned
             function) DCP fails to load (its `CheckpointException`, translated).
+        CheckpointError: (from the returned function) DCP's collectives failed.
     """
     metadata = _check_metadata(storage, folder, files)  # a clear error before DCP starts
     targets = {n: v.state_dict() if is_stateful(v) else v for n, v in entries.items()}
     missing = _check_fit(targets, metadata, strict)
-    alone = initialized() is None
+    dtensor = _dtensor_class()
+    alone = initialized() is None or dtensor is None or not _holds_dtensor(targets, dtensor)
 
     def load() -> list[str]:
         _dcp_load(storage, folder, files, targets, strict, alone)
@@ -313,6 +316,14 @@ def _dcp_load(
         )
     except CheckpointException as exc:
         raise _dcp_error(CorruptCheckpointError, "load", where, exc) from exc
+    except RuntimeError as exc:  # gloo / NCCL: a peer closed the connection or timed out
+        raise CheckpointError(
+            f"{where}: DCP's collectives failed while loading ({first_line(exc)}): every "
+            "rank must restore sharded state into sharded objects together, a read-only "
+            "Checkpointer's included, or a rank died; the sharded entries may already hold "
+            "part of the checkpoint: build them afresh before restoring again",
+            path=where,
+        ) from exc
 
 
 def _check_fit(targets: dict[str, Any], metadata: Any, strict: bool) -> list[str]:
