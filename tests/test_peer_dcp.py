@@ -596,3 +596,23 @@ def test_rank0_alone_restores_sharded_state_into_a_plain_model(ranks: dict[str, 
     assert r0["alone"] == 0 and r0["alone_equal"] is True
     assert r0["alone_barrier"] is None and r1["alone_barrier"] is None
     assert r0["alone_seconds"] < 10 and r1["alone_seconds"] < 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_rank_that_cannot_make_dcps_writer_fails_the_save_at_once(
+    ranks: dict[str, Any], mode: str
+) -> None:
+    """Ports test_checkpoint.py::test_save_error_handling's fail_set_up_storage_writer, as
+    haltpoint meets it: rank 1 cannot make DCP's writer (PermissionError: its mount is not
+    writable), before DCP starts. The ranks agree on the writers first, so both raise the
+    same line at once, naming rank 1, and the process group still works. Before, rank 1 went
+    to the outcome all-gather while rank 0 sat in DCP's collective save: synchronous, both
+    waited out the process group's timeout, said 'the ranks lost contact' and every later
+    call failed; async, on the background writer's own group (its timeout 30 minutes), a
+    hang."""
+    message = one_line_error(ranks, f"no_writer_{mode}", "CheckpointError")
+    assert "failed on rank 1: PermissionError" in message and "making DCP's writer" in message
+    r0, r1 = ranks["r"]
+    assert r0[f"no_writer_{mode}_seconds"] < 10 and r1[f"no_writer_{mode}_seconds"] < 10
+    assert both(ranks, f"no_writer_{mode}_listed") == [0]

@@ -593,6 +593,34 @@ def dcp_steps_failing(root: str, r: dict[str, Any]) -> None:
             r[f"dcp_step_{key}_listed_after"] = [i.step for i in ckpt.list()]
 
 
+def rank1_cannot_make_its_writer(root: str, r: dict[str, Any]) -> None:
+    """Making DCP's writer fails on rank 1 only (its mount not writable), before DCP's
+    collective save starts; synchronous and async."""
+    import haltpoint.distributed.sharded as sharded
+
+    model, optimizer = trained()
+    real = sharded._dcp_io
+
+    def no_writer(storage: Any, folder: str, write: bool) -> Any:
+        if write:
+            raise PermissionError(errno.EACCES, "Permission denied", folder)
+        return real(storage, folder, write)
+
+    for key, async_save in (("sync", False), ("async", True)):
+        run = f"{root}/no-writer-{key}"
+        with Checkpointer(run, async_save=async_save) as ckpt:
+            ckpt.save(0, {"train": ShardedState(model, optimizer)})
+            ckpt.wait()
+            start = time.monotonic()
+            with Patch(sharded, "_dcp_io", no_writer, (1,)):
+                state = {"train": ShardedState(model, optimizer)}
+                r[f"no_writer_{key}"] = outcome(
+                    lambda c=ckpt, s=state: done(c.save(1, s), c.wait())
+                )
+            r[f"no_writer_{key}_seconds"] = time.monotonic() - start
+            r[f"no_writer_{key}_listed"] = outcome(lambda c=ckpt: [i.step for i in c.list()])
+
+
 def different_entries(root: str, r: dict[str, Any]) -> None:
     """Rank 1 passes one more sharded entry than rank 0 (an EMA copy of the weights)."""
     run = f"{root}/different-entries"
@@ -666,6 +694,7 @@ def port(args: argparse.Namespace) -> None:
         ("different_entries", lambda: different_entries(args.root, r)),
         ("dcp_steps", lambda: dcp_steps_failing(args.root, r)),
         ("local_mismatch", lambda: one_rank_does_not_fit(args.root, r)),
+        ("no_writer", lambda: rank1_cannot_make_its_writer(args.root, r)),
         ("alone", lambda: rank0_reads_alone(args.root, r)),
     ]
     only = set(args.only.split(",")) if args.only else None

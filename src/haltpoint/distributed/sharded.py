@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from haltpoint.distributed.ranks import initialized
+from haltpoint.distributed import collectives
+from haltpoint.distributed.ranks import Replicas, initialized
 from haltpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -142,11 +143,20 @@ def write_shards(
     of `process_group` (None: the default group) calls it: DCP's collectives run there.
     Returns the size and xxh3-128 of the files this rank wrote (rank 0 also DCP's
     `.metadata`).
+
+    The ranks agree that each made its DCP writer before any enters DCP's collective save:
+    a rank that failed to make it (its mount not writable, a bad storage option) raises on
+    every rank at once, instead of leaving the others in DCP's collectives until the process
+    group's timeout.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    writer = _dcp_io(storage, folder, True)
+    writer = collectives.all_succeed(
+        _ranks_of(process_group),
+        lambda: _dcp_io(storage, folder, True),
+        f"making DCP's writer for {_where(storage, folder)}",
+    )
     try:
         dcp.save(shards, storage_writer=writer, process_group=process_group)
     except CheckpointException as exc:  # a BaseException: it would pass `except Exception`
@@ -157,6 +167,14 @@ def write_shards(
         if name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata")
     )
     return {name: _file_record(storage, f"{folder}/{name}") for name in mine}
+
+
+def _ranks_of(process_group: Any) -> Replicas | None:
+    """The ranks of `process_group` (None: the default group), or None for fewer than 2."""
+    dist = initialized()
+    if dist is None or dist.get_world_size(process_group) < 2:
+        return None
+    return Replicas(dist.get_rank(process_group), dist.get_world_size(process_group), process_group)
 
 
 def verify_shards(
