@@ -720,7 +720,7 @@ def kill(args: argparse.Namespace) -> None:
     run = f"{args.root}/kill-{args.case}"
     model, optimizer = trained()
     r: dict[str, Any] = {}
-    ckpt = Checkpointer(run, async_save=args.case == "async")
+    ckpt = Checkpointer(run, async_save=args.case in ("async", "hang-async"))
     ckpt.save(0, {"train": ShardedState(model, optimizer)})
     ckpt.wait()
     train_step(model, optimizer, 5)
@@ -735,8 +735,8 @@ def kill(args: argparse.Namespace) -> None:
 
     def dies(self: Any, plan: Any, planner: Any) -> Any:
         if rank == dying:
-            if args.case == "hang":  # silent past the process group's timeout, then gone
-                time.sleep(2 * TIMEOUT_HANG.total_seconds())
+            if args.case.startswith("hang"):  # silent past the group's timeout, then gone
+                time.sleep((4 if args.case == "hang-async" else 2) * TIMEOUT_HANG.total_seconds())
             os._exit(0)
         return real(self, plan, planner)
 
@@ -780,10 +780,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="")
     parser.add_argument(
-        "--case", choices=("save", "async", "restore", "hang", "writer"), default="save"
+        "--case",
+        choices=("save", "async", "restore", "hang", "hang-async", "writer"),
+        default="save",
     )
     args = parser.parse_args()
-    dist.init_process_group("gloo", timeout=TIMEOUT_HANG if args.case == "hang" else TIMEOUT)
+    dist.init_process_group(
+        "gloo", timeout=TIMEOUT_HANG if args.case.startswith("hang") else TIMEOUT
+    )
     {"port": port, "kill": kill, "restore1": restore1}[args.mode](args)
     dist.barrier()
     end_rank()

@@ -72,9 +72,8 @@ class ShardWriter:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         dist = torch.distributed
-        self._group = Replicas(
-            dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo")
-        )
+        group = dist.new_group(backend="gloo", timeout=_job_timeout())
+        self._group = Replicas(dist.get_rank(), dist.get_world_size(), group)
         self._stager = DefaultStager(
             StagingOptions(
                 use_pinned_memory=torch.cuda.is_available(),
@@ -124,6 +123,20 @@ class ShardWriter:
             # ValueError: destroyed already, with the default group (destroy_process_group())
             with contextlib.suppress(ValueError):
                 torch.distributed.destroy_process_group(self._group.process_group)
+
+
+def _job_timeout() -> Any:
+    """The default process group's timeout (`init_process_group(timeout=...)`), for the
+    background writer's group: `new_group` would give it torch's default (30 minutes for
+    gloo), so a rank gone silent in a background write would hold the others that long.
+    None (torch's default) where torch does not tell."""
+    group = torch.distributed.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+    return None
 
 
 def save_sharded(
