@@ -8,12 +8,10 @@ first, and only the entries asked for are read."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
 import struct
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,21 +20,13 @@ from typing import Any
 import pytest
 import torch
 
+from crafted import adam, hostile
 from haltpoint import Checkpointer
 from haltpoint.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from haltpoint.reader import RunReader
 from haltpoint.store import tensor_reader
 from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.storage import LocalStorage
-
-# benchmarks/hostile.py seals a crafted manifest with a valid checksum
-_spec = importlib.util.spec_from_file_location(
-    "hostile", Path(__file__).parent.parent / "benchmarks" / "hostile.py"
-)
-assert _spec is not None and _spec.loader is not None
-hostile = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = hostile  # its dataclasses look their module up
-_spec.loader.exec_module(hostile)
 
 CLAIM = 2 << 30  # bytes the crafted tensor claims
 _ITEMSIZE = {"F32": 4, "U8": 1, "U32": 4}
@@ -102,26 +92,17 @@ def peak_growth() -> Iterator[list[int]]:
     grown.append((_peak_kib() - before) * 1024)
 
 
-def _adam() -> tuple[torch.nn.Linear, torch.optim.Adam]:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters())
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
     """One checkpoint (step 1) of a model, its Adam state, a tensor and the random state."""
-    model, optimizer = _adam()
+    model, optimizer = adam()
     with Checkpointer(tmp_path / "run", async_save=False) as ckpt:
         ckpt.save(1, {"model": model, "optimizer": optimizer, "ema": torch.zeros(4)})
     return tmp_path / "run"
 
 
 def _state() -> dict[str, Any]:
-    model, optimizer = _adam()
+    model, optimizer = adam()
     return {"model": model, "optimizer": optimizer, "ema": torch.zeros(4)}
 
 
@@ -210,7 +191,7 @@ def test_a_restore_of_some_entries_reads_only_theirs_and_the_random_state(run: P
     model = torch.nn.Linear(3, 2)
     info = reader.load(found, {"model": model}, strict=True, device=None, rng=False)
     assert info.report is not None and info.report.unexpected == ["ema", "optimizer"]
-    assert torch.equal(model.weight, _adam()[0].weight)
+    assert torch.equal(model.weight, adam()[0].weight)
 
 
 def test_strict_false_still_refuses_a_claimed_shape_and_reports_missing_names(run: Path) -> None:

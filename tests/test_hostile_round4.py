@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from crafted import hostile
+from crafted import adam, hostile
 from haltpoint import Checkpointer
 from haltpoint.cli import main
 from haltpoint.errors import CorruptCheckpointError, StateMismatchError
@@ -37,15 +37,6 @@ class _Saved:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = state
-
-
-def _adam() -> tuple[torch.nn.Linear, torch.optim.Adam]:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters())
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    return model, optimizer
 
 
 def _per_param(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -101,12 +92,12 @@ def test_an_optimizer_state_whose_next_step_would_raise_is_refused_at_restore(
     `NotImplementedError: "add_stub" not implemented for 'Float8_e4m3fn'`, `TypeError:
     unsupported operand type(s) for -: 'int' and 'str'`, `ZeroDivisionError` for a step of
     -1), or made every parameter NaN (a step of NaN). Refused before anything loads."""
-    model, optimizer = _adam()
+    model, optimizer = adam()
     crafted = copy.deepcopy(optimizer.state_dict())
     change(crafted)
     with Checkpointer(tmp_path / "run", async_save=False) as ckpt:
         ckpt.save(1, {"model": model, "optimizer": _Saved(crafted)})
-    live_model, live_optimizer = _adam()
+    live_model, live_optimizer = adam()
     live_model.weight.data.fill_(7.0)
     before = copy.deepcopy(live_optimizer.state_dict())
     with pytest.raises(StateMismatchError, match=message) as refused:
@@ -124,12 +115,12 @@ def test_an_optimizer_state_whose_next_step_would_raise_is_refused_at_restore(
     ids=["float32", "int64", "uint8", "a-python-int"],
 )
 def test_a_step_torch_can_count_from_still_restores(tmp_path: Path, value: Any) -> None:
-    model, optimizer = _adam()
+    model, optimizer = adam()
     crafted = copy.deepcopy(optimizer.state_dict())
     _per_param("step", value)(crafted)
     with Checkpointer(tmp_path / "run", async_save=False) as ckpt:
         ckpt.save(1, {"model": model, "optimizer": _Saved(crafted)})
-    live_model, live_optimizer = _adam()
+    live_model, live_optimizer = adam()
     Checkpointer(tmp_path / "run", read_only=True).restore(
         {"model": live_model, "optimizer": live_optimizer}, 1
     )

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fsdp_worker import train_step
 from rank_exit import end_rank
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.device_mesh import init_device_mesh
@@ -57,15 +58,6 @@ def trained(seed: int = 0, steps: int = 2) -> tuple[torch.nn.Module, torch.optim
     for step in range(steps):
         train_step(model, optimizer, step)
     return model, optimizer
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> float:
-    torch.manual_seed(100 + step)  # the same batch on every rank
-    loss = model(torch.randn(16, 8)).pow(2).mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return float(loss.detach())
 
 
 def full(value: Any) -> Any:
