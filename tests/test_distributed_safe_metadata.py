@@ -133,7 +133,7 @@ def test_metadata_that_is_no_dcp_metadata_is_refused(tmp_path: Path) -> None:
 def test_a_hostile_non_tensor_value_runs_nothing(tmp_path: Path) -> None:
     """DCP reads non-tensor values with `torch.load(weights_only=False)`; haltpoint first
     reads them with `weights_only=True`."""
-    from haltpoint.distributed.sharded import load_shards, write_shards
+    from haltpoint.distributed.sharded import plan_shards, write_shards
 
     marker = tmp_path / "MARKER"
     model = _model()
@@ -143,7 +143,7 @@ def test_a_hostile_non_tensor_value_runs_nothing(tmp_path: Path) -> None:
     storage = open_storage(tmp_path)
     files = _records(write_shards(storage, "dcp", {"train": state}, rank=0))
     with pytest.raises(CorruptCheckpointError, match=r"'train\.optim\.param_groups\.0\.lr' is not"):
-        load_shards(storage, "dcp", _fresh(), files)
+        plan_shards(storage, "dcp", _fresh(), files)()
     assert not marker.exists()
 
 
@@ -188,14 +188,14 @@ def test_a_non_tensor_value_that_shares_a_small_part_loads() -> None:
 
 
 def test_dcp_failures_are_one_corrupt_checkpoint_error(tmp_path: Path) -> None:
-    from haltpoint.distributed.sharded import load_shards, write_shards
+    from haltpoint.distributed.sharded import plan_shards, write_shards
 
     storage = open_storage(tmp_path)
     files = _records(write_shards(storage, "dcp", {"x": torch.zeros(3)}, rank=0))
     for name in (tmp_path / "dcp").glob("__0_*"):
         name.write_bytes(b"short")
     with pytest.raises(CorruptCheckpointError, match="DCP failed to load on rank 0: ") as error:
-        load_shards(storage, "dcp", {"x": torch.zeros(3)}, files)
+        plan_shards(storage, "dcp", {"x": torch.zeros(3)}, files)()
     assert "\n" not in str(error.value)
 
 

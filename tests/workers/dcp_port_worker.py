@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from fsdp_worker import train_step
+from fsdp_worker import shard, train_step
 from rank_exit import end_rank
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from haltpoint import Checkpointer, CheckpointError, EarlyStopping, ShardedState
@@ -42,14 +41,6 @@ def build(seed: int, hidden: int = 16, extra: bool = False) -> torch.nn.Module:
     if extra:
         layers.append(torch.nn.Linear(4, 4))
     return torch.nn.Sequential(*layers)
-
-
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model
 
 
 def trained(seed: int = 0, steps: int = 2) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -9,7 +9,7 @@ docs/distributed.md, "Sharded state".
 
 This module holds the pieces: which entries are sharded (`split_sharded`), writing and
 hashing the shards (`write_shards`), checking them against the manifest (`verify_shards`)
-and loading them onto any world size (`load_shards`).
+and loading them onto any world size (`plan_shards`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ E = TypeVar("E", bound=CheckpointError)
 
 __all__ = [
     "ShardedState",
-    "load_shards",
     "plan_shards",
     "split_sharded",
     "verify_shards",
@@ -243,17 +242,6 @@ def _read_failed(path: str, exc: OSError) -> CheckpointError:
     if not_damage(exc):
         return unreadable(path, exc)
     return CorruptCheckpointError(f"{path}: {exc}", path=path)
-
-
-def load_shards(
-    storage: Storage,
-    folder: str,
-    entries: Mapping[str, Any],
-    files: Mapping[str, ShardFile],
-    strict: bool = True,
-) -> list[str]:
-    """`plan_shards(...)()`: check, then load, in one go."""
-    return plan_shards(storage, folder, entries, files, strict)()
 
 
 def plan_shards(
