@@ -426,82 +426,17 @@ def check_headers(storage: Storage, records: Mapping[str, TensorRecord]) -> None
 
 def verify_tensors(storage: Storage, records: Mapping[str, TensorRecord]) -> None:
     """Check `records` as `read_tensors` does (header, byte range, hash), without keeping
-    their bytes: they stream through one fixed-size buffer, so memory stays bounded for any
-    size. For tensors that must be intact but are not needed in memory.
+    their bytes: `tensor_damage` streams them through one fixed-size buffer, so memory stays
+    bounded for any size. For tensors that must be intact but are not needed in memory.
 
     Raises:
         CorruptCheckpointError: naming the first damaged tensor, as `read_tensors` would.
         UnreadableCheckpointError: a file cannot be read now (not damage).
     """
-    for file, items in _by_file(records).items():
-        local = storage.local_path(file)
-        if local is None:
-            bad = tensor_damage(storage, dict(items))
-            if bad:
-                key, cause = next(iter(bad.items()))
-                raise _corrupt(storage, file, f"tensor {key!r}: {cause}")
-            continue
-        key = items[0][0]
-        try:
-            check_relpath(file)
-            size = storage.size(file)
-            with os.fdopen(open_regular(local), "rb") as f:
-                _check_records(_parse_header(f, size), items)
-            _verify_local(local, size, items)
-        except (_TensorDamage, OSError, EOFError, _Damage, CorruptCheckpointError) as e:
-            raise _read_error(storage, file, key, e) from None
-
-
-_STREAM_BUFFERS = _READERS + 1  # reads in flight while the calling thread hashes one
-
-
-def _verify_local(path: str, size: int, items: list[tuple[str, TensorRecord]]) -> None:
-    """Hash the tensors `items` of a local file through a few reusable page-aligned buffers
-    (O_DIRECT where the file system allows: no page-cache copy), reads overlapping hashing
-    as in `_read_local`; `_TensorDamage` for the first that is damaged."""
-    reader = _LocalReader(path)
-    buffers = [memoryview(mmap.mmap(-1, _READ_CHUNK)) for _ in range(_STREAM_BUFFERS)]
-    try:
-        for key, rec in items:
-            try:
-                _check(rec, size)
-            except (_Damage, CorruptCheckpointError) as e:
-                raise _TensorDamage(key, e) from None
-            pad = rec.offset % _ALIGN if reader.direct else 0
-            span = pad + rec.nbytes
-            starts = iter(range(0, span, _READ_CHUNK))
-            hasher = StreamHasher()
-            flight: list[tuple[_Job, memoryview, int, int]] = []
-            for index, start in zip(range(_STREAM_BUFFERS), starts, strict=False):
-                flight.append(_stream_job(reader, buffers[index], rec, pad, span, start))
-            while flight:
-                job, buffer, skip, need = flight.pop(0)
-                job.done.wait()
-                if job.error is not None:
-                    raise _TensorDamage(key, job.error)
-                hasher.update(buffer[skip:need])
-                following = next(starts, None)
-                if following is not None:
-                    flight.append(_stream_job(reader, buffer, rec, pad, span, following))
-            try:
-                _check_hash(rec, hasher)
-            except _Damage as e:
-                raise _TensorDamage(key, e) from None
-    finally:
-        reader.close()  # waits for the reads in flight
-
-
-def _stream_job(
-    reader: _LocalReader, buffer: memoryview, rec: TensorRecord, pad: int, span: int, start: int
-) -> tuple[_Job, memoryview, int, int]:
-    """Queue the read of bytes [start, start + _READ_CHUNK) of `rec`'s range, counted from
-    `pad` bytes before it (its aligned start), into `buffer`; the job, the buffer, and the
-    part of the buffer that holds `rec`'s bytes."""
-    need = min(_READ_CHUNK, span - start)
-    direct = reader.direct
-    length = -need % _ALIGN + need if direct else need  # O_DIRECT reads whole blocks
-    job = reader.submit(_Job(buffer[:length], rec.offset - pad + start, need, direct=direct))
-    return job, buffer, pad if start == 0 else 0, need
+    bad = tensor_damage(storage, records)
+    if bad:
+        key, cause = next(iter(bad.items()))
+        raise _corrupt(storage, records[key].file, f"tensor {key!r}: {cause}")
 
 
 def _read_error(storage: Storage, file: str, key: str, exc: BaseException) -> Exception:
