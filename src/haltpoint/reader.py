@@ -171,7 +171,7 @@ class RunReader:
     ) -> Found | None:
         """Find the checkpoint `which` names and read its tensors, verified.
 
-        With `state` (the live objects `load` is given next), what each candidate claims is
+        With `state` (the live objects `plan` loads into next), what each candidate claims is
         checked against them before any tensor is read (`state.load.check_claims`: a tensor
         whose shape or dtype cannot fit its target raises the `StateMismatchError` the load
         would, and no memory is taken for it), and only the tensors of the entries `state`
@@ -278,19 +278,6 @@ class RunReader:
         check_claims(state, tree, claims, strict=strict)
         return records
 
-    def load(
-        self,
-        found: Found,
-        state: MutableMapping[str, Any],
-        *,
-        strict: bool,
-        device: torch.device | None,
-        rng: bool,
-    ) -> CheckpointInfo:
-        """Load what `read` found into `state` (sharded entries through DCP, on every rank);
-        with `rng`, restore the saved random state last."""
-        return self.plan(found, state, strict=strict, device=device, rng=rng)()
-
     def plan(
         self,
         found: Found,
@@ -300,9 +287,11 @@ class RunReader:
         device: torch.device | None,
         rng: bool,
     ) -> Callable[[], CheckpointInfo]:
-        """Every check of `load` (the sharded entries' against DCP's metadata too); the
-        returned function loads. Under a process group every rank checks before any rank
-        loads, since the load of sharded entries may be collective (DCP)."""
+        """Check that what `read` found fits `state` (the sharded entries against DCP's
+        metadata too); the returned function loads it (sharded entries through DCP, on every
+        rank) and, with `rng`, restores the saved random state last. Under a process group
+        every rank checks before any rank loads, since the load of sharded entries may be
+        collective (DCP)."""
         entry, tensors = found.entry, found.tensors
         assert entry.manifest is not None
         if device is not None:
@@ -403,7 +392,7 @@ def check_payloads(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> None:
     """The checks of a checkpoint's saved values that need no live object, made by `restore`
     while it chooses a checkpoint (so a checkpoint failing them is passed over like damaged
     tensors) and by `haltpoint verify`: the structure of each optimizer state dict
-    (`check_structure`) and the random state (`plan_rng`, which `load` runs again to restore
+    (`check_structure`) and the random state (`plan_rng`, which `plan` runs again to restore
     it). `tensors` holds at least the tensors `payload_tensors` names.
 
     Raises:
