@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 
+from haltpoint._printable import printable
+
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
@@ -42,18 +44,8 @@ class CheckpointError(Exception):
     """
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
-        super().__init__(_one_line(str(message)))
+        super().__init__(printable(message))
         self.path = path
-
-
-def _one_line(text: str) -> str:
-    """`text` with every character that is not printable, space aside, as its escape."""
-    if text.isprintable():
-        return text
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode()
-        for ch in text
-    )
 
 
 class CheckpointNotFoundError(CheckpointError):

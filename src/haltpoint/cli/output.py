@@ -13,7 +13,6 @@ import datetime
 import errno
 import json
 import math
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
@@ -21,6 +20,8 @@ from typing import IO, Any
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from haltpoint._printable import printable
 
 __all__ = [
     "Output",
@@ -30,23 +31,6 @@ __all__ = [
     "printable",
     "to_strict_json",
 ]
-
-# C0 controls (ESC, BEL ending an OSC ...), DEL, C1 controls (CSI, OSC as one character),
-# the bidirectional overrides that reorder what a terminal shows, and lone surrogates (JSON's
-# "\ud800" decodes to one, which no UTF-8 stream can write)
-_CONTROL = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-
-
-def printable(text: object) -> str:
-    r"""`text` with every control character written as its visible escape, so that nothing
-    shown can move the cursor, clear the screen, set a title or hide what follows.
-
-    >>> print(printable("loss\x1b[2J \x1b]0;owned\x07 \u202eok \ud800"))
-    loss\x1b[2J \x1b]0;owned\x07 \u202eok \ud800
-    """
-    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], str(text))
 
 
 def format_bytes(n: int | float) -> str:

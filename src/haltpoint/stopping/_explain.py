@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from haltpoint._printable import printable
 from haltpoint.stopping._text import evaluations, fmt, label
 from haltpoint.stopping.adaptive import Projection, TrendCheck, TrendRule
 from haltpoint.stopping.decision import StopReason
@@ -19,20 +20,7 @@ from haltpoint.stopping.delta import beats, by_more_than
 if TYPE_CHECKING:
     from haltpoint.stopping.early_stopping import EarlyStopping
 
-__all__ = ["explain", "one_line", "trend_stop_reason"]
-
-
-def one_line(text: str) -> str:
-    """`text` as one printable line: each character that is not printable (a newline, a
-    control character in a metric's name or a rule's message) written as its escape.
-
-    Example:
-        >>> one_line("val\\nloss"), one_line("plain")
-        ('val\\\\nloss', 'plain')
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+__all__ = ["explain", "trend_stop_reason"]
 
 
 def _share(fraction: float) -> str:
@@ -123,7 +111,7 @@ def explain(stopper: EarlyStopping, trend: TrendRule | None) -> str:
     """One line on where `stopper` stands after its latest evaluation (see
     `EarlyStopping.explain`)."""
     if stopper.stopped:
-        return one_line(str(stopper.reason))
+        return printable(str(stopper.reason))
     name = label(stopper.monitor)
     if stopper.evaluations == 0:
         if trend is None:
@@ -139,10 +127,10 @@ def explain(stopper: EarlyStopping, trend: TrendRule | None) -> str:
                 else _of_the_run(trend, st.wait_share, 0)
             )
             how = f"the default rule looks at its trend after no new best for {share}"
-        return one_line(f"no evaluation of {name} yet; {how}{_rules(stopper)}")
+        return printable(f"no evaluation of {name} yet; {how}{_rules(stopper)}")
     index = stopper.evaluations - 1
     text = _patience(stopper, name, index) if trend is None else _trend(stopper, trend, name, index)
-    return one_line(f"{text}{_baseline(stopper, trend, index)}{_rules(stopper)}")
+    return printable(f"{text}{_baseline(stopper, trend, index)}{_rules(stopper)}")
 
 
 def _where_best(stopper: EarlyStopping) -> str:
