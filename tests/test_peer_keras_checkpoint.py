@@ -123,3 +123,43 @@ def test_model_checkpoint_loading(tmp_path: Path, entry_only: bool) -> None:
         assert state["epoch"] == 1
     assert info is not None and info.step == 1
     assert all(torch.all(parameter == 1.0) for parameter in new.parameters())
+
+
+def test_model_checkpoint_options_metric_not_available(tmp_path: Path) -> None:
+    """Ports test_model_checkpoint_options, Case 5: with monitor="unknown" and save_best_only,
+    Keras warns and writes no file. Differs by design (a metric that is missing names the keys
+    that were there, DESIGN.md): the save is refused with a ValueError naming them, and
+    nothing is written."""
+    with Checkpointer(tmp_path, monitor="unknown", keep_best=1, async_save=False) as ckpt:
+        with pytest.raises(ValueError, match=r"no 'unknown'.*\['val_acc', 'val_loss'\]"):
+            ckpt.save(0, {"model": make_model()}, {"val_loss": 0.9, "val_acc": 0.4})
+        assert ckpt.list() == []
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_model_checkpoint_options_unknown_mode(tmp_path: Path) -> None:
+    """Ports test_model_checkpoint_options, Case 6: Keras warns "mode 'unknown' is unknown"
+    and falls back to "auto". Differs by design (no silent fallbacks, docs STYLE): the mode
+    is refused with a ValueError naming it and what is allowed, before any folder is made."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"mode must be one of.*'unknown'"):
+        Checkpointer(run, monitor="val_acc", keep_best=1, mode="unknown")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("every", [1, 3, 15, "30s", "auto"])
+def test_model_checkpoint_options_valid_save_freq(tmp_path: Path, every: Any) -> None:
+    """Ports test_model_checkpoint_options, Case 9 (valid values): an integer save_freq and
+    its time-based and automatic counterparts are accepted (Keras' "epoch" is a plain save
+    after each epoch, no interval)."""
+    Checkpointer(tmp_path, every=every).close()
+
+
+@pytest.mark.parametrize("every", ["invalid_save_freq", 0, -3])
+def test_model_checkpoint_options_invalid_save_freq(tmp_path: Path, every: Any) -> None:
+    """Ports test_model_checkpoint_options, Case 9: an unrecognized save_freq is a ValueError
+    naming it, raised before the run directory is created."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=repr(every) if isinstance(every, str) else str(every)):
+        Checkpointer(run, every=every)
+    assert not run.exists()
