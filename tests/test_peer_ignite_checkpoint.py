@@ -10,13 +10,21 @@ haltpoint's documented behaviour and says so.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from haltpoint import Checkpointer, EarlyStopping, StateMismatchError
+from haltpoint import (
+    Checkpointer,
+    EarlyStopping,
+    StateMismatchError,
+    StepBehindError,
+    UnsupportedStateError,
+)
 from haltpoint.store.run_dir import checkpoint_dirname
 
 
@@ -66,12 +74,14 @@ def test_checkpoint_score_function_wrong_output(tmp_path: Path) -> None:
     [
         ([1.2, -2.0, 3.1, -4.0], 2, [0, 2, 3]),  # test_best_k: 1.2 and 3.1, and the newest
         ([-0.77, -0.76], 1, [1]),  # test_checkpoint_with_score_name_and_function
+        ([0.3456789, 0.1234, 0.4567, 0.134567], 2, [0, 2, 3]),  # test_best_k_with_suffix
     ],
-    ids=["best_k", "negative_scores"],
+    ids=["best_k", "negative_scores", "best_k_with_suffix"],
 )
 def test_best_k(tmp_path: Path, scores: list[float], keep_best: int, kept: list[int]) -> None:
-    """Ports test_best_k and test_checkpoint_with_score_name_and_function: negative scores
-    rank as numbers (-0.76 beats -0.77)."""
+    """Ports test_best_k, test_checkpoint_with_score_name_and_function and
+    test_best_k_with_suffix: negative scores rank as numbers (-0.76 beats -0.77), and the
+    two best are kept beside the newest."""
     assert kept_by_score(tmp_path, scores, keep_best) == kept
 
 
@@ -206,3 +216,118 @@ def test_save_model_optimizer_lr_scheduler_with_validation(tmp_path: Path) -> No
     assert second["epoch"] == 4 and second["stopper"].stopped
     with Checkpointer(tmp_path, read_only=True) as reader:
         assert [info.step for info in reader.list()] == [4]
+
+
+@pytest.mark.parametrize(
+    ("iterations", "epochs", "kept"),
+    [(1, 9, [7, 8]), (2, 4, [6, 8])],
+    ids=["last_k", "with_engine"],
+)
+def test_last_k(tmp_path: Path, iterations: int, epochs: int, kept: list[int]) -> None:
+    """Ports test_last_k (n_saved=2 over iterations 0..8 keeps 7 and 8) and test_with_engine
+    (n_saved=2, a save at the end of each of 4 epochs of 2 iterations keeps 6 and 8)."""
+    state = {"model": DummyModel()}
+    with Checkpointer(tmp_path, keep_last=2, async_save=False) as ckpt:
+        for epoch in range(1, epochs + 1):
+            step = epoch * iterations if iterations > 1 else epoch - 1
+            ckpt.save(step, state)
+        assert [info.step for info in ckpt.list()] == kept
+    assert [p.name for p in sorted(tmp_path.iterdir()) if p.is_dir()] == [
+        checkpoint_dirname(step) for step in kept
+    ]
+
+
+def test_disk_saver_atomic_files_are_readable_by_others(tmp_path: Path) -> None:
+    """Ports test_disk_saver_atomic's file-mode check (ignite #1876: an atomic save through a
+    temporary file left the checkpoint readable by its owner only): under umask 022 every file
+    of a committed checkpoint is readable by owner, group and others."""
+    old = os.umask(0o022)
+    try:
+        with Checkpointer(tmp_path, async_save=False) as ckpt:
+            info = ckpt.save(0, {"model": DummyModel()})
+    finally:
+        os.umask(old)
+    files = [p for p in Path(info.path).rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        mode = stat.filemode(path.stat().st_mode)
+        assert [mode[1], mode[4], mode[7]] == ["r", "r", "r"], (path.name, mode)
+
+
+@pytest.mark.parametrize(
+    ("state", "path"),
+    [
+        ({"model": [DummyModel(), DummyModel()]}, r'state\["model"\]\[0\]'),
+        ({"model": {"a": {"b": DummyModel()}}}, r'state\["model"\]\["a"\]\["b"\]'),
+    ],
+    ids=["list", "nested_dict"],
+)
+def test_checkpoint_setup_checkpoint_nested(tmp_path: Path, state: Any, path: str) -> None:
+    """Ports test_checkpoint__setup_checkpoint and test_checkpoint_load_objects (nested
+    objects); differs by design.
+
+    ignite saves `{"model": [m1, m2]}` and `{"model": {"a": {"b": m}}}` as the state dicts of
+    the objects inside. haltpoint keeps objects with `state_dict()` at the top level of the
+    state, each under its own name (docs/guide.md, section 2): a nested one is refused at
+    save time, naming its path and the remedy, and nothing is written.
+    """
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(UnsupportedStateError, match=path + r".*give it its own name"):
+            ckpt.save(0, state)
+        flat = {f"model_{i}": DummyModel() for i in range(2)}
+        ckpt.save(0, flat)  # the same objects, each under its own name
+        assert [info.step for info in ckpt.list()] == [0]
+
+
+class Counter:
+    """An object with state_dict(), as ignite's Engine: its state is plain numbers."""
+
+    def __init__(self) -> None:
+        self.epoch, self.iteration = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.iteration = state["epoch"], state["iteration"]
+
+
+@pytest.mark.parametrize("obj_to_save", ["optim", "trainer"])
+def test_load_single_object(tmp_path: Path, obj_to_save: str) -> None:
+    """Ports test_load_single_object (ignite #2479): a checkpoint of one object alone, an
+    optimizer over a bare tensor or the trainer's counters, loads back into a fresh one."""
+    if obj_to_save == "optim":
+        t = torch.tensor(0.0, requires_grad=True)
+        obj: Any = torch.optim.SGD([t], lr=0.1, momentum=0.9)
+        t.grad = torch.tensor(1.0)
+        obj.step()
+        fresh: Any = torch.optim.SGD([torch.tensor(0.0, requires_grad=True)], lr=0.5)
+    else:
+        obj, fresh = Counter(), Counter()
+        obj.epoch, obj.iteration = 3, 30
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, {obj_to_save: obj})
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        ckpt.restore({obj_to_save: fresh})
+    assert str(fresh.state_dict()) == str(obj.state_dict())
+
+
+def test_checkpoint_reset_with_engine(tmp_path: Path) -> None:
+    """Ports test_checkpoint_reset_with_engine; differs by design.
+
+    ignite's `reset()` forgets what it saved, and a second run from epoch 1 in the same folder
+    writes steps 2 and 4 beside 18 and 20. haltpoint's steps only go forward in a run: saving
+    step 2 after step 20 is refused with StepBehindError, which names the latest and how to
+    rewind (restore an older step first), and the run is left as it was.
+    """
+    state = {"model": DummyModel()}
+    with Checkpointer(tmp_path, keep_last=2, async_save=False) as ckpt:
+        for epoch in range(1, 11):
+            ckpt.save(epoch * 2, state)
+    with Checkpointer(tmp_path, keep_last=2, async_save=False) as ckpt:
+        with pytest.raises(StepBehindError, match=r"older than step 20.*rewind"):
+            ckpt.save(2, state)
+        assert [info.step for info in ckpt.list()] == [18, 20]
+        ckpt.restore(state, 18)  # a rewind: the steps saved from here on go after 18
+        ckpt.save(19, state)
+        assert 19 in [info.step for info in ckpt.list()]
