@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from haltpoint import Checkpointer
+from haltpoint import Checkpointer, CheckpointExistsError
 from haltpoint.policies.interval import parse_every
 from haltpoint.schedule import SaveSchedule
 from haltpoint.store.run_dir import checkpoint_dirname
@@ -135,3 +135,108 @@ def test_resume_and_old_checkpoint_files_remain_pinned(tmp_path: Path) -> None:
         for step in (6, 8):
             ckpt.save(step, state, {"step": step})
         assert [info.step for info in ckpt.list()] == [4, 6, 8]
+
+
+@pytest.mark.parametrize("every", [-3, 0])
+def test_invalid_every_n_epochs_and_train_steps(tmp_path: Path, every: int) -> None:
+    """Ports test_invalid_every_n_epochs and test_invalid_every_n_train_steps: a negative
+    interval is refused. Differs for 0: Lightning's 0 turns periodic saves off; haltpoint's
+    off is `every=None` (the default), and 0 is refused with the same message."""
+    with pytest.raises(ValueError, match=f"every must be a positive number of steps, got {every}"):
+        Checkpointer(tmp_path / "run", every=every)
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_checkpoint_behavior(tmp_path: Path) -> None:
+    """Ports test_default_checkpoint_behavior: with the defaults, three epochs each save and
+    only the newest checkpoint remains."""
+    state = make_state()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        for epoch in range(3):
+            ckpt.save((epoch + 1) * 5, state)
+        assert [info.step for info in ckpt.list()] == [15]
+    assert step_folders(tmp_path) == [checkpoint_dirname(15)]
+
+
+def test_ckpt_version_after_rerun_new_trainer(tmp_path: Path) -> None:
+    """Ports test_ckpt_version_after_rerun_new_trainer, test_ckpt_version_counter_disabled_
+    after_rerun_new_trainer and test_save_last_versioning; differs by design.
+
+    A second run over the same steps in the same folder gets `epoch=0-v1.ckpt` files from
+    Lightning, or overwrites them with the version counter off. haltpoint never versions nor
+    overwrites a committed step: the rerun's first save is a CheckpointExistsError naming
+    the step, and the first run's checkpoints stay as they were.
+    """
+    first = make_state()
+    with Checkpointer(tmp_path, keep_last=10, async_save=False) as ckpt:
+        for epoch in range(2):
+            ckpt.save(epoch, first, {"epoch": epoch})
+    before = first["model"].weight.detach().clone()
+    with Checkpointer(tmp_path, keep_last=10, async_save=False) as ckpt:
+        with pytest.raises(CheckpointExistsError, match="step 0 already exists"):
+            ckpt.save(0, make_state(seed=1), {"epoch": 0})
+        assert [info.step for info in ckpt.list()] == [0, 1]
+        fresh = make_state(seed=2)
+        ckpt.restore(fresh, 0)
+    assert torch.equal(fresh["model"].weight, before)
+    assert step_folders(tmp_path) == [checkpoint_dirname(0), checkpoint_dirname(1)]
+
+
+def test_expand_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ports test_expand_home: a directory under `~` is the user's home; `./~/...` is a
+    folder named `~` under the working directory."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    for step, directory in enumerate(("~/checkpoints", Path("~/checkpoints"), "./~/checkpoints")):
+        with Checkpointer(directory, keep_last=3, async_save=False) as ckpt:
+            ckpt.save(step, make_state())
+    assert step_folders(home / "checkpoints") == [checkpoint_dirname(0), checkpoint_dirname(1)]
+    assert step_folders(cwd / "~" / "checkpoints") == [checkpoint_dirname(2)]
+
+
+def fit_saving(tmp_path: Path, **trainer_kwargs: Any) -> list[int]:
+    """A Lightning fit whose HaltpointCallback saves at each validation (val_acc logged, as
+    Lightning's LogInTwoMethods); the steps of the checkpoints kept."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from haltpoint.integrations.lightning import HaltpointCallback
+
+    class ValAcc(BoringModel):  # type: ignore[misc]
+        def on_validation_epoch_end(self) -> None:
+            self.log("val_acc", torch.tensor(1.23))
+
+    run = tmp_path / "run"
+    with Checkpointer(run, monitor="val_acc", mode="max", keep_last=100) as ckpt:
+        trainer = pl.Trainer(
+            callbacks=[HaltpointCallback(checkpointer=ckpt)],
+            default_root_dir=str(tmp_path),
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            **trainer_kwargs,
+        )
+        trainer.fit(ValAcc())
+        ckpt.wait()
+        return [info.step for info in ckpt.list()]
+
+
+def test_val_check_interval_checkpoint_files(tmp_path: Path) -> None:
+    """Ports test_val_check_interval_checkpoint_files: validating five times an epoch (every
+    2 of 10 batches) saves at steps 2, 4, 6, 8 and 10, each under its own step."""
+    steps = fit_saving(tmp_path, val_check_interval=0.2, max_epochs=1, limit_train_batches=10)
+    assert steps == [2, 4, 6, 8, 10]
+
+
+def test_check_val_every_n_epochs_top_k_integration(tmp_path: Path) -> None:
+    """Ports test_check_val_every_n_epochs_top_k_integration: validating every 2nd of 5 epochs
+    of one batch saves after epochs 1 and 3 (0-based), at global steps 2 and 4."""
+    steps = fit_saving(tmp_path, check_val_every_n_epoch=2, max_epochs=5, limit_train_batches=1)
+    assert steps == [2, 4]
