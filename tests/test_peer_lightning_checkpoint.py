@@ -240,3 +240,22 @@ def test_check_val_every_n_epochs_top_k_integration(tmp_path: Path) -> None:
     of one batch saves after epochs 1 and 3 (0-based), at global steps 2 and 4."""
     steps = fit_saving(tmp_path, check_val_every_n_epoch=2, max_epochs=5, limit_train_batches=1)
     assert steps == [2, 4]
+
+
+@pytest.mark.parametrize("dumps", ["pickle", "cloudpickle", "deepcopy"])
+def test_pickling(tmp_path: Path, dumps: str) -> None:
+    """Ports test_pickling (ModelCheckpoint survives pickle and cloudpickle); differs by design.
+
+    Lightning's callback holds only settings; a Checkpointer holds the run's writer lock, its
+    background writer and signal handlers, which a copy would share or, in another process,
+    claim. Pickling or copying it is refused with a TypeError saying to create it in the
+    process that uses it, and the original goes on saving.
+    """
+    import copy
+
+    copier: Any = copy.deepcopy if dumps == "deepcopy" else pytest.importorskip(dumps).dumps
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(TypeError, match=r"cannot be pickled or copied.*in the process"):
+            copier(ckpt)
+        ckpt.save(0, make_state())
+        assert [info.step for info in ckpt.list()] == [0]

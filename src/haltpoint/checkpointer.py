@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -806,6 +806,16 @@ class Checkpointer:
                 self._preemption.uninstall()
             if self._lock is not None:
                 self._lock.release()
+
+    def __reduce__(self) -> NoReturn:
+        """Refused: a copy would share (or, in another process, claim) this one's writer lock,
+        background writer and signal handlers, which belong to the process that opened it."""
+        raise TypeError(
+            f"a Checkpointer cannot be pickled or copied: it belongs to the process that "
+            f"opened {self.directory} (its writer lock, background writer and signal "
+            "handlers); create the Checkpointer in the process that uses it (under "
+            "multiprocessing's spawn or Lightning's ddp_spawn: inside the worker)"
+        )
 
     def __enter__(self) -> Checkpointer:
         return self
