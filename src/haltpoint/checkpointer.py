@@ -121,7 +121,8 @@ class Checkpointer:
     naming the holder), any number of readers. An instance is not thread-safe. A writer
     belongs to the process that made it: in a child made by `os.fork` (multiprocessing's
     "fork" start method) every write, and waiting for a save in flight, is `LockedError`;
-    reads work, and `close()` there leaves the parent's lock and checkpoints alone. Under an
+    reads work, and `close()` there leaves the parent's lock and checkpoints alone. It cannot
+    be pickled or copied (`TypeError`): create it in the process that uses it. Under an
     initialized `torch.distributed` process group, every rank creates the writer and calls
     the same methods; rank 0 alone writes replicated state, every rank its own shards of
     sharded state (the strategy chosen at construction: `haltpoint.distributed.strategy`).
