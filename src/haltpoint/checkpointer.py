@@ -296,6 +296,8 @@ class Checkpointer:
             HistoryNotWrittenError: the checkpoint is committed (and pinned), but its history
                 line could not be written (a full disk): call the same `save` again.
             InsufficientSpaceError: the disk is full; nothing was committed.
+            StepBehindError: `step` is older than the newest checkpoint on disk, or than
+                this writer's last save or restore; nothing was written.
             UnsupportedStateError: a value in `state` cannot be stored without pickling.
             TypeError: an optimizer holds DTensor state directly (use `ShardedState`).
         """
