@@ -4,18 +4,21 @@ Every subcommand writes through an `Output`, so tests (and pipes) get plain text
 escape codes, and `--json` gets strict JSON (non-finite floats as the strings `"NaN"`,
 `"Infinity"` and `"-Infinity"`, as in `history.jsonl`). Names, values, paths and reasons
 come from run directories that may be crafted: `Output` shows every text it is given through
-`printable`, and never as rich markup.
+`printable`, and never as rich markup; a character the stream's encoding lacks (a metric
+named `损失` on an ASCII stdout, `LC_ALL=C PYTHONUTF8=0`) is written as its escape, as
+`printable` writes control characters, instead of failing the command.
 """
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import errno
 import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -25,12 +28,34 @@ from haltpoint._printable import printable
 
 __all__ = [
     "Output",
+    "encodable",
     "format_bytes",
     "format_metrics",
     "format_time",
     "printable",
     "to_strict_json",
 ]
+
+
+def encodable(text: str, stream: object) -> str:
+    r"""`text` with every character that `stream`'s encoding cannot write as its escape
+    (`\u635f`), so that writing it never raises `UnicodeEncodeError`; as it is for a stream
+    without an encoding (`io.StringIO`) or one of UTF-8.
+
+    >>> import io
+    >>> ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    >>> print(encodable("val_loss 损失 précision", ascii_out))
+    val_loss \u635f\u5931 pr\xe9cision
+    """
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str):
+        return text
+    try:
+        if codecs.lookup(encoding).name == "utf-8":
+            return text
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # a name codecs does not know: the stream will say so itself
+        return text
 
 
 def format_bytes(n: int | float) -> str:
@@ -121,6 +146,10 @@ class Output:
         self.console = _Console(file=self.stdout, **options)
         self.err_console = _Console(file=self.stderr, **options)
 
+    def _out(self, text: object) -> str:
+        """`text` as results show it: `printable`, and `encodable` on stdout."""
+        return encodable(printable(text), self.stdout)
+
     @property
     def is_terminal(self) -> bool:
         """Whether results go to a terminal (then tables and colour are used)."""
@@ -128,15 +157,15 @@ class Output:
 
     def line(self, text: str = "", style: str | None = None) -> None:
         """Print one line of results (no markup is interpreted in `text`)."""
-        self.console.print(Text(printable(text), style=style or ""))
+        self.console.print(Text(self._out(text), style=style or ""))
 
     def note(self, text: str, style: str | None = None) -> None:
         """Print a line for people on stderr (progress, hints), never mixed into results."""
-        self.err_console.print(Text(printable(text), style=style or ""))
+        self.err_console.print(Text(encodable(printable(text), self.stderr), style=style or ""))
 
     def error(self, text: str) -> None:
         """Print `haltpoint: error: TEXT` on one line of stderr."""
-        one_line = printable(" ".join(str(text).split()))
+        one_line = encodable(printable(" ".join(str(text).split())), self.stderr)
         self.err_console.print(Text(f"haltpoint: error: {one_line}", style="bold red"))
 
     def json(self, value: Any) -> None:
@@ -164,18 +193,24 @@ class Output:
             numeric: columns aligned right (default: those whose cells all look numeric).
             header: print the column names (off for key-value tables).
         """
-        columns = [printable(c) for c in columns]
-        rows = [[printable(cell) for cell in row] for row in rows]
+        columns = [self._out(c) for c in columns]
+        rows = [[self._out(cell) for cell in row] for row in rows]
         right = set(numeric) or {c for i, c in enumerate(columns) if _numeric(rows, i)}
         if self.is_terminal:
             table = Table(
-                title=Text(printable(title)) if title is not None else None,
+                title=Text(self._out(title)) if title is not None else None,
                 title_justify="left",
                 header_style="bold",
                 show_header=header,
             )
+            # rich cuts a cell too wide with "\u2026", which an ASCII terminal cannot take
+            overflow: Literal["fold", "ellipsis"] = (
+                "fold" if self.console.options.ascii_only else "ellipsis"
+            )
             for col in columns:
-                table.add_column(Text(col), justify="right" if col in right else "left")
+                table.add_column(
+                    Text(col), justify="right" if col in right else "left", overflow=overflow
+                )
             for index, row in enumerate(rows):
                 texts = [Text(cell) for cell in row]  # Text: never read as markup
                 table.add_row(*texts, style=(styles[index] if styles else None) or None)
