@@ -10,7 +10,6 @@ the file system refuses O_DIRECT the same reads are buffered. Tensors filled in 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -231,15 +230,32 @@ class _Job:
     error: BaseException | None = None
 
 
+def _reopen_direct(fd: int) -> int:
+    """A second, O_DIRECT descriptor of the file `fd` holds, or -1 where there is none.
+
+    Opened through `/proc/self/fd`, never by the file's name again: a name swapped since
+    `open_regular` checked it (for a FIFO, whose open would wait forever, or a link out of
+    the run) is not reached. -1 where O_DIRECT or /proc is missing, or the file refuses it.
+    """
+    if not _O_DIRECT:
+        return -1
+    try:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | _O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    ours, theirs = os.fstat(fd), os.fstat(direct)
+    if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino):  # not Linux's /proc
+        os.close(direct)
+        return -1
+    return direct
+
+
 class _LocalReader:
     """Reads of one local file, done in order by I/O threads; the caller waits job by job."""
 
     def __init__(self, path: str) -> None:
         self._fd = open_regular(path)
-        self._direct_fd = -1
-        if _O_DIRECT:
-            with contextlib.suppress(OSError):
-                self._direct_fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+        self._direct_fd = _reopen_direct(self._fd)
         self._todo: queue.Queue[_Job | None] = queue.Queue()
         self._cancel = False
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(_READERS)]
