@@ -526,6 +526,31 @@ def test_a_stopped_run_resumed_from_the_trainer_s_own_checkpoint_trains_nothing(
     ]
 
 
+def test_a_stopped_run_rerun_from_the_trainer_s_own_checkpoint_keeps_its_weights(
+    tmp_path: Path,
+) -> None:
+    """With no checkpointer of ours, the rerun kept the one step the Trainer takes before it
+    reads `should_training_stop` in the model, the optimizer and the scheduler: a stopped
+    run, run again, ended with weights the run never had (and `trainer.save_model()` wrote
+    them). Now the state the Trainer resumed is put back after that step."""
+    first = EarlyStopping("eval_loss", patience=2)
+    trainer = _hf_run(tmp_path, HaltpointCallback(first), epochs=20)
+    trainer.train()
+    step = trainer.state.global_step
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in trainer.optimizer.state_dict()["state"].values()]
+    rate = trainer.lr_scheduler.get_last_lr()
+
+    trainer = _hf_run(tmp_path, HaltpointCallback(EarlyStopping("eval_loss", patience=2)), 20)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf_own" / f"checkpoint-{step}"))
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    again = [s["exp_avg"] for s in trainer.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(again, moments, strict=True))
+    assert trainer.lr_scheduler.get_last_lr() == rate
+    assert trainer.state.global_step == step
+
+
 def _logged_run(directory: Path, out: Path, stopper: EarlyStopping, epochs: int) -> tuple[Any, Any]:
     """A run through the checkpointer (resume=True) that logs the loss at every step."""
     args = training_args(out, epochs, logging_strategy="steps", logging_steps=1)

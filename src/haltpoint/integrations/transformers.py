@@ -11,7 +11,10 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from haltpoint import (
     Checkpointer,
@@ -29,6 +32,7 @@ from haltpoint.integrations._common import (
     missing_metric_error,
     restore_best_weights,
     scalar_metrics,
+    snapshot_rng,
 )
 from haltpoint.state._common import short_repr
 from haltpoint.store.storage import open_regular
@@ -116,6 +120,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         self._resumed_done = False
         self._position: tuple[int, float | None] = (0, None)  # where a finished run stands
         self._eval_on_start: tuple[Any, bool] | None = None  # (args, value) to put back
+        self._put_back: Callable[[], None] | None = None  # a finished run's state, in memory
         # the step the Trainer counts this train()'s steps from, and the one training resumed
         # at (ours, when restored from the checkpointer): its end-of-training figures differ
         self._counted_from, self._trained_from = 0, 0
@@ -234,7 +239,7 @@ class HaltpointCallback(TrainerCallback, ExportableState):
         """Check the evaluation strategy; resume, or check that the directory is fresh."""
         self._put_back_eval_on_start()  # an earlier train() that failed before its first epoch
         self._training, self._evaluations, self._epoch_offset = True, 0, 0.0
-        self._last_step, self._resumed_done = None, False
+        self._last_step, self._resumed_done, self._put_back = None, False, None
         start = getattr(state, "global_step", 0) or 0  # what the Trainer counts steps from
         self._counted_from = self._trained_from = self._logged_from = start
         if self.stopper is not None and str(getattr(args, "eval_strategy", "no")) in (
@@ -302,12 +307,23 @@ class HaltpointCallback(TrainerCallback, ExportableState):
             self._eval_on_start = None
             args.eval_on_start = value
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """On a finished run with no checkpoint of ours to load back (the Trainer's own
+        `resume_from_checkpoint`), hold the state the Trainer resumed, in memory, for
+        `on_step_end` to put back after the one step the Trainer takes before it stops."""
+        if self._resumed_done and self._last_step is None and self._put_back is None:
+            objects = (kwargs.get(k) for k in ("model", "optimizer", "lr_scheduler"))
+            self._put_back = _hold([obj for obj in objects if obj is not None])
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After a resume, count epochs from the resumed position (the Trainer restarts at 0);
         on a finished run, undo the one step the Trainer takes before it stops."""
         if self._resumed_done and self._last_step is not None:
             self._undo_step(state, control, kwargs)
-        elif self._resumed_done:  # no checkpoint of ours to put back the weights from
+        elif self._resumed_done:  # no checkpoint of ours: the state held at on_step_begin
+            if self._put_back is not None:
+                put_back, self._put_back = self._put_back, lambda: None  # once per train()
+                put_back()
             state.global_step, state.epoch = self._position
             _skip_evaluate_save_log(control)
         elif self._epoch_offset and state.epoch is not None:
@@ -551,6 +567,32 @@ def _read_trainer_state(path: str) -> Any:
         return TrainerState(**fields) if isinstance(fields, dict) else None
     except (OSError, CheckpointError, ValueError, TypeError, RecursionError):
         return None  # TypeError: keys of another version
+
+
+def _hold(objects: list[Any]) -> Callable[[], None]:
+    """A copy, on the CPU, of each object's `state_dict()`, and of the random state; the
+    result loads them back."""
+
+    def copied(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return type(value)((k, copied(v)) for k, v in value.items())
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+            return type(value)(*(copied(v) for v in value))
+        if isinstance(value, (list, tuple)):
+            return type(value)(copied(v) for v in value)
+        return value
+
+    held = [(obj, copied(obj.state_dict())) for obj in objects]
+    put_back_rng = snapshot_rng()
+
+    def put_back() -> None:
+        for obj, saved in held:
+            obj.load_state_dict(saved)
+        put_back_rng()
+
+    return put_back
 
 
 def _skip_evaluate_save_log(control: Any) -> None:
