@@ -641,6 +641,44 @@ def test_a_rerun_of_a_fit_that_ended_after_its_last_check_trains_those_batches_o
     assert _files(tmp_path) == files
 
 
+def test_a_stopped_run_resumed_by_ckpt_path_last_beside_a_best_checkpoint_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning 2.6 writes `last.ckpt` of a `ModelCheckpoint(monitor=..., save_last=True)`
+    only at the steps it saves a top-k checkpoint: with `save_top_k=1` it is the best's copy,
+    and `fit(ckpt_path="last")` of a stopped run trained the epochs after the best again. The
+    setup docs/integrations.md gives, `last.ckpt` from a second ModelCheckpoint without a
+    monitor, holds the stop: run again, and a third time, it trains nothing."""
+
+    def run() -> tuple[Any, Any, Any]:
+        best = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+        last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        callback = HaltpointCallback(EarlyStopping("val_loss", patience=1))
+        module = make_module()
+        options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+        trainer = pl.Trainer(max_epochs=20, callbacks=[callback, best, last], **options)
+        trainer.fit(module, make_data(1.0), make_data(-1.0), ckpt_path="last")
+        return module, callback, trainer
+
+    first, callback, trainer = run()
+    assert callback.stopper is not None and callback.stopper.stopped
+    assert first.val_losses.index(min(first.val_losses)) < len(first.val_losses) - 1
+    state = callback.stopper.state_dict()
+    for _ in range(2):
+        capsys.readouterr()
+        module, callback, retrainer = run()
+        assert module.train_epochs == []
+        assert retrainer.global_step == trainer.global_step
+        assert callback.stopper is not None and callback.stopper.state_dict() == state
+        for got, want in zip(module.parameters(), first.parameters(), strict=True):
+            assert torch.equal(got, want)
+        lines = [line for line in capsys.readouterr().err.splitlines() if "haltpoint" in line]
+        assert lines == [
+            f"haltpoint: resumed from {tmp_path / 'last.ckpt'}; the run had already stopped: "
+            f"{callback.stopper.reason}"
+        ]
+
+
 @pytest.mark.parametrize("again", ["ckpt_path", "second_fit"])
 def test_a_stopped_run_resumed_by_lightning_or_fit_again_trains_nothing(
     tmp_path: Path,
