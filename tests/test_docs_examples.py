@@ -51,6 +51,7 @@ scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5)
 scaler = torch.amp.GradScaler("cpu")
 X = torch.randn(64, 4)
 loader = [(X[i : i + 16], X[i : i + 16].sum(1, keepdim=True)) for i in range(0, 64, 16)]
+dataset = torch.utils.data.TensorDataset(X, X.sum(1, keepdim=True))
 batch = loader[0]
 max_epochs = epochs = 30
 first_step = epoch = step = 0

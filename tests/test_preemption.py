@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -118,3 +119,85 @@ def test_an_uncatchable_signal_is_refused_and_no_handler_is_left_behind(
     with pytest.raises(ValueError, match=f"save_on_signal names {uncatchable.name}, which cannot"):
         Checkpointer(tmp_path, save_on_signal=[signal.SIGTERM, uncatchable])
     assert signal.getsignal(signal.SIGTERM) is before  # SIGTERM still ends the process
+
+
+_GUIDE = (Path(__file__).resolve().parent.parent / "docs" / "guide.md").read_text()
+(_PREEMPTED_LOOP,) = [
+    block.split("```")[0]
+    for block in _GUIDE.split("```python\n")[1:]
+    if "save_on_signal=[signal.SIGTERM" in block.split("```")[0]
+]
+
+
+def _guide_loop(directory: Path, signal_at: int | None = None) -> tuple[list[int], list[Any]]:
+    """docs/guide.md's preemption loop, as one job runs it: a new model, optimizer and data,
+    and SIGTERM to itself once `signal_at + 1` steps are trained; the steps it trained (counted
+    from 0 in this job) and the weights it ends with."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    trained: list[int] = []
+
+    def train_step(batch: Any) -> None:
+        inputs, targets = batch
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+        trained.append(len(trained))
+        if signal_at is not None and len(trained) == signal_at + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    namespace: dict[str, Any] = {
+        "torch": torch,
+        "Checkpointer": Checkpointer,
+        "dataset": torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)),
+        "max_epochs": 3,
+        "state": {"model": model, "optimizer": optimizer},
+        "train_step": train_step,
+    }
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        exec(compile(_PREEMPTED_LOOP, "docs/guide.md (preemption)", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    return trained, [p.detach().clone() for p in model.parameters()]
+
+
+def _run_files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".haltpoint.lock"
+    }
+
+
+def test_the_guide_s_preemption_loop_resumes_where_it_stopped_and_a_rerun_trains_nothing(
+    tmp_path: Path,
+) -> None:
+    """The guide's loop began `for batch in loader` afresh after the restore and saved only on
+    the signal: resumed after a preemption it trained the pass from its first batch again, in
+    a new order (a 3-epoch run preempted after 5 of its 9 steps trained 9 more, to step 13,
+    and ended with other weights), and a rerun of a job that had finished trained it all
+    again. Now the resumed job trains the 4 steps left and ends with the weights of a run
+    never stopped; run again, twice, it trains and writes nothing."""
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "preempted").mkdir()
+    trained, weights = _guide_loop(tmp_path / "straight")
+    assert len(trained) == 9  # 40 examples in batches of 16: 3 batches, 3 epochs
+
+    trained, _ = _guide_loop(tmp_path / "preempted", signal_at=4)
+    assert len(trained) == 5
+    trained, resumed = _guide_loop(tmp_path / "preempted")
+    assert len(trained) == 4
+    for got, want in zip(resumed, weights, strict=True):
+        assert torch.equal(got, want)
+
+    files = _run_files(tmp_path / "preempted" / "runs/exp1")
+    for _ in range(2):
+        trained, again = _guide_loop(tmp_path / "preempted")
+        assert trained == []
+        assert _run_files(tmp_path / "preempted" / "runs/exp1") == files
+        for got, want in zip(again, weights, strict=True):
+            assert torch.equal(got, want)
