@@ -261,3 +261,23 @@ def test_a_history_hard_linked_while_the_writer_is_open_is_not_written_through(
         with pytest.raises(HistoryNotWrittenError, match=r"step 3 is committed.*hard links"):
             ckpt.save(3, {"w": torch.zeros(1000)}, {"loss": 0.1})
     assert unchanged(before)
+
+
+@pytest.mark.parametrize("kind", ["loop", "missing target"])
+def test_a_run_directory_that_is_a_dangling_link_is_named_so(tmp_path: Path, capsys, kind) -> None:
+    """A run directory given as a symbolic link that resolves to nothing (a loop, or a target
+    not made yet) was "does not exist" to the commands and "File exists" to a writer; both
+    now say it is a link that does not resolve, naming where it points, and create nothing."""
+    link = tmp_path / "run"
+    if kind == "loop":
+        os.symlink(tmp_path / "other", link)
+        os.symlink(link, tmp_path / "other")
+    else:
+        os.symlink(tmp_path / "scratch" / "run", link)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError, match="symbolic link that does not resolve") as info:
+        Checkpointer(link)
+    assert "\n" not in str(info.value)
+    assert main(["ls", str(link)]) != 0
+    assert "symbolic link that does not resolve" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

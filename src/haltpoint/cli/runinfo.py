@@ -21,7 +21,7 @@ from haltpoint.stopping.modes import infer_mode
 from haltpoint.store.history import HISTORY_NAME, parse_history, read_history
 from haltpoint.store.manifest import MANIFEST_NAME, Manifest, Ranking
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname, parse_step
-from haltpoint.store.storage import open_storage
+from haltpoint.store.storage import dangling_link, open_storage
 
 __all__ = [
     "Record",
@@ -66,7 +66,10 @@ def open_run(directory: str, *, must_exist: bool = True) -> RunDirectory:
         raise UsageError("DIR must name a run directory, got ''")
     local = directory[len("file://") :] if directory.startswith("file://") else directory
     if must_exist and "://" not in local and not os.path.isdir(local):
-        what = "is not a folder" if os.path.exists(local) else "does not exist"
+        if os.path.exists(local):
+            what = "is not a folder"
+        else:
+            what = f"is {dangling_link(local)}" if os.path.islink(local) else "does not exist"
         raise FileNotFoundError(
             f"run directory {directory} {what}; pass the folder a Checkpointer wrote "
             "(it holds step-* folders and history.jsonl)"

@@ -44,6 +44,7 @@ __all__ = [
     "check_one_name",
     "check_regular",
     "check_relpath",
+    "dangling_link",
     "fsync_dir",
     "open_regular",
     "open_storage",
@@ -254,6 +255,16 @@ def open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
     return fd
 
 
+def dangling_link(path: str) -> str:
+    """What the symbolic link at `path`, which resolves to nothing, is: "a symbolic link
+    that does not resolve (a loop, or to a missing target ...)"."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return f"a symbolic link that does not resolve (a loop, or to a missing target: {target})"
+
+
 def open_unlinked(path: str, flags: int, mode: int = 0o644) -> int:
     """`open_regular(path, flags, mode)` with O_NOFOLLOW: a file descriptor for writing that
     never reaches through a symbolic link at `path`.
@@ -313,6 +324,12 @@ class LocalStorage:
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         self.url = self.root
         if create:
+            if os.path.islink(self.root) and not os.path.exists(self.root):
+                raise UnwritableRunError(
+                    f"directory {self.root} is {dangling_link(self.root)}; pass a folder for "
+                    "the run, or a link to one",
+                    path=self.root,
+                )
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 what = "a file, not a folder" if os.path.isfile(self.root) else "not a folder"
                 raise UnwritableRunError(
