@@ -631,8 +631,7 @@ class FsspecStorage:
             yield f
         except BaseException:
             f.discard()  # closing would publish the partial file
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(path)
+            self._delete([path])
             raise
         f.close()
 
@@ -669,38 +668,83 @@ class FsspecStorage:
         self.remove(rel)
 
     def remove(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self._path(rel))
+        self._delete([self._path(rel)])
 
     def remove_many(self, rels: list[str]) -> None:
-        """One `fs.rm` of all of them: on S3 one `DeleteObjects` request per 1,000 files.
+        """Delete these files by name: on S3 one `DeleteObjects` request per 1,000 of them.
 
         A folder among them (a `dcp/` left by an interrupted sharded save) is removed whole,
-        as on a local disk: on a file system with real folders (memory://, SFTP, HDFS) a plain
-        `rm` of it raises 'Directory not empty'. On S3 a folder is only a key prefix, which
-        the removal of its step folder deletes (`rmtree`).
+        as on a local disk, on a file system with real folders (memory://, SFTP, HDFS). On S3
+        a folder is only a key prefix, which the removal of its step folder deletes
+        (`rmtree`).
         """
-        if rels:
-            paths = [self._path(rel) for rel in rels]
-            folders = not self._s3
-            try:
-                self.fs.rm(paths, recursive=folders)  # S3 and GCS: missing keys are not errors
-            except FileNotFoundError:  # file systems that stop at the first missing file
-                for path in paths:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.rm(path, recursive=folders)
-            for path in paths:
-                self.fs.invalidate_cache(path)
+        files, folders = [], []
+        for rel in rels:
+            path = self._path(rel)
+            if not self._s3 and self.fs.isdir(path):
+                folders.append(path)
+            else:
+                files.append(path)
+        self._delete(files)
+        for path in folders:
+            self._delete_tree(path)
 
     def rmtree(self, rel: str) -> None:
-        path = self._fresh(rel)
-        if self._s3:  # a folder is a key prefix: one listing, then one batched delete
-            found = self.fs.find(path)
-            if found:
-                self.fs.rm(found)
+        self._delete_tree(self._fresh(rel))
+
+    def _delete_tree(self, path: str) -> None:
+        """Delete `path` and everything below it: one listing (`find`, which takes the path
+        as a name), then the files by name, then the folders left empty, deepest first.
+        A bucket is never removed, only what is in it."""
+        try:
+            found = self.fs.find(path, withdirs=True, detail=True)
+        except FileNotFoundError:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(path, recursive=True)
+        self._delete([p for p, info in found.items() if info.get("type") != "directory"])
+        if self._s3:
+            return  # a folder is a key prefix: gone with its keys
+        folders = [p for p, info in found.items() if info.get("type") == "directory"]
+        for folder in sorted(folders, key=len, reverse=True):
+            if "/" in folder.strip("/"):  # never the top level (a bucket, a container)
+                with contextlib.suppress(OSError):
+                    self.fs.rmdir(folder)
+
+    def _delete(self, paths: list[str]) -> None:
+        """Delete files by their exact names; missing ones are not errors.
+
+        Never `fs.rm`: fsspec expands a path holding `[`, `?` or `*` as a glob pattern, so
+        the files of a run named `exp[12]` would be looked for, and deleted, in `exp1` and
+        `exp2`. On S3 the keys go in `DeleteObjects` requests of 1,000; elsewhere one
+        `rm_file` each.
+        """
+        if not paths:
+            return
+        if self._s3:
+            self._delete_keys(paths)
+        else:
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+        for path in paths:
+            self.fs.invalidate_cache(path)
+
+    def _delete_keys(self, paths: list[str]) -> None:
+        from fsspec.asyn import sync
+
+        by_bucket: dict[str, list[str]] = {}
+        for path in paths:
+            bucket, key, _ = self.fs.split_path(path)
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for i in range(0, len(keys), 1000):
+                objects = [{"Key": key} for key in keys[i : i + 1000]]
+                sync(
+                    self.fs.loop,
+                    self.fs._call_s3,
+                    "delete_objects",
+                    Bucket=bucket,
+                    Delete={"Objects": objects, "Quiet": True},
+                )
 
     def free_space(self) -> int | None:
         return None

@@ -1,0 +1,163 @@
+"""Object stores at their edges: what S3 (moto's server on 127.0.0.1, through s3fs) and
+`memory://` do that a local disk does not, and what a run directory there must survive.
+
+No flock, no rename, keys that are only names (a `[` or `?` in them is no pattern), buckets
+that may be missing or shared, requests refused (403), throttled (503) or failing half-way.
+Where moto cannot produce the fault, `Faults` makes s3fs's client raise it, so that s3fs's own
+retries and error translation still run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+pytest.importorskip("boto3")
+
+from botocore.exceptions import ClientError
+
+from haltpoint import Checkpointer
+from haltpoint.store.storage import FsspecStorage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from s3_server import S3Endpoint, moto_s3
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Endpoint]:
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+def _base(where: str, s3: S3Endpoint) -> tuple[str, dict[str, Any] | None]:
+    """A fresh folder URL on `where` ("s3" or "memory"), and its storage options."""
+    tag = uuid.uuid4().hex[:8]
+    if where == "s3":
+        return s3.url(f"edges-{tag}"), s3.storage_options
+    return f"memory://edges-{tag}", None
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 2)
+
+
+def _steps(url: str, options: dict[str, Any] | None) -> list[int]:
+    return [i.step for i in Checkpointer(url, read_only=True, storage_options=options).list()]
+
+
+def _save(url: str, options: dict[str, Any] | None, steps: range, **settings: Any) -> None:
+    settings = {"async_save": False, "capture_rng": False, **settings}
+    with Checkpointer(url, storage_options=options, **settings) as ckpt:
+        for step in steps:
+            ckpt.save(step, {"model": _model(step)})
+
+
+def _cli(s3: S3Endpoint, *args: str) -> int:
+    """`haltpoint ARGS` in this process, reaching moto as the environment would point it
+    (fsspec reads `FSSPEC_S3_*` once, at import: its configuration is set instead)."""
+    import fsspec.config
+
+    from haltpoint.cli import main
+
+    conf = {"endpoint_url": s3.endpoint_url, "key": "testing", "secret": "testing"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(fsspec.config.conf, "s3", conf)
+        return main(list(args))
+
+
+class Faults:
+    """Makes s3fs's client raise S3 errors (a botocore `ClientError`, as the server's reply
+    would be) for the requests `when(method, kwargs)` picks; s3fs retries and translates them
+    as it would a real reply."""
+
+    def __init__(self, fs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.fs = fs
+        self.rules: list[tuple[Callable[[str, dict[str, Any]], bool], str, int]] = []
+        self.seen: list[str] = []
+        original = fs.get_s3
+
+        async def get_s3(bucket: str | None = None) -> Any:
+            return _FaultyClient(await original(bucket), self)
+
+        monkeypatch.setattr(fs, "get_s3", get_s3)
+        monkeypatch.setattr(fs, "retries", 2)  # s3fs's retries, kept short
+
+    def fail(self, when: Callable[[str, dict[str, Any]], bool], code: str = "AccessDenied") -> None:
+        status = {"AccessDenied": 403, "SlowDown": 503, "NoSuchBucket": 404}.get(code, 500)
+        self.rules.append((when, code, status))
+
+    def clear(self) -> None:
+        self.rules.clear()
+
+
+class _FaultyClient:
+    def __init__(self, client: Any, faults: Faults) -> None:
+        self._client, self._faults = client, faults
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+        faults = self._faults
+
+        async def call(**kwargs: Any) -> Any:
+            faults.seen.append(name)
+            for when, code, status in faults.rules:
+                if when(name, kwargs):
+                    error = {"Code": code, "Message": f"{code} (injected)"}
+                    reply = {"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}}
+                    raise ClientError(reply, name)  # type: ignore[arg-type]
+            return await method(**kwargs)
+
+        call.__name__ = name
+        return call
+
+
+@contextlib.contextmanager
+def _no_warnings() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.mark.parametrize("where", ["s3", "memory"])
+@pytest.mark.parametrize(
+    ("odd", "others"),
+    [("exp[12]", ["exp1", "exp2"]), ("exp?", ["expA"]), ("exp*", ["exp-b"])],
+    ids=["brackets", "question-mark", "star"],
+)
+def test_a_run_named_like_a_glob_pattern_never_deletes_another_runs_checkpoints(
+    s3: S3Endpoint, where: str, odd: str, others: list[str]
+) -> None:
+    """A run whose name holds `[`, `?` or `*` (legal in any S3 key) beside runs its name
+    matches as a pattern: its retention, its writer's clean-up and `haltpoint gc` delete its
+    own dropped checkpoints and nothing of the others'. Before: every delete went through
+    fsspec's `rm`, which expands such a path as a glob, so retention of `exp[12]` deleted the
+    manifests of `exp1` and `exp2` (both runs lost every checkpoint) and kept its own."""
+    base, options = _base(where, s3)
+    for name in others:
+        _save(f"{base}/{name}", options, range(2), keep_last=2)
+    odd_url = f"{base}/{odd}"
+    _save(odd_url, options, range(3), keep_last=1)
+    assert _steps(odd_url, options) == [2]
+    storage = FsspecStorage(odd_url, options)
+    assert [n for n in storage.listdir() if n.startswith("step-")] == ["step-000000002"]
+    for name in others:
+        assert _steps(f"{base}/{name}", options) == [0, 1]
+    assert _cli(s3, "gc", "--keep-last", "1", f"{base}/{others[0]}") == 0
+    assert _steps(f"{base}/{others[0]}", options) == [1]
+    assert _steps(odd_url, options) == [2]
+    for name in others[1:]:
+        assert _steps(f"{base}/{name}", options) == [0, 1]
