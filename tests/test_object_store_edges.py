@@ -76,28 +76,39 @@ def _cli(s3: S3Endpoint, *args: str) -> int:
 
 
 class Faults:
-    """Makes s3fs's client raise S3 errors (a botocore `ClientError`, as the server's reply
-    would be) for the requests `when(method, kwargs)` picks; s3fs retries and translates them
-    as it would a real reply."""
+    """Makes every s3fs client of this process raise S3 errors (a botocore `ClientError`, as
+    the server's reply would be) for the requests a rule picks, or answer `DeleteObjects`
+    with per-key errors; s3fs retries and translates them as it would a real reply."""
 
-    def __init__(self, fs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.fs = fs
-        self.rules: list[tuple[Callable[[str, dict[str, Any]], bool], str, int]] = []
-        self.seen: list[str] = []
-        original = fs.get_s3
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import s3fs
 
-        async def get_s3(bucket: str | None = None) -> Any:
-            return _FaultyClient(await original(bucket), self)
+        self.rules: list[tuple[Callable[[str, dict[str, Any]], bool], str]] = []
+        self.undeletable: Callable[[str], bool] = lambda key: False
+        original = s3fs.S3FileSystem.get_s3
 
-        monkeypatch.setattr(fs, "get_s3", get_s3)
-        monkeypatch.setattr(fs, "retries", 2)  # s3fs's retries, kept short
+        async def get_s3(fs: Any, bucket: str | None = None) -> Any:
+            return _FaultyClient(await original(fs, bucket), self)
+
+        monkeypatch.setattr(s3fs.S3FileSystem, "get_s3", get_s3)
+        monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)  # s3fs's retries, kept short
 
     def fail(self, when: Callable[[str, dict[str, Any]], bool], code: str = "AccessDenied") -> None:
-        status = {"AccessDenied": 403, "SlowDown": 503, "NoSuchBucket": 404}.get(code, 500)
-        self.rules.append((when, code, status))
+        """Requests `when(method, kwargs)` picks get the error `code`."""
+        self.rules.append((when, code))
+
+    def deny_delete(self, key: Callable[[str], bool]) -> None:
+        """`DeleteObjects` keeps the keys `key(k)` picks, each with an AccessDenied error in
+        the reply (as S3 answers a bucket policy that denies s3:DeleteObject), and deletes
+        the rest."""
+        self.undeletable = key
 
     def clear(self) -> None:
         self.rules.clear()
+        self.undeletable = lambda key: False
+
+
+_STATUS = {"AccessDenied": 403, "SlowDown": 503, "NoSuchBucket": 404, "ExpiredToken": 400}
 
 
 class _FaultyClient:
@@ -111,12 +122,25 @@ class _FaultyClient:
         faults = self._faults
 
         async def call(**kwargs: Any) -> Any:
-            faults.seen.append(name)
-            for when, code, status in faults.rules:
+            for when, code in faults.rules:
                 if when(name, kwargs):
                     error = {"Code": code, "Message": f"{code} (injected)"}
-                    reply = {"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}}
-                    raise ClientError(reply, name)  # type: ignore[arg-type]
+                    status = {"HTTPStatusCode": _STATUS.get(code, 500)}
+                    raise ClientError({"Error": error, "ResponseMetadata": status}, name)  # type: ignore[arg-type]
+            if name == "delete_objects":
+                objects = kwargs["Delete"]["Objects"]
+                kept = [o for o in objects if faults.undeletable(o["Key"])]
+                rest = [o for o in objects if not faults.undeletable(o["Key"])]
+                reply = {}
+                if rest:
+                    reply = await method(
+                        **{**kwargs, "Delete": {**kwargs["Delete"], "Objects": rest}}
+                    )
+                errors = [
+                    {"Key": o["Key"], "Code": "AccessDenied", "Message": "Access Denied"}
+                    for o in kept
+                ]
+                return {**reply, "Errors": errors} if errors else reply
             return await method(**kwargs)
 
         call.__name__ = name
@@ -161,3 +185,33 @@ def test_a_run_named_like_a_glob_pattern_never_deletes_another_runs_checkpoints(
     assert _steps(odd_url, options) == [2]
     for name in others[1:]:
         assert _steps(f"{base}/{name}", options) == [0, 1]
+
+
+@pytest.mark.parametrize("where", ["gc", "retention"])
+def test_a_delete_the_bucket_refuses_is_reported_not_taken_for_done(
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """A bucket policy denies s3:DeleteObject: S3 answers `DeleteObjects` with 200 and an
+    AccessDenied per key. `haltpoint gc` fails with one line naming a key, a writer's
+    retention warns that it removed nothing, and every checkpoint stays intact. Before:
+    s3fs drops the per-key errors, so gc said "removed 2 checkpoint(s)" of checkpoints all
+    still there, and retention warned of nothing (its clean-up then found their manifests
+    and said they "could not be read")."""
+    url, options = _base("s3", s3)
+    _save(url, options, range(3), keep_last=3)
+    faults = Faults(monkeypatch)
+    faults.deny_delete(lambda key: True)
+    if where == "gc":
+        capsys.readouterr()
+        assert _cli(s3, "gc", "--keep-last", "1", url) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "AccessDenied" in errors[0] and "manifest.json" in errors[0]
+    else:
+        with pytest.warns(
+            UserWarning, match=r"retention could not remove step 0, 1, 2 .*AccessDenied"
+        ):
+            _save(url, options, range(3, 4), keep_last=1)
+    faults.clear()
+    expected = [0, 1, 2] if where == "gc" else [0, 1, 2, 3]
+    assert _steps(url, options) == expected
+    assert _cli(s3, "verify", url) == 0

@@ -193,10 +193,20 @@ def _release_local(fd: int) -> None:
 
 
 def _release_remote(storage: Storage, me: LockHolder) -> None:
-    """Delete the lock file if it still names `me`."""
-    with contextlib.suppress(FileNotFoundError):
+    """Delete the lock file if it still names `me`; warn if the store refuses (the error the
+    writer is leaving on, if any, is the one to see)."""
+    try:
         if LockHolder.from_json(storage.read_bytes(LOCK_NAME, _RECORD_LIMIT)) == me:
             storage.remove(LOCK_NAME)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        warn_user(
+            f"could not delete the writer lock file {_lock_path(storage)} ({exc.strerror or exc}); "
+            f"it names {me.describe()}, which writes no more: once that process has exited a "
+            "writer on this host takes it over, one on another host is refused until it is "
+            "deleted by hand"
+        )
 
 
 _HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()

@@ -738,16 +738,35 @@ class FsspecStorage:
         for bucket, keys in by_bucket.items():
             for i in range(0, len(keys), 1000):
                 objects = [{"Key": key} for key in keys[i : i + 1000]]
-                sync(
+                reply = sync(
                     self.fs.loop,
                     self.fs._call_s3,
                     "delete_objects",
                     Bucket=bucket,
                     Delete={"Objects": objects, "Quiet": True},
                 )
+                errors = reply.get("Errors") or []
+                if errors:  # S3 answers 200 and lists the keys it kept (s3fs drops them)
+                    raise _refused_delete(bucket, errors)
 
     def free_space(self) -> int | None:
         return None
+
+
+def _refused_delete(bucket: str, errors: list[dict[str, Any]]) -> OSError:
+    """The error of a `DeleteObjects` reply that kept keys: the first one, and how many more.
+
+    >>> exc = _refused_delete("b", [{"Key": "run/m", "Code": "AccessDenied", "Message": "no"}])
+    >>> type(exc).__name__, str(exc)
+    ('PermissionError', "[Errno 13] the store refused to delete it: AccessDenied (no): 's3://b/run/m'")
+    """
+    first = errors[0]
+    code, message = str(first.get("Code", "an error")), str(first.get("Message", "")).strip()
+    more = f"; {len(errors) - 1} more key(s) kept too" if len(errors) > 1 else ""
+    text = f"the store refused to delete it: {code}" + (f" ({message})" if message else "") + more
+    denied = code in ("AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "ExpiredToken")
+    kind, number = (PermissionError, errno.EACCES) if denied else (OSError, errno.EIO)
+    return kind(number, text, f"s3://{bucket}/{first.get('Key', '')}")
 
 
 def open_storage(
