@@ -215,3 +215,28 @@ def test_a_delete_the_bucket_refuses_is_reported_not_taken_for_done(
     expected = [0, 1, 2] if where == "gc" else [0, 1, 2, 3]
     assert _steps(url, options) == expected
     assert _cli(s3, "verify", url) == 0
+
+
+def test_no_reader_creates_a_bucket_and_no_writer_creates_one_either(s3: S3Endpoint) -> None:
+    """A URL naming a bucket that does not exist (a typo): readers (`read_only`, `haltpoint
+    ls`) find no checkpoint and create nothing; a writer is refused at open with one
+    `UnwritableRunError` line saying the bucket does not exist. Before: every `FsspecStorage`
+    began with s3fs's `makedirs`, which creates a missing bucket, so `haltpoint ls` of a
+    mistyped bucket made it in the account (here in eu-west-1, where moto allows it; in
+    us-east-1 the reader was refused 'cannot write ... location-constraint is not valid')."""
+    import boto3
+
+    from haltpoint import UnwritableRunError
+
+    options = {**s3.storage_options, "client_kwargs": {"endpoint_url": s3.endpoint_url}}
+    options["client_kwargs"]["region_name"] = "eu-west-1"
+    client = boto3.client("s3", **options["client_kwargs"])  # credentials: the environment's
+    buckets = sorted(b["Name"] for b in client.list_buckets()["Buckets"])
+    url = f"s3://typo-{uuid.uuid4().hex[:8]}/run"
+    reader = Checkpointer(url, read_only=True, storage_options=options)
+    assert reader.list() == [] and reader.restore({"model": _model(0)}) is None
+    assert _cli(s3, "ls", url) in (0, 1)
+    with pytest.raises(UnwritableRunError, match=r"the bucket .* does not exist") as refused:
+        Checkpointer(url, storage_options=options)
+    assert "\n" not in str(refused.value)
+    assert sorted(b["Name"] for b in client.list_buckets()["Buckets"]) == buckets

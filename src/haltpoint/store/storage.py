@@ -544,6 +544,7 @@ class FsspecStorage:
         part_bytes: int = PART_BYTES,
         max_concurrency: int = MAX_CONCURRENCY,
         read_block_bytes: int = READ_BLOCK_BYTES,
+        create: bool = True,
     ) -> None:
         import fsspec
 
@@ -555,7 +556,30 @@ class FsspecStorage:
         self.max_concurrency = max_concurrency
         self.read_block_bytes = read_block_bytes
         self._s3 = is_s3(self.fs)
-        self.fs.makedirs(self.root, exist_ok=True)
+        if not create:  # a reader writes nothing: a missing folder (or bucket) reads as empty
+            return
+        if self._s3:  # no folders to make; and s3fs's makedirs would create a missing bucket
+            self._check_bucket()
+        else:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def _check_bucket(self) -> None:
+        """Refuse a writer on a bucket that does not exist: haltpoint creates no buckets (a
+        mistyped name would become a new bucket in the account)."""
+        from fsspec.asyn import sync
+
+        bucket = self.fs.split_path(self.root)[0]
+        try:
+            sync(self.fs.loop, self.fs._call_s3, "head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise UnwritableRunError(
+                f"cannot write {self.url}: the bucket {bucket!r} does not exist (or these "
+                "credentials cannot see it); haltpoint creates no buckets: create it, or check "
+                "the URL",
+                path=self.url,
+            ) from None
+        except OSError:  # no permission to ask (s3:ListBucket): the writes will say more
+            pass
 
     def _path(self, rel: str) -> str:
         if rel == "":
@@ -775,8 +799,9 @@ def open_storage(
     *,
     create: bool = True,
 ) -> Storage:
-    """A `LocalStorage` for a local path or `file://` URL, else an `FsspecStorage`; a local
-    folder is created unless `create` is False (readers never create anything)."""
+    """A `LocalStorage` for a local path or `file://` URL, else an `FsspecStorage`; a folder
+    is created unless `create` is False (readers never create anything; on S3 a writer
+    creates no bucket either)."""
     if isinstance(directory, os.PathLike):
         directory = os.fspath(directory)
     if not isinstance(directory, str) or not directory:
@@ -788,7 +813,7 @@ def open_storage(
     if directory.startswith("file://"):
         directory = directory[len("file://") :]
     if "://" in directory:
-        return FsspecStorage(directory, storage_options)
+        return FsspecStorage(directory, storage_options, create=create)
     if storage_options:
         raise ValueError(
             "storage_options only apply to fsspec URLs (s3://, gs://, memory://, ...), "
