@@ -74,7 +74,7 @@ def _replace(run_dir: Path, step: int, name: str, data: bytes) -> None:
     hasher.update(data)
     record = {"size": len(data), "xxh3_128": hasher.hexdigest()}
     manifest.extra[SHARDED_KEY]["files"][name] = record
-    run.commit(manifest)
+    run.storage.publish(f"{dirname}/manifest.json", manifest.encode())  # rewritten
 
 
 def _records(files: dict[str, dict[str, Any]]) -> dict[str, ShardFile]:

@@ -240,3 +240,72 @@ def test_no_reader_creates_a_bucket_and_no_writer_creates_one_either(s3: S3Endpo
         Checkpointer(url, storage_options=options)
     assert "\n" not in str(refused.value)
     assert sorted(b["Name"] for b in client.list_buckets()["Buckets"]) == buckets
+
+
+@pytest.mark.parametrize("where", ["s3", "memory"])
+def test_two_writers_starting_at_once_never_both_hold_the_run(
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Writer B looks at the lock file in the same instant as writer A, before A's lock is
+    written (simulated: B's first look finds none). The store refuses B's lock file, since
+    A's is there: B gets one `LockedError` line naming A, and A saves on. Before: B wrote its
+    lock file over A's and opened (its clean-up at open ran while A was saving), and A's next
+    save was the one refused."""
+    from haltpoint.errors import LockedError
+    from haltpoint.store import lock
+
+    url, options = _base(where, s3)
+    first = Checkpointer(
+        url, keep_last=2, async_save=False, capture_rng=False, storage_options=options
+    )
+    first.save(0, {"model": _model(0)})
+    real = FsspecStorage.read_bytes
+    missed: list[str] = []
+
+    def read_bytes(self: FsspecStorage, rel: str, limit: int | None = None) -> bytes:
+        if rel == lock.LOCK_NAME and not missed:
+            missed.append(rel)
+            raise FileNotFoundError(rel)  # A's lock is not there yet when B looks
+        return real(self, rel, limit)
+
+    monkeypatch.setattr(FsspecStorage, "read_bytes", read_bytes)
+    with pytest.raises(LockedError, match=r"is locked by process \d+ on host") as refused:
+        Checkpointer(url, async_save=False, storage_options=options)
+    assert missed and "\n" not in str(refused.value)
+    monkeypatch.setattr(FsspecStorage, "read_bytes", real)
+    first.save(1, {"model": _model(1)})
+    first.close()
+    assert _steps(url, options) == [0, 1]
+
+
+@pytest.mark.parametrize("where", ["s3", "memory"])
+def test_a_checkpoint_committed_meanwhile_by_another_writer_is_never_written_over(
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A save of step 1 looks for step 1's manifest, finds none, and writes its tensors;
+    meanwhile another writer of the run (one the lock did not stop: see docs/format.md)
+    commits step 1. The commit is refused with `CheckpointExistsError` and the other
+    writer's manifest keeps its bytes. Before: the commit was a plain PUT over it, so the
+    checkpoint the other writer had committed was replaced."""
+    from haltpoint import CheckpointExistsError
+    from haltpoint.store import run_dir
+
+    url, options = _base(where, s3)
+    ckpt = Checkpointer(url, async_save=False, capture_rng=False, storage_options=options)
+    ckpt.save(0, {"model": _model(0)})
+    storage = FsspecStorage(url, options)
+    theirs = storage.read_bytes("step-000000000/manifest.json").replace(
+        b'"step":0', b'"step":1'
+    )  # a stand-in: only its bytes are compared
+    real = run_dir.RunDirectory.new_dirname
+
+    def new_dirname(self: run_dir.RunDirectory, step: int) -> str:
+        dirname = real(self, step)
+        storage.publish(f"{dirname}/manifest.json", theirs)  # the other writer commits now
+        return dirname
+
+    monkeypatch.setattr(run_dir.RunDirectory, "new_dirname", new_dirname)
+    with pytest.raises(CheckpointExistsError, match="by another writer"):
+        ckpt.save(1, {"model": _model(1)})
+    assert storage.read_bytes("step-000000001/manifest.json") == theirs
+    ckpt.close()

@@ -385,8 +385,8 @@ def test_fsspec_release_leaves_a_lock_taken_by_someone_else(memory: FsspecStorag
 class RacingStorage(FsspecStorage):
     """Storage where another writer publishes its lock file just after ours."""
 
-    def publish(self, rel: str, data: bytes) -> None:
-        super().publish(rel, data)
+    def publish_new(self, rel: str, data: bytes) -> None:
+        super().publish_new(rel, data)
         if rel == LOCK_NAME:
             super().publish(rel, LockHolder(4242, "other-host", 1795559465.0).to_json())
 

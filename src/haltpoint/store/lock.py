@@ -5,11 +5,16 @@ the holding process exits or is killed, so a lock can never go stale. The file a
 holder's `{"pid", "host", "since"}` as JSON, for error messages and `haltpoint gc`. Readers
 never take the lock: any number of them may open a run while one writer holds it.
 
-Behind fsspec (object stores have no `flock`) the lock is best effort: a lock file naming the
-holder, refused while that holder is on another host or is a live process on this one, taken
-over (with a warning) when it names a dead process on this host. Two writers starting in the
-same instant may both succeed, and a holder that died on another host keeps the run locked
-until its lock file is deleted by hand.
+Behind fsspec (object stores have no `flock`) the lock is a lock file naming the holder,
+created only where none is (`Storage.publish_new`: on S3 a `PutObject` with
+`If-None-Match: *`, so of two writers starting in the same instant the store refuses the
+second), refused while its holder is on another host or is a live process on this one, and
+taken over (with a warning: deleted, then created again) when it names a dead process on this
+host. What it cannot do: two processes on one host taking over the same dead holder's lock in
+the same instant may both succeed (the first to commit then makes the other's `check` fail),
+a holder that died on another host keeps the run locked until its lock file is deleted by
+hand, and a store that ignores `If-None-Match` (some S3-compatible servers) lets two writers
+starting in the same instant both in, as before.
 
 Concurrency: a `WriterLock` object is not thread-safe. A child made by `os.fork` does not
 inherit the lock: in the child the lock object simply lets go of its copy of the file.
@@ -320,8 +325,17 @@ class WriterLock:
             if holder.host != socket.gethostname() or _pid_alive(holder.pid):
                 raise _locked_error(storage, holder)
             _took_over_warning(storage, holder)
+            storage.remove(LOCK_NAME)
         me = _me()
-        storage.publish(LOCK_NAME, me.to_json())
+        try:  # refused by the store where a lock file is there (S3: If-None-Match)
+            storage.publish_new(LOCK_NAME, me.to_json())
+        except FileExistsError:  # another writer created one since we looked
+            data = None
+            with contextlib.suppress(FileNotFoundError):
+                data = storage.read_bytes(LOCK_NAME, _RECORD_LIMIT)
+            raise _locked_error(
+                storage, (data and LockHolder.from_json(data)) or _UNKNOWN
+            ) from None
         winner = LockHolder.from_json(storage.read_bytes(LOCK_NAME, _RECORD_LIMIT))
         if winner != me:  # another writer published in the same instant and won
             raise _locked_error(storage, winner or _UNKNOWN)

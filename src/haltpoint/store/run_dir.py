@@ -452,9 +452,26 @@ class RunDirectory:
             ) from None
 
     def commit(self, manifest: Manifest) -> str:
-        """Publish `manifest` atomically: from this moment the checkpoint exists."""
+        """Publish `manifest` atomically: from this moment the checkpoint exists.
+
+        Only where no manifest is (`Storage.publish_new`): on an object store, which has no
+        lock a second writer must respect, a checkpoint committed there since `new_dirname`
+        looked is never written over.
+
+        Raises:
+            CheckpointExistsError: a manifest of that step is there now; nothing was written.
+        """
         dirname = checkpoint_dirname(manifest.step)
-        self.storage.publish(f"{dirname}/{MANIFEST_NAME}", manifest.encode())
+        try:
+            self.storage.publish_new(f"{dirname}/{MANIFEST_NAME}", manifest.encode())
+        except FileExistsError:
+            where = f"{self.storage.url.rstrip('/')}/{dirname}"
+            raise CheckpointExistsError(
+                f"a checkpoint for step {manifest.step} was committed in {where} by another "
+                "writer while this one saved it; nothing was written over it: stop the other "
+                "writer of the run, then save under a new step",
+                path=where,
+            ) from None
         return dirname
 
     def quarantine(self, entry: Entry) -> str:

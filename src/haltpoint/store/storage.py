@@ -144,6 +144,13 @@ class Storage(Protocol):
     def publish(self, rel: str, data: bytes) -> None:
         """Write a small file atomically and durably: readers see all of it or nothing."""
 
+    def publish_new(self, rel: str, data: bytes) -> None:
+        """`publish`, only where no file is at `rel`: nothing is ever written over one.
+
+        Raises:
+            FileExistsError: a file is there (nothing was written).
+        """
+
     def rename(self, rel: str, new: str) -> None:
         """Move the small file `rel` to the name `new` (in an existing folder), durably.
 
@@ -467,6 +474,14 @@ class LocalStorage:
             raise
         fsync_dir(os.path.dirname(path))
 
+    def publish_new(self, rel: str, data: bytes) -> None:
+        """A look, then `publish`: the writer holds the flock, so nobody creates `rel` in
+        between."""
+        self.write_path(rel)  # a link there is LinkedFileError, not a file that exists
+        if self.exists(rel):
+            raise FileExistsError(f"{self._path(rel)} exists; haltpoint never writes over it")
+        self.publish(rel, data)
+
     def rename(self, rel: str, new: str) -> None:
         """One atomic `os.rename` (the writer holds the lock: nobody creates `new` meanwhile)."""
         path, target = self.write_path(rel), self.write_path(new)
@@ -674,6 +689,29 @@ class FsspecStorage:
         """One object write (`PutObject` on S3): readers see all of it or nothing."""
         self.fs.pipe_file(self._path(rel), data)
 
+    def publish_new(self, rel: str, data: bytes) -> None:
+        """One conditional object write: on S3 a `PutObject` with `If-None-Match: *`, which
+        the store refuses when the key exists, however many writers race (fsspec's
+        `mode="create"`; on `memory://` an exclusive open). A store that does not implement
+        the condition (`NotImplemented`) gets a look, then the write: without a lock two
+        writers may then both write.
+
+        Raises:
+            FileExistsError: the object exists (nothing was written).
+        """
+        path = self._path(rel)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            if self.exists(rel):
+                raise FileExistsError(
+                    f"{self.url}/{rel} exists; haltpoint never writes over it"
+                ) from None
+            self.publish(rel, data)
+        self.fs.invalidate_cache(path)
+
     def rename(self, rel: str, new: str) -> None:
         """Copy, read the copy back and compare, and only then delete the original.
 
@@ -685,7 +723,7 @@ class FsspecStorage:
         if self.exists(new):
             raise FileExistsError(f"{self.url}/{new} exists; haltpoint never renames over a file")
         data = self.read_bytes(rel)
-        self.publish(new, data)
+        self.publish_new(new, data)
         if self.read_bytes(new) != data:
             self.remove(new)
             raise OSError(f"the copy of {self.url}/{rel} as {new} did not read back equal")
