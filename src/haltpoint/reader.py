@@ -59,6 +59,9 @@ RNG_ENTRY = "__rng__"
 RNG_MAX_BYTES = 1 << 20
 """The most bytes the tensors of a saved random state may claim: torch's CPU state is 5,056
 bytes, NumPy's key 2,496 and each CUDA device's 16, so 1 MiB is far beyond any real one."""
+CHOICES = 10
+"""How many times `RunReader.read` chooses "latest" or "best" again, each time a writer's
+retention removed what it chose while it read it, before it gives up."""
 _NOT_READ = object()  # in place of a saved entry restore was not asked for, and did not read
 
 
@@ -179,7 +182,10 @@ class RunReader:
         they stream through a fixed buffer (a checkpoint with any damaged tensor is passed
         over, as `haltpoint verify` reports it). Without `state`, every tensor is read.
 
-        Damaged candidates of "latest" or "best" are warned about and skipped. A sharded
+        Damaged candidates of "latest" or "best" are warned about and skipped; one that a
+        writer's retention removed while it was read is skipped silently, and when that was
+        the last one they choose again among the checkpoints committed since (retention
+        removes one only once a newer one is committed), `CHOICES` times at most. A sharded
         checkpoint's DCP files are checked too, unless `check_shards` is false (under a process
         group the ranks check them together: `check_shard_part`). `skip` maps the steps found
         damaged that way to what is wrong with them: they are passed over as damaged. None for
@@ -220,33 +226,73 @@ class RunReader:
                 "instead",
                 path=self.directory,
             )
+        tried = set(skip or ())
+        for _ in range(CHOICES):
+            gone: tuple[Entry, CorruptCheckpointError] | None = None  # removed while read
+            damaged: tuple[Entry, CorruptCheckpointError] | None = None  # the last, if damaged
+            for index, entry in enumerate(candidates):
+                tried.add(entry.step)
+                try:
+                    tensors = self._read_one(entry, state, strict, check_shards)
+                except CorruptCheckpointError as exc:
+                    if self.run.removed(entry.dirname):  # a reader raced the writer: no damage
+                        gone = (entry, exc)
+                    elif index + 1 < len(candidates):
+                        _warn_falling_back(str(exc), candidates[index + 1].step)
+                        passed.append((entry, str(exc)))
+                    else:
+                        damaged = (entry, exc)
+                    continue
+                return Found(entry, tensors, tuple(passed))
+            if gone is None or which not in ("latest", "best"):
+                break
+            # retention removes a checkpoint only once a newer one is committed: choose again
+            now = self.candidates(self.run.committed(), which)
+            candidates = [e for e in now if e.step not in tried]
+            if not candidates:
+                break
+            if damaged is not None:
+                _warn_falling_back(str(damaged[1]), candidates[0].step)
+                passed.append((damaged[0], str(damaged[1])))
+        else:
+            raise CheckpointNotFoundError(
+                f"the writer of {self.directory} removed {CHOICES} checkpoints in turn while "
+                "restore read them (it saves faster than this reader reads one); restore "
+                "again, or keep more checkpoints (keep_last)",
+                path=self.directory,
+            )
+        if damaged is not None:
+            raise damaged[1]
+        assert gone is not None
+        again = "restore again" if which in ("latest", "best") else "restore another step"
+        raise CheckpointNotFoundError(
+            f"the checkpoint of step {gone[0].step} was removed by the writer's retention while "
+            f"it was being read; {again}",
+            path=f"{self.directory}/{gone[0].dirname}",
+        ) from gone[1]
+
+    def _read_one(
+        self,
+        entry: Entry,
+        state: MutableMapping[str, Any] | None,
+        strict: bool,
+        check_shards: bool,
+    ) -> dict[str, torch.Tensor]:
+        """The tensors restore reads of `entry`, every tensor of it verified (see `read`).
+
+        Raises:
+            CorruptCheckpointError: it is damaged, or was removed while it was read.
+        """
+        assert entry.manifest is not None
         storage = self.run.storage
-        for index, entry in enumerate(candidates):
-            assert entry.manifest is not None
-            try:
-                records = self._to_read(entry, state, strict)
-                tensors = read_tensors(storage, records, verify=True)
-                rest = {k: r for k, r in entry.manifest.tensors.items() if k not in records}
-                verify_tensors(storage, rest)  # not asked for, but part of the checkpoint
-                _check_random_state(entry, tensors)
-                if check_shards and is_sharded(entry.manifest):
-                    self.check_shards(entry)
-            except CorruptCheckpointError as exc:
-                removed = self.run.removed(entry.dirname)
-                if index + 1 == len(candidates):
-                    if removed:  # a reader raced the writer's retention: not damage
-                        raise CheckpointNotFoundError(
-                            f"the checkpoint of step {entry.step} was removed by the writer's "
-                            "retention while it was being read; restore again",
-                            path=f"{self.directory}/{entry.dirname}",
-                        ) from exc
-                    raise
-                if not removed:
-                    _warn_falling_back(str(exc), candidates[index + 1].step)
-                    passed.append((entry, str(exc)))
-                continue
-            return Found(entry, tensors, tuple(passed))
-        raise AssertionError("unreachable")  # pragma: no cover
+        records = self._to_read(entry, state, strict)
+        tensors = read_tensors(storage, records, verify=True)
+        rest = {k: r for k, r in entry.manifest.tensors.items() if k not in records}
+        verify_tensors(storage, rest)  # not asked for, but part of the checkpoint
+        _check_random_state(entry, tensors)
+        if check_shards and is_sharded(entry.manifest):
+            self.check_shards(entry)
+        return tensors
 
     def _to_read(
         self, entry: Entry, state: MutableMapping[str, Any] | None, strict: bool

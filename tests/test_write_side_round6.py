@@ -1,0 +1,152 @@
+"""Write-side safety, sixth round: concurrency and interleaving.
+
+A writer saving with retention beside readers, `gc`, `import`, `verify`, `export` and
+`demo --fresh` in other processes; a race made deterministic where it is narrow (a real
+writer's save run at the moment a reader is between two reads), and real processes where
+it is not. What earlier rounds hold is in tests/test_write_side_safety.py,
+tests/test_write_side_crashes.py and tests/test_write_side_round2.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from haltpoint import Checkpointer, load_best
+from haltpoint import reader as reader_module
+from haltpoint.errors import CheckpointNotFoundError
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def model_at(step: int) -> torch.nn.Linear:
+    """A model whose weights say which step saved them."""
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(float(step))
+        model.bias.fill_(-float(step))
+    return model
+
+
+def saved_step(model: torch.nn.Linear) -> int:
+    step = int(model.weight[0, 0])
+    assert torch.equal(model.weight, torch.full((3, 4), float(step)))
+    assert torch.equal(model.bias, torch.full((3,), -float(step)))
+    return step
+
+
+def writer(run: Path, **kwargs: Any) -> Checkpointer:
+    options: dict[str, Any] = {
+        "monitor": "loss",
+        "keep_last": 1,
+        "async_save": False,
+        "capture_rng": False,
+    }
+    return Checkpointer(run, **{**options, **kwargs})
+
+
+def saving_first(
+    real: Callable[..., Any], saves: Iterator[Callable[[], None]]
+) -> Callable[..., Any]:
+    """`real`, except that each call first runs the next of `saves` (a real writer's save:
+    its commit and retention), while it lasts: the writer's retention lands between the
+    reader's listing of the run and its read of the checkpoint it chose."""
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        save = next(saves, None)
+        if save is not None:
+            save()
+        return real(*args, **kwargs)
+
+    return patched
+
+
+RESTORES = {
+    "latest": lambda run: Checkpointer(run, read_only=True, capture_rng=False),
+    "best": lambda run: Checkpointer(run, read_only=True, capture_rng=False, monitor="loss"),
+}
+
+
+@pytest.mark.parametrize("removals", [1, 3], ids=["once", "three-in-a-row"])
+@pytest.mark.parametrize("which", ["latest", "best", "load_best"])
+def test_a_reader_chooses_again_when_retention_removed_every_checkpoint_it_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str, removals: int
+) -> None:
+    """A reader (a read-only `restore`, `load_best`) lists the run (one checkpoint: the
+    writer keeps one, keep_last=1 and keep_best=1), and before it reads the one it chose,
+    the writer commits a better step and its retention removes the one listed. A loadable
+    checkpoint exists at every moment, but restore raised `CheckpointNotFoundError` ("was
+    removed by the writer's retention while it was being read; restore again"): about 1 in
+    100 reads beside a writer saving 4 MiB checkpoints (measured with two processes).
+    `export --which latest|best` chose again already; now restore does too, and loads the
+    step committed meanwhile."""
+    run = tmp_path / "run"
+    losses = iter([1.0 / (1 + n) for n in range(10)])
+    with writer(run, keep_best=1) as ckpt:
+        ckpt.save(0, {"model": model_at(0)}, {"loss": next(losses)})
+
+        def save(step: int) -> Callable[[], None]:
+            return lambda: ckpt.save(step, {"model": model_at(step)}, {"loss": next(losses)})
+
+        saves = iter([save(step) for step in range(1, 1 + removals)])
+        monkeypatch.setattr(
+            reader_module, "read_tensors", saving_first(reader_module.read_tensors, saves)
+        )
+        model = torch.nn.Linear(4, 3)
+        if which == "load_best":
+            info = load_best(run, model, monitor="loss")
+        else:
+            with RESTORES[which](run) as reader:
+                info = reader.restore({"model": model}, which)
+        assert info is not None and info.step == removals == saved_step(model)
+        assert [c.step for c in ckpt.list()] == [removals]
+
+
+def test_a_step_asked_for_and_removed_while_read_is_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step asked for by number is not chosen again: removed while read, it is gone."""
+    run = tmp_path / "run"
+    with writer(run) as ckpt:
+        ckpt.save(0, {"model": model_at(0)}, {"loss": 1.0})
+        saves = iter([lambda: ckpt.save(1, {"model": model_at(1)}, {"loss": 0.5})])
+        monkeypatch.setattr(
+            reader_module, "read_tensors", saving_first(reader_module.read_tensors, saves)
+        )
+        with (
+            Checkpointer(run, read_only=True, capture_rng=False) as reader,
+            pytest.raises(CheckpointNotFoundError, match="step 0 was removed by the writer"),
+        ):
+            reader.restore({"model": torch.nn.Linear(4, 3)}, 0)
+
+
+def test_a_reader_slower_than_the_writer_gives_up_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that removes every checkpoint the reader picks, each time it picks one
+    (it saves faster than the reader reads, keep_last=1), makes restore give up after a
+    few tries, in one line saying why, instead of looping for as long as training runs."""
+    run = tmp_path / "run"
+    with writer(run) as ckpt:
+        ckpt.save(0, {"model": model_at(0)}, {"loss": 1.0})
+        endless = (
+            (lambda step=step: ckpt.save(step, {"model": model_at(step)}, {"loss": 1.0}))
+            for step in range(1, 1000)
+        )
+        monkeypatch.setattr(
+            reader_module, "read_tensors", saving_first(reader_module.read_tensors, endless)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a removed checkpoint is not warned about
+            with (
+                Checkpointer(run, read_only=True, capture_rng=False) as reader,
+                pytest.raises(CheckpointNotFoundError, match="removed 10 checkpoints in") as caught,
+            ):
+                reader.restore({"model": torch.nn.Linear(4, 3)})
+        assert "\n" not in str(caught.value)
+        assert len(ckpt.list()) == 1
