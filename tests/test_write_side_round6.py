@@ -9,6 +9,7 @@ tests/test_write_side_crashes.py and tests/test_write_side_round2.py.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,11 @@ import torch
 from haltpoint import Checkpointer, load_best
 from haltpoint import reader as reader_module
 from haltpoint.errors import CheckpointNotFoundError
+from haltpoint.reader import RunReader
+from haltpoint.store.dedup import MIN_DEDUP_BYTES
+from haltpoint.store.run_dir import TENSORS_NAME as TENSORS
+from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
+from haltpoint.store.storage import LocalStorage
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -150,3 +156,62 @@ def test_a_reader_slower_than_the_writer_gives_up_in_one_line(
                 reader.restore({"model": torch.nn.Linear(4, 3)})
         assert "\n" not in str(caught.value)
         assert len(ckpt.list()) == 1
+
+
+def rewrite_keeping_mtime(path: Path, offset: int) -> None:
+    """Flip a byte of `path` in place, then set its modification time back, as `cp -p` of
+    an older copy, `rsync -t --inplace` or `touch -r` leave a file: same inode, same size,
+    same mtime, other bytes."""
+    before = path.stat()
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_file_rewritten_with_its_mtime_kept_is_read_back_before_dedup_references_it(
+    tmp_path: Path, async_save: bool
+) -> None:
+    """A writer session read back step 1's 1 MiB tensor to reference it from step 2 (dedup).
+    Then the file is rewritten in place with its size and modification time kept (`cp -p`
+    of a damaged copy). The session trusted the range while (size, mtime, inode) stayed the
+    same, so step 3 referenced the changed bytes unread: a new checkpoint committed damaged
+    from an intact live state, which retention then counted as intact. Now the stamp holds
+    the inode's change time too (which no program can set back): step 3 reads the range
+    back, finds it changed, warns, writes the tensor afresh, and restores exactly."""
+    run = tmp_path / "run"
+    frozen = torch.arange(MIN_DEDUP_BYTES // 4, dtype=torch.float32)  # 1 MiB, never changes
+
+    def state(step: int) -> dict[str, Any]:
+        return {"frozen": frozen, "step": step}
+
+    with writer(run, keep_last=2, async_save=async_save) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, state(step), {"loss": 1.0})
+        ckpt.wait()
+        two = RunDirectory(LocalStorage(run, create=False)).read_manifest(checkpoint_dirname(2))
+        record = two.tensors["frozen"]
+        assert record.file == f"{checkpoint_dirname(1)}/tensors.safetensors"  # deduplicated
+        rewrite_keeping_mtime(run / record.file, record.offset + 12)
+        with pytest.warns(UserWarning, match="do not match the hash"):
+            ckpt.save(3, state(3), {"loss": 1.0})
+            ckpt.wait()
+    run_dir = RunDirectory(LocalStorage(run, create=False))
+    entries = {e.step: e for e in run_dir.committed()}
+    assert RunReader(run_dir, None, "min").damage(entries[3]) is None
+    assert entries[3].manifest is not None
+    assert entries[3].manifest.tensors["frozen"].file == f"{checkpoint_dirname(3)}/{TENSORS}"
+    got: dict[str, Any] = {"frozen": torch.zeros_like(frozen), "step": None}
+    with Checkpointer(run, read_only=True, capture_rng=False) as reader:
+        info = reader.restore(got)
+    assert info is not None and info.step == 3 and got["step"] == 3
+    assert torch.equal(got["frozen"], frozen)

@@ -81,7 +81,8 @@ class ReferenceCheck:
     intact, so that each is read once per session, not once per save.
 
     A file's ranges are trusted again only while its `Storage.stamp` (size, modification
-    time) stays the same; a rewritten file is read again.
+    time; on a local disk also inode and change time) stays the same; a rewritten file is
+    read again, one whose modification time was set back too.
 
     >>> import tempfile
     >>> from haltpoint.store.storage import LocalStorage

@@ -130,7 +130,9 @@ class Storage(Protocol):
     def size(self, rel: str) -> int: ...
 
     def stamp(self, rel: str) -> tuple[object, ...]:
-        """What changes when the file is rewritten: its size and modification mark."""
+        """What changes when the file is rewritten: its size and modification mark (on a
+        local disk also its inode and change time, which a rewrite that keeps the
+        modification time still moves)."""
 
     def open_write(self, rel: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """A binary file for writing `rel`; durable (flushed and fsynced) when the block exits
@@ -432,7 +434,9 @@ class LocalStorage:
 
     def stamp(self, rel: str) -> tuple[object, ...]:
         st = os.stat(self._followed(rel))
-        return (st.st_size, st.st_mtime_ns, st.st_ino)
+        # the change time too: a rewrite that sets the modification time back (`cp -p`,
+        # `rsync -t --inplace`, `touch -r`) still moves it, and no program can set it
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[IO[bytes]]:
