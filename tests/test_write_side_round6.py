@@ -20,7 +20,7 @@ import torch
 
 from haltpoint import Checkpointer, load_best
 from haltpoint import reader as reader_module
-from haltpoint.errors import CheckpointNotFoundError
+from haltpoint.errors import CheckpointNotFoundError, LockedError
 from haltpoint.reader import RunReader
 from haltpoint.store.dedup import MIN_DEDUP_BYTES
 from haltpoint.store.run_dir import TENSORS_NAME as TENSORS
@@ -215,3 +215,50 @@ def test_a_file_rewritten_with_its_mtime_kept_is_read_back_before_dedup_referenc
         info = reader.restore(got)
     assert info is not None and info.step == 3 and got["step"] == 3
     assert torch.equal(got["frozen"], frozen)
+
+
+def flip_a_tensor_byte(run: Path, step: int) -> None:
+    path = run / checkpoint_dirname(step) / TENSORS
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_writer_whose_lock_file_was_replaced_sets_nothing_aside(tmp_path: Path) -> None:
+    """Writer A's lock file is deleted while A is open (a clean-up script; LockedError's
+    advice for a holder on another host), and writer B takes a lock of its own. A's restore
+    reads step 2, damaged; before A moves it aside, B (the run's writer now) sets it aside
+    itself and saves step 2 again, intact. A then moved B's new manifest into quarantine/:
+    an intact checkpoint, committed by the run's writer, gone from the run, by a process
+    that no longer held the lock (A's commits were refused, its quarantine moves were not).
+    Now A checks the lock before it moves anything, as before a commit: `LockedError`,
+    nothing moved, nothing loaded."""
+    run = tmp_path / "run"
+    with writer(run, keep_last=5) as first:
+        first.save(1, {"model": model_at(1)}, {"loss": 1.0})
+        first.save(2, {"model": model_at(2)}, {"loss": 1.0})
+    flip_a_tensor_byte(run, 2)
+    a = writer(run, keep_last=5)
+    (run / ".haltpoint.lock").unlink()
+    b = writer(run, keep_last=5)
+    real_read = a._reader.read
+
+    def read_then_b_saves_again(*args: Any, **kwargs: Any) -> Any:
+        found = real_read(*args, **kwargs)  # A found step 2 damaged and fell back to 1
+        assert b.restore({"model": torch.nn.Linear(4, 3)}).step == 1  # B sets 2 aside
+        b.save(2, {"model": model_at(22)}, {"loss": 1.0})
+        return found
+
+    a._reader.read = read_then_b_saves_again  # type: ignore[method-assign]
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(LockedError, match="deleted or replaced") as lost:
+        a.restore({"model": model})
+    assert "\n" not in str(lost.value)
+    assert not torch.equal(model.weight, model_at(1).weight)  # nothing loaded
+    b.close()
+    with Checkpointer(run, read_only=True, capture_rng=False) as reader:
+        restored = torch.nn.Linear(4, 3)
+        assert reader.restore({"model": restored}).step == 2
+    assert saved_step(restored) == 22  # B's step 2 is the run's latest, intact
+    assert len(list((run / "quarantine").iterdir())) == 1  # only B's move
+    a.close()

@@ -668,6 +668,9 @@ class Checkpointer:
             InsufficientSpaceError, UnwritableRunError: a writer fell back past a damaged
                 checkpoint and could not set it aside (a full disk, an OS error); nothing
                 was loaded.
+            LockedError: a writer fell back past a damaged checkpoint, but its lock file was
+                deleted or replaced since it took it (another writer may be using the run);
+                nothing was set aside or loaded.
 
         A damaged checkpoint is never loaded: for "latest" and "best" haltpoint warns and falls
         back to the next newest (or next best) intact one. A writer (not `read_only`) also
@@ -690,7 +693,10 @@ class Checkpointer:
                 which, check_shards=check_shards, skip=skip, state=state, strict=strict
             )
             if self._writes_here():  # the writer moves the damage it fell back past aside
-                for entry in self._passed(which, found):
+                passed = self._passed(which, found)
+                if passed and self._lock is not None:  # still the run's writer? (as at commit)
+                    self._lock.check()
+                for entry in passed:
                     try:
                         self._evictor.quarantine(entry, None)
                     except OSError as exc:

@@ -367,8 +367,8 @@ class WriterLock:
             raise LockedError(
                 f"the writer lock file {path} was deleted or replaced while process "
                 f"{os.getpid()} held it, so another writer may be using {self.storage.url}; "
-                "nothing was committed: stop every other writer of the run, then open it again "
-                "(never delete the lock file of a live writer)",
+                "nothing was committed, moved or removed: stop every other writer of the run, "
+                "then open it again (never delete the lock file of a live writer)",
                 path=path,
             )
 
