@@ -9,7 +9,10 @@ tests/test_write_side_crashes.py and tests/test_write_side_round2.py.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,9 +23,11 @@ import torch
 
 from haltpoint import Checkpointer, load_best
 from haltpoint import reader as reader_module
-from haltpoint.errors import CheckpointNotFoundError, LockedError
+from haltpoint.cli import main
+from haltpoint.errors import CheckpointNotFoundError, LockedError, UnwritableRunError
 from haltpoint.reader import RunReader
 from haltpoint.store.dedup import MIN_DEDUP_BYTES
+from haltpoint.store.lock import LOCK_NAME
 from haltpoint.store.run_dir import TENSORS_NAME as TENSORS
 from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
 from haltpoint.store.storage import LocalStorage
@@ -262,3 +267,55 @@ def test_a_writer_whose_lock_file_was_replaced_sets_nothing_aside(tmp_path: Path
     assert saved_step(restored) == 22  # B's step 2 is the run's latest, intact
     assert len(list((run / "quarantine").iterdir())) == 1  # only B's move
     a.close()
+
+
+NO_FLOCK = [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP]  # NFS without lockd, Lustre, FUSE
+
+
+@pytest.mark.parametrize("code", NO_FLOCK, ids=errno.errorcode.get)
+def test_a_file_system_without_flock_refuses_every_writer_in_one_line_naming_the_lock(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    code: int,
+) -> None:
+    """A run on a file system where `flock` fails (NFS mounted without a lock daemon:
+    ENOLCK; Lustre without `-o flock`: ENOSYS; some FUSE file systems: EOPNOTSUPP). No
+    writer can tell whether another one runs, so each is refused, before it changes
+    anything: a writer's open, `gc`, `import` and `demo --fresh` with one `CheckpointError`
+    line that names the lock file and says the file system lacks file locks (a writer said
+    "cannot write DIR: No locks available ... pick a folder on an ordinary file system", and
+    `demo --fresh` printed a bare "No locks available", an OSError naming nothing). Readers
+    never lock, and restore as before."""
+    run = tmp_path / "run"
+    with writer(run) as ckpt:
+        ckpt.save(1, {"model": model_at(1)}, {"loss": 1.0})
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "model.pt")
+    only_lock = tmp_path / "demo"  # what a killed demo leaves: --fresh goes on to the lock
+    only_lock.mkdir()
+    (only_lock / LOCK_NAME).write_bytes(b"")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def flock(fd: int, operation: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    said = f"cannot lock {run / LOCK_NAME}: {os.strerror(code)}"
+    with pytest.raises(UnwritableRunError, match=re.escape(said)) as refused:
+        writer(run)
+    assert "\n" not in str(refused.value) and "file locks" in str(refused.value)
+    for argv, lock in [
+        (["gc", str(run), "--keep-last", "1"], run / LOCK_NAME),
+        (["import", str(tmp_path / "model.pt"), "-o", str(run), "--step", "9"], run / LOCK_NAME),
+        (["demo", "--run-dir", str(only_lock), "--fresh", "--epochs", "1"], only_lock / LOCK_NAME),
+    ]:
+        assert main(argv) == 1, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("haltpoint: error: "), err
+        assert f"cannot lock {lock}: {os.strerror(code)}" in err[0], err
+    restored = torch.nn.Linear(4, 3)
+    with Checkpointer(run, read_only=True, capture_rng=False) as reader:
+        assert reader.restore({"model": restored}).step == 1
+    assert saved_step(restored) == 1
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before

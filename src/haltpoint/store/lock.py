@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from haltpoint.errors import LockedError
+from haltpoint.errors import LockedError, UnwritableRunError
 from haltpoint.store.background import warn_user
 from haltpoint.store.storage import Storage, check_one_name, open_regular, open_unlinked
 
@@ -163,6 +163,30 @@ def _took_over_warning(storage: Storage, previous: LockHolder) -> None:
     )
 
 
+def _flock(fd: int, operation: int, path: str) -> None:
+    """`fcntl.flock`, with a file system that has no file locks said in one line.
+
+    Raises:
+        BlockingIOError: another process holds the lock (`LOCK_NB`).
+        UnwritableRunError: `flock` fails otherwise (NFS without a lock daemon: ENOLCK;
+            Lustre without `-o flock`: ENOSYS; some FUSE file systems: EOPNOTSUPP): no
+            writer could tell whether another one runs.
+    """
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        raise UnwritableRunError(
+            f"cannot lock {path}: {exc.strerror or exc}; its file system does not support "
+            "file locks (flock), which keep a second writer out of a run, so no writer may "
+            "use it and nothing was changed: put the run on a file system that has them (a "
+            "local disk, NFS with its lock service), or open it with read_only=True (or the "
+            "haltpoint command) to restore and list",
+            path=path,
+        ) from None
+
+
 def _read_fd(fd: int) -> bytes:
     size = min(os.fstat(fd).st_size, _RECORD_LIMIT)
     return os.pread(fd, size, 0) if size else b""
@@ -262,6 +286,7 @@ class WriterLock:
 
         Raises:
             LockedError: another writer (or another `WriterLock` of this process) holds it.
+            UnwritableRunError: the run's file system has no file locks (`flock` fails).
             RuntimeError: this object already holds it.
         """
         if self.held:
@@ -282,7 +307,7 @@ class WriterLock:
         while True:
             fd = open_unlinked(path, os.O_RDWR | os.O_CREAT)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path)
             except BlockingIOError:
                 try:
                     holder = LockHolder.from_json(_read_fd(fd))
@@ -411,6 +436,9 @@ def read_holder(storage: Storage) -> LockHolder | None:
     descriptor, never disturbing the holder. Behind fsspec it reads the lock file and treats a
     dead process on this host as no holder. A lock held by a process whose record cannot be
     read is reported as an unidentified holder (pid 0), never as free.
+
+    Raises:
+        UnwritableRunError: the run's file system has no file locks (`flock` fails).
     """
     path = storage.local_path(LOCK_NAME)
     if path is not None and fcntl is not None:
@@ -434,7 +462,7 @@ def _read_holder_local(path: str) -> LockHolder | None:
         return None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, path)
         except BlockingIOError:
             pass  # a writer holds it
         else:
