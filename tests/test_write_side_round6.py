@@ -13,6 +13,8 @@ import errno
 import fcntl
 import os
 import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,6 +118,52 @@ def test_a_reader_chooses_again_when_retention_removed_every_checkpoint_it_liste
                 info = reader.restore({"model": model}, which)
         assert info is not None and info.step == removals == saved_step(model)
         assert [c.step for c in ckpt.list()] == [removals]
+
+
+def test_latest_removed_while_read_never_falls_back_to_an_older_kept_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run holds step 0, the best, and step 1, the latest (keep_last=1, keep_best=1). A
+    reader lists both and reads step 1; meanwhile the writer commits step 2 and its
+    retention removes step 1. The reader then passed on to the next candidate it had listed,
+    step 0, and returned it as the latest: older than step 2, committed by then, and than
+    step 1, the latest when it listed the run (a reader following a run went back in time,
+    to the best checkpoint's weights). Now a removal makes it choose again among the
+    checkpoints committed now: step 2."""
+    run = tmp_path / "run"
+    with writer(run, keep_best=1) as ckpt:
+        ckpt.save(0, {"model": model_at(0)}, {"loss": 0.1})
+        ckpt.save(1, {"model": model_at(1)}, {"loss": 0.5})
+        saves = iter([lambda: ckpt.save(2, {"model": model_at(2)}, {"loss": 0.6})])
+        monkeypatch.setattr(
+            reader_module, "read_tensors", saving_first(reader_module.read_tensors, saves)
+        )
+        model = torch.nn.Linear(4, 3)
+        with Checkpointer(run, read_only=True, capture_rng=False) as reader:
+            info = reader.restore({"model": model})
+        assert info is not None and info.step == 2 == saved_step(model)
+        assert [c.step for c in ckpt.list()] == [0, 2]
+
+
+def test_best_removed_while_read_never_falls_back_to_a_worse_kept_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run holds steps 0 (the best), 1 and 2 (keep_last=2, keep_best=1). A reader of the
+    best reads step 0; meanwhile the writer commits step 3, better still, and its retention
+    removes steps 0 and 1. The reader passed on down its list and returned step 2 as the
+    best, though step 3 was committed, better than any it had listed. Now: step 3."""
+    run = tmp_path / "run"
+    with writer(run, keep_last=2, keep_best=1) as ckpt:
+        for step, loss in enumerate([0.5, 0.6, 0.7]):
+            ckpt.save(step, {"model": model_at(step)}, {"loss": loss})
+        saves = iter([lambda: ckpt.save(3, {"model": model_at(3)}, {"loss": 0.1})])
+        monkeypatch.setattr(
+            reader_module, "read_tensors", saving_first(reader_module.read_tensors, saves)
+        )
+        model = torch.nn.Linear(4, 3)
+        info = load_best(run, model, monitor="loss")
+        assert info.step == 3 == saved_step(model)
+        assert [c.step for c in ckpt.list()] == [2, 3]
 
 
 def test_a_step_asked_for_and_removed_while_read_is_not_found(
@@ -319,3 +367,74 @@ def test_a_file_system_without_flock_refuses_every_writer_in_one_line_naming_the
     assert saved_step(restored) == 1
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before
+
+
+WRITER = """
+import sys, torch, warnings
+from haltpoint import Checkpointer
+warnings.simplefilter("ignore")
+run, log, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+loss = lambda s: 1.0 + (s * 37 % 23) / 10 - s / 100
+model = torch.nn.Linear(256, 256)
+with Checkpointer(run, monitor="loss", keep_last=1, keep_best=1, capture_rng=False) as ckpt:
+    for step in range(1, steps):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+            model.bias.fill_(-float(step))
+        ckpt.save(step, {"model": model}, {"loss": loss(step)})
+        ckpt.wait()
+        with open(log, "a") as f:
+            f.write(f"{step}\\n")
+"""
+
+
+def stress_loss(step: int) -> float:
+    return 1.0 + (step * 37 % 23) / 10 - step / 100
+
+
+@pytest.mark.slow
+def test_readers_beside_a_writer_keeping_one_always_load_the_latest_and_the_best(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A writer process saves steps 1-59 (256 KiB each, async) with keep_last=1 and
+    keep_best=1, so every save removes what a reader may be reading. This process loops
+    over a read-only `restore` and `load_best`, with `verify` and a refused `gc` between:
+    every restore succeeds (none raises, not even "removed while it was being read"), loads
+    exactly the weights of the step it names, "latest" never goes back and is never older
+    than a step the writer reported committed before the read began, and "best" is never
+    worse than such a step. At the end the run holds the latest and the best, intact."""
+    run, log = tmp_path / "run", tmp_path / "committed"
+    with writer(run, keep_best=1) as ckpt:
+        ckpt.save(0, {"model": torch.nn.Linear(256, 256)}, {"loss": stress_loss(0)})
+    log.write_text("0\n")
+    steps = 60
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run), str(log), str(steps)])
+    loads, last = 0, -1
+    try:
+        while proc.poll() is None or loads < 10:
+            committed = [int(s) for s in log.read_text().split()]
+            model = torch.nn.Linear(256, 256)
+            if loads % 2:
+                info = load_best(run, model, monitor="loss")
+                assert stress_loss(info.step) <= min(map(stress_loss, committed))
+            else:
+                with Checkpointer(run, read_only=True, capture_rng=False) as reader:
+                    info = reader.restore({"model": model})
+                assert info is not None and info.step >= max(last, max(committed))
+                last = info.step
+            if info.step:
+                assert torch.equal(model.weight, torch.full((256, 256), float(info.step)))
+            loads += 1
+            if loads % 7 == 0:
+                assert main(["verify", str(run)]) == 0
+                capsys.readouterr()
+                code = main(["gc", str(run), "--keep-last", "1", "--keep-best", "1"])
+                assert code == 0 or "is locked by process" in capsys.readouterr().err
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0
+    capsys.readouterr()
+    best = min(range(steps), key=stress_loss)
+    with Checkpointer(run, read_only=True, monitor="loss") as reader:
+        assert sorted(c.step for c in reader.list()) == sorted({best, steps - 1})
+    assert main(["verify", str(run)]) == 0

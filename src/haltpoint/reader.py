@@ -182,10 +182,11 @@ class RunReader:
         they stream through a fixed buffer (a checkpoint with any damaged tensor is passed
         over, as `haltpoint verify` reports it). Without `state`, every tensor is read.
 
-        Damaged candidates of "latest" or "best" are warned about and skipped; one that a
-        writer's retention removed while it was read is skipped silently, and when that was
-        the last one they choose again among the checkpoints committed since (retention
-        removes one only once a newer one is committed), `CHOICES` times at most. A sharded
+        Damaged candidates of "latest" or "best" are warned about and skipped. One that a
+        writer's retention removed while it was read is no damage, and says that a newer
+        checkpoint was committed meanwhile (retention removes one only then): "latest" and
+        "best" choose again among the checkpoints committed now, not among the older ones
+        listed before (`CHOICES` times at most). A sharded
         checkpoint's DCP files are checked too, unless `check_shards` is false (under a process
         group the ranks check them together: `check_shard_part`). `skip` maps the steps found
         damaged that way to what is wrong with them: they are passed over as damaged. None for
@@ -227,9 +228,9 @@ class RunReader:
                 path=self.directory,
             )
         tried = set(skip or ())
+        damaged: tuple[Entry, CorruptCheckpointError] | None = None  # the last, if damaged
         for _ in range(CHOICES):
             gone: tuple[Entry, CorruptCheckpointError] | None = None  # removed while read
-            damaged: tuple[Entry, CorruptCheckpointError] | None = None  # the last, if damaged
             for index, entry in enumerate(candidates):
                 tried.add(entry.step)
                 try:
@@ -237,7 +238,8 @@ class RunReader:
                 except CorruptCheckpointError as exc:
                     if self.run.removed(entry.dirname):  # a reader raced the writer: no damage
                         gone = (entry, exc)
-                    elif index + 1 < len(candidates):
+                        break  # and the writer committed a newer one: choose among those now
+                    if index + 1 < len(candidates):
                         _warn_falling_back(str(exc), candidates[index + 1].step)
                         passed.append((entry, str(exc)))
                     else:
@@ -246,14 +248,12 @@ class RunReader:
                 return Found(entry, tensors, tuple(passed))
             if gone is None or which not in ("latest", "best"):
                 break
-            # retention removes a checkpoint only once a newer one is committed: choose again
+            # retention removes a checkpoint only once a newer one is committed, which may be
+            # the latest or the best now: the older candidates listed before are not
             now = self.candidates(self.run.committed(), which)
             candidates = [e for e in now if e.step not in tried]
             if not candidates:
                 break
-            if damaged is not None:
-                _warn_falling_back(str(damaged[1]), candidates[0].step)
-                passed.append((damaged[0], str(damaged[1])))
         else:
             raise CheckpointNotFoundError(
                 f"the writer of {self.directory} removed {CHOICES} checkpoints in turn while "
