@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import re
+import socket
 import subprocess
 import sys
 import warnings
@@ -29,7 +30,7 @@ from haltpoint.cli import main
 from haltpoint.errors import CheckpointNotFoundError, LockedError, UnwritableRunError
 from haltpoint.reader import RunReader
 from haltpoint.store.dedup import MIN_DEDUP_BYTES
-from haltpoint.store.lock import LOCK_NAME
+from haltpoint.store.lock import LOCK_NAME, LockHolder, read_holder
 from haltpoint.store.run_dir import TENSORS_NAME as TENSORS
 from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
 from haltpoint.store.storage import LocalStorage
@@ -367,6 +368,40 @@ def test_a_file_system_without_flock_refuses_every_writer_in_one_line_naming_the
     assert saved_step(restored) == 1
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_stale_lock_naming_a_live_process_is_taken_over_on_a_local_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PID reuse: the lock file's record names a process id that is alive now, but that
+    process is not the holder (the holder was killed and its id reused; here a `sleep`).
+    On a local disk the kernel's flock, not the record, says who holds the run, so the next
+    writer takes over with a warning and `gc` runs; nothing committed is lost. (Holds.)"""
+    run = tmp_path / "run"
+    with writer(run, keep_last=5) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"model": model_at(step)}, {"loss": 1.0 / step})
+    with subprocess.Popen(["sleep", "30"]) as alive:
+        try:
+            record = LockHolder(alive.pid, socket.gethostname(), 1.0).to_json()
+            (run / LOCK_NAME).write_bytes(record)
+            assert read_holder(LocalStorage(run, create=False)) is None
+            with (
+                pytest.warns(UserWarning, match=f"previous holder, process {alive.pid} on"),
+                writer(run, keep_last=5) as ckpt,
+            ):
+                ckpt.save(4, {"model": model_at(4)}, {"loss": 0.1})
+            (run / LOCK_NAME).write_bytes(record)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")  # gc prints it as a note
+                assert main(["gc", str(run), "--keep-last", "1"]) == 0
+        finally:
+            alive.kill()
+    said = capsys.readouterr()
+    assert "kept steps 4" in said.out
+    assert f"previous holder, process {alive.pid} on" in said.err
+    with Checkpointer(run, read_only=True, capture_rng=False) as reader:
+        assert [c.step for c in reader.list()] == [4]
 
 
 WRITER = """
