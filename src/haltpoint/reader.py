@@ -44,6 +44,7 @@ from haltpoint.store.tensor_reader import (
 )
 
 __all__ = [
+    "CHOICES",
     "RNG_ENTRY",
     "RNG_MAX_BYTES",
     "CheckpointInfo",
