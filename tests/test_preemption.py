@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,9 @@ import torch
 
 from haltpoint import Checkpointer
 from haltpoint.preemption import SignalFlag
+
+sys.path.insert(0, str(Path(__file__).parent))
+from torchrun import rank_results, torchrun
 
 TRAINER = textwrap.dedent(
     """
@@ -201,3 +205,53 @@ def test_the_guide_s_preemption_loop_resumes_where_it_stopped_and_a_rerun_trains
         assert _run_files(tmp_path / "preempted" / "runs/exp1") == files
         for got, want in zip(again, weights, strict=True):
             assert torch.equal(got, want)
+
+
+_WORKER = Path(__file__).parent / "workers" / "preempt_worker.py"
+
+
+def _guide_on_two_ranks(
+    root: Path, out: Path, signal_at: int = -1, signal_rank: int = 1
+) -> list[dict[str, Any]]:
+    """docs/guide.md's preemption loop on 2 gloo ranks of a DDP job (process-group timeout
+    20 s: a rank left in a collective fails the launch fast); `signal_rank` alone sends itself
+    SIGTERM once it has trained `signal_at + 1` steps."""
+    out.mkdir(exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    torchrun(
+        _WORKER, "--root", str(root), "--out", str(out), "--signal-at", str(signal_at),
+        "--signal-rank", str(signal_rank), timeout=90,
+    )  # fmt: skip
+    return rank_results(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [1, 0])
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_a_rerun_resumes(
+    tmp_path: Path, signalled: int
+) -> None:
+    """`ckpt.preempted` was each rank's own flag, and only rank 0 installed the handler: a
+    SIGTERM to rank 1 alone (SLURM signals the batch step, a node's agent its local ranks,
+    `kill` one PID) killed it, and rank 0 failed in DDP's all-reduce with nothing saved; one
+    to rank 0 alone made it save (a collective) while rank 1 trained on into that all-reduce.
+    Now every rank catches the signal and the ranks agree at the call: both save the same
+    step once and leave the loop, and the rerun resumes there and ends with the weights of a
+    run never stopped."""
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "ranks").mkdir()
+    _, weights = _guide_loop(tmp_path / "straight")  # one process, never stopped
+
+    r0, r1 = _guide_on_two_ranks(tmp_path / "ranks", tmp_path / "out", 4, signalled)
+    for r in (r0, r1):
+        assert r["error"] is None, r["error"]
+        assert r["preempted"] == "SIGTERM"  # also on the rank that got no signal
+        assert r["trained"] == [0, 1, 2, 3, 4] and r["step"] == 4
+    history = (tmp_path / "ranks" / "runs/exp1" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [4]  # saved once
+
+    r0, r1 = _guide_on_two_ranks(tmp_path / "ranks", tmp_path / "out")
+    for r in (r0, r1):
+        assert r["error"] is None, r["error"]
+        assert r["preempted"] is None and r["trained"] == [0, 1, 2, 3] and r["step"] == 9
+        assert r["weights"] == [w.flatten().tolist() for w in weights]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from datetime import timedelta
@@ -216,6 +217,7 @@ class Checkpointer:
         self._staging = staging
         self._gate = OptimizerGate() if overlap else None
         self._preemption: SignalFlag | None = None
+        self._signalled: str | None = None  # the signal the ranks agreed on: set for good
         # chosen once: one process, or ranks where rank 0 writes replicated state
         self._ranks = strategy_for(
             self._run,
@@ -248,6 +250,9 @@ class Checkpointer:
         if not read_only:
             with full_disk_on_open(self.directory), unwritable_on_open(self.directory):
                 self._ranks.agree(open_writer, f"opening {self.directory}")
+            if save_on_signal is not None and self._preemption is None:
+                # the other ranks: a signal may reach any one of them (open_writer is rank 0's)
+                self._preemption = SignalFlag(save_on_signal)
 
     @property
     def preempted(self) -> str | None:
@@ -255,8 +260,28 @@ class Checkpointer:
 
         Check it at a safe point of the loop (after an optimizer step); when set, `save` and
         leave the loop: `close()` (or the `with` block) waits for the commit.
+
+        Under a process group the ranks agree at the call: it is set on every rank once the
+        signal reached any rank (SLURM, a node's agent or `kill` may signal only some), the
+        same name on every rank (of the largest signal number received). That takes one
+        all-reduce of one number per read, until it is set: every rank must read it at the
+        same points, as it calls `save`. After `close()` it holds what the ranks agreed at
+        the close, with no collective.
         """
-        return None if self._preemption is None else self._preemption.received
+        if self._preemption is None or self._signalled is not None:
+            return self._signalled
+        if self._closed:  # no collective after close: the ranks agreed on none at the close
+            return None if self._ranks.group is not None else self._preemption.received
+        return self._agree_on_signal()
+
+    def _agree_on_signal(self) -> str | None:
+        """The signal received by any rank (one all-reduce under a process group), kept."""
+        assert self._preemption is not None
+        received = self._preemption.received
+        number = 0 if received is None else int(signal.Signals[received])
+        agreed = self._ranks.largest(number, "reading ckpt.preempted")
+        self._signalled = None if agreed == 0 else signal.Signals(agreed).name
+        return self._signalled
 
     @property
     def directory(self) -> str:
@@ -361,7 +386,10 @@ class Checkpointer:
         schedule = self._schedule
 
         def decide() -> dict[str, str] | None:
-            return schedule.decide(step, coerce_metrics(metrics, self.monitor), self.preempted)
+            # this rank's own signal: the gather below shares every rank's decision
+            received = self._preemption.received if self._preemption is not None else None
+            signalled = self._signalled or received
+            return schedule.decide(step, coerce_metrics(metrics, self.monitor), signalled)
 
         # each rank decides on its own clock, metrics and signals: a save due on any rank is
         # made by every rank (rank 0's reason first), so no rank is left in the save's
@@ -806,7 +834,12 @@ class Checkpointer:
             return
         finish = self._writer.close if self._writer is not None else lambda: None
         try:  # leaving on an exception (maybe on one rank only): no collective
-            self._ranks.agree(finish, "close()") if sync else finish()
+            if sync:
+                self._ranks.agree(finish, "close()")
+                if self._preemption is not None and self._signalled is None:
+                    self._agree_on_signal()  # every rank is here: `preempted` after close
+            else:
+                finish()
         finally:
             if self._gate is not None:
                 self._gate.close()

@@ -18,10 +18,17 @@ from functools import partial
 from typing import Any, TypeVar
 
 from haltpoint import errors
-from haltpoint.distributed.ranks import Replicas, all_gather
+from haltpoint.distributed.ranks import Replicas, all_gather, all_max
 from haltpoint.errors import CheckpointError, first_line
 
-__all__ = ["all_results", "all_succeed", "exchange", "on_writer", "restore_agreed"]
+__all__ = [
+    "all_results",
+    "all_succeed",
+    "exchange",
+    "largest",
+    "on_writer",
+    "restore_agreed",
+]
 
 T = TypeVar("T")
 
@@ -39,10 +46,7 @@ def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
     try:
         gathered = all_gather((what, payload), group.process_group)
     except RuntimeError as exc:  # gloo / NCCL: a peer closed the connection or timed out
-        raise CheckpointError(
-            f"{what} failed: the ranks lost contact ({type(exc).__name__}: {first_line(exc)}); "
-            "a rank or node died, or the network broke"
-        ) from exc
+        raise _lost_contact(what, exc) from exc
     calls = [call for call, _ in gathered]
     if any(call != what for call in calls):
         at = ", ".join(f"rank {rank} at {call}" for rank, call in enumerate(calls))
@@ -53,6 +57,25 @@ def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
             "every rank takes the same decision (docs/distributed.md)"
         )
     return [item for _, item in gathered]
+
+
+def largest(group: Replicas, what: str, value: int, buffer: Any = None) -> int:
+    """The largest of every rank's `value`, with one all-reduce of one number: for a value
+    read at a point every rank reaches in step (`Checkpointer.preempted`), where `exchange`'s
+    pickled gather of the call's name would cost more than the answer. Unlike `exchange` it
+    cannot tell ranks at different calls apart. A rank that died is a `CheckpointError`.
+    `buffer` is `ranks.number_buffer`'s, to reuse (a new one when None)."""
+    try:
+        return all_max(value, group.process_group, buffer)
+    except RuntimeError as exc:
+        raise _lost_contact(what, exc) from exc
+
+
+def _lost_contact(what: str, exc: RuntimeError) -> CheckpointError:
+    return CheckpointError(
+        f"{what} failed: the ranks lost contact ({type(exc).__name__}: {first_line(exc)}); "
+        "a rank or node died, or the network broke"
+    )
 
 
 def _failure(what: str, exc: BaseException) -> tuple[bool, str, str, str | None]:

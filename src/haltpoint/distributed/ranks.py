@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Replicas", "all_gather", "get_rank", "get_world_size", "initialized", "is_distributed"]
+__all__ = [
+    "Replicas",
+    "all_gather",
+    "all_max",
+    "get_rank",
+    "get_world_size",
+    "initialized",
+    "is_distributed",
+    "number_buffer",
+]
 
 
 def initialized() -> Any:
@@ -74,3 +83,28 @@ def all_gather(payload: Any, process_group: Any = None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(process_group)
     dist.all_gather_object(out, payload, group=process_group)
     return out
+
+
+def all_max(value: int, process_group: Any = None, buffer: Any = None) -> int:
+    """The largest of every rank's `value`: one all-reduce of one int64 in `buffer` (from
+    `number_buffer`, reused from call to call; a new one when None)."""
+    dist = initialized()
+    tensor = number_buffer(process_group) if buffer is None else buffer
+    tensor.fill_(value)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=process_group)
+    return int(tensor.item())
+
+
+def number_buffer(process_group: Any = None) -> Any:
+    """A one-int64 tensor on the device torch's object collectives use with `process_group`
+    (the CPU under gloo, this rank's GPU under NCCL)."""
+    import torch
+
+    dist = initialized()
+    try:
+        from torch.distributed.distributed_c10d import _get_object_coll_device
+
+        device = _get_object_coll_device(process_group)
+    except ImportError:  # pragma: no cover - a torch without the helper
+        device = "cuda" if dist.get_backend(process_group) == "nccl" else "cpu"
+    return torch.zeros(1, dtype=torch.int64, device=device)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from haltpoint.distributed import collectives
-from haltpoint.distributed.ranks import Replicas, initialized
+from haltpoint.distributed.ranks import Replicas, initialized, number_buffer
 from haltpoint.distributed.sharded import write_shards
 from haltpoint.distributed.sharded_save import ShardWriter, save_sharded, split_agreed
 from haltpoint.store.info import CheckpointInfo, Found
@@ -59,6 +59,10 @@ class OneProcess:
         """Every rank's `fn()`, by rank: here, this process's."""
         return [fn()]
 
+    def largest(self, value: int, what: str) -> int:
+        """The largest of every rank's `value`: here, this process's."""
+        return value
+
     def save(self, step: int, state: Mapping[str, Any], commit: Commit) -> CheckpointInfo:
         """Save `state` as `step`: the manager's `commit`, straight."""
         return commit(state, None)
@@ -93,6 +97,7 @@ class Ranks:
         self._async_save = async_save
         self._wait = wait
         self._shard_writer: ShardWriter | None = None  # every rank's, at its first sharded save
+        self._number: Any = None  # `largest`'s one-number tensor, made at its first call
 
     def agree(self, fn: Callable[[], T], what: str) -> T:
         """Run `fn` on rank 0; every rank returns its result or raises its error."""
@@ -103,6 +108,14 @@ class Ranks:
         """Run `fn` on every rank; every rank gets every rank's (picklable) result, by rank,
         or the same error (`collectives.all_results`)."""
         return collectives.all_results(self.group, fn, what)
+
+    def largest(self, value: int, what: str) -> int:
+        """The largest of every rank's `value` (one all-reduce of one number)."""
+        if self.group is None:
+            return value
+        if self._number is None:
+            self._number = number_buffer(self.group.process_group)
+        return collectives.largest(self.group, what, value, self._number)
 
     def save(self, step: int, state: Mapping[str, Any], commit: Commit) -> CheckpointInfo:
         """Save `state` as `step`: sharded entries by every rank, the rest by rank 0."""
