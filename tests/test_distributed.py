@@ -243,3 +243,45 @@ def test_the_rank_strategy_is_chosen_at_construction(
     reader = Checkpointer(tmp_path / "run", read_only=True)
     assert isinstance(reader._ranks, strategy.OneProcess)
     assert reader.restore({"model": model}).step == 0  # type: ignore[union-attr]
+
+
+# -- ranks that make haltpoint's collective calls differently --------------------------------
+
+MISMATCH = WORKER.parent / "mismatch_worker.py"
+
+
+@pytest.fixture(scope="module")
+def mismatch(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Every case of tests/workers/mismatch_worker.py (process-group timeout 20 s)."""
+    root = tmp_path_factory.mktemp("mismatch")
+    out = root / "out"
+    out.mkdir()
+    torchrun(MISMATCH, "--root", str(root / "runs"), "--out", str(out), timeout=TIMEOUT_S)
+    return rank_results(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "rank1"),
+    [
+        ("restore_kinds", "rank 1 restores 'train' unsharded"),
+        ("restore_entries", "rank 1 restores none of the sharded entries"),
+    ],
+)
+def test_ranks_restoring_into_different_kinds_of_objects_fail_at_once(
+    mismatch: list[dict[str, Any]], case: str, rank1: str
+) -> None:
+    """Rank 0 restored a sharded checkpoint into an FSDP2 model (DCP's load, a collective)
+    while rank 1 restored it into a plain model (DCP alone) or not at all: rank 0 waited in
+    DCP's load for the process group's timeout. Now every rank raises the same
+    StateMismatchError at once, naming what each rank restores, and loads nothing; a restore
+    the ranks then make alike works."""
+    r0, r1 = (r[case] for r in mismatch)
+    assert r0["error"] == r1["error"] and r0["error"] is not None
+    assert r0["error"]["type"] == "StateMismatchError"
+    message = r0["error"]["message"]
+    assert "rank 0 restores 'train' sharded (DTensor)" in message and rank1 in message
+    assert "\n" not in message
+    assert r0["seconds"] < 10 and r1["seconds"] < 10  # not the 20 s timeout
+    assert r0["unchanged"] and r0["epoch"] == r1["epoch"] == -1  # nothing loaded
+    assert r0["then"] == r1["then"] == 0 and r0["same_weights"] and r1["same_weights"]

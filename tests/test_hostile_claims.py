@@ -189,7 +189,7 @@ def test_a_restore_of_some_entries_reads_only_theirs_and_the_random_state(run: P
     everything = reader.read("latest")
     assert everything is not None and len(everything.tensors) == 11  # all, without a state
     model = torch.nn.Linear(3, 2)
-    info = reader.plan(found, {"model": model}, strict=True, device=None, rng=False)()
+    info = reader.plan(found, {"model": model}, strict=True, device=None, rng=False).load()
     assert info.report is not None and info.report.unexpected == ["ema", "optimizer"]
     assert torch.equal(model.weight, adam()[0].weight)
 

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, NoReturn
@@ -54,6 +55,7 @@ from haltpoint.store.history import (
     recover_history,
     save_record,
 )
+from haltpoint.store.info import Planned
 from haltpoint.store.lock import WriterLock
 from haltpoint.store.manifest import (
     RANKING_KEY,
@@ -731,8 +733,8 @@ class Checkpointer:
                         raise self._not_set_aside(entry, exc) from exc
             return found
 
-        def prepare(found: Found) -> Callable[[], CheckpointInfo]:
-            apply = self._reader.plan(
+        def prepare(found: Found) -> Planned:
+            planned = self._reader.plan(
                 found, state, strict=strict, device=device, rng=self.capture_rng
             )
 
@@ -740,7 +742,7 @@ class Checkpointer:
                 self._evictor.intact.add(found.entry.step)
                 if self._writes_here():
                     self._last = found.entry.step
-                info = apply()
+                info = planned.load()
                 stopped = [
                     (v, v.evaluations)
                     for v in state.values()
@@ -749,7 +751,7 @@ class Checkpointer:
                 self._restored = (info, stopped) if stopped else None
                 return info
 
-            return load
+            return replace(planned, load=load)
 
         return self._ranks.restore(which, read, prepare)
 

@@ -25,7 +25,7 @@ from haltpoint.state.rng import plan_rng
 from haltpoint.state.tree import check_tree, referenced_tensors, unflatten_state
 from haltpoint.stopping.inputs import whole_number
 from haltpoint.store.background import warn_user
-from haltpoint.store.info import CheckpointInfo, Found
+from haltpoint.store.info import CheckpointInfo, Found, Planned
 from haltpoint.store.run_dir import (
     Entry,
     RunDirectory,
@@ -333,12 +333,12 @@ class RunReader:
         strict: bool,
         device: torch.device | None,
         rng: bool,
-    ) -> Callable[[], CheckpointInfo]:
+    ) -> Planned:
         """Check that what `read` found fits `state` (the sharded entries against DCP's
-        metadata too); the returned function loads it (sharded entries through DCP, on every
-        rank) and, with `rng`, restores the saved random state last. Under a process group
-        every rank checks before any rank loads, since the load of sharded entries may be
-        collective (DCP)."""
+        metadata too); the returned plan's `load()` loads it (sharded entries through DCP, on
+        every rank) and, with `rng`, restores the saved random state last. Under a process
+        group every rank checks before any rank loads, since the load of sharded entries may
+        be collective (DCP): the plan says which entries load with every rank."""
         entry, tensors = found.entry, found.tensors
         assert entry.manifest is not None
         if device is not None:
@@ -360,7 +360,7 @@ class RunReader:
                     put_rng()
                 return replace(self.info(entry), report=report)
 
-            return load_plain
+            return Planned(load_plain)
         names = [n for n in record.entries if n in state]  # the others are not asked for
         rest = {k: v for k, v in state.items() if k not in names}
         saved_rest = {k: v for k, v in saved.items() if k not in record.entries}
@@ -379,7 +379,9 @@ class RunReader:
                 put_rng()
             return replace(self.info(entry), report=report)
 
-        return load_both
+        if load_sharded.together:
+            return Planned(load_both, together=tuple(names))
+        return Planned(load_both, alone=tuple(names))
 
     def damage(self, entry: Entry) -> str | None:
         """What is wrong with a committed checkpoint's data (every hash checked, and the saved

@@ -179,9 +179,9 @@ def restore_agreed(
     group: Replicas,
     read: Callable[[str | int, dict[int, str]], Any],
     check: Callable[[Any, int, int], str | None],
-    prepare: Callable[[Any], Callable[[], T]],
+    prepare: Callable[[Any], Any],
     which: str | int,
-) -> T | None:
+) -> Any:
     """Rank 0 chooses the checkpoint; every rank reads that step, the ranks check its other
     files together, every rank checks its state against it, then every rank loads it.
 
@@ -194,8 +194,11 @@ def restore_agreed(
     what is damaged, or None: every rank reads only its share. Damage found by any rank sends
     rank 0 back to choose past that step (or raises on every rank, for a step or when no
     checkpoint is left). `prepare(found)` checks this rank's state against it (a model that
-    does not fit, on one rank only) and returns the load. Every round and the checks end with
-    a collective that carries failures, so every rank enters the load (which may be
+    does not fit, on one rank only) and returns the plan (`store.info.Planned`): its `load()`,
+    and which sharded entries it loads with every rank and which alone; ranks whose plans
+    would load the sharded entries differently (one through DCP's collective load, another
+    alone or not at all) raise `StateMismatchError`, all of them. Every round and the checks
+    end with a collective that carries failures, so every rank enters the load (which may be
     collective: DCP) or none does. Returns None on every rank when rank 0 found no checkpoint.
     """
     what = f"restore({which!r})"
@@ -212,11 +215,39 @@ def restore_agreed(
         )
         damage = next((r for r in reports if r is not None), None)
         if damage is None:
-            load = all_succeed(
-                group, partial(prepare, found), f"{what}: checking the state against step {step}"
-            )
-            return all_succeed(group, load, f"{what}: loading step {step}")
+            checking = f"{what}: checking the state against step {step}"
+            planned: Any = None
+
+            def plan(found: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+                nonlocal planned
+                planned = prepare(found)
+                return planned.together, planned.alone
+
+            _load_alike(all_results(group, partial(plan, found), checking), what, step)
+            return all_succeed(group, planned.load, f"{what}: loading step {step}")
         skip[step] = damage  # rank 0 chooses again, past it, or raises
+
+
+def _load_alike(plans: list[tuple[tuple[str, ...], tuple[str, ...]]], what: str, step: int) -> None:
+    """Raise `StateMismatchError` on every rank when some rank loads sharded entries with
+    every rank (DCP's collective load) and another loads other ones, or alone: the first
+    would wait in DCP's collectives for a rank that never comes. `plans` are every rank's
+    (together, alone) entries, the same on every rank, so every rank raises the same."""
+    if not any(together for together, _ in plans) or all(p == plans[0] for p in plans):
+        return
+
+    def says(rank: int, together: tuple[str, ...], alone: tuple[str, ...]) -> str:
+        kinds = [f"{n!r} sharded (DTensor)" for n in together]
+        kinds += [f"{n!r} unsharded" for n in alone]
+        return f"rank {rank} restores {' and '.join(kinds) or 'none of the sharded entries'}"
+
+    each = ", ".join(says(rank, *p) for rank, p in enumerate(plans))
+    raise errors.StateMismatchError(
+        f"{what}: the ranks restore the sharded entries of step {step} differently ({each}): "
+        "DCP loads entries holding DTensor shards with every rank at once, so every rank must "
+        "pass the same entries, sharded alike (the same state on every rank); nothing was "
+        "loaded"
+    )
 
 
 def _read_agreed(

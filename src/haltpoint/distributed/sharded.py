@@ -40,6 +40,7 @@ from haltpoint.store.storage import FsspecStorage, Storage
 E = TypeVar("E", bound=CheckpointError)
 
 __all__ = [
+    "ShardLoad",
     "ShardedState",
     "plan_shards",
     "split_sharded",
@@ -250,7 +251,7 @@ def plan_shards(
     entries: Mapping[str, Any],
     files: Mapping[str, ShardFile],
     strict: bool = True,
-) -> Callable[[], list[str]]:
+) -> ShardLoad:
     """Check that the DCP checkpoint in `folder` of `storage` fits `entries`; the returned
     function loads it into them, resharding to this world size, and returns the values of
     `entries` that the checkpoint does not hold (dotted, as DCP names them), which a
@@ -292,7 +293,19 @@ def plan_shards(
                 value.copy_(targets[name])
         return missing
 
-    return load
+    return ShardLoad(load, together=not alone)
+
+
+class ShardLoad:
+    """`plan_shards`' load: calling it loads; `together` says whether DCP loads with every
+    rank (a collective: every rank must load the same way) or in this process alone."""
+
+    def __init__(self, load: Callable[[], list[str]], *, together: bool) -> None:
+        self._load = load
+        self.together = together
+
+    def __call__(self) -> list[str]:
+        return self._load()
 
 
 def _dcp_load(

@@ -18,7 +18,7 @@ from haltpoint.distributed import collectives
 from haltpoint.distributed.ranks import Replicas, initialized, number_buffer
 from haltpoint.distributed.sharded import write_shards
 from haltpoint.distributed.sharded_save import ShardWriter, save_sharded, split_agreed
-from haltpoint.store.info import CheckpointInfo, Found
+from haltpoint.store.info import CheckpointInfo, Found, Planned
 from haltpoint.store.run_dir import Entry, RunDirectory, checkpoint_dirname, dcp_folder
 
 __all__ = ["CheckPart", "Commit", "OneProcess", "Prepare", "Ranks", "Read", "strategy_for"]
@@ -31,9 +31,10 @@ Commit = Callable[[Mapping[str, Any], Callable[[], Mapping[str, Any]] | None], C
 Read = Callable[[str | int, dict[int, str], bool], Found | None]
 """`read(which, skip, check_shards)`: the reader finds and verifies a checkpoint."""
 
-Prepare = Callable[[Found], Callable[[], CheckpointInfo]]
-"""`prepare(found)`: every check of loading `found` into the state; the function it returns
-loads (on every rank only once every rank's checks passed: the load may be collective)."""
+Prepare = Callable[[Found], Planned]
+"""`prepare(found)`: every check of loading `found` into the state; the plan's `load()`
+loads (on every rank only once every rank's checks passed and the ranks load the sharded
+entries alike: the load may be collective)."""
 
 CheckPart = Callable[[Entry, int, int], str | None]
 """`check_part(entry, rank, world_size)`: the reader checks one rank's share of the DCP files,
@@ -71,7 +72,7 @@ class OneProcess:
         """Read `which` (checking every file), check the state against it (`prepare`), then
         load it; None when there is none."""
         found = read(which, {}, True)
-        return None if found is None else prepare(found)()
+        return None if found is None else prepare(found).load()
 
     def wait(self) -> None:
         """Wait for the save in flight; raise its error."""

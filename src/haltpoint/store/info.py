@@ -7,7 +7,7 @@ both pass them on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from haltpoint.state.load import LoadReport
 from haltpoint.store.run_dir import Entry
 
-__all__ = ["CheckpointInfo", "Found"]
+__all__ = ["CheckpointInfo", "Found", "Planned"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,14 @@ class Found:
     entry: Entry
     tensors: dict[str, torch.Tensor]
     passed: tuple[tuple[Entry, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A restore checked against the state: `load()` loads it. `together` names the sharded
+    entries DCP loads with every rank (into DTensor shards: a collective), `alone` those this
+    rank loads by itself (into unsharded objects); the ranks compare them before any loads."""
+
+    load: Callable[[], CheckpointInfo]
+    together: tuple[str, ...] = ()
+    alone: tuple[str, ...] = ()
