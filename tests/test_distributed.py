@@ -285,3 +285,15 @@ def test_ranks_restoring_into_different_kinds_of_objects_fail_at_once(
     assert r0["seconds"] < 10 and r1["seconds"] < 10  # not the 20 s timeout
     assert r0["unchanged"] and r0["epoch"] == r1["epoch"] == -1  # nothing loaded
     assert r0["then"] == r1["then"] == 0 and r0["same_weights"] and r1["same_weights"]
+
+
+@pytest.mark.slow
+def test_maybe_save_twice_at_a_step_skips_on_every_rank(mismatch: list[dict[str, Any]]) -> None:
+    """The step a save was last made at was known to rank 0 only (set at its commit), so a
+    second maybe_save at that step returned None on rank 0 alone while rank 1 went into the
+    decisions' all-gather: the ranks parted ("rank 0 at maybe_save(1), rank 1 at
+    maybe_save(0)"). Now every rank knows the step it saved: the second call skips
+    everywhere."""
+    r0, r1 = (r["maybe_save_twice"] for r in mismatch)
+    assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
+    assert r0["saved"] == r1["saved"] == [0, None, 1, None]

@@ -429,7 +429,11 @@ class Checkpointer:
                 step, part, metrics, pin, lambda: {**(given() if given else {}), **recorded}
             )
 
-        return self._ranks.save(step, state, commit)
+        info = self._ranks.save(step, state, commit)
+        # on every rank, once the ranks agreed the save went through (rank 0 also sets it at
+        # its commit): maybe_save's "saved already" must be the same on every rank
+        self._last = step
+        return info
 
     def _ranking(self, state: Mapping[str, Any]) -> Ranking:
         """What ranks the checkpoint of `state`: the monitor, else the saved stopper's."""

@@ -96,7 +96,25 @@ def restore_kinds(root: Path, rank: int, entries: bool) -> dict[str, Any]:
     return result
 
 
+def maybe_save_twice(root: Path, rank: int) -> dict[str, Any]:
+    """`maybe_save` called twice at each step (after the optimizer step and after the
+    evaluation, as its docstring allows), with every=1."""
+    model = build()
+    saved: list[int | None] = []
+    with Checkpointer(root, every=1, async_save=False) as ckpt:
+
+        def calls() -> None:
+            for step in (0, 0, 1, 1):
+                info = ckpt.maybe_save(step, {"model": model})
+                saved.append(None if info is None else info.step)
+
+        result = attempt(calls)
+    result["saved"] = saved
+    return result
+
+
 CASES: dict[str, Callable[[Path, int], dict[str, Any]]] = {
+    "maybe_save_twice": maybe_save_twice,
     "restore_kinds": lambda root, rank: restore_kinds(root, rank, entries=False),
     "restore_entries": lambda root, rank: restore_kinds(root, rank, entries=True),
 }
