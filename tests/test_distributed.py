@@ -297,3 +297,22 @@ def test_maybe_save_twice_at_a_step_skips_on_every_rank(mismatch: list[dict[str,
     r0, r1 = (r["maybe_save_twice"] for r in mismatch)
     assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
     assert r0["saved"] == r1["saved"] == [0, None, 1, None]
+
+
+@pytest.mark.slow
+def test_clear_stop_on_one_rank_fails_every_rank_at_that_save(
+    mismatch: list[dict[str, Any]],
+) -> None:
+    """After restoring a stopped run, whether a save trains past the stop (clear_stop) was
+    each rank's own: with clear_stop() on rank 0 alone, rank 0 saved (a collective) while
+    rank 1 skipped the save with no collective and went on, so the ranks parted at the next
+    call, under an error that blamed the stoppers' sync. Now the ranks agree at the save:
+    every rank raises the same one line naming clear_stop(), at once, nothing is saved, and
+    the ranks' next call works."""
+    r0, r1 = (r["clear_stop_one_rank"] for r in mismatch)
+    assert r0["error"] == r1["error"] and r0["error"] is not None
+    message = r0["error"]["message"]
+    assert "rank 0 trains past it" in message and "rank 1" in message
+    assert "clear_stop()" in message and "\n" not in message
+    assert r0["seconds"] < 10 and r1["seconds"] < 10
+    assert r0["then"] == r1["then"] == [1]  # keep_last=1; step 2 not saved

@@ -331,30 +331,55 @@ class Checkpointer:
         if not isinstance(pin, bool):
             raise TypeError(f"pin must be True or False, got {pin!r}")
         self._check_writable()
-        restored = self._past_the_stop(check_step(step), state)
+        restored = self._past_the_stop(check_step(step), state, "save")
         if restored is not None:
             return restored
         return self._submit(step, state, metrics, pin, None)
 
-    def _past_the_stop(self, step: int, state: Mapping[str, Any]) -> CheckpointInfo | None:
+    def _past_the_stop(
+        self, step: int, state: Mapping[str, Any], call: str
+    ) -> CheckpointInfo | None:
         """The checkpoint restored, when its stopper had stopped and still holds that stop:
         the steps since trained past the stop (a rerun of a finished job whose loop trains
         before it asks the stopper), so they are not saved and the run stays as it was; else
         None. A stopper that `clear_stop()` let evaluate on and that stopped again has a new
-        stop, decided by an evaluation since the restore: that save goes on."""
+        stop, decided by an evaluation since the restore: that save goes on.
+
+        Under a process group the ranks agree (one all-gather, only while a restored stop may
+        hold): a stop held on some ranks only (clear_stop() on one rank) raises
+        `CheckpointError` on every rank; once no rank holds it, it is not asked again."""
         if self._restored is None or not isinstance(state, Mapping):
             return None
         info, stopped = self._restored
+        held = None
         for value in state.values():
             same = [n for s, n in stopped if value is s]
             if same and value.stopped and value.evaluations == same[0]:
-                warn_user(
-                    f"haltpoint: step {step} not saved: the run restored from step {info.step} "
-                    f"had already stopped ({value.reason}); the checkpoints stay as they were "
-                    "(stopper.clear_stop() trains on past it)"
+                held = value
+                break
+        if self._ranks.group is not None:
+            ranks = self._ranks.gather(lambda: held is not None, f"{call}({step})")
+            if not any(ranks):
+                self._restored = None  # trained past it on every rank: saves go on
+            elif not all(ranks):
+                each = ", ".join(
+                    f"rank {r} {'holds it' if h else 'trains past it (clear_stop())'}"
+                    for r, h in enumerate(ranks)
                 )
-                return info
-        return None
+                raise CheckpointError(
+                    f"{call}({step}): the ranks disagree on the stop restored from step "
+                    f"{info.step} ({each}): call stopper.clear_stop() on every rank or on "
+                    "none (every rank must take the same decision); nothing was saved",
+                    path=self.directory,
+                )
+        if held is None:
+            return None
+        warn_user(
+            f"haltpoint: step {step} not saved: the run restored from step {info.step} "
+            f"had already stopped ({held.reason}); the checkpoints stay as they were "
+            "(stopper.clear_stop() trains on past it)"
+        )
+        return info
 
     def maybe_save(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
@@ -383,7 +408,7 @@ class Checkpointer:
         step = check_step(step)
         if step == self._last:  # saved or restored already: nothing new
             return None
-        if self._past_the_stop(step, state) is not None:
+        if self._past_the_stop(step, state, "maybe_save") is not None:
             return None
         schedule = self._schedule
 

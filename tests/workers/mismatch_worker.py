@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from rank_exit import end_rank
 from torch.distributed.fsdp import fully_shard
 
-from haltpoint import Checkpointer, CheckpointError, ShardedState
+from haltpoint import Checkpointer, CheckpointError, EarlyStopping, ShardedState
 
 
 def build(seed: int = 0) -> torch.nn.Module:
@@ -113,7 +114,29 @@ def maybe_save_twice(root: Path, rank: int) -> dict[str, Any]:
     return result
 
 
+def clear_stop_one_rank(root: Path, rank: int) -> dict[str, Any]:
+    """A stopped run resumed, where rank 0 alone calls `stopper.clear_stop()` to train on
+    past the stop, then every rank saves the next step."""
+    model = build()
+    stopper = EarlyStopping(patience=1)
+    with Checkpointer(root, async_save=False) as ckpt:
+        for step, loss in enumerate((1.0, 2.0)):  # stops at the second evaluation
+            stopper.step(loss)
+            ckpt.save(step, {"model": model, "stopper": stopper})
+    resumed = EarlyStopping(patience=1)
+    with Checkpointer(root, async_save=False) as ckpt:
+        ckpt.restore({"model": model, "stopper": resumed})
+        if rank == 0:
+            resumed.clear_stop()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "step 2 not saved: the run ... had stopped"
+            result = attempt(lambda: ckpt.save(2, {"model": model, "stopper": resumed}))
+        result["then"] = [info.step for info in ckpt.list()]  # every rank alike: it works
+    return result
+
+
 CASES: dict[str, Callable[[Path, int], dict[str, Any]]] = {
+    "clear_stop_one_rank": clear_stop_one_rank,
     "maybe_save_twice": maybe_save_twice,
     "restore_kinds": lambda root, rank: restore_kinds(root, rank, entries=False),
     "restore_entries": lambda root, rank: restore_kinds(root, rank, entries=True),
