@@ -316,3 +316,72 @@ def test_clear_stop_on_one_rank_fails_every_rank_at_that_save(
     assert "clear_stop()" in message and "\n" not in message
     assert r0["seconds"] < 10 and r1["seconds"] < 10
     assert r0["then"] == r1["then"] == [1]  # keep_last=1; step 2 not saved
+
+
+# -- ranks that do not share the run directory ------------------------------------------------
+
+DISKS = WORKER.parent / "disks_worker.py"
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Every case of tests/workers/disks_worker.py (process-group timeout 20 s)."""
+    if not Path("/proc/self/cwd").exists():
+        pytest.skip("simulates each node's own disk with /proc/self/cwd (Linux)")
+    root = tmp_path_factory.mktemp("disks")
+    out = root / "out"
+    out.mkdir()
+    torchrun(DISKS, "--root", str(root / "runs"), "--out", str(out), timeout=TIMEOUT_S)
+    return rank_results(out)
+
+
+@pytest.mark.slow
+def test_ranks_reading_different_checkpoints_of_a_step_fail_and_load_nothing(
+    disks: list[dict[str, Any]],
+) -> None:
+    """The same run-directory path on each node's own disk, each holding its own step 4:
+    rank 0 chose step 4 and rank 1 read its own step 4, loading other weights than rank 0's
+    with no error. Now the ranks compare the manifest each read (its checksum, carried by
+    the collective that confirms the read): every rank raises the same one line, at once,
+    naming the ranks and the step, and loads nothing."""
+    r0, r1 = (r["own_disks"] for r in disks)
+    assert r0["error"] == r1["error"] and r0["error"] is not None
+    assert not r0["error"].get("foreign")
+    message = r0["error"]["message"]
+    assert "rank 1 reads a different checkpoint of step 4 than rank 0" in message
+    assert "share one run directory" in message and "\n" not in message
+    assert r0["seconds"] < 10 and r1["seconds"] < 10  # not the 20 s timeout
+    assert r0["unchanged"] and r1["unchanged"]
+
+
+@pytest.mark.slow
+def test_a_rank_whose_disk_lacks_the_step_fails_every_rank_naming_the_shared_directory(
+    disks: list[dict[str, Any]],
+) -> None:
+    """Rank 0's disk holds step 4, rank 1's nothing: every rank raises the same one line
+    that says rank 1 does not see step 4 and that the ranks must share the run directory
+    (not only "no checkpoint of step 4"), and loads nothing."""
+    r0, r1 = (r["missing_step"] for r in disks)
+    assert r0["error"] == r1["error"] and r0["error"] is not None
+    assert not r0["error"].get("foreign")
+    message = r0["error"]["message"]
+    assert "rank 1" in message and "step 4" in message
+    assert "share one run directory" in message and "\n" not in message
+    assert r0["seconds"] < 10 and r1["seconds"] < 10
+    assert r0["unchanged"] and r1["unchanged"]
+
+
+@pytest.mark.slow
+def test_ranks_opening_different_run_directories_are_told_to_share_one(
+    disks: list[dict[str, Any]],
+) -> None:
+    """Each rank passes its own path: caught at construction, but the error blamed the
+    stoppers ("wrap it as synced(EarlyStopping(...))"). Now it names every rank's directory
+    and says they must be one shared directory."""
+    r0, r1 = (r["different_paths"] for r in disks)
+    assert r0["error"] == r1["error"] and r0["error"] is not None
+    message = r0["error"]["message"]
+    assert f"rank 0 opens {r0['directory']}" in message
+    assert f"rank 1 opens {r1['directory']}" in message
+    assert "one shared directory" in message and "synced" not in message
+    assert "\n" not in message

@@ -106,6 +106,14 @@ def test_encoding_does_not_depend_on_dict_order() -> None:
     assert shuffled.encode() == m.encode()
 
 
+def test_checksum_is_the_recorded_one_and_tells_checkpoints_apart() -> None:
+    """What the ranks of a restore compare (a run directory on each node's own disk)."""
+    m = make()
+    assert m.checksum == json.loads(m.encode())["checksum"]
+    assert Manifest.decode(m.encode(), source="run/step-000000007").checksum == m.checksum
+    assert make(time=m.time + 1).checksum != m.checksum
+
+
 def test_nbytes_and_files() -> None:
     m = make(tensors={"a": record(), "b": record(file="step-000000001/x.safetensors")})
     assert m.nbytes == 48

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import torch
 
 from haltpoint._arguments import check_device, check_step, coerce_metrics
+from haltpoint.distributed.collectives import OPENING
 from haltpoint.distributed.strategy import strategy_for
 from haltpoint.errors import (
     CheckpointError,
@@ -251,7 +252,7 @@ class Checkpointer:
 
         if not read_only:
             with full_disk_on_open(self.directory), unwritable_on_open(self.directory):
-                self._ranks.agree(open_writer, f"opening {self.directory}")
+                self._ranks.agree(open_writer, f"{OPENING}{self.directory}")
             if save_on_signal is not None and self._preemption is None:
                 # the other ranks: a signal may reach any one of them (open_writer is rank 0's)
                 self._preemption = SignalFlag(save_on_signal)

@@ -22,6 +22,7 @@ from haltpoint.distributed.ranks import Replicas, all_gather, all_max
 from haltpoint.errors import CheckpointError, first_line
 
 __all__ = [
+    "OPENING",
     "all_results",
     "all_succeed",
     "exchange",
@@ -49,14 +50,30 @@ def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
         raise _lost_contact(what, exc) from exc
     calls = [call for call, _ in gathered]
     if any(call != what for call in calls):
-        at = ", ".join(f"rank {rank} at {call}" for rank, call in enumerate(calls))
-        raise CheckpointError(
-            f"the ranks are at different haltpoint calls ({at}): every rank must call the same "
-            "methods in the same order. A stopper stepped with each rank's own metric stops "
-            "the ranks at different epochs: wrap it as synced(EarlyStopping(...)) so that "
-            "every rank takes the same decision (docs/distributed.md)"
-        )
+        raise CheckpointError(_parted(calls))
     return [item for _, item in gathered]
+
+
+OPENING = "opening "
+"""How the call of a `Checkpointer(...)` under a process group begins: `OPENING + directory`."""
+
+
+def _parted(calls: list[str]) -> str:
+    """The message of ranks at different calls: each rank's `call`, and the remedy."""
+    if all(call.startswith(OPENING) for call in calls):  # Checkpointer(...) of other paths
+        opens = ", ".join(f"rank {r} opens {c[len(OPENING) :]}" for r, c in enumerate(calls))
+        return (
+            f"the ranks open different run directories ({opens}): every rank must pass the "
+            "path of one shared directory (a shared file system or an object store) that "
+            "every rank sees (docs/distributed.md)"
+        )
+    at = ", ".join(f"rank {rank} at {call}" for rank, call in enumerate(calls))
+    return (
+        f"the ranks are at different haltpoint calls ({at}): every rank must call the same "
+        "methods in the same order. A stopper stepped with each rank's own metric stops "
+        "the ranks at different epochs: wrap it as synced(EarlyStopping(...)) so that "
+        "every rank takes the same decision (docs/distributed.md)"
+    )
 
 
 def largest(group: Replicas, what: str, value: int, buffer: Any = None) -> int:
@@ -257,18 +274,48 @@ def _read_agreed(
     skip: dict[int, str],
     what: str,
 ) -> Any:
-    """Rank 0 resolves and reads `which`; then every other rank reads the step it chose."""
+    """Rank 0 resolves and reads `which`; then every other rank reads the step it chose and
+    checks that it read the same checkpoint: the manifest's checksum, which rank 0 sends with
+    the step (a run directory at the same path on each node's own disk may hold another
+    checkpoint of that step, or none)."""
     mine: Any = None
 
-    def choose() -> int | None:
+    def choose() -> tuple[int, str] | None:
         nonlocal mine
         mine = read(which, skip)
-        return None if mine is None else mine.entry.step
+        return None if mine is None else (mine.entry.step, mine.entry.manifest.checksum)
 
-    step = on_writer(group, choose, what)
-    if step is None:
+    chosen = on_writer(group, choose, what)
+    if chosen is None:
         return None
+    step, checksum = chosen
     if not group.is_writer:
-        return all_succeed(group, partial(read, step, {}), f"{what} of step {step}")
+        return all_succeed(
+            group, partial(_read_same, group.rank, read, step, checksum), f"{what} of step {step}"
+        )
     all_succeed(group, lambda: None, f"{what} of step {step}")
     return mine
+
+
+def _read_same(
+    rank: int, read: Callable[[str | int, dict[int, str]], Any], step: int, checksum: str
+) -> Any:
+    """Read `step`, the checkpoint rank 0 chose and read (its manifest's `checksum`)."""
+    shared = (
+        "the ranks must share one run directory (a shared file system or an object store, not "
+        "the same path on each node's own disk); nothing was loaded"
+    )
+    try:
+        found = read(step, {})
+    except errors.CheckpointNotFoundError as exc:
+        raise errors.CheckpointNotFoundError(
+            f"rank {rank} finds no checkpoint of step {step}, which rank 0 read ({exc}): {shared}",
+            path=exc.path,
+        ) from exc
+    theirs = found.entry.manifest.checksum
+    if theirs != checksum:
+        raise CheckpointError(
+            f"rank {rank} reads a different checkpoint of step {step} than rank 0 (manifest "
+            f"checksum {theirs}, rank 0's {checksum}): {shared}"
+        )
+    return found

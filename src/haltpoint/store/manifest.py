@@ -298,6 +298,12 @@ class Manifest:
         return value
 
     @property
+    def checksum(self) -> str:
+        """The xxh3-128 of its content, as `encode` records it in the `"checksum"` field: two
+        manifests (read from different disks, say) are the same checkpoint when it is equal."""
+        return hash_bytes(_canonical(self._body()))
+
+    @property
     def ranking(self) -> Ranking | None:
         """The writer's monitor and mode, or None for a manifest that does not record them."""
         if RANKING_KEY not in self.extra:
