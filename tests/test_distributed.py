@@ -385,3 +385,30 @@ def test_ranks_opening_different_run_directories_are_told_to_share_one(
     assert f"rank 1 opens {r1['directory']}" in message
     assert "one shared directory" in message and "synced" not in message
     assert "\n" not in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("closed_one_rank", "is closed; create a new one to save"),
+        ("bad_argument_one_rank", "TypeError: pin must be True or False"),
+    ],
+)
+def test_a_call_that_fails_its_checks_on_one_rank_fails_every_rank_at_once(
+    mismatch: list[dict[str, Any]], case: str, says: str
+) -> None:
+    """A call refused by a check of its own rank (a Checkpointer closed on rank 1 only, an
+    argument bad on rank 1 only) raised there before any collective, and rank 0 waited in
+    the save's all-gather until the process group's timeout. Now the refused rank's error
+    travels in the collective the others are in: every rank raises at once, naming rank 1
+    and its error, nothing saved, and a call the ranks then make alike works."""
+    r0, r1 = (r[case] for r in mismatch)
+    assert r0["error"] is not None and r1["error"] is not None
+    assert r0["error"]["type"] == "CheckpointError"
+    message = r0["error"]["message"]
+    assert "save(1) failed on rank 1" in message and says in message
+    assert "\n" not in message and says in r1["error"]["message"]
+    assert r0["seconds"] < 10  # not the 20 s timeout
+    saved = [0] if case == "closed_one_rank" else []
+    assert r0["then"] == r1["then"] == saved

@@ -12,7 +12,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 import torch
 
 from haltpoint._arguments import check_device, check_step, coerce_metrics
-from haltpoint.distributed.collectives import OPENING
+from haltpoint.distributed.collectives import OPENING, refuse_together
 from haltpoint.distributed.strategy import strategy_for
 from haltpoint.errors import (
     CheckpointError,
@@ -329,10 +330,13 @@ class Checkpointer:
             UnsupportedStateError: a value in `state` cannot be stored without pickling.
             TypeError: an optimizer holds DTensor state directly (use `ShardedState`).
         """
-        if not isinstance(pin, bool):
-            raise TypeError(f"pin must be True or False, got {pin!r}")
-        self._check_writable()
-        restored = self._past_the_stop(check_step(step), state, "save")
+        with self._refused_together(f"save({step})"):
+            if not isinstance(pin, bool):
+                raise TypeError(f"pin must be True or False, got {pin!r}")
+            self._check_writable()
+            step = check_step(step)
+            coerce_metrics(metrics, self.monitor)
+        restored = self._past_the_stop(step, state, "save")
         if restored is not None:
             return restored
         return self._submit(step, state, metrics, pin, None)
@@ -400,13 +404,14 @@ class Checkpointer:
         Raises:
             ValueError: the Checkpointer was made without `every`.
         """
-        if self._schedule is None:
-            raise ValueError(
-                "maybe_save needs a save interval: create the Checkpointer with every=100 "
-                '(steps), every="10min" (wall time) or every="auto"'
-            )
-        self._check_writable()
-        step = check_step(step)
+        with self._refused_together(f"maybe_save({step})"):
+            if self._schedule is None:
+                raise ValueError(
+                    "maybe_save needs a save interval: create the Checkpointer with every=100 "
+                    '(steps), every="10min" (wall time) or every="auto"'
+                )
+            self._check_writable()
+            step = check_step(step)
         if step == self._last:  # saved or restored already: nothing new
             return None
         if self._past_the_stop(step, state, "maybe_save") is not None:
@@ -628,7 +633,8 @@ class Checkpointer:
         self._set_pinned(step, False)
 
     def _set_pinned(self, step: int, pinned: bool) -> None:
-        self._check_writable()
+        with self._refused_together(f"(un)pinning step {step}"):
+            self._check_writable()
         self.wait()
         mark = lambda: self._run.set_pinned(self._reader.entry(check_step(step)).step, pinned)  # noqa: E731
         self._ranks.agree(mark, f"(un)pinning step {step}")
@@ -740,12 +746,14 @@ class Checkpointer:
         through `torch.distributed.checkpoint` onto this world size (or, without a process
         group, whole into unsharded objects); every rank must call `restore` for them.
         """
-        if self._closed:  # its lock is gone: a quarantine move now could race another writer
-            raise CheckpointError(
-                f"this Checkpointer for {self.directory} is closed; create a new one to restore",
-                path=self.directory,
-            )
-        device = check_device(map_location)
+        with self._refused_together(f"restore({which!r})"):
+            if self._closed:  # its lock is gone: a quarantine move could race another writer
+                raise CheckpointError(
+                    f"this Checkpointer for {self.directory} is closed; create a new one to "
+                    "restore",
+                    path=self.directory,
+                )
+            device = check_device(map_location)
 
         def read(which: str | int, skip: dict[int, str], check_shards: bool) -> Found | None:
             self._wait()  # this instance's save in flight commits first
@@ -901,6 +909,18 @@ class Checkpointer:
         tb: TracebackType | None,
     ) -> None:
         self._close(sync=exc is None)
+
+    @contextmanager
+    def _refused_together(self, what: str) -> Iterator[None]:
+        """The checks of a call before its first collective: under a process group, one that
+        fails on this rank is raised on every rank at once (`collectives.refuse_together`),
+        not left to the others' wait in that collective until the timeout."""
+        try:
+            yield
+        except Exception as exc:
+            if self._ranks.group is None or self._forked():
+                raise
+            refuse_together(self._ranks.group, what, exc)
 
     def _check_writable(self) -> None:
         if self._forked():

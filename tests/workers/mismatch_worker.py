@@ -135,7 +135,44 @@ def clear_stop_one_rank(root: Path, rank: int) -> dict[str, Any]:
     return result
 
 
+class _Leave(Exception):
+    """Leaves a `with` block without close()'s collective (a rank closed already)."""
+
+
+def closed_one_rank(root: Path, rank: int) -> dict[str, Any]:
+    """Rank 1 closes while rank 0 saves (both raise: different calls), then every rank
+    calls save(1) again: rank 1's Checkpointer is closed."""
+    state = {"model": build()}
+    try:
+        with Checkpointer(root, async_save=False) as ckpt:
+            ckpt.save(0, state)
+            parted = attempt(lambda: ckpt.close() if rank == 1 else ckpt.save(1, state))
+            result = attempt(lambda: ckpt.save(1, state))
+            result["parted"] = parted["error"] is not None
+            raise _Leave
+    except _Leave:
+        pass
+    with Checkpointer(root, async_save=False) as ckpt:  # every rank alike: it works
+        result["then"] = [info.step for info in ckpt.list()]
+    return result
+
+
+def bad_argument_one_rank(root: Path, rank: int) -> dict[str, Any]:
+    """save(1, pin=...) with a pin that is no bool on rank 1 only."""
+    state = {"model": build()}
+    with Checkpointer(root, async_save=False) as ckpt:
+        pin: Any = "yes" if rank == 1 else False
+        try:
+            result = attempt(lambda: ckpt.save(1, state, pin=pin))
+        except TypeError as exc:  # attempt records CheckpointErrors only
+            result = {"error": {"type": "TypeError", "message": str(exc)}, "seconds": None}
+        result["then"] = [info.step for info in ckpt.list()]
+    return result
+
+
 CASES: dict[str, Callable[[Path, int], dict[str, Any]]] = {
+    "closed_one_rank": closed_one_rank,
+    "bad_argument_one_rank": bad_argument_one_rank,
     "clear_stop_one_rank": clear_stop_one_rank,
     "maybe_save_twice": maybe_save_twice,
     "restore_kinds": lambda root, rank: restore_kinds(root, rank, entries=False),

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from haltpoint import errors
-from haltpoint.distributed.ranks import Replicas, all_gather, all_max
+from haltpoint.distributed.ranks import Replicas, all_gather, all_max, initialized
 from haltpoint.errors import CheckpointError, first_line
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "exchange",
     "largest",
     "on_writer",
+    "refuse_together",
     "restore_agreed",
 ]
 
@@ -45,13 +46,42 @@ def exchange(group: Replicas, what: str, payload: Any) -> list[Any]:
     process group's timeout at worst: that too is a `CheckpointError`, naming the call.
     """
     try:
-        gathered = all_gather((what, payload), group.process_group)
+        gathered = all_gather((what, None, payload), group.process_group)
     except RuntimeError as exc:  # gloo / NCCL: a peer closed the connection or timed out
         raise _lost_contact(what, exc) from exc
-    calls = [call for call, _ in gathered]
+    _raise_refused(gathered)
+    calls = [call for call, _, _ in gathered]
     if any(call != what for call in calls):
         raise CheckpointError(_parted(calls))
-    return [item for _, item in gathered]
+    return [item for _, _, item in gathered]
+
+
+def refuse_together(group: Replicas | None, what: str, exc: Exception) -> NoReturn:
+    """Raise `exc`, this rank's refusal of the call `what` by a check of its own before any
+    collective (a closed `Checkpointer`, a bad argument), on every rank: it travels in the
+    first `exchange` the other ranks are in (whatever call), which raises it there at once,
+    instead of leaving them waiting for a rank that never comes. Every rank refused alike
+    (the same message): each raises its own `exc`. Without a group, or when the others are
+    gone, this rank raises `exc`."""
+    if group is None or initialized() is None:
+        raise exc
+    said = f"{type(exc).__name__}: {exc}"
+    try:
+        gathered = all_gather((what, (said, _kind(exc)), None), group.process_group)
+    except RuntimeError:
+        raise exc from None
+    if all(refused is not None and refused[0] == said for _, refused, _ in gathered):
+        raise exc
+    _raise_refused(gathered, exc)
+    raise exc  # pragma: no cover - this rank's own refusal is in `gathered`
+
+
+def _raise_refused(gathered: list[Any], cause: BaseException | None = None) -> None:
+    """Raise, on every rank the same, the first refusal (`refuse_together`) in `gathered`."""
+    for rank, (call, refused, _) in enumerate(gathered):
+        if refused is not None:
+            said, kind = refused
+            raise getattr(errors, kind)(f"{call} failed on rank {rank}: {said}") from cause
 
 
 OPENING = "opening "
