@@ -83,7 +83,9 @@ class Faults:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import s3fs
 
-        self.rules: list[tuple[Callable[[str, dict[str, Any]], bool], str]] = []
+        self.rules: list[
+            tuple[Callable[[str, dict[str, Any]], bool], str | Callable[[], Exception]]
+        ] = []
         self.undeletable: Callable[[str], bool] = lambda key: False
         original = s3fs.S3FileSystem.get_s3
 
@@ -93,8 +95,13 @@ class Faults:
         monkeypatch.setattr(s3fs.S3FileSystem, "get_s3", get_s3)
         monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)  # s3fs's retries, kept short
 
-    def fail(self, when: Callable[[str, dict[str, Any]], bool], code: str = "AccessDenied") -> None:
-        """Requests `when(method, kwargs)` picks get the error `code`."""
+    def fail(
+        self,
+        when: Callable[[str, dict[str, Any]], bool],
+        code: str | Callable[[], Exception] = "AccessDenied",
+    ) -> None:
+        """Requests `when(method, kwargs)` picks get the error `code`, or raise what `code()`
+        makes (a botocore exception that is no reply: `NoCredentialsError`, a timeout)."""
         self.rules.append((when, code))
 
     def deny_delete(self, key: Callable[[str], bool]) -> None:
@@ -124,6 +131,8 @@ class _FaultyClient:
         async def call(**kwargs: Any) -> Any:
             for when, code in faults.rules:
                 if when(name, kwargs):
+                    if callable(code):
+                        raise code()
                     error = {"Code": code, "Message": f"{code} (injected)"}
                     status = {"HTTPStatusCode": _STATUS.get(code, 500)}
                     raise ClientError({"Error": error, "ResponseMetadata": status}, name)  # type: ignore[arg-type]

@@ -92,6 +92,8 @@ def unwritable_on_open(url: str) -> Iterator[None]:
         where = f" ({exc.filename})" if exc.filename else ""
         denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
         fix = "fix its permissions" if denied else "pick a folder on an ordinary file system"
+        if "://" in url and not isinstance(exc, FileNotFoundError):  # an object store's error
+            fix = "check the credentials" if denied else "check the store's endpoint and network"
         raise UnwritableRunError(
             f"cannot write {url}: {exc.strerror or exc}{where}; a writer needs to create its "
             f"lock file and checkpoints there: {fix}, or open it with read_only=True (or the "

@@ -34,6 +34,7 @@ from haltpoint.errors import (
     LinkedFileError,
     NotRegularFileError,
     UnwritableRunError,
+    first_line,
 )
 from haltpoint.store.object_store import MAX_CONCURRENCY, PART_BYTES, MultipartWriter, is_s3
 
@@ -540,6 +541,147 @@ class LocalStorage:
         return st.f_bavail * st.f_frsize
 
 
+_CLIENT_LIBRARIES = frozenset({"botocore", "aiobotocore", "aiohttp"})
+"""Packages whose exceptions `store_error` turns into OS errors: those of S3's client."""
+
+_DENIED_CODES = frozenset(
+    {
+        "AccessDenied", "AccountProblem", "AllAccessDisabled", "ExpiredToken",
+        "InvalidAccessKeyId", "InvalidSecurity", "InvalidToken", "NotSignedUp",
+        "RequestTimeTooSkewed", "SignatureDoesNotMatch", "TokenRefreshRequired",
+    }
+)  # fmt: skip
+
+
+_LOST = getattr(errno, "ECONNRESET", errno.EIO)
+_ERRNO = (
+    (PermissionError, errno.EACCES),
+    (FileNotFoundError, errno.ENOENT),
+    (FileExistsError, errno.EEXIST),
+    (TimeoutError, errno.ETIMEDOUT),
+)
+"""The errno of s3fs's errors that it makes without one (`PermissionError(message)`)."""
+
+
+def _from_client_library(exc: BaseException) -> bool:
+    return any(c.__module__.partition(".")[0] in _CLIENT_LIBRARIES for c in type(exc).__mro__)
+
+
+def store_error(exc: BaseException) -> OSError | None:
+    """The OS error that says what `exc`, an exception of the store's client library
+    (botocore's, aiohttp's: raised as they are by s3fs), means; None for any other exception.
+
+    No credentials (or none that can be fetched, or an expired token) is a `PermissionError`;
+    a timeout a `TimeoutError`; an endpoint that cannot be reached, or a connection that
+    closed, a `ConnectionError`; a reply with an error code (a `ClientError` s3fs passed on)
+    by its code: a missing key or bucket `FileNotFoundError`, a refused request
+    `PermissionError`, any other `OSError(EIO)`; any other error of the library an
+    `OSError(EIO)`. All but a missing key are errors that say nothing of the bytes
+    (`not_damage`). The message is the library's first line. botocore is imported only to
+    classify an exception that came from it.
+
+    >>> store_error(ValueError("not the store's")) is None
+    True
+    """
+    if not _from_client_library(exc):
+        return None
+    text = first_line(exc) or type(exc).__name__
+    module = type(exc).__module__.partition(".")[0]
+    if module == "aiohttp":  # raised past aiobotocore: a dropped or timed-out connection
+        timeout = isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__
+        return TimeoutError(errno.ETIMEDOUT, text) if timeout else ConnectionError(_LOST, text)
+    from botocore import exceptions as boto
+
+    credentials = tuple(
+        getattr(boto, name)
+        for name in (
+            "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+            "TokenRetrievalError", "NoAuthTokenError", "SSOError", "RefreshWithMFAUnsupportedError",
+        )
+        if hasattr(boto, name)
+    )  # fmt: skip
+    if isinstance(exc, credentials):
+        return PermissionError(errno.EACCES, f"no usable credentials for the store: {text}")
+    if isinstance(exc, (boto.ConnectTimeoutError, boto.ReadTimeoutError)):
+        return TimeoutError(errno.ETIMEDOUT, text)
+    if isinstance(exc, boto.ConnectionError):  # no connection: refused, no route, no name
+        return ConnectionError(errno.ENOTCONN, text)
+    if isinstance(exc, boto.HTTPClientError):  # a connection that closed mid-request
+        return ConnectionError(_LOST, text)
+    if isinstance(exc, boto.ClientError):
+        error = (getattr(exc, "response", None) or {}).get("Error") or {}
+        code = str(error.get("Code", ""))
+        status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if code in ("NoSuchKey", "NoSuchBucket", "404") or status == 404:
+            return FileNotFoundError(errno.ENOENT, text)
+        if code in _DENIED_CODES or status in (401, 403):
+            return PermissionError(errno.EACCES, text)
+        return OSError(errno.EIO, text)
+    return OSError(errno.EIO, text)
+
+
+class _StoreErrors(contextlib.ContextDecorator):
+    """Raise the exceptions of the store's client library as the OS errors `store_error`
+    says (the original is their cause), and give s3fs's translations of a reply that have
+    no errno one (its `PermissionError(message)`): the one place botocore's errors are
+    translated, so that every caller's `except OSError` (and `not_damage`) sees them."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        translated = None if exc is None else store_error(exc)
+        if translated is not None:
+            raise translated from exc
+        cause = None if exc is None else exc.__cause__
+        if not isinstance(exc, OSError) or cause is None or not _from_client_library(cause):
+            return
+        text = exc.strerror or str(exc)  # s3fs's translation of the store's error reply
+        code = str(((getattr(cause, "response", None) or {}).get("Error") or {}).get("Code"))
+        kept = (FileNotFoundError, FileExistsError, PermissionError, TimeoutError)
+        if not isinstance(exc, kept) and exc.errno != errno.ENOSYS and code != "InvalidRange":
+            # a refused request (EINVAL for a code s3fs knows, say) says nothing of the bytes
+            raise OSError(errno.EIO, text) from cause
+        if exc.errno is None:  # s3fs's PermissionError(message): give it its errno
+            number = next(n for k, n in _ERRNO if isinstance(exc, k))
+            raise type(exc)(number, text) from cause
+
+
+_store_errors = _StoreErrors()
+
+
+class _ReadFile:
+    """A file read from the store whose client library's exceptions are OS errors."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+
+    def __enter__(self) -> _ReadFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @_store_errors
+    def read(self, size: int = -1) -> bytes:
+        return self._f.read(size)
+
+    @_store_errors
+    def readinto(self, buffer: Any) -> int:
+        return self._f.readinto(buffer)  # type: ignore[attr-defined]
+
+    @_store_errors
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    @_store_errors
+    def close(self) -> None:
+        self._f.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 class FsspecStorage:
     """A run directory behind an fsspec URL (`memory://`, `s3://`, `gs://`, ...).
 
@@ -582,6 +724,7 @@ class FsspecStorage:
         else:
             self.fs.makedirs(self.root, exist_ok=True)
 
+    @_store_errors
     def _check_bucket(self) -> None:
         """Refuse a writer on a bucket that does not exist: haltpoint creates no buckets (a
         mistyped name would become a new bucket in the account)."""
@@ -621,6 +764,7 @@ class FsspecStorage:
         """The full URL of `rel`, for another fsspec client (DCP's) with `storage_options`."""
         return str(self.fs.unstrip_protocol(self._path(rel)))
 
+    @_store_errors
     def exists(self, rel: str) -> bool:
         try:  # not fs.exists, which says False for any error (a timeout, no permission)
             self.fs.info(self._fresh(rel))
@@ -628,12 +772,14 @@ class FsspecStorage:
             return False
         return True
 
+    @_store_errors
     def isdir(self, rel: str) -> bool:
         return bool(self.fs.isdir(self._fresh(rel)))
 
     def is_folder(self, rel: str) -> bool:
         return self.isdir(rel)  # object stores have no links
 
+    @_store_errors
     def listdir(self, rel: str = "") -> list[str]:
         path = self._path(rel)
         try:
@@ -644,12 +790,15 @@ class FsspecStorage:
         names.discard("")
         return sorted(names)
 
+    @_store_errors
     def makedirs(self, rel: str) -> None:
         self.fs.makedirs(self._path(rel), exist_ok=True)
 
+    @_store_errors
     def size(self, rel: str) -> int:
         return int(self.fs.size(self._fresh(rel)))
 
+    @_store_errors
     def stamp(self, rel: str) -> tuple[object, ...]:
         info = self.fs.info(self._fresh(rel))
         marks = ("ETag", "mtime", "LastModified", "created")
@@ -657,6 +806,10 @@ class FsspecStorage:
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[IO[bytes]]:
+        with _store_errors:  # the upload's requests, and the writes that send its parts
+            yield from self._open_write(rel)
+
+    def _open_write(self, rel: str) -> Iterator[IO[bytes]]:
         path = self._path(rel)
         if self._s3:
             writer = MultipartWriter(
@@ -678,21 +831,25 @@ class FsspecStorage:
             raise
         f.close()
 
+    @_store_errors
     def open_read(self, rel: str) -> IO[bytes]:
         path = self._fresh(rel)
         if self._s3:
-            return self.fs.open(
-                path, "rb", block_size=self.read_block_bytes, cache_type="readahead"
-            )
-        return self.fs.open(path, "rb")
+            f = self.fs.open(path, "rb", block_size=self.read_block_bytes, cache_type="readahead")
+        else:
+            f = self.fs.open(path, "rb")
+        return _ReadFile(f)  # type: ignore[return-value]
 
+    @_store_errors
     def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
         return bytes(self.fs.cat_file(self._path(rel), end=limit))
 
+    @_store_errors
     def publish(self, rel: str, data: bytes) -> None:
         """One object write (`PutObject` on S3): readers see all of it or nothing."""
         self.fs.pipe_file(self._path(rel), data)
 
+    @_store_errors
     def publish_new(self, rel: str, data: bytes) -> None:
         """One conditional object write: on S3 a `PutObject` with `If-None-Match: *`, which
         the store refuses when the key exists, however many writers race (fsspec's
@@ -716,6 +873,7 @@ class FsspecStorage:
             self.publish(rel, data)
         self.fs.invalidate_cache(path)
 
+    @_store_errors
     def rename(self, rel: str, new: str) -> None:
         """Copy, read the copy back and compare, and only then delete the original.
 
@@ -733,9 +891,11 @@ class FsspecStorage:
             raise OSError(f"the copy of {self.url}/{rel} as {new} did not read back equal")
         self.remove(rel)
 
+    @_store_errors
     def remove(self, rel: str) -> None:
         self._delete([self._path(rel)])
 
+    @_store_errors
     def remove_many(self, rels: list[str]) -> None:
         """Delete these files by name: on S3 one `DeleteObjects` request per 1,000 of them.
 
@@ -755,6 +915,7 @@ class FsspecStorage:
         for path in folders:
             self._delete_tree(path)
 
+    @_store_errors
     def rmtree(self, rel: str) -> None:
         self._delete_tree(self._fresh(rel))
 
