@@ -441,7 +441,7 @@ def test_saves_after_a_rewind_still_warn_of_a_damaged_manifest(tmp_path: Path):
 @pytest.mark.parametrize("async_save", [False, True])
 @pytest.mark.parametrize(
     ("call", "nth"),
-    [("remove_many", 1), ("remove_many", 2), ("rmtree", 1)],
+    [("remove_many", 1), ("remove_many", 2), ("rmdir", 1)],
     ids=["manifests", "files", "folders"],
 )
 def test_a_removal_failing_after_the_commit_warns_and_the_save_returns(

@@ -539,8 +539,14 @@ class RunDirectory:
         deleted, with a warning: that manifest may reference any file. Quarantined manifests
         count as kept (`held`: as `remove` read them); one that does not decode keeps its own
         step's folder whole.
-        The files go in one `Storage.remove_many` (one request per 1,000 files on S3); the
-        folders left empty are then removed one by one.
+        Each step folder is looked at again right before its files go: one that holds a
+        manifest by then, outside `kept` (another writer committed it meanwhile: its lock file
+        was deleted by hand, or an object store's lock let it in), is left as it is, with a
+        warning. A folder then goes only while it is empty (`Storage.rmdir`), never whole, so
+        a manifest committed after that look is not deleted either (its checkpoint may have
+        lost files, and is then reported damaged, not gone).
+        The run root's files go in one `Storage.remove_many`, then each folder's files in
+        one (one request per 1,000 files on S3), and its `dcp/` by `Storage.rmtree`.
         """
         top = self._list_root()
         if held is None:
@@ -567,14 +573,14 @@ class RunDirectory:
         referenced = set().union(*(m.files() for m in kept))
         referenced |= {dcp_folder(checkpoint_dirname(m.step)) for m in kept if is_sharded(m)}
         live_dirs = kept_dirs | {name.split("/", 1)[0] for name in referenced}
-        removed: list[str] = []
-        files: list[str] = []
-        folders: list[str] = []
+        root_files: list[str] = []
+        # a step folder, its files, its `dcp/` (removed whole), whether the folder goes too
+        planned: list[tuple[str, list[str], list[str], bool]] = []
+        links: list[str] = []
         for name in top:
             if is_temp_name(name, ROOT_TEMP_OF):
                 if not self.storage.is_folder(name):  # a folder of that name is not haltpoint's
-                    files.append(name)
-                    removed.append(name)
+                    root_files.append(name)
                 continue
             if parse_step(name) is None or name in whole or not self.storage.isdir(name):
                 continue
@@ -582,29 +588,45 @@ class RunDirectory:
                 children = self.storage.listdir(name)
             except CorruptCheckpointError:  # a symlink out of the run: remove the link only
                 self.storage.rmtree(name)
-                removed.append(name)
+                links.append(name)
                 continue
             except OSError:  # cannot be listed: a kept checkpoint's folder, left as it is
                 continue
             live = name in live_dirs
             foreign = False
+            files: list[str] = []
+            trees: list[str] = []
             for child in children:
                 rel = f"{name}/{child}"
                 unwanted = is_temp_name(child, STEP_TEMP_OF) or (
                     is_own_step_name(child)
                     and not (live and (child in (MANIFEST_NAME, PINNED_NAME) or rel in referenced))
                 )
-                if unwanted and (child == DCP_NAME or not self.storage.is_folder(rel)):
+                if unwanted and child == DCP_NAME:
+                    trees.append(rel)  # by its files' names: on S3 a folder is a key prefix
+                elif unwanted and not self.storage.is_folder(rel):
                     files.append(rel)
-                    removed.append(rel)
                 elif unwanted or not is_own_step_name(child):  # not haltpoint's: never deleted
                     foreign = True  # (a folder at one of its file names is not either)
-            if not live and not foreign:
-                folders.append(name)
+            if files or trees or not (live or foreign):
+                planned.append((name, files, trees, not live and not foreign))
+        self.storage.remove_many(root_files)
+        removed = [*links, *root_files]
+        for name, files, trees, goes in planned:
+            if name not in kept_dirs and self._may_hold_manifest(name):
+                warn_user(
+                    f"{self.storage.url}: left {name} as it is: a manifest was committed there "
+                    "while clean-up ran, so another writer may be using the run (stop it; "
+                    "the next writer cleans up)"
+                )
+                continue
+            self.storage.remove_many(files)
+            for tree in trees:
+                self.storage.rmtree(tree)
+            removed += [*files, *trees]
+            # only while empty: never a file created in it meanwhile
+            if goes and self.storage.rmdir(name):
                 removed.append(name)
-        self.storage.remove_many(files)
-        for name in folders:
-            self.storage.rmtree(name)  # the folder itself, and anything nested in it
         return removed
 
     def _may_hold_manifest(self, dirname: str) -> bool:

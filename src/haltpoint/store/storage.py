@@ -171,6 +171,11 @@ class Storage(Protocol):
     def rmtree(self, rel: str) -> None:
         """Delete a folder and everything in it; a missing folder is not an error."""
 
+    def rmdir(self, rel: str) -> bool:
+        """Delete a folder only if it is empty, and say whether it is gone: one that is not
+        empty (a file created in it since it was listed) is left as it is, without an
+        error; a missing one is gone."""
+
     def free_space(self) -> int | None:
         """Bytes free for new data, or None where the storage cannot tell."""
 
@@ -532,6 +537,23 @@ class LocalStorage:
             shutil.rmtree(path, ignore_errors=False)
         else:
             self.remove(rel)
+
+    def rmdir(self, rel: str) -> bool:
+        """`os.rmdir`: the kernel removes the folder only while it is empty, so a file created
+        in it a moment before (a manifest another writer committed) is never deleted."""
+        if not rel or self._through_link(rel):
+            return False  # never the run itself, nor a folder reached through a link
+        if not self.is_folder(rel):  # a link or a file at its name is not a folder of ours
+            return not os.path.lexists(self._path(rel))
+        try:
+            os.rmdir(self._path(rel))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return False
+        return True
 
     def free_space(self) -> int | None:
         try:
@@ -918,6 +940,24 @@ class FsspecStorage:
     @_store_errors
     def rmtree(self, rel: str) -> None:
         self._delete_tree(self._fresh(rel))
+
+    def rmdir(self, rel: str) -> bool:
+        """Delete what is left of the folder `rel` (an empty folder, a zero-byte folder
+        marker) when it holds no file. An object store has no atomic "remove if empty":
+        a file created between the look and the delete is deleted with it (best effort, as
+        its lock is)."""
+        path = self._fresh(rel)
+        try:
+            found = self.fs.find(path, withdirs=True, detail=True)
+        except FileNotFoundError:
+            return True
+        marker = path.rstrip("/")
+        if any(
+            info.get("type") != "directory" and p.rstrip("/") != marker for p, info in found.items()
+        ):
+            return False
+        self._delete_tree(path)
+        return True
 
     def _delete_tree(self, path: str) -> None:
         """Delete `path` and everything below it: one listing (`find`, which takes the path
