@@ -211,7 +211,9 @@ class Checkpointer:
         self._references = ReferenceCheck(self._storage)  # dedup's read-back, once per file
         self._reader = RunReader(self._run, monitor, mode, mode_given)
         self._lock: WriterLock | None = None
-        self._evictor = Evictor(self._run, self._reader, rules, monitor, mode)
+        self._evictor = Evictor(
+            self._run, self._reader, rules, monitor, mode, held=self._check_lock
+        )
         self._last: int | None = None  # the step last saved or restored: saves go on from it
         # the checkpoint restored, with the stoppers in its state that had stopped and their
         # evaluation count then: a stop decided after it (past clear_stop) is a new one
@@ -921,6 +923,12 @@ class Checkpointer:
             if self._ranks.group is None or self._forked():
                 raise
             refuse_together(self._ranks.group, what, exc)
+
+    def _check_lock(self) -> None:
+        """`WriterLock.check` of this writer's lock (nothing where this process holds none:
+        a reader, a rank other than 0)."""
+        if self._lock is not None:
+            self._lock.check()
 
     def _check_writable(self) -> None:
         if self._forked():

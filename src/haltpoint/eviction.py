@@ -10,9 +10,9 @@ does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from haltpoint.errors import CheckpointError, UnreadableCheckpointError, first_line
+from haltpoint.errors import CheckpointError, LockedError, UnreadableCheckpointError, first_line
 from haltpoint.policies.retention import (
     KeepBest,
     RetentionRule,
@@ -32,7 +32,10 @@ class Evictor:
     """Removes, for one writer, the checkpoints and files its run no longer needs.
 
     `intact` holds the steps this writer saved, restored or verified: they are not verified
-    again before retention counts them.
+    again before retention counts them. `held()`, when given (`WriterLock.check`), runs
+    before every removal or quarantine move after the writer opened the run, as before a
+    commit: a writer whose lock file was deleted or replaced removes nothing, since another
+    writer, whose retention may keep it, may hold the run now.
     """
 
     def __init__(
@@ -42,8 +45,10 @@ class Evictor:
         rules: Sequence[RetentionRule],
         monitor: str | None,
         mode: str,
+        held: Callable[[], None] | None = None,
     ) -> None:
         self._run = run
+        self._held = held
         self._reader = reader
         self._rules = list(rules)
         self._monitor = monitor
@@ -64,7 +69,9 @@ class Evictor:
             damage = self._reader.damage(entry)
         except UnreadableCheckpointError:
             return  # not verified: the older files stay, as they are harmless
-        if damage is None:
+        if damage is None and self._still_held(
+            f"the superseded tensor file(s) of step {entry.step} stay"
+        ):
             try:
                 self._run.remove_superseded(entry.dirname)
             # committed: clean-up retries (a CheckpointError: a link planted meanwhile)
@@ -95,6 +102,8 @@ class Evictor:
             unchecked = [e for e in entries if e.step in contested - self.intact]
             if not unchecked:
                 break
+            if not self._still_held("retention removed no checkpoint this time"):
+                return
             for entry in unchecked:
                 try:
                     damage = self._reader.damage(entry)
@@ -116,6 +125,8 @@ class Evictor:
                     return
                 entries = [e for e in entries if e.step != entry.step]
         kept = [e.manifest for e in entries if e.step in kept_steps and e.manifest]
+        if not self._still_held("retention removed no checkpoint this time"):
+            return
         try:
             self._run.remove(dropped, kept)
         # committed: a later pass retries (a CheckpointError: a quarantine folder that cannot
@@ -127,6 +138,23 @@ class Evictor:
                 "save is committed, and a later save or `haltpoint gc` removes what is left"
             )
         self.intact -= {e.step for e in dropped if self._run.removed(e.dirname)}
+
+    def _still_held(self, outcome: str) -> bool:
+        """Whether this writer still holds the run's lock (`held()`); warns when not, saying
+        `outcome` (what was left)."""
+        if self._held is None:
+            return True
+        try:
+            self._held()
+        except LockedError as exc:
+            warn_user(
+                f"{self._directory}: {outcome}: the writer lock file "
+                f"{exc.path} was deleted or replaced since this writer took it, so another "
+                "writer may be using the run and keeping what this one would remove; the "
+                "save is committed: stop every other writer of the run, then open it again"
+            )
+            return False
+        return True
 
     def _recorded_best(self, entries: list[Entry]) -> list[KeepBest]:
         """Keep-best rules for the rankings the run's checkpoints record other than this
