@@ -182,3 +182,20 @@ def test_a_save_under_a_clock_the_reader_refuses_writes_nothing(
         assert [c.step for c in ckpt.list()] == [0]
         ckpt.save(1, {"model": model_at(1)}, {"loss": 1.0})  # the clock fixed: it saves
         assert [c.step for c in ckpt.list()] == [0, 1]
+
+
+def test_an_import_under_a_clock_the_reader_refuses_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`haltpoint import` under a clock that says 1969: the same refusal, before the
+    import removes a killed import's leftovers or writes anything."""
+    from haltpoint.cli import importer
+
+    run = tmp_path / "run"
+    with writer(run) as ckpt:
+        ckpt.save(0, {"model": model_at(0)}, {"loss": 2.0})
+    monkeypatch.setattr(importer.time, "time", lambda: -1.0)
+    with pytest.raises(CheckpointError, match="clock"):
+        importer._write_import(str(run), 1, {"fc.weight": torch.ones(2, 2)})
+    monkeypatch.undo()
+    assert not (run / checkpoint_dirname(1)).exists()

@@ -65,6 +65,7 @@ from haltpoint.store.manifest import (
     Manifest,
     NewerFormatError,
     Ranking,
+    check_save_time,
     next_sequence,
 )
 from haltpoint.store.overlap import OptimizerGate, deferred_copy, optimizer_owned
@@ -502,6 +503,7 @@ class Checkpointer:
                 return done
         dirname = self._run.new_dirname(step)  # a step taken is CheckpointExistsError first
         self._check_ahead(step)
+        now = check_save_time(time.time(), step, self.directory)  # before anything is written
         full = dict(state)
         if self.capture_rng:
             full[RNG_ENTRY] = capture_rng()
@@ -521,7 +523,6 @@ class Checkpointer:
                 self._gate.hold()
         else:  # training waits for the commit: write straight from the live tensors
             tensors = {k: t if t.device.type == "cpu" else t.cpu() for k, t in flat.tensors.items()}
-        now = time.time()
         history = save_record(step, now, metrics, state)
         written: list[Manifest] = []  # the manifest committed, once the job has run
 

@@ -37,7 +37,7 @@ from haltpoint.store.history import (
     save_record,
 )
 from haltpoint.store.lock import WriterLock
-from haltpoint.store.manifest import next_sequence
+from haltpoint.store.manifest import check_save_time, next_sequence
 from haltpoint.store.run_dir import RunDirectory
 from haltpoint.store.space import full_disk_on_open, unwritable_on_open
 from haltpoint.store.staging import staged_nbytes
@@ -298,8 +298,8 @@ def _write_import(directory: str, step: int, state: dict[str, Any]) -> tuple[int
                 path=directory,
             )
         flat = flatten_state(state)
+        now = check_save_time(time.time(), step, directory)  # before anything is removed
         run_dir.remove_uncommitted(run_dir.new_dirname(step))
-        now = time.time()
         write_checkpoint(
             run_dir,
             step=step,

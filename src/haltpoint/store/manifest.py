@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from haltpoint.errors import CorruptCheckpointError
+from haltpoint.errors import CheckpointError, CorruptCheckpointError
 from haltpoint.store.hashing import HASH_HEX_LENGTH, hash_bytes
 from haltpoint.store.tensor_file import REMEDY, TensorRecord, strict_loads
 
@@ -33,6 +33,7 @@ __all__ = [
     "Manifest",
     "NewerFormatError",
     "Ranking",
+    "check_save_time",
     "next_sequence",
     "recorded_rankings",
 ]
@@ -51,6 +52,32 @@ MAX_MANIFEST_DEPTH = 100
 """The deepest nesting of JSON containers in a manifest's `tree` and `extra`."""
 _MAX_TIME = 32503680000.0  # 3000-01-01: a manifest's time is a unix time before then
 _INT64 = 2**63
+
+
+def check_save_time(now: float, step: int, where: str) -> float:
+    """`now`, the system clock's time for a save of `step` into `where`, when a reader accepts
+    it in a manifest (a unix time from 0, 1970, to the year 3000); else `CheckpointError`,
+    one line naming the clock, before anything is written: a manifest of another time would
+    be committed and then refused by every read.
+
+    >>> check_save_time(1700000000.0, 3, "run")
+    1700000000.0
+    >>> check_save_time(-1.0, 3, "run")
+    Traceback (most recent call last):
+    ...
+    haltpoint.errors.CheckpointError: cannot save step 3 in run: the system clock says -1.0 ...
+    """
+    if isinstance(now, bool) or not isinstance(now, (int, float)) or not 0 <= now <= _MAX_TIME:
+        raise CheckpointError(
+            f"cannot save step {step} in {where}: the system clock says {now!r} (a unix time "
+            "in seconds), and a checkpoint's time must be from 1970 to the year 3000 for "
+            "readers to accept it; nothing was written: set the clock right (date, NTP) and "
+            "save again",
+            path=where,
+        )
+    return float(now)
+
+
 _FIELDS = ("extra", "format_version", "metrics", "step", "tensors", "time", "tree", "versions")
 _TAG = "$float"
 RANKING_KEY = "ranking"  # the manifest's `extra` key of the writer's monitor and mode
