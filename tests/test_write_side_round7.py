@@ -199,3 +199,40 @@ def test_an_import_under_a_clock_the_reader_refuses_writes_nothing(
         importer._write_import(str(run), 1, {"fc.weight": torch.ones(2, 2)})
     monkeypatch.undo()
     assert not (run / checkpoint_dirname(1)).exists()
+
+
+def test_a_lost_history_line_of_a_save_made_after_the_clock_jumped_back_is_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps 0 (the best) and 1 are saved with their history lines; the clock then jumps
+    back (NTP, a VM restored), and step 2 is committed but its line is not written (a full
+    disk), and retention (keep_last=1, keep_best=1) removes step 1, the save of the
+    history's last line. The next writer's open recovers the lines of the saves committed
+    after that one: with its manifest gone it took those of a later time, and step 2's time
+    is earlier: its line was never written. Now the saves after the newest one whose line
+    the history holds (step 0, by commit sequence) are recovered."""
+    from haltpoint.store.history import read_history
+
+    run = tmp_path / "run"
+    clock = {"now": 2.0e9}
+    monkeypatch.setattr(checkpointer_module.time, "time", lambda: clock["now"])
+    real_append = checkpointer_module.append_history
+
+    def full_at_step_2(storage: Any, record: Any) -> None:
+        if record["step"] == 2:
+            raise OSError(28, "No space left on device")
+        real_append(storage, record)
+
+    with writer(run, keep_best=1) as ckpt:
+        ckpt.save(0, {"model": model_at(0)}, {"loss": 0.1})
+        clock["now"] = 2.1e9
+        ckpt.save(1, {"model": model_at(1)}, {"loss": 0.5})
+        clock["now"] = 1.9e9  # back by 2.3 days
+        monkeypatch.setattr(checkpointer_module, "append_history", full_at_step_2)
+        with pytest.raises(CheckpointError, match="history"):
+            ckpt.save(2, {"model": model_at(2)}, {"loss": 0.6})
+        assert [c.step for c in ckpt.list()] == [0, 2]
+    monkeypatch.undo()
+    with writer(run, keep_best=1):
+        pass
+    assert [r["step"] for r in read_history(LocalStorage(run))] == [0, 1, 2]

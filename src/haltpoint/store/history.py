@@ -328,12 +328,12 @@ def check_appendable(storage: Storage) -> None:
 _TAIL_READ = 2 * TORN_LINE_LIMIT + 2  # holds a whole line of any length an append tears
 
 
-def _last_record(storage: Storage) -> dict[str, Any] | None:
+def _last_record(storage: Storage) -> tuple[dict[str, Any], list[bytes]] | None:
     """The history's last save line (an int step and a metrics mapping; `{}` when there is
-    no history, or only blank text or the fragment of a torn first append), or None when that
-    cannot be told: the history cannot be read, or its end holds no such line (another tool's
-    file, damage). On a local disk only its end is read, so a writer's open stays fast however
-    long the run."""
+    no history, or only blank text or the fragment of a torn first append), with the lines
+    read before it (undecoded), or None when that cannot be told: the history cannot be
+    read, or its end holds no such line (another tool's file, damage). On a local disk only
+    its end is read, so a writer's open stays fast however long the run."""
     try:
         local = storage.local_path(HISTORY_NAME)
         if local is None:
@@ -343,41 +343,54 @@ def _last_record(storage: Storage) -> dict[str, Any] | None:
             data = read_history_file(local, tail=_TAIL_READ)
             whole = len(data) < _TAIL_READ
     except FileNotFoundError:
-        return {}
+        return {}, []
     except CheckpointError:
         return None
     if data is None:
-        return {}
+        return {}, []
     start = data.rfind(b"\n") + 1
     if start < len(data) and (start or whole) and _is_torn_append(data[start:]):
         data = data[:start]  # a torn append of ours (the next append drops it): no line
     if not data.strip():
-        return {} if whole else None
+        return ({}, []) if whole else None
     lines = data.split(b"\n")
     if not whole:
         lines = lines[1:]  # the first may be the end of a line that began before the read
-    for line in reversed(lines):
-        try:
-            record = decode_record(line) if line.strip() else None
-        except ValueError:  # a torn or damaged line: look at the one before
-            continue
-        if (  # a save's line: another tool's {"step": ...} lines have no metrics mapping
-            record is not None
-            and type(record.get("step")) is int
-            and isinstance(record.get("metrics"), dict)
-        ):
-            return record
+    for n in range(len(lines) - 1, -1, -1):
+        record = _save_line(lines[n])
+        if record is not None:
+            return record, lines[:n]
     return None
 
 
-def _committed_after(manifests: Iterable[Manifest], last: Mapping[str, Any]) -> list[Manifest]:
+def _save_line(line: bytes) -> dict[str, Any] | None:
+    """The save's record on `line`, or None (blank, torn, damaged, not a save's)."""
+    try:
+        record = decode_record(line) if line.strip() else None
+    except ValueError:  # a torn or damaged line
+        return None
+    if (  # a save's line: another tool's {"step": ...} lines have no metrics mapping
+        record is not None
+        and type(record.get("step")) is int
+        and isinstance(record.get("metrics"), dict)
+    ):
+        return record
+    return None
+
+
+def _committed_after(
+    manifests: Iterable[Manifest], last: Mapping[str, Any], before: Iterable[bytes] = ()
+) -> list[Manifest]:
     """The manifests committed after the save whose history line is `last`, oldest first.
 
     A save's manifest and its line carry the same step and time: when that manifest is still
     on disk, the ones of a later commit sequence are those whose lines are missing (a clock
     that ran ahead for earlier saves, a resume on another machine, does not bring theirs
-    back). Else those of a later time are; after a rewind (a restore of an earlier step, then
-    saves from it), the old run's later steps still on disk are earlier saves, not lost lines.
+    back). Else (retention removed it) those of a later sequence than the newest manifest
+    whose line is among the lines `before` it (read from the end of the history), so a
+    clock that jumped back before the lost saves does not hide theirs either; when none is
+    there, those of a later time. After a rewind (a restore of an earlier step, then saves
+    from it), the old run's later steps still on disk are earlier saves, not lost lines.
     A line without a finite time (not haltpoint's) falls back to the steps after its step.
     """
     manifests = list(manifests)
@@ -389,6 +402,8 @@ def _committed_after(manifests: Iterable[Manifest], last: Mapping[str, Any]) -> 
         and -math.inf < when < math.inf
     ):
         own = [m.sequence for m in manifests if m.step == last.get("step") and m.time == when]
+        if (len(own) != 1 or own[0] is None) and isinstance(when, float) and 0 <= when < 2**35:
+            own = _newest_lined(manifests, before)  # a time a save of haltpoint's may write
         if len(own) == 1 and own[0] is not None:
             after = [m for m in manifests if m.sequence is not None and m.sequence > own[0]]
         else:
@@ -396,6 +411,20 @@ def _committed_after(manifests: Iterable[Manifest], last: Mapping[str, Any]) -> 
     else:
         after = [m for m in manifests if "step" not in last or m.step > last["step"]]
     return sorted(after, key=_commit_order)
+
+
+def _newest_lined(manifests: list[Manifest], lines: Iterable[bytes]) -> list[int | None]:
+    """`[sequence]` of the newest manifest (by commit sequence) whose save's line is among
+    `lines` (the same step and time), or `[]` when none is; read only when the last line's
+    own manifest is gone."""
+    lined: set[tuple[int, float]] = set()
+    for line in lines:
+        record = _save_line(line)
+        when = None if record is None else record.get("time")
+        if isinstance(when, float) or (type(when) is int and abs(when) < 2**53):
+            lined.add((record["step"], float(when)))  # type: ignore[index]
+    found = [m.sequence for m in manifests if m.sequence is not None and (m.step, m.time) in lined]
+    return [max(found)] if found else []
 
 
 def _commit_order(manifest: Manifest) -> tuple[int, float, int]:
@@ -416,11 +445,12 @@ def recover_history(storage: Storage, manifests: Iterable[Manifest]) -> list[int
     is, and so is the rest when an append fails (a full disk): the next save's own append
     says what is wrong, and nothing is guessed here.
     """
-    last = _last_record(storage)
-    if last is None:
+    found = _last_record(storage)
+    if found is None:
         return []
+    last, before = found
     written = []
-    for manifest in _committed_after(manifests, last):
+    for manifest in _committed_after(manifests, last, before):
         record = {"step": manifest.step, "time": manifest.time, "metrics": manifest.metrics}
         try:
             append_history(storage, record)
