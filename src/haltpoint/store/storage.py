@@ -941,6 +941,7 @@ class FsspecStorage:
     def rmtree(self, rel: str) -> None:
         self._delete_tree(self._fresh(rel))
 
+    @_store_errors
     def rmdir(self, rel: str) -> bool:
         """Delete what is left of the folder `rel` (an empty folder, a zero-byte folder
         marker) when it holds no file. An object store has no atomic "remove if empty":
