@@ -539,14 +539,14 @@ class RunDirectory:
         deleted, with a warning: that manifest may reference any file. Quarantined manifests
         count as kept (`held`: as `remove` read them); one that does not decode keeps its own
         step's folder whole.
-        Each step folder is looked at again right before its files go: one that holds a
-        manifest by then, outside `kept` (another writer committed it meanwhile: its lock file
-        was deleted by hand, or an object store's lock let it in), is left as it is, with a
+        Each step folder is looked at again before the files go: one that holds a manifest
+        by then, outside `kept` (another writer committed it meanwhile: its lock file was
+        deleted by hand, or an object store's lock let it in), is left as it is, with a
         warning. A folder then goes only while it is empty (`Storage.rmdir`), never whole, so
         a manifest committed after that look is not deleted either (its checkpoint may have
         lost files, and is then reported damaged, not gone).
-        The run root's files go in one `Storage.remove_many`, then each folder's files in
-        one (one request per 1,000 files on S3), and its `dcp/` by `Storage.rmtree`.
+        The files go in one `Storage.remove_many` (one request per 1,000 files on S3), then
+        each `dcp/` by `Storage.rmtree`, then the folders left empty.
         """
         top = self._list_root()
         if held is None:
@@ -610,8 +610,7 @@ class RunDirectory:
                     foreign = True  # (a folder at one of its file names is not either)
             if files or trees or not (live or foreign):
                 planned.append((name, files, trees, not live and not foreign))
-        self.storage.remove_many(root_files)
-        removed = [*links, *root_files]
+        going = []
         for name, files, trees, goes in planned:
             if name not in kept_dirs and self._may_hold_manifest(name):
                 warn_user(
@@ -620,10 +619,14 @@ class RunDirectory:
                     "the next writer cleans up)"
                 )
                 continue
-            self.storage.remove_many(files)
+            going.append((name, files, trees, goes))
+        files = [*root_files, *(rel for _, rels, _, _ in going for rel in rels)]
+        self.storage.remove_many(files)  # one request per 1,000 files on S3
+        removed = [*links, *files]
+        for name, _, trees, goes in going:
             for tree in trees:
                 self.storage.rmtree(tree)
-            removed += [*files, *trees]
+            removed += trees
             # only while empty: never a file created in it meanwhile
             if goes and self.storage.rmdir(name):
                 removed.append(name)
