@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from crafted import model_at, saved_step, writer
 from haltpoint import Checkpointer, load_best
 from haltpoint import reader as reader_module
 from haltpoint.cli import main
@@ -36,32 +37,6 @@ from haltpoint.store.run_dir import RunDirectory, checkpoint_dirname
 from haltpoint.store.storage import LocalStorage
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def model_at(step: int) -> torch.nn.Linear:
-    """A model whose weights say which step saved them."""
-    model = torch.nn.Linear(4, 3)
-    with torch.no_grad():
-        model.weight.fill_(float(step))
-        model.bias.fill_(-float(step))
-    return model
-
-
-def saved_step(model: torch.nn.Linear) -> int:
-    step = int(model.weight[0, 0])
-    assert torch.equal(model.weight, torch.full((3, 4), float(step)))
-    assert torch.equal(model.bias, torch.full((3,), -float(step)))
-    return step
-
-
-def writer(run: Path, **kwargs: Any) -> Checkpointer:
-    options: dict[str, Any] = {
-        "monitor": "loss",
-        "keep_last": 1,
-        "async_save": False,
-        "capture_rng": False,
-    }
-    return Checkpointer(run, **{**options, **kwargs})
 
 
 def saving_first(

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from crafted import model_at, writer
 from haltpoint import Checkpointer
 from haltpoint import checkpointer as checkpointer_module
 from haltpoint.errors import CheckpointError
@@ -31,25 +32,6 @@ from haltpoint.store.storage import LocalStorage
 from haltpoint.store.writer import write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def model_at(step: int) -> torch.nn.Linear:
-    """A model whose weights say which step saved them."""
-    model = torch.nn.Linear(4, 3)
-    with torch.no_grad():
-        model.weight.fill_(float(step))
-        model.bias.fill_(-float(step))
-    return model
-
-
-def writer(run: Path, **kwargs: Any) -> Checkpointer:
-    options: dict[str, Any] = {
-        "monitor": "loss",
-        "keep_last": 1,
-        "async_save": False,
-        "capture_rng": False,
-    }
-    return Checkpointer(run, **{**options, **kwargs})
 
 
 def written_uncommitted(run: Path, step: int, sequence: int) -> Callable[[], None]:
