@@ -11,10 +11,10 @@ created only where none is (`Storage.publish_new`: on S3 a `PutObject` with
 second), refused while its holder is on another host or is a live process on this one, and
 taken over (with a warning: deleted, then created again) when it names a dead process on this
 host. What it cannot do: two processes on one host taking over the same dead holder's lock in
-the same instant may both succeed (the first to commit then makes the other's `check` fail),
-a holder that died on another host keeps the run locked until its lock file is deleted by
-hand, and a store that ignores `If-None-Match` (some S3-compatible servers) lets two writers
-starting in the same instant both in, as before.
+the same instant may both succeed (the lock file names the last one, so the other's `check`
+fails at its every commit), a holder that died on another host keeps the run locked until its
+lock file is deleted by hand, and a store that ignores `If-None-Match` (some S3-compatible
+servers) lets two writers starting in the same instant both in.
 
 Concurrency: a `WriterLock` object is not thread-safe. A child made by `os.fork` does not
 inherit the lock: in the child the lock object simply lets go of its copy of the file.
