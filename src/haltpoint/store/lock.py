@@ -180,7 +180,7 @@ def _flock(fd: int, operation: int, path: str) -> None:
         raise UnwritableRunError(
             f"cannot lock {path}: {exc.strerror or exc}; its file system does not support "
             "file locks (flock), which keep a second writer out of a run, so no writer may "
-            "use it and nothing was changed: put the run on a file system that has them (a "
+            "use it and no checkpoint was changed: put the run on a file system that has them (a "
             "local disk, NFS with its lock service), or open it with read_only=True (or the "
             "haltpoint command) to restore and list",
             path=path,
