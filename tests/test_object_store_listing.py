@@ -1,0 +1,254 @@
+"""Object store listings and objects that change under a reader: S3 (moto's server on
+127.0.0.1, through s3fs) and `memory://`.
+
+A listing past 1,000 keys comes back in pages (ListObjectsV2 answers at most 1,000 a
+request) and is deleted in batches (DeleteObjects takes at most 1,000 keys); an object may be
+replaced by another tool between the manifest read and the tensor read; a listing may lag
+(an eventually consistent store, a caching layer): it omits a step just committed, or still
+shows one just deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+pytest.importorskip("boto3")
+
+from haltpoint import Checkpointer
+from haltpoint.store.manifest import Manifest
+from haltpoint.store.storage import FsspecStorage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from s3_server import S3Endpoint, moto_s3
+
+MANIFEST = "manifest.json"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Endpoint]:
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+def _base(where: str, s3: S3Endpoint) -> tuple[str, dict[str, Any] | None]:
+    tag = uuid.uuid4().hex[:8]
+    if where == "s3":
+        return s3.url(f"listing-{tag}"), s3.storage_options
+    return f"memory://listing-{tag}", None
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 2)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    return all(torch.equal(x, y) for x, y in pairs)
+
+
+def _reader(url: str, options: dict[str, Any] | None) -> Checkpointer:
+    return Checkpointer(url, read_only=True, storage_options=options)
+
+
+def _steps(url: str, options: dict[str, Any] | None) -> list[int]:
+    return [i.step for i in _reader(url, options).list()]
+
+
+def _writer(url: str, options: dict[str, Any] | None, **settings: Any) -> Checkpointer:
+    settings = {"async_save": False, "capture_rng": False, **settings}
+    return Checkpointer(url, storage_options=options, **settings)
+
+
+def _cli(s3: S3Endpoint, *args: str) -> int:
+    import fsspec.config
+
+    from haltpoint.cli import main
+
+    conf = {"endpoint_url": s3.endpoint_url, "key": "testing", "secret": "testing"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(fsspec.config.conf, "s3", conf)
+        return main(list(args))
+
+
+def _keys(s3: S3Endpoint, url: str) -> list[str]:
+    """Every key under the run, as S3 lists them (paged by boto3, not by haltpoint)."""
+    import boto3
+
+    client = boto3.client("s3", **s3.storage_options["client_kwargs"])
+    prefix = url.split("/", 3)[3] + "/"
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix):
+        keys += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+    return keys
+
+
+MANY = 1010  # two ListObjectsV2 pages; dropping all but 3 takes two DeleteObjects
+
+
+def _many_steps(s3: S3Endpoint) -> tuple[str, dict[str, Any], torch.nn.Module]:
+    """A run of `MANY` checkpoints on S3 (more step folders than one ListObjectsV2 page):
+    step 0 saved for real, steps 1.. its manifest again with its step and commit order, each
+    referencing step 0's tensor file, as a save of unchanged weights does (dedup)."""
+    url, options = s3.url(f"many-{uuid.uuid4().hex[:8]}"), s3.storage_options
+    model = _model(0)
+    with _writer(url, options, keep_last=1) as ckpt:
+        ckpt.save(0, {"model": model})
+    storage = FsspecStorage(url, options)
+    first = Manifest.decode(storage.read_bytes(f"step-000000000/{MANIFEST}"), source="step 0")
+    objects = {}
+    for step in range(1, MANY):
+        extra = {**first.extra, "sequence": step + (first.sequence or 0)}
+        manifest = dataclasses.replace(first, step=step, time=first.time + step, extra=extra)
+        objects[storage._path(f"step-{step:09d}/{MANIFEST}")] = manifest.encode()
+    storage.fs.pipe(objects)  # s3fs uploads them concurrently
+    return url, options, model
+
+
+@pytest.fixture(scope="module")
+def many_template(s3: S3Endpoint) -> tuple[str, dict[str, Any], torch.nn.Module]:
+    return _many_steps(s3)
+
+
+def _copy_run(s3: S3Endpoint, source: str) -> str:
+    """A copy of the run at `source` (server-side copies), to change without rebuilding it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    client = boto3.client("s3", **s3.storage_options["client_kwargs"])
+    url = s3.url(f"many-{uuid.uuid4().hex[:8]}")
+    src, dst = source.split("/", 3)[3], url.split("/", 3)[3]
+
+    def copy(key: str) -> None:
+        client.copy_object(
+            Bucket=s3.bucket,
+            Key=f"{dst}/{key}",
+            CopySource={"Bucket": s3.bucket, "Key": f"{src}/{key}"},
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(copy, _keys(s3, source)))
+    return url
+
+
+@pytest.mark.slow  # about 4 S3 requests per checkpoint per scan, one at a time
+def test_a_run_of_more_than_1000_checkpoints_is_listed_and_restored_whole(
+    s3: S3Endpoint,
+    many_template: tuple[str, dict[str, Any], torch.nn.Module],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """1,010 step folders: S3 lists their prefixes in two ListObjectsV2 pages. `list()`,
+    `haltpoint ls` and `restore("latest")` see every one, the newest included (the last
+    page's)."""
+    url, options, model = many_template
+    assert _steps(url, options) == list(range(MANY))
+    restored = _model(99)
+    info = _reader(url, options).restore({"model": restored})
+    assert info is not None and info.step == MANY - 1 and _same(restored, model)
+    capsys.readouterr()
+    assert _cli(s3, "ls", url) == 0
+    out = capsys.readouterr().out
+    assert f"step-{MANY - 1:09d}" in out or f"{MANY - 1}" in out
+    rows = [line for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == MANY
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["gc", "retention"])
+def test_more_than_1000_checkpoints_dropped_at_once_go_exactly(
+    s3: S3Endpoint, many_template: tuple[str, dict[str, Any], torch.nn.Module], how: str
+) -> None:
+    """`haltpoint gc --keep-last 3`, or a writer with keep_last=3 saving one more step, drops
+    more than 1,000 checkpoints at once: DeleteObjects requests of at most 1,000 keys each
+    remove exactly their manifests, and step 0's tensor file, which the kept checkpoints
+    reference, stays; the kept ones restore and verify."""
+    template, options, model = many_template
+    url = _copy_run(s3, template)
+    if how == "gc":
+        assert _cli(s3, "gc", "--keep-last", "3", url) == 0
+        kept = [MANY - 3, MANY - 2, MANY - 1]
+    else:
+        with _writer(url, options, keep_last=3) as ckpt:
+            ckpt.save(MANY, {"model": model})
+        kept = [MANY - 2, MANY - 1, MANY]
+    assert _steps(url, options) == kept
+    manifests = sorted(k for k in _keys(s3, url) if k.endswith(MANIFEST))
+    assert manifests == [f"step-{s:09d}/{MANIFEST}" for s in kept]
+    assert any(k.startswith("step-000000000/tensors") for k in _keys(s3, url))
+    restored = _model(99)
+    info = _reader(url, options).restore({"model": restored})
+    assert info is not None and info.step == kept[-1] and _same(restored, model)
+    assert _cli(s3, "verify", url) == 0
+
+
+def _tensor_file(storage: FsspecStorage, step: int) -> str:
+    folder = f"step-{step:09d}"
+    names = [n for n in storage.listdir(folder) if n.startswith("tensors")]
+    assert len(names) == 1
+    return f"{folder}/{names[0]}"
+
+
+@pytest.mark.parametrize("where", ["s3", "memory"])
+@pytest.mark.parametrize("swap", ["same-size", "other-size", "deleted"])
+@pytest.mark.parametrize("who", ["reader", "writer"])
+def test_a_tensor_object_replaced_after_the_manifest_was_read_is_never_loaded(
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, where: str, swap: str, who: str
+) -> None:
+    """Another tool overwrites (a new ETag: the same size or another) or deletes step 1's
+    tensor object after restore read step 1's manifest and before it reads the tensors
+    (injected at the storage's first open of that object). Restore loads none of it: it
+    falls back to step 0, with one warning naming the damage; a writer sets step 1 aside
+    (quarantine); `haltpoint verify` then reports step 1 damaged (a reader) or the run
+    intact (the writer set it aside)."""
+    url, options = _base(where, s3)
+    with _writer(url, options, keep_last=2) as ckpt:
+        ckpt.save(0, {"model": _model(0)})
+        ckpt.save(1, {"model": _model(1)})
+    storage = FsspecStorage(url, options)
+    target = _tensor_file(storage, 1)
+    real = FsspecStorage.open_read
+    swapped: list[str] = []
+
+    def open_read(self: FsspecStorage, rel: str) -> Any:
+        if rel == target and not swapped:
+            swapped.append(rel)
+            data = bytearray(self.read_bytes(rel))
+            if swap == "deleted":
+                self.remove(rel)
+            else:
+                data[-4:] = bytes(b ^ 0xFF for b in data[-4:])  # the last tensor's bytes
+                self.publish(rel, bytes(data) + (b"\0" * 8 if swap == "other-size" else b""))
+        return real(self, rel)
+
+    monkeypatch.setattr(FsspecStorage, "open_read", open_read)
+    restored = _model(99)
+    ckpt = _reader(url, options) if who == "reader" else _writer(url, options, keep_last=2)
+    with pytest.warns(UserWarning) as said:
+        info = ckpt.restore({"model": restored})
+    ckpt.close()
+    assert swapped == [target]
+    assert info is not None and info.step == 0 and _same(restored, _model(0))
+    lines = [str(w.message) for w in said]
+    why = {
+        "deleted": "the file is missing",
+        "same-size": "do not match the tensor's hash",
+        "other-size": "the tensors end at byte",
+    }[swap]
+    assert any(f"step-000000001/{target.split('/')[1]}" in x and why in x for x in lines), lines
+    quarantined = [n for n in storage.listdir() if n == "quarantine"]
+    assert bool(quarantined) == (who == "writer")
+    monkeypatch.setattr(FsspecStorage, "open_read", real)
+    assert _steps(url, options) == ([0, 1] if who == "reader" else [0])
+    if where == "s3":
+        assert _cli(s3, "verify", url) == (1 if who == "reader" else 0)
