@@ -252,3 +252,109 @@ def test_a_tensor_object_replaced_after_the_manifest_was_read_is_never_loaded(
     assert _steps(url, options) == ([0, 1] if who == "reader" else [0])
     if where == "s3":
         assert _cli(s3, "verify", url) == (1 if who == "reader" else 0)
+
+
+class Lag:
+    """A lagging listing (an eventually consistent store, a cache in front of it) over
+    `FsspecStorage.listdir`: the root listing leaves out the step folders in `hidden`, and
+    still shows the folders in `ghosts` (just deleted) with what they held, and `isdir`
+    (a listing of the prefix on s3fs) still says they are folders."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.hidden: set[str] = set()
+        self.ghosts: dict[str, list[str]] = {}
+        real = FsspecStorage.listdir
+
+        def listdir(storage: FsspecStorage, rel: str = "") -> list[str]:
+            names = real(storage, rel)
+            if rel == "":
+                return sorted((set(names) - self.hidden) | set(self.ghosts))
+            if rel in self.ghosts:
+                return sorted(set(names) | set(self.ghosts[rel]))
+            return names
+
+        real_isdir = FsspecStorage.isdir
+
+        def isdir(storage: FsspecStorage, rel: str) -> bool:
+            return rel in self.ghosts or real_isdir(storage, rel)  # s3fs lists to tell
+
+        monkeypatch.setattr(FsspecStorage, "listdir", listdir)
+        monkeypatch.setattr(FsspecStorage, "isdir", isdir)
+
+
+def _loss(step: int) -> dict[str, float]:
+    return {"loss": {0: 0.5, 1: 0.1, 2: 0.9, 3: 0.8, 4: 0.7, 5: 0.6}[step]}
+
+
+@pytest.mark.parametrize("where", ["s3", "memory"])
+@pytest.mark.parametrize("hide", ["just-committed", "best"])
+def test_retention_given_a_listing_that_omits_a_checkpoint_deletes_nothing_a_full_one_keeps(
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, where: str, hide: str
+) -> None:
+    """keep_last=1 and keep_best=1 (loss, min); step 2 holds step 1's weights (its tensor
+    file is step 1's, by dedup). Saving step 3, the listing leaves out step 2 (the one just
+    committed) or step 1 (the best). Retention removes nothing a full listing keeps: the
+    best (step 1), the newest (step 3), and every file they reference stay, and verify;
+    once the listing is whole again the next save removes what the rules drop."""
+    url, options = _base(where, s3)
+    ckpt = _writer(url, options, keep_last=1, keep_best=1, monitor="loss", mode="min")
+    ckpt.save(0, {"model": _model(0)}, metrics=_loss(0))
+    ckpt.save(1, {"model": _model(1)}, metrics=_loss(1))
+    ckpt.save(2, {"model": _model(1)}, metrics=_loss(2))
+    assert _steps(url, options) == [1, 2]
+    lag = Lag(monkeypatch)
+    lag.hidden = {"step-000000002" if hide == "just-committed" else "step-000000001"}
+    ckpt.save(3, {"model": _model(3)}, metrics=_loss(3))
+    lag.hidden = set()
+    full = _steps(url, options)
+    assert {1, 3} <= set(full), full  # what a full listing keeps is there
+    restored = _model(99)
+    best = Checkpointer(url, read_only=True, storage_options=options, monitor="loss", mode="min")
+    assert best.restore({"model": restored}, "best").step == 1
+    assert _same(restored, _model(1))
+    assert _reader(url, options).restore({"model": restored}).step == 3
+    ckpt.save(4, {"model": _model(4)}, metrics=_loss(4))
+    ckpt.close()
+    assert _steps(url, options) == [1, 4]
+    if where == "s3":
+        assert _cli(s3, "verify", url) == 0
+
+
+@pytest.mark.parametrize("where", ["s3", "memory"])
+@pytest.mark.parametrize("who", ["reader", "writer"])
+def test_a_listing_that_still_shows_a_deleted_checkpoint_falls_back_to_the_next(
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, where: str, who: str
+) -> None:
+    """Step 2 was just removed (by another writer's `gc`), but the listing still shows its
+    folder and manifest (`isdir`, a listing on s3fs, too). `restore("latest")` restores
+    step 1 and says nothing of step 2; a writer opening the run sets nothing aside because
+    of it, and saves on. Before: the manifest's lookup failing while the listing showed it
+    was taken for damage: "cannot read .../step-000000002/manifest.json: [Errno 2] The
+    specified key does not exist." warned at every scan (3 times for the writer)."""
+    url, options = _base(where, s3)
+    with _writer(url, options, keep_last=3) as ckpt:
+        for step in range(3):
+            ckpt.save(step, {"model": _model(step)})
+    storage = FsspecStorage(url, options)
+    held = storage.listdir("step-000000002")
+    storage.rmtree("step-000000002")
+    lag = Lag(monkeypatch)
+    lag.ghosts = {"step-000000002": held}
+    restored = _model(99)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        if who == "reader":
+            info = _reader(url, options).restore({"model": restored})
+        else:
+            ckpt = _writer(url, options, keep_last=3)
+            info = ckpt.restore({"model": restored})
+            ckpt.save(3, {"model": _model(3)})
+            ckpt.close()
+    lines = [str(w.message) for w in said]
+    assert info is not None and info.step == 1 and _same(restored, _model(1))
+    assert not [line for line in lines if "step-000000002" in line], lines
+    assert "quarantine" not in storage.listdir()
+    lag.ghosts = {}
+    assert _steps(url, options) == ([0, 1] if who == "reader" else [0, 1, 3])

@@ -387,11 +387,19 @@ class RunDirectory:
 
         Told from the folder's listing, not a lookup by name: in a folder that may be listed
         but not searched (read permission without execute) every lookup fails, as if the
-        manifest were gone, and an unreadable checkpoint would pass for a removed one.
+        manifest were gone, and an unreadable checkpoint would pass for a removed one. On an
+        object store (no such folders) a listing may lag (an eventually consistent store, a
+        cache in front of it) and still show a manifest just deleted: one it shows is looked
+        up by its key too.
         """
+        rel = f"{dirname}/{MANIFEST_NAME}"
         try:
-            return MANIFEST_NAME not in self.storage.listdir(dirname)
-        except (OSError, CorruptCheckpointError):  # it cannot be listed: not known to be gone
+            if MANIFEST_NAME not in self.storage.listdir(dirname):
+                return True
+            if self.storage.local_path(rel) is not None:
+                return False  # a local folder: a lookup may fail where its listing does not
+            return not self.storage.exists(rel)
+        except (OSError, CorruptCheckpointError):  # it cannot be told: not known to be gone
             return False
 
     def read_manifest(self, dirname: str) -> Manifest:
