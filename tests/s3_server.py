@@ -54,6 +54,14 @@ class S3Endpoint:
         """An `s3://` URL for a fresh run directory in the bucket."""
         return f"s3://{self.bucket}/{name}"
 
+    def fresh(self, where: str, prefix: str) -> tuple[str, dict[str, Any] | None]:
+        """A fresh run URL named `prefix-...` on `where` ("s3": this bucket, or "memory"),
+        with the storage options it needs."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        if where == "s3":
+            return self.url(name), self.storage_options
+        return f"memory://{name}", None
+
 
 @contextlib.contextmanager
 def _server_process() -> Iterator[str]:

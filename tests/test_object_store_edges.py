@@ -38,14 +38,6 @@ def s3() -> Iterator[S3Endpoint]:
         yield endpoint
 
 
-def _base(where: str, s3: S3Endpoint) -> tuple[str, dict[str, Any] | None]:
-    """A fresh folder URL on `where` ("s3" or "memory"), and its storage options."""
-    tag = uuid.uuid4().hex[:8]
-    if where == "s3":
-        return s3.url(f"edges-{tag}"), s3.storage_options
-    return f"memory://edges-{tag}", None
-
-
 def _model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Linear(4, 2)
@@ -179,7 +171,7 @@ def test_a_run_named_like_a_glob_pattern_never_deletes_another_runs_checkpoints(
     own dropped checkpoints and nothing of the others'. Before: every delete went through
     fsspec's `rm`, which expands such a path as a glob, so retention of `exp[12]` deleted the
     manifests of `exp1` and `exp2` (both runs lost every checkpoint) and kept its own."""
-    base, options = _base(where, s3)
+    base, options = s3.fresh(where, "edges")
     for name in others:
         _save(f"{base}/{name}", options, range(2), keep_last=2)
     odd_url = f"{base}/{odd}"
@@ -206,7 +198,7 @@ def test_a_delete_the_bucket_refuses_is_reported_not_taken_for_done(
     s3fs drops the per-key errors, so gc said "removed 2 checkpoint(s)" of checkpoints all
     still there, and retention warned of nothing (its clean-up then found their manifests
     and said they "could not be read")."""
-    url, options = _base("s3", s3)
+    url, options = s3.fresh("s3", "edges")
     _save(url, options, range(3), keep_last=3)
     faults = Faults(monkeypatch)
     faults.deny_delete(lambda key: True)
@@ -263,7 +255,7 @@ def test_two_writers_starting_at_once_never_both_hold_the_run(
     from haltpoint.errors import LockedError
     from haltpoint.store import lock
 
-    url, options = _base(where, s3)
+    url, options = s3.fresh(where, "edges")
     first = Checkpointer(
         url, keep_last=2, async_save=False, capture_rng=False, storage_options=options
     )
@@ -299,7 +291,7 @@ def test_a_checkpoint_committed_meanwhile_by_another_writer_is_never_written_ove
     from haltpoint import CheckpointExistsError
     from haltpoint.store import run_dir
 
-    url, options = _base(where, s3)
+    url, options = s3.fresh(where, "edges")
     ckpt = Checkpointer(url, async_save=False, capture_rng=False, storage_options=options)
     ckpt.save(0, {"model": _model(0)})
     storage = FsspecStorage(url, options)

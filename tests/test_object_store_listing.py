@@ -38,13 +38,6 @@ def s3() -> Iterator[S3Endpoint]:
         yield endpoint
 
 
-def _base(where: str, s3: S3Endpoint) -> tuple[str, dict[str, Any] | None]:
-    tag = uuid.uuid4().hex[:8]
-    if where == "s3":
-        return s3.url(f"listing-{tag}"), s3.storage_options
-    return f"memory://listing-{tag}", None
-
-
 def _model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Linear(4, 2)
@@ -138,7 +131,7 @@ def test_a_tensor_object_replaced_after_the_manifest_was_read_is_never_loaded(
     falls back to step 0, with one warning naming the damage; a writer sets step 1 aside
     (quarantine); `haltpoint verify` then reports step 1 damaged (a reader) or the run
     intact (the writer set it aside)."""
-    url, options = _base(where, s3)
+    url, options = s3.fresh(where, "listing")
     with _writer(url, options, keep_last=2) as ckpt:
         ckpt.save(0, {"model": _model(0)})
         ckpt.save(1, {"model": _model(1)})
@@ -223,7 +216,7 @@ def test_retention_given_a_listing_that_omits_a_checkpoint_deletes_nothing_a_ful
     committed) or step 1 (the best). Retention removes nothing a full listing keeps: the
     best (step 1), the newest (step 3), and every file they reference stay, and verify;
     once the listing is whole again the next save removes what the rules drop."""
-    url, options = _base(where, s3)
+    url, options = s3.fresh(where, "listing")
     ckpt = _writer(url, options, keep_last=1, keep_best=1, monitor="loss", mode="min")
     ckpt.save(0, {"model": _model(0)}, metrics=_loss(0))
     ckpt.save(1, {"model": _model(1)}, metrics=_loss(1))
@@ -258,7 +251,7 @@ def test_a_listing_that_still_shows_a_deleted_checkpoint_falls_back_to_the_next(
     of it, and saves on. Before: the manifest's lookup failing while the listing showed it
     was taken for damage: "cannot read .../step-000000002/manifest.json: [Errno 2] The
     specified key does not exist." warned at every scan (3 times for the writer)."""
-    url, options = _base(where, s3)
+    url, options = s3.fresh(where, "listing")
     with _writer(url, options, keep_last=3) as ckpt:
         for step in range(3):
             ckpt.save(step, {"model": _model(step)})
