@@ -957,17 +957,22 @@ class FsspecStorage:
             info.get("type") != "directory" and p.rstrip("/") != marker for p, info in found.items()
         ):
             return False
-        self._delete_tree(path)
+        self._delete_found(found)
         return True
 
     def _delete_tree(self, path: str) -> None:
         """Delete `path` and everything below it: one listing (`find`, which takes the path
-        as a name), then the files by name, then the folders left empty, deepest first.
-        A bucket is never removed, only what is in it."""
+        as a name), then `_delete_found`."""
         try:
             found = self.fs.find(path, withdirs=True, detail=True)
         except FileNotFoundError:
             return
+        self._delete_found(found)
+
+    def _delete_found(self, found: dict[str, Any]) -> None:
+        """Delete what a `find(..., withdirs=True, detail=True)` listed: the files by name,
+        then the folders left empty, deepest first. A bucket is never removed, only what is
+        in it."""
         self._delete([p for p, info in found.items() if info.get("type") != "directory"])
         if self._s3:
             return  # a folder is a key prefix: gone with its keys
