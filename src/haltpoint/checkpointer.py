@@ -765,8 +765,8 @@ class Checkpointer:
             )
             if self._writes_here():  # the writer moves the damage it fell back past aside
                 passed = self._passed(which, found)
-                if passed and self._lock is not None:  # still the run's writer? (as at commit)
-                    self._lock.check()
+                if passed:  # still the run's writer? (as at commit)
+                    self._check_lock()
                 for entry in passed:
                     try:
                         self._evictor.quarantine(entry, None)
