@@ -146,9 +146,10 @@ class Output:
         self.console = _Console(file=self.stdout, **options)
         self.err_console = _Console(file=self.stderr, **options)
 
-    def _out(self, text: object) -> str:
-        """`text` as results show it: `printable`, and `encodable` on stdout."""
-        return encodable(printable(text), self.stdout)
+    def _out(self, text: object, stream: object = None) -> str:
+        """`text` as it is shown on `stream` (stdout by default): `printable`, then
+        `encodable` there."""
+        return encodable(printable(text), self.stdout if stream is None else stream)
 
     @property
     def is_terminal(self) -> bool:
@@ -161,11 +162,11 @@ class Output:
 
     def note(self, text: str, style: str | None = None) -> None:
         """Print a line for people on stderr (progress, hints), never mixed into results."""
-        self.err_console.print(Text(encodable(printable(text), self.stderr), style=style or ""))
+        self.err_console.print(Text(self._out(text, self.stderr), style=style or ""))
 
     def error(self, text: str) -> None:
         """Print `haltpoint: error: TEXT` on one line of stderr."""
-        one_line = encodable(printable(" ".join(str(text).split())), self.stderr)
+        one_line = self._out(" ".join(str(text).split()), self.stderr)
         self.err_console.print(Text(f"haltpoint: error: {one_line}", style="bold red"))
 
     def json(self, value: Any) -> None:
