@@ -40,7 +40,7 @@ from haltpoint.errors import (
     not_damage,
 )
 from haltpoint.store.hashing import hash_bytes
-from haltpoint.store.manifest import Manifest
+from haltpoint.store.manifest import MAX_TIME, Manifest
 from haltpoint.store.storage import (
     Storage,
     check_one_name,
@@ -402,8 +402,8 @@ def _committed_after(
         and -math.inf < when < math.inf
     ):
         own = [m.sequence for m in manifests if m.step == last.get("step") and m.time == when]
-        if (len(own) != 1 or own[0] is None) and isinstance(when, float) and 0 <= when < 2**35:
-            own = _newest_lined(manifests, before)  # a time a save of haltpoint's may write
+        if (len(own) != 1 or own[0] is None) and isinstance(when, float) and 0 <= when <= MAX_TIME:
+            own = _newest_lined(manifests, before)  # a time a manifest may hold
         if len(own) == 1 and own[0] is not None:
             after = [m for m in manifests if m.sequence is not None and m.sequence > own[0]]
         else:

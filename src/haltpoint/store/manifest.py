@@ -27,6 +27,7 @@ __all__ = [
     "MAX_MANIFEST_CONTAINERS",
     "MAX_MANIFEST_DEPTH",
     "MAX_MANIFEST_VALUES",
+    "MAX_TIME",
     "RANKING_KEY",
     "SEQUENCE_KEY",
     "DamagedManifestError",
@@ -50,7 +51,8 @@ MAX_MANIFEST_VALUES = 4_000_000
 """The most `,` a manifest's bytes may hold (counted before parsing)."""
 MAX_MANIFEST_DEPTH = 100
 """The deepest nesting of JSON containers in a manifest's `tree` and `extra`."""
-_MAX_TIME = 32503680000.0  # 3000-01-01: a manifest's time is a unix time before then
+MAX_TIME = 32503680000.0
+"""3000-01-01: a manifest's time is a unix time from 0 (1970) to this."""
 _INT64 = 2**63
 
 
@@ -67,7 +69,7 @@ def check_save_time(now: float, step: int, where: str) -> float:
     ...
     haltpoint.errors.CheckpointError: cannot save step 3 in run: the system clock says -1.0 ...
     """
-    if isinstance(now, bool) or not isinstance(now, (int, float)) or not 0 <= now <= _MAX_TIME:
+    if isinstance(now, bool) or not isinstance(now, (int, float)) or not 0 <= now <= MAX_TIME:
         raise CheckpointError(
             f"cannot save step {step} in {where}: the system clock says {now!r} (a unix time "
             "in seconds), and a checkpoint's time must be from 1970 to the year 3000 for "
@@ -442,7 +444,7 @@ class Manifest:
             raise ValueError(f"format_version {version!r} is not a positive int")
         if not _is_int(step) or not 0 <= step < _INT64:
             raise ValueError(f"step {step!r} is not an int in [0, 2**63)")
-        if not (_is_int(time) or isinstance(time, float)) or not 0 <= time <= _MAX_TIME:
+        if not (_is_int(time) or isinstance(time, float)) or not 0 <= time <= MAX_TIME:
             raise ValueError(f"time {time!r} is not a unix time in seconds before the year 3000")
         for name in ("metrics", "tree", "tensors", "versions", "extra"):
             if not isinstance(obj[name], dict):
